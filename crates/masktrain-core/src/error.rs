@@ -1,0 +1,75 @@
+//! One error type for the core. Every variant names the file (or the stem) it is about,
+//! so the binding can raise a one-line Python error that tells the user what to fix.
+
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{path}: file not found")]
+    NotFound { path: PathBuf },
+
+    #[error("{path}: permission denied")]
+    PermissionDenied { path: PathBuf },
+
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+
+    #[error("{path}: file is empty (0 bytes)")]
+    EmptyFile { path: PathBuf },
+
+    #[error("{path}: not a supported image (PNG, JPEG, WebP or BMP expected)")]
+    UnsupportedFormat { path: PathBuf },
+
+    #[error("{path}: cannot decode image, the file is truncated or corrupt ({reason})")]
+    Decode { path: PathBuf, reason: String },
+
+    #[error(
+        "{path}: image is {width}x{height} = {pixels} pixels, over the limit of {limit} \
+         (possible decompression bomb; raise pixel_limit if the image is genuine)"
+    )]
+    TooLarge { path: PathBuf, width: u32, height: u32, pixels: u64, limit: u64 },
+
+    #[error(
+        "{mask}: aspect ratio mismatch: image {image} is {image_w}x{image_h} (aspect {image_aspect:.4}), \
+         mask is {mask_w}x{mask_h} (aspect {mask_aspect:.4}); the mask would be misaligned, fix its size"
+    )]
+    AspectMismatch {
+        image: PathBuf,
+        mask: PathBuf,
+        image_w: u32,
+        image_h: u32,
+        mask_w: u32,
+        mask_h: u32,
+        image_aspect: f64,
+        mask_aspect: f64,
+    },
+
+    #[error("duplicate mask basename '{stem}': {first} and {second}; keep one of them")]
+    DuplicateMask { stem: String, first: PathBuf, second: PathBuf },
+
+    #[error(
+        "{path}: require_mask=true but no mask found (no alpha channel + no matching file in mask_directory)"
+    )]
+    MissingMask { path: PathBuf },
+
+    #[error("{path}: cannot encode PNG ({reason})")]
+    Encode { path: PathBuf, reason: String },
+
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+}
+
+impl Error {
+    /// Classify an I/O error on `path`, keeping "not found" and "permission denied"
+    /// distinct because Python maps them to their own built-in exceptions.
+    pub fn io(path: &Path, source: std::io::Error) -> Self {
+        let path = path.to_path_buf();
+        match source.kind() {
+            std::io::ErrorKind::NotFound => Error::NotFound { path },
+            std::io::ErrorKind::PermissionDenied => Error::PermissionDenied { path },
+            _ => Error::Io { path, source },
+        }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, Error>;

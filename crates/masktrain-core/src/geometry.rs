@@ -1,0 +1,109 @@
+//! Bucket geometry: which bucket an image goes to, the cover scale and centre crop that put it
+//! there, and the aspect check that keeps a mask from silently sliding off its image.
+
+use std::path::Path;
+
+use crate::error::{Error, Result};
+
+/// The largest relative aspect-ratio difference between an image and its mask that is still
+/// "the same aspect" (rounding when a mask was saved at another size).
+pub const ASPECT_TOLERANCE: f64 = 0.01;
+
+/// musubi-tuner's rule: the bucket whose aspect ratio is nearest the image's; ties keep the first.
+pub fn choose_bucket(width: u32, height: u32, buckets: &[(u32, u32)]) -> Option<(u32, u32)> {
+    let aspect = width as f64 / height as f64;
+    let mut best: Option<((u32, u32), f64)> = None;
+    for &(bw, bh) in buckets {
+        let error = (bw as f64 / bh as f64 - aspect).abs();
+        if best.is_none_or(|(_, e)| error < e) {
+            best = Some(((bw, bh), error));
+        }
+    }
+    best.map(|(b, _)| b)
+}
+
+/// Where a `width x height` source lands on a bucket: scaled to `scaled` (cover: both sides at
+/// least the bucket's), then the window `left, top, bucket` is cut out of the middle.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CoverCrop {
+    pub scaled: (u32, u32),
+    pub left: u32,
+    pub top: u32,
+    pub bucket: (u32, u32),
+    /// True when the scale is above 1 (enlarging).
+    pub enlarging: bool,
+}
+
+/// Cover scale `s = max(bw/w, bh/h)`, new size `int(w*s + 0.5)`, centre crop
+/// `left = (new_w - bw) // 2` -- the reference's arithmetic, in f64 like Python's floats.
+pub fn cover_crop(width: u32, height: u32, bucket: (u32, u32)) -> CoverCrop {
+    let (bw, bh) = bucket;
+    let scale = f64::max(bw as f64 / width as f64, bh as f64 / height as f64);
+    let scaled_w = ((width as f64 * scale + 0.5) as u32).max(bw);
+    let scaled_h = ((height as f64 * scale + 0.5) as u32).max(bh);
+    CoverCrop {
+        scaled: (scaled_w, scaled_h),
+        left: (scaled_w - bw) / 2,
+        top: (scaled_h - bh) / 2,
+        bucket,
+        enlarging: scale > 1.0,
+    }
+}
+
+/// An error when the mask's aspect ratio differs from the image's by more than 1% (relative).
+pub fn check_aspect(image: &Path, image_size: (u32, u32), mask: &Path, mask_size: (u32, u32)) -> Result<()> {
+    let image_aspect = image_size.0 as f64 / image_size.1 as f64;
+    let mask_aspect = mask_size.0 as f64 / mask_size.1 as f64;
+    if ((image_aspect - mask_aspect) / image_aspect).abs() > ASPECT_TOLERANCE {
+        return Err(Error::AspectMismatch {
+            image: image.to_path_buf(),
+            mask: mask.to_path_buf(),
+            image_w: image_size.0,
+            image_h: image_size.1,
+            mask_w: mask_size.0,
+            mask_h: mask_size.1,
+            image_aspect,
+            mask_aspect,
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nearest_aspect_wins_and_ties_keep_the_first() {
+        let buckets = [(512, 512), (640, 384), (384, 640)];
+        assert_eq!(choose_bucket(1000, 1000, &buckets), Some((512, 512)));
+        assert_eq!(choose_bucket(1600, 900, &buckets), Some((640, 384)));
+        assert_eq!(choose_bucket(900, 1600, &buckets), Some((384, 640)));
+        assert_eq!(choose_bucket(10, 10, &[(64, 64), (64, 64)]), Some((64, 64)));
+        assert_eq!(choose_bucket(10, 10, &[]), None);
+    }
+
+    #[test]
+    fn cover_crop_matches_hand_computed_geometry() {
+        // 1000x600 onto 512x512: s = 512/600, new = (853, 512), left = 170.
+        let c = cover_crop(1000, 600, (512, 512));
+        assert_eq!(c.scaled, (853, 512));
+        assert_eq!((c.left, c.top), (170, 0));
+        assert!(!c.enlarging);
+        // 100x50 onto 256x256: s = 5.12, new = (512, 256).
+        let c = cover_crop(100, 50, (256, 256));
+        assert_eq!(c.scaled, (512, 256));
+        assert_eq!((c.left, c.top), (128, 0));
+        assert!(c.enlarging);
+    }
+
+    #[test]
+    fn aspect_check_allows_one_percent() {
+        let p = Path::new("i.png");
+        let m = Path::new("m.png");
+        assert!(check_aspect(p, (1000, 500), m, (500, 250)).is_ok());
+        assert!(check_aspect(p, (1000, 500), m, (1000, 504)).is_ok());
+        let err = check_aspect(p, (1000, 500), m, (1000, 600)).unwrap_err().to_string();
+        assert!(err.contains("1000x500") && err.contains("1000x600"), "{err}");
+    }
+}

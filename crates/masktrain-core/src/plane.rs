@@ -1,0 +1,136 @@
+//! Plain pixel buffers shared by every stage: no image-crate types cross module borders.
+
+/// A row-major pixel buffer: `height` rows of `width * channels` interleaved samples.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Plane<T> {
+    pub width: u32,
+    pub height: u32,
+    pub channels: usize,
+    pub data: Vec<T>,
+}
+
+impl<T: Copy> Plane<T> {
+    pub fn new(width: u32, height: u32, channels: usize, data: Vec<T>) -> Self {
+        assert_eq!(data.len(), width as usize * height as usize * channels, "plane buffer size");
+        Plane { width, height, channels, data }
+    }
+
+    pub fn filled(width: u32, height: u32, channels: usize, value: T) -> Self {
+        Plane::new(width, height, channels, vec![value; width as usize * height as usize * channels])
+    }
+
+    pub fn size(&self) -> (u32, u32) {
+        (self.width, self.height)
+    }
+
+    pub fn row(&self, y: usize) -> &[T] {
+        let stride = self.width as usize * self.channels;
+        &self.data[y * stride..(y + 1) * stride]
+    }
+}
+
+/// A sample type the resize kernels work on (8- and 16-bit unsigned).
+pub trait Sample: Copy + Default + Send + Sync + 'static {
+    /// The value meaning "full weight" / "opaque".
+    const MAX: u32;
+    fn to_f32(self) -> f32;
+    fn to_u32(self) -> u32;
+    /// OpenCV's `saturate_cast` from float: round half to even, then clamp.
+    fn from_f32_rounded(v: f32) -> Self;
+    fn from_u32_saturating(v: u32) -> Self;
+}
+
+impl Sample for u8 {
+    const MAX: u32 = 255;
+    fn to_f32(self) -> f32 {
+        self as f32
+    }
+    fn to_u32(self) -> u32 {
+        self as u32
+    }
+    fn from_f32_rounded(v: f32) -> Self {
+        v.round_ties_even().clamp(0.0, 255.0) as u8
+    }
+    fn from_u32_saturating(v: u32) -> Self {
+        v.min(255) as u8
+    }
+}
+
+impl Sample for u16 {
+    const MAX: u32 = 65535;
+    fn to_f32(self) -> f32 {
+        self as f32
+    }
+    fn to_u32(self) -> u32 {
+        self as u32
+    }
+    fn from_f32_rounded(v: f32) -> Self {
+        v.round_ties_even().clamp(0.0, 65535.0) as u16
+    }
+    fn from_u32_saturating(v: u32) -> Self {
+        v.min(65535) as u16
+    }
+}
+
+/// A one-channel mask at its native bit depth. 16-bit masks keep their precision all the way
+/// to the latent grid (weight = v / 65535) instead of being clipped to 8 bits.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Mask {
+    Eight(Plane<u8>),
+    Sixteen(Plane<u16>),
+}
+
+impl Mask {
+    pub fn size(&self) -> (u32, u32) {
+        match self {
+            Mask::Eight(p) => p.size(),
+            Mask::Sixteen(p) => p.size(),
+        }
+    }
+
+    pub fn is_sixteen_bit(&self) -> bool {
+        matches!(self, Mask::Sixteen(_))
+    }
+
+    /// 8-bit view: 16-bit values are rounded to the nearest 8-bit level (`round(v / 257)`).
+    pub fn to_u8(&self) -> Plane<u8> {
+        match self {
+            Mask::Eight(p) => p.clone(),
+            Mask::Sixteen(p) => Plane::new(
+                p.width,
+                p.height,
+                1,
+                p.data.iter().map(|&v| ((v as u32 + 128) / 257) as u8).collect(),
+            ),
+        }
+    }
+
+    /// 16-bit view: 8-bit values are widened exactly (`v * 257`).
+    pub fn to_u16(&self) -> Plane<u16> {
+        match self {
+            Mask::Eight(p) => {
+                Plane::new(p.width, p.height, 1, p.data.iter().map(|&v| v as u16 * 257).collect())
+            }
+            Mask::Sixteen(p) => p.clone(),
+        }
+    }
+
+    /// Weights in [0, 1] as float32: `v / 255` or `v / 65535`, the division done in f32 as
+    /// `torch.from_numpy(mask).float() / 255.0` does.
+    pub fn to_unit_f32(&self) -> Plane<f32> {
+        match self {
+            Mask::Eight(p) => Plane::new(
+                p.width,
+                p.height,
+                1,
+                p.data.iter().map(|&v| v as f32 / 255.0).collect(),
+            ),
+            Mask::Sixteen(p) => Plane::new(
+                p.width,
+                p.height,
+                1,
+                p.data.iter().map(|&v| v as f32 / 65535.0).collect(),
+            ),
+        }
+    }
+}

@@ -1,0 +1,65 @@
+//! Conversions between core planes and numpy arrays. Outputs move their buffer into numpy
+//! without a copy; inputs are copied once into an owned plane so the GIL can be released.
+
+use masktrain_core::{Mask, Plane};
+use numpy::ndarray::{Array2, Array3};
+use numpy::{Element, IntoPyArray, PyReadonlyArray2, PyReadonlyArray3, PyUntypedArrayMethods};
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+
+/// (H, W) for one channel, (H, W, C) otherwise.
+pub fn plane_to_py<T: Element>(py: Python<'_>, plane: Plane<T>) -> Py<PyAny> {
+    let (w, h, c) = (plane.width as usize, plane.height as usize, plane.channels);
+    if c == 1 {
+        Array2::from_shape_vec((h, w), plane.data).expect("plane shape").into_pyarray(py).into_any().unbind()
+    } else {
+        Array3::from_shape_vec((h, w, c), plane.data).expect("plane shape").into_pyarray(py).into_any().unbind()
+    }
+}
+
+pub fn mask_to_py(py: Python<'_>, mask: Mask) -> Py<PyAny> {
+    match mask {
+        Mask::Eight(p) => plane_to_py(py, p),
+        Mask::Sixteen(p) => plane_to_py(py, p),
+    }
+}
+
+fn plane2<T: Element + Copy>(array: PyReadonlyArray2<'_, T>) -> Plane<T> {
+    let shape = array.shape();
+    let (h, w) = (shape[0], shape[1]);
+    let data: Vec<T> = array.as_array().iter().copied().collect();
+    Plane::new(w as u32, h as u32, 1, data)
+}
+
+/// An (H, W, 3) uint8 RGB array.
+pub fn rgb_from_py(array: PyReadonlyArray3<'_, u8>) -> PyResult<Plane<u8>> {
+    let shape = array.shape();
+    if shape[2] != 3 {
+        return Err(PyValueError::new_err(format!("expected an (H, W, 3) uint8 RGB array, got shape {shape:?}")));
+    }
+    let data: Vec<u8> = array.as_array().iter().copied().collect();
+    Ok(Plane::new(shape[1] as u32, shape[0] as u32, 3, data))
+}
+
+/// An (H, W) uint8 or uint16 mask array.
+pub fn mask_from_py(array: &Bound<'_, PyAny>) -> PyResult<Mask> {
+    if let Ok(a) = array.extract::<PyReadonlyArray2<'_, u8>>() {
+        return Ok(Mask::Eight(plane2(a)));
+    }
+    if let Ok(a) = array.extract::<PyReadonlyArray2<'_, u16>>() {
+        return Ok(Mask::Sixteen(plane2(a)));
+    }
+    Err(PyValueError::new_err("expected an (H, W) uint8 or uint16 mask array"))
+}
+
+/// An (H, W) float32 array.
+pub fn f32_plane_from_py(array: PyReadonlyArray2<'_, f32>) -> Plane<f32> {
+    plane2(array)
+}
+
+pub fn check_size(name: &str, size: (u32, u32)) -> PyResult<(u32, u32)> {
+    if size.0 == 0 || size.1 == 0 {
+        return Err(PyValueError::new_err(format!("{name} must be positive, got {size:?}")));
+    }
+    Ok(size)
+}

@@ -1,0 +1,109 @@
+//! `masktrain._native`: thin bindings over masktrain-core. Each function extracts its arguments,
+//! releases the GIL while the core works, and converts the result. No algorithm lives here.
+
+mod arrays;
+mod errors;
+mod items;
+
+use std::path::PathBuf;
+
+use masktrain_core::{decode, geometry, index, latent, luma, pool, resize};
+use numpy::PyReadonlyArray2;
+use numpy::PyReadonlyArray3;
+use pyo3::prelude::*;
+
+use arrays::{check_size, f32_plane_from_py, mask_from_py, mask_to_py, plane_to_py, rgb_from_py};
+use errors::to_py_err;
+
+/// Decode an image: `(rgb, alpha)`, rgb (H, W, 3) uint8 exact (never composited), alpha (H, W)
+/// uint8 or uint16 (16-bit sources), or None when the image has no alpha. EXIF orientation applied.
+#[pyfunction]
+#[pyo3(signature = (path, *, pixel_limit = decode::DEFAULT_PIXEL_LIMIT))]
+fn decode_image(py: Python<'_>, path: PathBuf, pixel_limit: u64) -> PyResult<(Py<PyAny>, Option<Py<PyAny>>)> {
+    let decoded = py.detach(move || decode::decode_image(&path, pixel_limit)).map_err(to_py_err)?;
+    Ok((plane_to_py(py, decoded.rgb), decoded.alpha.map(|a| mask_to_py(py, a))))
+}
+
+/// Load a mask file as (H, W) uint8, or uint16 for 16-bit files; colour through PIL's Rec.601 luma.
+#[pyfunction]
+#[pyo3(signature = (path, *, pixel_limit = decode::DEFAULT_PIXEL_LIMIT))]
+fn load_mask(py: Python<'_>, path: PathBuf, pixel_limit: u64) -> PyResult<Py<PyAny>> {
+    let mask = py.detach(move || luma::load_mask(&path, pixel_limit)).map_err(to_py_err)?;
+    Ok(mask_to_py(py, mask))
+}
+
+/// Cover-scale and centre-crop an (H, W, 3) uint8 image onto `bucket` = (width, height).
+#[pyfunction]
+fn resize_image_to_bucket(py: Python<'_>, rgb: PyReadonlyArray3<'_, u8>, bucket: (u32, u32)) -> PyResult<Py<PyAny>> {
+    let rgb = rgb_from_py(rgb)?;
+    let bucket = check_size("bucket", bucket)?;
+    let out = py.detach(move || resize::resize_image_to_bucket(&rgb, bucket));
+    Ok(plane_to_py(py, out))
+}
+
+/// Cover-scale and centre-crop an (H, W) uint8/uint16 mask onto `bucket` = (width, height).
+#[pyfunction]
+fn resize_mask_to_bucket(py: Python<'_>, mask: &Bound<'_, PyAny>, bucket: (u32, u32)) -> PyResult<Py<PyAny>> {
+    let mask = mask_from_py(mask)?;
+    let bucket = check_size("bucket", bucket)?;
+    let out = py.detach(move || resize::resize_mask_to_bucket(&mask, bucket));
+    Ok(mask_to_py(py, out))
+}
+
+/// Stretch an (H, W) mask onto exactly `size` = (width, height), as convert-alpha does.
+#[pyfunction]
+fn resize_mask_to_size(py: Python<'_>, mask: &Bound<'_, PyAny>, size: (u32, u32)) -> PyResult<Py<PyAny>> {
+    let mask = mask_from_py(mask)?;
+    let size = check_size("size", size)?;
+    let out = py.detach(move || resize::resize_mask_to_size(&mask, size));
+    Ok(mask_to_py(py, out))
+}
+
+/// `torch.nn.functional.interpolate(x[None, None], size=size, mode="area")[0, 0]` for an
+/// (H, W) float32 array; `size` = (height, width) as in torch.
+#[pyfunction]
+fn area_downsample(py: Python<'_>, values: PyReadonlyArray2<'_, f32>, size: (u32, u32)) -> PyResult<Py<PyAny>> {
+    let plane = f32_plane_from_py(values);
+    let (h, w) = check_size("size", size)?;
+    let out = py.detach(move || latent::area_downsample(&plane, (w, h)));
+    Ok(plane_to_py(py, out))
+}
+
+/// The bucket (width, height) nearest the image's aspect ratio.
+#[pyfunction]
+fn choose_bucket(width: u32, height: u32, buckets: Vec<(u32, u32)>) -> PyResult<(u32, u32)> {
+    geometry::choose_bucket(width, height, &buckets)
+        .ok_or_else(|| pyo3::exceptions::PyValueError::new_err("the bucket list is empty"))
+}
+
+/// Image files directly inside `directory`, sorted (extensions matched case-insensitively).
+#[pyfunction]
+fn list_images(py: Python<'_>, directory: PathBuf) -> PyResult<Vec<PathBuf>> {
+    py.detach(move || index::list_images(&directory)).map_err(to_py_err)
+}
+
+/// Number of threads batch functions use (`MASKTRAIN_NUM_THREADS` or one per core).
+#[pyfunction]
+fn thread_count() -> usize {
+    pool::thread_count()
+}
+
+#[pymodule]
+fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    errors::register(m)?;
+    m.add("DEFAULT_PIXEL_LIMIT", decode::DEFAULT_PIXEL_LIMIT)?;
+    m.add("IMAGE_EXTENSIONS", index::IMAGE_EXTENSIONS.to_vec())?;
+    m.add("TEMP_SUFFIX", masktrain_core::atomic::TEMP_SUFFIX)?;
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add_function(wrap_pyfunction!(decode_image, m)?)?;
+    m.add_function(wrap_pyfunction!(load_mask, m)?)?;
+    m.add_function(wrap_pyfunction!(resize_image_to_bucket, m)?)?;
+    m.add_function(wrap_pyfunction!(resize_mask_to_bucket, m)?)?;
+    m.add_function(wrap_pyfunction!(resize_mask_to_size, m)?)?;
+    m.add_function(wrap_pyfunction!(area_downsample, m)?)?;
+    m.add_function(wrap_pyfunction!(choose_bucket, m)?)?;
+    m.add_function(wrap_pyfunction!(list_images, m)?)?;
+    m.add_function(wrap_pyfunction!(thread_count, m)?)?;
+    items::register(m)?;
+    Ok(())
+}

@@ -1,0 +1,1 @@
+"""Dataset tools that run without torch (``convert-alpha``)."""
