@@ -1,14 +1,41 @@
 """Type stubs for the Rust extension module (checked by ``mypy.stubtest``)."""
 
 import os
-from pathlib import Path
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Final, Literal, final
 
 import numpy as np
 import numpy.typing as npt
 
-StrPath = str | os.PathLike[str]
+_StrPath = str | os.PathLike[str]
+
+__all__ = [
+    "DEFAULT_PIXEL_LIMIT",
+    "IMAGE_EXTENSIONS",
+    "TEMP_SUFFIX",
+    "AspectMismatchError",
+    "DuplicateMaskError",
+    "ImageDecodeError",
+    "ImageTooLargeError",
+    "MaskIndex",
+    "MaskTrainError",
+    "MissingMaskError",
+    "PreparedItem",
+    "UnsupportedFormatError",
+    "__version__",
+    "area_downsample",
+    "choose_bucket",
+    "convert_alpha_batch",
+    "decode_image",
+    "list_images",
+    "load_mask",
+    "prepare_batch",
+    "resize_image_to_bucket",
+    "resize_mask_to_bucket",
+    "resize_mask_to_size",
+    "thread_count",
+]
 
 DEFAULT_PIXEL_LIMIT: Final[int]
 IMAGE_EXTENSIONS: Final[list[str]]
@@ -25,7 +52,7 @@ class MissingMaskError(MaskTrainError): ...
 
 @final
 class MaskIndex:
-    def __new__(cls, directory: StrPath) -> MaskIndex: ...
+    def __new__(cls, directory: _StrPath) -> MaskIndex: ...
     @property
     def directory(self) -> Path: ...
     @property
@@ -55,9 +82,11 @@ class PreparedItem:
     def mask_bit_depth(self) -> int: ...
 
 def decode_image(
-    path: StrPath, *, pixel_limit: int = ...
+    path: _StrPath, *, pixel_limit: int = ...
 ) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.uint8] | npt.NDArray[np.uint16] | None]: ...
-def load_mask(path: StrPath, *, pixel_limit: int = ...) -> npt.NDArray[np.uint8] | npt.NDArray[np.uint16]: ...
+def load_mask(
+    path: _StrPath, *, pixel_limit: int = ...
+) -> npt.NDArray[np.uint8] | npt.NDArray[np.uint16]: ...
 def resize_image_to_bucket(rgb: npt.NDArray[np.uint8], bucket: tuple[int, int]) -> npt.NDArray[np.uint8]: ...
 def resize_mask_to_bucket(
     mask: npt.NDArray[np.uint8] | npt.NDArray[np.uint16], bucket: tuple[int, int]
@@ -67,10 +96,10 @@ def resize_mask_to_size(
 ) -> npt.NDArray[np.uint8] | npt.NDArray[np.uint16]: ...
 def area_downsample(values: npt.NDArray[np.float32], size: tuple[int, int]) -> npt.NDArray[np.float32]: ...
 def choose_bucket(width: int, height: int, buckets: Sequence[tuple[int, int]]) -> tuple[int, int]: ...
-def list_images(directory: StrPath) -> list[Path]: ...
+def list_images(directory: _StrPath) -> list[Path]: ...
 def thread_count() -> int: ...
 def prepare_batch(
-    paths: Sequence[StrPath],
+    paths: Sequence[_StrPath],
     buckets: Sequence[tuple[int, int]],
     *,
     mask_index: MaskIndex | None = None,
@@ -80,7 +109,7 @@ def prepare_batch(
     pixel_limit: int = ...,
 ) -> list[PreparedItem | MaskTrainError | OSError]: ...
 def convert_alpha_batch(
-    jobs: Sequence[tuple[StrPath, StrPath, StrPath, StrPath | None, StrPath | None]],
+    jobs: Sequence[tuple[_StrPath, _StrPath, _StrPath, _StrPath | None, _StrPath | None]],
     *,
     pixel_limit: int = ...,
 ) -> list[MaskTrainError | OSError | None]: ...

@@ -36,28 +36,53 @@ def main(verbose: bool) -> None:
 
 @main.command("convert-alpha")
 @click.option(
-    "--image_directory", "--image-directory", "image_directory", type=_directory(True), required=True,
+    "--image_directory",
+    "--image-directory",
+    "image_directory",
+    type=_directory(True),
+    required=True,
     help="Images to convert (PNG, JPEG, WebP, BMP).",
 )
 @click.option(
-    "--mask_directory", "--mask-directory", "mask_directory", type=_directory(True), required=True,
+    "--mask_directory",
+    "--mask-directory",
+    "mask_directory",
+    type=_directory(True),
+    required=True,
     help="Masks, matched to images by basename (extension may differ).",
 )
 @click.option(
-    "--output_directory", "--output-directory", "output_directory", type=_directory(False), required=True,
+    "--output_directory",
+    "--output-directory",
+    "output_directory",
+    type=_directory(False),
+    required=True,
     help="Where {stem}.png RGBA files are written (created if missing).",
 )
 @click.option(
-    "--caption_directory", "--caption-directory", "caption_directory", type=_directory(True), default=None,
+    "--caption_directory",
+    "--caption-directory",
+    "caption_directory",
+    type=_directory(True),
+    default=None,
     help="Captions to copy beside the outputs [default: the image directory].",
 )
 @click.option(
-    "--caption_extension", "--caption-extension", "caption_extension", default=".txt", show_default=True,
+    "--caption_extension",
+    "--caption-extension",
+    "caption_extension",
+    default=".txt",
+    show_default=True,
     help="Extension of caption files.",
 )
-@click.option("--dry_run", "--dry-run", "dry_run", is_flag=True, help="Show what would be merged; write nothing.")
 @click.option(
-    "--skip_existing", "--skip-existing", "skip_existing", is_flag=True,
+    "--dry_run", "--dry-run", "dry_run", is_flag=True, help="Show what would be merged; write nothing."
+)
+@click.option(
+    "--skip_existing",
+    "--skip-existing",
+    "skip_existing",
+    is_flag=True,
     help="Skip images whose output file already exists.",
 )
 def convert_alpha(

@@ -46,13 +46,19 @@ pub fn convert_one(job: &ConvertJob, pixel_limit: u64) -> Result<()> {
     let rgba = if is_sixteen_bit(&image) || mask.is_sixteen_bit() {
         let rgb = image.to_rgb16();
         let alpha = mask.to_u16();
-        let data = rgb.as_raw().chunks_exact(3).zip(&alpha.data).flat_map(|(c, &a)| [c[0], c[1], c[2], a]).collect();
-        DynamicImage::ImageRgba16(ImageBuffer::<Rgba<u16>, Vec<u16>>::from_raw(size.0, size.1, data).expect("rgba16 size"))
+        let data =
+            rgb.as_raw().chunks_exact(3).zip(&alpha.data).flat_map(|(c, &a)| [c[0], c[1], c[2], a]).collect();
+        DynamicImage::ImageRgba16(
+            ImageBuffer::<Rgba<u16>, Vec<u16>>::from_raw(size.0, size.1, data).expect("rgba16 size"),
+        )
     } else {
         let rgb = image.to_rgb8();
         let alpha = mask.to_u8();
-        let data = rgb.as_raw().chunks_exact(3).zip(&alpha.data).flat_map(|(c, &a)| [c[0], c[1], c[2], a]).collect();
-        DynamicImage::ImageRgba8(ImageBuffer::<Rgba<u8>, Vec<u8>>::from_raw(size.0, size.1, data).expect("rgba8 size"))
+        let data =
+            rgb.as_raw().chunks_exact(3).zip(&alpha.data).flat_map(|(c, &a)| [c[0], c[1], c[2], a]).collect();
+        DynamicImage::ImageRgba8(
+            ImageBuffer::<Rgba<u8>, Vec<u8>>::from_raw(size.0, size.1, data).expect("rgba8 size"),
+        )
     };
 
     let mut bytes = Vec::new();

@@ -6,9 +6,10 @@ use std::path::Path;
 
 use image::error::{ImageError, LimitErrorKind};
 use image::metadata::Orientation;
-use image::{DynamicImage, ImageDecoder, ImageReader, Limits};
+use image::{DynamicImage, ImageDecoder, ImageFormat, ImageReader, Limits};
 
 use crate::error::{Error, Result};
+use crate::jpeg_end::jpeg_is_complete;
 use crate::plane::{Mask, Plane};
 
 /// PIL's `Image.MAX_IMAGE_PIXELS`: past this many pixels a file is treated as a decompression bomb.
@@ -20,9 +21,14 @@ pub fn decode(path: &Path, pixel_limit: u64) -> Result<DynamicImage> {
     if bytes.is_empty() {
         return Err(Error::EmptyFile { path: path.to_path_buf() });
     }
-    let reader = ImageReader::new(Cursor::new(bytes))
-        .with_guessed_format()
-        .map_err(|e| Error::io(path, e))?;
+    if image::guess_format(&bytes).ok() == Some(ImageFormat::Jpeg) && !jpeg_is_complete(&bytes) {
+        return Err(Error::Decode {
+            path: path.to_path_buf(),
+            reason: "JPEG data ends before its end-of-image marker".into(),
+        });
+    }
+    let reader =
+        ImageReader::new(Cursor::new(bytes)).with_guessed_format().map_err(|e| Error::io(path, e))?;
     if reader.format().is_none() {
         return Err(Error::UnsupportedFormat { path: path.to_path_buf() });
     }
@@ -36,13 +42,7 @@ pub fn decode(path: &Path, pixel_limit: u64) -> Result<DynamicImage> {
     let (width, height) = decoder.dimensions();
     let pixels = width as u64 * height as u64;
     if pixels > pixel_limit {
-        return Err(Error::TooLarge {
-            path: path.to_path_buf(),
-            width,
-            height,
-            pixels,
-            limit: pixel_limit,
-        });
+        return Err(Error::TooLarge { path: path.to_path_buf(), width, height, pixels, limit: pixel_limit });
     }
     // A broken EXIF block must not make a good image unreadable: treat it as "upright".
     let orientation = decoder.orientation().unwrap_or(Orientation::NoTransforms);
@@ -78,23 +78,38 @@ pub fn decode_image(path: &Path, pixel_limit: u64) -> Result<DecodedImage> {
 
 pub fn split_rgb_alpha(image: DynamicImage) -> DecodedImage {
     let (width, height) = (image.width(), image.height());
-    let alpha = match &image {
-        DynamicImage::ImageLumaA8(p) => Some(Mask::Eight(channel_u8(p.as_raw(), 2, 1, width, height))),
-        DynamicImage::ImageRgba8(p) => Some(Mask::Eight(channel_u8(p.as_raw(), 4, 3, width, height))),
-        DynamicImage::ImageLumaA16(p) => Some(Mask::Sixteen(channel_u16(p.as_raw(), 2, 1, width, height))),
-        DynamicImage::ImageRgba16(p) => Some(Mask::Sixteen(channel_u16(p.as_raw(), 4, 3, width, height))),
-        DynamicImage::ImageRgba32F(p) => Some(Mask::Sixteen(Plane::new(
-            width,
-            height,
-            1,
-            p.as_raw().chunks_exact(4).map(|px| (px[3].clamp(0.0, 1.0) * 65535.0).round() as u16).collect(),
-        ))),
-        _ => None,
-    };
-    let rgb = match image {
-        DynamicImage::ImageRgb8(p) => p.into_raw(),
+    let (rgb, alpha) = match image {
+        DynamicImage::ImageRgb8(p) => (p.into_raw(), None),
+        DynamicImage::ImageRgba8(p) => {
+            // One pass: this runs on every RGBA training image.
+            let raw = p.as_raw();
+            let mut rgb = Vec::with_capacity(raw.len() / 4 * 3);
+            let mut alpha = Vec::with_capacity(raw.len() / 4);
+            for px in raw.chunks_exact(4) {
+                rgb.extend_from_slice(&px[..3]);
+                alpha.push(px[3]);
+            }
+            (rgb, Some(Mask::Eight(Plane::new(width, height, 1, alpha))))
+        }
+        DynamicImage::ImageLumaA8(ref p) => {
+            let alpha = channel_u8(p.as_raw(), 2, 1, width, height);
+            (image.to_rgb8().into_raw(), Some(Mask::Eight(alpha)))
+        }
+        DynamicImage::ImageLumaA16(ref p) => {
+            let alpha = channel_u16(p.as_raw(), 2, 1, width, height);
+            (image.to_rgb8().into_raw(), Some(Mask::Sixteen(alpha)))
+        }
+        DynamicImage::ImageRgba16(ref p) => {
+            let alpha = channel_u16(p.as_raw(), 4, 3, width, height);
+            (image.to_rgb8().into_raw(), Some(Mask::Sixteen(alpha)))
+        }
+        DynamicImage::ImageRgba32F(ref p) => {
+            let alpha = p.as_raw().chunks_exact(4).map(|px| (px[3].clamp(0.0, 1.0) * 65535.0).round() as u16);
+            let alpha = Plane::new(width, height, 1, alpha.collect());
+            (image.to_rgb8().into_raw(), Some(Mask::Sixteen(alpha)))
+        }
         // The image crate drops alpha in colour conversion; it never composites.
-        other => other.to_rgb8().into_raw(),
+        other => (other.to_rgb8().into_raw(), None),
     };
     DecodedImage { rgb: Plane::new(width, height, 3, rgb), alpha }
 }

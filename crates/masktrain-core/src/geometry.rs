@@ -5,9 +5,9 @@ use std::path::Path;
 
 use crate::error::{Error, Result};
 
-/// The largest relative aspect-ratio difference between an image and its mask that is still
-/// "the same aspect" (rounding when a mask was saved at another size).
-pub const ASPECT_TOLERANCE: f64 = 0.01;
+/// One over the largest relative aspect-ratio difference (1%) between an image and its mask
+/// that is still "the same aspect" (rounding when a mask was saved at another size).
+pub const ASPECT_TOLERANCE_INVERSE: u64 = 100;
 
 /// musubi-tuner's rule: the bucket whose aspect ratio is nearest the image's; ties keep the first.
 pub fn choose_bucket(width: u32, height: u32, buckets: &[(u32, u32)]) -> Option<(u32, u32)> {
@@ -54,7 +54,10 @@ pub fn cover_crop(width: u32, height: u32, bucket: (u32, u32)) -> CoverCrop {
 pub fn check_aspect(image: &Path, image_size: (u32, u32), mask: &Path, mask_size: (u32, u32)) -> Result<()> {
     let image_aspect = image_size.0 as f64 / image_size.1 as f64;
     let mask_aspect = mask_size.0 as f64 / mask_size.1 as f64;
-    if ((image_aspect - mask_aspect) / image_aspect).abs() > ASPECT_TOLERANCE {
+    // |iw/ih - mw/mh| / (iw/ih) > 1%, in integers so that exactly 1% passes.
+    let cross_image = image_size.0 as u64 * mask_size.1 as u64;
+    let cross_mask = mask_size.0 as u64 * image_size.1 as u64;
+    if cross_image.abs_diff(cross_mask) * ASPECT_TOLERANCE_INVERSE > cross_image {
         return Err(Error::AspectMismatch {
             image: image.to_path_buf(),
             mask: mask.to_path_buf(),
@@ -103,6 +106,8 @@ mod tests {
         let m = Path::new("m.png");
         assert!(check_aspect(p, (1000, 500), m, (500, 250)).is_ok());
         assert!(check_aspect(p, (1000, 500), m, (1000, 504)).is_ok());
+        assert!(check_aspect(p, (100, 50), m, (99, 50)).is_ok(), "exactly 1% passes");
+        assert!(check_aspect(p, (1000, 500), m, (989, 500)).is_err(), "1.1% fails");
         let err = check_aspect(p, (1000, 500), m, (1000, 600)).unwrap_err().to_string();
         assert!(err.contains("1000x500") && err.contains("1000x600"), "{err}");
     }

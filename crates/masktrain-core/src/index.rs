@@ -62,7 +62,11 @@ impl MaskIndex {
     /// The mask for `stem`; an error naming both files when two share the stem.
     pub fn get(&self, stem: &str) -> Result<Option<&Path>> {
         if let Some((first, second)) = self.duplicates.get(stem) {
-            return Err(Error::DuplicateMask { stem: stem.to_string(), first: first.clone(), second: second.clone() });
+            return Err(Error::DuplicateMask {
+                stem: stem.to_string(),
+                first: first.clone(),
+                second: second.clone(),
+            });
         }
         Ok(self.by_stem.get(stem).map(PathBuf::as_path))
     }

@@ -12,6 +12,7 @@ pub mod decode;
 pub mod error;
 pub mod geometry;
 pub mod index;
+mod jpeg_end;
 pub mod latent;
 pub mod luma;
 pub mod plane;

@@ -40,6 +40,15 @@ pub trait Sample: Copy + Default + Send + Sync + 'static {
     fn from_u32_saturating(v: u32) -> Self;
 }
 
+/// Round half to even without a libm call (`rintf` is not inlined on baseline x86-64): adding
+/// and subtracting 1.5 * 2^23 leaves the nearest integer under the default rounding mode, for
+/// |v| < 2^22. Callers clamp to the sample range first, so that always holds here.
+#[inline]
+fn round_half_even(v: f32) -> f32 {
+    const MAGIC: f32 = 12_582_912.0;
+    (v + MAGIC) - MAGIC
+}
+
 impl Sample for u8 {
     const MAX: u32 = 255;
     fn to_f32(self) -> f32 {
@@ -49,10 +58,29 @@ impl Sample for u8 {
         self as u32
     }
     fn from_f32_rounded(v: f32) -> Self {
-        v.round_ties_even().clamp(0.0, 255.0) as u8
+        round_half_even(v.clamp(0.0, 255.0)) as u8
     }
     fn from_u32_saturating(v: u32) -> Self {
         v.min(255) as u8
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rounding_is_half_to_even_like_cv_round() {
+        for (v, r) in
+            [(0.5, 0u8), (1.5, 2), (2.5, 2), (3.5, 4), (254.5, 254), (-3.0, 0), (300.0, 255), (7.49, 7)]
+        {
+            assert_eq!(u8::from_f32_rounded(v), r, "{v}");
+        }
+        assert_eq!(u16::from_f32_rounded(65534.5), 65534);
+        for i in 0..200_000 {
+            let v = i as f32 * 0.3271;
+            assert_eq!(u16::from_f32_rounded(v) as f32, v.round_ties_even().min(65535.0), "{v}");
+        }
     }
 }
 
@@ -65,7 +93,7 @@ impl Sample for u16 {
         self as u32
     }
     fn from_f32_rounded(v: f32) -> Self {
-        v.round_ties_even().clamp(0.0, 65535.0) as u16
+        round_half_even(v.clamp(0.0, 65535.0)) as u16
     }
     fn from_u32_saturating(v: u32) -> Self {
         v.min(65535) as u16
@@ -119,18 +147,12 @@ impl Mask {
     /// `torch.from_numpy(mask).float() / 255.0` does.
     pub fn to_unit_f32(&self) -> Plane<f32> {
         match self {
-            Mask::Eight(p) => Plane::new(
-                p.width,
-                p.height,
-                1,
-                p.data.iter().map(|&v| v as f32 / 255.0).collect(),
-            ),
-            Mask::Sixteen(p) => Plane::new(
-                p.width,
-                p.height,
-                1,
-                p.data.iter().map(|&v| v as f32 / 65535.0).collect(),
-            ),
+            Mask::Eight(p) => {
+                Plane::new(p.width, p.height, 1, p.data.iter().map(|&v| v as f32 / 255.0).collect())
+            }
+            Mask::Sixteen(p) => {
+                Plane::new(p.width, p.height, 1, p.data.iter().map(|&v| v as f32 / 65535.0).collect())
+            }
         }
     }
 }

@@ -13,7 +13,11 @@ pub fn plane_to_py<T: Element>(py: Python<'_>, plane: Plane<T>) -> Py<PyAny> {
     if c == 1 {
         Array2::from_shape_vec((h, w), plane.data).expect("plane shape").into_pyarray(py).into_any().unbind()
     } else {
-        Array3::from_shape_vec((h, w, c), plane.data).expect("plane shape").into_pyarray(py).into_any().unbind()
+        Array3::from_shape_vec((h, w, c), plane.data)
+            .expect("plane shape")
+            .into_pyarray(py)
+            .into_any()
+            .unbind()
     }
 }
 
@@ -35,7 +39,9 @@ fn plane2<T: Element + Copy>(array: PyReadonlyArray2<'_, T>) -> Plane<T> {
 pub fn rgb_from_py(array: PyReadonlyArray3<'_, u8>) -> PyResult<Plane<u8>> {
     let shape = array.shape();
     if shape[2] != 3 {
-        return Err(PyValueError::new_err(format!("expected an (H, W, 3) uint8 RGB array, got shape {shape:?}")));
+        return Err(PyValueError::new_err(format!(
+            "expected an (H, W, 3) uint8 RGB array, got shape {shape:?}"
+        )));
     }
     let data: Vec<u8> = array.as_array().iter().copied().collect();
     Ok(Plane::new(shape[1] as u32, shape[0] as u32, 3, data))

@@ -5,7 +5,12 @@ use masktrain_core::Error;
 use pyo3::exceptions::{PyFileNotFoundError, PyOSError, PyPermissionError, PyValueError};
 use pyo3::prelude::*;
 
-pyo3::create_exception!(masktrain._native, MaskTrainError, PyValueError, "Base class of masktrain's input errors.");
+pyo3::create_exception!(
+    masktrain._native,
+    MaskTrainError,
+    PyValueError,
+    "Base class of masktrain's input errors."
+);
 pyo3::create_exception!(
     masktrain._native,
     ImageDecodeError,
@@ -46,11 +51,17 @@ pyo3::create_exception!(
 pub fn to_py_err(error: Error) -> PyErr {
     let message = error.to_string();
     match error {
-        Error::NotFound { path } => PyFileNotFoundError::new_err((2, "No such file or directory", path)),
-        Error::PermissionDenied { path } => PyPermissionError::new_err((13, "Permission denied", path)),
-        Error::Io { path, source } => {
-            PyOSError::new_err((source.raw_os_error().unwrap_or(0), source.to_string(), path))
+        Error::NotFound { path } => {
+            PyFileNotFoundError::new_err((2, "No such file or directory", path.into_os_string()))
         }
+        Error::PermissionDenied { path } => {
+            PyPermissionError::new_err((13, "Permission denied", path.into_os_string()))
+        }
+        Error::Io { path, source } => PyOSError::new_err((
+            source.raw_os_error().unwrap_or(0),
+            source.to_string(),
+            path.into_os_string(),
+        )),
         Error::EmptyFile { .. } | Error::Decode { .. } => ImageDecodeError::new_err(message),
         Error::UnsupportedFormat { .. } => UnsupportedFormatError::new_err(message),
         Error::TooLarge { .. } => ImageTooLargeError::new_err(message),

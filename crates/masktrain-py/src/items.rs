@@ -10,7 +10,7 @@ use masktrain_core::index::MaskIndex as CoreMaskIndex;
 use masktrain_core::prepare::{self, PrepareOptions};
 use pyo3::prelude::*;
 
-use crate::arrays::{plane_to_py, check_size};
+use crate::arrays::{check_size, plane_to_py};
 use crate::errors::{to_py_err, to_py_exception};
 
 /// Mask files of a directory by basename (stem); extensions matched case-insensitively.
@@ -83,10 +83,7 @@ pub struct PreparedItem {
 #[pymethods]
 impl PreparedItem {
     fn __repr__(&self) -> String {
-        format!(
-            "PreparedItem({:?}, bucket={:?}, mask_source={:?})",
-            self.path, self.bucket, self.mask_source
-        )
+        format!("PreparedItem({:?}, bucket={:?}, mask_source={:?})", self.path, self.bucket, self.mask_source)
     }
 }
 
@@ -151,16 +148,15 @@ fn prepare_batch(
         .collect()
 }
 
+/// `(image, mask, output, caption_source, caption_target)` as Python passes it.
+type PyConvertJob = (PathBuf, PathBuf, PathBuf, Option<PathBuf>, Option<PathBuf>);
+
 /// Merge (image, mask) pairs into RGBA PNGs in parallel. Each job is
 /// `(image, mask, output, caption_source or None, caption_target or None)`. Returns one entry
 /// per job: None on success, or the exception it failed with.
 #[pyfunction]
 #[pyo3(signature = (jobs, *, pixel_limit = DEFAULT_PIXEL_LIMIT))]
-fn convert_alpha_batch(
-    py: Python<'_>,
-    jobs: Vec<(PathBuf, PathBuf, PathBuf, Option<PathBuf>, Option<PathBuf>)>,
-    pixel_limit: u64,
-) -> Vec<Option<Py<PyAny>>> {
+fn convert_alpha_batch(py: Python<'_>, jobs: Vec<PyConvertJob>, pixel_limit: u64) -> Vec<Option<Py<PyAny>>> {
     let jobs: Vec<ConvertJob> = jobs
         .into_iter()
         .map(|(image, mask, output, caption_source, caption_target)| ConvertJob {

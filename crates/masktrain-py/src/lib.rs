@@ -34,7 +34,11 @@ fn load_mask(py: Python<'_>, path: PathBuf, pixel_limit: u64) -> PyResult<Py<PyA
 
 /// Cover-scale and centre-crop an (H, W, 3) uint8 image onto `bucket` = (width, height).
 #[pyfunction]
-fn resize_image_to_bucket(py: Python<'_>, rgb: PyReadonlyArray3<'_, u8>, bucket: (u32, u32)) -> PyResult<Py<PyAny>> {
+fn resize_image_to_bucket(
+    py: Python<'_>,
+    rgb: PyReadonlyArray3<'_, u8>,
+    bucket: (u32, u32),
+) -> PyResult<Py<PyAny>> {
     let rgb = rgb_from_py(rgb)?;
     let bucket = check_size("bucket", bucket)?;
     let out = py.detach(move || resize::resize_image_to_bucket(&rgb, bucket));
@@ -62,7 +66,11 @@ fn resize_mask_to_size(py: Python<'_>, mask: &Bound<'_, PyAny>, size: (u32, u32)
 /// `torch.nn.functional.interpolate(x[None, None], size=size, mode="area")[0, 0]` for an
 /// (H, W) float32 array; `size` = (height, width) as in torch.
 #[pyfunction]
-fn area_downsample(py: Python<'_>, values: PyReadonlyArray2<'_, f32>, size: (u32, u32)) -> PyResult<Py<PyAny>> {
+fn area_downsample(
+    py: Python<'_>,
+    values: PyReadonlyArray2<'_, f32>,
+    size: (u32, u32),
+) -> PyResult<Py<PyAny>> {
     let plane = f32_plane_from_py(values);
     let (h, w) = check_size("size", size)?;
     let out = py.detach(move || latent::area_downsample(&plane, (w, h)));

@@ -74,26 +74,45 @@ def _plan(config: ConvertAlphaConfig, summary: ConvertAlphaSummary) -> list[_Job
     """Pair images with masks; record skips, missing masks and ambiguous names in `summary`."""
     images = _native.list_images(config.image_directory)
     masks = _native.MaskIndex(config.mask_directory)
-    log.info("found %d images in %s and %d masks in %s",
-             len(images), config.image_directory, len(masks), config.mask_directory)
+    log.info(
+        "found %d images in %s and %d masks in %s",
+        len(images),
+        config.image_directory,
+        len(masks),
+        config.mask_directory,
+    )
 
     by_stem: dict[str, list[Path]] = defaultdict(list)
     for image in images:
         by_stem[image.stem].append(image)
 
     caption_dir = config.caption_directory or config.image_directory
+    # "txt" means ".txt": the guide always writes the dot, users sometimes do not.
+    caption_extension = config.caption_extension
+    if caption_extension and not caption_extension.startswith("."):
+        caption_extension = "." + caption_extension
     jobs = []
     for image in images:
         stem = image.stem
         if len(by_stem[stem]) > 1:
             others = ", ".join(str(p) for p in by_stem[stem] if p != image)
-            summary.failed.append((image, f"another image has the same basename '{stem}' ({others}); "
-                                          f"both would be written to {stem}.png, rename one"))
+            summary.failed.append(
+                (
+                    image,
+                    f"another image has the same basename '{stem}' ({others}); "
+                    f"both would be written to {stem}.png, rename one",
+                )
+            )
             continue
         try:
             mask = masks.get(stem)
         except _native.DuplicateMaskError as error:
             summary.failed.append((image, str(error)))
+            continue
+        except UnicodeEncodeError:
+            # A name that is not valid UTF-8 (Linux allows any bytes) cannot be looked up; it is
+            # one failed item, not a reason to abort the whole run.
+            summary.failed.append((image, "the file name is not valid UTF-8; rename it"))
             continue
         if mask is None:
             summary.missing_mask.append(image)
@@ -102,7 +121,7 @@ def _plan(config: ConvertAlphaConfig, summary: ConvertAlphaSummary) -> list[_Job
         if config.skip_existing and output.exists():
             summary.skipped += 1
             continue
-        caption = caption_dir / f"{stem}{config.caption_extension}"
+        caption = caption_dir / f"{stem}{caption_extension}"
         caption_job = (caption, config.output_directory / caption.name) if caption.is_file() else None
         jobs.append(_Job(image, mask, output, caption_job))
     return jobs
@@ -114,9 +133,23 @@ def _remove_stale_temporaries(directory: Path) -> None:
         stale.unlink(missing_ok=True)
 
 
+def _check_directories(config: ConvertAlphaConfig) -> None:
+    output = config.output_directory.resolve()
+    for flag, source in (
+        ("--image_directory", config.image_directory),
+        ("--mask_directory", config.mask_directory),
+    ):
+        if output == source.resolve():
+            raise ValueError(
+                f"--output_directory {config.output_directory} is the same as {flag}: the RGBA files "
+                "would overwrite the originals; choose another output directory"
+            )
+
+
 def run(config: ConvertAlphaConfig) -> ConvertAlphaSummary:
-    """Convert the dataset; returns the summary (also logged). Raises OSError / MaskTrainError
-    only for problems with the directories themselves, never for one bad item."""
+    """Convert the dataset; returns the summary (also logged). Raises ValueError / OSError only
+    for problems with the directories themselves, never for one bad item."""
+    _check_directories(config)
     summary = ConvertAlphaSummary()
     jobs = _plan(config, summary)
 
@@ -141,7 +174,7 @@ def run(config: ConvertAlphaConfig) -> ConvertAlphaSummary:
     chunk = max(1, _native.thread_count() * _CHUNK_PER_THREAD)
     with tqdm(total=len(jobs), unit="img", desc="convert-alpha", disable=not jobs) as progress:
         for start in range(0, len(jobs), chunk):
-            batch = jobs[start:start + chunk]
+            batch = jobs[start : start + chunk]
             results = _native.convert_alpha_batch([job.as_native() for job in batch])
             for job, error in zip(batch, results, strict=True):
                 if error is None:
@@ -155,5 +188,7 @@ def run(config: ConvertAlphaConfig) -> ConvertAlphaSummary:
 
 def _report(summary: ConvertAlphaSummary) -> None:
     for image, reason in summary.failed:
+        # Core errors usually start with the file they are about; do not print it twice.
+        reason = reason.removeprefix(f"{image}: ")
         log.error("failed: %s: %s", image, reason)
     log.info("%s", summary.line())

@@ -19,35 +19,57 @@ pub fn area<T: Sample>(src: &Plane<T>, out: (u32, u32), window: Window) -> Plane
 
 /// `resizeAreaFast`: the mean of each `kx x ky` block. OpenCV's SIMD path for 2x2 rounds half
 /// up (`(sum + 2) >> 2`); other factors multiply by `1.f / area` and round half to even.
+/// Rows are summed first (a plain vectorisable loop), then each block's columns.
 fn block_mean<T: Sample>(src: &Plane<T>, kx: usize, ky: usize, window: Window) -> Plane<T> {
-    let cn = src.channels;
-    let row_len = window.width as usize * cn;
+    match src.channels {
+        1 => block_mean_cn::<T, 1>(src, kx, ky, window),
+        3 => block_mean_cn::<T, 3>(src, kx, ky, window),
+        4 => block_mean_cn::<T, 4>(src, kx, ky, window),
+        cn => panic!("unsupported channel count {cn}"),
+    }
+}
+
+fn block_mean_cn<T: Sample, const CN: usize>(
+    src: &Plane<T>,
+    kx: usize,
+    ky: usize,
+    window: Window,
+) -> Plane<T> {
+    let row_len = window.width as usize * CN;
+    let src_start = window.x0 as usize * kx * CN;
+    let src_len = row_len * kx;
     let scale = 1.0f32 / (kx * ky) as f32;
     let mut data = Vec::with_capacity(row_len * window.height as usize);
-    let mut sums = vec![0u32; row_len];
+    let mut column_sums = vec![0u32; src_len];
     for y in 0..window.height as usize {
-        sums.iter_mut().for_each(|s| *s = 0);
         let sy0 = (window.y0 as usize + y) * ky;
-        for sy in sy0..sy0 + ky {
-            let row = src.row(sy);
-            let start = window.x0 as usize * kx * cn;
-            let row = &row[start..start + row_len * kx];
-            for (x, block) in row.chunks_exact(kx * cn).enumerate() {
-                let acc = &mut sums[x * cn..(x + 1) * cn];
-                for px in block.chunks_exact(cn) {
-                    for (a, v) in acc.iter_mut().zip(px) {
-                        *a += v.to_u32();
-                    }
-                }
+        for (a, v) in column_sums.iter_mut().zip(&src.row(sy0)[src_start..src_start + src_len]) {
+            *a = v.to_u32();
+        }
+        for sy in sy0 + 1..sy0 + ky {
+            for (a, v) in column_sums.iter_mut().zip(&src.row(sy)[src_start..src_start + src_len]) {
+                *a += v.to_u32();
             }
         }
         if kx == 2 && ky == 2 {
-            data.extend(sums.iter().map(|&s| T::from_u32_saturating((s + 2) >> 2)));
-        } else {
+            // The common case (a 1024 image onto a 512 bucket): written out so it vectorises.
+            for pair in column_sums.chunks_exact(2 * CN) {
+                let (a, b) = pair.split_at(CN);
+                data.extend(a.iter().zip(b).map(|(&a, &b)| T::from_u32_saturating((a + b + 2) >> 2)));
+            }
+            continue;
+        }
+        for block in column_sums.chunks_exact(kx * CN) {
+            let mut sums = [0u32; CN];
+            for px in block.chunks_exact(CN) {
+                for c in 0..CN {
+                    sums[c] += px[c];
+                }
+            }
             data.extend(sums.iter().map(|&s| T::from_f32_rounded(s as f32 * scale)));
         }
     }
-    Plane::new(window.width, window.height, cn, data)
+    Plane::new(window.width, window.height, CN, data)
 }
 
 /// One source sample's share of one destination sample.
@@ -73,7 +95,11 @@ fn coverage_taps(src_size: u32, scale: f64, first: u32, count: u32) -> Vec<Tap> 
         sx1 = sx1.min(sx2);
         let dst = (dx - first) as usize;
         if sx1 as f64 - fsx1 > 1e-3 {
-            taps.push(Tap { dst, src: (sx1 - 1) as usize, weight: ((sx1 as f64 - fsx1) / cell_width) as f32 });
+            taps.push(Tap {
+                dst,
+                src: (sx1 - 1) as usize,
+                weight: ((sx1 as f64 - fsx1) / cell_width) as f32,
+            });
         }
         for sx in sx1..sx2 {
             taps.push(Tap { dst, src: sx as usize, weight: (1.0 / cell_width) as f32 });
@@ -89,14 +115,29 @@ fn coverage_taps(src_size: u32, scale: f64, first: u32, count: u32) -> Vec<Tap> 
 /// `resizeArea`: each output is the coverage-weighted mean of its source footprint,
 /// accumulated in f32 in OpenCV's order (horizontal taps per source row, then rows).
 fn coverage<T: Sample>(src: &Plane<T>, scale_x: f64, scale_y: f64, window: Window) -> Plane<T> {
-    let cn = src.channels;
-    let row_len = window.width as usize * cn;
-    let xtaps = coverage_taps(src.width, scale_x, window.x0, window.width);
+    match src.channels {
+        1 => coverage_cn::<T, 1>(src, scale_x, scale_y, window),
+        3 => coverage_cn::<T, 3>(src, scale_x, scale_y, window),
+        4 => coverage_cn::<T, 4>(src, scale_x, scale_y, window),
+        cn => panic!("unsupported channel count {cn}"),
+    }
+}
+
+fn coverage_cn<T: Sample, const CN: usize>(
+    src: &Plane<T>,
+    scale_x: f64,
+    scale_y: f64,
+    window: Window,
+) -> Plane<T> {
+    let row_len = window.width as usize * CN;
+    let xtaps =
+        TapTable::new(&coverage_taps(src.width, scale_x, window.x0, window.width), window.width as usize);
     let ytaps = coverage_taps(src.height, scale_y, window.y0, window.height);
 
     let mut data = vec![T::default(); row_len * window.height as usize];
     let mut sum = vec![0f32; row_len];
     let mut buf = vec![0f32; row_len];
+    let mut row_f32 = Vec::with_capacity((src.width as usize + xtaps.width) * CN);
     let mut buf_row = usize::MAX;
     let mut current_dst = usize::MAX;
     let flush = |data: &mut Vec<T>, dst: usize, sum: &[f32]| {
@@ -106,7 +147,7 @@ fn coverage<T: Sample>(src: &Plane<T>, scale_x: f64, scale_y: f64, window: Windo
     };
     for tap in &ytaps {
         if tap.src != buf_row {
-            horizontal(src.row(tap.src), &xtaps, cn, &mut buf);
+            horizontal::<T, CN>(src.row(tap.src), &xtaps, &mut row_f32, &mut buf);
             buf_row = tap.src;
         }
         if tap.dst != current_dst {
@@ -126,17 +167,86 @@ fn coverage<T: Sample>(src: &Plane<T>, scale_x: f64, scale_y: f64, window: Windo
     if current_dst != usize::MAX {
         flush(&mut data, current_dst, &sum);
     }
-    Plane::new(window.width, window.height, cn, data)
+    Plane::new(window.width, window.height, CN, data)
 }
 
-fn horizontal<T: Sample>(row: &[T], taps: &[Tap], cn: usize, buf: &mut [f32]) {
-    buf.iter_mut().for_each(|b| *b = 0.0);
-    for tap in taps {
-        let s = &row[tap.src * cn..tap.src * cn + cn];
-        let d = &mut buf[tap.dst * cn..tap.dst * cn + cn];
-        for (o, v) in d.iter_mut().zip(s) {
-            *o += v.to_f32() * tap.weight;
+/// Horizontal taps in a dense table: every destination gets `width` taps from `starts[d]`
+/// on, the missing ones padded with weight 0. Padding leaves the sums bit-identical (adding
+/// `x * 0.0 = +0.0` to a non-negative f32 changes nothing) and lets the inner loop run a fixed
+/// count, which matters when each destination has only two or three taps.
+struct TapTable {
+    starts: Vec<usize>,
+    width: usize,
+    weights: Vec<f32>,
+}
+
+impl TapTable {
+    fn new(taps: &[Tap], count: usize) -> Self {
+        let mut starts = vec![usize::MAX; count];
+        let mut lengths = vec![0usize; count];
+        for tap in taps {
+            starts[tap.dst] = starts[tap.dst].min(tap.src);
+            lengths[tap.dst] += 1;
         }
+        let width = lengths.iter().copied().max().unwrap_or(1).max(1);
+        let mut weights = vec![0f32; count * width];
+        for tap in taps {
+            weights[tap.dst * width + (tap.src - starts[tap.dst])] = tap.weight;
+        }
+        TapTable { starts, width, weights }
+    }
+}
+
+/// One source row through the horizontal taps into `buf` (one f32 per destination sample).
+/// `row_f32` is scratch space for the row as f32, padded so padded taps stay in bounds.
+fn horizontal<T: Sample, const CN: usize>(
+    row: &[T],
+    taps: &TapTable,
+    row_f32: &mut Vec<f32>,
+    buf: &mut [f32],
+) {
+    row_f32.clear();
+    row_f32.extend(row.iter().map(|v| v.to_f32()));
+    row_f32.resize(row.len() + taps.width * CN, 0.0);
+    let (pixels, _) = row_f32.as_chunks::<CN>();
+    let (buf, _) = buf.as_chunks_mut::<CN>();
+    match taps.width {
+        1 => horizontal_fixed::<CN, 1>(pixels, taps, buf),
+        2 => horizontal_fixed::<CN, 2>(pixels, taps, buf),
+        3 => horizontal_fixed::<CN, 3>(pixels, taps, buf),
+        4 => horizontal_fixed::<CN, 4>(pixels, taps, buf),
+        _ => {
+            for ((out, &start), weights) in
+                buf.iter_mut().zip(&taps.starts).zip(taps.weights.chunks_exact(taps.width))
+            {
+                let mut acc = [0f32; CN];
+                for (px, &w) in pixels[start..start + taps.width].iter().zip(weights) {
+                    for c in 0..CN {
+                        acc[c] += px[c] * w;
+                    }
+                }
+                *out = acc;
+            }
+        }
+    }
+}
+
+fn horizontal_fixed<const CN: usize, const K: usize>(
+    pixels: &[[f32; CN]],
+    taps: &TapTable,
+    buf: &mut [[f32; CN]],
+) {
+    let (weights, _) = taps.weights.as_chunks::<K>();
+    for ((out, &start), weights) in buf.iter_mut().zip(&taps.starts).zip(weights) {
+        let source: &[[f32; CN]; K] = pixels[start..start + K].try_into().expect("K taps");
+        // Summed from zero in tap order, as OpenCV adds each tap into a zeroed buffer.
+        let mut acc = [0f32; CN];
+        for k in 0..K {
+            for c in 0..CN {
+                acc[c] += source[k][c] * weights[k];
+            }
+        }
+        *out = acc;
     }
 }
 

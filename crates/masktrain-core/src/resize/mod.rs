@@ -52,13 +52,17 @@ pub fn resize_mask_to_bucket(mask: &Mask, bucket: (u32, u32)) -> Mask {
     let (w, h) = mask.size();
     let crop = cover_crop(w, h, bucket);
     let window = Window { x0: crop.left, y0: crop.top, width: bucket.0, height: bucket.1 };
-    map_mask(mask, |p| if crop.enlarging { nearest(p, crop.scaled, window) } else { area(p, crop.scaled, window) }, |p| {
-        if crop.enlarging {
-            nearest(p, crop.scaled, window)
-        } else {
-            area(p, crop.scaled, window)
-        }
-    })
+    map_mask(
+        mask,
+        |p| if crop.enlarging { nearest(p, crop.scaled, window) } else { area(p, crop.scaled, window) },
+        |p| {
+            if crop.enlarging {
+                nearest(p, crop.scaled, window)
+            } else {
+                area(p, crop.scaled, window)
+            }
+        },
+    )
 }
 
 /// Mask stretched onto exactly `size` (no crop), as `convert-alpha` puts a mask onto its image:
@@ -70,13 +74,17 @@ pub fn resize_mask_to_size(mask: &Mask, size: (u32, u32)) -> Mask {
     let (w, h) = mask.size();
     let shrinking = size.0 <= w && size.1 <= h;
     let window = Window::full(size);
-    map_mask(mask, |p| if shrinking { area(p, size, window) } else { nearest(p, size, window) }, |p| {
-        if shrinking {
-            area(p, size, window)
-        } else {
-            nearest(p, size, window)
-        }
-    })
+    map_mask(
+        mask,
+        |p| if shrinking { area(p, size, window) } else { nearest(p, size, window) },
+        |p| {
+            if shrinking {
+                area(p, size, window)
+            } else {
+                nearest(p, size, window)
+            }
+        },
+    )
 }
 
 fn map_mask(

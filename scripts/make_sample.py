@@ -1,0 +1,54 @@
+"""Write a small sample dataset for trying masktrain: photo-like images with tiered masks
+(face 255, body 128, hair 80, background 0) and captions.
+
+    python scripts/make_sample.py sample
+    masktrain convert-alpha --image_directory sample/images --mask_directory sample/masks \\
+        --output_directory sample/rgba
+"""
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+def tiered_mask(h: int, w: int, rng: np.random.Generator) -> np.ndarray:
+    y, x = np.mgrid[0:h, 0:w]
+    cx, cy = w * rng.uniform(0.4, 0.6), h * rng.uniform(0.3, 0.4)
+    mask = np.zeros((h, w), np.uint8)
+    mask[(np.abs(x - cx) < w * 0.22) & (y > cy + h * 0.1)] = 128  # body
+    mask[((x - cx) / (w * 0.16)) ** 2 + ((y - cy + h * 0.05) / (h * 0.16)) ** 2 < 1] = 80  # hair
+    mask[((x - cx) / (w * 0.11)) ** 2 + ((y - cy) / (h * 0.12)) ** 2 < 1] = 255  # face
+    return mask
+
+
+def photo(h: int, w: int, rng: np.random.Generator) -> np.ndarray:
+    y, x = np.mgrid[0:h, 0:w] / max(h, w)
+    phase = rng.uniform(0, 6, 3)
+    channels = [127 + 90 * np.sin(6 * x + 4 * y + p) for p in phase]
+    noise = rng.normal(0, 6, (h, w, 3))
+    return (np.stack(channels, -1) + noise).clip(0, 255).astype(np.uint8)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("root", type=Path, help="directory to create (images/, masks/)")
+    parser.add_argument("--count", type=int, default=6)
+    args = parser.parse_args()
+    rng = np.random.default_rng(0)
+    images, masks = args.root / "images", args.root / "masks"
+    images.mkdir(parents=True, exist_ok=True)
+    masks.mkdir(parents=True, exist_ok=True)
+    sizes = [(768, 768), (1024, 640), (640, 1024)]
+    for i in range(args.count):
+        w, h = sizes[i % len(sizes)]
+        name = f"subject_{i:02d}"
+        Image.fromarray(photo(h, w, rng)).save(images / f"{name}.{'jpg' if i % 2 else 'png'}")
+        Image.fromarray(tiered_mask(h, w, rng)).save(masks / f"{name}.png")
+        (images / f"{name}.txt").write_text(f"a photo of sks person, sample {i}\n", encoding="utf-8")
+    print(f"wrote {args.count} images, masks and captions under {args.root}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The project's test command (README, .ci/run): installs what the tests need, then runs every
+# gate -- rustfmt, clippy, cargo test, ruff, stubtest, pytest. Needs a Rust toolchain and
+# Python >= 3.11 with pip; everything else comes from crates.io and PyPI.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+export MATURIN_NO_INSTALL_RUST=1   # never try to download a toolchain
+export HF_HUB_OFFLINE=1            # tests never touch the network
+
+step() { printf '\n== %s\n' "$*"; }
+
+step "install masktrain with its test extras (release build of the native module)"
+python -m pip install --quiet --disable-pip-version-check '.[test]'
+
+step "cargo fmt --check"
+cargo fmt --all --check
+
+step "cargo clippy -D warnings"
+cargo clippy --all-targets --locked -- -D warnings
+
+step "cargo test"
+cargo test --workspace --locked
+
+step "ruff"
+ruff check python tests benches scripts
+ruff format --check python tests benches scripts
+
+step "mypy.stubtest masktrain._native"
+python -m mypy.stubtest masktrain._native
+
+step "pytest"
+# Run from tests/ against the installed wheel, not the source tree's python/ folder.
+python -m pytest tests
