@@ -44,18 +44,12 @@ pub fn convert_one(job: &ConvertJob, pixel_limit: u64) -> Result<()> {
     let mask = resize_mask_to_size(&mask, size);
 
     let rgba = if is_sixteen_bit(&image) || mask.is_sixteen_bit() {
-        let rgb = image.to_rgb16();
-        let alpha = mask.to_u16();
-        let data =
-            rgb.as_raw().chunks_exact(3).zip(&alpha.data).flat_map(|(c, &a)| [c[0], c[1], c[2], a]).collect();
+        let data = interleave(image.to_rgb16().as_raw(), &mask.to_u16().data);
         DynamicImage::ImageRgba16(
             ImageBuffer::<Rgba<u16>, Vec<u16>>::from_raw(size.0, size.1, data).expect("rgba16 size"),
         )
     } else {
-        let rgb = image.to_rgb8();
-        let alpha = mask.to_u8();
-        let data =
-            rgb.as_raw().chunks_exact(3).zip(&alpha.data).flat_map(|(c, &a)| [c[0], c[1], c[2], a]).collect();
+        let data = interleave(image.to_rgb8().as_raw(), &mask.to_u8().data);
         DynamicImage::ImageRgba8(
             ImageBuffer::<Rgba<u8>, Vec<u8>>::from_raw(size.0, size.1, data).expect("rgba8 size"),
         )
@@ -70,6 +64,11 @@ pub fn convert_one(job: &ConvertJob, pixel_limit: u64) -> Result<()> {
         copy_atomic(source, target)?;
     }
     Ok(())
+}
+
+/// RGB samples and one alpha plane into RGBA.
+fn interleave<T: Copy>(rgb: &[T], alpha: &[T]) -> Vec<T> {
+    rgb.chunks_exact(3).zip(alpha).flat_map(|(c, &a)| [c[0], c[1], c[2], a]).collect()
 }
 
 /// Convert many items in parallel; results keep the input order.

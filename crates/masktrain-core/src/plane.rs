@@ -23,6 +23,11 @@ impl<T: Copy> Plane<T> {
         (self.width, self.height)
     }
 
+    /// The same plane with every sample mapped through `f`.
+    pub fn map<U: Copy>(&self, f: impl Fn(T) -> U) -> Plane<U> {
+        Plane::new(self.width, self.height, self.channels, self.data.iter().map(|&v| f(v)).collect())
+    }
+
     pub fn row(&self, y: usize) -> &[T] {
         let stride = self.width as usize * self.channels;
         &self.data[y * stride..(y + 1) * stride]
@@ -62,25 +67,6 @@ impl Sample for u8 {
     }
     fn from_u32_saturating(v: u32) -> Self {
         v.min(255) as u8
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn rounding_is_half_to_even_like_cv_round() {
-        for (v, r) in
-            [(0.5, 0u8), (1.5, 2), (2.5, 2), (3.5, 4), (254.5, 254), (-3.0, 0), (300.0, 255), (7.49, 7)]
-        {
-            assert_eq!(u8::from_f32_rounded(v), r, "{v}");
-        }
-        assert_eq!(u16::from_f32_rounded(65534.5), 65534);
-        for i in 0..200_000 {
-            let v = i as f32 * 0.3271;
-            assert_eq!(u16::from_f32_rounded(v) as f32, v.round_ties_even().min(65535.0), "{v}");
-        }
     }
 }
 
@@ -124,21 +110,14 @@ impl Mask {
     pub fn to_u8(&self) -> Plane<u8> {
         match self {
             Mask::Eight(p) => p.clone(),
-            Mask::Sixteen(p) => Plane::new(
-                p.width,
-                p.height,
-                1,
-                p.data.iter().map(|&v| ((v as u32 + 128) / 257) as u8).collect(),
-            ),
+            Mask::Sixteen(p) => p.map(|v| ((v as u32 + 128) / 257) as u8),
         }
     }
 
     /// 16-bit view: 8-bit values are widened exactly (`v * 257`).
     pub fn to_u16(&self) -> Plane<u16> {
         match self {
-            Mask::Eight(p) => {
-                Plane::new(p.width, p.height, 1, p.data.iter().map(|&v| v as u16 * 257).collect())
-            }
+            Mask::Eight(p) => p.map(|v| v as u16 * 257),
             Mask::Sixteen(p) => p.clone(),
         }
     }
@@ -147,12 +126,27 @@ impl Mask {
     /// `torch.from_numpy(mask).float() / 255.0` does.
     pub fn to_unit_f32(&self) -> Plane<f32> {
         match self {
-            Mask::Eight(p) => {
-                Plane::new(p.width, p.height, 1, p.data.iter().map(|&v| v as f32 / 255.0).collect())
-            }
-            Mask::Sixteen(p) => {
-                Plane::new(p.width, p.height, 1, p.data.iter().map(|&v| v as f32 / 65535.0).collect())
-            }
+            Mask::Eight(p) => p.map(|v| v as f32 / 255.0),
+            Mask::Sixteen(p) => p.map(|v| v as f32 / 65535.0),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rounding_is_half_to_even_like_cv_round() {
+        for (v, r) in
+            [(0.5, 0u8), (1.5, 2), (2.5, 2), (3.5, 4), (254.5, 254), (-3.0, 0), (300.0, 255), (7.49, 7)]
+        {
+            assert_eq!(u8::from_f32_rounded(v), r, "{v}");
+        }
+        assert_eq!(u16::from_f32_rounded(65534.5), 65534);
+        for i in 0..200_000 {
+            let v = i as f32 * 0.3271;
+            assert_eq!(u16::from_f32_rounded(v) as f32, v.round_ties_even().min(65535.0), "{v}");
         }
     }
 }

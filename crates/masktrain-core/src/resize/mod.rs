@@ -11,7 +11,7 @@ pub use lanczos::lanczos;
 pub use nearest::nearest;
 
 use crate::geometry::cover_crop;
-use crate::plane::{Mask, Plane};
+use crate::plane::{Mask, Plane, Sample};
 
 /// The part `[x0, x0 + width) x [y0, y0 + height)` of a resize's output that is computed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -52,17 +52,7 @@ pub fn resize_mask_to_bucket(mask: &Mask, bucket: (u32, u32)) -> Mask {
     let (w, h) = mask.size();
     let crop = cover_crop(w, h, bucket);
     let window = Window { x0: crop.left, y0: crop.top, width: bucket.0, height: bucket.1 };
-    map_mask(
-        mask,
-        |p| if crop.enlarging { nearest(p, crop.scaled, window) } else { area(p, crop.scaled, window) },
-        |p| {
-            if crop.enlarging {
-                nearest(p, crop.scaled, window)
-            } else {
-                area(p, crop.scaled, window)
-            }
-        },
-    )
+    resize_mask(mask, crop.scaled, window, crop.enlarging)
 }
 
 /// Mask stretched onto exactly `size` (no crop), as `convert-alpha` puts a mask onto its image:
@@ -73,27 +63,19 @@ pub fn resize_mask_to_size(mask: &Mask, size: (u32, u32)) -> Mask {
     }
     let (w, h) = mask.size();
     let shrinking = size.0 <= w && size.1 <= h;
-    let window = Window::full(size);
-    map_mask(
-        mask,
-        |p| if shrinking { area(p, size, window) } else { nearest(p, size, window) },
-        |p| {
-            if shrinking {
-                area(p, size, window)
-            } else {
-                nearest(p, size, window)
-            }
-        },
-    )
+    resize_mask(mask, size, Window::full(size), !shrinking)
 }
 
-fn map_mask(
-    mask: &Mask,
-    eight: impl FnOnce(&Plane<u8>) -> Plane<u8>,
-    sixteen: impl FnOnce(&Plane<u16>) -> Plane<u16>,
-) -> Mask {
+fn resize_mask(mask: &Mask, out: (u32, u32), window: Window, use_nearest: bool) -> Mask {
+    fn plane<T: Sample>(p: &Plane<T>, out: (u32, u32), window: Window, use_nearest: bool) -> Plane<T> {
+        if use_nearest {
+            nearest(p, out, window)
+        } else {
+            area(p, out, window)
+        }
+    }
     match mask {
-        Mask::Eight(p) => Mask::Eight(eight(p)),
-        Mask::Sixteen(p) => Mask::Sixteen(sixteen(p)),
+        Mask::Eight(p) => Mask::Eight(plane(p, out, window, use_nearest)),
+        Mask::Sixteen(p) => Mask::Sixteen(plane(p, out, window, use_nearest)),
     }
 }
