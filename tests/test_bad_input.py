@@ -103,6 +103,15 @@ def test_missing_files_and_directories_are_os_errors(tmp_path: Path) -> None:
         _native.list_images(tmp_path / "no_images")
 
 
+def test_a_file_where_a_directory_belongs_is_an_os_error_naming_it(tmp_path: Path) -> None:
+    # Root reads everything, so "unreadable directory" is exercised with a path that is a file.
+    not_a_dir = tmp_path / "masks.txt"
+    not_a_dir.write_text("x")
+    with pytest.raises(OSError) as info:
+        _native.MaskIndex(not_a_dir)
+    assert info.value.filename == str(not_a_dir)
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root reads files regardless of permissions")
 def test_unreadable_file_is_permission_error(tmp_path: Path) -> None:
     path = tmp_path / "locked.png"

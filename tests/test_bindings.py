@@ -81,6 +81,8 @@ def _child(paths: list[str], queue: multiprocessing.Queue) -> None:
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="fork is POSIX-only")
+# Python >= 3.12 warns about fork() in a process with threads; forking is the point here.
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_pool_works_in_forked_children(images: list[Path]) -> None:
     """DataLoader workers fork after the parent used the pool; the child must not hang."""
     parent = [
