@@ -24,18 +24,23 @@ pub fn area_downsample(src: &Plane<f32>, out: (u32, u32)) -> Plane<f32> {
     let cols: Vec<(usize, usize)> =
         (0..out_w).map(|j| (start_index(j, out_w, in_w), end_index(j, out_w, in_w))).collect();
     let mut data = Vec::with_capacity((out_w * out_h) as usize);
+    let mut sums = vec![0f32; out_w as usize];
     for i in 0..out_h {
         let (r0, r1) = (start_index(i, out_h, in_h), end_index(i, out_h, in_h));
         let kh = (r1 - r0) as f32;
-        for &(c0, c1) in &cols {
-            let mut sum = 0f32;
-            for r in r0..r1 {
-                for &v in &src.row(r)[c0..c1] {
-                    sum += v;
+        // Rows outermost, outputs inner: each output still adds its window row by row, left to
+        // right (torch's order, so the f32 sums are identical), but the outputs' additions are
+        // independent and overlap in the CPU instead of forming one long dependency chain.
+        sums.fill(0.0);
+        for r in r0..r1 {
+            let row = src.row(r);
+            for (sum, &(c0, c1)) in sums.iter_mut().zip(&cols) {
+                for &v in &row[c0..c1] {
+                    *sum += v;
                 }
             }
-            data.push(sum / kh / (c1 - c0) as f32);
         }
+        data.extend(sums.iter().zip(&cols).map(|(&sum, &(c0, c1))| sum / kh / (c1 - c0) as f32));
     }
     Plane::new(out.0, out.1, 1, data)
 }

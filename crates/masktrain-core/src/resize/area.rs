@@ -21,6 +21,15 @@ pub fn area<T: Sample>(src: &Plane<T>, out: (u32, u32), window: Window) -> Plane
 /// up (`(sum + 2) >> 2`); other factors multiply by `1.f / area` and round half to even.
 /// Rows are summed first (a plain vectorisable loop), then each block's columns.
 fn block_mean<T: Sample>(src: &Plane<T>, kx: usize, ky: usize, window: Window) -> Plane<T> {
+    if kx == 2 && ky == 2 {
+        // The common case (a 1024 image onto a 512 bucket), written out so it vectorises.
+        return match src.channels {
+            1 => half_size::<T, 1>(src, window),
+            3 => half_size::<T, 3>(src, window),
+            4 => half_size::<T, 4>(src, window),
+            cn => panic!("unsupported channel count {cn}"),
+        };
+    }
     match src.channels {
         1 => block_mean_cn::<T, 1>(src, kx, ky, window),
         3 => block_mean_cn::<T, 3>(src, kx, ky, window),
@@ -51,14 +60,6 @@ fn block_mean_cn<T: Sample, const CN: usize>(
                 *a += v.to_u32();
             }
         }
-        if kx == 2 && ky == 2 {
-            // The common case (a 1024 image onto a 512 bucket): written out so it vectorises.
-            for pair in column_sums.chunks_exact(2 * CN) {
-                let (a, b) = pair.split_at(CN);
-                data.extend(a.iter().zip(b).map(|(&a, &b)| T::from_u32_saturating((a + b + 2) >> 2)));
-            }
-            continue;
-        }
         for block in column_sums.chunks_exact(kx * CN) {
             let mut sums = [0u32; CN];
             for px in block.chunks_exact(CN) {
@@ -67,6 +68,27 @@ fn block_mean_cn<T: Sample, const CN: usize>(
                 }
             }
             data.extend(sums.iter().map(|&s| T::from_f32_rounded(s as f32 * scale)));
+        }
+    }
+    Plane::new(window.width, window.height, CN, data)
+}
+
+/// 2x2 block means, rounded half up as OpenCV's SIMD path does: `(a + b + c + d + 2) >> 2`.
+fn half_size<T: Sample, const CN: usize>(src: &Plane<T>, window: Window) -> Plane<T> {
+    let row_len = window.width as usize * CN;
+    let start = window.x0 as usize * 2 * CN;
+    let mut data = vec![T::default(); row_len * window.height as usize];
+    for (y, out) in data.chunks_exact_mut(row_len).enumerate() {
+        let sy = (window.y0 as usize + y) * 2;
+        let top = &src.row(sy)[start..start + 2 * row_len];
+        let bottom = &src.row(sy + 1)[start..start + 2 * row_len];
+        for ((o, a), b) in
+            out.chunks_exact_mut(CN).zip(top.chunks_exact(2 * CN)).zip(bottom.chunks_exact(2 * CN))
+        {
+            for c in 0..CN {
+                let sum = a[c].to_u32() + a[CN + c].to_u32() + b[c].to_u32() + b[CN + c].to_u32();
+                o[c] = T::from_u32_saturating((sum + 2) >> 2);
+            }
         }
     }
     Plane::new(window.width, window.height, CN, data)
@@ -115,52 +137,60 @@ fn coverage_taps(src_size: u32, scale: f64, first: u32, count: u32) -> Vec<Tap> 
 /// `resizeArea`: each output is the coverage-weighted mean of its source footprint,
 /// accumulated in f32 in OpenCV's order (horizontal taps per source row, then rows).
 fn coverage<T: Sample>(src: &Plane<T>, scale_x: f64, scale_y: f64, window: Window) -> Plane<T> {
+    // Colour runs in four f32 lanes per pixel (the fourth unused for RGB), so one SIMD
+    // multiply-add serves all channels of a tap.
     match src.channels {
-        1 => coverage_cn::<T, 1>(src, scale_x, scale_y, window),
-        3 => coverage_cn::<T, 3>(src, scale_x, scale_y, window),
-        4 => coverage_cn::<T, 4>(src, scale_x, scale_y, window),
+        1 => coverage_cn::<T, 1, 1>(src, scale_x, scale_y, window),
+        3 => coverage_cn::<T, 3, 4>(src, scale_x, scale_y, window),
+        4 => coverage_cn::<T, 4, 4>(src, scale_x, scale_y, window),
         cn => panic!("unsupported channel count {cn}"),
     }
 }
 
-fn coverage_cn<T: Sample, const CN: usize>(
+fn coverage_cn<T: Sample, const CN: usize, const LANES: usize>(
     src: &Plane<T>,
     scale_x: f64,
     scale_y: f64,
     window: Window,
 ) -> Plane<T> {
-    let row_len = window.width as usize * CN;
-    let xtaps =
-        TapTable::new(&coverage_taps(src.width, scale_x, window.x0, window.width), window.width as usize);
+    let width = window.width as usize;
+    let xtaps = TapTable::new(&coverage_taps(src.width, scale_x, window.x0, window.width), width);
     let ytaps = coverage_taps(src.height, scale_y, window.y0, window.height);
 
-    let mut data = vec![T::default(); row_len * window.height as usize];
-    let mut sum = vec![0f32; row_len];
-    let mut buf = vec![0f32; row_len];
-    let mut row_f32 = Vec::with_capacity((src.width as usize + xtaps.width) * CN);
+    let mut data = vec![T::default(); width * CN * window.height as usize];
+    let mut sum = vec![[0f32; LANES]; width];
+    let mut buf = vec![[0f32; LANES]; width];
+    let mut row_f32 = Vec::with_capacity(src.width as usize + xtaps.width);
     let mut buf_row = usize::MAX;
     let mut current_dst = usize::MAX;
-    let flush = |data: &mut Vec<T>, dst: usize, sum: &[f32]| {
-        for (o, &s) in data[dst * row_len..(dst + 1) * row_len].iter_mut().zip(sum) {
-            *o = T::from_f32_rounded(s);
+    let flush = |data: &mut Vec<T>, dst: usize, sum: &[[f32; LANES]]| {
+        let out = &mut data[dst * width * CN..(dst + 1) * width * CN];
+        for (o, s) in out.chunks_exact_mut(CN).zip(sum) {
+            for c in 0..CN {
+                o[c] = T::from_f32_rounded(s[c]);
+            }
         }
     };
     for tap in &ytaps {
         if tap.src != buf_row {
-            horizontal::<T, CN>(src.row(tap.src), &xtaps, &mut row_f32, &mut buf);
+            horizontal::<T, CN, LANES>(src.row(tap.src), &xtaps, &mut row_f32, &mut buf);
             buf_row = tap.src;
         }
+        let w = tap.weight;
+        // Flat f32 loops: the pattern the auto-vectoriser handles best.
+        let (sum_flat, buf_flat) = (sum.as_flattened_mut(), buf.as_flattened());
         if tap.dst != current_dst {
             if current_dst != usize::MAX {
                 flush(&mut data, current_dst, &sum);
             }
             current_dst = tap.dst;
-            for (s, &b) in sum.iter_mut().zip(&buf) {
-                *s = tap.weight * b;
+            let sum_flat = sum.as_flattened_mut();
+            for (s, &b) in sum_flat.iter_mut().zip(buf_flat) {
+                *s = w * b;
             }
         } else {
-            for (s, &b) in sum.iter_mut().zip(&buf) {
-                *s += tap.weight * b;
+            for (s, &b) in sum_flat.iter_mut().zip(buf_flat) {
+                *s += w * b;
             }
         }
     }
@@ -197,32 +227,37 @@ impl TapTable {
     }
 }
 
-/// One source row through the horizontal taps into `buf` (one f32 per destination sample).
-/// `row_f32` is scratch space for the row as f32, padded so padded taps stay in bounds.
-fn horizontal<T: Sample, const CN: usize>(
+/// One source row through the horizontal taps into `buf` (one pixel of f32 lanes per
+/// destination). `row_f32` is scratch space for the row as f32, padded so padded taps stay
+/// in bounds.
+fn horizontal<T: Sample, const CN: usize, const LANES: usize>(
     row: &[T],
     taps: &TapTable,
-    row_f32: &mut Vec<f32>,
-    buf: &mut [f32],
+    row_f32: &mut Vec<[f32; LANES]>,
+    buf: &mut [[f32; LANES]],
 ) {
     row_f32.clear();
-    row_f32.extend(row.iter().map(|v| v.to_f32()));
-    row_f32.resize(row.len() + taps.width * CN, 0.0);
-    let (pixels, _) = row_f32.as_chunks::<CN>();
-    let (buf, _) = buf.as_chunks_mut::<CN>();
+    row_f32.extend(row.chunks_exact(CN).map(|px| {
+        let mut lanes = [0f32; LANES];
+        for c in 0..CN {
+            lanes[c] = px[c].to_f32();
+        }
+        lanes
+    }));
+    row_f32.resize(row_f32.len() + taps.width, [0.0; LANES]);
     match taps.width {
-        1 => horizontal_fixed::<CN, 1>(pixels, taps, buf),
-        2 => horizontal_fixed::<CN, 2>(pixels, taps, buf),
-        3 => horizontal_fixed::<CN, 3>(pixels, taps, buf),
-        4 => horizontal_fixed::<CN, 4>(pixels, taps, buf),
+        1 => horizontal_fixed::<LANES, 1>(row_f32, taps, buf),
+        2 => horizontal_fixed::<LANES, 2>(row_f32, taps, buf),
+        3 => horizontal_fixed::<LANES, 3>(row_f32, taps, buf),
+        4 => horizontal_fixed::<LANES, 4>(row_f32, taps, buf),
         _ => {
             for ((out, &start), weights) in
                 buf.iter_mut().zip(&taps.starts).zip(taps.weights.chunks_exact(taps.width))
             {
-                let mut acc = [0f32; CN];
-                for (px, &w) in pixels[start..start + taps.width].iter().zip(weights) {
-                    for c in 0..CN {
-                        acc[c] += px[c] * w;
+                let mut acc = [0f32; LANES];
+                for (px, &w) in row_f32[start..start + taps.width].iter().zip(weights) {
+                    for l in 0..LANES {
+                        acc[l] += px[l] * w;
                     }
                 }
                 *out = acc;
@@ -231,19 +266,19 @@ fn horizontal<T: Sample, const CN: usize>(
     }
 }
 
-fn horizontal_fixed<const CN: usize, const K: usize>(
-    pixels: &[[f32; CN]],
+fn horizontal_fixed<const LANES: usize, const K: usize>(
+    pixels: &[[f32; LANES]],
     taps: &TapTable,
-    buf: &mut [[f32; CN]],
+    buf: &mut [[f32; LANES]],
 ) {
     let (weights, _) = taps.weights.as_chunks::<K>();
     for ((out, &start), weights) in buf.iter_mut().zip(&taps.starts).zip(weights) {
-        let source: &[[f32; CN]; K] = pixels[start..start + K].try_into().expect("K taps");
+        let source: &[[f32; LANES]; K] = pixels[start..start + K].try_into().expect("K taps");
         // Summed from zero in tap order, as OpenCV adds each tap into a zeroed buffer.
-        let mut acc = [0f32; CN];
+        let mut acc = [0f32; LANES];
         for k in 0..K {
-            for c in 0..CN {
-                acc[c] += source[k][c] * weights[k];
+            for l in 0..LANES {
+                acc[l] += source[k][l] * weights[k];
             }
         }
         *out = acc;
