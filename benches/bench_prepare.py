@@ -189,6 +189,20 @@ def median_seconds(fn: Callable[[], object], repeats: int) -> float:
     return statistics.median(times)
 
 
+def interleaved_seconds(fns: Sequence[Callable[[], object]], repeats: int) -> list[list[float]]:
+    """Wall times of each of `fns` over `repeats` rounds, the functions taking turns within a
+    round, after one untimed warm-up round."""
+    times: list[list[float]] = [[] for _ in fns]
+    for i in range(repeats + 1):
+        for fn, out in zip(fns, times, strict=True):
+            start = time.perf_counter()
+            fn()
+            elapsed = time.perf_counter() - start
+            if i > 0:
+                out.append(elapsed)
+    return times
+
+
 def time_convert(
     fn: Callable[[dataset.Kind, Path], None], kind: dataset.Kind, repeats: int
 ) -> tuple[float, int]:
@@ -252,19 +266,21 @@ def main(argv: Sequence[str] | None = None) -> None:
         paths = _native.list_images(kind.images)
         # Same work on both sides: the two paths must pick the same bucket for every item.
         assert run_native(kind, paths, buckets) == run_reference(kind, paths, buckets), name
-        seconds = [
-            median_seconds(functools.partial(fn, kind, paths, buckets), args.repeats)
-            for fn in (run_native, run_reference, run_decode)
-        ]
-        rate = [len(paths) / s for s in seconds]
-        rows.append((name, *rate, rate[0] / rate[1], rate[0] / rate[2]))
+        runs = [functools.partial(fn, kind, paths, buckets) for fn in (run_native, run_reference, run_decode)]
+        native, reference, decode = interleaved_seconds(runs, args.repeats)
+        rate = [len(paths) / statistics.median(s) for s in (native, reference, decode)]
+        # Ratios are taken within each round, then the median: a burst of load from elsewhere on
+        # a shared machine then slows both sides of a ratio instead of one.
+        vs_ref = statistics.median(r / n for n, r in zip(native, reference, strict=True))
+        vs_decode = statistics.median(d / n for n, d in zip(native, decode, strict=True))
+        rows.append((name, *rate, vs_ref, vs_decode))
         print(f"  {name}: done")
     torch.set_num_threads(torch_threads)
 
     print()
     print(
-        f"prepare (items/s, median of {args.repeats}; budgets a/b >= {TARGET_VS_REFERENCE}, "
-        f"a/c >= {TARGET_VS_DECODE}, information only)"
+        f"prepare (items/s, median of {args.repeats}; ratios: median of per-round ratios; "
+        f"budgets a/b >= {TARGET_VS_REFERENCE}, a/c >= {TARGET_VS_DECODE}, information only)"
     )
     print(f"{'kind':<10} {'a native':>9} {'b ref':>8} {'c decode':>9} {'a/b':>13} {'a/c':>13}")
     for name, native, reference, decode, vs_ref, vs_decode in rows:
