@@ -45,13 +45,16 @@ pub trait Sample: Copy + Default + Send + Sync + 'static {
     fn from_u32_saturating(v: u32) -> Self;
 }
 
-/// Round half to even without a libm call (`rintf` is not inlined on baseline x86-64): adding
-/// and subtracting 1.5 * 2^23 leaves the nearest integer under the default rounding mode, for
-/// |v| < 2^22. Callers clamp to the sample range first, so that always holds here.
+/// The nearest integer to `v` (ties to even, as OpenCV's `cvRound`) after clamping to
+/// `[0, max]`, without a libm call (`rintf` is not inlined on baseline x86-64) or a saturating
+/// float-to-int cast, both of which keep loops from vectorising: adding 1.5 * 2^23 leaves the
+/// rounded integer in the low mantissa bits under the default rounding mode (for |v| < 2^22).
 #[inline]
-fn round_half_even(v: f32) -> f32 {
+fn round_clamped(v: f32, max: f32) -> u32 {
     const MAGIC: f32 = 12_582_912.0;
-    (v + MAGIC) - MAGIC
+    let v = if v > max { max } else { v };
+    let v = if v > 0.0 { v } else { 0.0 }; // NaN becomes 0 here too
+    (v + MAGIC).to_bits() - MAGIC.to_bits()
 }
 
 impl Sample for u8 {
@@ -63,7 +66,7 @@ impl Sample for u8 {
         self as u32
     }
     fn from_f32_rounded(v: f32) -> Self {
-        round_half_even(v.clamp(0.0, 255.0)) as u8
+        round_clamped(v, 255.0) as u8
     }
     fn from_u32_saturating(v: u32) -> Self {
         v.min(255) as u8
@@ -79,7 +82,7 @@ impl Sample for u16 {
         self as u32
     }
     fn from_f32_rounded(v: f32) -> Self {
-        round_half_even(v.clamp(0.0, 65535.0)) as u16
+        round_clamped(v, 65535.0) as u16
     }
     fn from_u32_saturating(v: u32) -> Self {
         v.min(65535) as u16
