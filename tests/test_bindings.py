@@ -90,13 +90,21 @@ def test_pool_works_in_forked_children(images: list[Path]) -> None:
     ]
     context = multiprocessing.get_context("fork")
     queue = context.Queue()
-    children = [context.Process(target=_child, args=([str(p) for p in images], queue)) for _ in range(2)]
-    for child in children:
-        child.start()
-    results = [queue.get(timeout=60) for _ in children]
-    for child in children:
-        child.join(timeout=60)
-        assert child.exitcode == 0
+    # Daemons, killed in `finally`: a hung child must fail the test, not hang the run.
+    children = [
+        context.Process(target=_child, args=([str(p) for p in images], queue), daemon=True) for _ in range(2)
+    ]
+    try:
+        for child in children:
+            child.start()
+        results = [queue.get(timeout=60) for _ in children]
+        for child in children:
+            child.join(timeout=60)
+            assert child.exitcode == 0
+    finally:
+        for child in children:
+            if child.is_alive():
+                child.kill()
     assert results == [parent, parent]
 
 
