@@ -379,6 +379,19 @@ def test_missing_input_directory_is_a_usage_error(tmp_path: Path, missing: str) 
     assert not out.exists()
 
 
+@pytest.mark.parametrize("same_as", ["images", "masks"])
+def test_output_directory_equal_to_an_input_is_a_usage_error(tmp_path: Path, same_as: str) -> None:
+    images, masks = build_clean(tmp_path)
+    before = {p.name: p.read_bytes() for p in (images if same_as == "images" else masks).iterdir()}
+    out = images if same_as == "images" else masks
+
+    result = convert(images, masks, out)
+
+    assert result.returncode == 2
+    assert "--output_directory" in result.stderr and "overwrite the originals" in result.stderr
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
 def test_importing_the_cli_leaves_torch_out() -> None:
     code = "import sys, masktrain.cli; assert 'torch' not in sys.modules, 'torch imported'"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
