@@ -1,0 +1,361 @@
+"""The dataset TOML: ``[general]`` plus ``[[datasets]]`` tables with musubi-tuner's keys, the mask
+keys of the weighted-mask guide (``mask_directory``, ``alpha_mask``, ``require_mask``) and the
+sd-scripts bucket keys the guide's examples use (``min_bucket_reso``, ``max_bucket_reso``,
+``bucket_reso_steps``).
+
+Loading is strict, because a typo that silently does nothing ruins a training run: an unknown
+key is an error naming the key, its table and the closest valid key. ``shuffle_caption`` and
+``keep_tokens`` only warn: captions are encoded once into the cache, so they cannot apply.
+
+Decisions where musubi is silent or differs:
+
+- Relative paths are resolved against the TOML file's directory, not the working directory, so
+  a config means the same thing wherever the command is run.
+- ``caption_extension = "txt"`` means ``".txt"``.
+- ``cache_directory`` defaults to the image or video directory and is required for JSONL
+  sources; two datasets may not share one (their files would collide).
+- ``resolution`` and bucket sizes must be multiples of 16 (the latent grid of WAN and
+  Qwen-Image: 8x VAE times a 2x2 patch).
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from masktrain._native import MaskTrainError
+from masktrain.data.buckets import DEFAULT_STEP
+
+log = logging.getLogger(__name__)
+
+FrameExtraction = Literal["head", "chunk", "slide", "uniform", "full"]
+FRAME_EXTRACTIONS: tuple[str, ...] = ("head", "chunk", "slide", "uniform", "full")
+DEFAULT_RESOLUTION = (960, 544)
+
+
+class ConfigError(MaskTrainError):
+    """The dataset TOML is invalid; the message names the file, the table and the key."""
+
+
+@dataclass(frozen=True)
+class BucketConfig:
+    resolution: tuple[int, int]
+    """(width, height); its area is the bucket area. An int in TOML means a square."""
+    enable_bucket: bool = False
+    """Group images by aspect ratio into equal-area buckets; off, every image uses `resolution`."""
+    bucket_no_upscale: bool = False
+    """Images smaller than the bucket keep their own size (rounded down to the step)."""
+    min_bucket_reso: int | None = None
+    """sd-scripts bucket generation: smallest bucket side."""
+    max_bucket_reso: int | None = None
+    """sd-scripts bucket generation: largest bucket side."""
+    bucket_reso_steps: int | None = None
+    """Bucket side step in pixels (default 16); a multiple of 16."""
+
+
+@dataclass(frozen=True)
+class _Common:
+    cache_directory: Path
+    """Where the cache files of this dataset go."""
+    caption_extension: str
+    """Extension of caption files, with its dot."""
+    caption_directory: Path | None
+    """Where captions are read from; None means beside the media."""
+    batch_size: int
+    """Items per batch (all of one bucket)."""
+    num_repeats: int
+    """How many times each item appears per epoch."""
+    buckets: BucketConfig
+    mask_directory: Path | None
+    """Mask files matched to media by basename."""
+
+
+@dataclass(frozen=True)
+class ImageDatasetConfig(_Common):
+    image_directory: Path | None
+    """Images to train on (exclusive with `image_jsonl_file`)."""
+    image_jsonl_file: Path | None
+    """JSON lines with `image_path` and `caption` (exclusive with `image_directory`)."""
+    alpha_mask: bool
+    """Take the mask from the image's alpha channel when it has one."""
+    require_mask: bool
+    """Fail caching for an item with no mask instead of giving it full weight."""
+
+
+@dataclass(frozen=True)
+class VideoDatasetConfig(_Common):
+    video_directory: Path | None
+    """Videos to train on (exclusive with `video_jsonl_file`)."""
+    video_jsonl_file: Path | None
+    """JSON lines with `video_path` and `caption` (exclusive with `video_directory`)."""
+    target_frames: tuple[int, ...]
+    """Clip lengths in frames, each 4N+1."""
+    frame_extraction: FrameExtraction
+    """How clips are cut from a video: head, chunk, slide, uniform or full."""
+    frame_stride: int
+    """`slide`: frames between clip starts."""
+    frame_sample: int
+    """`uniform`: number of clips, evenly spaced."""
+    max_frames: int
+    """`full`: the longest clip."""
+    source_fps: float | None
+    """The videos' frame rate; frames are dropped to the model's rate when set."""
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    source: Path
+    """The TOML file this was loaded from."""
+    datasets: tuple[ImageDatasetConfig | VideoDatasetConfig, ...]
+
+
+# Keys valid in [general] and, overriding it, in each [[datasets]] table.
+_ASCENDABLE = {
+    "caption_extension", "batch_size", "num_repeats", "resolution", "enable_bucket", "bucket_no_upscale",
+    "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps",
+}  # fmt: skip
+_COMMON = {"cache_directory", "caption_directory", "mask_directory"}
+_IMAGE = {"image_directory", "image_jsonl_file", "alpha_mask", "require_mask"}
+_VIDEO = {
+    "video_directory", "video_jsonl_file", "target_frames", "frame_extraction", "frame_stride",
+    "frame_sample", "max_frames", "source_fps",
+}  # fmt: skip
+# Keys that do nothing once captions are encoded into the cache: accepted with a warning.
+_IGNORED = {"shuffle_caption", "keep_tokens"}
+_WHY_IMAGE_ONLY = {
+    "alpha_mask": "videos have no alpha channel; give videos masks with mask_directory (one static "
+    "mask per video, matched by basename)",
+    "require_mask": "it applies to image datasets only; videos without a mask file train at full weight",
+}
+
+
+class _Table:
+    """One TOML table being read: typed getters that name the file and table in every error."""
+
+    def __init__(self, values: Mapping[str, Any], where: str, base: Path) -> None:
+        self.values, self.where, self.base = dict(values), where, base
+
+    def error(self, key: str, message: str) -> ConfigError:
+        return ConfigError(f"{self.where}: '{key}' {message}")
+
+    def check_keys(self, valid: set[str]) -> None:
+        for key in self.values:
+            if key in _IGNORED:
+                log.warning("%s: '%s' is ignored: captions are encoded once into the cache", self.where, key)
+            elif key not in valid:
+                close = difflib.get_close_matches(key, sorted(valid), n=1, cutoff=0.5)
+                hint = (
+                    f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(sorted(valid))}"
+                )
+                raise self.error(key, f"is not a known key{hint}")
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.values.get(key, default)
+
+    def boolean(self, key: str, default: bool) -> bool:
+        value = self.values.get(key, default)
+        if not isinstance(value, bool):
+            raise self.error(key, f"must be true or false, not {value!r}")
+        return value
+
+    def integer(self, key: str, default: int | None, minimum: int = 1) -> int | None:
+        value = self.values.get(key, default)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise self.error(key, f"must be an integer >= {minimum}, not {value!r}")
+        return value
+
+    def path(self, key: str) -> Path | None:
+        value = self.values.get(key)
+        if value is None:
+            return None
+        if not isinstance(value, str) or not value:
+            raise self.error(key, f"must be a path string, not {value!r}")
+        path = Path(value).expanduser()
+        return path if path.is_absolute() else self.base / path
+
+
+def _merge(general: Mapping[str, Any], dataset: Mapping[str, Any]) -> dict[str, Any]:
+    merged = {k: v for k, v in general.items() if k in _ASCENDABLE}
+    merged.update(dataset)
+    return merged
+
+
+def _resolution(table: _Table) -> tuple[int, int]:
+    value = table.get("resolution", list(DEFAULT_RESOLUTION))
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = [value, value]
+    if (
+        not isinstance(value, list)
+        or len(value) != 2
+        or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
+    ):
+        raise table.error("resolution", f"must be [width, height] or one integer, not {value!r}")
+    width, height = value
+    if width % DEFAULT_STEP or height % DEFAULT_STEP:
+        raise table.error(
+            "resolution", f"{width}x{height} must be a multiple of {DEFAULT_STEP} on both sides"
+        )
+    return width, height
+
+
+def _buckets(table: _Table) -> BucketConfig:
+    steps = table.integer("bucket_reso_steps", None)
+    if steps is not None and steps % DEFAULT_STEP:
+        raise table.error("bucket_reso_steps", f"must be a multiple of {DEFAULT_STEP}, not {steps}")
+    low, high = table.integer("min_bucket_reso", None), table.integer("max_bucket_reso", None)
+    if low is not None and high is not None and low > high:
+        raise table.error("min_bucket_reso", f"({low}) must not exceed max_bucket_reso ({high})")
+    return BucketConfig(
+        resolution=_resolution(table),
+        enable_bucket=table.boolean("enable_bucket", False),
+        bucket_no_upscale=table.boolean("bucket_no_upscale", False),
+        min_bucket_reso=low,
+        max_bucket_reso=high,
+        bucket_reso_steps=steps,
+    )
+
+
+def _caption_extension(table: _Table) -> str:
+    value = table.get("caption_extension", ".txt")
+    if not isinstance(value, str) or not value:
+        raise table.error("caption_extension", f"must be a non-empty string such as '.txt', not {value!r}")
+    return value if value.startswith(".") else "." + value
+
+
+def _source(table: _Table, directory_key: str, jsonl_key: str) -> tuple[Path | None, Path | None]:
+    directory, jsonl = table.path(directory_key), table.path(jsonl_key)
+    if (directory is None) == (jsonl is None):
+        raise ConfigError(f"{table.where}: set exactly one of '{directory_key}' and '{jsonl_key}'")
+    return directory, jsonl
+
+
+def _common(table: _Table, media: Path | None, jsonl_key: str) -> dict[str, Any]:
+    cache = table.path("cache_directory") or media
+    if cache is None:
+        raise ConfigError(f"{table.where}: 'cache_directory' is required with '{jsonl_key}'")
+    return {
+        "cache_directory": cache,
+        "caption_extension": _caption_extension(table),
+        "caption_directory": table.path("caption_directory"),
+        "batch_size": table.integer("batch_size", 1),
+        "num_repeats": table.integer("num_repeats", 1),
+        "buckets": _buckets(table),
+        "mask_directory": table.path("mask_directory"),
+    }
+
+
+def _image_dataset(table: _Table) -> ImageDatasetConfig:
+    table.check_keys(_ASCENDABLE | _COMMON | _IMAGE)
+    directory, jsonl = _source(table, "image_directory", "image_jsonl_file")
+    config = ImageDatasetConfig(
+        **_common(table, directory, "image_jsonl_file"),
+        image_directory=directory,
+        image_jsonl_file=jsonl,
+        alpha_mask=table.boolean("alpha_mask", False),
+        require_mask=table.boolean("require_mask", False),
+    )
+    if config.require_mask and not config.alpha_mask and config.mask_directory is None:
+        raise ConfigError(
+            f"{table.where}: require_mask=true but no mask source configured. "
+            "Set alpha_mask=true and/or mask_directory in your dataset config."
+        )
+    return config
+
+
+def _target_frames(table: _Table) -> tuple[int, ...]:
+    value = table.get("target_frames", [1])
+    if (
+        not isinstance(value, list)
+        or not value
+        or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
+    ):
+        raise table.error("target_frames", f"must be a list of positive integers, not {value!r}")
+    frames = []
+    for count in value:
+        rounded = (count - 1) // 4 * 4 + 1
+        if rounded != count:
+            log.warning(
+                "%s: target_frames %d rounded down to %d (frame counts are 4N+1)", table.where, count, rounded
+            )
+        frames.append(rounded)
+    return tuple(frames)
+
+
+def _video_dataset(table: _Table) -> VideoDatasetConfig:
+    for key, why in _WHY_IMAGE_ONLY.items():
+        if key in table.values:
+            raise table.error(key, f"cannot be used in a video dataset: {why}")
+    table.check_keys(_ASCENDABLE | _COMMON | _VIDEO)
+    directory, jsonl = _source(table, "video_directory", "video_jsonl_file")
+    extraction = table.get("frame_extraction", "head")
+    if extraction not in FRAME_EXTRACTIONS:
+        raise table.error(
+            "frame_extraction", f"must be one of {', '.join(FRAME_EXTRACTIONS)}, not {extraction!r}"
+        )
+    fps = table.get("source_fps")
+    if fps is not None and (isinstance(fps, bool) or not isinstance(fps, int | float) or fps <= 0):
+        raise table.error("source_fps", f"must be a positive number, not {fps!r}")
+    return VideoDatasetConfig(
+        **_common(table, directory, "video_jsonl_file"),
+        video_directory=directory,
+        video_jsonl_file=jsonl,
+        target_frames=_target_frames(table),
+        frame_extraction=extraction,
+        frame_stride=table.integer("frame_stride", 1),
+        frame_sample=table.integer("frame_sample", 1),
+        max_frames=table.integer("max_frames", 129),
+        source_fps=float(fps) if fps is not None else None,
+    )
+
+
+def load_dataset_config(path: Path) -> DatasetConfig:
+    """Read and validate a dataset TOML. Raises ConfigError (or OSError for an unreadable file)."""
+    try:
+        document = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"{path}: not valid TOML: {error}") from error
+    base = path.resolve().parent
+    for key in document:
+        if key in _ASCENDABLE | _COMMON | _IMAGE | _VIDEO:
+            raise ConfigError(f"{path}: '{key}' must be inside a [[datasets]] (or [general]) table")
+        if key not in ("general", "datasets"):
+            close = difflib.get_close_matches(key, ["general", "datasets"], n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(f"{path}: unknown top-level table or key '{key}'{hint}")
+    general = document.get("general", {})
+    if not isinstance(general, dict):
+        raise ConfigError(f"{path}: [general] must be a table")
+    general_table = _Table(general, f"{path}: [general]", base)
+    for key in general:
+        if key in _COMMON | _IMAGE | _VIDEO:
+            raise general_table.error(key, "belongs in a [[datasets]] table, not in [general]")
+    general_table.check_keys(_ASCENDABLE)
+    tables = document.get("datasets", [])
+    if not isinstance(tables, list) or not tables:
+        raise ConfigError(
+            f"{path}: no [[datasets]] table; add at least one with image_directory or video_directory"
+        )
+
+    datasets: list[ImageDatasetConfig | VideoDatasetConfig] = []
+    for number, raw in enumerate(tables, start=1):
+        table = _Table(_merge(general, raw), f"{path}: [[datasets]] #{number}", base)
+        is_video = "video_directory" in raw or "video_jsonl_file" in raw
+        datasets.append(_video_dataset(table) if is_video else _image_dataset(table))
+
+    seen: dict[Path, int] = {}
+    for number, dataset in enumerate(datasets, start=1):
+        cache = dataset.cache_directory.resolve()
+        if cache in seen:
+            raise ConfigError(
+                f"{path}: [[datasets]] #{seen[cache]} and #{number} share cache_directory "
+                f"{dataset.cache_directory}; give each dataset its own"
+            )
+        seen[cache] = number
+    return DatasetConfig(source=path, datasets=tuple(datasets))

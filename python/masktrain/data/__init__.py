@@ -1,0 +1,1 @@
+"""Dataset discovery, buckets, cache format and the cached loader."""
