@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from masktrain._native import MaskTrainError
+from masktrain.captions import normalize_caption_extension
 from masktrain.data.buckets import DEFAULT_STEP
 
 log = logging.getLogger(__name__)
@@ -226,7 +227,7 @@ def _caption_extension(table: _Table) -> str:
     value = table.get("caption_extension", ".txt")
     if not isinstance(value, str) or not value:
         raise table.error("caption_extension", f"must be a non-empty string such as '.txt', not {value!r}")
-    return value if value.startswith(".") else "." + value
+    return normalize_caption_extension(value)
 
 
 def _source(table: _Table, directory_key: str, jsonl_key: str) -> tuple[Path | None, Path | None]:

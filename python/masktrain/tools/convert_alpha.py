@@ -18,6 +18,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from masktrain import _native
+from masktrain.captions import normalize_caption_extension
 
 log = logging.getLogger(__name__)
 
@@ -87,10 +88,7 @@ def _plan(config: ConvertAlphaConfig, summary: ConvertAlphaSummary) -> list[_Job
         by_stem[image.stem].append(image)
 
     caption_dir = config.caption_directory or config.image_directory
-    # "txt" means ".txt": the guide always writes the dot, users sometimes do not.
-    caption_extension = config.caption_extension
-    if caption_extension and not caption_extension.startswith("."):
-        caption_extension = "." + caption_extension
+    caption_extension = normalize_caption_extension(config.caption_extension)
     jobs = []
     for image in images:
         stem = image.stem
