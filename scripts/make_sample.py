@@ -1,9 +1,11 @@
 """Write a small sample dataset for trying masktrain: photo-like images with tiered masks
-(face 255, body 128, hair 80, background 0) and captions.
+(face 255, body 128, hair 80, background 0), captions, and a dataset TOML that reads the RGBA
+images `convert-alpha` makes (alpha masks, the mask files as fallback).
 
     python scripts/make_sample.py sample
     masktrain convert-alpha --image_directory sample/images --mask_directory sample/masks \\
         --output_directory sample/rgba
+    masktrain cache --dataset_config sample/dataset.toml --arch wan --vae tiny --t5 tiny
 """
 
 import argparse
@@ -11,6 +13,19 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+DATASET_TOML = """\
+[general]
+resolution = [512, 512]
+enable_bucket = true
+caption_extension = ".txt"
+
+[[datasets]]
+image_directory = "rgba"
+mask_directory = "masks"
+cache_directory = "cache"
+alpha_mask = true
+"""
 
 
 def tiered_mask(h: int, w: int, rng: np.random.Generator) -> np.ndarray:
@@ -47,7 +62,8 @@ def main() -> None:
         Image.fromarray(photo(h, w, rng)).save(images / f"{name}.{'jpg' if i % 2 else 'png'}")
         Image.fromarray(tiered_mask(h, w, rng)).save(masks / f"{name}.png")
         (images / f"{name}.txt").write_text(f"a photo of sks person, sample {i}\n", encoding="utf-8")
-    print(f"wrote {args.count} images, masks and captions under {args.root}")
+    (args.root / "dataset.toml").write_text(DATASET_TOML, encoding="utf-8")
+    print(f"wrote {args.count} images, masks, captions and dataset.toml under {args.root}")
 
 
 if __name__ == "__main__":

@@ -113,5 +113,85 @@ def convert_alpha(
     raise SystemExit(1 if summary.failed else 0)
 
 
+@main.command("cache")
+@click.option(
+    "--dataset_config",
+    "--dataset-config",
+    "dataset_config",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    required=True,
+    help="The dataset TOML.",
+)
+@click.option("--arch", type=click.Choice(["wan", "qwen_image"]), required=True, help="Model family.")
+@click.option("--vae", required=True, help="VAE: 'tiny', or a local diffusers folder.")
+@click.option("--t5", default=None, help="WAN text encoder (UMT5): 'tiny', or a local diffusers folder.")
+@click.option(
+    "--text_encoder",
+    "--text-encoder",
+    "text_encoder",
+    default=None,
+    help="Qwen-Image text encoder (Qwen2.5-VL): 'tiny', or a local diffusers folder.",
+)
+@click.option("--device", default=None, help="Encoding device [default: cuda when available, else cpu].")
+@click.option(
+    "--batch_size", "--batch-size", "batch_size", type=click.IntRange(min=1), default=4, show_default=True
+)
+@click.option(
+    "--num_workers",
+    "--num-workers",
+    "num_workers",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Threads for image preparation [default: one per core].",
+)
+@click.option(
+    "--skip_existing/--no-skip_existing",
+    "--skip-existing/--no-skip-existing",
+    "skip_existing",
+    default=True,
+    show_default=True,
+    help="Skip items whose cache file is up to date.",
+)
+def cache(
+    dataset_config: Path,
+    arch: str,
+    vae: str,
+    t5: str | None,
+    text_encoder: str | None,
+    device: str | None,
+    batch_size: int,
+    num_workers: int | None,
+    skip_existing: bool,
+) -> None:
+    """Cache latents, mask weights and text embeddings for a dataset TOML."""
+    wanted, other = ("--t5", "--text_encoder") if arch == "wan" else ("--text_encoder", "--t5")
+    given = t5 if arch == "wan" else text_encoder
+    if (text_encoder if arch == "wan" else t5) is not None:
+        raise click.UsageError(f"{other} is not used with --arch {arch}; pass {wanted}")
+    if given is None:
+        raise click.UsageError(f"--arch {arch} needs {wanted} ('tiny' or a local folder)")
+    if num_workers is not None:
+        import os
+
+        os.environ["MASKTRAIN_NUM_THREADS"] = str(num_workers)
+
+    from masktrain.cache import CacheConfig, run
+
+    config = CacheConfig(
+        dataset_config=dataset_config,
+        arch=arch,
+        vae=vae,
+        text_encoder=given,
+        device=device,
+        batch_size=batch_size,
+        skip_existing=skip_existing,
+    )
+    try:
+        summaries = run(config)
+    except ValueError as error:  # config and model-loading errors name the file, key or flag
+        raise click.UsageError(str(error)) from error
+    raise SystemExit(1 if any(s.failed for s in summaries) else 0)
+
+
 if __name__ == "__main__":
     main()

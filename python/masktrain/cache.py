@@ -1,0 +1,315 @@
+"""``masktrain cache``: latents, mask weights and text embeddings for every item of a dataset
+TOML, one self-describing safetensors file each (see ``data/cache_format.py``).
+
+Per image: the native core decodes it, picks its mask (alpha -> mask file -> full weight, or an
+error under ``require_mask``), resizes both onto the bucket and pools the mask onto the latent
+grid; the VAE encodes the pixels; the file holds ``latents_1xHxW_<dtype>`` and, when masking is
+on, ``mask_weights_1xHxW_float32`` (raw weights in [0, 1]; gamma and floor are applied at
+training time). Native preparation of the next chunk runs on a worker thread (the core releases
+the GIL) while the current chunk is encoded.
+
+An item whose file has the fingerprint this run would write is skipped; any change to the image,
+its mask file, the mask or bucket settings or the VAE rebuilds exactly that item.
+Not yet: video datasets, ``bucket_no_upscale``, sharding under torchrun.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from masktrain import _native
+from masktrain.config.dataset import ConfigError, ImageDatasetConfig, load_dataset_config
+from masktrain.data import cache_format as fmt
+from masktrain.data.discovery import ImageItem, bucket_list, discover_images
+from masktrain.models import get_family
+from masktrain.models.base import ModelFamily, TextEncoder
+
+log = logging.getLogger(__name__)
+
+#: Version of the preprocessing rules (resize, luma, latent pooling): part of every fingerprint.
+RESIZE_RULES = "masktrain-core-1"
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    dataset_config: Path
+    """The dataset TOML."""
+    arch: str
+    """Model family: wan or qwen_image."""
+    vae: str
+    """VAE weights: 'tiny', a diffusers folder or a .safetensors file."""
+    text_encoder: str
+    """Text encoder weights (--t5 for wan, --text_encoder for qwen_image)."""
+    device: str | None = None
+    """Encoding device; default cuda when available."""
+    batch_size: int = 4
+    """Images per VAE call."""
+    skip_existing: bool = True
+    """Skip items whose cache file is up to date (--no-skip_existing rebuilds everything)."""
+
+
+@dataclass
+class DatasetSummary:
+    name: str
+    items: int = 0
+    sources: Counter[str] = field(default_factory=Counter)
+    skipped: int = 0
+    rebuilt: int = 0
+    written: int = 0
+    failed: list[tuple[Path, str]] = field(default_factory=list)
+    weight_sum: float = 0.0
+    weight_count: int = 0
+
+    def line(self) -> str:
+        mean = self.weight_sum / self.weight_count if self.weight_count else float("nan")
+        return (
+            f"{self.name}: {self.items} items, mask sources alpha={self.sources['alpha']} "
+            f"file={self.sources['file']} none={self.sources['none']}, {self.written} written "
+            f"({self.rebuilt} rebuilt), {self.skipped} skipped, {len(self.failed)} failed, "
+            f"mean raw mask weight {mean:.4f}"
+        )
+
+
+def _stat_part(path: Path | None) -> list[object] | None:
+    if path is None:
+        return None
+    stat = path.stat()
+    return [str(path), stat.st_size, stat.st_mtime_ns]
+
+
+def _existing_files(directory: Path, arch: str) -> dict[str, list[Path]]:
+    """Cache files already in `directory`, by item stem (the original size is part of the name)."""
+    pattern = re.compile(rf"^(.*)_\d{{4,}}x\d{{4,}}_{re.escape(arch)}\.safetensors$")
+    found: dict[str, list[Path]] = {}
+    if directory.is_dir():
+        for path in directory.iterdir():
+            match = pattern.match(path.name)
+            if match:
+                found.setdefault(match.group(1), []).append(path)
+    return found
+
+
+def _chunks(items: list[ImageItem], size: int) -> Iterator[list[ImageItem]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+class _ImageCacher:
+    """Caches one image dataset."""
+
+    def __init__(
+        self, config: CacheConfig, family: ModelFamily, vae: torch.nn.Module, dataset: ImageDatasetConfig
+    ):
+        self.config, self.family, self.vae, self.dataset = config, family, vae, dataset
+        self.buckets = bucket_list(dataset.buckets)
+        self.factor = family.spatial_factor(vae)
+        self.masks = _native.MaskIndex(dataset.mask_directory) if dataset.mask_directory else None
+        self.masking = dataset.alpha_mask or self.masks is not None
+        self.existing = _existing_files(dataset.cache_directory, family.name)
+
+    def fingerprint(self, item: ImageItem) -> str:
+        mask = self.masks.get(item.stem) if self.masks is not None else None
+        return fmt.fingerprint({
+            "source": _stat_part(item.path), "mask": _stat_part(mask), "alpha_mask": self.dataset.alpha_mask,
+            "require_mask": self.dataset.require_mask, "masking": self.masking, "buckets": self.buckets,
+            "rules": RESIZE_RULES, "vae": self.config.vae, "dtype": str(self.vae.dtype),
+            "format": fmt.FORMAT_VERSION,
+        })  # fmt: skip
+
+    def status(self, item: ImageItem, fingerprint: str) -> str:
+        statuses = []
+        for path in self.existing.get(item.stem, []):
+            try:
+                statuses.append(fmt.cache_status(path, arch=self.family.name, fingerprint=fingerprint))
+            except fmt.CacheArchMismatch:
+                raise
+            except fmt.CacheFileError as error:  # our own file, damaged: rebuild it
+                log.warning("%s; rebuilding it", error)
+                statuses.append("stale")
+        if "fresh" in statuses and self.config.skip_existing:
+            return "fresh"
+        return "stale" if statuses else "missing"
+
+    def prepare(self, chunk: list[ImageItem]) -> list[object]:
+        return _native.prepare_batch(
+            [item.path for item in chunk],
+            self.buckets,
+            mask_index=self.masks,
+            alpha_mask=self.dataset.alpha_mask,
+            require_mask=self.dataset.require_mask,
+            latent_factor=self.factor,
+        )
+
+    def write(
+        self, item: ImageItem, prepared: _native.PreparedItem, latents: torch.Tensor, fingerprint: str
+    ) -> None:
+        _, frames, height, width = latents.shape
+        dtype = str(latents.dtype).removeprefix("torch.")
+        tensors = {f"latents_{frames}x{height}x{width}_{dtype}": latents}
+        if prepared.latent_mask is not None:
+            mask = torch.from_numpy(prepared.latent_mask)
+            if tuple(mask.shape) != (height, width):
+                raise ValueError(
+                    f"{item.path}: latent grid {width}x{height} but mask grid "
+                    f"{mask.shape[1]}x{mask.shape[0]}; "
+                    f"bucket {prepared.bucket} is not a multiple of the VAE's {self.factor}x compression"
+                )
+            tensors[f"mask_weights_{frames}x{height}x{width}_float32"] = mask.expand(1, frames, height, width)
+        original = prepared.original_size
+        target = self.dataset.cache_directory / fmt.item_cache_name(item.stem, original, self.family.name)
+        metadata = fmt.CacheMetadata(
+            arch=self.family.name, source=str(item.path), mask_source=prepared.mask_source,
+            bucket=prepared.bucket, fingerprint=fingerprint,
+            extra={"vae": self.config.vae, "original_size": f"{original[0]}x{original[1]}",
+                   "mask_path": str(prepared.mask_path or "")},
+        )  # fmt: skip
+        fmt.write_cache_file(target, tensors, metadata)
+        for old in self.existing.get(item.stem, []):
+            if old != target:  # the source changed size: its old file would be picked up too
+                old.unlink(missing_ok=True)
+
+    def encode(self, batch: list[tuple[ImageItem, _native.PreparedItem, str]]) -> torch.Tensor:
+        pixels = np.stack([prepared.image for _, prepared, _ in batch])  # (B, H, W, 3) uint8
+        tensor = torch.from_numpy(pixels).permute(0, 3, 1, 2).float().div(127.5).sub(1.0).unsqueeze(2)
+        return self.family.encode_pixels(self.vae, tensor).cpu()
+
+
+def _cache_images(cacher: _ImageCacher, summary: DatasetSummary, progress: tqdm) -> list[ImageItem]:
+    """Latents for every stale item; returns the items that have a valid latent file."""
+    discovery = discover_images(cacher.dataset)
+    summary.items = len(discovery.items) + len(discovery.failed)
+    summary.failed.extend(discovery.failed)
+    todo: list[tuple[ImageItem, str]] = []
+    for item in discovery.items:
+        try:
+            fingerprint = cacher.fingerprint(item)
+        except (OSError, ValueError) as error:
+            summary.failed.append((item.path, str(error)))
+            continue
+        status = cacher.status(item, fingerprint)
+        if status == "fresh":
+            summary.skipped += 1
+        else:
+            summary.rebuilt += status == "stale"
+            todo.append((item, fingerprint))
+    progress.total = (progress.total or 0) + len(todo)
+    progress.refresh()
+
+    chunk_size = max(cacher.config.batch_size, 2 * _native.thread_count())
+    chunks = list(_chunks([item for item, _ in todo], chunk_size))
+    fingerprints = dict((item.path, fp) for item, fp in todo)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="prepare") as pool:
+        pending = pool.submit(cacher.prepare, chunks[0]) if chunks else None
+        for index, chunk in enumerate(chunks):
+            results = pending.result() if pending else []
+            # Prepare the next chunk while this one is encoded.
+            pending = pool.submit(cacher.prepare, chunks[index + 1]) if index + 1 < len(chunks) else None
+            by_bucket: dict[tuple[int, int], list[tuple[ImageItem, _native.PreparedItem, str]]] = {}
+            for item, result in zip(chunk, results, strict=True):
+                if isinstance(result, _native.PreparedItem):
+                    by_bucket.setdefault(result.bucket, []).append((item, result, fingerprints[item.path]))
+                else:
+                    summary.failed.append((item.path, str(result)))
+                    progress.update(1)
+            for group in by_bucket.values():
+                for start in range(0, len(group), cacher.config.batch_size):
+                    batch = group[start : start + cacher.config.batch_size]
+                    latents = cacher.encode(batch)
+                    for (item, prepared, fingerprint), item_latents in zip(batch, latents, strict=True):
+                        try:
+                            cacher.write(item, prepared, item_latents, fingerprint)
+                        except (OSError, ValueError) as error:
+                            summary.failed.append((item.path, str(error)))
+                            continue
+                        summary.written += 1
+                        summary.sources[prepared.mask_source] += 1
+                        if prepared.latent_mask is not None:
+                            summary.weight_sum += float(prepared.latent_mask.mean())
+                            summary.weight_count += 1
+                    progress.update(len(batch))
+    failed = {path for path, _ in summary.failed}
+    return [item for item in discovery.items if item.path not in failed]
+
+
+def _cache_text(
+    family: ModelFamily, encoder: TextEncoder, spec: str, dataset: ImageDatasetConfig, items: list[ImageItem],
+    batch_size: int,
+) -> None:  # fmt: skip
+    todo = []
+    for item in items:
+        fingerprint = fmt.fingerprint({
+            "caption": hashlib.sha256(item.caption.encode()).hexdigest(), "text_encoder": spec,
+            "dtype": str(next(encoder.model.parameters()).dtype), "format": fmt.FORMAT_VERSION,
+        })  # fmt: skip
+        path = dataset.cache_directory / fmt.text_cache_name(item.stem, family.name)
+        if fmt.cache_status(path, arch=family.name, fingerprint=fingerprint) != "fresh":
+            todo.append((item, path, fingerprint))
+    for start in range(0, len(todo), batch_size):
+        batch = todo[start : start + batch_size]
+        embeddings = family.encode_text(encoder, [item.caption for item, _, _ in batch])
+        for (item, path, fingerprint), embedding in zip(batch, embeddings, strict=True):
+            dtype = str(embedding.dtype).removeprefix("torch.")
+            metadata = fmt.CacheMetadata(
+                arch=family.name, source=str(item.path), mask_source="none", bucket=None,
+                fingerprint=fingerprint, extra={"text_encoder": spec},
+            )  # fmt: skip
+            fmt.write_cache_file(path, {f"text_embeds_{dtype}": embedding}, metadata)
+
+
+def run(config: CacheConfig) -> list[DatasetSummary]:
+    """Cache every dataset of the TOML; returns one summary per dataset (also logged)."""
+    datasets = load_dataset_config(config.dataset_config).datasets
+    for number, dataset in enumerate(datasets, start=1):
+        if not isinstance(dataset, ImageDatasetConfig):
+            raise ConfigError(
+                f"{config.dataset_config}: [[datasets]] #{number}: video datasets cannot be cached yet"
+            )
+        if dataset.buckets.bucket_no_upscale:
+            raise ConfigError(
+                f"{config.dataset_config}: [[datasets]] #{number}: bucket_no_upscale is not supported yet"
+            )
+    family = get_family(config.arch)
+    device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    vae = family.load_vae(config.vae, device, dtype)
+    encoder = family.load_text_encoder(config.text_encoder, device, dtype)
+    log.info("caching %d dataset(s) for %s on %s (%s)", len(datasets), family.name, device, dtype)
+
+    summaries = []
+    with tqdm(total=0, unit="img", desc="cache") as progress:
+        for number, dataset in enumerate(datasets, start=1):
+            assert isinstance(dataset, ImageDatasetConfig)
+            dataset.cache_directory.mkdir(parents=True, exist_ok=True)
+            fmt.remove_stale_temporaries(dataset.cache_directory)
+            summary = DatasetSummary(
+                name=f"dataset #{number} ({dataset.image_directory or dataset.image_jsonl_file})"
+            )
+            cacher = _ImageCacher(config, family, vae, dataset)
+            cached = _cache_images(cacher, summary, progress)
+            _cache_text(family, encoder, config.text_encoder, dataset, cached, config.batch_size)
+            summaries.append(summary)
+    for summary in summaries:
+        _report(summary)
+    return summaries
+
+
+def _report(summary: DatasetSummary) -> None:
+    if summary.sources["none"] and summary.weight_count:
+        log.warning(
+            "%d items had no mask (no alpha + no file). Filled with full-weight (255).",
+            summary.sources["none"],
+        )
+    for path, reason in summary.failed:
+        log.error("failed: %s: %s", path, reason.removeprefix(f"{path}: "))
+    log.info("%s", summary.line())

@@ -1,0 +1,268 @@
+"""Cache files: one self-describing, fingerprinted safetensors file per item, written atomically.
+
+Names follow musubi-tuner so users recognise them (``original_size`` is the source's own size):
+
+- images: ``{stem}_{W:04d}x{H:04d}_{arch}.safetensors``
+- video clips: ``{stem}_{start:05d}-{count:03d}_{W:04d}x{H:04d}_{arch}.safetensors``
+- text embeddings: ``{stem}_{arch}_te.safetensors``
+
+Tensors keep musubi's ``<name>_<FxHxW>_<dtype>`` keys (e.g. ``latents_1x8x8_bfloat16``,
+``mask_weights_1x8x8_float32``); this module stores whatever mapping it is given. The safetensors
+``__metadata__`` (all strings) says what made the file:
+
+- ``arch``: short architecture name (``wan``, ``qi``, ...); a cache directory holds one arch.
+- ``source``: the source image or video path.
+- ``mask_source``: ``alpha``, ``file`` or ``none`` (full weight, and text-embedding files).
+- ``bucket``: ``WxH`` of the bucket the item was resized to, ``none`` for text embeddings.
+- ``fingerprint``: :func:`fingerprint` of everything that shaped the tensors.
+- ``format_version``: :data:`FORMAT_VERSION`; bumping it makes every older file stale.
+- any other string keys (VAE name, mask counts, ...) are kept in :attr:`CacheMetadata.extra`.
+
+A ``cache`` run compares a file's fingerprint with the one it would write: equal means the item is
+skipped, different means it is rebuilt in place, so users never need a fresh ``cache_directory``.
+Files are written to a hidden temporary beside the target, flushed to disk and renamed over it,
+so a run killed at any moment leaves complete files or none, plus temporaries that
+:func:`remove_stale_temporaries` deletes on the next run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import safetensors
+import safetensors.torch
+import torch
+
+from masktrain._native import TEMP_SUFFIX, MaskTrainError
+
+FORMAT_VERSION = "1"
+
+KEY_ARCH = "arch"
+KEY_SOURCE = "source"
+KEY_MASK_SOURCE = "mask_source"
+KEY_BUCKET = "bucket"
+KEY_FINGERPRINT = "fingerprint"
+KEY_FORMAT_VERSION = "format_version"
+REQUIRED_KEYS = (KEY_ARCH, KEY_SOURCE, KEY_MASK_SOURCE, KEY_BUCKET, KEY_FINGERPRINT, KEY_FORMAT_VERSION)
+
+MaskSource = Literal["alpha", "file", "none"]
+MASK_SOURCES: tuple[MaskSource, ...] = ("alpha", "file", "none")
+CacheStatus = Literal["missing", "fresh", "stale"]
+
+_StrPath = str | os.PathLike[str]
+
+
+class CacheFileError(MaskTrainError):
+    """A cache file that exists but cannot be used: unreadable, or without masktrain's metadata."""
+
+
+class CacheArchMismatch(CacheFileError):
+    """A cache file made for another architecture than the run's."""
+
+
+def item_cache_name(
+    stem: str, original_size: tuple[int, int], arch: str, frames: tuple[int, int] | None = None
+) -> str:
+    """File name of an item's latent cache; ``frames`` is ``(start, count)`` for a video clip."""
+    width, height = original_size
+    clip = "" if frames is None else f"_{frames[0]:05d}-{frames[1]:03d}"
+    return f"{stem}{clip}_{width:04d}x{height:04d}_{arch}.safetensors"
+
+
+def text_cache_name(stem: str, arch: str) -> str:
+    return f"{stem}_{arch}_te.safetensors"
+
+
+def fingerprint(parts: Mapping[str, object]) -> str:
+    """Short sha256 of the canonical JSON of ``parts``: equal inputs give equal fingerprints.
+
+    Callers put in everything that shaped the tensors, so any change makes the file stale: the
+    source's size and ``st_mtime_ns``; the mask file's path, size and ``st_mtime_ns`` (or None);
+    the ``alpha_mask`` flag; the bucket; the resize rules' version; the VAE / text encoder identity
+    (path or ``tiny``, dtype); and :data:`FORMAT_VERSION`. Values must be JSON types or paths;
+    anything else is a TypeError rather than a ``repr`` that could change between runs.
+    """
+
+    def encode_path(value: object) -> str:
+        if isinstance(value, os.PathLike):
+            return os.fsdecode(value)
+        raise TypeError(f"fingerprint part of type {type(value).__name__} is not JSON: {value!r}")
+
+    canonical = json.dumps(parts, sort_keys=True, separators=(",", ":"), default=encode_path)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:32]
+
+
+@dataclass(frozen=True)
+class CacheMetadata:
+    arch: str
+    """Short architecture name the tensors were made for."""
+    source: str
+    """Path of the source image or video."""
+    mask_source: MaskSource
+    """Where the mask weights came from."""
+    bucket: tuple[int, int] | None
+    """(width, height) the item was resized to; None for text embeddings."""
+    fingerprint: str
+    """:func:`fingerprint` of the inputs that shaped the tensors."""
+    format_version: str = FORMAT_VERSION
+    """Cache format version the file was written with."""
+    extra: Mapping[str, str] = field(default_factory=dict, hash=False)
+    """Any other string metadata, kept as is."""
+
+    def __post_init__(self) -> None:
+        if self.mask_source not in MASK_SOURCES:
+            raise ValueError(f"mask_source must be one of {MASK_SOURCES}, not {self.mask_source!r}")
+        clash = sorted(set(self.extra) & set(REQUIRED_KEYS))
+        if clash:
+            raise ValueError(f"extra metadata may not redefine {clash}")
+
+    def to_dict(self) -> dict[str, str]:
+        bucket = "none" if self.bucket is None else f"{self.bucket[0]}x{self.bucket[1]}"
+        fields = {
+            KEY_ARCH: self.arch,
+            KEY_SOURCE: self.source,
+            KEY_MASK_SOURCE: self.mask_source,
+            KEY_BUCKET: bucket,
+            KEY_FINGERPRINT: self.fingerprint,
+            KEY_FORMAT_VERSION: self.format_version,
+        }
+        return {**self.extra, **fields}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, str], path: _StrPath) -> CacheMetadata:
+        """Parse a file's metadata; ``path`` names the file in errors."""
+        missing = [key for key in REQUIRED_KEYS if key not in d]
+        if missing:
+            raise CacheFileError(
+                f"{path}: cache metadata lacks the key '{missing[0]}' (not written by this masktrain "
+                "version?); delete the file or use another cache_directory"
+            )
+        try:
+            bucket = _parse_bucket(d[KEY_BUCKET])
+            extra = {key: value for key, value in d.items() if key not in REQUIRED_KEYS}
+            return cls(
+                arch=d[KEY_ARCH],
+                source=d[KEY_SOURCE],
+                mask_source=d[KEY_MASK_SOURCE],  # type: ignore[arg-type]  # checked in __post_init__
+                bucket=bucket,
+                fingerprint=d[KEY_FINGERPRINT],
+                format_version=d[KEY_FORMAT_VERSION],
+                extra=extra,
+            )
+        except ValueError as error:
+            raise CacheFileError(f"{path}: invalid cache metadata: {error}") from error
+
+
+def _parse_bucket(text: str) -> tuple[int, int] | None:
+    if text == "none":
+        return None
+    width, sep, height = text.partition("x")
+    if not (sep and width.isdigit() and height.isdigit()):
+        raise ValueError(f"bucket {text!r} is not 'WxH'")
+    return int(width), int(height)
+
+
+def _temp_path(path: Path) -> Path:
+    # pid and thread id: writer threads and DDP ranks may share a directory.
+    return path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}{TEMP_SUFFIX}")
+
+
+def write_cache_file(path: _StrPath, tensors: Mapping[str, torch.Tensor], metadata: CacheMetadata) -> None:
+    """Write ``tensors`` and ``metadata`` to ``path`` atomically: readers see the old file or the new."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cpu = {name: tensor.detach().to("cpu").contiguous() for name, tensor in tensors.items()}
+    temp = _temp_path(path)
+    try:
+        safetensors.torch.save_file(cpu, temp, metadata=metadata.to_dict())
+        # Flush before the rename so a power cut cannot leave the new name on unwritten blocks.
+        with open(temp, "rb") as file:
+            os.fsync(file.fileno())
+        os.replace(temp, path)
+    finally:
+        temp.unlink(missing_ok=True)  # a no-op after the rename; removes the partial file otherwise
+
+
+def _open(path: Path) -> safetensors.safe_open:
+    try:
+        return safetensors.safe_open(path, "pt")
+    except safetensors.SafetensorError as error:
+        raise CacheFileError(
+            f"{path}: not a readable cache file ({error}); delete it so the next cache run rebuilds it"
+        ) from error
+    except (FileNotFoundError, PermissionError):
+        raise
+    except OSError as error:  # e.g. a directory in the file's place; its message lacks the name
+        raise CacheFileError(f"{path}: cannot be read as a cache file: {error}") from error
+
+
+def _metadata_of(handle: safetensors.safe_open, path: Path) -> CacheMetadata:
+    raw = handle.metadata()
+    if raw is None:
+        raise CacheFileError(
+            f"{path}: safetensors file without metadata, not a masktrain cache file; "
+            "delete it or use another cache_directory"
+        )
+    return CacheMetadata.from_dict(raw, path)
+
+
+def read_metadata(path: _StrPath) -> CacheMetadata | None:
+    """The file's metadata, or None when there is no file."""
+    path = Path(path)
+    try:
+        handle = _open(path)
+    except FileNotFoundError:
+        return None
+    with handle:
+        return _metadata_of(handle, path)
+
+
+def cache_status(path: _StrPath, *, arch: str, fingerprint: str) -> CacheStatus:
+    """Whether the file at ``path`` can be reused by a run for ``arch`` whose inputs hash to ``fingerprint``.
+
+    A file for another arch is an error rather than "stale": it means two runs share a directory,
+    and silently overwriting one with the other would break the first.
+    """
+    metadata = read_metadata(path)
+    if metadata is None:
+        return "missing"
+    if metadata.arch != arch:
+        raise CacheArchMismatch(
+            f"{path}: was made for arch '{metadata.arch}', not '{arch}'; use another cache_directory "
+            "for this architecture, or delete the file"
+        )
+    if metadata.fingerprint != fingerprint or metadata.format_version != FORMAT_VERSION:
+        return "stale"
+    return "fresh"
+
+
+def load_cache_file(path: _StrPath) -> tuple[dict[str, torch.Tensor], CacheMetadata]:
+    """All tensors of a cache file (on the CPU) and its metadata."""
+    path = Path(path)
+    with _open(path) as handle:
+        metadata = _metadata_of(handle, path)
+        try:
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+        except safetensors.SafetensorError as error:
+            raise CacheFileError(f"{path}: cannot read tensors ({error}); delete it") from error
+    return tensors, metadata
+
+
+def remove_stale_temporaries(directory: _StrPath) -> int:
+    """Delete temporaries a killed run left in ``directory``; returns how many.
+
+    Run it before any writer starts (under DDP: on one rank, before the barrier), since it cannot
+    tell a dead run's temporary from a live writer's.
+    """
+    removed = 0
+    for stale in Path(directory).glob(f".*{TEMP_SUFFIX}"):
+        stale.unlink(missing_ok=True)
+        removed += 1
+    return removed

@@ -1,0 +1,203 @@
+"""`masktrain cache` end to end on the tiny models: the stored mask weights against an
+independent computation of the reference rules (PIL / OpenCV / torch), latents against the VAE
+run on reference-resized pixels, the fallback chain and its counts, staleness, and the CLI."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import reference
+from masktrain.cache import CacheConfig, run
+from masktrain.data import cache_format as fmt
+from masktrain.data.buckets import musubi_buckets
+from masktrain.models import get_family
+
+RESOLUTION = (128, 128)
+
+
+def tiered(h: int, w: int, seed: int) -> np.ndarray:
+    y, x = np.mgrid[0:h, 0:w]
+    rng = np.random.default_rng(seed)
+    cx, cy = w * rng.uniform(0.4, 0.6), h * rng.uniform(0.35, 0.5)
+    mask = np.zeros((h, w), np.uint8)
+    mask[(abs(x - cx) < w * 0.25) & (y > cy)] = 128
+    mask[((x - cx) / (w * 0.2)) ** 2 + ((y - cy) / (h * 0.2)) ** 2 < 1] = 80
+    mask[((x - cx) / (w * 0.1)) ** 2 + ((y - cy) / (h * 0.1)) ** 2 < 1] = 255
+    return mask
+
+
+def photo(h: int, w: int, seed: int) -> np.ndarray:
+    y, x = np.mgrid[0:h, 0:w]
+    noise = np.random.default_rng(seed).integers(-15, 16, (h, w, 3))
+    return (
+        (np.stack([x * 255 // w, y * 255 // h, (x + y) * 127 // (w + h)], -1) + noise)
+        .clip(0, 255)
+        .astype(np.uint8)
+    )
+
+
+@pytest.fixture
+def dataset(tmp_path: Path) -> Path:
+    """alpha.png (RGBA), file.png + mask, wide.jpg + mask (another bucket), bare.png (no mask)."""
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    images.mkdir()
+    masks.mkdir()
+    Image.fromarray(np.dstack([photo(160, 160, 1), tiered(160, 160, 1)]), "RGBA").save(images / "alpha.png")
+    Image.fromarray(photo(200, 150, 2)).save(images / "file.png")
+    Image.fromarray(tiered(200, 150, 2)).save(masks / "file.png")
+    Image.fromarray(photo(120, 240, 3)).save(images / "wide.jpg", quality=95)
+    Image.fromarray(tiered(60, 120, 3)).save(masks / "wide.png")  # same aspect, half size
+    Image.fromarray(photo(128, 128, 4)).save(images / "bare.png")
+    for stem in ("alpha", "file", "wide", "bare"):
+        (images / f"{stem}.txt").write_text(f"a photo of {stem}", encoding="utf-8")
+    write_toml(tmp_path, alpha_mask=True)
+    return tmp_path
+
+
+def write_toml(
+    root: Path, alpha_mask: bool, resolution: tuple[int, int] = RESOLUTION, extra: str = ""
+) -> Path:
+    path = root / "dataset.toml"
+    path.write_text(
+        f"""
+[general]
+resolution = [{resolution[0]}, {resolution[1]}]
+enable_bucket = true
+
+[[datasets]]
+image_directory = "images"
+mask_directory = "masks"
+cache_directory = "cache"
+alpha_mask = {str(alpha_mask).lower()}
+{extra}
+""",
+        encoding="utf-8",
+    )
+    return path
+
+
+def cache(root: Path, arch: str = "wan", **overrides):
+    config = CacheConfig(
+        dataset_config=root / "dataset.toml", arch=arch, vae="tiny", text_encoder="tiny", device="cpu"
+    )
+    return run(CacheConfig(**{**config.__dict__, **overrides}))
+
+
+def item_file(root: Path, stem: str, arch: str = "wan") -> Path:
+    (path,) = (root / "cache").glob(f"{stem}_*x*_{arch}.safetensors")
+    return path
+
+
+def test_wan_cache_matches_the_reference_rules(dataset: Path) -> None:
+    (summary,) = cache(dataset)
+    assert (summary.items, summary.written, summary.skipped, len(summary.failed)) == (4, 4, 0, 0)
+    assert dict(summary.sources) == {"alpha": 1, "file": 2, "none": 1}
+
+    family = get_family("wan")
+    vae = family.load_vae("tiny", torch.device("cpu"), torch.float32)
+    buckets = musubi_buckets(RESOLUTION)
+    with Image.open(dataset / "images/alpha.png") as alpha:
+        masks = {"alpha": np.array(alpha.getchannel("A"))}
+    for stem in ("file", "wide"):
+        with Image.open(dataset / f"masks/{stem}.png") as mask:
+            masks[stem] = np.array(mask.convert("L"))
+    for stem, source in [("alpha", "alpha"), ("file", "file"), ("wide", "file"), ("bare", "none")]:
+        tensors, meta = fmt.load_cache_file(item_file(dataset, stem))
+        (image_path,) = [p for p in (dataset / "images").glob(f"{stem}.*") if p.suffix != ".txt"]
+        with Image.open(image_path) as opened:
+            pil = opened.copy()
+        bucket = reference.nearest_aspect_bucket(pil.size, buckets)
+        assert (meta.arch, meta.mask_source, meta.bucket, meta.source) == (
+            "wan",
+            source,
+            bucket,
+            str(image_path),
+        )
+        h, w = bucket[1] // 8, bucket[0] // 8
+        weights = tensors[f"mask_weights_1x{h}x{w}_float32"]
+        assert weights.shape == (1, 1, h, w) and weights.dtype == torch.float32
+        if stem in masks:
+            expected = reference.latent_mask(reference.resize_mask_to_bucket(masks[stem], bucket))
+            torch.testing.assert_close(weights[0, 0], torch.from_numpy(expected), rtol=0, atol=1e-6)
+        else:
+            assert (weights == 1).all()
+        latents = tensors[f"latents_1x{h}x{w}_float32"]
+        if image_path.suffix == ".png":  # exact pixels: the same VAE on reference pixels
+            rgb = np.array(pil)[..., :3] if pil.mode == "RGBA" else np.array(pil.convert("RGB"))
+            pixels = torch.from_numpy(reference.resize_image_to_bucket(rgb, bucket)).permute(2, 0, 1)
+            expected = family.encode_pixels(vae, (pixels.float() / 127.5 - 1)[None, :, None])[0]
+            torch.testing.assert_close(latents, expected, rtol=1e-5, atol=1e-5)
+        text, text_meta = fmt.load_cache_file(dataset / "cache" / f"{stem}_wan_te.safetensors")
+        assert text_meta.arch == "wan" and text["text_embeds_float32"].shape[1] == 32
+
+
+def test_qwen_image_cache_uses_its_vae_grid(dataset: Path) -> None:
+    (summary,) = cache(dataset, arch="qwen_image")
+    assert summary.written == 4 and not summary.failed
+    tensors, meta = fmt.load_cache_file(item_file(dataset, "file", "qwen_image"))
+    w, h = meta.bucket
+    # The tiny Qwen-Image VAE compresses 4x (8x for the real one); the mask follows the VAE.
+    assert tensors[f"latents_1x{h // 4}x{w // 4}_float32"].shape == (4, 1, h // 4, w // 4)
+    assert tensors[f"mask_weights_1x{h // 4}x{w // 4}_float32"].shape == (1, 1, h // 4, w // 4)
+    text, _ = fmt.load_cache_file(dataset / "cache" / "file_qwen_image_te.safetensors")
+    assert text["text_embeds_float32"].shape[1] == 16
+
+
+def test_reruns_skip_fresh_items_and_rebuild_exactly_what_changed(dataset: Path) -> None:
+    cache(dataset)
+    before = {p.name: p.stat().st_mtime_ns for p in (dataset / "cache").iterdir()}
+    (summary,) = cache(dataset)
+    assert (summary.written, summary.skipped) == (0, 4)
+    assert {p.name: p.stat().st_mtime_ns for p in (dataset / "cache").iterdir()} == before
+
+    os.utime(dataset / "masks/file.png", ns=(1, 1))  # touching a mask rebuilds its item only
+    (summary,) = cache(dataset)
+    assert (summary.written, summary.rebuilt, summary.skipped) == (1, 1, 3)
+
+    write_toml(dataset, alpha_mask=False)  # alpha.png now falls back to full weight
+    (summary,) = cache(dataset)
+    assert (summary.written, summary.rebuilt) == (4, 4)
+    assert fmt.read_metadata(item_file(dataset, "alpha")).mask_source == "none"
+
+    write_toml(dataset, alpha_mask=False, resolution=(96, 96))
+    (summary,) = cache(dataset)
+    assert summary.rebuilt == 4
+    assert len(list((dataset / "cache").glob("*_wan.safetensors"))) == 4  # no stale leftovers
+
+
+def test_require_mask_fails_the_item_without_one(dataset: Path) -> None:
+    write_toml(dataset, alpha_mask=True, extra="require_mask = true")
+    (summary,) = cache(dataset)
+    assert summary.written == 3
+    ((path, reason),) = summary.failed
+    assert path.name == "bare.png" and "require_mask=true but no mask found" in reason
+
+
+def test_a_cache_file_of_another_arch_is_refused_by_name(dataset: Path) -> None:
+    cache(dataset)
+    path = item_file(dataset, "file")
+    tensors, meta = fmt.load_cache_file(path)
+    fmt.write_cache_file(path, tensors, fmt.CacheMetadata(**{**meta.__dict__, "arch": "qwen_image"}))
+    with pytest.raises(fmt.CacheArchMismatch, match=r"file_.*_wan\.safetensors.*qwen_image"):
+        cache(dataset)
+
+
+def test_cli_runs_the_guides_command_and_checks_flags(dataset: Path) -> None:
+    base = [sys.executable, "-m", "masktrain.cli", "cache", "--dataset_config", str(dataset / "dataset.toml")]
+    ok = subprocess.run([*base, "--arch", "wan", "--vae", "tiny", "--t5", "tiny", "--device", "cpu"],
+                        capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert ok.returncode == 0, ok.stderr
+    assert "4 items, mask sources alpha=1 file=2 none=1" in ok.stderr
+    assert "1 items had no mask (no alpha + no file). Filled with full-weight (255)." in ok.stderr
+    wrong = subprocess.run([*base, "--arch", "wan", "--vae", "tiny", "--text_encoder", "tiny"],
+                           capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert wrong.returncode == 2 and "--text_encoder is not used with --arch wan" in wrong.stderr
+    missing = subprocess.run([*base, "--arch", "wan", "--vae", str(dataset / "nope"), "--t5", "tiny"],
+                             capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert missing.returncode == 2 and "--vae" in missing.stderr and "nope" in missing.stderr
