@@ -75,6 +75,39 @@ def diffusers_folder(spec: str, flag: str, subfolder: str) -> tuple[Path, str | 
     )
 
 
+def seeded(build: Any) -> Any:
+    """Build a tiny model with a fixed seed (0) without touching the caller's RNG state."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return build()
+
+
+def pretrained_vae(model_class: Any, spec: str) -> torch.nn.Module:
+    path, subfolder = diffusers_folder(spec, "--vae", "vae")
+    return model_class.from_pretrained(path, subfolder=subfolder, local_files_only=True)
+
+
+def pretrained_text_encoder(model_class: Any, spec: str, flag: str) -> tuple[torch.nn.Module, Any]:
+    """A transformers encoder and its tokenizer from a component folder (both inside) or a
+    pipeline folder (``text_encoder/`` and ``tokenizer/``)."""
+    from transformers import AutoTokenizer
+
+    path, subfolder = diffusers_folder(spec, flag, "text_encoder")
+    model = model_class.from_pretrained(path, subfolder=subfolder or "", local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(
+        path / "tokenizer" if subfolder else path, local_files_only=True
+    )
+    return model, tokenizer
+
+
+@torch.no_grad()
+def encode_posterior_mean(vae: Any, pixels: torch.Tensor) -> torch.Tensor:
+    """The VAE's posterior mean (as musubi-tuner caches it, so caches are reproducible),
+    normalised with the VAE's ``latents_mean`` / ``latents_std``."""
+    latents = vae.encode(pixels.to(device=vae.device, dtype=vae.dtype)).latent_dist.mode()
+    return normalise_latents(latents, vae.config.latents_mean, vae.config.latents_std)
+
+
 def normalise_latents(latents: torch.Tensor, mean: list[float], std: list[float]) -> torch.Tensor:
     """``(z - mean) / std`` per channel, as diffusers' pipelines and training scripts do."""
     shape = (1, len(mean), 1, 1, 1)

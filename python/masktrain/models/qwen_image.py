@@ -8,9 +8,16 @@ from __future__ import annotations
 
 import torch
 
-from masktrain.models.base import TINY, TextEncoder, diffusers_folder, normalise_latents, to_device
+from masktrain.models.base import (
+    TINY,
+    TextEncoder,
+    encode_posterior_mean,
+    pretrained_text_encoder,
+    pretrained_vae,
+    seeded,
+    to_device,
+)
 from masktrain.models.tokenizer import tiny_tokenizer
-from masktrain.models.wan import _seeded
 
 PROMPT_TEMPLATE = (
     "<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, quantity, text, "
@@ -41,31 +48,22 @@ class QwenImageFamily:
         from diffusers import AutoencoderKLQwenImage
 
         if spec == TINY:
-            vae = _seeded(lambda: AutoencoderKLQwenImage(**TINY_VAE))
+            vae = seeded(lambda: AutoencoderKLQwenImage(**TINY_VAE))
         else:
-            path, subfolder = diffusers_folder(spec, "--vae", "vae")
-            vae = AutoencoderKLQwenImage.from_pretrained(path, subfolder=subfolder, local_files_only=True)
+            vae = pretrained_vae(AutoencoderKLQwenImage, spec)
         return to_device(vae, device, dtype)
 
     def load_text_encoder(self, spec: str, device: torch.device, dtype: torch.dtype) -> TextEncoder:
-        from transformers import (
-            AutoTokenizer,
-            Qwen2_5_VLForConditionalGeneration,
-            Qwen2_5_VLTextConfig,
-            Qwen2_5_VLTextModel,
-        )
+        from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLTextConfig, Qwen2_5_VLTextModel
 
         if spec == TINY:
             tokenizer = tiny_tokenizer()
             config = Qwen2_5_VLTextConfig(vocab_size=len(tokenizer), **TINY_TEXT)
-            model = _seeded(lambda: Qwen2_5_VLTextModel(config))
+            model = seeded(lambda: Qwen2_5_VLTextModel(config))
         else:
-            path, subfolder = diffusers_folder(spec, "--text_encoder", "text_encoder")
-            model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-                path, subfolder=subfolder or "", local_files_only=True
+            model, tokenizer = pretrained_text_encoder(
+                Qwen2_5_VLForConditionalGeneration, spec, self.text_flag
             )
-            tokenizer_dir = path / "tokenizer" if subfolder else path
-            tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
         model = to_device(model, device, dtype)
         return TextEncoder(tokenizer=tokenizer, model=model, max_length=MAX_LENGTH)
 
@@ -75,10 +73,8 @@ class QwenImageFamily:
     def temporal_factor(self, vae: torch.nn.Module) -> int:
         return 1
 
-    @torch.no_grad()
     def encode_pixels(self, vae: torch.nn.Module, pixels: torch.Tensor) -> torch.Tensor:
-        latents = vae.encode(pixels.to(device=vae.device, dtype=vae.dtype)).latent_dist.mode()
-        return normalise_latents(latents, vae.config.latents_mean, vae.config.latents_std)
+        return encode_posterior_mean(vae, pixels)
 
     @torch.no_grad()
     def encode_text(self, encoder: TextEncoder, captions: list[str]) -> list[torch.Tensor]:

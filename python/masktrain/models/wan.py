@@ -1,15 +1,22 @@
 """WAN 2.1 / 2.2: ``AutoencoderKLWan`` (8x spatial, 4x temporal; 16x and 48 channels for the
 WAN 2.2 TI2V-5B VAE) and the UMT5 text encoder.
 
-Latents are the posterior mean (``latent_dist.mode()``), as musubi-tuner caches them, so a cache
-is reproducible; then normalised with the VAE's ``latents_mean`` / ``latents_std``.
+Latents are the normalised posterior mean (``base.encode_posterior_mean``).
 """
 
 from __future__ import annotations
 
 import torch
 
-from masktrain.models.base import TINY, TextEncoder, diffusers_folder, normalise_latents, to_device
+from masktrain.models.base import (
+    TINY,
+    TextEncoder,
+    encode_posterior_mean,
+    pretrained_text_encoder,
+    pretrained_vae,
+    seeded,
+    to_device,
+)
 from masktrain.models.tokenizer import tiny_tokenizer
 
 #: The TI2V-5B VAE's tiny variant (16x spatial, 48 channels): ``--vae tiny-ti2v``.
@@ -33,14 +40,6 @@ TINY_T5 = {
 }  # fmt: skip
 #: WanPipeline's default prompt length.
 MAX_LENGTH = 512
-SEED = 0
-
-
-def _seeded(build):
-    """Build a tiny model with a fixed seed without touching the caller's RNG state."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(SEED)
-        return build()
 
 
 class WanFamily:
@@ -52,23 +51,19 @@ class WanFamily:
 
         if spec in (TINY, TINY_TI2V):
             config = TINY_VAE if spec == TINY else TINY_TI2V_VAE
-            vae = _seeded(lambda: AutoencoderKLWan(**config))
+            vae = seeded(lambda: AutoencoderKLWan(**config))
         else:
-            path, subfolder = diffusers_folder(spec, "--vae", "vae")
-            vae = AutoencoderKLWan.from_pretrained(path, subfolder=subfolder, local_files_only=True)
+            vae = pretrained_vae(AutoencoderKLWan, spec)
         return to_device(vae, device, dtype)
 
     def load_text_encoder(self, spec: str, device: torch.device, dtype: torch.dtype) -> TextEncoder:
-        from transformers import AutoTokenizer, UMT5Config, UMT5EncoderModel
+        from transformers import UMT5Config, UMT5EncoderModel
 
         if spec == TINY:
             tokenizer = tiny_tokenizer()
-            model = _seeded(lambda: UMT5EncoderModel(UMT5Config(vocab_size=len(tokenizer), **TINY_T5)))
+            model = seeded(lambda: UMT5EncoderModel(UMT5Config(vocab_size=len(tokenizer), **TINY_T5)))
         else:
-            path, subfolder = diffusers_folder(spec, "--t5", "text_encoder")
-            model = UMT5EncoderModel.from_pretrained(path, subfolder=subfolder or "", local_files_only=True)
-            tokenizer_dir = path / "tokenizer" if subfolder else path
-            tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
+            model, tokenizer = pretrained_text_encoder(UMT5EncoderModel, spec, self.text_flag)
         model = to_device(model, device, dtype)
         return TextEncoder(tokenizer=tokenizer, model=model, max_length=MAX_LENGTH)
 
@@ -78,10 +73,8 @@ class WanFamily:
     def temporal_factor(self, vae: torch.nn.Module) -> int:
         return int(vae.config.scale_factor_temporal)
 
-    @torch.no_grad()
     def encode_pixels(self, vae: torch.nn.Module, pixels: torch.Tensor) -> torch.Tensor:
-        latents = vae.encode(pixels.to(device=vae.device, dtype=vae.dtype)).latent_dist.mode()
-        return normalise_latents(latents, vae.config.latents_mean, vae.config.latents_std)
+        return encode_posterior_mean(vae, pixels)
 
     @torch.no_grad()
     def encode_text(self, encoder: TextEncoder, captions: list[str]) -> list[torch.Tensor]:
