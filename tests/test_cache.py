@@ -171,6 +171,16 @@ def test_reruns_skip_fresh_items_and_rebuild_exactly_what_changed(dataset: Path)
     assert len(list((dataset / "cache").glob("*_wan.safetensors"))) == 4  # no stale leftovers
 
 
+def test_without_alpha_the_guide_warns_about_missing_mask_files(
+    dataset: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    write_toml(dataset, alpha_mask=False)
+    (summary,) = cache(dataset)
+    assert dict(summary.sources) == {"file": 2, "none": 2}
+    assert "2 images have no matching mask file" in caplog.text
+    assert "2 items had no mask (no alpha + no file). Filled with full-weight (255)." in caplog.text
+
+
 def test_require_mask_fails_the_item_without_one(dataset: Path) -> None:
     write_toml(dataset, alpha_mask=True, extra="require_mask = true")
     (summary,) = cache(dataset)

@@ -238,6 +238,8 @@ def _cache_images(cacher: _ImageCacher, summary: DatasetSummary, progress: tqdm)
                             summary.weight_sum += float(prepared.latent_mask.mean())
                             summary.weight_count += 1
                     progress.update(len(batch))
+    if cacher.masks is not None and not cacher.dataset.alpha_mask and summary.sources["none"]:
+        log.warning("%d images have no matching mask file", summary.sources["none"])
     failed = {path for path, _ in summary.failed}
     return [item for item in discovery.items if item.path not in failed]
 
