@@ -22,7 +22,6 @@ import argparse
 import contextlib
 import functools
 import io
-import math
 import os
 import platform
 import statistics
@@ -40,6 +39,7 @@ from PIL import Image
 
 import masktrain
 from masktrain import _native
+from masktrain.data.buckets import musubi_buckets
 from masktrain.tools.convert_alpha import ConvertAlphaConfig
 from masktrain.tools.convert_alpha import run as convert_alpha_run
 
@@ -53,24 +53,6 @@ LATENT_FACTOR = 8
 WORKERS = os.cpu_count() or 1
 
 Bucket = tuple[int, int]
-
-
-def floor16(value: int) -> int:
-    return value // 16 * 16
-
-
-def make_buckets(resolution: Bucket) -> list[Bucket]:
-    """musubi-tuner's bucket list: equal-area (w, h) and (h, w) on a 16-pixel grid."""
-    area = resolution[0] * resolution[1]
-    side = int(math.sqrt(area))
-    buckets = set()
-    for w in range(floor16(side // 2), side + 16, 16):
-        h = floor16(area // w)
-        buckets.update({(w, h), (h, w)})
-    return sorted(buckets)
-
-
-# --- (b) the reference path ---------------------------------------------------------------------
 
 
 def reference_bucket(width: int, height: int, buckets: Sequence[Bucket]) -> Bucket:
@@ -252,7 +234,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     kinds = dataset.ensure(args.data, args.count)
     print(f"dataset: {args.data} ({args.count} per kind, ready in {time.perf_counter() - start:.1f}s)")
     resolution = tuple(args.resolution)
-    buckets = make_buckets(resolution)
+    buckets = musubi_buckets(resolution)
     print(f"buckets: {len(buckets)} for {resolution}, latent factor {LATENT_FACTOR}, repeats {args.repeats}")
 
     # The reference runs torch single-threaded: its parallelism is the thread pool, one item per
