@@ -10,7 +10,8 @@ the GIL) while the current chunk is encoded.
 
 An item whose file has the fingerprint this run would write is skipped; any change to the image,
 its mask file, the mask or bucket settings or the VAE rebuilds exactly that item.
-Not yet: video datasets, ``bucket_no_upscale``, sharding under torchrun.
+Under ``torchrun`` each process caches every ``WORLD_SIZE``-th item (disjoint files) and rank 0
+reports the merged summary. Not yet: video datasets, ``bucket_no_upscale``.
 """
 
 from __future__ import annotations
@@ -28,10 +29,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from masktrain import _native
+from masktrain import _native, distributed
 from masktrain.config.dataset import ConfigError, ImageDatasetConfig, load_dataset_config
 from masktrain.data import cache_format as fmt
 from masktrain.data.discovery import ImageItem, bucket_list, discover_images
+from masktrain.distributed import Shard
 from masktrain.models import get_family
 from masktrain.models.base import ModelFamily, TextEncoder
 
@@ -70,6 +72,21 @@ class DatasetSummary:
     failed: list[tuple[Path, str]] = field(default_factory=list)
     weight_sum: float = 0.0
     weight_count: int = 0
+
+    @classmethod
+    def merged(cls, parts: list[DatasetSummary]) -> DatasetSummary:
+        """One summary from the per-process summaries of a torchrun run."""
+        total = cls(name=parts[0].name)
+        for part in parts:
+            total.items += part.items
+            total.sources.update(part.sources)
+            total.skipped += part.skipped
+            total.rebuilt += part.rebuilt
+            total.written += part.written
+            total.failed.extend(part.failed)
+            total.weight_sum += part.weight_sum
+            total.weight_count += part.weight_count
+        return total
 
     def line(self) -> str:
         mean = self.weight_sum / self.weight_count if self.weight_count else float("nan")
@@ -185,13 +202,17 @@ class _ImageCacher:
         return self.family.encode_pixels(self.vae, tensor).cpu()
 
 
-def _cache_images(cacher: _ImageCacher, summary: DatasetSummary, progress: tqdm) -> list[ImageItem]:
-    """Latents for every stale item; returns the items that have a valid latent file."""
+def _cache_images(
+    cacher: _ImageCacher, summary: DatasetSummary, progress: tqdm, shard: Shard
+) -> list[ImageItem]:
+    """Latents for every stale item of this process's share; returns the share's items that
+    have a valid latent file."""
     discovery = discover_images(cacher.dataset)
-    summary.items = len(discovery.items) + len(discovery.failed)
-    summary.failed.extend(discovery.failed)
+    items, discovery_failed = shard.take(discovery.items), shard.take(discovery.failed)
+    summary.items = len(items) + len(discovery_failed)
+    summary.failed.extend(discovery_failed)
     todo: list[tuple[ImageItem, str]] = []
-    for item in discovery.items:
+    for item in items:
         try:
             fingerprint = cacher.fingerprint(item)
         except (OSError, ValueError) as error:
@@ -238,10 +259,8 @@ def _cache_images(cacher: _ImageCacher, summary: DatasetSummary, progress: tqdm)
                             summary.weight_sum += float(prepared.latent_mask.mean())
                             summary.weight_count += 1
                     progress.update(len(batch))
-    if cacher.masks is not None and not cacher.dataset.alpha_mask and summary.sources["none"]:
-        log.warning("%d images have no matching mask file", summary.sources["none"])
     failed = {path for path, _ in summary.failed}
-    return [item for item in discovery.items if item.path not in failed]
+    return [item for item in items if item.path not in failed]
 
 
 def _cache_text(
@@ -282,31 +301,47 @@ def run(config: CacheConfig) -> list[DatasetSummary]:
                 f"{config.dataset_config}: [[datasets]] #{number}: bucket_no_upscale is not supported yet"
             )
     family = get_family(config.arch)
-    device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    shard = distributed.start()
+    try:
+        return _run(config, datasets, family, shard)
+    finally:
+        distributed.stop(shard)
+
+
+def _run(config: CacheConfig, datasets: tuple, family: ModelFamily, shard: Shard) -> list[DatasetSummary]:
+    default = f"cuda:{shard.local_rank}" if torch.cuda.is_available() else "cpu"
+    device = torch.device(config.device or default)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     vae = family.load_vae(config.vae, device, dtype)
     encoder = family.load_text_encoder(config.text_encoder, device, dtype)
-    log.info("caching %d dataset(s) for %s on %s (%s)", len(datasets), family.name, device, dtype)
+    if shard.is_main:
+        log.info("caching %d dataset(s) for %s on %s (%s), %d process(es)",
+                 len(datasets), family.name, device, dtype, shard.world)  # fmt: skip
 
     summaries = []
-    with tqdm(total=0, unit="img", desc="cache") as progress:
+    with tqdm(total=0, unit="img", desc="cache", disable=not shard.is_main) as progress:
         for number, dataset in enumerate(datasets, start=1):
             assert isinstance(dataset, ImageDatasetConfig)
-            dataset.cache_directory.mkdir(parents=True, exist_ok=True)
-            fmt.remove_stale_temporaries(dataset.cache_directory)
+            if shard.is_main:  # before any process writes: a live temporary is never removed
+                dataset.cache_directory.mkdir(parents=True, exist_ok=True)
+                fmt.remove_stale_temporaries(dataset.cache_directory)
+            shard.barrier()
             summary = DatasetSummary(
                 name=f"dataset #{number} ({dataset.image_directory or dataset.image_jsonl_file})"
             )
             cacher = _ImageCacher(config, family, vae, dataset)
-            cached = _cache_images(cacher, summary, progress)
+            cached = _cache_images(cacher, summary, progress, shard)
             _cache_text(family, encoder, config.text_encoder, dataset, cached, config.batch_size)
+            summary = DatasetSummary.merged(shard.gather(summary))
+            if shard.is_main:
+                _report(summary, missing_files_warning=cacher.masks is not None and not dataset.alpha_mask)
             summaries.append(summary)
-    for summary in summaries:
-        _report(summary)
     return summaries
 
 
-def _report(summary: DatasetSummary) -> None:
+def _report(summary: DatasetSummary, missing_files_warning: bool) -> None:
+    if missing_files_warning and summary.sources["none"]:
+        log.warning("%d images have no matching mask file", summary.sources["none"])
     if summary.sources["none"] and summary.weight_count:
         log.warning(
             "%d items had no mask (no alpha + no file). Filled with full-weight (255).",
