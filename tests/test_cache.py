@@ -269,3 +269,25 @@ def test_a_killed_run_leaves_no_torn_file_and_its_rerun_finishes_the_rest(tmp_pa
     assert (summary.skipped, summary.written) == (len(done), 40 - len(done))
     assert len(list((tmp_path / "cache").glob("*_wan.safetensors"))) == 40
     assert not list((tmp_path / "cache").glob(".*masktrain-tmp"))
+
+
+def test_overlapped_preparation_yields_the_same_chunks_in_order(dataset: Path) -> None:
+    """The accelerator path (next chunk prepared on a thread) cannot run on a CPU-only machine
+    end to end; its chunk pipeline is checked here against the in-turn path."""
+    from masktrain.cache import _ImageCacher, prepared_chunks
+    from masktrain.config import load_dataset_config
+    from masktrain.data.discovery import discover_images
+
+    (ds,) = load_dataset_config(dataset / "dataset.toml").datasets
+    family = get_family("wan")
+    config = CacheConfig(dataset_config=dataset / "dataset.toml", arch="wan", vae="tiny", text_encoder="tiny")
+    cacher = _ImageCacher(config, family, family.load_vae("tiny", torch.device("cpu"), torch.float32), ds)
+    items = discover_images(ds).items
+    chunks = [items[:1], items[1:3], items[3:]]
+    in_turn = list(prepared_chunks(cacher, chunks, overlap=False))
+    overlapped = list(prepared_chunks(cacher, chunks, overlap=True))
+    assert [c for c, _ in overlapped] == chunks
+    for (_, a), (_, b) in zip(in_turn, overlapped, strict=True):
+        assert [x.path for x in a] == [y.path for y in b]
+        for x, y in zip(a, b, strict=True):
+            np.testing.assert_array_equal(x.latent_mask, y.latent_mask)

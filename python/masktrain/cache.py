@@ -117,6 +117,13 @@ def _existing_files(directory: Path, arch: str) -> dict[str, list[Path]]:
     return found
 
 
+def chunk_size(batch_size: int) -> int:
+    """Items prepared per native call. Several batches' worth, so each bucket's batches come out
+    full (one tensor shape, not a ragged tail per chunk) and the cores stay busy; small enough
+    that the prepared images of two chunks stay a few hundred MB at most."""
+    return max(8 * batch_size, 4 * _native.thread_count())
+
+
 def _chunks(items: list[ImageItem], size: int) -> Iterator[list[ImageItem]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
@@ -202,6 +209,26 @@ class _ImageCacher:
         return self.family.encode_pixels(self.vae, tensor).cpu()
 
 
+def prepared_chunks(
+    cacher: _ImageCacher, chunks: list[list[ImageItem]], overlap: bool
+) -> Iterator[tuple[list, list]]:
+    """Yield (chunk, native results). With the VAE on an accelerator the next chunk is prepared on
+    a worker thread while the caller encodes this one. With the VAE on the CPU both stages need the
+    same cores, and OpenMP's spinning threads make sharing them slower than taking turns, so
+    chunks are prepared in turn."""
+    if not overlap:
+        for chunk in chunks:
+            yield chunk, cacher.prepare(chunk)
+        return
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="prepare") as pool:
+        pending = pool.submit(cacher.prepare, chunks[0]) if chunks else None
+        for index, chunk in enumerate(chunks):
+            assert pending is not None
+            results = pending.result()
+            pending = pool.submit(cacher.prepare, chunks[index + 1]) if index + 1 < len(chunks) else None
+            yield chunk, results
+
+
 def _cache_images(
     cacher: _ImageCacher, summary: DatasetSummary, progress: tqdm, shard: Shard
 ) -> list[ImageItem]:
@@ -227,38 +254,33 @@ def _cache_images(
     progress.total = (progress.total or 0) + len(todo)
     progress.refresh()
 
-    chunk_size = max(cacher.config.batch_size, 2 * _native.thread_count())
-    chunks = list(_chunks([item for item, _ in todo], chunk_size))
+    chunks = list(_chunks([item for item, _ in todo], chunk_size(cacher.config.batch_size)))
     fingerprints = dict((item.path, fp) for item, fp in todo)
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="prepare") as pool:
-        pending = pool.submit(cacher.prepare, chunks[0]) if chunks else None
-        for index, chunk in enumerate(chunks):
-            results = pending.result() if pending else []
-            # Prepare the next chunk while this one is encoded.
-            pending = pool.submit(cacher.prepare, chunks[index + 1]) if index + 1 < len(chunks) else None
-            by_bucket: dict[tuple[int, int], list[tuple[ImageItem, _native.PreparedItem, str]]] = {}
-            for item, result in zip(chunk, results, strict=True):
-                if isinstance(result, _native.PreparedItem):
-                    by_bucket.setdefault(result.bucket, []).append((item, result, fingerprints[item.path]))
-                else:
-                    summary.failed.append((item.path, str(result)))
-                    progress.update(1)
-            for group in by_bucket.values():
-                for start in range(0, len(group), cacher.config.batch_size):
-                    batch = group[start : start + cacher.config.batch_size]
-                    latents = cacher.encode(batch)
-                    for (item, prepared, fingerprint), item_latents in zip(batch, latents, strict=True):
-                        try:
-                            cacher.write(item, prepared, item_latents, fingerprint)
-                        except (OSError, ValueError) as error:
-                            summary.failed.append((item.path, str(error)))
-                            continue
-                        summary.written += 1
-                        summary.sources[prepared.mask_source] += 1
-                        if prepared.latent_mask is not None:
-                            summary.weight_sum += float(prepared.latent_mask.mean())
-                            summary.weight_count += 1
-                    progress.update(len(batch))
+    overlap = cacher.vae.device.type != "cpu"
+    for chunk, results in prepared_chunks(cacher, chunks, overlap):
+        by_bucket: dict[tuple[int, int], list[tuple[ImageItem, _native.PreparedItem, str]]] = {}
+        for item, result in zip(chunk, results, strict=True):
+            if isinstance(result, _native.PreparedItem):
+                by_bucket.setdefault(result.bucket, []).append((item, result, fingerprints[item.path]))
+            else:
+                summary.failed.append((item.path, str(result)))
+                progress.update(1)
+        for group in by_bucket.values():
+            for start in range(0, len(group), cacher.config.batch_size):
+                batch = group[start : start + cacher.config.batch_size]
+                latents = cacher.encode(batch)
+                for (item, prepared, fingerprint), item_latents in zip(batch, latents, strict=True):
+                    try:
+                        cacher.write(item, prepared, item_latents, fingerprint)
+                    except (OSError, ValueError) as error:
+                        summary.failed.append((item.path, str(error)))
+                        continue
+                    summary.written += 1
+                    summary.sources[prepared.mask_source] += 1
+                    if prepared.latent_mask is not None:
+                        summary.weight_sum += float(prepared.latent_mask.mean())
+                        summary.weight_count += 1
+                progress.update(len(batch))
     failed = {path for path, _ in summary.failed}
     return [item for item in items if item.path not in failed]
 
