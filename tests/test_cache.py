@@ -291,3 +291,18 @@ def test_overlapped_preparation_yields_the_same_chunks_in_order(dataset: Path) -
         assert [x.path for x in a] == [y.path for y in b]
         for x, y in zip(a, b, strict=True):
             np.testing.assert_array_equal(x.latent_mask, y.latent_mask)
+
+
+def test_damaged_files_are_rebuilt_and_no_skip_existing_rebuilds_text_too(dataset: Path) -> None:
+    cache(dataset)
+    (dataset / "cache" / "file_wan_te.safetensors").write_bytes(b"garbage")
+    item_file(dataset, "wide").write_bytes(b"garbage")
+    (summary,) = cache(dataset)
+    assert (summary.written, summary.rebuilt, summary.skipped) == (1, 1, 3)
+    assert fmt.load_cache_file(dataset / "cache" / "file_wan_te.safetensors")[1].arch == "wan"
+
+    text = dataset / "cache" / "alpha_wan_te.safetensors"
+    os.utime(text, ns=(1, 1))
+    (summary,) = cache(dataset, skip_existing=False)
+    assert (summary.written, summary.skipped) == (4, 0)
+    assert text.stat().st_mtime_ns != 1

@@ -98,6 +98,19 @@ class DatasetSummary:
         )
 
 
+def _up_to_date(path: Path, arch: str, fingerprint: str, skip_existing: bool) -> bool:
+    """Whether `path` can be kept. A file of another arch is refused by name; a damaged file of
+    ours is rebuilt with a warning; with skip_existing off nothing is kept."""
+    try:
+        status = fmt.cache_status(path, arch=arch, fingerprint=fingerprint)
+    except fmt.CacheArchMismatch:
+        raise
+    except fmt.CacheFileError as error:
+        log.warning("%s; rebuilding it", error)
+        return False
+    return status == "fresh" and skip_existing
+
+
 def _stat_part(path: Path | None) -> list[object] | None:
     if path is None:
         return None
@@ -152,18 +165,10 @@ class _ImageCacher:
         })  # fmt: skip
 
     def status(self, item: ImageItem, fingerprint: str) -> str:
-        statuses = []
-        for path in self.existing.get(item.stem, []):
-            try:
-                statuses.append(fmt.cache_status(path, arch=self.family.name, fingerprint=fingerprint))
-            except fmt.CacheArchMismatch:
-                raise
-            except fmt.CacheFileError as error:  # our own file, damaged: rebuild it
-                log.warning("%s; rebuilding it", error)
-                statuses.append("stale")
-        if "fresh" in statuses and self.config.skip_existing:
+        paths = self.existing.get(item.stem, [])
+        if any(_up_to_date(p, self.family.name, fingerprint, self.config.skip_existing) for p in paths):
             return "fresh"
-        return "stale" if statuses else "missing"
+        return "stale" if paths else "missing"
 
     def prepare(self, chunk: list[ImageItem]) -> list[object]:
         return _native.prepare_batch(
@@ -286,9 +291,10 @@ def _cache_images(
 
 
 def _cache_text(
-    family: ModelFamily, encoder: TextEncoder, spec: str, dataset: ImageDatasetConfig, items: list[ImageItem],
-    batch_size: int,
+    family: ModelFamily, encoder: TextEncoder, config: CacheConfig, dataset: ImageDatasetConfig,
+    items: list[ImageItem],
 ) -> None:  # fmt: skip
+    spec, batch_size = config.text_encoder, config.batch_size
     todo = []
     for item in items:
         fingerprint = fmt.fingerprint({
@@ -296,7 +302,7 @@ def _cache_text(
             "dtype": str(next(encoder.model.parameters()).dtype), "format": fmt.FORMAT_VERSION,
         })  # fmt: skip
         path = dataset.cache_directory / fmt.text_cache_name(item.stem, family.name)
-        if fmt.cache_status(path, arch=family.name, fingerprint=fingerprint) != "fresh":
+        if not _up_to_date(path, family.name, fingerprint, config.skip_existing):
             todo.append((item, path, fingerprint))
     for start in range(0, len(todo), batch_size):
         batch = todo[start : start + batch_size]
@@ -353,7 +359,7 @@ def _run(config: CacheConfig, datasets: tuple, family: ModelFamily, shard: Shard
             )
             cacher = _ImageCacher(config, family, vae, dataset)
             cached = _cache_images(cacher, summary, progress, shard)
-            _cache_text(family, encoder, config.text_encoder, dataset, cached, config.batch_size)
+            _cache_text(family, encoder, config, dataset, cached)
             summary = DatasetSummary.merged(shard.gather(summary))
             if shard.is_main:
                 _report(summary, missing_files_warning=cacher.masks is not None and not dataset.alpha_mask)
