@@ -306,3 +306,34 @@ def test_damaged_files_are_rebuilt_and_no_skip_existing_rebuilds_text_too(datase
     (summary,) = cache(dataset, skip_existing=False)
     assert (summary.written, summary.skipped) == (4, 0)
     assert text.stat().st_mtime_ns != 1
+
+
+def test_bucket_no_upscale_keeps_small_images_at_their_own_size(dataset: Path) -> None:
+    # 100x70 (EXIF-rotated from 70x100) is smaller than 128x128: bucket (96, 64), not an enlargement.
+    rotated = Image.fromarray(photo(100, 70, 5))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise on display: 70x100 stored, 100x70 shown
+    rotated.save(dataset / "images/small.jpg", quality=95, exif=exif)
+    Image.fromarray(tiered(70, 100, 5)).save(dataset / "masks/small.png")
+    write_toml(dataset, alpha_mask=True, extra="bucket_no_upscale = true")
+    (summary,) = cache(dataset)
+    assert (summary.written, len(summary.failed)) == (5, 0)
+
+    buckets = musubi_buckets(RESOLUTION)
+    tensors, meta = fmt.load_cache_file(item_file(dataset, "small"))
+    assert meta.bucket == (96, 64) and meta.extra["original_size"] == "100x70"
+    assert tensors["latents_1x8x12_float32"].shape == (16, 1, 8, 12)
+    expected = reference.latent_mask(reference.resize_mask_to_bucket(tiered(70, 100, 5), (96, 64)))
+    torch.testing.assert_close(tensors["mask_weights_1x8x12_float32"][0, 0], torch.from_numpy(expected))
+    # Larger than the resolution's area: the normal nearest-aspect bucket.
+    assert fmt.read_metadata(item_file(dataset, "file")).bucket == reference.nearest_aspect_bucket(
+        (150, 200), buckets
+    )
+    assert fmt.read_metadata(item_file(dataset, "bare")).bucket == (128, 128)  # area equal: its own size
+
+    write_toml(dataset, alpha_mask=True)  # the flag is part of the fingerprint
+    (summary,) = cache(dataset)
+    assert summary.rebuilt == 5
+    assert fmt.read_metadata(item_file(dataset, "small")).bucket == reference.nearest_aspect_bucket(
+        (100, 70), buckets
+    )

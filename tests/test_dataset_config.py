@@ -7,7 +7,9 @@ from pathlib import Path
 import pytest
 
 from masktrain.config import ConfigError, ImageDatasetConfig, VideoDatasetConfig, load_dataset_config
+from masktrain.config.dataset import BucketConfig
 from masktrain.data.buckets import musubi_buckets, nearest_bucket, no_upscale_bucket, sd_scripts_buckets
+from masktrain.data.discovery import bucket_list, choose_bucket
 
 # The three complete examples of the weighted-mask guide, verbatim.
 GUIDE_STEP_2 = """\
@@ -123,10 +125,41 @@ source_fps = 30
 """,
         ).datasets
     assert isinstance(video, VideoDatasetConfig)
-    assert video.target_frames == (1, 17, 17)
+    assert video.target_frames == (1, 17)  # rounded, sorted and deduplicated, as musubi does
     assert "target_frames 20 rounded down to 17" in caplog.text
     assert (video.frame_extraction, video.frame_stride, video.source_fps) == ("slide", 8, 30.0)
     assert video.mask_directory == Path("/clips_masks")
+
+
+def test_video_defaults_and_musubis_quiet_changes(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    (video,) = load(
+        tmp_path, '[[datasets]]\nvideo_directory = "v"\ntarget_frames = [33, 9, 10, 1]\n'
+    ).datasets
+    assert isinstance(video, VideoDatasetConfig) and video.cache_directory == tmp_path / "v"
+    assert video.target_frames == (1, 9, 33)
+    assert (video.frame_extraction, video.frame_stride, video.frame_sample) == ("head", 1, 1)
+    assert (video.max_frames, video.source_fps) == (129, None)
+    with caplog.at_level(logging.WARNING):
+        (uniform,) = load(
+            tmp_path, '[[datasets]]\nvideo_directory = "v"\nframe_extraction = "uniform"\n'
+        ).datasets
+    assert uniform.frame_extraction == "head" and 'with frame_sample = 1 is "head"' in caplog.text
+    (uniform,) = load(
+        tmp_path, '[[datasets]]\nvideo_directory = "v"\nframe_extraction = "uniform"\nframe_sample = 4\n'
+    ).datasets
+    assert (uniform.frame_extraction, uniform.frame_sample) == ("uniform", 4)
+
+
+def test_bucket_no_upscale_needs_enable_bucket(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    (on,) = load(
+        tmp_path,
+        '[general]\nenable_bucket = true\nbucket_no_upscale = true\n[[datasets]]\nimage_directory = "i"\n',
+    ).datasets
+    assert on.buckets.bucket_no_upscale
+    with caplog.at_level(logging.WARNING):
+        (off,) = load(tmp_path, '[[datasets]]\nvideo_directory = "v"\nbucket_no_upscale = true\n').datasets
+    assert not off.buckets.bucket_no_upscale
+    assert "'bucket_no_upscale' has no effect without enable_bucket = true" in caplog.text
 
 
 @pytest.mark.parametrize(
@@ -158,6 +191,10 @@ def test_image_only_keys_in_a_video_dataset_say_why(tmp_path: Path, key: str, wh
         ('[[datasets]]\nimage_directory = "/i"\nbucket_reso_steps = 24\n', r"'bucket_reso_steps' must be a multiple of 16"),
         ('[[datasets]]\nimage_directory = "/i"\nrequire_mask = true\n', r"require_mask=true but no mask source configured"),
         ('[[datasets]]\nvideo_directory = "/v"\nframe_extraction = "random"\n', r"'frame_extraction' must be one of head, chunk"),
+        ('[[datasets]]\nvideo_directory = "/v"\ntarget_frames = 17\n', r"'target_frames' must be a list of positive integers"),
+        ('[[datasets]]\nvideo_directory = "/v"\nframe_stride = 0\n', r"'frame_stride' must be an integer >= 1"),
+        ('[[datasets]]\nvideo_directory = "/v"\nsource_fps = -30\n', r"'source_fps' must be a positive number"),
+        ('[[datasets]]\nvideo_jsonl_file = "/v.jsonl"\n', r"'cache_directory' is required with 'video_jsonl_file'"),
         ('[[datasets]]\nimage_directory = "/a"\n[[datasets]]\nimage_directory = "/b"\ncache_directory = "/a"\n', r"#1 and #2 share cache_directory"),
         ('[[datasets]\n', r"not valid TOML"),
     ],
@@ -192,3 +229,19 @@ def test_bucket_choice_and_no_upscale() -> None:
     assert nearest_bucket((1000, 1000), buckets) == (512, 512)
     assert no_upscale_bucket((300, 200), (512, 512)) == (288, 192)
     assert no_upscale_bucket((3000, 2000), (624, 416)) == (624, 416)
+
+
+def test_bucket_no_upscale_follows_musubis_bucket_selector() -> None:
+    config = BucketConfig(resolution=(512, 512), enable_bucket=True, bucket_no_upscale=True)
+    buckets = bucket_list(config)
+    assert choose_bucket((300, 200), config, buckets) == (288, 192)  # (w - w % 16, h - h % 16)
+    assert choose_bucket((512, 512), config, buckets) == (512, 512)  # area equal: still its own size
+    assert choose_bucket((1000, 262), config, buckets) == (992, 256)  # area 262000 <= 262144
+    assert choose_bucket((1280, 800), config, buckets) == (640, 400)  # larger: the normal choice
+    assert choose_bucket((10, 9), config, buckets) == (16, 16)  # never below one step
+    config = BucketConfig(
+        resolution=(512, 512), enable_bucket=True, bucket_no_upscale=True, bucket_reso_steps=64
+    )
+    assert choose_bucket((300, 200), config, bucket_list(config)) == (256, 192)  # the dataset's step
+    plain = BucketConfig(resolution=(512, 512), enable_bucket=True)
+    assert choose_bucket((300, 200), plain, buckets) == nearest_bucket((300, 200), buckets)

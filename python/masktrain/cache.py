@@ -6,22 +6,25 @@ error under ``require_mask``), resizes both onto the bucket and pools the mask o
 grid; the VAE encodes the pixels; the file holds ``latents_1xHxW_<dtype>`` and, when masking is
 on, ``mask_weights_1xHxW_float32`` (raw weights in [0, 1]; gamma and floor are applied at
 training time). Native preparation of the next chunk runs on a worker thread (the core releases
-the GIL) while the current chunk is encoded.
+the GIL) while the current chunk is encoded. Video datasets (WAN only) are cached clip by clip
+by ``data/video_cache.py``; each video gets one text-embedding file, as an image does.
+
+With ``bucket_no_upscale`` an image whose area is at most the resolution's keeps its own size
+rounded down to the bucket step: the native core prepares it a second time with that one bucket
+(it learns the size, EXIF orientation applied, from the first pass; such images are small).
 
 An item whose file has the fingerprint this run would write is skipped; any change to the image,
 its mask file, the mask or bucket settings or the VAE rebuilds exactly that item.
 Under ``torchrun`` each process caches every ``WORLD_SIZE``-th item (disjoint files) and rank 0
-reports the merged summary. Not yet: video datasets, ``bucket_no_upscale``.
+reports the merged summary.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-import re
 from collections import Counter
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,17 +33,23 @@ import torch
 from tqdm import tqdm
 
 from masktrain import _native, distributed
-from masktrain.config.dataset import ConfigError, ImageDatasetConfig, load_dataset_config
+from masktrain.config.dataset import ConfigError, ImageDatasetConfig, VideoDatasetConfig, load_dataset_config
 from masktrain.data import cache_format as fmt
-from masktrain.data.discovery import ImageItem, bucket_list, discover_images
+from masktrain.data.buckets import Bucket
+from masktrain.data.discovery import ImageItem, MediaItem, bucket_list, discover_images, own_size_bucket
+from masktrain.data.pipeline import prepared_chunks
+from masktrain.data.video import TARGET_FPS
+from masktrain.data.video_cache import VideoCacher, cache_videos
 from masktrain.distributed import Shard
 from masktrain.models import get_family
 from masktrain.models.base import ModelFamily, TextEncoder
 
+__all__ = ["CacheConfig", "DatasetSummary", "chunk_size", "prepared_chunks", "run"]
+
 log = logging.getLogger(__name__)
 
-#: Version of the preprocessing rules (resize, luma, latent pooling): part of every fingerprint.
-RESIZE_RULES = "masktrain-core-1"
+#: What the native core gives per image: the prepared item or the error it failed with.
+Prepared = _native.PreparedItem | _native.MaskTrainError | OSError
 
 
 @dataclass(frozen=True)
@@ -56,7 +65,7 @@ class CacheConfig:
     device: str | None = None
     """Encoding device; default cuda when available."""
     batch_size: int = 4
-    """Images per VAE call."""
+    """Images (or clips of one video) per VAE call."""
     skip_existing: bool = True
     """Skip items whose cache file is up to date (--no-skip_existing rebuilds everything)."""
 
@@ -72,6 +81,8 @@ class DatasetSummary:
     failed: list[tuple[Path, str]] = field(default_factory=list)
     weight_sum: float = 0.0
     weight_count: int = 0
+    clips: int | None = None
+    """Clip files written (video datasets; None for images)."""
 
     @classmethod
     def merged(cls, parts: list[DatasetSummary]) -> DatasetSummary:
@@ -86,48 +97,20 @@ class DatasetSummary:
             total.failed.extend(part.failed)
             total.weight_sum += part.weight_sum
             total.weight_count += part.weight_count
+            if part.clips is not None:
+                total.clips = (total.clips or 0) + part.clips
         return total
 
     def line(self) -> str:
         mean = self.weight_sum / self.weight_count if self.weight_count else float("nan")
+        unit = "items" if self.clips is None else "videos"
+        clips = "" if self.clips is None else f", {self.clips} clips"
         return (
-            f"{self.name}: {self.items} items, mask sources alpha={self.sources['alpha']} "
+            f"{self.name}: {self.items} {unit}, mask sources alpha={self.sources['alpha']} "
             f"file={self.sources['file']} none={self.sources['none']}, {self.written} written "
-            f"({self.rebuilt} rebuilt), {self.skipped} skipped, {len(self.failed)} failed, "
+            f"({self.rebuilt} rebuilt{clips}), {self.skipped} skipped, {len(self.failed)} failed, "
             f"mean raw mask weight {mean:.4f}"
         )
-
-
-def _up_to_date(path: Path, arch: str, fingerprint: str, skip_existing: bool) -> bool:
-    """Whether `path` can be kept. A file of another arch is refused by name; a damaged file of
-    ours is rebuilt with a warning; with skip_existing off nothing is kept."""
-    try:
-        status = fmt.cache_status(path, arch=arch, fingerprint=fingerprint)
-    except fmt.CacheArchMismatch:
-        raise
-    except fmt.CacheFileError as error:
-        log.warning("%s; rebuilding it", error)
-        return False
-    return status == "fresh" and skip_existing
-
-
-def _stat_part(path: Path | None) -> list[object] | None:
-    if path is None:
-        return None
-    stat = path.stat()
-    return [str(path), stat.st_size, stat.st_mtime_ns]
-
-
-def _existing_files(directory: Path, arch: str) -> dict[str, list[Path]]:
-    """Cache files already in `directory`, by item stem (the original size is part of the name)."""
-    pattern = re.compile(rf"^(.*)_\d{{4,}}x\d{{4,}}_{re.escape(arch)}\.safetensors$")
-    found: dict[str, list[Path]] = {}
-    if directory.is_dir():
-        for path in directory.iterdir():
-            match = pattern.match(path.name)
-            if match:
-                found.setdefault(match.group(1), []).append(path)
-    return found
 
 
 def chunk_size(batch_size: int) -> int:
@@ -153,32 +136,53 @@ class _ImageCacher:
         self.factor = family.spatial_factor(vae)
         self.masks = _native.MaskIndex(dataset.mask_directory) if dataset.mask_directory else None
         self.masking = dataset.alpha_mask or self.masks is not None
-        self.existing = _existing_files(dataset.cache_directory, family.name)
+        self.existing = fmt.existing_item_files(dataset.cache_directory, family.name)
 
     def fingerprint(self, item: ImageItem) -> str:
         mask = self.masks.get(item.stem) if self.masks is not None else None
         return fmt.fingerprint({
-            "source": _stat_part(item.path), "mask": _stat_part(mask), "alpha_mask": self.dataset.alpha_mask,
-            "require_mask": self.dataset.require_mask, "masking": self.masking, "buckets": self.buckets,
-            "rules": RESIZE_RULES, "vae": self.config.vae, "dtype": str(self.vae.dtype),
-            "format": fmt.FORMAT_VERSION,
+            "source": fmt.source_stat(item.path), "mask": fmt.source_stat(mask),
+            "alpha_mask": self.dataset.alpha_mask, "require_mask": self.dataset.require_mask,
+            "masking": self.masking, "buckets": self.buckets,
+            "resolution": list(self.dataset.buckets.resolution),
+            "bucket_no_upscale": self.dataset.buckets.bucket_no_upscale, "rules": fmt.RESIZE_RULES,
+            "vae": self.config.vae, "dtype": str(self.vae.dtype), "format": fmt.FORMAT_VERSION,
         })  # fmt: skip
 
     def status(self, item: ImageItem, fingerprint: str) -> str:
         paths = self.existing.get(item.stem, [])
-        if any(_up_to_date(p, self.family.name, fingerprint, self.config.skip_existing) for p in paths):
+        arch, skip = self.family.name, self.config.skip_existing
+        if any(fmt.reusable(p, arch=arch, fingerprint=fingerprint, skip_existing=skip) for p in paths):
             return "fresh"
         return "stale" if paths else "missing"
 
-    def prepare(self, chunk: list[ImageItem]) -> list[object]:
+    def _prepare(self, paths: list[Path], buckets: list[Bucket]) -> list[Prepared]:
         return _native.prepare_batch(
-            [item.path for item in chunk],
-            self.buckets,
+            paths,
+            buckets,
             mask_index=self.masks,
             alpha_mask=self.dataset.alpha_mask,
             require_mask=self.dataset.require_mask,
             latent_factor=self.factor,
         )
+
+    def prepare(self, chunk: list[ImageItem]) -> list[Prepared]:
+        results = self._prepare([item.path for item in chunk], self.buckets)
+        if not self.dataset.buckets.bucket_no_upscale:
+            return results
+        # Images no larger than the resolution keep their own size: prepared again, with that
+        # one bucket (grouped, so each distinct size is one parallel native call).
+        again: dict[Bucket, list[int]] = {}
+        for index, result in enumerate(results):
+            if isinstance(result, _native.PreparedItem):
+                own = own_size_bucket(result.original_size, self.dataset.buckets)
+                if own is not None and own != result.bucket:
+                    again.setdefault(own, []).append(index)
+        for bucket, indices in again.items():
+            redone = self._prepare([chunk[i].path for i in indices], [bucket])
+            for index, result in zip(indices, redone, strict=True):
+                results[index] = result
+        return results
 
     def write(
         self, item: ImageItem, prepared: _native.PreparedItem, latents: torch.Tensor, fingerprint: str
@@ -212,26 +216,6 @@ class _ImageCacher:
         pixels = np.stack([prepared.image for _, prepared, _ in batch])  # (B, H, W, 3) uint8
         tensor = torch.from_numpy(pixels).permute(0, 3, 1, 2).float().div(127.5).sub(1.0).unsqueeze(2)
         return self.family.encode_pixels(self.vae, tensor).cpu()
-
-
-def prepared_chunks(
-    cacher: _ImageCacher, chunks: list[list[ImageItem]], overlap: bool
-) -> Iterator[tuple[list, list]]:
-    """Yield (chunk, native results). With the VAE on an accelerator the next chunk is prepared on
-    a worker thread while the caller encodes this one. With the VAE on the CPU both stages need the
-    same cores, and OpenMP's spinning threads make sharing them slower than taking turns, so
-    chunks are prepared in turn."""
-    if not overlap:
-        for chunk in chunks:
-            yield chunk, cacher.prepare(chunk)
-        return
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="prepare") as pool:
-        pending = pool.submit(cacher.prepare, chunks[0]) if chunks else None
-        for index, chunk in enumerate(chunks):
-            assert pending is not None
-            results = pending.result()
-            pending = pool.submit(cacher.prepare, chunks[index + 1]) if index + 1 < len(chunks) else None
-            yield chunk, results
 
 
 def _cache_images(
@@ -291,8 +275,8 @@ def _cache_images(
 
 
 def _cache_text(
-    family: ModelFamily, encoder: TextEncoder, config: CacheConfig, dataset: ImageDatasetConfig,
-    items: list[ImageItem],
+    family: ModelFamily, encoder: TextEncoder, config: CacheConfig,
+    dataset: ImageDatasetConfig | VideoDatasetConfig, items: list[MediaItem],
 ) -> None:  # fmt: skip
     spec, batch_size = config.text_encoder, config.batch_size
     todo = []
@@ -302,7 +286,9 @@ def _cache_text(
             "dtype": str(next(encoder.model.parameters()).dtype), "format": fmt.FORMAT_VERSION,
         })  # fmt: skip
         path = dataset.cache_directory / fmt.text_cache_name(item.stem, family.name)
-        if not _up_to_date(path, family.name, fingerprint, config.skip_existing):
+        if not fmt.reusable(
+            path, arch=family.name, fingerprint=fingerprint, skip_existing=config.skip_existing
+        ):
             todo.append((item, path, fingerprint))
     for start in range(0, len(todo), batch_size):
         batch = todo[start : start + batch_size]
@@ -319,16 +305,14 @@ def _cache_text(
 def run(config: CacheConfig) -> list[DatasetSummary]:
     """Cache every dataset of the TOML; returns one summary per dataset (also logged)."""
     datasets = load_dataset_config(config.dataset_config).datasets
-    for number, dataset in enumerate(datasets, start=1):
-        if not isinstance(dataset, ImageDatasetConfig):
-            raise ConfigError(
-                f"{config.dataset_config}: [[datasets]] #{number}: video datasets cannot be cached yet"
-            )
-        if dataset.buckets.bucket_no_upscale:
-            raise ConfigError(
-                f"{config.dataset_config}: [[datasets]] #{number}: bucket_no_upscale is not supported yet"
-            )
     family = get_family(config.arch)
+    for number, dataset in enumerate(datasets, start=1):
+        if isinstance(dataset, VideoDatasetConfig) and family.name not in TARGET_FPS:
+            raise ConfigError(
+                f"{config.dataset_config}: [[datasets]] #{number}: --arch {config.arch} is an image model "
+                f"and cannot take a video dataset (video_directory / video_jsonl_file); video datasets "
+                f"need --arch {' or '.join(sorted(TARGET_FPS))}"
+            )
     shard = distributed.start()
     try:
         return _run(config, datasets, family, shard)
@@ -347,29 +331,39 @@ def _run(config: CacheConfig, datasets: tuple, family: ModelFamily, shard: Shard
                  len(datasets), family.name, device, dtype, shard.world)  # fmt: skip
 
     summaries = []
-    with tqdm(total=0, unit="img", desc="cache", disable=not shard.is_main) as progress:
+    with tqdm(total=0, unit="item", desc="cache", disable=not shard.is_main) as progress:
         for number, dataset in enumerate(datasets, start=1):
-            assert isinstance(dataset, ImageDatasetConfig)
             if shard.is_main:  # before any process writes: a live temporary is never removed
                 dataset.cache_directory.mkdir(parents=True, exist_ok=True)
                 fmt.remove_stale_temporaries(dataset.cache_directory)
             shard.barrier()
-            summary = DatasetSummary(
-                name=f"dataset #{number} ({dataset.image_directory or dataset.image_jsonl_file})"
-            )
-            cacher = _ImageCacher(config, family, vae, dataset)
-            cached = _cache_images(cacher, summary, progress, shard)
+            cacher: _ImageCacher | VideoCacher
+            if isinstance(dataset, ImageDatasetConfig):
+                summary = DatasetSummary(
+                    name=f"dataset #{number} ({dataset.image_directory or dataset.image_jsonl_file})"
+                )
+                cacher = _ImageCacher(config, family, vae, dataset)
+                cached = _cache_images(cacher, summary, progress, shard)
+                missing_files_warning = cacher.masks is not None and not dataset.alpha_mask
+            else:
+                summary = DatasetSummary(
+                    name=f"dataset #{number} ({dataset.video_directory or dataset.video_jsonl_file})", clips=0
+                )
+                cacher = VideoCacher(config, family, vae, dataset)
+                cached = cache_videos(cacher, summary, progress, shard)
+                missing_files_warning = cacher.masks is not None
             _cache_text(family, encoder, config, dataset, cached)
             summary = DatasetSummary.merged(shard.gather(summary))
             if shard.is_main:
-                _report(summary, missing_files_warning=cacher.masks is not None and not dataset.alpha_mask)
+                _report(summary, missing_files_warning)
             summaries.append(summary)
     return summaries
 
 
 def _report(summary: DatasetSummary, missing_files_warning: bool) -> None:
     if missing_files_warning and summary.sources["none"]:
-        log.warning("%d images have no matching mask file", summary.sources["none"])
+        kind = "images" if summary.clips is None else "videos"
+        log.warning("%d %s have no matching mask file", summary.sources["none"], kind)
     if summary.sources["none"] and summary.weight_count:
         log.warning(
             "%d items had no mask (no alpha + no file). Filled with full-weight (255).",

@@ -16,6 +16,9 @@ Decisions where musubi is silent or differs:
   sources; two datasets may not share one (their files would collide).
 - ``resolution`` and bucket sizes must be multiples of 16 (the latent grid of WAN and
   Qwen-Image: 8x VAE times a 2x2 patch).
+- As in musubi-tuner: ``target_frames`` are rounded down to 4N+1 (with a warning), sorted and
+  deduplicated; ``frame_extraction = "uniform"`` with ``frame_sample = 1`` becomes ``head``;
+  ``bucket_no_upscale`` without ``enable_bucket`` does nothing (a warning says so).
 """
 
 from __future__ import annotations
@@ -50,7 +53,8 @@ class BucketConfig:
     enable_bucket: bool = False
     """Group images by aspect ratio into equal-area buckets; off, every image uses `resolution`."""
     bucket_no_upscale: bool = False
-    """Images smaller than the bucket keep their own size (rounded down to the step)."""
+    """Items whose area is at most `resolution`'s keep their own size rounded down to the bucket
+    step instead of being enlarged (only with `enable_bucket`, as in musubi-tuner)."""
     min_bucket_reso: int | None = None
     """sd-scripts bucket generation: smallest bucket side."""
     max_bucket_reso: int | None = None
@@ -95,9 +99,10 @@ class VideoDatasetConfig(_Common):
     video_jsonl_file: Path | None
     """JSON lines with `video_path` and `caption` (exclusive with `video_directory`)."""
     target_frames: tuple[int, ...]
-    """Clip lengths in frames, each 4N+1."""
+    """Clip lengths in frames, each 4N+1 (rounded down), sorted, without repeats."""
     frame_extraction: FrameExtraction
-    """How clips are cut from a video: head, chunk, slide, uniform or full."""
+    """How clips are cut from a video: head, chunk, slide, uniform or full (`uniform` with
+    `frame_sample = 1` becomes `head`, as in musubi-tuner)."""
     frame_stride: int
     """`slide`: frames between clip starts."""
     frame_sample: int
@@ -213,10 +218,16 @@ def _buckets(table: _Table) -> BucketConfig:
     low, high = table.integer("min_bucket_reso", None), table.integer("max_bucket_reso", None)
     if low is not None and high is not None and low > high:
         raise table.error("min_bucket_reso", f"({low}) must not exceed max_bucket_reso ({high})")
+    enable = table.boolean("enable_bucket", False)
+    no_upscale = table.boolean("bucket_no_upscale", False)
+    if no_upscale and not enable:
+        # musubi-tuner turns it off the same way: without buckets every item takes `resolution`.
+        log.warning("%s: 'bucket_no_upscale' has no effect without enable_bucket = true", table.where)
+        no_upscale = False
     return BucketConfig(
         resolution=_resolution(table),
-        enable_bucket=table.boolean("enable_bucket", False),
-        bucket_no_upscale=table.boolean("bucket_no_upscale", False),
+        enable_bucket=enable,
+        bucket_no_upscale=no_upscale,
         min_bucket_reso=low,
         max_bucket_reso=high,
         bucket_reso_steps=steps,
@@ -278,15 +289,15 @@ def _target_frames(table: _Table) -> tuple[int, ...]:
         or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
     ):
         raise table.error("target_frames", f"must be a list of positive integers, not {value!r}")
-    frames = []
+    frames = set()
     for count in value:
         rounded = (count - 1) // 4 * 4 + 1
         if rounded != count:
             log.warning(
                 "%s: target_frames %d rounded down to %d (frame counts are 4N+1)", table.where, count, rounded
             )
-        frames.append(rounded)
-    return tuple(frames)
+        frames.add(rounded)
+    return tuple(sorted(frames))
 
 
 def _video_dataset(table: _Table) -> VideoDatasetConfig:
@@ -303,15 +314,23 @@ def _video_dataset(table: _Table) -> VideoDatasetConfig:
     fps = table.get("source_fps")
     if fps is not None and (isinstance(fps, bool) or not isinstance(fps, int | float) or fps <= 0):
         raise table.error("source_fps", f"must be a positive number, not {fps!r}")
+    sample = table.integer("frame_sample", 1)
+    if extraction == "uniform" and sample == 1:
+        log.warning(
+            '%s: frame_extraction = "uniform" with frame_sample = 1 is "head" (one clip from the '
+            "start); set frame_sample to the number of clips you want",
+            table.where,
+        )
+        extraction = "head"
     return VideoDatasetConfig(
         **_common(table, directory, "video_jsonl_file"),
         video_directory=directory,
         video_jsonl_file=jsonl,
         target_frames=_target_frames(table),
         frame_extraction=extraction,
-        frame_stride=table.integer("frame_stride", 1),
-        frame_sample=table.integer("frame_sample", 1),
-        max_frames=table.integer("max_frames", 129),
+        frame_stride=table.integer("frame_stride", 1) or 1,
+        frame_sample=sample or 1,
+        max_frames=table.integer("max_frames", 129) or 129,
         source_fps=float(fps) if fps is not None else None,
     )
 

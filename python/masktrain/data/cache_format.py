@@ -29,7 +29,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import re
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -40,9 +42,15 @@ import safetensors
 import safetensors.torch
 import torch
 
-from masktrain._native import TEMP_SUFFIX, MaskTrainError
+from masktrain._native import TEMP_SUFFIX, MaskTrainError, list_images
+
+log = logging.getLogger(__name__)
 
 FORMAT_VERSION = "1"
+
+#: Version of the preprocessing rules (resize, luma, latent pooling, frame extraction): part of
+#: every item fingerprint.
+RESIZE_RULES = "masktrain-core-1"
 
 KEY_ARCH = "arch"
 KEY_SOURCE = "source"
@@ -78,6 +86,32 @@ def item_cache_name(
 
 def text_cache_name(stem: str, arch: str) -> str:
     return f"{stem}_{arch}_te.safetensors"
+
+
+def existing_item_files(directory: Path, arch: str, clips: bool = False) -> dict[str, list[Path]]:
+    """Latent cache files already in `directory`, by item stem: image files, or with `clips`
+    the video clip files (``{stem}_{start}-{count}_{W}x{H}_{arch}``)."""
+    clip = r"_\d{5,}-\d{3,}" if clips else ""
+    pattern = re.compile(rf"^(.*){clip}_\d{{4,}}x\d{{4,}}_{re.escape(arch)}\.safetensors$")
+    found: dict[str, list[Path]] = {}
+    if directory.is_dir():
+        for path in directory.iterdir():
+            match = pattern.match(path.name)
+            if match:
+                found.setdefault(match.group(1), []).append(path)
+    return found
+
+
+def source_stat(path: Path | None) -> list[object] | None:
+    """The fingerprint part of a source or mask file: path, size and ``st_mtime_ns``; for a
+    directory of video frames, those of each frame image (editing a frame does not touch the
+    directory's own mtime)."""
+    if path is None:
+        return None
+    if path.is_dir():
+        return [str(path), [source_stat(frame) for frame in list_images(path)]]
+    stat = path.stat()
+    return [str(path), stat.st_size, stat.st_mtime_ns]
 
 
 def fingerprint(parts: Mapping[str, object]) -> str:
@@ -241,6 +275,20 @@ def cache_status(path: _StrPath, *, arch: str, fingerprint: str) -> CacheStatus:
     if metadata.fingerprint != fingerprint or metadata.format_version != FORMAT_VERSION:
         return "stale"
     return "fresh"
+
+
+def reusable(path: Path, *, arch: str, fingerprint: str, skip_existing: bool) -> bool:
+    """Whether a cache run can keep `path`. A file of another arch is refused by name
+    (:class:`CacheArchMismatch`); a damaged file of ours is rebuilt with a warning; with
+    `skip_existing` off nothing is kept."""
+    try:
+        status = cache_status(path, arch=arch, fingerprint=fingerprint)
+    except CacheArchMismatch:
+        raise
+    except CacheFileError as error:
+        log.warning("%s; rebuilding it", error)
+        return False
+    return status == "fresh" and skip_existing
 
 
 def load_cache_file(path: _StrPath) -> tuple[dict[str, torch.Tensor], CacheMetadata]:

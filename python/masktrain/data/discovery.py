@@ -1,9 +1,11 @@
-"""Discovery: the items of a dataset (media path, caption, cache stem) and its bucket list.
+"""Discovery: the items of a dataset (media path, caption, cache stem), its bucket list and the
+bucket each item takes.
 
-Captions are ``{stem}{caption_extension}`` in ``caption_directory`` (default: beside the image),
-stripped; an image without one trains with an empty caption and is counted in a warning. JSONL
-sources hold ``{"image_path": ..., "caption": ...}`` per line, relative paths resolved against
-the JSONL file's directory. Two items with one stem would write one cache file, so both fail.
+Captions are ``{stem}{caption_extension}`` in ``caption_directory`` (default: beside the image or
+video), stripped; an item without one trains with an empty caption and is counted in a warning.
+JSONL sources hold ``{"image_path": ..., "caption": ...}`` (``"video_path"`` for videos) per
+line, relative paths resolved against the JSONL file's directory. Two items with one stem would
+write one cache file, so both fail.
 """
 
 from __future__ import annotations
@@ -15,14 +17,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from masktrain import _native
-from masktrain.config.dataset import BucketConfig, ConfigError, ImageDatasetConfig
-from masktrain.data.buckets import DEFAULT_STEP, Bucket, musubi_buckets, sd_scripts_buckets
+from masktrain.config.dataset import BucketConfig, ConfigError, ImageDatasetConfig, VideoDatasetConfig
+from masktrain.data.buckets import DEFAULT_STEP, Bucket, musubi_buckets, no_upscale_bucket, sd_scripts_buckets
 
 log = logging.getLogger(__name__)
 
 
+#: Video containers listed from a ``video_directory`` (musubi-tuner's list, any case).
+VIDEO_EXTENSIONS = (".mp4", ".webm", ".avi", ".mkv", ".mov", ".flv", ".wmv", ".m4v", ".mpg", ".mpeg")
+
+
 @dataclass(frozen=True)
-class ImageItem:
+class MediaItem:
+    """An image, or a video (a file, or from JSONL a directory of frame images)."""
+
     path: Path
     caption: str
 
@@ -31,9 +39,13 @@ class ImageItem:
         return self.path.stem
 
 
+ImageItem = MediaItem
+VideoItem = MediaItem
+
+
 @dataclass
 class Discovery:
-    items: list[ImageItem]
+    items: list[MediaItem]
     failed: list[tuple[Path, str]]
     missing_captions: int
 
@@ -53,6 +65,21 @@ def bucket_list(config: BucketConfig) -> list[Bucket]:
     return sd_scripts_buckets(config.resolution, low, high, step)
 
 
+def own_size_bucket(size: Bucket, config: BucketConfig) -> Bucket | None:
+    """``bucket_no_upscale``: an item whose area is at most the resolution's keeps its own size
+    rounded down to the bucket step (musubi's ``BucketSelector``); None means the item takes the
+    normal choice from the bucket list."""
+    area = config.resolution[0] * config.resolution[1]
+    if not config.bucket_no_upscale or size[0] * size[1] > area:
+        return None
+    return no_upscale_bucket(size, config.resolution, config.bucket_reso_steps or DEFAULT_STEP)
+
+
+def choose_bucket(size: Bucket, config: BucketConfig, buckets: list[Bucket]) -> Bucket:
+    """The bucket an item of (width, height) `size` is resized to."""
+    return own_size_bucket(size, config) or _native.choose_bucket(size[0], size[1], buckets)
+
+
 def _read_caption(path: Path) -> str | None:
     try:
         return path.read_text(encoding="utf-8").strip()
@@ -60,45 +87,69 @@ def _read_caption(path: Path) -> str | None:
         return None
 
 
-def _from_directory(dataset: ImageDatasetConfig) -> list[tuple[Path, str | None]]:
-    assert dataset.image_directory is not None
-    caption_dir = dataset.caption_directory or dataset.image_directory
-    return [
-        (path, _read_caption(caption_dir / f"{path.stem}{dataset.caption_extension}"))
-        for path in _native.list_images(dataset.image_directory)
-    ]
+def list_videos(directory: Path) -> list[Path]:
+    """Video files directly inside `directory`, sorted (extensions matched in any case)."""
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{directory}: video_directory not found (or not a directory)")
+    return sorted(p for p in directory.iterdir() if p.suffix.lower() in VIDEO_EXTENSIONS and p.is_file())
 
 
-def _from_jsonl(path: Path) -> list[tuple[Path, str | None]]:
+def _with_captions(
+    paths: list[Path], media_dir: Path, dataset: ImageDatasetConfig | VideoDatasetConfig
+) -> list[tuple[Path, str | None]]:
+    caption_dir = dataset.caption_directory or media_dir
+    return [(path, _read_caption(caption_dir / f"{path.stem}{dataset.caption_extension}")) for path in paths]
+
+
+def _from_jsonl(path: Path, key: str) -> list[tuple[Path, str | None]]:
     entries = []
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
-            image = record.get("image_path", record.get("image_path_0"))
-            if not isinstance(image, str):
-                raise ValueError("no 'image_path'")
+            media = record.get(key, record.get(f"{key}_0"))
+            if not isinstance(media, str):
+                raise ValueError(f"no '{key}'")
         except (ValueError, AttributeError) as error:
-            raise ConfigError(f"{path}:{number}: not an image record ({error})") from error
-        image_path = Path(image).expanduser()
+            raise ConfigError(f"{path}:{number}: not a record with '{key}' ({error})") from error
+        media_path = Path(media).expanduser()
         caption = record.get("caption")
-        entries.append((image_path if image_path.is_absolute() else path.parent / image_path, caption))
+        entries.append((media_path if media_path.is_absolute() else path.parent / media_path, caption))
     return entries
 
 
-def discover_images(dataset: ImageDatasetConfig) -> Discovery:
-    entries = _from_directory(dataset) if dataset.image_directory else _from_jsonl(dataset.image_jsonl_file)
+def _discovery(entries: list[tuple[Path, str | None]], kind: str, caption_extension: str) -> Discovery:
     stems = Counter(path.stem for path, _ in entries)
     items, failed = [], []
     for path, caption in entries:
         if stems[path.stem] > 1:
-            failed.append((path, f"another image has the same basename '{path.stem}'; their cache files "
+            failed.append((path, f"another {kind} has the same basename '{path.stem}'; their cache files "
                                  "would collide, rename one"))  # fmt: skip
         else:
-            items.append(ImageItem(path, caption or ""))
+            items.append(MediaItem(path, caption or ""))
     missing = sum(1 for _, caption in entries if caption is None)
     if missing:
-        log.warning("%d images have no caption file (%s); they train with an empty caption",
-                    missing, dataset.caption_extension)  # fmt: skip
+        log.warning("%d %ss have no caption file (%s); they train with an empty caption",
+                    missing, kind, caption_extension)  # fmt: skip
     return Discovery(items=items, failed=failed, missing_captions=missing)
+
+
+def discover_images(dataset: ImageDatasetConfig) -> Discovery:
+    if dataset.image_directory is not None:
+        paths = _native.list_images(dataset.image_directory)
+        entries = _with_captions(paths, dataset.image_directory, dataset)
+    else:
+        assert dataset.image_jsonl_file is not None
+        entries = _from_jsonl(dataset.image_jsonl_file, "image_path")
+    return _discovery(entries, "image", dataset.caption_extension)
+
+
+def discover_videos(dataset: VideoDatasetConfig) -> Discovery:
+    if dataset.video_directory is not None:
+        paths = list_videos(dataset.video_directory)
+        entries = _with_captions(paths, dataset.video_directory, dataset)
+    else:
+        assert dataset.video_jsonl_file is not None
+        entries = _from_jsonl(dataset.video_jsonl_file, "video_path")
+    return _discovery(entries, "video", dataset.caption_extension)
