@@ -129,8 +129,10 @@ def test_bad_weight_paths_name_the_flag(tmp_path: Path, arch: str) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelLoadError, match="not a diffusers folder"):
         family.load_vae(str(tmp_path / "empty"), CPU, F32)
-    (tmp_path / "vae.safetensors").write_bytes(b"")
-    with pytest.raises(ModelLoadError, match="single-file weights are not supported"):
+    (tmp_path / "vae.safetensors").write_bytes(b"")  # an empty file: no safetensors header
+    with pytest.raises(ModelLoadError, match=r"--vae .*vae\.safetensors"):
         family.load_vae(str(tmp_path / "vae.safetensors"), CPU, F32)
+    with pytest.raises(ModelLoadError, match=rf"{family.text_flag} .*vae\.safetensors: .*no tokenizer"):
+        family.load_text_encoder(str(tmp_path / "vae.safetensors"), CPU, F32)
     with pytest.raises(ModelLoadError, match=rf"{family.text_flag} .*nope"):
         family.load_text_encoder(str(tmp_path / "nope"), CPU, F32)

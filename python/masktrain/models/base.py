@@ -1,9 +1,15 @@
-"""What `cache` (and later `train`) needs from a model family, and nothing more.
+"""What `cache` and `train` need from a model family, and nothing more.
 
 A family turns pixels into normalised latents and captions into text embeddings, and says how
-its VAE compresses space and time. Weights come from the value of a flag: ``tiny`` (the built-in
-tiny model, random weights from a fixed seed), a local diffusers folder, or a single
+its VAE compresses space and time (for `cache`); it loads the denoiser, runs it on a noisy latent
+(`predict`), batches cached text embeddings the way its pipeline does, and names its LoRA targets
+and their ComfyUI key names (for `train`). Weights come from the value of a flag: ``tiny`` (the
+built-in tiny model, random weights from a fixed seed), a local diffusers folder, or a single
 ``.safetensors`` file. Nothing is ever downloaded.
+
+Gradient checkpointing is diffusers' own: ``transformer.enable_gradient_checkpointing()`` works
+for both families (it checkpoints each transformer block, and only while grad is enabled, so a
+``no_grad`` teacher pass never checkpoints).
 """
 
 from __future__ import annotations
@@ -30,6 +36,33 @@ class TextEncoder:
     max_length: int
 
 
+@dataclass(frozen=True)
+class TextBatch:
+    """Text conditioning for one batch, laid out as the family's pipeline passes it."""
+
+    hidden: torch.Tensor
+    """(B, L, D) embeddings; padding rows are zeros."""
+    mask: torch.Tensor | None
+    """(B, L) long, 1 for real tokens and 0 for padding; None when there is no padding (or the
+    family's denoiser takes no mask, as WAN's)."""
+
+    def to(self, device: torch.device | str, dtype: torch.dtype) -> TextBatch:
+        """Embeddings to `device` and `dtype`; the mask keeps its integer dtype."""
+        mask = None if self.mask is None else self.mask.to(device)
+        return TextBatch(hidden=self.hidden.to(device=device, dtype=dtype), mask=mask)
+
+
+@dataclass(frozen=True)
+class LoraTargets:
+    """Which modules of the denoiser get LoRA by default: every ``nn.Linear`` whose name (as in
+    ``named_modules()``) fully matches one of ``include`` and none of ``exclude``."""
+
+    include: tuple[str, ...]
+    """Regexes for where LoRA may go (the transformer blocks)."""
+    exclude: tuple[str, ...]
+    """Regexes for Linear layers inside those blocks that stay untouched."""
+
+
 class ModelFamily(Protocol):
     name: str
     """The ``--arch`` value and the suffix of cache file names."""
@@ -54,6 +87,34 @@ class ModelFamily(Protocol):
         """One (tokens, dim) embedding per caption, trimmed to its real length."""
         ...
 
+    def load_transformer(
+        self, spec: str, flag: str, device: torch.device, dtype: torch.dtype
+    ) -> torch.nn.Module:
+        """The denoiser, frozen and in eval mode: ``tiny``, a local diffusers folder (the component
+        or a pipeline with ``transformer/``) or a single ``.safetensors`` file; `flag` names the
+        value in errors."""
+        ...
+
+    def collate_text(self, embeds: list[torch.Tensor]) -> TextBatch:
+        """Trimmed (tokens, dim) embeddings -> one padded batch, as the family's pipeline pads."""
+        ...
+
+    def predict(
+        self, transformer: torch.nn.Module, noisy: torch.Tensor, sigmas: torch.Tensor, text: TextBatch
+    ) -> torch.Tensor:
+        """The flow-matching prediction (velocity) for noisy latents (B, C, F, h, w) at noise levels
+        `sigmas` (B,) in [0, 1]; same shape as `noisy`. Inputs must already be on the model's
+        device; dtypes are the caller's (autocast or a matching cast)."""
+        ...
+
+    def lora_targets(self) -> LoraTargets:
+        """The default LoRA target patterns (attention and feed-forward Linear layers)."""
+        ...
+
+    def comfy_key(self, module_name: str) -> str:
+        """A diffusers module name -> the module path ComfyUI (the original checkpoint) uses."""
+        ...
+
 
 def diffusers_folder(spec: str, flag: str, subfolder: str) -> tuple[Path, str | None]:
     """A diffusers model folder, either the component itself (``config.json`` inside) or a
@@ -69,10 +130,7 @@ def diffusers_folder(spec: str, flag: str, subfolder: str) -> tuple[Path, str | 
         raise ModelLoadError(
             f"{flag} {spec}: not a diffusers folder (no config.json, nor {subfolder}/config.json)"
         )
-    raise ModelLoadError(
-        f"{flag} {spec}: single-file weights are not supported for this component yet; "
-        "pass a local diffusers folder or 'tiny'"
-    )
+    raise ModelLoadError(f"{flag} {spec}: expected 'tiny', a diffusers folder or a .safetensors file")
 
 
 def seeded(build: Any) -> Any:
@@ -82,7 +140,36 @@ def seeded(build: Any) -> Any:
         return build()
 
 
-def pretrained_vae(model_class: Any, spec: str) -> torch.nn.Module:
+def is_single_file(spec: str) -> bool:
+    return spec.lower().endswith(".safetensors") and not Path(spec).expanduser().is_dir()
+
+
+def load_transformer_from(
+    model_class: Any, arch: str, spec: str, flag: str, dtype: torch.dtype
+) -> torch.nn.Module:
+    """A non-tiny denoiser: a single ``.safetensors`` file (ComfyUI / original layout) or a local
+    diffusers folder, read straight into `dtype` (no float32 detour for a 14B model)."""
+    if is_single_file(spec):
+        from masktrain.models.single_file import load_transformer_file
+
+        path = Path(spec).expanduser()
+        if not path.is_file():
+            raise ModelLoadError(f"{flag} {spec}: no such file")
+        return load_transformer_file(arch, path, flag, dtype=dtype)
+    path, subfolder = diffusers_folder(spec, flag, "transformer")
+    return model_class.from_pretrained(path, subfolder=subfolder, local_files_only=True, torch_dtype=dtype)
+
+
+def pretrained_vae(model_class: Any, arch: str, spec: str) -> torch.nn.Module:
+    """A non-tiny VAE: a single ``.safetensors`` file (ComfyUI / original layout) or a local
+    diffusers folder."""
+    if is_single_file(spec):
+        from masktrain.models.single_file import load_vae_file
+
+        path = Path(spec).expanduser()
+        if not path.is_file():
+            raise ModelLoadError(f"--vae {spec}: no such file")
+        return load_vae_file(arch, path, "--vae")
     path, subfolder = diffusers_folder(spec, "--vae", "vae")
     return model_class.from_pretrained(path, subfolder=subfolder, local_files_only=True)
 
@@ -92,6 +179,10 @@ def pretrained_text_encoder(model_class: Any, spec: str, flag: str) -> tuple[tor
     pipeline folder (``text_encoder/`` and ``tokenizer/``)."""
     from transformers import AutoTokenizer
 
+    if is_single_file(spec):
+        from masktrain.models.single_file import text_encoder_file_error
+
+        raise text_encoder_file_error(flag, spec)
     path, subfolder = diffusers_folder(spec, flag, "text_encoder")
     model = model_class.from_pretrained(path, subfolder=subfolder or "", local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(

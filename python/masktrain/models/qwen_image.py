@@ -1,17 +1,29 @@
-"""Qwen-Image: ``AutoencoderKLQwenImage`` (8x spatial; 4x in the tiny test config) and the
+"""Qwen-Image: ``AutoencoderKLQwenImage`` (8x spatial; 4x in the tiny test config), the
 Qwen2.5-VL text encoder, whose features are the last hidden state of a chat template with the
 template's prefix dropped (``QwenImagePipeline``: 34 tokens for the real tokenizer; computed from
-the tokenizer here, so the tiny tokenizer drops exactly its own prefix).
+the tokenizer here, so the tiny tokenizer drops exactly its own prefix), and
+``QwenImageTransformer2DModel``.
+
+The denoiser sees single images only: latents (B, C, 1, h, w) are packed into 2x2 patch tokens
+(``QwenImagePipeline._pack_latents``), the timestep is sigma on the 0..1 scale (t / 1000) and text
+is padded to the batch's longest embedding with a 0/1 mask. LoRA goes on the attention and the
+image / text MLPs of every block, not on the modulation layers (``img_mod`` / ``txt_mod``), as
+musubi-tuner's ``lora_qwen_image`` does; ComfyUI uses the diffusers module names.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 
 from masktrain.models.base import (
     TINY,
+    LoraTargets,
+    TextBatch,
     TextEncoder,
     encode_posterior_mean,
+    load_transformer_from,
     pretrained_text_encoder,
     pretrained_vae,
     seeded,
@@ -39,6 +51,55 @@ TINY_TEXT = {
     "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 1,
 }  # fmt: skip
 
+# diffusers' model test config (tests/models/transformers/test_models_transformer_qwenimage.py): the
+# tiny VAE's 4 latent channels pack to 16, and joint_attention_dim is the tiny encoder's width.
+TINY_TRANSFORMER: dict[str, Any] = {
+    "patch_size": 2, "in_channels": 16, "out_channels": 4, "num_layers": 2, "attention_head_dim": 16,
+    "num_attention_heads": 4, "joint_attention_dim": 16, "guidance_embeds": False,
+    "axes_dims_rope": (8, 4, 4),
+}  # fmt: skip
+
+LORA_TARGETS = LoraTargets(include=(r"transformer_blocks\.\d+\..+",), exclude=(r".*(img_mod|txt_mod).*",))
+
+
+def tiny_transformer(width_mult: int = 1, layers: int = 2) -> torch.nn.Module:
+    """The built-in tiny denoiser (seeded, float32, CPU); ``width_mult`` multiplies the heads (head
+    size stays 16, so RoPE is unchanged), ``layers`` sets the depth. The defaults give the
+    ``--dit tiny`` model; larger values give benchmark-sized variants that still fit the tiny VAE
+    and text encoder."""
+    from diffusers import QwenImageTransformer2DModel
+
+    if width_mult < 1 or layers < 1:
+        raise ValueError(f"width_mult and layers must be >= 1, got {width_mult} and {layers}")
+    config = {
+        **TINY_TRANSFORMER,
+        "num_attention_heads": TINY_TRANSFORMER["num_attention_heads"] * width_mult,
+        "num_layers": layers,
+    }
+    return seeded(lambda: QwenImageTransformer2DModel(**config))
+
+
+def pack_latents(latents: torch.Tensor) -> torch.Tensor:
+    """(B, C, 1, h, w) -> (B, h/2 * w/2, C * 4) tokens, as ``QwenImagePipeline._pack_latents``."""
+    b, c, frames, h, w = latents.shape
+    if frames != 1:
+        raise ValueError(
+            f"Qwen-Image trains on single images: got latents of shape {tuple(latents.shape)} "
+            f"({frames} frames); use image datasets (or one frame per item) with --arch qwen_image"
+        )
+    if h % 2 or w % 2:
+        raise ValueError(f"Qwen-Image latents need an even height and width (2x2 patches), got {h}x{w}")
+    x = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack_latents(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """The inverse of `pack_latents`: (B, h/2 * w/2, C * 4) -> (B, C, 1, h, w)."""
+    b, _, features = tokens.shape
+    c = features // 4
+    x = tokens.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, c, 1, h, w)
+
 
 class QwenImageFamily:
     name = "qwen_image"
@@ -50,7 +111,7 @@ class QwenImageFamily:
         if spec == TINY:
             vae = seeded(lambda: AutoencoderKLQwenImage(**TINY_VAE))
         else:
-            vae = pretrained_vae(AutoencoderKLQwenImage, spec)
+            vae = pretrained_vae(AutoencoderKLQwenImage, self.name, spec)
         return to_device(vae, device, dtype)
 
     def load_text_encoder(self, spec: str, device: torch.device, dtype: torch.dtype) -> TextEncoder:
@@ -93,3 +154,44 @@ class QwenImageFamily:
         hidden = out.hidden_states[-1]
         lengths = batch.attention_mask.sum(dim=1)
         return [h[drop : int(n)].cpu() for h, n in zip(hidden, lengths, strict=True)]
+
+    def load_transformer(
+        self, spec: str, flag: str, device: torch.device, dtype: torch.dtype
+    ) -> torch.nn.Module:
+        from diffusers import QwenImageTransformer2DModel
+
+        if spec == TINY:
+            transformer = tiny_transformer()
+        else:
+            transformer = load_transformer_from(QwenImageTransformer2DModel, self.name, spec, flag, dtype)
+        return to_device(transformer, device, dtype)
+
+    def collate_text(self, embeds: list[torch.Tensor]) -> TextBatch:
+        # QwenImagePipeline._get_qwen_prompt_embeds / encode_prompt: zero-pad to the longest, a 0/1
+        # long mask, and no mask at all when every token is real.
+        longest = max(e.shape[0] for e in embeds)
+        hidden = torch.stack([torch.cat([e, e.new_zeros(longest - e.shape[0], e.shape[1])]) for e in embeds])
+        lengths = torch.tensor([e.shape[0] for e in embeds], device=hidden.device)
+        mask = (torch.arange(longest, device=hidden.device)[None, :] < lengths[:, None]).long()
+        return TextBatch(hidden=hidden, mask=None if bool(mask.all()) else mask)
+
+    def predict(
+        self, transformer: torch.nn.Module, noisy: torch.Tensor, sigmas: torch.Tensor, text: TextBatch
+    ) -> torch.Tensor:
+        b, _, _, h, w = noisy.shape
+        tokens = transformer(
+            hidden_states=pack_latents(noisy),
+            encoder_hidden_states=text.hidden,
+            encoder_hidden_states_mask=text.mask,
+            timestep=sigmas,  # the pipeline passes t / 1000
+            img_shapes=[[(1, h // 2, w // 2)]] * b,
+            return_dict=False,
+        )[0]
+        return unpack_latents(tokens, h, w)
+
+    def lora_targets(self) -> LoraTargets:
+        return LORA_TARGETS
+
+    def comfy_key(self, module_name: str) -> str:
+        # ComfyUI's comfy/ldm/qwen_image/model.py uses the diffusers module names.
+        return module_name

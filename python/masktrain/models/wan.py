@@ -1,17 +1,27 @@
 """WAN 2.1 / 2.2: ``AutoencoderKLWan`` (8x spatial, 4x temporal; 16x and 48 channels for the
-WAN 2.2 TI2V-5B VAE) and the UMT5 text encoder.
+WAN 2.2 TI2V-5B VAE), the UMT5 text encoder and ``WanTransformer3DModel``.
 
-Latents are the normalised posterior mean (``base.encode_posterior_mean``).
+Latents are the normalised posterior mean (``base.encode_posterior_mean``). The denoiser takes
+latents as they are (B, C, F, h, w), the timestep on the 0..1000 scale and text embeddings
+zero-padded to 512 tokens without a mask (``WanPipeline``). LoRA goes on every Linear layer of the
+blocks (self- and cross-attention q/k/v/o, the I2V image k/v, both FFN layers), as musubi-tuner's
+``lora_wan`` does; its ComfyUI names are the original WAN ones (``self_attn.q``, ``ffn.0``, ...).
 """
 
 from __future__ import annotations
+
+import re
+from typing import Any
 
 import torch
 
 from masktrain.models.base import (
     TINY,
+    LoraTargets,
+    TextBatch,
     TextEncoder,
     encode_posterior_mean,
+    load_transformer_from,
     pretrained_text_encoder,
     pretrained_vae,
     seeded,
@@ -38,8 +48,63 @@ TINY_T5 = {
     "relative_attention_num_buckets": 8, "feed_forward_proj": "gated-gelu", "dropout_rate": 0.0,
     "pad_token_id": 0, "eos_token_id": 1,
 }  # fmt: skip
+# diffusers' pipeline / LoRA test config (tests/pipelines/wan/test_wan.py), sized to the tiny VAE
+# (16 latent channels) and the tiny UMT5 (d_model 32). rope_max_seq_len is the released models'
+# 1024 instead of the test's 32: it only sizes the RoPE table (same values for every position),
+# and 32 would limit the tiny model to 32 patches per side (a 512-pixel bucket side).
+TINY_TRANSFORMER: dict[str, Any] = {
+    "patch_size": (1, 2, 2), "num_attention_heads": 2, "attention_head_dim": 12, "in_channels": 16,
+    "out_channels": 16, "text_dim": 32, "freq_dim": 256, "ffn_dim": 32, "num_layers": 2,
+    "cross_attn_norm": True, "qk_norm": "rms_norm_across_heads", "rope_max_seq_len": 1024,
+}  # fmt: skip
 #: WanPipeline's default prompt length.
 MAX_LENGTH = 512
+
+# Every Linear inside the blocks; the excludes mirror musubi-tuner's lora_wan defaults (they match
+# no Linear of the diffusers blocks today, and keep norms / modulation out if a variant adds one).
+LORA_TARGETS = LoraTargets(
+    include=(r"blocks\.\d+\..+",),
+    exclude=(r".*(patch_embedding|text_embedding|time_embedding|time_projection|norm|modulation|head).*",),
+)
+
+# diffusers -> original (ComfyUI) names of the Linear layers inside a block; the inverse of
+# diffusers' convert_wan_transformer_to_diffusers / _convert_non_diffusers_wan_lora_to_diffusers.
+_BLOCK_LINEAR = re.compile(
+    r"(?P<block>blocks\.\d+)\."
+    r"(?:(?P<attn>attn1|attn2)\.(?P<proj>to_q|to_k|to_v|to_out\.0|add_k_proj|add_v_proj)"
+    r"|ffn\.net\.(?P<ffn>0\.proj|2))"
+)
+_ATTN = {"attn1": "self_attn", "attn2": "cross_attn"}
+_PROJ = {"to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "o", "add_k_proj": "k_img", "add_v_proj": "v_img"}
+_FFN = {"0.proj": "ffn.0", "2": "ffn.2"}
+_OUTSIDE_BLOCKS = {
+    "condition_embedder.time_embedder.linear_1": "time_embedding.0",
+    "condition_embedder.time_embedder.linear_2": "time_embedding.2",
+    "condition_embedder.text_embedder.linear_1": "text_embedding.0",
+    "condition_embedder.text_embedder.linear_2": "text_embedding.2",
+    "condition_embedder.time_proj": "time_projection.1",
+    "condition_embedder.image_embedder.ff.net.0.proj": "img_emb.proj.1",
+    "condition_embedder.image_embedder.ff.net.2": "img_emb.proj.3",
+    "proj_out": "head.head",
+}
+
+
+def tiny_transformer(width_mult: int = 1, layers: int = 2) -> torch.nn.Module:
+    """The built-in tiny denoiser (seeded, float32, CPU); ``width_mult`` multiplies the heads and
+    the FFN width (head size stays 12, so RoPE is unchanged), ``layers`` sets the depth. The
+    defaults give the ``--dit tiny`` model; larger values give benchmark-sized variants that
+    still fit the tiny VAE and text encoder."""
+    from diffusers import WanTransformer3DModel
+
+    if width_mult < 1 or layers < 1:
+        raise ValueError(f"width_mult and layers must be >= 1, got {width_mult} and {layers}")
+    config = {
+        **TINY_TRANSFORMER,
+        "num_attention_heads": TINY_TRANSFORMER["num_attention_heads"] * width_mult,
+        "ffn_dim": TINY_TRANSFORMER["ffn_dim"] * width_mult,
+        "num_layers": layers,
+    }
+    return seeded(lambda: WanTransformer3DModel(**config))
 
 
 class WanFamily:
@@ -53,7 +118,7 @@ class WanFamily:
             config = TINY_VAE if spec == TINY else TINY_TI2V_VAE
             vae = seeded(lambda: AutoencoderKLWan(**config))
         else:
-            vae = pretrained_vae(AutoencoderKLWan, spec)
+            vae = pretrained_vae(AutoencoderKLWan, self.name, spec)
         return to_device(vae, device, dtype)
 
     def load_text_encoder(self, spec: str, device: torch.device, dtype: torch.dtype) -> TextEncoder:
@@ -84,3 +149,49 @@ class WanFamily:
         hidden = encoder.model(batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
         # The pipeline keeps the real tokens and zero-pads later; the cache stores them trimmed.
         return [h[: int(n)].cpu() for h, n in zip(hidden, batch.attention_mask.sum(dim=1), strict=True)]
+
+    def load_transformer(
+        self, spec: str, flag: str, device: torch.device, dtype: torch.dtype
+    ) -> torch.nn.Module:
+        from diffusers import WanTransformer3DModel
+
+        if spec == TINY:
+            transformer = tiny_transformer()
+        else:
+            transformer = load_transformer_from(WanTransformer3DModel, self.name, spec, flag, dtype)
+        return to_device(transformer, device, dtype)
+
+    def collate_text(self, embeds: list[torch.Tensor]) -> TextBatch:
+        # WanPipeline._get_t5_prompt_embeds: the real tokens, then zeros up to 512; no mask.
+        rows = []
+        for embed in embeds:
+            if embed.shape[0] > MAX_LENGTH:
+                raise ValueError(
+                    f"a WAN text embedding has {embed.shape[0]} tokens; at most {MAX_LENGTH} fit"
+                )
+            rows.append(torch.cat([embed, embed.new_zeros(MAX_LENGTH - embed.shape[0], embed.shape[1])]))
+        return TextBatch(hidden=torch.stack(rows), mask=None)
+
+    def predict(
+        self, transformer: torch.nn.Module, noisy: torch.Tensor, sigmas: torch.Tensor, text: TextBatch
+    ) -> torch.Tensor:
+        # The pipeline passes t = sigma * 1000 (FlowMatch / UniPC timesteps), one per sample.
+        return transformer(
+            hidden_states=noisy,
+            timestep=sigmas * 1000.0,
+            encoder_hidden_states=text.hidden,
+            return_dict=False,
+        )[0]
+
+    def lora_targets(self) -> LoraTargets:
+        return LORA_TARGETS
+
+    def comfy_key(self, module_name: str) -> str:
+        match = _BLOCK_LINEAR.fullmatch(module_name)
+        if match is not None:
+            if match["ffn"] is not None:
+                return f"{match['block']}.{_FFN[match['ffn']]}"
+            return f"{match['block']}.{_ATTN[match['attn']]}.{_PROJ[match['proj']]}"
+        if module_name in _OUTSIDE_BLOCKS:
+            return _OUTSIDE_BLOCKS[module_name]
+        raise ValueError(f"no ComfyUI (original WAN) name is known for the module {module_name!r}")
