@@ -1,0 +1,250 @@
+"""The weighted mask loss: a pure torch reducer from the unreduced per-element loss (and, for
+masked prior preservation, the unreduced student-vs-teacher loss) to one float32 scalar.
+
+Semantics are the reference implementation's (``apply_masked_loss_with_prior`` of the musubi-tuner
+fork, PR #901), step by step:
+
+1. No mask, or ``use_mask_loss`` off: the plain mean, in float32.
+2. Shapes. ``layout="video"``: loss ``(B, C, F, H, W)`` (a 4-D ``(B, C, H, W)`` loss is one
+   frame), mask ``(B, 1, F, H, W)`` or ``(B, F, H, W)``. ``layout="layered"`` (Qwen-Image
+   layered): loss ``(B, L, C, H, W)``, mask ``(B, 1, F, H, W)`` whose frames are the layers; with
+   ``drop_base_frame`` the first mask frame (the base image, not in the target) is dropped.
+3. ``raw = clamp(mask, 0, 1)``; ``w = raw ** gamma * (1 - min) + min`` (an affine remap, not a
+   clamp floor).
+4. Prior region: continuous ``1 - w``; threshold mode ``raw < threshold`` (the latent-resolution,
+   area-averaged mask), and then the target ignores those cells (no target/prior overlap).
+5. ``L_t = sum(loss * w) / sum(w)`` over the batch, or per sample then the batch mean (samples
+   without weight count as 0). ``L_p = weight * (same over prior_loss and the prior region)``.
+   Empty regions (weight sum <= 1e-8) contribute 0. Returns ``L_t + L_p``.
+
+Deliberate differences from PR #901:
+
+- Everything is computed in float32 (the mask is not rounded to a bf16 loss's precision first).
+- The mask stays compact, broadcast over channels; weight sums are multiplied by C, which equals
+  the sum over the expanded mask.
+- ``prior_loss`` must have the loss's shape (a later reference fix); it is not silently broadcast.
+- Threshold mode removes prior cells from the target only when the prior term is on
+  (``prior_preservation_weight > 0``); with weight 0 the threshold has no effect, as the option
+  validation says. Whether ``prior_loss`` was passed does not matter, so
+  ``masked_loss(..., prior_loss=None)`` is the target term of the same call with a prior loss.
+- The layered layout supports the prior term (the later reference refused it); the mask
+  permutation applies to both terms alike.
+- No host synchronisation: empty-region guards are ``torch.where``, not Python comparisons.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, NamedTuple
+
+import torch
+
+from masktrain.train.mask_options import MaskLossSettings, check
+
+__all__ = [
+    "TIER_EDGES",
+    "MaskLossSettings",
+    "MaskedLossTerms",
+    "has_prior_region",
+    "masked_loss",
+    "masked_loss_terms",
+    "region_losses",
+    "transform_weights",
+]
+
+Layout = Literal["video", "layered"]
+
+EPS = 1e-8
+"""Weight sums at or below this count as an empty region (contribute 0)."""
+
+TIER_EDGES = (0.05, 0.75)
+"""Raw-weight edges of the metric tiers: background < 0.05 <= body (hair, body) < 0.75 <= face."""
+
+_CONTINUOUS_FULL = 1.0 - 1e-6
+"""Continuous mode: a mask whose raw minimum reaches this has no prior region."""
+
+
+class MaskedLossTerms(NamedTuple):
+    """The two terms of the reduced loss (float32, 0-dim); the loss is their sum."""
+
+    target: torch.Tensor
+    prior: torch.Tensor
+
+
+def transform_weights(raw: torch.Tensor, gamma: float, min_weight: float) -> torch.Tensor:
+    """``clamp(raw, 0, 1) ** gamma * (1 - min_weight) + min_weight`` (the guide's pipeline).
+
+    Clamping comes first so values drifted outside [0, 1] (interpolation, IO) cannot produce NaN
+    under a fractional gamma.
+    """
+    weights = raw.clamp(0.0, 1.0)
+    if gamma != 1.0:
+        weights = weights**gamma
+    if min_weight > 0:
+        weights = weights * (1.0 - min_weight) + min_weight
+    return weights
+
+
+def _prepare(
+    loss: torch.Tensor, mask_weights: torch.Tensor, layout: str, drop_base_frame: bool
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Return the 5-D float32 loss, the float32 mask shaped to broadcast against it (size 1 in
+    the channel dimension) and the number of channels the mask is broadcast over."""
+    if layout not in ("video", "layered"):
+        raise ValueError(f"Unknown layout: {layout!r} (expected 'video' or 'layered')")
+    if drop_base_frame and layout != "layered":
+        raise ValueError("drop_base_frame=True is only valid with layout='layered'")
+    if loss.ndim == 4:
+        if layout != "video":
+            raise ValueError(f"4D loss is only supported for layout='video', got {tuple(loss.shape)}")
+        loss = loss.unsqueeze(2)  # (B, C, H, W) -> (B, C, 1, H, W)
+    elif loss.ndim != 5:
+        raise ValueError(f"Expected loss to be 4D or 5D, got {loss.ndim}D: {tuple(loss.shape)}")
+    if mask_weights.ndim == 4:
+        mask_weights = mask_weights.unsqueeze(1)  # (B, F, H, W) -> (B, 1, F, H, W)
+    elif mask_weights.ndim != 5 or mask_weights.shape[1] != 1:
+        raise ValueError(f"Unexpected mask_weights shape: {tuple(mask_weights.shape)}")
+    mask = mask_weights.to(loss.device, torch.float32)
+    if layout == "video":
+        if mask.shape[0] != loss.shape[0] or mask.shape[2:] != loss.shape[2:]:
+            raise ValueError(
+                "mask_weights shape does not match loss shape for layout='video': "
+                f"mask={tuple(mask.shape)} loss={tuple(loss.shape)}"
+            )
+    else:
+        if drop_base_frame:
+            mask = mask[:, :, 1:]
+        if (
+            mask.shape[0] != loss.shape[0]
+            or mask.shape[2] != loss.shape[1]
+            or mask.shape[3:] != loss.shape[3:]
+        ):
+            raise ValueError(
+                "mask_weights shape does not match loss shape for layout='layered': "
+                f"mask={tuple(mask.shape)} loss={tuple(loss.shape)} drop_base_frame={drop_base_frame}"
+            )
+        mask = mask.permute(0, 2, 1, 3, 4)  # (B, L, 1, H, W)
+    channels = loss.shape[1] if layout == "video" else loss.shape[2]
+    return loss.float(), mask, channels
+
+
+def _per_sample_sums(
+    values: torch.Tensor, weights: torch.Tensor, channels: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B,) sums of ``values * weights`` and of the broadcast weights (C times the compact sum)."""
+    dims = (1, 2, 3, 4)
+    return (values * weights).sum(dim=dims), weights.sum(dim=dims) * channels
+
+
+def _region_mean(
+    values: torch.Tensor, weights: torch.Tensor, channels: int, per_sample: bool
+) -> torch.Tensor:
+    numerator, denominator = _per_sample_sums(values, weights, channels)
+    if per_sample:
+        means = torch.where(denominator > EPS, numerator / denominator.clamp_min(EPS), 0.0)
+        return means.mean()
+    total = denominator.sum()
+    return torch.where(total > EPS, numerator.sum() / total.clamp_min(EPS), 0.0)
+
+
+def masked_loss_terms(
+    loss: torch.Tensor,
+    mask_weights: torch.Tensor | None,
+    settings: MaskLossSettings,
+    *,
+    prior_loss: torch.Tensor | None = None,
+    layout: Layout = "video",
+    drop_base_frame: bool = False,
+) -> MaskedLossTerms:
+    """:func:`masked_loss` split into its target and prior terms (for metrics)."""
+    if mask_weights is None or not settings.use_mask_loss:
+        return MaskedLossTerms(loss.float().mean(), torch.zeros((), dtype=torch.float32, device=loss.device))
+    check(settings)
+    if prior_loss is not None and prior_loss.shape != loss.shape:
+        raise ValueError(
+            f"prior_loss shape {tuple(prior_loss.shape)} does not match loss shape {tuple(loss.shape)}"
+        )
+    values, mask, channels = _prepare(loss, mask_weights, layout, drop_base_frame)
+    raw = mask.clamp(0.0, 1.0)
+    weights = transform_weights(raw, settings.mask_gamma, settings.mask_min_weight)
+    prior_on = settings.prior_preservation_weight > 0
+    threshold = settings.prior_mask_threshold
+    if prior_on and threshold is not None:
+        prior_region = (raw < threshold).float()
+        weights = weights * (1.0 - prior_region)
+    else:
+        prior_region = 1.0 - weights
+    per_sample = settings.normalize_per_sample
+    target = _region_mean(values, weights, channels, per_sample)
+    if not prior_on or prior_loss is None:
+        return MaskedLossTerms(target, torch.zeros((), dtype=torch.float32, device=target.device))
+    prior_values = prior_loss.float()
+    if prior_values.ndim == 4:
+        prior_values = prior_values.unsqueeze(2)
+    prior = (
+        _region_mean(prior_values, prior_region, channels, per_sample) * settings.prior_preservation_weight
+    )
+    return MaskedLossTerms(target, prior)
+
+
+def masked_loss(
+    loss: torch.Tensor,
+    mask_weights: torch.Tensor | None,
+    settings: MaskLossSettings,
+    *,
+    prior_loss: torch.Tensor | None = None,
+    layout: Layout = "video",
+    drop_base_frame: bool = False,
+) -> torch.Tensor:
+    """Reduce the unreduced ``loss`` to a float32 0-dim tensor with the mask weights.
+
+    ``prior_loss`` is the unreduced student-vs-teacher loss (same shape as ``loss``); it is used
+    only when ``settings.prior_preservation_weight > 0``. Raises ``ValueError`` for shapes that do
+    not fit the layout and :class:`~masktrain.train.mask_options.MaskOptionError` for bad settings.
+    """
+    terms = masked_loss_terms(
+        loss, mask_weights, settings, prior_loss=prior_loss, layout=layout, drop_base_frame=drop_base_frame
+    )
+    return terms.target + terms.prior
+
+
+def has_prior_region(
+    mask_weights: torch.Tensor | None, settings: MaskLossSettings, *, drop_base_frame: bool = False
+) -> bool:
+    """Whether the prior term can be non-zero for this batch, i.e. whether the teacher forward is
+    worth running. One host sync (the mask minimum).
+
+    Threshold mode: some raw weight is below the threshold. Continuous mode: some raw weight is
+    below ``1 - 1e-6`` (elsewhere every processed weight is 1, so ``1 - w`` is 0). With
+    ``drop_base_frame`` (layered layout) the base frame, which is not in the loss, is ignored.
+    """
+    if mask_weights is None or not settings.use_mask_loss or settings.prior_preservation_weight <= 0:
+        return False
+    if drop_base_frame:
+        mask_weights = mask_weights[:, :, 1:] if mask_weights.ndim == 5 else mask_weights[:, 1:]
+    if mask_weights.numel() == 0:
+        return False
+    minimum = float(mask_weights.amin())
+    threshold = settings.prior_mask_threshold
+    return minimum < (threshold if threshold is not None else _CONTINUOUS_FULL)
+
+
+def region_losses(
+    loss: torch.Tensor,
+    mask_weights: torch.Tensor,
+    layout: Layout = "video",
+    *,
+    drop_base_frame: bool = False,
+) -> dict[str, float | None]:
+    """Mean loss per tier of RAW mask weight, for metrics: ``background`` (raw < 0.05), ``body``
+    (0.05 <= raw < 0.75: hair and body) and ``face`` (raw >= 0.75); None for an empty tier.
+    Every channel of a cell counts. One host sync."""
+    values, mask, channels = _prepare(loss.detach(), mask_weights, layout, drop_base_frame)
+    low, high = TIER_EDGES
+    sums, counts = [], []
+    for in_tier in (mask < low, (mask >= low) & (mask < high), mask >= high):
+        indicator = in_tier.float()
+        sums.append((values * indicator).sum())
+        counts.append(indicator.sum() * channels)
+    totals = torch.stack(sums + counts).tolist()
+    names = ("background", "body", "face")
+    return {name: (totals[i] / totals[i + 3] if totals[i + 3] > 0 else None) for i, name in enumerate(names)}

@@ -1,0 +1,205 @@
+"""Optimizer and LR schedule: LR values by hand, errors naming the flag, and resume from state dicts."""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import sys
+
+import pytest
+import torch
+
+from masktrain import MaskTrainError
+from masktrain.train.optim import OptimConfigError, build_optimizer, build_scheduler
+
+LR = 1e-3
+
+
+def make(
+    name: str = "constant", **kwargs: object
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    param = torch.nn.Parameter(torch.zeros(2))
+    optimizer = build_optimizer([param], learning_rate=LR)
+    return optimizer, build_scheduler(optimizer, name=name, **kwargs)  # type: ignore[arg-type]
+
+
+def lrs(name: str, steps: int, **kwargs: object) -> list[float]:
+    """The LR used at optimizer steps 0 .. steps-1, stepping the optimizer like the loop does."""
+    optimizer, scheduler = make(name, **kwargs)
+    seen = []
+    for _ in range(steps):
+        seen.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return seen
+
+
+def approx(values: list[float]) -> object:
+    return pytest.approx(values, rel=1e-9, abs=1e-15)
+
+
+# --- optimizer --------------------------------------------------------------------------------
+
+
+def test_adamw_is_torch_adamw_with_the_given_settings() -> None:
+    param = torch.nn.Parameter(torch.zeros(2))
+    optimizer = build_optimizer([param], optimizer_type="AdamW", learning_rate=2e-4, weight_decay=0.1)
+    assert type(optimizer) is torch.optim.AdamW
+    group = optimizer.param_groups[0]
+    assert (group["lr"], group["weight_decay"], group["betas"], group["eps"]) == (
+        2e-4,
+        0.1,
+        (0.9, 0.999),
+        1e-8,
+    )
+
+
+def test_adamw8bit_without_bitsandbytes_names_the_flag_and_the_fix(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import fails, installed or not
+    with pytest.raises(OptimConfigError) as raised:
+        build_optimizer([torch.nn.Parameter(torch.zeros(1))], optimizer_type="adamw8bit", learning_rate=LR)
+    message = str(raised.value)
+    assert "--optimizer_type adamw8bit" in message
+    assert "pip install bitsandbytes" in message
+    assert isinstance(raised.value, MaskTrainError)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"optimizer_type": "sgd"}, "--optimizer_type must be one of adamw, adamw8bit; got 'sgd'"),
+        ({"learning_rate": 0.0}, "--learning_rate must be > 0, got 0.0"),
+        ({"learning_rate": math.nan}, "--learning_rate must be > 0, got nan"),
+        ({"weight_decay": -0.1}, "--weight_decay must be >= 0, got -0.1"),
+        ({"betas": (0.9, 1.0)}, r"optimizer betas must be in range \[0, 1\), got \(0.9, 1.0\)"),
+        ({"eps": 0.0}, "optimizer eps must be > 0, got 0.0"),
+    ],
+)
+def test_optimizer_errors(kwargs: dict, message: str) -> None:
+    options = {"learning_rate": LR, **kwargs}
+    with pytest.raises(OptimConfigError, match=f"^{message}$"):
+        build_optimizer([torch.nn.Parameter(torch.zeros(1))], **options)
+
+
+# --- schedules --------------------------------------------------------------------------------
+
+
+def test_constant() -> None:
+    assert lrs("constant", 3, total_steps=10) == approx([LR, LR, LR])
+
+
+def test_constant_with_warmup() -> None:
+    # Warm-up over 4 steps: s / 4 for s < 4, then 1.
+    assert lrs("constant_with_warmup", 6, warmup_steps=4, total_steps=10) == approx(
+        [0.0, LR / 4, LR / 2, 3 * LR / 4, LR, LR]
+    )
+
+
+def test_linear() -> None:
+    # Warm-up 2 of 10 steps: 0, 1/2; then (10 - s) / 8 for s = 2 .. 10 and 0 after.
+    expected = [0.0, 0.5, 1.0, 7 / 8, 6 / 8, 5 / 8, 4 / 8, 3 / 8, 2 / 8, 1 / 8, 0.0, 0.0]
+    assert lrs("linear", 12, warmup_steps=2, total_steps=10) == approx([LR * f for f in expected])
+
+
+def test_cosine() -> None:
+    # No warm-up, 4 steps: 0.5 (1 + cos(pi s / 4)) = 1, (1 + 1/sqrt2) / 2, 1/2, (1 - 1/sqrt2) / 2, 0.
+    r = 1 / math.sqrt(2)
+    expected = [1.0, (1 + r) / 2, 0.5, (1 - r) / 2, 0.0, 0.0]
+    assert lrs("cosine", 6, total_steps=4) == approx([LR * f for f in expected])
+
+
+def test_min_lr_ratio_floors_the_decay() -> None:
+    # cosine with floor 0.1: 0.1 + 0.9 * decay; at s = 2 of 4: 0.1 + 0.45 = 0.55; after the end 0.1.
+    got = lrs("cosine", 6, total_steps=4, min_lr_ratio=0.1)
+    assert got[2] == pytest.approx(0.55 * LR)
+    assert got[4:] == approx([0.1 * LR, 0.1 * LR])
+    # linear with floor 0.2 at s = 2 of 4: 0.2 + 0.8 * 0.5 = 0.6.
+    assert lrs("linear", 3, total_steps=4, min_lr_ratio=0.2)[2] == pytest.approx(0.6 * LR)
+
+
+def test_min_lr_ratio_on_a_constant_schedule_only_warns(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="masktrain.train.optim"):
+        assert lrs("constant", 2, total_steps=4, min_lr_ratio=0.1) == approx([LR, LR])
+    assert "--lr_scheduler_min_lr_ratio has no effect with --lr_scheduler constant" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (
+            {"name": "polynomial", "total_steps": 10},
+            "--lr_scheduler must be one of constant, constant_with_warmup, linear, cosine; got 'polynomial'",
+        ),
+        (
+            {"name": "constant", "warmup_steps": 5, "total_steps": 10},
+            "--lr_scheduler constant does not use --lr_warmup_steps; set it to 0 or use constant_with_warmup",
+        ),
+        (
+            {"name": "linear", "warmup_steps": 11, "total_steps": 10},
+            r"--lr_warmup_steps \(11\) must not exceed the total training steps \(10\)",
+        ),
+        ({"name": "linear", "warmup_steps": -1, "total_steps": 10}, "--lr_warmup_steps must be >= 0, got -1"),
+        ({"name": "linear", "total_steps": 0}, "the total number of training steps must be >= 1, got 0"),
+        (
+            {"name": "cosine", "total_steps": 10, "min_lr_ratio": 1.5},
+            r"--lr_scheduler_min_lr_ratio must be in range \[0, 1\], got 1.5",
+        ),
+    ],
+)
+def test_scheduler_errors(kwargs: dict, message: str) -> None:
+    optimizer = build_optimizer([torch.nn.Parameter(torch.zeros(1))], learning_rate=LR)
+    with pytest.raises(OptimConfigError, match=f"^{message}$"):
+        build_scheduler(optimizer, **kwargs)
+
+
+# --- resume -----------------------------------------------------------------------------------
+
+
+def _roundtrip(state: dict) -> dict:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+def _train(
+    steps: int, optimizer: torch.optim.Optimizer, scheduler: object, param: torch.nn.Parameter
+) -> list[float]:
+    seen = []
+    for step in range(steps):
+        seen.append(optimizer.param_groups[0]["lr"])
+        param.grad = torch.full_like(param, float(step + 1))
+        optimizer.step()
+        scheduler.step()  # type: ignore[attr-defined]
+    return seen
+
+
+def test_state_dict_round_trip_resumes_identically() -> None:
+    def fresh() -> tuple[torch.nn.Parameter, torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+        param = torch.nn.Parameter(torch.ones(3))
+        optimizer = build_optimizer([param], learning_rate=LR, weight_decay=0.01)
+        return param, optimizer, build_scheduler(optimizer, name="cosine", warmup_steps=3, total_steps=10)
+
+    param, optimizer, scheduler = fresh()
+    straight = _train(10, optimizer, scheduler, param)
+    final = param.detach().clone()
+
+    param, optimizer, scheduler = fresh()
+    first = _train(4, optimizer, scheduler, param)
+    saved = (param.detach().clone(), _roundtrip(optimizer.state_dict()), _roundtrip(scheduler.state_dict()))
+
+    param, optimizer, scheduler = fresh()
+    with torch.no_grad():
+        param.copy_(saved[0])
+    optimizer.load_state_dict(saved[1])
+    scheduler.load_state_dict(saved[2])
+    # The grads of steps 5..10 are what the uninterrupted run used (step + 1 with step offset 4).
+    rest = []
+    for step in range(4, 10):
+        rest.append(optimizer.param_groups[0]["lr"])
+        param.grad = torch.full_like(param, float(step + 1))
+        optimizer.step()
+        scheduler.step()
+    assert first + rest == straight
+    assert torch.equal(param.detach(), final)
