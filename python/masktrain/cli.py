@@ -193,5 +193,13 @@ def cache(
     raise SystemExit(1 if any(s.failed for s in summaries) else 0)
 
 
+def _register_train() -> None:
+    from masktrain.cli_train import train
+
+    main.add_command(train)
+
+
+_register_train()
+
 if __name__ == "__main__":
     main()

@@ -1,0 +1,194 @@
+"""The resolved configuration of one ``masktrain train`` run: one frozen tree, validated with
+messages that name the flag, and saved next to every checkpoint (``config.json``).
+
+The mask flags (``loss.MaskLossSettings``) and the timestep flags
+(``train.timesteps.TimestepSettings``) are their own dataclasses, validated by their own modules;
+this file holds the rest and the checks that span them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from masktrain.loss import MaskLossSettings
+from masktrain.train.timesteps import TimestepSettings
+
+LORA_FORMATS = ("comfyui", "diffusers")
+MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
+SAVE_PRECISION = ("float", "fp16", "bf16")
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
+OPTIMIZERS = ("adamw", "adamw8bit")
+
+
+class TrainConfigError(ValueError):
+    """A flag value that cannot work; the message names the flag."""
+
+
+@dataclass(frozen=True)
+class NetworkSettings:
+    network_dim: int = 16
+    """LoRA rank."""
+    network_alpha: float = 1.0
+    """LoRA alpha; the update is scaled by alpha / rank (musubi-tuner's default alpha is 1)."""
+    include_patterns: tuple[str, ...] | None = None
+    """Module-name regexes (fullmatch) to train instead of the family's defaults (--network_args)."""
+    exclude_patterns: tuple[str, ...] | None = None
+    """Module-name regexes (fullmatch) excluded on top of the family's defaults (--network_args)."""
+
+
+@dataclass(frozen=True)
+class OptimSettings:
+    learning_rate: float = 1e-4
+    """Peak learning rate."""
+    optimizer_type: str = "adamw"
+    """adamw, or adamw8bit (needs bitsandbytes)."""
+    weight_decay: float = 0.01
+    """AdamW weight decay."""
+    lr_scheduler: str = "constant"
+    """constant, constant_with_warmup, linear or cosine."""
+    lr_warmup_steps: int = 0
+    """Optimizer steps of linear warm-up."""
+    gradient_accumulation_steps: int = 1
+    """Batches per optimizer step."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm; 0 disables clipping."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    dataset_config: Path
+    """The dataset TOML that `masktrain cache` was run with."""
+    arch: str
+    """Model family: wan or qwen_image."""
+    dit: str
+    """Transformer: 'tiny', a diffusers folder or a .safetensors file (WAN 2.2: the low-noise expert)."""
+    output_dir: Path
+    """Where the LoRA, checkpoints, metrics.jsonl and config.json go."""
+    output_name: str = "lora"
+    """File name (without .safetensors) of the LoRA."""
+    dit_high_noise: str | None = None
+    """WAN 2.2 A14B: the high-noise expert; one LoRA is trained across both experts."""
+    timestep_boundary: float = 0.875
+    """WAN 2.2 A14B: sigmas at or above this go to the high-noise expert (0.875 T2V, 0.9 I2V)."""
+    device: str | None = None
+    """Training device; default cuda (this process's LOCAL_RANK) when available, else cpu."""
+    mixed_precision: str = "auto"
+    """auto (bf16 on GPU, fp32 on CPU), no, bf16 or fp16."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass to save memory."""
+    seed: int = 42
+    """Seeds the LoRA initialisation, the batch order, the noise and the timesteps."""
+    max_train_steps: int = 1600
+    """Optimizer steps to train for (max_train_epochs, when set, takes precedence)."""
+    max_train_epochs: int | None = None
+    """Epochs to train for; overrides max_train_steps."""
+    save_every_n_steps: int | None = None
+    """Write a checkpoint every N optimizer steps (one is always written at the end)."""
+    lora_format: str = "comfyui"
+    """Layout of OUTPUT_NAME.safetensors: comfyui or diffusers."""
+    save_precision: str = "float"
+    """dtype of the saved LoRA tensors: float, fp16 or bf16."""
+    resume: Path | None = None
+    """A checkpoint folder (OUTPUT_DIR/step-000100) to continue from."""
+    network: NetworkSettings = field(default_factory=NetworkSettings)
+    optim: OptimSettings = field(default_factory=OptimSettings)
+    mask: MaskLossSettings = field(default_factory=MaskLossSettings)
+    timesteps: TimestepSettings = field(default_factory=TimestepSettings)
+
+    def validate(self) -> None:
+        """Raise TrainConfigError naming the first flag whose value cannot work."""
+        network, optim = self.network, self.optim
+        checks: list[tuple[bool, str]] = [
+            (network.network_dim >= 1, "--network_dim must be >= 1"),
+            (network.network_alpha > 0, "--network_alpha must be > 0"),
+            (optim.learning_rate > 0, "--learning_rate must be > 0"),
+            _choice(optim.optimizer_type, OPTIMIZERS, "--optimizer_type"),
+            _choice(optim.lr_scheduler, LR_SCHEDULERS, "--lr_scheduler"),
+            (optim.lr_warmup_steps >= 0, "--lr_warmup_steps must be >= 0"),
+            (optim.gradient_accumulation_steps >= 1, "--gradient_accumulation_steps must be >= 1"),
+            (optim.max_grad_norm >= 0, "--max_grad_norm must be >= 0 (0 disables clipping)"),
+            (self.max_train_steps >= 1, "--max_train_steps must be >= 1"),
+            ((self.max_train_epochs or 1) >= 1, "--max_train_epochs must be >= 1"),
+            ((self.save_every_n_steps or 1) >= 1, "--save_every_n_steps must be >= 1"),
+            _choice(self.lora_format, LORA_FORMATS, "--lora_format"),
+            _choice(self.save_precision, SAVE_PRECISION, "--save_precision"),
+            _choice(self.mixed_precision, MIXED_PRECISION, "--mixed_precision"),
+            (0 < self.timestep_boundary < 1, "--timestep_boundary must be in range (0, 1)"),
+            (self.dit_high_noise is None or self.arch == "wan", "--dit_high_noise is only for --arch wan"),
+            (
+                bool(self.output_name) and "/" not in self.output_name,
+                "--output_name must be a plain file name",
+            ),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise TrainConfigError(message)
+        if self.resume is not None and not (self.resume / "state.json").is_file():
+            raise TrainConfigError(
+                f"--resume {self.resume}: not a masktrain checkpoint folder (no state.json)"
+            )
+
+    def to_json(self) -> str:
+        return json.dumps(_jsonable(dataclasses.asdict(self)), indent=2, sort_keys=True)
+
+
+def _choice(value: str, choices: tuple[str, ...], flag: str) -> tuple[bool, str]:
+    return value in choices, f"{flag} must be one of {', '.join(choices)}, not {value!r}"
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {key: _jsonable(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(item) for item in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def parse_network_args(values: tuple[str, ...]) -> tuple[tuple[str, ...] | None, tuple[str, ...] | None]:
+    """musubi-tuner's ``--network_args key=value``: ``include_patterns`` / ``exclude_patterns``,
+    each a Python-style list of regexes (``exclude_patterns=[".*norm.*"]``) or one regex."""
+    include: tuple[str, ...] | None = None
+    exclude: tuple[str, ...] | None = None
+    for value in values:
+        key, sep, raw = value.partition("=")
+        key = key.strip()
+        if not sep:
+            raise TrainConfigError(f"--network_args {value!r}: expected key=value")
+        if key not in ("include_patterns", "exclude_patterns"):
+            raise TrainConfigError(
+                f"--network_args {key!r} is not supported; use include_patterns or exclude_patterns"
+            )
+        patterns = _pattern_list(raw.strip(), key)
+        if key == "include_patterns":
+            include = patterns
+        else:
+            exclude = patterns
+    return include, exclude
+
+
+def _pattern_list(raw: str, key: str) -> tuple[str, ...]:
+    import ast
+    import re
+
+    if raw.startswith("["):
+        try:
+            parsed = ast.literal_eval(raw)
+        except (ValueError, SyntaxError) as error:
+            raise TrainConfigError(f"--network_args {key}: cannot parse {raw!r} as a list: {error}") from None
+        if not isinstance(parsed, list) or not all(isinstance(item, str) for item in parsed):
+            raise TrainConfigError(f"--network_args {key}: expected a list of strings, got {raw!r}")
+        patterns = tuple(parsed)
+    else:
+        patterns = (raw.strip("'\""),)
+    for pattern in patterns:
+        try:
+            re.compile(pattern)
+        except re.error as error:
+            raise TrainConfigError(f"--network_args {key}: invalid regex {pattern!r}: {error}") from None
+    return patterns

@@ -1,0 +1,449 @@
+"""``masktrain train``: the training loop, top to bottom.
+
+One optimizer step = ``gradient_accumulation_steps`` batches. Per batch:
+
+1. noise and sigmas come from a generator seeded by (seed, epoch, batch index), so a resumed or a
+   multi-process run draws exactly what an uninterrupted single-process run draws;
+2. ``noisy = (1 - t)·x + t·noise``, target ``noise - x`` (flow matching);
+3. with prior preservation and a prior region in the batch, the teacher prediction comes first:
+   the same model with its adapters off, under no_grad, on the same inputs;
+4. the student prediction; per-element MSE against the target (and against the teacher), times
+   the timestep weighting; ``loss.masked_loss`` reduces both;
+5. backward; after the last batch of the window the gradients are averaged over processes,
+   clipped, and the optimizer and scheduler step.
+
+Multi-GPU: one process per device under ``torchrun``; process ``rank`` takes every ``world``-th
+batch of the epoch's order, and the LoRA gradients are all-reduced (averaged) before each
+optimizer step — data-parallel training as DDP does it, without wrapping the diffusers module
+(its forward goes through the family's ``predict``). Only rank 0 writes files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import signal
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from masktrain import distributed
+from masktrain.data.loader import Batch, Prefetcher, epoch_batches, find_cached_items
+from masktrain.distributed import Shard
+from masktrain.loss import has_prior_region, masked_loss_terms, region_losses
+from masktrain.models import get_family
+from masktrain.models.base import ModelFamily, TextBatch
+from masktrain.train import checkpoint as ckpt
+from masktrain.train import lora, mask_options, timesteps
+from masktrain.train.config import TrainConfig
+from masktrain.train.metrics import MetricsLog, StepMetrics, progress_postfix
+from masktrain.train.optim import build_optimizer, build_scheduler
+
+log = logging.getLogger(__name__)
+
+CACHE_HINT = mask_options.DEFAULT_CACHE_HINT
+
+
+@dataclass
+class Experts:
+    """The transformer(s) being trained. WAN 2.2 A14B has two experts that share one LoRA: the
+    high-noise one takes sigmas at or above the boundary."""
+
+    low: torch.nn.Module
+    high: torch.nn.Module | None
+    boundary: float
+
+    def modules(self) -> list[torch.nn.Module]:
+        return [self.low] if self.high is None else [self.low, self.high]
+
+    def predict(
+        self, family: ModelFamily, noisy: torch.Tensor, sigmas: torch.Tensor, text: Any
+    ) -> torch.Tensor:
+        if self.high is None:
+            return family.predict(self.low, noisy, sigmas, text)
+        high = sigmas >= self.boundary
+        if bool(high.all()) or not bool(high.any()):
+            return family.predict(self.high if bool(high.all()) else self.low, noisy, sigmas, text)
+        out = torch.empty_like(noisy)
+        for model, rows in ((self.high, high), (self.low, ~high)):
+            out[rows] = family.predict(
+                model,
+                noisy[rows],
+                sigmas[rows],
+                TextBatch(text.hidden[rows], None if text.mask is None else text.mask[rows]),
+            ).to(out.dtype)
+        return out
+
+    @contextlib.contextmanager
+    def adapters_disabled(self) -> Iterator[None]:
+        with contextlib.ExitStack() as stack:
+            for model in self.modules():
+                stack.enter_context(lora.adapters_disabled(model))
+            yield
+
+
+def _device(config: TrainConfig, shard: Shard) -> torch.device:
+    if config.device:
+        return torch.device(config.device)
+    return torch.device(f"cuda:{shard.local_rank}" if torch.cuda.is_available() else "cpu")
+
+
+def _precision(config: TrainConfig, device: torch.device) -> tuple[torch.dtype, torch.dtype | None]:
+    """(base weight dtype, autocast dtype). fp32 everywhere on the CPU unless asked otherwise."""
+    choice = config.mixed_precision
+    if choice == "auto":
+        choice = "bf16" if device.type == "cuda" else "no"
+    if choice == "no":
+        return torch.float32, None
+    dtype = torch.bfloat16 if choice == "bf16" else torch.float16
+    return dtype, dtype
+
+
+def _trainable(experts: Experts) -> list[tuple[str, torch.nn.Parameter]]:
+    """The LoRA parameters, once each (the experts share them)."""
+    seen: set[int] = set()
+    params = []
+    for name, param in experts.low.named_parameters():
+        if param.requires_grad and id(param) not in seen:
+            seen.add(id(param))
+            params.append((name, param))
+    return params
+
+
+def _share_lora(low: torch.nn.Module, high: torch.nn.Module) -> None:
+    """Make `high`'s LoRA layers use `low`'s A and B modules: one LoRA across both experts."""
+    low_modules = dict(low.named_modules())
+    for name, module in high.named_modules():
+        if (
+            hasattr(module, "lora_A")
+            and isinstance(module.lora_A, torch.nn.ModuleDict)
+            and name in low_modules
+        ):
+            module.lora_A = low_modules[name].lora_A
+            module.lora_B = low_modules[name].lora_B
+
+
+def build_experts(
+    config: TrainConfig, family: ModelFamily, device: torch.device, dtype: torch.dtype
+) -> Experts:
+    network = config.network
+    low = family.load_transformer(config.dit, "--dit", device, dtype)
+    high = None
+    if config.dit_high_noise is not None:
+        high = family.load_transformer(config.dit_high_noise, "--dit_high_noise", device, dtype)
+    torch.manual_seed(config.seed)  # the LoRA initialisation
+    names = lora.add_lora(
+        low, family, rank=network.network_dim, alpha=network.network_alpha,
+        include=list(network.include_patterns) if network.include_patterns else None,
+        exclude=list(network.exclude_patterns) if network.exclude_patterns else None,
+    )  # fmt: skip
+    if high is not None:
+        lora.add_lora(
+            high, family, rank=network.network_dim, alpha=network.network_alpha,
+            include=list(network.include_patterns) if network.include_patterns else None,
+            exclude=list(network.exclude_patterns) if network.exclude_patterns else None,
+        )  # fmt: skip
+        _share_lora(low, high)
+    experts = Experts(low, high, config.timestep_boundary)
+    for _, param in _trainable(experts):
+        param.data = param.data.float()  # LoRA weights train in float32 whatever the base dtype
+    for model in experts.modules():
+        if config.gradient_checkpointing:
+            model.enable_gradient_checkpointing()
+        model.train()
+    log.info("LoRA rank %d alpha %g on %d modules", network.network_dim, network.network_alpha, len(names))
+    return experts
+
+
+def _batch_generator(seed: int, epoch: int, index: int) -> torch.Generator:
+    return torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 1_000_003 + index)
+
+
+@dataclass
+class StepResult:
+    loss: torch.Tensor
+    prior: float
+    tiers: dict[str, float | None]
+
+
+def compute_loss(
+    config: TrainConfig, family: ModelFamily, experts: Experts, batch: Batch, epoch: int,
+    device: torch.device, weight_dtype: torch.dtype, autocast: torch.dtype | None,
+) -> StepResult:  # fmt: skip
+    """The loss of one batch (not yet backpropagated)."""
+    settings = config.mask
+    if settings.use_mask_loss:
+        mask_options.require_mask_weights(batch.mask_weights is not None, CACHE_HINT)
+    generator = _batch_generator(config.seed, epoch, batch.index)
+    latents = batch.latents.to(device)
+    batch_size, _, _, height, width = latents.shape
+    noise = torch.randn(latents.shape, generator=generator).to(device)
+    sigmas = timesteps.sample_sigmas(config.timesteps, batch_size, (height, width), generator, "cpu").to(
+        device
+    )
+    expanded = sigmas.view(-1, 1, 1, 1, 1)
+    noisy = (1 - expanded) * latents + expanded * noise
+    target = noise - latents
+    text = family.collate_text(batch.text).to(device, weight_dtype)
+    mask = batch.mask_weights.to(device) if batch.mask_weights is not None else None
+    weighting = timesteps.loss_weighting(config.timesteps, sigmas)
+    weighting = None if weighting is None else weighting.to(device).view(-1, 1, 1, 1, 1)
+
+    autocast_context = (
+        torch.autocast(device.type, dtype=autocast) if autocast is not None else contextlib.nullcontext()
+    )
+    teacher = None
+    need_prior = (
+        settings.use_mask_loss and settings.prior_preservation_weight > 0 and mask is not None
+        and has_prior_region(mask, settings)
+    )  # fmt: skip
+    if need_prior:
+        with torch.no_grad(), experts.adapters_disabled(), autocast_context:
+            teacher = experts.predict(family, noisy, sigmas, text).float()
+    with autocast_context:
+        prediction = experts.predict(family, noisy, sigmas, text)
+    per_element = (prediction.float() - target) ** 2
+    prior_element = None if teacher is None else (prediction.float() - teacher) ** 2
+    if weighting is not None:
+        per_element = per_element * weighting
+        prior_element = None if prior_element is None else prior_element * weighting
+    terms = masked_loss_terms(per_element, mask, settings, prior_loss=prior_element)
+    tiers = region_losses(per_element.detach(), mask) if mask is not None else {}
+    return StepResult(terms.target + terms.prior, float(terms.prior.detach()), tiers)
+
+
+def _all_reduce_grads(params: list[torch.nn.Parameter], shard: Shard) -> None:
+    if shard.world == 1:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= shard.world
+    offset = 0
+    for param, grad in zip(params, grads, strict=True):
+        count = grad.numel()
+        param.grad = flat[offset : offset + count].view_as(param).clone()
+        offset += count
+
+
+class _Interrupt:
+    """Ctrl-C sets a flag the loop checks after each optimizer step (a second one aborts)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+
+    def __enter__(self) -> _Interrupt:
+        try:
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        except ValueError:  # not the main thread (e.g. called from a test thread)
+            self._previous = None
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        log.warning("interrupt: saving a checkpoint after this step (Ctrl-C again to abort)")
+
+    def __exit__(self, *exc: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+class TrainingInterrupted(Exception):
+    """Raised after the checkpoint of an interrupted run is saved."""
+
+    def __init__(self, checkpoint: Path):
+        super().__init__(f"interrupted; resume with --resume {checkpoint}")
+        self.checkpoint = checkpoint
+
+
+def run(config: TrainConfig) -> Path:
+    """Train; returns the path of the LoRA file."""
+    config.validate()
+    timesteps.validate(config.timesteps)
+    for warning in mask_options.validate(config.mask):
+        log.warning("%s", warning)
+    family = get_family(config.arch)
+    shard = distributed.start()
+    try:
+        return _train(config, family, shard)
+    finally:
+        distributed.stop(shard)
+
+
+def _train(config: TrainConfig, family: ModelFamily, shard: Shard) -> Path:
+    device = _device(config, shard)
+    weight_dtype, autocast = _precision(config, device)
+    items = find_cached_items(config.dataset_config, family.name)
+    experts = build_experts(config, family, device, weight_dtype)
+    named = _trainable(experts)
+    params = [param for _, param in named]
+    if shard.world > 1:  # identical start on every process
+        for param in params:
+            dist.broadcast(param.data, src=0)
+    optim = config.optim
+    optimizer = build_optimizer(
+        params, optimizer_type=optim.optimizer_type, learning_rate=optim.learning_rate,
+        weight_decay=optim.weight_decay,
+    )  # fmt: skip
+
+    batches_per_epoch = len(epoch_batches(items, config.seed, 0)) // shard.world
+    if batches_per_epoch == 0:
+        raise ValueError(f"{config.dataset_config}: fewer batches than processes ({shard.world}); add data")
+    steps_per_epoch = math.ceil(batches_per_epoch / optim.gradient_accumulation_steps)
+    total_steps = config.max_train_steps
+    if config.max_train_epochs is not None:
+        total_steps = config.max_train_epochs * steps_per_epoch
+    scheduler = build_scheduler(
+        optimizer, name=optim.lr_scheduler, warmup_steps=optim.lr_warmup_steps, total_steps=total_steps
+    )
+
+    position = ckpt.Position(step=0, epoch=0, batches_done=0)
+    if config.resume is not None:
+        state = ckpt.load_checkpoint(config.resume)
+        by_name = dict(named)
+        for name, tensor in state.adapter.items():
+            by_name[name].data.copy_(tensor.to(device))
+        optimizer.load_state_dict(state.optimizer)
+        scheduler.load_state_dict(state.scheduler)
+        ckpt.restore_rng(state.rng)
+        position = state.position
+        log.info("resumed from %s at step %d", config.resume, position.step)
+
+    if shard.is_main:
+        config.output_dir.mkdir(parents=True, exist_ok=True)
+        ckpt.remove_stale_temporaries(config.output_dir)
+        (config.output_dir / "config.json").write_text(config.to_json())
+        if config.mask.use_mask_loss:
+            print(mask_options.banner(config.mask, CACHE_HINT), flush=True)
+        log.info(
+            "training %s on %s: %d items, %d batches per epoch and process, %d steps, %d process(es)",
+            family.name, device, len(items), batches_per_epoch, total_steps, shard.world,
+        )  # fmt: skip
+    metrics = (
+        MetricsLog(config.output_dir, position.step if config.resume else None) if shard.is_main else None
+    )
+
+    lora_path = config.output_dir / f"{config.output_name}.safetensors"
+    step, epoch, done = position.step, position.epoch, position.batches_done
+    with (
+        contextlib.closing(metrics) if metrics is not None else contextlib.nullcontext(),
+        _Interrupt() as interrupt,
+        tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=not shard.is_main) as bar,
+    ):
+        while step < total_steps:
+            order = epoch_batches(items, config.seed, epoch)
+            mine = list(enumerate(order))[shard.rank :: shard.world][:batches_per_epoch]
+            prefetch = Prefetcher(mine[done:])
+            finished = False
+            try:
+                window, window_start, started, waited = StepMetrics(), done, time.perf_counter(), 0.0
+                for batch in prefetch:
+                    window_size = min(optim.gradient_accumulation_steps, len(mine) - window_start)
+                    result = compute_loss(
+                        config, family, experts, batch, epoch, device, weight_dtype, autocast
+                    )
+                    (result.loss / window_size).backward()
+                    window.add(float(result.loss.detach()), result.prior, result.tiers)
+                    done += 1
+                    if done - window_start < window_size:
+                        continue
+                    _all_reduce_grads(params, shard)
+                    if optim.max_grad_norm > 0:
+                        torch.nn.utils.clip_grad_norm_(params, optim.max_grad_norm)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    step += 1
+                    if metrics is not None:
+                        record = window.record(
+                            step, epoch, scheduler.get_last_lr()[0],
+                            step_time=time.perf_counter() - started, data_wait=prefetch.waited - waited,
+                        )  # fmt: skip
+                        metrics.write(record)
+                        bar.set_postfix(progress_postfix(record), refresh=False)
+                    bar.update(1)
+                    stop = _agree(interrupt.requested, shard)
+                    finished = step >= total_steps
+                    if (
+                        finished
+                        or stop
+                        or (config.save_every_n_steps and step % config.save_every_n_steps == 0)
+                    ):
+                        after = (
+                            ckpt.Position(step, epoch, done)
+                            if done < len(mine)
+                            else ckpt.Position(step, epoch + 1, 0)
+                        )
+                        _save(config, family, experts, named, optimizer, scheduler, after, shard)
+                    if stop and not finished:
+                        raise TrainingInterrupted(ckpt.checkpoint_dir(config.output_dir, step))
+                    if finished:
+                        break
+                    window, window_start, started, waited = (
+                        StepMetrics(),
+                        done,
+                        time.perf_counter(),
+                        prefetch.waited,
+                    )
+            finally:
+                prefetch.close()
+            if not finished:
+                epoch, done = epoch + 1, 0
+    if shard.is_main:
+        log.info("wrote %s", lora_path)
+    return lora_path
+
+
+def _agree(flag: bool, shard: Shard) -> bool:
+    """Whether any process wants to stop (all must stop at the same step)."""
+    if shard.world == 1:
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0])
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def lora_metadata(config: TrainConfig) -> dict[str, str]:
+    """The training flags; ``lora.save_lora`` adds arch, rank, alpha and version."""
+    mask = config.mask
+    return {
+        "masktrain.use_mask_loss": str(mask.use_mask_loss).lower(),
+        "masktrain.mask_gamma": str(mask.mask_gamma),
+        "masktrain.mask_min_weight": str(mask.mask_min_weight),
+        "masktrain.prior_preservation_weight": str(mask.prior_preservation_weight),
+        "masktrain.prior_mask_threshold": str(mask.prior_mask_threshold),
+        "masktrain.normalize_per_sample": str(mask.normalize_per_sample).lower(),
+    }  # fmt: skip
+
+
+def _save(
+    config: TrainConfig, family: ModelFamily, experts: Experts, named: list[tuple[str, torch.nn.Parameter]],
+    optimizer: torch.optim.Optimizer, scheduler: Any, position: ckpt.Position, shard: Shard,
+) -> None:  # fmt: skip
+    """Rank 0 writes the checkpoint folder and the LoRA file (the latest copy at the top level)."""
+    if shard.is_main:
+        dtype = {"float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[config.save_precision]
+        name = f"{config.output_name}.safetensors"
+        staged = config.output_dir / f".{name}.staged"
+        lora.save_lora(staged, experts.low, family, layout=config.lora_format,
+                       metadata=lora_metadata(config), dtype=dtype)  # fmt: skip
+        top = config.output_dir / name
+        top_temp = top.with_name(f".{name}.top")
+        top_temp.write_bytes(staged.read_bytes())
+        top_temp.replace(top)
+        target = ckpt.checkpoint_dir(config.output_dir, position.step)
+        ckpt.save_checkpoint(
+            target, adapter={n: p.detach() for n, p in named}, optimizer=optimizer, scheduler=scheduler,
+            position=position, config_json=config.to_json(), extra_files={name: staged},
+        )  # fmt: skip
+    shard.barrier()

@@ -1,0 +1,344 @@
+"""LoRA on the denoiser through peft: which Linear layers get it, the teacher pass with the
+adapters off, and the LoRA file in the two layouts users load (ComfyUI and diffusers).
+
+Targets. A module gets LoRA when it is an ``nn.Linear``, its name fully matches one of the
+family's ``include`` patterns (the transformer blocks), and it matches no exclude pattern (the
+family's defaults plus the user's ``exclude_patterns``) unless it also matches one of the user's
+``include_patterns``. That is musubi-tuner's rule (``networks/lora.py``: user excludes are added
+to the architecture's default excludes, and an include pattern rescues an excluded module; it does
+not restrict). To train only some layers, exclude everything and include those:
+``exclude_patterns=[".*"] include_patterns=[".*attn1.*"]``. Two differences from musubi: patterns
+must match the whole name (``re.fullmatch``, musubi uses ``re.match``; its usual ``.*x.*`` patterns
+behave the same), and a pattern may be written against the diffusers name
+(``blocks.0.attn1.to_q``) or the original / ComfyUI one (``blocks.0.self_attn.q``), so patterns
+copied from musubi's WAN docs keep working.
+
+Initialisation is peft's default (``init_lora_weights=True``): A Kaiming-uniform (a=sqrt(5)), B
+zeros, so the adapted model starts equal to the base, as musubi-tuner's LoRA modules do. The
+scale is ``alpha / rank`` (no rsLoRA, which ComfyUI would not reproduce).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Literal
+
+import safetensors
+import safetensors.torch
+import torch
+
+from masktrain._native import TEMP_SUFFIX, MaskTrainError
+from masktrain.models.base import ModelFamily
+
+Layout = Literal["comfyui", "diffusers"]
+LAYOUTS: tuple[Layout, ...] = ("comfyui", "diffusers")
+ADAPTER = "default"
+COMFY_PREFIX = "diffusion_model."
+DIFFUSERS_PREFIX = "transformer."
+#: diffusers' ``LORA_ADAPTER_METADATA_KEY``: the peft config that ``load_lora_weights`` rebuilds.
+DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"
+META_ARCH = "masktrain.arch"
+META_RANK = "masktrain.rank"
+META_ALPHA = "masktrain.alpha"
+META_VERSION = "masktrain.version"
+META_LAYOUT = "masktrain.layout"
+
+
+class LoraTargetError(MaskTrainError):
+    """The LoRA target patterns are invalid or select no Linear layer."""
+
+
+class LoraFileError(MaskTrainError):
+    """A LoRA file that masktrain cannot load back (not one of its files, or another model's)."""
+
+
+def select_targets(
+    transformer: torch.nn.Module,
+    family: ModelFamily,
+    *,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+) -> list[str]:
+    """The names of the Linear layers that get LoRA (see the module docstring for the rule)."""
+    defaults = family.lora_targets()
+    scope = _compile(defaults.include, "include")
+    excluded = _compile((*defaults.exclude, *(exclude or ())), "exclude_patterns")
+    rescued = _compile(include or (), "include_patterns")
+    chosen = []
+    for name, module in transformer.named_modules():
+        if not isinstance(module, torch.nn.Linear) or not _any_match(scope, (name,)):
+            continue
+        names = _names(family, name)
+        if _any_match(excluded, names) and not _any_match(rescued, names):
+            continue
+        chosen.append(name)
+    if not chosen:
+        linears = [n for n, m in transformer.named_modules() if isinstance(m, torch.nn.Linear)]
+        linears = [n for n in linears if _any_match(scope, (n,))] or linears
+        raise LoraTargetError(
+            f"no Linear layer of the {family.name} transformer is selected for LoRA "
+            f"(include_patterns={list(include or [])}, exclude_patterns={list(exclude or [])}, "
+            f"defaults include={list(defaults.include)} exclude={list(defaults.exclude)}); "
+            f"Linear layers are named like {', '.join(linears[:4]) or '(none)'}"
+        )
+    return chosen
+
+
+def add_lora(
+    transformer: torch.nn.Module,
+    family: ModelFamily,
+    *,
+    rank: int,
+    alpha: float,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+) -> list[str]:
+    """Freeze the base and add one LoRA adapter (float32 weights) on the selected Linear layers;
+    returns their names. Only the LoRA weights require grad afterwards."""
+    from peft import LoraConfig
+
+    if rank < 1:
+        raise LoraTargetError(f"--network_dim must be >= 1, got {rank}")
+    if getattr(transformer, "_hf_peft_config_loaded", False):
+        raise LoraTargetError("the transformer already has a LoRA adapter; add_lora adds exactly one")
+    targets = select_targets(transformer, family, include=include, exclude=exclude)
+    transformer.requires_grad_(False)
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, init_lora_weights=True)
+    transformer.add_adapter(config, adapter_name=ADAPTER)
+    # Train the adapter in float32 whatever the base dtype (diffusers' cast_training_params).
+    for param in lora_parameters(transformer):
+        param.data = param.data.to(torch.float32)
+    return targets
+
+
+def lora_parameters(transformer: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The adapter's weights (lora_A / lora_B of every adapted layer)."""
+    return [p for n, p in transformer.named_parameters() if ".lora_A." in n or ".lora_B." in n]
+
+
+@contextlib.contextmanager
+def adapters_disabled(transformer: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Run the base model (the prior-preservation teacher) with the same module.
+
+    Uses diffusers' ``disable_adapters()`` / ``enable_adapters()`` rather than the per-call
+    ``attention_kwargs={"scale": 0.0}`` route: the disabled layers skip the LoRA matmuls
+    entirely (the teacher costs exactly one base forward), and it leaves any adapter weights set
+    with ``set_adapters`` alone. The ``finally`` re-enables the adapters before anything else can
+    run, so a gradient-checkpointed student forward and its ``backward()`` always see the same
+    (enabled) model; recomputing a checkpointed block with the adapters still off is what raises
+    ``CheckpointError``. Run the teacher first, under ``torch.no_grad()``: diffusers only
+    checkpoints while grad is enabled, so the teacher saves nothing for backward. peft's disable
+    clears ``requires_grad`` on the LoRA weights and its enable sets it back to True; the flags
+    are restored as they were, so frozen adapters stay frozen. Pass the unwrapped module (not a
+    DDP wrapper).
+    """
+    flags = [(p, p.requires_grad) for p in lora_parameters(transformer)]
+    transformer.disable_adapters()
+    try:
+        yield transformer
+    finally:
+        transformer.enable_adapters()
+        for param, flag in flags:
+            param.requires_grad_(flag)
+
+
+def lora_state_dict(transformer: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """peft's names without the adapter name: ``blocks.0.attn1.to_q.lora_A.weight`` -> tensor."""
+    from peft.utils import get_peft_model_state_dict
+
+    return get_peft_model_state_dict(transformer, adapter_name=ADAPTER)
+
+
+def save_lora(
+    path: str | os.PathLike[str],
+    transformer: torch.nn.Module,
+    family: ModelFamily,
+    *,
+    layout: Layout = "comfyui",
+    metadata: Mapping[str, str] | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> None:
+    """Write the adapter to ``path`` atomically.
+
+    ``comfyui``: ``diffusion_model.<original module path>.lora_A.weight`` / ``.lora_B.weight`` and
+    ``.alpha`` (a float32 scalar; ComfyUI scales by alpha / rank and assumes 1.0 without it).
+    ``diffusers``: what ``WanPipeline.save_lora_weights`` / ``QwenImagePipeline.save_lora_weights``
+    write (``transformer.<name>.lora_A.weight`` plus the peft config under
+    ``lora_adapter_metadata``), so ``pipe.load_lora_weights(path)`` rebuilds the same adapter.
+    Both carry ``masktrain.arch`` / ``.rank`` / ``.alpha`` / ``.version`` / ``.layout`` and the
+    caller's `metadata` (string values; training flags)."""
+    from masktrain import __version__
+
+    if layout not in LAYOUTS:
+        raise ValueError(f"LoRA layout {layout!r} is not one of {', '.join(LAYOUTS)}")
+    if ADAPTER not in getattr(transformer, "peft_config", {}):
+        raise ValueError("the transformer has no LoRA adapter to save (add_lora adds one)")
+    config = transformer.peft_config[ADAPTER]
+    header = {
+        "format": "pt",
+        META_ARCH: family.name,
+        META_RANK: str(config.r),
+        META_ALPHA: repr(float(config.lora_alpha)),
+        META_VERSION: __version__,
+        META_LAYOUT: layout,
+    }
+    extra = dict(metadata or {})
+    clash = sorted(set(extra) & set(header))
+    if clash:
+        raise ValueError(f"LoRA metadata keys {clash} are reserved for masktrain")
+    bad = sorted(k for k, v in extra.items() if not isinstance(k, str) or not isinstance(v, str))
+    if bad:
+        raise TypeError(f"LoRA metadata must map str to str; not so for {bad}")
+    header.update(extra)
+
+    state = {
+        k: v.detach().to(device="cpu", dtype=dtype).contiguous()
+        for k, v in lora_state_dict(transformer).items()
+    }
+    if layout == "comfyui":
+        tensors = _to_comfy(state, family, float(config.lora_alpha))
+    else:
+        tensors = {DIFFUSERS_PREFIX + key: value for key, value in state.items()}
+        adapter = config.to_dict()
+        # The exact module names, not the suffix set peft compresses them to: a suffix such as
+        # "2" would also put (empty) LoRA on other layers when loaded into a larger variant.
+        adapter["target_modules"] = sorted({key.rpartition(".lora_")[0] for key in state})
+        header[DIFFUSERS_METADATA_KEY] = _diffusers_adapter_metadata(adapter)
+    _write_atomic(Path(path), tensors, header)
+
+
+def load_lora_into(transformer: torch.nn.Module, path: str | os.PathLike[str]) -> dict[str, str]:
+    """Add the adapter stored in one of masktrain's LoRA files (either layout) to a transformer
+    without one; returns the file's metadata. The loaded weights are trainable like any adapter
+    from `add_lora`."""
+    from peft import LoraConfig
+    from peft.utils import set_peft_model_state_dict
+
+    from masktrain.models.registry import get_family
+
+    path = Path(path)
+    try:
+        tensors = safetensors.torch.load_file(path)
+        with safetensors.safe_open(path, "pt") as handle:
+            metadata = handle.metadata() or {}
+    except safetensors.SafetensorError as error:
+        raise LoraFileError(f"{path}: not a readable safetensors file ({error})") from error
+    missing = [k for k in (META_ARCH, META_RANK, META_ALPHA) if k not in metadata]
+    if missing:
+        raise LoraFileError(f"{path}: not a masktrain LoRA file (metadata lacks {', '.join(missing)})")
+    if getattr(transformer, "_hf_peft_config_loaded", False):
+        raise LoraFileError(f"{path}: the transformer already has a LoRA adapter; load into a fresh one")
+    try:
+        family = get_family(metadata[META_ARCH])
+    except ValueError as error:
+        raise LoraFileError(f"{path}: {error}") from None
+
+    if all(key.startswith(COMFY_PREFIX) for key in tensors):
+        state = _from_comfy(tensors, family, transformer, path)
+    elif all(key.startswith(DIFFUSERS_PREFIX) for key in tensors):
+        state = {key.removeprefix(DIFFUSERS_PREFIX): value for key, value in tensors.items()}
+    else:
+        raise LoraFileError(f"{path}: keys are neither all {COMFY_PREFIX}... nor all {DIFFUSERS_PREFIX}...")
+
+    modules = sorted({key.rpartition(".lora_")[0] for key in state})
+    config = LoraConfig(
+        r=int(metadata[META_RANK]),
+        lora_alpha=float(metadata[META_ALPHA]),
+        target_modules=modules,
+        init_lora_weights=True,
+    )
+    try:
+        transformer.add_adapter(config, adapter_name=ADAPTER)
+    except ValueError as error:  # peft: a target module that does not exist in this model
+        raise LoraFileError(f"{path}: does not fit this {family.name} transformer ({error})") from error
+    result = set_peft_model_state_dict(transformer, state, adapter_name=ADAPTER)
+    unloaded = [k for k in result.missing_keys if ".lora_" in k]
+    if result.unexpected_keys or unloaded:
+        raise LoraFileError(
+            f"{path}: does not fit this transformer (unexpected {result.unexpected_keys[:3]}, "
+            f"missing {unloaded[:3]})"
+        )
+    return dict(metadata)
+
+
+def _compile(patterns: Sequence[str], what: str) -> list[re.Pattern[str]]:
+    compiled = []
+    for pattern in patterns:
+        try:
+            compiled.append(re.compile(pattern))
+        except re.error as error:
+            raise LoraTargetError(
+                f"{what}: {pattern!r} is not a valid regular expression ({error})"
+            ) from None
+    return compiled
+
+
+def _any_match(patterns: Sequence[re.Pattern[str]], names: Sequence[str]) -> bool:
+    return any(p.fullmatch(name) for p in patterns for name in names)
+
+
+def _names(family: ModelFamily, module_name: str) -> tuple[str, ...]:
+    """A module's diffusers name and, when it differs, its original (ComfyUI) name."""
+    try:
+        original = family.comfy_key(module_name)
+    except ValueError:
+        return (module_name,)
+    return (module_name,) if original == module_name else (module_name, original)
+
+
+def _to_comfy(
+    state: Mapping[str, torch.Tensor], family: ModelFamily, alpha: float
+) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        module, _, suffix = key.rpartition(".lora_")  # "blocks.0.attn1.to_q", "A.weight"
+        base = COMFY_PREFIX + family.comfy_key(module)
+        tensors[f"{base}.lora_{suffix}"] = value
+        tensors[f"{base}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
+    return tensors
+
+
+def _from_comfy(
+    tensors: Mapping[str, torch.Tensor], family: ModelFamily, transformer: torch.nn.Module, path: Path
+) -> dict[str, torch.Tensor]:
+    names = {}
+    for name, module in transformer.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            with contextlib.suppress(ValueError):
+                names[family.comfy_key(name)] = name
+    state = {}
+    for key, value in tensors.items():
+        if key.endswith(".alpha"):
+            continue  # the adapter's alpha comes from masktrain.alpha (one value for every layer)
+        original, _, suffix = key.removeprefix(COMFY_PREFIX).rpartition(".lora_")
+        if original not in names:
+            raise LoraFileError(f"{path}: {key} names no Linear layer of this {family.name} transformer")
+        state[f"{names[original]}.lora_{suffix}"] = value
+    return state
+
+
+def _diffusers_adapter_metadata(config: dict[str, object]) -> str:
+    """The peft config as diffusers' ``_save_lora_weights`` stores it: keys prefixed with
+    ``transformer.``, sets as lists, JSON with indent 2 and sorted keys."""
+    packed = {
+        DIFFUSERS_PREFIX + key: sorted(value) if isinstance(value, set) else value
+        for key, value in config.items()
+    }
+    return json.dumps(packed, indent=2, sort_keys=True)
+
+
+def _write_atomic(path: Path, tensors: Mapping[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_name(path.name + TEMP_SUFFIX)
+    try:
+        safetensors.torch.save_file(dict(tensors), temp, metadata=metadata)
+        with open(temp, "rb") as file:  # flush before the rename, as data/cache_format does
+            os.fsync(file.fileno())
+        os.replace(temp, path)
+    finally:
+        temp.unlink(missing_ok=True)

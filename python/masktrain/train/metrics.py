@@ -1,0 +1,95 @@
+"""Per-step metrics: the loss per mask tier and the prior term, on the progress bar, in
+``OUTPUT_DIR/metrics.jsonl`` (one JSON object per optimizer step) and in TensorBoard when it is
+installed.
+
+Tiers are bins of the RAW cached weight (before gamma and floor): background < 0.05 <= hair and
+body < 0.75 <= face. The tier losses are plain means of the per-element flow-matching loss
+inside each tier, so they show what the model learns where, whatever the weighting does.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StepMetrics:
+    """Sums over the micro-batches of one optimizer step."""
+
+    loss: float = 0.0
+    prior: float = 0.0
+    batches: int = 0
+    tiers: dict[str, list[float]] = field(default_factory=dict)
+
+    def add(self, loss: float, prior: float, tiers: dict[str, float | None]) -> None:
+        self.loss += loss
+        self.prior += prior
+        self.batches += 1
+        for name, value in tiers.items():
+            if value is not None:
+                self.tiers.setdefault(name, []).append(value)
+
+    def record(self, step: int, epoch: int, lr: float, **timing: float) -> dict[str, Any]:
+        n = max(self.batches, 1)
+        tiers = {name: sum(values) / len(values) for name, values in self.tiers.items()}
+        return {
+            "step": step, "epoch": epoch, "loss": self.loss / n, "prior_loss": self.prior / n, "lr": lr,
+            **{f"loss_{name}": value for name, value in sorted(tiers.items())}, **timing,
+        }  # fmt: skip
+
+
+def progress_postfix(record: dict[str, Any]) -> dict[str, str]:
+    shown = {"loss": record["loss"]}
+    for name in ("face", "body", "background"):
+        if f"loss_{name}" in record:
+            shown[name[:4] if name != "background" else "bg"] = record[f"loss_{name}"]
+    if record["prior_loss"]:
+        shown["prior"] = record["prior_loss"]
+    return {key: f"{value:.4g}" for key, value in shown.items()}
+
+
+class MetricsLog:
+    """Appends records to metrics.jsonl (kept across a resume) and TensorBoard."""
+
+    def __init__(self, output_dir: Path, resume_step: int | None):
+        self.path = output_dir / "metrics.jsonl"
+        if resume_step is None:
+            self.path.unlink(missing_ok=True)
+        else:  # drop the records a killed run wrote after its last checkpoint
+            self._truncate_after(resume_step)
+        self._writer = _tensorboard(output_dir / "tensorboard")
+
+    def _truncate_after(self, step: int) -> None:
+        if not self.path.exists():
+            return
+        kept = [
+            line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step
+        ]
+        self.path.write_text("".join(line + "\n" for line in kept))
+
+    def write(self, record: dict[str, Any]) -> None:
+        with self.path.open("a") as file:
+            file.write(json.dumps(record) + "\n")
+        if self._writer is not None:
+            for key, value in record.items():
+                if key not in ("step", "epoch") and isinstance(value, float) and math.isfinite(value):
+                    self._writer.add_scalar(key.replace("loss_", "loss/"), value, record["step"])
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+
+
+def _tensorboard(directory: Path) -> Any:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is optional
+        return None
+    return SummaryWriter(str(directory))
