@@ -12,9 +12,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
+
+if TYPE_CHECKING:
+    from masktrain.train.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -101,34 +104,11 @@ def _with_options(command: Callable[..., Any]) -> Callable[..., Any]:
 @_with_options
 def train(**flags: Any) -> None:
     """Train a LoRA on a cached dataset, with the weighted mask loss and masked prior preservation."""
-    from masktrain.loss import MaskLossSettings
-    from masktrain.train.config import (
-        NetworkSettings,
-        OptimSettings,
-        TrainConfig,
-        TrainConfigError,
-        parse_network_args,
-    )
+    from masktrain.train.config import TrainConfigError
     from masktrain.train.loop import TrainingInterrupted, run
-    from masktrain.train.timesteps import TimestepSettings
 
-    if flags.pop("network_module") is not None:
-        log.warning(
-            "--network_module is ignored: masktrain trains a peft LoRA on the family's default modules"
-        )
     try:
-        include, exclude = parse_network_args(flags.pop("network_args"))
-        config = TrainConfig(
-            network=NetworkSettings(
-                network_dim=flags.pop("network_dim"), network_alpha=flags.pop("network_alpha"),
-                include_patterns=include, exclude_patterns=exclude,
-            ),
-            optim=OptimSettings(**_take(flags, OptimSettings)),
-            mask=MaskLossSettings(**_take(flags, MaskLossSettings)),
-            timesteps=TimestepSettings(**_take(flags, TimestepSettings)),
-            **flags,
-        )  # fmt: skip
-        run(config)
+        run(build_config(flags))
     except TrainConfigError as error:
         raise click.UsageError(str(error)) from error
     except TrainingInterrupted as interrupted:
@@ -136,6 +116,32 @@ def train(**flags: Any) -> None:
         raise SystemExit(130) from None
     except ValueError as error:  # mask flags, timestep flags, dataset and model errors name their source
         raise click.UsageError(str(error)) from error
+
+
+def build_config(flags: dict[str, Any]) -> TrainConfig:
+    """The ``TrainConfig`` of the parsed flags (click's parameter names and values). ``masktrain
+    demo`` parses its runs' command lines through the ``train`` command and this function, so the
+    commands it prints are exactly what it trained."""
+    from masktrain.loss import MaskLossSettings
+    from masktrain.train.config import NetworkSettings, OptimSettings, TrainConfig, parse_network_args
+    from masktrain.train.timesteps import TimestepSettings
+
+    flags = dict(flags)
+    if flags.pop("network_module") is not None:
+        log.warning(
+            "--network_module is ignored: masktrain trains a peft LoRA on the family's default modules"
+        )
+    include, exclude = parse_network_args(flags.pop("network_args"))
+    return TrainConfig(
+        network=NetworkSettings(
+            network_dim=flags.pop("network_dim"), network_alpha=flags.pop("network_alpha"),
+            include_patterns=include, exclude_patterns=exclude,
+        ),
+        optim=OptimSettings(**_take(flags, OptimSettings)),
+        mask=MaskLossSettings(**_take(flags, MaskLossSettings)),
+        timesteps=TimestepSettings(**_take(flags, TimestepSettings)),
+        **flags,
+    )  # fmt: skip
 
 
 def _take(flags: dict[str, Any], settings: type) -> dict[str, Any]:

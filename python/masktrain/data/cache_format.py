@@ -258,6 +258,15 @@ def read_metadata(path: _StrPath) -> CacheMetadata | None:
         return _metadata_of(handle, path)
 
 
+def read_header(path: _StrPath) -> tuple[CacheMetadata, dict[str, tuple[int, ...]]]:
+    """The file's metadata and its tensors' shapes by name, without reading tensor data."""
+    path = Path(path)
+    with _open(path) as handle:
+        metadata = _metadata_of(handle, path)
+        shapes = {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
+    return metadata, shapes
+
+
 def cache_status(path: _StrPath, *, arch: str, fingerprint: str) -> CacheStatus:
     """Whether the file at ``path`` can be reused by a run for ``arch`` whose inputs hash to ``fingerprint``.
 

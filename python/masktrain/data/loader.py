@@ -23,7 +23,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import safetensors
 import torch
 
 from masktrain.config.dataset import load_dataset_config
@@ -64,14 +63,14 @@ class Batch:
     items: list[CachedItem]
 
 
-def _latent_key(handle: safetensors.safe_open, path: Path) -> tuple[str, str | None]:
-    latent = [key for key in handle.keys() if _LATENT_KEY.match(key)]
-    masks = [key for key in handle.keys() if key.startswith("mask_weights_")]
+def _latent_shape(shapes: dict[str, tuple[int, ...]], path: Path) -> tuple[tuple[int, ...], bool]:
+    """(C, F, h, w) of the file's latents, and whether it holds mask weights."""
+    latent = [name for name in shapes if _LATENT_KEY.match(name)]
     if len(latent) != 1:
         raise CachedDataError(
             f"{path}: expected one latents_* tensor, found {len(latent)}; re-run masktrain cache"
         )
-    return latent[0], masks[0] if masks else None
+    return shapes[latent[0]], any(name.startswith("mask_weights_") for name in shapes)
 
 
 def find_cached_items(dataset_config: Path, arch: str) -> list[CachedItem]:
@@ -84,12 +83,10 @@ def find_cached_items(dataset_config: Path, arch: str) -> list[CachedItem]:
         paths = sorted(p for p in directory.iterdir() if pattern.search(p.name)) if directory.is_dir() else []
         orphaned = 0
         for path in paths:
-            with fmt._open(path) as handle:
-                metadata = fmt._metadata_of(handle, path)
-                if metadata.arch != arch:
-                    raise CachedDataError(f"{path}: made for arch '{metadata.arch}', not '{arch}'")
-                latent_key, mask_key = _latent_key(handle, path)
-                shape = tuple(handle.get_slice(latent_key).get_shape())
+            metadata, shapes = fmt.read_header(path)
+            if metadata.arch != arch:
+                raise CachedDataError(f"{path}: made for arch '{metadata.arch}', not '{arch}'")
+            shape, has_mask = _latent_shape(shapes, path)
             source = Path(metadata.source)
             if not source.exists():
                 orphaned += 1
@@ -101,9 +98,7 @@ def find_cached_items(dataset_config: Path, arch: str) -> list[CachedItem]:
                     f"--dataset_config {dataset_config} --arch {arch}"
                 )
             items.append(
-                CachedItem(
-                    path, text, shape, mask_key is not None, number, dataset.batch_size, dataset.num_repeats
-                )  # type: ignore[arg-type]
+                CachedItem(path, text, shape, has_mask, number, dataset.batch_size, dataset.num_repeats)  # type: ignore[arg-type]
             )
         if orphaned:
             log.warning("%s: %d cache files whose source no longer exists were skipped", directory, orphaned)
