@@ -6,6 +6,8 @@ images `convert-alpha` makes (alpha masks, the mask files as fallback).
     masktrain convert-alpha --image_directory sample/images --mask_directory sample/masks \\
         --output_directory sample/rgba
     masktrain cache --dataset_config sample/dataset.toml --arch wan --vae tiny --t5 tiny
+    masktrain train --dataset_config sample/dataset.toml --arch wan --dit tiny --use_mask_loss \
+        --max_train_steps 20 --output_dir sample/out
 """
 
 import argparse

@@ -46,7 +46,7 @@ _OPTIONS = [
             help="Where the LoRA, checkpoints and metrics go."),
     _option("output_name", default="lora", show_default=True, help="LoRA file name without .safetensors."),
     click.option("--device", default=None, help="Training device [default: cuda when available, else cpu]."),
-    _option("mixed_precision", type=click.Choice(["auto", "no", "bf16", "fp16"]), default="auto",
+    _option("mixed_precision", type=click.Choice(["auto", "no", "bf16"]), default="auto",
             show_default=True, help="auto: bf16 on GPU, fp32 on CPU."),
     _flag("gradient_checkpointing", "Recompute activations in backward to save memory."),
     click.option("--seed", type=int, default=42, show_default=True, help="Seeds init, batch order, noise, timesteps."),

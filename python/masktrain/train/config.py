@@ -18,7 +18,8 @@ from masktrain.loss import MaskLossSettings
 from masktrain.train.timesteps import TimestepSettings
 
 LORA_FORMATS = ("comfyui", "diffusers")
-MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
+# fp16 would need loss scaling (a GradScaler and its state in checkpoints); not offered yet.
+MIXED_PRECISION = ("auto", "no", "bf16")
 SAVE_PRECISION = ("float", "fp16", "bf16")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
 OPTIMIZERS = ("adamw", "adamw8bit")
@@ -77,7 +78,7 @@ class TrainConfig:
     device: str | None = None
     """Training device; default cuda (this process's LOCAL_RANK) when available, else cpu."""
     mixed_precision: str = "auto"
-    """auto (bf16 on GPU, fp32 on CPU), no, bf16 or fp16."""
+    """auto (bf16 on GPU, fp32 on CPU), no (fp32) or bf16."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory."""
     seed: int = 42

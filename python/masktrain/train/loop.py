@@ -102,8 +102,7 @@ def _precision(config: TrainConfig, device: torch.device) -> tuple[torch.dtype, 
         choice = "bf16" if device.type == "cuda" else "no"
     if choice == "no":
         return torch.float32, None
-    dtype = torch.bfloat16 if choice == "bf16" else torch.float16
-    return dtype, dtype
+    return torch.bfloat16, torch.bfloat16
 
 
 def _trainable(experts: Experts) -> list[tuple[str, torch.nn.Parameter]]:
