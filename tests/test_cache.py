@@ -230,10 +230,11 @@ def test_torchrun_shards_items_across_two_cpu_processes(dataset: Path) -> None:
     for name, tensors in single.items():
         for key, tensor in tensors.items():
             # Mask weights come from the native core: exact. Latents and text embeddings go through
-            # other batch compositions and torchrun's one-thread BLAS: float rounding only.
+            # other batch compositions and torchrun's one-thread BLAS: float rounding only (latents
+            # are unit-scale, normalised by the tiny VAE's ~0.01 channel std, so ~1e-6 absolute).
             exact = key.startswith("mask_weights")
             torch.testing.assert_close(
-                sharded[name][key], tensor, rtol=0 if exact else 1e-5, atol=0 if exact else 1e-6
+                sharded[name][key], tensor, rtol=0 if exact else 1e-5, atol=0 if exact else 1e-5
             )
 
 

@@ -1,6 +1,7 @@
 """Model families on the tiny built-in models, checked against diffusers / transformers called
 directly: latent shapes and normalisation, VAE factors, text embeddings, local folder loading."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -136,3 +137,22 @@ def test_bad_weight_paths_name_the_flag(tmp_path: Path, arch: str) -> None:
         family.load_text_encoder(str(tmp_path / "vae.safetensors"), CPU, F32)
     with pytest.raises(ModelLoadError, match=rf"{family.text_flag} .*nope"):
         family.load_text_encoder(str(tmp_path / "nope"), CPU, F32)
+
+
+def test_weights_identity_follows_the_config_and_the_files_on_disk(tmp_path: Path) -> None:
+    from diffusers import AutoencoderKLWan
+
+    from masktrain.models.base import weights_identity
+    from masktrain.models.wan import TINY_VAE
+
+    family = get_family("wan")
+    vae = family.load_vae("tiny", CPU, F32)
+    other = AutoencoderKLWan(**{**TINY_VAE, "latents_mean": [0.0] * 16})
+    assert weights_identity("tiny", vae) == weights_identity("tiny", family.load_vae("tiny", CPU, F32))
+    assert weights_identity("tiny", vae) != weights_identity("tiny", other)
+
+    vae.save_pretrained(tmp_path / "vae")
+    before = weights_identity(str(tmp_path / "vae"), vae)
+    weights = next((tmp_path / "vae").glob("*.safetensors"))
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 1_000_000_000))
+    assert weights_identity(str(tmp_path / "vae"), vae) != before

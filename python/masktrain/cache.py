@@ -42,7 +42,7 @@ from masktrain.data.video import TARGET_FPS
 from masktrain.data.video_cache import VideoCacher, cache_videos
 from masktrain.distributed import Shard
 from masktrain.models import get_family
-from masktrain.models.base import ModelFamily, TextEncoder
+from masktrain.models.base import ModelFamily, TextEncoder, weights_identity
 
 __all__ = ["CacheConfig", "DatasetSummary", "chunk_size", "prepared_chunks", "run"]
 
@@ -134,6 +134,7 @@ class _ImageCacher:
         self.config, self.family, self.vae, self.dataset = config, family, vae, dataset
         self.buckets = bucket_list(dataset.buckets)
         self.factor = family.spatial_factor(vae)
+        self.vae_identity = weights_identity(config.vae, vae)
         self.masks = _native.MaskIndex(dataset.mask_directory) if dataset.mask_directory else None
         self.masking = dataset.alpha_mask or self.masks is not None
         self.existing = fmt.existing_item_files(dataset.cache_directory, family.name)
@@ -146,7 +147,8 @@ class _ImageCacher:
             "masking": self.masking, "buckets": self.buckets,
             "resolution": list(self.dataset.buckets.resolution),
             "bucket_no_upscale": self.dataset.buckets.bucket_no_upscale, "rules": fmt.RESIZE_RULES,
-            "vae": self.config.vae, "dtype": str(self.vae.dtype), "format": fmt.FORMAT_VERSION,
+            "vae": self.vae_identity, "dtype": str(self.vae.dtype),
+            "format": fmt.FORMAT_VERSION,
         })  # fmt: skip
 
     def status(self, item: ImageItem, fingerprint: str) -> str:
@@ -279,10 +281,11 @@ def _cache_text(
     dataset: ImageDatasetConfig | VideoDatasetConfig, items: list[MediaItem],
 ) -> None:  # fmt: skip
     spec, batch_size = config.text_encoder, config.batch_size
+    identity = weights_identity(spec, encoder.model)
     todo = []
     for item in items:
         fingerprint = fmt.fingerprint({
-            "caption": hashlib.sha256(item.caption.encode()).hexdigest(), "text_encoder": spec,
+            "caption": hashlib.sha256(item.caption.encode()).hexdigest(), "text_encoder": identity,
             "dtype": str(next(encoder.model.parameters()).dtype), "format": fmt.FORMAT_VERSION,
         })  # fmt: skip
         path = dataset.cache_directory / fmt.text_cache_name(item.stem, family.name)

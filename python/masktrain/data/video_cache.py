@@ -31,7 +31,7 @@ from masktrain.data import video
 from masktrain.data.discovery import MediaItem, bucket_list, choose_bucket, discover_videos
 from masktrain.data.pipeline import prepared_chunks
 from masktrain.distributed import Shard
-from masktrain.models.base import ModelFamily
+from masktrain.models.base import ModelFamily, weights_identity
 
 if TYPE_CHECKING:
     from masktrain.cache import CacheConfig, DatasetSummary
@@ -80,6 +80,7 @@ class VideoCacher:
         self.config, self.family, self.vae, self.dataset = config, family, vae, dataset
         self.buckets = bucket_list(dataset.buckets)
         self.factor = family.spatial_factor(vae)
+        self.vae_identity = weights_identity(config.vae, vae)
         self.settings = video.ClipSettings.of(dataset, video.TARGET_FPS[family.name])
         self.masks = _native.MaskIndex(dataset.mask_directory) if dataset.mask_directory else None
         self.existing = fmt.existing_item_files(dataset.cache_directory, family.name, clips=True)
@@ -93,8 +94,9 @@ class VideoCacher:
             "masking": self.masks is not None, "buckets": self.buckets,
             "resolution": list(self.dataset.buckets.resolution),
             "bucket_no_upscale": self.dataset.buckets.bucket_no_upscale,
-            "clips": self.settings.fingerprint_part(), "rules": fmt.RESIZE_RULES, "vae": self.config.vae,
-            "dtype": str(self.vae.dtype), "format": fmt.FORMAT_VERSION,
+            "clips": self.settings.fingerprint_part(), "rules": fmt.RESIZE_RULES,
+            "vae": self.vae_identity, "dtype": str(self.vae.dtype),
+            "format": fmt.FORMAT_VERSION,
         })  # fmt: skip
 
     def status(self, item: MediaItem, fingerprint: str) -> fmt.CacheStatus:

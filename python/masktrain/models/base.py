@@ -133,6 +133,25 @@ def diffusers_folder(spec: str, flag: str, subfolder: str) -> tuple[Path, str | 
     raise ModelLoadError(f"{flag} {spec}: expected 'tiny', a diffusers folder or a .safetensors file")
 
 
+def weights_identity(spec: str, model: Any) -> str:
+    """What identifies the weights a cache was made with, for its fingerprint: the flag's value,
+    the model's config (so a change to a built-in tiny model counts), and for weights on disk
+    each file's size and modification time (so new weights at the same path count)."""
+    import hashlib
+    import json
+
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "to_dict"):
+        config = config.to_dict()
+    parts: dict[str, Any] = {"spec": spec, "config": config}
+    path = Path(spec).expanduser()
+    if spec != TINY and path.exists():
+        files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+        parts["files"] = [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+    canonical = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
 def seeded(build: Any) -> Any:
     """Build a tiny model with a fixed seed (0) without touching the caller's RNG state."""
     with torch.random.fork_rng(devices=[]):

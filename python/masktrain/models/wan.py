@@ -33,10 +33,19 @@ from masktrain.models.tokenizer import tiny_tokenizer
 TINY_TI2V = "tiny-ti2v"
 
 # diffusers' own test configs (tests/models/autoencoders/test_models_autoencoder_wan.py,
-# tests/pipelines/wan/test_wan_22.py).
+# tests/pipelines/wan/test_wan_22.py), with normalisation constants measured for the seeded tiny
+# VAE: the per-channel mean and std of its posterior mean over 64 smooth random colour fields, so
+# its normalised latents are about N(0, 1) per channel as the released VAEs' constants make theirs.
+# With the released WAN 2.1 constants (diffusers' defaults) a per-channel offset dominates and the
+# image content is ~1% of the latents' scale: a LoRA trained on them learns nearly nothing about
+# the images (what `masktrain demo` showed).
 TINY_VAE = {
     "base_dim": 3, "z_dim": 16, "dim_mult": [1, 1, 1, 1], "num_res_blocks": 1,
     "temperal_downsample": [False, True, True],
+    "latents_mean": [0.00818, 0.0736, -0.0192, -0.126, -0.197, 0.203, -0.0437, 0.00571, -0.177, 0.0376,
+                     -0.27, 0.0584, 0.124, 0.0289, -0.0754, -0.125],
+    "latents_std": [0.0119, 0.0204, 0.015, 0.0119, 0.0134, 0.0138, 0.0117, 0.0193, 0.0185, 0.0137, 0.0119,
+                    0.0174, 0.0125, 0.0136, 0.0103, 0.00999],
 }  # fmt: skip
 TINY_TI2V_VAE = {
     "base_dim": 3, "z_dim": 48, "in_channels": 12, "out_channels": 12, "is_residual": True, "patch_size": 2,
