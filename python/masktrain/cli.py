@@ -199,7 +199,14 @@ def _register_train() -> None:
     main.add_command(train)
 
 
+def _register_demo() -> None:
+    from masktrain.cli_demo import demo
+
+    main.add_command(demo)
+
+
 _register_train()
+_register_demo()
 
 if __name__ == "__main__":
     main()
