@@ -19,9 +19,10 @@ import random
 import re
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Generic, TypeVar
 
 import torch
 
@@ -29,6 +30,8 @@ from masktrain.config.dataset import load_dataset_config
 from masktrain.data import cache_format as fmt
 
 log = logging.getLogger(__name__)
+
+Tag = TypeVar("Tag")
 
 _LATENT_KEY = re.compile(r"^latents_(\d+)x(\d+)x(\d+)_\w+$")
 
@@ -144,29 +147,31 @@ def load_batch(index: int, items: list[CachedItem]) -> Batch:
     return Batch(index, torch.stack(latents), mask_weights, texts, items)
 
 
-class Prefetcher:
-    """Loads batches on a background thread, `depth` ahead of the consumer; records how long
-    the consumer waited (the loader-stall share the benchmark reports)."""
+class Prefetcher(Generic[Tag]):
+    """Loads batches on a background thread, `depth` ahead of the consumer, from a (possibly
+    endless) stream of ``(tag, index, items)``; yields ``(tag, Batch)``. One prefetcher serves a
+    whole run, so the first batch of an epoch is loaded while the last one of the previous epoch
+    trains. Records how long the consumer waited (the loader-stall share the benchmark reports)."""
 
-    def __init__(self, batches: list[tuple[int, list[CachedItem]]], depth: int = 2):
+    def __init__(self, batches: Iterable[tuple[Tag, int, list[CachedItem]]], depth: int = 2):
         self.waited = 0.0
-        self._queue: queue.Queue[Batch | BaseException | None] = queue.Queue(maxsize=depth)
+        self._queue: queue.Queue[tuple[Tag, Batch] | BaseException | None] = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._work, args=(batches,), name="loader", daemon=True)
         self._thread.start()
 
-    def _work(self, batches: list[tuple[int, list[CachedItem]]]) -> None:
+    def _work(self, batches: Iterable[tuple[Tag, int, list[CachedItem]]]) -> None:
         try:
-            for index, items in batches:
+            for tag, index, items in batches:
                 if self._stop.is_set():
                     return
-                self._put(load_batch(index, items))
+                self._put((tag, load_batch(index, items)))
         except BaseException as error:  # handed to the consumer, which raises it
             self._put(error)
             return
         self._put(None)
 
-    def _put(self, value: Batch | BaseException | None) -> None:
+    def _put(self, value: tuple[Tag, Batch] | BaseException | None) -> None:
         while not self._stop.is_set():
             try:
                 self._queue.put(value, timeout=0.1)
@@ -174,7 +179,7 @@ class Prefetcher:
             except queue.Full:
                 continue
 
-    def __iter__(self) -> Iterator[Batch]:
+    def __iter__(self) -> Iterator[tuple[Tag, Batch]]:
         while True:
             start = time.perf_counter()
             value = self._queue.get()

@@ -35,7 +35,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from masktrain import distributed
-from masktrain.data.loader import Batch, Prefetcher, epoch_batches, find_cached_items
+from masktrain.data.loader import Batch, CachedItem, Prefetcher, epoch_batches, find_cached_items
 from masktrain.distributed import Shard
 from masktrain.loss import has_prior_region, masked_loss_terms, region_losses
 from masktrain.models import get_family
@@ -339,68 +339,68 @@ def _train(config: TrainConfig, family: ModelFamily, shard: Shard) -> Path:
         _Interrupt() as interrupt,
         tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=not shard.is_main) as bar,
     ):
-        while step < total_steps:
-            order = epoch_batches(items, config.seed, epoch)
-            mine = list(enumerate(order))[shard.rank :: shard.world][:batches_per_epoch]
-            prefetch = Prefetcher(mine[done:])
-            finished = False
-            try:
-                window, window_start, started, waited = StepMetrics(), done, time.perf_counter(), 0.0
-                for batch in prefetch:
-                    window_size = min(optim.gradient_accumulation_steps, len(mine) - window_start)
-                    result = compute_loss(
-                        config, family, experts, batch, epoch, device, weight_dtype, autocast
+        prefetch = Prefetcher(_schedule(items, config.seed, shard, batches_per_epoch, epoch, done))
+        try:
+            window, in_window, started, waited = StepMetrics(), 0, time.perf_counter(), 0.0
+            for (epoch, done), batch in prefetch:
+                # Windows of gradient_accumulation_steps batches never cross an epoch's end.
+                window_start = done - 1 - in_window
+                window_size = min(optim.gradient_accumulation_steps, batches_per_epoch - window_start)
+                result = compute_loss(config, family, experts, batch, epoch, device, weight_dtype, autocast)
+                (result.loss / window_size).backward()
+                window.add(float(result.loss.detach()), result.prior, result.tiers)
+                in_window += 1
+                if in_window < window_size:
+                    continue
+                _all_reduce_grads(params, shard)
+                if optim.max_grad_norm > 0:
+                    torch.nn.utils.clip_grad_norm_(params, optim.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                if metrics is not None:
+                    record = window.record(
+                        step, epoch, scheduler.get_last_lr()[0],
+                        step_time=time.perf_counter() - started, data_wait=prefetch.waited - waited,
+                    )  # fmt: skip
+                    metrics.write(record)
+                    bar.set_postfix(progress_postfix(record), refresh=False)
+                bar.update(1)
+                stop = _agree(interrupt.requested, shard)
+                finished = step >= total_steps
+                if finished or stop or (config.save_every_n_steps and step % config.save_every_n_steps == 0):
+                    after = (
+                        ckpt.Position(step, epoch, done)
+                        if done < batches_per_epoch
+                        else ckpt.Position(step, epoch + 1, 0)
                     )
-                    (result.loss / window_size).backward()
-                    window.add(float(result.loss.detach()), result.prior, result.tiers)
-                    done += 1
-                    if done - window_start < window_size:
-                        continue
-                    _all_reduce_grads(params, shard)
-                    if optim.max_grad_norm > 0:
-                        torch.nn.utils.clip_grad_norm_(params, optim.max_grad_norm)
-                    optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    step += 1
-                    if metrics is not None:
-                        record = window.record(
-                            step, epoch, scheduler.get_last_lr()[0],
-                            step_time=time.perf_counter() - started, data_wait=prefetch.waited - waited,
-                        )  # fmt: skip
-                        metrics.write(record)
-                        bar.set_postfix(progress_postfix(record), refresh=False)
-                    bar.update(1)
-                    stop = _agree(interrupt.requested, shard)
-                    finished = step >= total_steps
-                    if (
-                        finished
-                        or stop
-                        or (config.save_every_n_steps and step % config.save_every_n_steps == 0)
-                    ):
-                        after = (
-                            ckpt.Position(step, epoch, done)
-                            if done < len(mine)
-                            else ckpt.Position(step, epoch + 1, 0)
-                        )
-                        _save(config, family, experts, named, optimizer, scheduler, after, shard)
-                    if stop and not finished:
-                        raise TrainingInterrupted(ckpt.checkpoint_dir(config.output_dir, step))
-                    if finished:
-                        break
-                    window, window_start, started, waited = (
-                        StepMetrics(),
-                        done,
-                        time.perf_counter(),
-                        prefetch.waited,
-                    )
-            finally:
-                prefetch.close()
-            if not finished:
-                epoch, done = epoch + 1, 0
+                    _save(config, family, experts, named, optimizer, scheduler, after, shard)
+                if stop and not finished:
+                    raise TrainingInterrupted(ckpt.checkpoint_dir(config.output_dir, step))
+                if finished:
+                    break
+                window, in_window, started, waited = StepMetrics(), 0, time.perf_counter(), prefetch.waited
+        finally:
+            prefetch.close()
     if shard.is_main:
         log.info("wrote %s", lora_path)
     return lora_path
+
+
+def _schedule(
+    items: list[CachedItem], seed: int, shard: Shard, batches_per_epoch: int, epoch: int, done: int
+) -> Iterator[tuple[tuple[int, int], int, list[CachedItem]]]:
+    """This process's batches from (epoch, done) on, endlessly: ``((epoch, batches done after
+    this one), index in the epoch's global order, items)``. Every process takes the same number
+    of batches per epoch, so all reach each optimizer step together."""
+    while True:
+        order = epoch_batches(items, seed, epoch)
+        mine = list(enumerate(order))[shard.rank :: shard.world][:batches_per_epoch]
+        for position in range(done, len(mine)):
+            index, batch_items = mine[position]
+            yield (epoch, position + 1), index, batch_items
+        epoch, done = epoch + 1, 0
 
 
 def _agree(flag: bool, shard: Shard) -> bool:
