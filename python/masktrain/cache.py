@@ -37,7 +37,7 @@ from masktrain.config.dataset import ConfigError, ImageDatasetConfig, VideoDatas
 from masktrain.data import cache_format as fmt
 from masktrain.data.buckets import Bucket
 from masktrain.data.discovery import ImageItem, MediaItem, bucket_list, discover_images, own_size_bucket
-from masktrain.data.pipeline import prepared_chunks
+from masktrain.data.pipeline import prepared_chunks, stale_items
 from masktrain.data.video import TARGET_FPS
 from masktrain.data.video_cache import VideoCacher, cache_videos
 from masktrain.distributed import Shard
@@ -225,25 +225,7 @@ def _cache_images(
 ) -> list[ImageItem]:
     """Latents for every stale item of this process's share; returns the share's items that
     have a valid latent file."""
-    discovery = discover_images(cacher.dataset)
-    items, discovery_failed = shard.take(discovery.items), shard.take(discovery.failed)
-    summary.items = len(items) + len(discovery_failed)
-    summary.failed.extend(discovery_failed)
-    todo: list[tuple[ImageItem, str]] = []
-    for item in items:
-        try:
-            fingerprint = cacher.fingerprint(item)
-        except (OSError, ValueError) as error:
-            summary.failed.append((item.path, str(error)))
-            continue
-        status = cacher.status(item, fingerprint)
-        if status == "fresh":
-            summary.skipped += 1
-        else:
-            summary.rebuilt += status == "stale"
-            todo.append((item, fingerprint))
-    progress.total = (progress.total or 0) + len(todo)
-    progress.refresh()
+    items, todo = stale_items(cacher, discover_images(cacher.dataset), shard, summary, progress)
 
     chunks = list(_chunks([item for item, _ in todo], chunk_size(cacher.config.batch_size)))
     fingerprints = dict((item.path, fp) for item, fp in todo)

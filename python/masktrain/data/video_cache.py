@@ -29,7 +29,7 @@ from masktrain.config.dataset import VideoDatasetConfig
 from masktrain.data import cache_format as fmt
 from masktrain.data import video
 from masktrain.data.discovery import MediaItem, bucket_list, choose_bucket, discover_videos
-from masktrain.data.pipeline import prepared_chunks
+from masktrain.data.pipeline import prepared_chunks, stale_items
 from masktrain.distributed import Shard
 from masktrain.models.base import ModelFamily, weights_identity
 
@@ -200,25 +200,7 @@ def cache_videos(
 ) -> list[MediaItem]:
     """Clips of every stale video of this process's share; returns the share's videos that have
     valid clip files."""
-    discovery = discover_videos(cacher.dataset)
-    items, discovery_failed = shard.take(discovery.items), shard.take(discovery.failed)
-    summary.items = len(items) + len(discovery_failed)
-    summary.failed.extend(discovery_failed)
-    todo: list[tuple[MediaItem, str]] = []
-    for item in items:
-        try:
-            fingerprint = cacher.fingerprint(item)
-        except (OSError, ValueError) as error:
-            summary.failed.append((item.path, str(error)))
-            continue
-        status = cacher.status(item, fingerprint)
-        if status == "fresh":
-            summary.skipped += 1
-        else:
-            summary.rebuilt += status == "stale"
-            todo.append((item, fingerprint))
-    progress.total = (progress.total or 0) + len(todo)
-    progress.refresh()
+    items, todo = stale_items(cacher, discover_videos(cacher.dataset), shard, summary, progress)
 
     fingerprints = {item.path: fp for item, fp in todo}
     overlap = cacher.vae.device.type != "cpu"

@@ -143,6 +143,9 @@ def weights_identity(spec: str, model: Any) -> str:
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "to_dict"):
         config = config.to_dict()
+    # Private keys are bookkeeping (diffusers' _use_default_values is in set order, which changes
+    # from process to process).
+    config = {k: v for k, v in dict(config or {}).items() if not str(k).startswith("_")}
     parts: dict[str, Any] = {"spec": spec, "config": config}
     path = Path(spec).expanduser()
     if spec != TINY and path.exists():
