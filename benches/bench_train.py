@@ -15,6 +15,7 @@ median of the rest is reported. The configurations take turns within each round 
 and each ratio is the median of the per-round ratios.
 
     python benches/bench_train.py [--steps 6] [--warmup 2] [--rounds 2] [--width 16] [--layers 6]
+        [--only tiny|wide]
 """
 
 from __future__ import annotations
@@ -91,6 +92,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--width", type=int, default=16, help="wide model: heads and FFN multiplier")
     parser.add_argument("--layers", type=int, default=6, help="wide model: blocks")
+    parser.add_argument("--only", choices=["tiny", "wide"], default=None, help="run one model size")
     args = parser.parse_args()
 
     import logging
@@ -110,6 +112,8 @@ def main() -> None:
             ),
         }
         for label, (dit, toml) in models.items():
+            if args.only and not label.startswith(args.only):
+                continue
             print(f"\n## {label}")
             print(
                 "| checkpointing | unmasked s | masked s | prior s | prior/masked | masked/unmasked "
