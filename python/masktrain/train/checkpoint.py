@@ -116,7 +116,10 @@ def load_checkpoint(folder: Path) -> LoadedCheckpoint:
 
 
 def remove_stale_temporaries(output_dir: Path) -> None:
-    """Checkpoint folders a killed run was still writing."""
+    """Checkpoint folders and LoRA copies a killed run was still writing."""
     if output_dir.is_dir():
         for stale in output_dir.glob(f".step-*{TEMP_SUFFIX}"):
             shutil.rmtree(stale, ignore_errors=True)
+        for pattern in (".*.safetensors.staged*", ".*.safetensors.top"):
+            for partial in output_dir.glob(pattern):
+                partial.unlink(missing_ok=True)
