@@ -20,7 +20,9 @@ from PIL import Image
 from masktrain.cache import CacheConfig
 from masktrain.cache import run as run_cache
 from masktrain.loss import MaskLossSettings
+from masktrain.models import get_family
 from masktrain.train.config import NetworkSettings, OptimSettings, TrainConfig
+from masktrain.train.loop import build_experts
 from masktrain.train.loop import run as run_train
 from test_cache import photo, tiered
 
@@ -145,6 +147,13 @@ def test_wan22_two_experts_share_one_lora(tmp_path: Path, wan_dataset: Path) -> 
     run_train(config(wan_dataset, single, max_train_steps=2))
     run_train(config(wan_dataset, dual, max_train_steps=2, dit_high_noise="tiny", timestep_boundary=0.5))
     assert adapter(dual / "step-000002").keys() == adapter(single / "step-000002").keys()
+    # Both experts hold the very same LoRA parameters (one LoRA, trained by either expert).
+    cfg = config(wan_dataset, tmp_path / "unused", dit_high_noise="tiny")
+    experts = build_experts(cfg, get_family("wan"), torch.device("cpu"), torch.float32)
+    assert experts.high is not None
+    low = {n: p for n, p in experts.low.named_parameters() if "lora_" in n}
+    high = {n: p for n, p in experts.high.named_parameters() if "lora_" in n}
+    assert low and low.keys() == high.keys() and all(low[n] is high[n] for n in low)
 
 
 def test_use_mask_loss_without_cached_masks_is_fatal(tmp_path: Path) -> None:

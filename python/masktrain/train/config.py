@@ -15,14 +15,14 @@ from pathlib import Path
 from typing import Any
 
 from masktrain.loss import MaskLossSettings
+from masktrain.train.optim import LR_SCHEDULERS
+from masktrain.train.optim import OPTIMIZER_TYPES as OPTIMIZERS
 from masktrain.train.timesteps import TimestepSettings
 
 LORA_FORMATS = ("comfyui", "diffusers")
 # fp16 would need loss scaling (a GradScaler and its state in checkpoints); not offered yet.
 MIXED_PRECISION = ("auto", "no", "bf16")
 SAVE_PRECISION = ("float", "fp16", "bf16")
-LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
-OPTIMIZERS = ("adamw", "adamw8bit")
 
 
 class TrainConfigError(ValueError):

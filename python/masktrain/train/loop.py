@@ -150,9 +150,7 @@ def build_experts(
             exclude=list(network.exclude_patterns) if network.exclude_patterns else None,
         )  # fmt: skip
         _share_lora(low, high)
-    experts = Experts(low, high, config.timestep_boundary)
-    for _, param in _trainable(experts):
-        param.data = param.data.float()  # LoRA weights train in float32 whatever the base dtype
+    experts = Experts(low, high, config.timestep_boundary)  # add_lora keeps LoRA weights in float32
     for model in experts.modules():
         if config.gradient_checkpointing:
             model.enable_gradient_checkpointing()
