@@ -30,7 +30,9 @@ import torch
 from PIL import Image
 
 from masktrain import _native
-from masktrain.cache import CacheConfig, chunk_size, run
+from masktrain.cache import run
+from masktrain.cache.stages import chunk_size
+from masktrain.config import CacheConfig
 from masktrain.data.buckets import musubi_buckets
 from masktrain.models import get_family
 

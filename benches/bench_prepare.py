@@ -40,7 +40,7 @@ from PIL import Image
 import masktrain
 from masktrain import _native
 from masktrain.data.buckets import musubi_buckets
-from masktrain.tools.convert_alpha import ConvertAlphaConfig
+from masktrain.config import ConvertAlphaConfig
 from masktrain.tools.convert_alpha import run as convert_alpha_run
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

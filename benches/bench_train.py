@@ -32,11 +32,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from masktrain.cache import CacheConfig
 from masktrain.cache import run as run_cache
-from masktrain.loss import MaskLossSettings
+from masktrain.config import CacheConfig, MaskLossSettings, NetworkSettings, OptimSettings, TrainConfig
 from masktrain.models.wan import tiny_transformer
-from masktrain.train.config import NetworkSettings, OptimSettings, TrainConfig
 from masktrain.train.loop import run as run_train
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))

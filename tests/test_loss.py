@@ -15,6 +15,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
+from masktrain.errors import MaskOptionError
 from masktrain.loss import (
     TIER_EDGES,
     MaskLossSettings,
@@ -24,7 +25,6 @@ from masktrain.loss import (
     region_losses,
     transform_weights,
 )
-from masktrain.train.mask_options import MaskOptionError
 
 MASK_ON = MaskLossSettings(use_mask_loss=True)
 

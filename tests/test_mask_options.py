@@ -8,46 +8,45 @@ import sys
 import pytest
 
 from masktrain import MaskTrainError
-from masktrain.train.mask_options import (
+from masktrain.config.mask_loss import (
     DEFAULT_CACHE_HINT,
     MaskLossSettings,
-    MaskOptionError,
-    MissingMaskWeightsError,
     banner,
     require_mask_weights,
     validate,
 )
+from masktrain.errors import MaskOptionError, MissingMaskWeightsError
 
 MIN_WEIGHT = "--mask_min_weight must be in range [0, 1)"
 
 
 @pytest.mark.parametrize(
-    ("settings", "message"),
+    ("options", "message"),
     [
-        (MaskLossSettings(use_mask_loss=True, mask_gamma=0.0), "--mask_gamma must be > 0"),
-        (MaskLossSettings(use_mask_loss=True, mask_gamma=-1.0), "--mask_gamma must be > 0"),
-        (MaskLossSettings(use_mask_loss=True, mask_gamma=float("nan")), "--mask_gamma must be > 0"),
-        (MaskLossSettings(use_mask_loss=True, mask_min_weight=1.0), MIN_WEIGHT),
-        (MaskLossSettings(use_mask_loss=True, mask_min_weight=-0.1), MIN_WEIGHT),
+        (dict(use_mask_loss=True, mask_gamma=0.0), "--mask_gamma must be > 0"),
+        (dict(use_mask_loss=True, mask_gamma=-1.0), "--mask_gamma must be > 0"),
+        (dict(use_mask_loss=True, mask_gamma=float("nan")), "--mask_gamma must be > 0"),
+        (dict(use_mask_loss=True, mask_min_weight=1.0), MIN_WEIGHT),
+        (dict(use_mask_loss=True, mask_min_weight=-0.1), MIN_WEIGHT),
         (
-            MaskLossSettings(use_mask_loss=True, prior_preservation_weight=-1.0),
+            dict(use_mask_loss=True, prior_preservation_weight=-1.0),
             "--prior_preservation_weight must be >= 0",
         ),
         (
-            MaskLossSettings(use_mask_loss=True, prior_preservation_weight=1, prior_mask_threshold=0.0),
+            dict(use_mask_loss=True, prior_preservation_weight=1, prior_mask_threshold=0.0),
             "--prior_mask_threshold must be in range (0, 1)",
         ),
         (
-            MaskLossSettings(use_mask_loss=True, prior_preservation_weight=1, prior_mask_threshold=1.0),
+            dict(use_mask_loss=True, prior_preservation_weight=1, prior_mask_threshold=1.0),
             "--prior_mask_threshold must be in range (0, 1)",
         ),
         # Checked without --use_mask_loss too: a bad value is a typo either way.
-        (MaskLossSettings(mask_gamma=0.0), "--mask_gamma must be > 0"),
+        (dict(mask_gamma=0.0), "--mask_gamma must be > 0"),
     ],
 )  # fmt: skip
-def test_errors_carry_the_guides_messages(settings: MaskLossSettings, message: str) -> None:
-    with pytest.raises(MaskOptionError) as raised:
-        validate(settings)
+def test_errors_carry_the_guides_messages(options: dict, message: str) -> None:
+    with pytest.raises(MaskOptionError) as raised:  # raised when the settings are built
+        validate(MaskLossSettings(**options))
     assert str(raised.value) == message
     assert isinstance(raised.value, ValueError)
     assert isinstance(raised.value, MaskTrainError)
@@ -195,5 +194,5 @@ def test_require_mask_weights_passes_with_masks() -> None:
 
 def test_module_does_not_import_torch() -> None:
     # The CLI may build and check the flags before it imports torch.
-    code = "import sys, masktrain.train.mask_options; sys.exit('torch' in sys.modules)"
+    code = "import sys, masktrain.config.mask_loss; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0

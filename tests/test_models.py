@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from masktrain.errors import ModelLoadError
 from masktrain.models import ARCHES, get_family
-from masktrain.models.base import ModelLoadError
 
 CPU, F32 = torch.device("cpu"), torch.float32
 
@@ -142,7 +142,7 @@ def test_bad_weight_paths_name_the_flag(tmp_path: Path, arch: str) -> None:
 def test_weights_identity_follows_the_config_and_the_files_on_disk(tmp_path: Path) -> None:
     from diffusers import AutoencoderKLWan
 
-    from masktrain.models.base import weights_identity
+    from masktrain.cache.identity import weights_identity
     from masktrain.models.wan import TINY_VAE
 
     family = get_family("wan")

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from masktrain import MaskTrainError
-from masktrain.train.optim import OptimConfigError, build_optimizer, build_scheduler
+from masktrain.errors import OptimConfigError
+from masktrain.train.optim import build_optimizer, build_scheduler
 
 LR = 1e-3
 

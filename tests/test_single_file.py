@@ -5,6 +5,7 @@ configs are checked on the meta device (key names and shapes only, no weights)."
 
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -18,19 +19,30 @@ from diffusers import (
 from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
 from safetensors.torch import save_file
 
-from masktrain.models.base import ModelLoadError
-from masktrain.models.single_file import (
+from masktrain.errors import ModelLoadError
+from masktrain.models import qwen_image_checkpoint, wan_checkpoint
+from masktrain.models.qwen_image_checkpoint import qwen_transformer_config
+from masktrain.models.single_file import text_encoder_file_error
+from masktrain.models.wan_checkpoint import (
     WAN22_VAE_LATENTS_MEAN,
     WAN22_VAE_LATENTS_STD,
-    load_transformer_file,
-    load_vae_file,
-    qwen_transformer_config,
-    text_encoder_file_error,
     wan_transformer_config,
     wan_transformer_names,
     wan_vae_config,
     wan_vae_names,
 )
+
+# Each family reads its own files; these pick the family's reader by --arch.
+_CHECKPOINTS = {"wan": wan_checkpoint, "qwen_image": qwen_image_checkpoint}
+
+
+def load_transformer_file(arch: str, path: Path, flag: str, **kwargs: Any) -> torch.nn.Module:
+    return _CHECKPOINTS[arch].load_transformer_file(path, flag, **kwargs)
+
+
+def load_vae_file(arch: str, path: Path, flag: str, **kwargs: Any) -> torch.nn.Module:
+    return _CHECKPOINTS[arch].load_vae_file(path, flag, **kwargs)
+
 
 COMFY = "model.diffusion_model."
 

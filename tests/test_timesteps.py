@@ -13,18 +13,10 @@ import pytest
 import torch
 
 from masktrain import MaskTrainError
-from masktrain.train.timesteps import (
-    TIMESTEP_SAMPLINGS,
-    TimestepOptionError,
-    TimestepSettings,
-    loss_weighting,
-    model_timesteps,
-    qwen_shift,
-    sample_sigmas,
-    shift_sigmas,
-    sigma_table,
-    validate,
-)
+from masktrain.config.timesteps import TIMESTEP_SAMPLINGS, TimestepSettings, validate
+from masktrain.errors import TimestepOptionError
+from masktrain.models.wan import model_timesteps
+from masktrain.train.timesteps import loss_weighting, qwen_shift, sample_sigmas, shift_sigmas, sigma_table
 
 N = 20_000
 TOL = 0.015

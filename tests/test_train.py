@@ -17,14 +17,12 @@ import safetensors.torch
 import torch
 from PIL import Image
 
-from masktrain.cache import CacheConfig
+from helpers import photo, tiered
 from masktrain.cache import run as run_cache
-from masktrain.loss import MaskLossSettings
+from masktrain.config import CacheConfig, MaskLossSettings, NetworkSettings, OptimSettings, TrainConfig
 from masktrain.models import get_family
-from masktrain.train.config import NetworkSettings, OptimSettings, TrainConfig
-from masktrain.train.loop import build_experts
+from masktrain.train.experts import build_experts
 from masktrain.train.loop import run as run_train
-from test_cache import photo, tiered
 
 MASKED_PRIOR = MaskLossSettings(
     use_mask_loss=True, mask_gamma=0.7, prior_preservation_weight=1.0, prior_mask_threshold=0.1,

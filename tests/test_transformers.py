@@ -8,8 +8,8 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, QwenImagePipeline, WanPipeline
 
+from masktrain.errors import ModelLoadError
 from masktrain.models import get_family, qwen_image, wan
-from masktrain.models.base import ModelLoadError
 
 CPU, F32 = torch.device("cpu"), torch.float32
 CAPTIONS = ["a red fox in the snow", "portrait"]

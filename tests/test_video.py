@@ -5,50 +5,30 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import av
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 import reference
+from helpers import frame, write_video
 from masktrain import _native
-from masktrain.data.video import (
-    ClipSettings,
-    VideoDecodeError,
-    bucket_mask,
-    decode_video,
-    kept_frames,
-    latent_weights,
-)
+from masktrain.data.video import ClipSettings, decode_video, kept_frames
+from masktrain.errors import AspectMismatchError, VideoDecodeError
 
 
 def settings(extraction: str, targets: tuple[int, ...], **changes: object) -> ClipSettings:
-    values: dict = dict(target_frames=targets, extraction=extraction, stride=1, sample=1, max_frames=129,
-                        source_fps=None, target_fps=16.0)  # fmt: skip
+    values: dict = dict(
+        target_frames=targets,
+        extraction=extraction,
+        stride=1,
+        sample=1,
+        max_frames=129,
+        source_fps=None,
+        target_fps=16.0,
+        frame_step=4,
+    )
     return ClipSettings(**{**values, **changes})
-
-
-def frame(index: int, w: int = 64, h: int = 48) -> np.ndarray:
-    """Red = 10 * index (the frame's identity), a green bar that moves, a blue gradient."""
-    rgb = np.zeros((h, w, 3), np.uint8)
-    rgb[..., 0] = 10 * index
-    rgb[:, (3 * index) % w, 1] = 255
-    rgb[..., 2] = np.arange(w, dtype=np.uint8)[None, :] * 3
-    return rgb
-
-
-def write_video(
-    path: Path, count: int, w: int = 64, h: int = 48, fps: int = 30, lossless: bool = True
-) -> None:
-    """FFV1 in Matroska (lossless RGB, frames decode exactly) or H.264 in MP4."""
-    codec, pix_fmt = ("ffv1", "bgr0") if lossless else ("libx264", "yuv420p")
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream(codec, rate=fps)
-        stream.width, stream.height, stream.pix_fmt = w, h, pix_fmt
-        for index in range(count):
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame(index, w, h), format="rgb24")))
-        container.mux(stream.encode())
 
 
 @pytest.mark.parametrize(
@@ -163,15 +143,18 @@ def test_the_mask_follows_the_image_rules_and_pools_like_torch(tmp_path: Path) -
     y, x = np.mgrid[0:24, 0:48]
     mask = np.where((x - 20) ** 2 + (y - 12) ** 2 < 64, 255, np.where(x > 30, 128, 0)).astype(np.uint8)
     Image.fromarray(mask).save(tmp_path / "clip.png")  # half size: enlarged with nearest
-    at_bucket = bucket_mask(tmp_path / "clip.png", video, path)
+    at_bucket, weights = _native.prepare_mask(
+        tmp_path / "clip.png", video.original_size, video.bucket, 8, source=path, media="video"
+    )
     np.testing.assert_array_equal(at_bucket, reference.resize_mask_to_bucket(mask, (64, 48)))
-    weights = latent_weights(at_bucket, (6, 8))
     expected = torch.nn.functional.interpolate(
         torch.from_numpy(at_bucket).float()[None, None] / 255.0, size=(6, 8), mode="area"
     )[0, 0]
     torch.testing.assert_close(torch.from_numpy(weights), expected, rtol=0, atol=1e-6)
-    assert (latent_weights(None, (6, 8)) == 1).all()
+    # A video without a mask file gets full weight: test_video_cache checks it end to end.
 
     Image.fromarray(mask[:, :40]).save(tmp_path / "clip.png")  # another aspect ratio
-    with pytest.raises(_native.AspectMismatchError, match=r"clip\.png: aspect ratio mismatch: video .*96x48"):
-        bucket_mask(tmp_path / "clip.png", video, path)
+    with pytest.raises(AspectMismatchError, match=r"clip\.png: aspect ratio mismatch: video .*96x48"):
+        _native.prepare_mask(
+            tmp_path / "clip.png", video.original_size, video.bucket, 8, source=path, media="video"
+        )

@@ -16,12 +16,11 @@ import torch
 from PIL import Image
 
 import reference
-from masktrain.cache import CacheConfig, run
-from masktrain.config import ConfigError
+from helpers import cache_tiny, write_video
+from masktrain.config import CacheConfig, ConfigError
 from masktrain.data import cache_format as fmt
 from masktrain.data.buckets import musubi_buckets
 from masktrain.models import get_family
-from test_video import write_video
 
 RESOLUTION = (64, 48)
 
@@ -66,11 +65,7 @@ def dataset(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def cache(root: Path, arch: str = "wan", **overrides):
-    config = CacheConfig(
-        dataset_config=root / "dataset.toml", arch=arch, vae="tiny", text_encoder="tiny", device="cpu"
-    )
-    return run(CacheConfig(**{**config.__dict__, **overrides}))
+cache = cache_tiny
 
 
 def clip_files(root: Path) -> dict[str, Path]:
@@ -247,15 +242,18 @@ def test_image_mask_keys_in_a_video_dataset_are_errors_that_say_why(dataset: Pat
 
 def test_overlapped_video_preparation_matches_preparation_in_turn(dataset: Path) -> None:
     """The accelerator path (next video decoded on a thread) against the in-turn path."""
+    from masktrain.cache.setup import CacheSetup
+    from masktrain.cache.stages import prepared_chunks
+    from masktrain.cache.videos import VideoCacher
     from masktrain.config import load_dataset_config
     from masktrain.data.discovery import discover_videos
-    from masktrain.data.pipeline import prepared_chunks
-    from masktrain.data.video_cache import VideoCacher
 
     (ds,) = load_dataset_config(dataset / "dataset.toml").datasets
     family = get_family("wan")
     config = CacheConfig(dataset_config=dataset / "dataset.toml", arch="wan", vae="tiny", text_encoder="tiny")
-    cacher = VideoCacher(config, family, family.load_vae("tiny", torch.device("cpu"), torch.float32), ds)
+    cacher = VideoCacher(
+        CacheSetup(config, family, family.load_vae("tiny", torch.device("cpu"), torch.float32), ds)
+    )
     chunks = [[item] for item in discover_videos(ds).items]
     in_turn = list(prepared_chunks(cacher, chunks, overlap=False))
     overlapped = list(prepared_chunks(cacher, chunks, overlap=True))

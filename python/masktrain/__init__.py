@@ -1,16 +1,20 @@
 """masktrain: LoRA training for diffusion transformers with a weighted mask loss.
 
 The pixel work (decode, alpha, masks, bucket resize, latent-grid masks) is done by the Rust core,
-exposed as :mod:`masktrain._native`. Importing this package never imports torch.
+exposed as :mod:`masktrain._native` and imported by the modules that need it, never here.
+Importing this package imports neither torch nor the extension.
 """
 
-from masktrain._native import (
+from masktrain.errors import (
     AspectMismatchError,
+    DataError,
     DuplicateMaskError,
     ImageDecodeError,
     ImageTooLargeError,
+    Interrupted,
     MaskTrainError,
     MissingMaskError,
+    SettingError,
     UnsupportedFormatError,
 )
 
@@ -18,11 +22,14 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AspectMismatchError",
+    "DataError",
     "DuplicateMaskError",
     "ImageDecodeError",
     "ImageTooLargeError",
+    "Interrupted",
     "MaskTrainError",
     "MissingMaskError",
+    "SettingError",
     "UnsupportedFormatError",
     "__version__",
 ]

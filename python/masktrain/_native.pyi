@@ -8,21 +8,16 @@ from typing import Final, Literal, final
 import numpy as np
 import numpy.typing as npt
 
+from masktrain.errors import MaskTrainError
+
 _StrPath = str | os.PathLike[str]
 
 __all__ = [
     "DEFAULT_PIXEL_LIMIT",
     "IMAGE_EXTENSIONS",
     "TEMP_SUFFIX",
-    "AspectMismatchError",
-    "DuplicateMaskError",
-    "ImageDecodeError",
-    "ImageTooLargeError",
     "MaskIndex",
-    "MaskTrainError",
-    "MissingMaskError",
     "PreparedItem",
-    "UnsupportedFormatError",
     "__version__",
     "area_downsample",
     "choose_bucket",
@@ -31,6 +26,7 @@ __all__ = [
     "list_images",
     "load_mask",
     "prepare_batch",
+    "prepare_mask",
     "resize_image_to_bucket",
     "resize_mask_to_bucket",
     "resize_mask_to_size",
@@ -41,14 +37,6 @@ DEFAULT_PIXEL_LIMIT: Final[int]
 IMAGE_EXTENSIONS: Final[list[str]]
 TEMP_SUFFIX: Final[str]
 __version__: Final[str]
-
-class MaskTrainError(ValueError): ...
-class ImageDecodeError(MaskTrainError): ...
-class UnsupportedFormatError(MaskTrainError): ...
-class ImageTooLargeError(MaskTrainError): ...
-class AspectMismatchError(MaskTrainError): ...
-class DuplicateMaskError(MaskTrainError): ...
-class MissingMaskError(MaskTrainError): ...
 
 @final
 class MaskIndex:
@@ -87,6 +75,16 @@ def decode_image(
 def load_mask(
     path: _StrPath, *, pixel_limit: int = ...
 ) -> npt.NDArray[np.uint8] | npt.NDArray[np.uint16]: ...
+def prepare_mask(
+    mask_path: _StrPath,
+    image_size: tuple[int, int],
+    bucket: tuple[int, int],
+    latent_factor: int = 8,
+    *,
+    source: _StrPath | None = None,
+    media: Literal["image", "video"] = "image",
+    pixel_limit: int = ...,
+) -> tuple[npt.NDArray[np.uint8] | npt.NDArray[np.uint16], npt.NDArray[np.float32]]: ...
 def resize_image_to_bucket(rgb: npt.NDArray[np.uint8], bucket: tuple[int, int]) -> npt.NDArray[np.uint8]: ...
 def resize_mask_to_bucket(
     mask: npt.NDArray[np.uint8] | npt.NDArray[np.uint16], bucket: tuple[int, int]

@@ -38,7 +38,7 @@ from typing import Literal, NamedTuple
 
 import torch
 
-from masktrain.train.mask_options import MaskLossSettings, check
+from masktrain.config.mask_loss import MaskLossSettings
 
 __all__ = [
     "TIER_EDGES",
@@ -158,7 +158,6 @@ def masked_loss_terms(
     """:func:`masked_loss` split into its target and prior terms (for metrics)."""
     if mask_weights is None or not settings.use_mask_loss:
         return MaskedLossTerms(loss.float().mean(), torch.zeros((), dtype=torch.float32, device=loss.device))
-    check(settings)
     if prior_loss is not None and prior_loss.shape != loss.shape:
         raise ValueError(
             f"prior_loss shape {tuple(prior_loss.shape)} does not match loss shape {tuple(loss.shape)}"
@@ -199,7 +198,7 @@ def masked_loss(
 
     ``prior_loss`` is the unreduced student-vs-teacher loss (same shape as ``loss``); it is used
     only when ``settings.prior_preservation_weight > 0``. Raises ``ValueError`` for shapes that do
-    not fit the layout and :class:`~masktrain.train.mask_options.MaskOptionError` for bad settings.
+    not fit the layout (the settings were checked when they were built).
     """
     terms = masked_loss_terms(
         loss, mask_weights, settings, prior_loss=prior_loss, layout=layout, drop_base_frame=drop_base_frame

@@ -22,6 +22,9 @@ pub fn write_atomic(target: &Path, bytes: &[u8]) -> Result<()> {
     let result = (|| {
         let mut file = std::fs::File::create(&temp).map_err(|e| Error::io(&temp, e))?;
         file.write_all(bytes).map_err(|e| Error::io(&temp, e))?;
+        // Data first, then the name: without the sync a power cut after the rename can leave
+        // the target naming blocks that were never written (an empty or garbage file).
+        file.sync_all().map_err(|e| Error::io(&temp, e))?;
         std::fs::rename(&temp, target).map_err(|e| Error::io(target, e))
     })();
     if result.is_err() {

@@ -1,7 +1,7 @@
 //! `convert-alpha`'s per-item job: an image and its mask file become one RGBA PNG with the
 //! image's exact RGB (never composited) and the mask as alpha, written atomically.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use image::codecs::png::{CompressionType, FilterType, PngEncoder};
 use image::{DynamicImage, ImageBuffer, Rgba};
@@ -10,7 +10,7 @@ use rayon::prelude::*;
 use crate::atomic::{copy_atomic, write_atomic};
 use crate::decode::decode;
 use crate::error::{Error, Result};
-use crate::geometry::check_aspect;
+use crate::geometry::{check_aspect, Source};
 use crate::luma::load_mask;
 use crate::pool::pool;
 use crate::resize::resize_mask_to_size;
@@ -40,7 +40,7 @@ pub fn convert_one(job: &ConvertJob, pixel_limit: u64) -> Result<()> {
     let image = decode(&job.image, pixel_limit)?;
     let mask = load_mask(&job.mask, pixel_limit)?;
     let size = (image.width(), image.height());
-    check_aspect(&job.image, size, &job.mask, mask.size())?;
+    check_aspect(&Source::image(&job.image, size), &job.mask, mask.size())?;
     let mask = resize_mask_to_size(&mask, size);
 
     let rgba = if is_sixteen_bit(&image) || mask.is_sixteen_bit() {
@@ -74,9 +74,4 @@ fn interleave<T: Copy>(rgb: &[T], alpha: &[T]) -> Vec<T> {
 /// Convert many items in parallel; results keep the input order.
 pub fn convert_batch(jobs: &[ConvertJob], pixel_limit: u64) -> Vec<Result<()>> {
     pool().install(|| jobs.par_iter().map(|job| convert_one(job, pixel_limit)).collect())
-}
-
-/// The output path of an image: `{output_dir}/{stem}.png`.
-pub fn output_path(output_dir: &Path, stem: &str) -> PathBuf {
-    output_dir.join(format!("{stem}.png"))
 }

@@ -3,6 +3,8 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::geometry::Media;
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("{path}: file not found")]
@@ -30,17 +32,21 @@ pub enum Error {
     TooLarge { path: PathBuf, width: u32, height: u32, pixels: u64, limit: u64 },
 
     #[error(
-        "{mask}: aspect ratio mismatch: image {image} is {image_w}x{image_h} (aspect {image_aspect:.4}), \
-         mask is {mask_w}x{mask_h} (aspect {mask_aspect:.4}); the mask would be misaligned, fix its size"
+        "{mask}: aspect ratio mismatch: {} is {source_w}x{source_h} (aspect {source_aspect:.4}), \
+         mask is {mask_w}x{mask_h} (aspect {mask_aspect:.4}); the mask would be misaligned, fix its size",
+        source_name(.media, .source_path)
     )]
     AspectMismatch {
-        image: PathBuf,
+        /// What the mask belongs to, so a video's mask says "video" in the message.
+        media: Media,
+        /// The image or video file; `None` when the caller has only its size.
+        source_path: Option<PathBuf>,
         mask: PathBuf,
-        image_w: u32,
-        image_h: u32,
+        source_w: u32,
+        source_h: u32,
         mask_w: u32,
         mask_h: u32,
-        image_aspect: f64,
+        source_aspect: f64,
         mask_aspect: f64,
     },
 
@@ -57,6 +63,14 @@ pub enum Error {
 
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+}
+
+/// "image a.png" / "video clip.mp4", or the media word alone when the file is not known.
+fn source_name(media: &Media, path: &Option<PathBuf>) -> String {
+    match path {
+        Some(path) => format!("{media} {}", path.display()),
+        None => media.to_string(),
+    }
 }
 
 impl Error {

@@ -1,5 +1,5 @@
 //! Bucket geometry: which bucket an image goes to, the cover scale and centre crop that put it
-//! there, and the aspect check that keeps a mask from silently sliding off its image.
+//! there, and the aspect check that keeps a mask from silently sliding off its image or video.
 
 use std::path::Path;
 
@@ -50,23 +50,73 @@ pub fn cover_crop(width: u32, height: u32, bucket: (u32, u32)) -> CoverCrop {
     }
 }
 
-/// An error when the mask's aspect ratio differs from the image's by more than 1% (relative).
-pub fn check_aspect(image: &Path, image_size: (u32, u32), mask: &Path, mask_size: (u32, u32)) -> Result<()> {
-    let image_aspect = image_size.0 as f64 / image_size.1 as f64;
-    let mask_aspect = mask_size.0 as f64 / mask_size.1 as f64;
-    // |iw/ih - mw/mh| / (iw/ih) > 1%, in integers so that exactly 1% passes.
-    let cross_image = image_size.0 as u64 * mask_size.1 as u64;
-    let cross_mask = mask_size.0 as u64 * image_size.1 as u64;
-    if cross_image.abs_diff(cross_mask) * ASPECT_TOLERANCE_INVERSE > cross_image {
+/// The kind of file a mask belongs to; it only names the file in errors ("video clip.mp4").
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Media {
+    Image,
+    Video,
+}
+
+impl Media {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Media::Image => "image",
+            Media::Video => "video",
+        }
+    }
+}
+
+impl std::fmt::Display for Media {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Media {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "image" => Ok(Media::Image),
+            "video" => Ok(Media::Video),
+            _ => Err(Error::InvalidArgument(format!("media must be \"image\" or \"video\", got {s:?}"))),
+        }
+    }
+}
+
+/// What a mask is checked against and laid onto: an image, or a video (its first frame).
+#[derive(Clone, Copy, Debug)]
+pub struct Source<'a> {
+    pub media: Media,
+    /// The file, named in errors; `None` when the caller knows only the size.
+    pub path: Option<&'a Path>,
+    /// (width, height) of the upright source.
+    pub size: (u32, u32),
+}
+
+impl<'a> Source<'a> {
+    pub fn image(path: &'a Path, size: (u32, u32)) -> Self {
+        Source { media: Media::Image, path: Some(path), size }
+    }
+}
+
+/// An error when the mask's aspect ratio differs from its source's by more than 1% (relative).
+pub fn check_aspect(source: &Source, mask: &Path, mask_size: (u32, u32)) -> Result<()> {
+    let (source_w, source_h) = source.size;
+    // |sw/sh - mw/mh| / (sw/sh) > 1%, in integers so that exactly 1% passes.
+    let cross_source = source_w as u64 * mask_size.1 as u64;
+    let cross_mask = mask_size.0 as u64 * source_h as u64;
+    if cross_source.abs_diff(cross_mask) * ASPECT_TOLERANCE_INVERSE > cross_source {
         return Err(Error::AspectMismatch {
-            image: image.to_path_buf(),
+            media: source.media,
+            source_path: source.path.map(Path::to_path_buf),
             mask: mask.to_path_buf(),
-            image_w: image_size.0,
-            image_h: image_size.1,
+            source_w,
+            source_h,
             mask_w: mask_size.0,
             mask_h: mask_size.1,
-            image_aspect,
-            mask_aspect,
+            source_aspect: source_w as f64 / source_h as f64,
+            mask_aspect: mask_size.0 as f64 / mask_size.1 as f64,
         });
     }
     Ok(())
@@ -104,11 +154,37 @@ mod tests {
     fn aspect_check_allows_one_percent() {
         let p = Path::new("i.png");
         let m = Path::new("m.png");
-        assert!(check_aspect(p, (1000, 500), m, (500, 250)).is_ok());
-        assert!(check_aspect(p, (1000, 500), m, (1000, 504)).is_ok());
-        assert!(check_aspect(p, (100, 50), m, (99, 50)).is_ok(), "exactly 1% passes");
-        assert!(check_aspect(p, (1000, 500), m, (989, 500)).is_err(), "1.1% fails");
-        let err = check_aspect(p, (1000, 500), m, (1000, 600)).unwrap_err().to_string();
-        assert!(err.contains("1000x500") && err.contains("1000x600"), "{err}");
+        let check = |size, mask_size| check_aspect(&Source::image(p, size), m, mask_size);
+        assert!(check((1000, 500), (500, 250)).is_ok());
+        assert!(check((1000, 500), (1000, 504)).is_ok());
+        assert!(check((100, 50), (99, 50)).is_ok(), "exactly 1% passes");
+        assert!(check((1000, 500), (989, 500)).is_err(), "1.1% fails");
+        let err = check((1000, 500), (1000, 600)).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "m.png: aspect ratio mismatch: image i.png is 1000x500 (aspect 2.0000), mask is 1000x600 \
+             (aspect 1.6667); the mask would be misaligned, fix its size"
+        );
+    }
+
+    #[test]
+    fn aspect_error_names_the_media() {
+        let m = Path::new("clip.png");
+        let video = Source { media: Media::Video, path: Some(Path::new("v/clip.mp4")), size: (96, 48) };
+        let err = check_aspect(&video, m, (48, 48)).unwrap_err().to_string();
+        assert!(
+            err.starts_with("clip.png: aspect ratio mismatch: video v/clip.mp4 is 96x48 (aspect 2.0000)"),
+            "{err}"
+        );
+        let unnamed = Source { path: None, ..video };
+        let err = check_aspect(&unnamed, m, (48, 48)).unwrap_err().to_string();
+        assert!(err.starts_with("clip.png: aspect ratio mismatch: video is 96x48"), "{err}");
+    }
+
+    #[test]
+    fn media_parses_its_two_words_only() {
+        assert_eq!("image".parse::<Media>().unwrap(), Media::Image);
+        assert_eq!("video".parse::<Media>().unwrap(), Media::Video);
+        assert!(matches!("Video".parse::<Media>(), Err(Error::InvalidArgument(_))));
     }
 }

@@ -1,6 +1,7 @@
 //! Batch preparation: for each image, decode, pick its mask (alpha -> mask file -> full weight),
 //! resize both onto the chosen bucket and pool the mask onto the latent grid -- in parallel,
-//! with one bad file failing only its own item.
+//! with one bad file failing only its own item. The mask half is public on its own
+//! ([`prepare_mask`]) for sources this module does not decode, such as videos.
 
 use std::path::{Path, PathBuf};
 
@@ -8,7 +9,7 @@ use rayon::prelude::*;
 
 use crate::decode::{decode_image, DEFAULT_PIXEL_LIMIT};
 use crate::error::{Error, Result};
-use crate::geometry::{check_aspect, choose_bucket};
+use crate::geometry::{check_aspect, choose_bucket, Source};
 use crate::index::{stem_of, MaskIndex};
 use crate::latent::latent_mask;
 use crate::luma::load_mask;
@@ -90,30 +91,29 @@ pub fn prepare_item(path: &Path, options: &PrepareOptions) -> Result<PreparedIte
     let original_size = decoded.rgb.size();
     let bucket = choose_bucket(original_size.0, original_size.1, &options.buckets)
         .ok_or_else(|| Error::InvalidArgument("the bucket list is empty".into()))?;
+    let factor = options.latent_factor;
 
     let (mask, mask_source, mask_path) = match (options.alpha_mask, decoded.alpha) {
-        (true, Some(alpha)) => (Some(alpha), MaskSource::Alpha, None),
+        (true, Some(alpha)) => (Some(fit_mask(&alpha, bucket, factor)), MaskSource::Alpha, None),
         _ => match mask_file(path, options)? {
             Some(mask_path) => {
-                let mask = load_mask(&mask_path, options.pixel_limit)?;
-                check_aspect(path, original_size, &mask_path, mask.size())?;
+                let source = Source::image(path, original_size);
+                let mask = prepare_mask(&mask_path, &source, bucket, factor, options.pixel_limit)?;
                 (Some(mask), MaskSource::File, Some(mask_path))
             }
             None if options.require_mask => return Err(Error::MissingMask { path: path.to_path_buf() }),
+            None if options.masking_enabled() => {
+                let full = Mask::Eight(Plane::filled(bucket.0, bucket.1, 1, 255));
+                (Some(fit_mask(&full, bucket, factor)), MaskSource::None, None)
+            }
             None => (None, MaskSource::None, None),
         },
     };
 
-    let image = resize_image_to_bucket(&decoded.rgb, bucket);
-    let mask = match mask {
-        Some(mask) => Some(resize_mask_to_bucket(&mask, bucket)),
-        None if options.masking_enabled() => Some(Mask::Eight(Plane::filled(bucket.0, bucket.1, 1, 255))),
-        None => None,
-    };
-    let latent_mask = mask.as_ref().map(|m| latent_mask(m, options.latent_factor));
+    let (mask, latent_mask) = mask.map(|m| (m.mask, m.latent_mask)).unzip();
     Ok(PreparedItem {
         path: path.to_path_buf(),
-        image,
+        image: resize_image_to_bucket(&decoded.rgb, bucket),
         mask,
         latent_mask,
         mask_source,
@@ -121,6 +121,75 @@ pub fn prepare_item(path: &Path, options: &PrepareOptions) -> Result<PreparedIte
         bucket,
         original_size,
     })
+}
+
+/// A mask laid onto a bucket: what training weighs its loss with.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PreparedMask {
+    /// The mask at the bucket size, at its source's bit depth.
+    pub mask: Mask,
+    /// The mask pooled onto the latent grid (bucket / latent factor), weights in [0, 1].
+    pub latent_mask: Plane<f32>,
+}
+
+/// The mask half of [`prepare_item`] for a mask file: load it (luma, 16 bits kept), check its
+/// aspect ratio against `source` (1%), cover-resize it onto `bucket` and pool it onto the latent
+/// grid. Videos use it with their first frame's size, so images and videos share one rule.
+pub fn prepare_mask(
+    mask_path: &Path,
+    source: &Source,
+    bucket: (u32, u32),
+    latent_factor: u32,
+    pixel_limit: u64,
+) -> Result<PreparedMask> {
+    // Before any I/O, so a bad call fails the same way whether or not the file exists.
+    check_mask_arguments(source, bucket, latent_factor)?;
+    let mask = load_mask(mask_path, pixel_limit)?;
+    conform_mask(&mask, mask_path, source, bucket, latent_factor)
+}
+
+/// [`prepare_mask`] for a mask already in memory; `mask_name` is what errors call it.
+pub fn prepare_loaded_mask(
+    mask: &Mask,
+    mask_name: &Path,
+    source: &Source,
+    bucket: (u32, u32),
+    latent_factor: u32,
+) -> Result<PreparedMask> {
+    check_mask_arguments(source, bucket, latent_factor)?;
+    conform_mask(mask, mask_name, source, bucket, latent_factor)
+}
+
+fn check_mask_arguments(source: &Source, bucket: (u32, u32), latent_factor: u32) -> Result<()> {
+    let positive = |(w, h): (u32, u32)| w > 0 && h > 0;
+    if !positive(source.size) {
+        return Err(Error::InvalidArgument(format!("source size must be positive, got {:?}", source.size)));
+    }
+    if !positive(bucket) {
+        return Err(Error::InvalidArgument(format!("bucket must be positive, got {bucket:?}")));
+    }
+    if latent_factor == 0 {
+        return Err(Error::InvalidArgument("latent_factor must be positive".into()));
+    }
+    Ok(())
+}
+
+fn conform_mask(
+    mask: &Mask,
+    mask_name: &Path,
+    source: &Source,
+    bucket: (u32, u32),
+    latent_factor: u32,
+) -> Result<PreparedMask> {
+    check_aspect(source, mask_name, mask.size())?;
+    Ok(fit_mask(mask, bucket, latent_factor))
+}
+
+/// Resize and pool, shared by mask files, alpha channels and the full-weight default.
+fn fit_mask(mask: &Mask, bucket: (u32, u32), latent_factor: u32) -> PreparedMask {
+    let mask = resize_mask_to_bucket(mask, bucket);
+    let latent_mask = latent_mask(&mask, latent_factor);
+    PreparedMask { mask, latent_mask }
 }
 
 fn mask_file(image: &Path, options: &PrepareOptions) -> Result<Option<PathBuf>> {

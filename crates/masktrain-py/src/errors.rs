@@ -1,52 +1,20 @@
-//! Core errors as Python exceptions: `MaskTrainError(ValueError)` and its subclasses for bad
-//! input, the built-in `FileNotFoundError` / `PermissionError` / `OSError` for I/O failures.
+//! Core errors as Python exceptions: the `MaskTrainError(ValueError)` subclasses that
+//! `masktrain.errors` defines for bad input, the built-in `FileNotFoundError` /
+//! `PermissionError` / `OSError` for I/O failures. The classes are imported, not created here,
+//! so Python has one class per error whether it came from Rust or from Python code.
 
 use masktrain_core::Error;
 use pyo3::exceptions::{PyFileNotFoundError, PyOSError, PyPermissionError, PyValueError};
 use pyo3::prelude::*;
 
-pyo3::create_exception!(
-    masktrain._native,
-    MaskTrainError,
-    PyValueError,
-    "Base class of masktrain's input errors."
-);
-pyo3::create_exception!(
-    masktrain._native,
-    ImageDecodeError,
-    MaskTrainError,
-    "An image file is empty, truncated or corrupt."
-);
-pyo3::create_exception!(
-    masktrain._native,
-    UnsupportedFormatError,
-    MaskTrainError,
-    "A file is not a PNG, JPEG, WebP or BMP image."
-);
-pyo3::create_exception!(
-    masktrain._native,
-    ImageTooLargeError,
-    MaskTrainError,
-    "An image has more pixels than the limit (decompression bomb guard)."
-);
-pyo3::create_exception!(
-    masktrain._native,
-    AspectMismatchError,
-    MaskTrainError,
-    "A mask's aspect ratio differs from its image's by more than 1%."
-);
-pyo3::create_exception!(
-    masktrain._native,
-    DuplicateMaskError,
-    MaskTrainError,
-    "Two mask files share one basename."
-);
-pyo3::create_exception!(
-    masktrain._native,
-    MissingMaskError,
-    MaskTrainError,
-    "require_mask is set and an item has no mask."
-);
+// Imported on first use, never at module import: `masktrain.errors` needs no extension.
+pyo3::import_exception!(masktrain.errors, MaskTrainError);
+pyo3::import_exception!(masktrain.errors, ImageDecodeError);
+pyo3::import_exception!(masktrain.errors, UnsupportedFormatError);
+pyo3::import_exception!(masktrain.errors, ImageTooLargeError);
+pyo3::import_exception!(masktrain.errors, AspectMismatchError);
+pyo3::import_exception!(masktrain.errors, DuplicateMaskError);
+pyo3::import_exception!(masktrain.errors, MissingMaskError);
 
 pub fn to_py_err(error: Error) -> PyErr {
     let message = error.to_string();
@@ -76,16 +44,4 @@ pub fn to_py_err(error: Error) -> PyErr {
 /// The exception as a value, for batch results that carry per-item failures.
 pub fn to_py_exception(py: Python<'_>, error: Error) -> Py<PyAny> {
     to_py_err(error).into_value(py).into_any()
-}
-
-pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    let py = m.py();
-    m.add("MaskTrainError", py.get_type::<MaskTrainError>())?;
-    m.add("ImageDecodeError", py.get_type::<ImageDecodeError>())?;
-    m.add("UnsupportedFormatError", py.get_type::<UnsupportedFormatError>())?;
-    m.add("ImageTooLargeError", py.get_type::<ImageTooLargeError>())?;
-    m.add("AspectMismatchError", py.get_type::<AspectMismatchError>())?;
-    m.add("DuplicateMaskError", py.get_type::<DuplicateMaskError>())?;
-    m.add("MissingMaskError", py.get_type::<MissingMaskError>())?;
-    Ok(())
 }

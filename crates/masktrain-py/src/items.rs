@@ -103,7 +103,7 @@ fn to_item(py: Python<'_>, item: prepare::PreparedItem) -> PreparedItem {
 }
 
 /// Prepare images in parallel. Returns one entry per path, in order: a PreparedItem, or the
-/// exception (MaskTrainError subclass or OSError) that item failed with.
+/// exception (a `masktrain.errors.MaskTrainError` subclass or OSError) that item failed with.
 #[pyfunction]
 #[pyo3(signature = (paths, buckets, *, mask_index = None, alpha_mask = false, require_mask = false,
                     latent_factor = 8, pixel_limit = DEFAULT_PIXEL_LIMIT))]

@@ -7,7 +7,8 @@ mod items;
 
 use std::path::PathBuf;
 
-use masktrain_core::{decode, geometry, index, latent, luma, pool, resize};
+use masktrain_core::geometry::{Media, Source};
+use masktrain_core::{decode, geometry, index, latent, luma, pool, prepare, resize};
 use numpy::PyReadonlyArray2;
 use numpy::PyReadonlyArray3;
 use pyo3::prelude::*;
@@ -30,6 +31,34 @@ fn decode_image(py: Python<'_>, path: PathBuf, pixel_limit: u64) -> PyResult<(Py
 fn load_mask(py: Python<'_>, path: PathBuf, pixel_limit: u64) -> PyResult<Py<PyAny>> {
     let mask = py.detach(move || luma::load_mask(&path, pixel_limit)).map_err(to_py_err)?;
     Ok(mask_to_py(py, mask))
+}
+
+/// A mask file laid onto `bucket` for a source of `image_size` (both (width, height)):
+/// `(mask, latent_mask)`, the (H, W) uint8/uint16 mask at the bucket size and its (h, w) float32
+/// weights on the latent grid, exactly as `prepare_batch` prepares a mask file. An aspect
+/// mismatch names the mask and `media` ("image" or "video"), then `source` when given.
+#[pyfunction]
+#[pyo3(signature = (mask_path, image_size, bucket, latent_factor = 8, *, source = None, media = "image",
+                    pixel_limit = decode::DEFAULT_PIXEL_LIMIT))]
+#[allow(clippy::too_many_arguments)]
+fn prepare_mask(
+    py: Python<'_>,
+    mask_path: PathBuf,
+    image_size: (u32, u32),
+    bucket: (u32, u32),
+    latent_factor: u32,
+    source: Option<PathBuf>,
+    media: &str,
+    pixel_limit: u64,
+) -> PyResult<(Py<PyAny>, Py<PyAny>)> {
+    let media: Media = media.parse().map_err(to_py_err)?;
+    let prepared = py
+        .detach(move || {
+            let source = Source { media, path: source.as_deref(), size: image_size };
+            prepare::prepare_mask(&mask_path, &source, bucket, latent_factor, pixel_limit)
+        })
+        .map_err(to_py_err)?;
+    Ok((mask_to_py(py, prepared.mask), plane_to_py(py, prepared.latent_mask)))
 }
 
 /// Cover-scale and centre-crop an (H, W, 3) uint8 image onto `bucket` = (width, height).
@@ -98,13 +127,13 @@ fn thread_count() -> usize {
 
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    errors::register(m)?;
     m.add("DEFAULT_PIXEL_LIMIT", decode::DEFAULT_PIXEL_LIMIT)?;
     m.add("IMAGE_EXTENSIONS", index::IMAGE_EXTENSIONS.to_vec())?;
     m.add("TEMP_SUFFIX", masktrain_core::atomic::TEMP_SUFFIX)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_function(wrap_pyfunction!(decode_image, m)?)?;
     m.add_function(wrap_pyfunction!(load_mask, m)?)?;
+    m.add_function(wrap_pyfunction!(prepare_mask, m)?)?;
     m.add_function(wrap_pyfunction!(resize_image_to_bucket, m)?)?;
     m.add_function(wrap_pyfunction!(resize_mask_to_bucket, m)?)?;
     m.add_function(wrap_pyfunction!(resize_mask_to_size, m)?)?;

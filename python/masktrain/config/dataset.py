@@ -31,19 +31,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from masktrain._native import MaskTrainError
-from masktrain.captions import normalize_caption_extension
-from masktrain.data.buckets import DEFAULT_STEP
+from masktrain.errors import ConfigError
 
 log = logging.getLogger(__name__)
+
+BUCKET_STEP = 16
+"""Bucket sides are multiples of this many pixels: the latent grid of WAN and Qwen-Image (an 8x
+VAE times a 2x2 patch). ``bucket_reso_steps`` must be a multiple of it."""
 
 FrameExtraction = Literal["head", "chunk", "slide", "uniform", "full"]
 FRAME_EXTRACTIONS: tuple[str, ...] = ("head", "chunk", "slide", "uniform", "full")
 DEFAULT_RESOLUTION = (960, 544)
-
-
-class ConfigError(MaskTrainError):
-    """The dataset TOML is invalid; the message names the file, the table and the key."""
 
 
 @dataclass(frozen=True)
@@ -122,15 +120,28 @@ class DatasetConfig:
 
 # Keys valid in [general] and, overriding it, in each [[datasets]] table.
 _ASCENDABLE = {
-    "caption_extension", "batch_size", "num_repeats", "resolution", "enable_bucket", "bucket_no_upscale",
-    "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps",
-}  # fmt: skip
+    "caption_extension",
+    "batch_size",
+    "num_repeats",
+    "resolution",
+    "enable_bucket",
+    "bucket_no_upscale",
+    "min_bucket_reso",
+    "max_bucket_reso",
+    "bucket_reso_steps",
+}
 _COMMON = {"cache_directory", "caption_directory", "mask_directory"}
 _IMAGE = {"image_directory", "image_jsonl_file", "alpha_mask", "require_mask"}
 _VIDEO = {
-    "video_directory", "video_jsonl_file", "target_frames", "frame_extraction", "frame_stride",
-    "frame_sample", "max_frames", "source_fps",
-}  # fmt: skip
+    "video_directory",
+    "video_jsonl_file",
+    "target_frames",
+    "frame_extraction",
+    "frame_stride",
+    "frame_sample",
+    "max_frames",
+    "source_fps",
+}
 # Keys that do nothing once captions are encoded into the cache: accepted with a warning.
 _IGNORED = {"shuffle_caption", "keep_tokens"}
 _WHY_IMAGE_ONLY = {
@@ -204,17 +215,15 @@ def _resolution(table: _Table) -> tuple[int, int]:
     ):
         raise table.error("resolution", f"must be [width, height] or one integer, not {value!r}")
     width, height = value
-    if width % DEFAULT_STEP or height % DEFAULT_STEP:
-        raise table.error(
-            "resolution", f"{width}x{height} must be a multiple of {DEFAULT_STEP} on both sides"
-        )
+    if width % BUCKET_STEP or height % BUCKET_STEP:
+        raise table.error("resolution", f"{width}x{height} must be a multiple of {BUCKET_STEP} on both sides")
     return width, height
 
 
 def _buckets(table: _Table) -> BucketConfig:
     steps = table.integer("bucket_reso_steps", None)
-    if steps is not None and steps % DEFAULT_STEP:
-        raise table.error("bucket_reso_steps", f"must be a multiple of {DEFAULT_STEP}, not {steps}")
+    if steps is not None and steps % BUCKET_STEP:
+        raise table.error("bucket_reso_steps", f"must be a multiple of {BUCKET_STEP}, not {steps}")
     low, high = table.integer("min_bucket_reso", None), table.integer("max_bucket_reso", None)
     if low is not None and high is not None and low > high:
         raise table.error("min_bucket_reso", f"({low}) must not exceed max_bucket_reso ({high})")
@@ -239,6 +248,11 @@ def _caption_extension(table: _Table) -> str:
     if not isinstance(value, str) or not value:
         raise table.error("caption_extension", f"must be a non-empty string such as '.txt', not {value!r}")
     return normalize_caption_extension(value)
+
+
+def normalize_caption_extension(extension: str) -> str:
+    """``"txt"`` means ``".txt"``: the guide always writes the dot, users sometimes do not."""
+    return extension if not extension or extension.startswith(".") else "." + extension
 
 
 def _source(table: _Table, directory_key: str, jsonl_key: str) -> tuple[Path | None, Path | None]:

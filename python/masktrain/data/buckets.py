@@ -10,26 +10,24 @@ Two generators, chosen by the keys a user's TOML has:
   the resolution's, plus the square.
 
 An image takes the bucket whose aspect ratio is nearest its own (ties keep the first, the list is
-sorted). With ``bucket_no_upscale``, an image no larger than the bucket area keeps its own size
-rounded down to the step instead.
+sorted; the native core's ``choose_bucket``). With ``bucket_no_upscale``, an image no larger than
+the bucket area keeps its own size rounded down to the step instead.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+
+from masktrain.config.dataset import BUCKET_STEP
 
 Bucket = tuple[int, int]
-
-#: WAN and Qwen-Image: 8x VAE times a 2x2 patch.
-DEFAULT_STEP = 16
 
 
 def floor_to(value: int, step: int) -> int:
     return value // step * step
 
 
-def musubi_buckets(resolution: Bucket, step: int = DEFAULT_STEP) -> list[Bucket]:
+def musubi_buckets(resolution: Bucket, step: int = BUCKET_STEP) -> list[Bucket]:
     area = resolution[0] * resolution[1]
     side = int(math.sqrt(area))
     buckets = set()
@@ -51,12 +49,7 @@ def sd_scripts_buckets(resolution: Bucket, min_reso: int, max_reso: int, step: i
     return sorted(buckets)
 
 
-def nearest_bucket(size: Bucket, buckets: Sequence[Bucket]) -> Bucket:
-    aspect = size[0] / size[1]
-    return min(buckets, key=lambda b: abs(b[0] / b[1] - aspect))
-
-
-def no_upscale_bucket(size: Bucket, bucket: Bucket, step: int = DEFAULT_STEP) -> Bucket:
+def no_upscale_bucket(size: Bucket, bucket: Bucket, step: int = BUCKET_STEP) -> Bucket:
     """musubi's ``bucket_no_upscale``: an image no larger than the bucket keeps its own size,
     rounded down to the step grid (never below one step)."""
     width, height = size

@@ -7,7 +7,8 @@ Names follow musubi-tuner so users recognise them (``original_size`` is the sour
 - text embeddings: ``{stem}_{arch}_te.safetensors``
 
 Tensors keep musubi's ``<name>_<FxHxW>_<dtype>`` keys (e.g. ``latents_1x8x8_bfloat16``,
-``mask_weights_1x8x8_float32``); this module stores whatever mapping it is given. The safetensors
+``mask_weights_1x8x8_float32``, ``text_embeds_bfloat16``): :func:`tensor_key` writes them and
+:func:`item_tensor_keys` finds them, and nothing else spells them. The safetensors
 ``__metadata__`` (all strings) says what made the file:
 
 - ``arch``: short architecture name (``wan``, ``qi``, ...); a cache directory holds one arch.
@@ -20,9 +21,10 @@ Tensors keep musubi's ``<name>_<FxHxW>_<dtype>`` keys (e.g. ``latents_1x8x8_bflo
 
 A ``cache`` run compares a file's fingerprint with the one it would write: equal means the item is
 skipped, different means it is rebuilt in place, so users never need a fresh ``cache_directory``.
-Files are written to a hidden temporary beside the target, flushed to disk and renamed over it,
-so a run killed at any moment leaves complete files or none, plus temporaries that
-:func:`remove_stale_temporaries` deletes on the next run.
+Files are written through :mod:`masktrain.atomic` (a hidden temporary, flushed, renamed), so a run
+killed at any moment leaves complete files or none, plus temporaries the next run deletes.
+
+Reading a header (metadata and tensor shapes) imports no torch; loading tensors does.
 """
 
 from __future__ import annotations
@@ -32,17 +34,19 @@ import json
 import logging
 import os
 import re
-import threading
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import safetensors
-import safetensors.torch
-import torch
 
-from masktrain._native import TEMP_SUFFIX, MaskTrainError, list_images
+from masktrain import atomic
+from masktrain._native import list_images
+from masktrain.errors import CacheArchMismatch, CachedDataError, CacheFileError
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -66,13 +70,51 @@ CacheStatus = Literal["missing", "fresh", "stale"]
 
 _StrPath = str | os.PathLike[str]
 
+# --- tensor keys ----------------------------------------------------------------------------------
 
-class CacheFileError(MaskTrainError):
-    """A cache file that exists but cannot be used: unreadable, or without masktrain's metadata."""
+LATENTS = "latents"
+MASK_WEIGHTS = "mask_weights"
+TEXT_EMBEDS = "text_embeds"
+_GRID_KEY = re.compile(r"^(?P<name>latents|mask_weights)_(?P<f>\d+)x(?P<h>\d+)x(?P<w>\d+)_(?P<dtype>\w+)$")
 
 
-class CacheArchMismatch(CacheFileError):
-    """A cache file made for another architecture than the run's."""
+def tensor_key(name: str, dtype: torch.dtype, grid: tuple[int, int, int] | None = None) -> str:
+    """``latents_FxHxW_<dtype>``, ``mask_weights_FxHxW_<dtype>`` (with the (F, H, W) `grid`) or
+    ``text_embeds_<dtype>`` (without)."""
+    dtype_name = str(dtype).removeprefix("torch.")
+    if grid is None:
+        return f"{name}_{dtype_name}"
+    frames, height, width = grid
+    return f"{name}_{frames}x{height}x{width}_{dtype_name}"
+
+
+@dataclass(frozen=True)
+class ItemTensorKeys:
+    """Where an item file keeps its tensors."""
+
+    latents: str
+    mask_weights: str | None
+    """None when the item was cached without masking."""
+
+
+def item_tensor_keys(keys: Iterable[str], path: _StrPath) -> ItemTensorKeys:
+    """The latents key (exactly one) and the mask-weights key (at most one) among `keys`; a
+    :class:`CachedDataError` naming the file otherwise."""
+    by_name: dict[str, list[str]] = {LATENTS: [], MASK_WEIGHTS: []}
+    for key in keys:
+        match = _GRID_KEY.match(key)
+        if match:
+            by_name[match["name"]].append(key)
+    latents, masks = by_name[LATENTS], by_name[MASK_WEIGHTS]
+    if len(latents) != 1 or len(masks) > 1:
+        raise CachedDataError(
+            f"{path}: expected one latents_* tensor and at most one mask_weights_* tensor, found "
+            f"{len(latents)} and {len(masks)}; re-run masktrain cache"
+        )
+    return ItemTensorKeys(latents[0], masks[0] if masks else None)
+
+
+# --- file names -----------------------------------------------------------------------------------
 
 
 def item_cache_name(
@@ -88,17 +130,26 @@ def text_cache_name(stem: str, arch: str) -> str:
     return f"{stem}_{arch}_te.safetensors"
 
 
+def _item_pattern(arch: str, clips: bool) -> re.Pattern[str]:
+    clip = r"_\d{5,}-\d{3,}" if clips else ""
+    return re.compile(rf"^(?P<stem>.*){clip}_\d{{4,}}x\d{{4,}}_{re.escape(arch)}\.safetensors$")
+
+
+def is_item_file(name: str, arch: str) -> bool:
+    """Whether `name` is a latent cache file (an image's or a video clip's) of `arch`."""
+    return _item_pattern(arch, clips=False).match(name) is not None
+
+
 def existing_item_files(directory: Path, arch: str, clips: bool = False) -> dict[str, list[Path]]:
     """Latent cache files already in `directory`, by item stem: image files, or with `clips`
     the video clip files (``{stem}_{start}-{count}_{W}x{H}_{arch}``)."""
-    clip = r"_\d{5,}-\d{3,}" if clips else ""
-    pattern = re.compile(rf"^(.*){clip}_\d{{4,}}x\d{{4,}}_{re.escape(arch)}\.safetensors$")
+    pattern = _item_pattern(arch, clips)
     found: dict[str, list[Path]] = {}
     if directory.is_dir():
         for path in directory.iterdir():
             match = pattern.match(path.name)
             if match:
-                found.setdefault(match.group(1), []).append(path)
+                found.setdefault(match["stem"], []).append(path)
     return found
 
 
@@ -203,30 +254,18 @@ def _parse_bucket(text: str) -> tuple[int, int] | None:
     return int(width), int(height)
 
 
-def _temp_path(path: Path) -> Path:
-    # pid and thread id: writer threads and DDP ranks may share a directory.
-    return path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}{TEMP_SUFFIX}")
-
-
 def write_cache_file(path: _StrPath, tensors: Mapping[str, torch.Tensor], metadata: CacheMetadata) -> None:
     """Write ``tensors`` and ``metadata`` to ``path`` atomically: readers see the old file or the new."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    import safetensors.torch
+
     cpu = {name: tensor.detach().to("cpu").contiguous() for name, tensor in tensors.items()}
-    temp = _temp_path(path)
-    try:
-        safetensors.torch.save_file(cpu, temp, metadata=metadata.to_dict())
-        # Flush before the rename so a power cut cannot leave the new name on unwritten blocks.
-        with open(temp, "rb") as file:
-            os.fsync(file.fileno())
-        os.replace(temp, path)
-    finally:
-        temp.unlink(missing_ok=True)  # a no-op after the rename; removes the partial file otherwise
+    atomic.write_bytes(path, safetensors.torch.save(cpu, metadata=metadata.to_dict()))
 
 
-def _open(path: Path) -> safetensors.safe_open:
+def _open(path: Path, framework: str = "numpy") -> safetensors.safe_open:
+    """The file, opened for its header (``numpy``: no torch import) or for torch tensors (``pt``)."""
     try:
-        return safetensors.safe_open(path, "pt")
+        return safetensors.safe_open(path, framework)
     except safetensors.SafetensorError as error:
         raise CacheFileError(
             f"{path}: not a readable cache file ({error}); delete it so the next cache run rebuilds it"
@@ -303,23 +342,10 @@ def reusable(path: Path, *, arch: str, fingerprint: str, skip_existing: bool) ->
 def load_cache_file(path: _StrPath) -> tuple[dict[str, torch.Tensor], CacheMetadata]:
     """All tensors of a cache file (on the CPU) and its metadata."""
     path = Path(path)
-    with _open(path) as handle:
+    with _open(path, "pt") as handle:
         metadata = _metadata_of(handle, path)
         try:
             tensors = {name: handle.get_tensor(name) for name in handle.keys()}
         except safetensors.SafetensorError as error:
             raise CacheFileError(f"{path}: cannot read tensors ({error}); delete it") from error
     return tensors, metadata
-
-
-def remove_stale_temporaries(directory: _StrPath) -> int:
-    """Delete temporaries a killed run left in ``directory``; returns how many.
-
-    Run it before any writer starts (under DDP: on one rank, before the barrier), since it cannot
-    tell a dead run's temporary from a live writer's.
-    """
-    removed = 0
-    for stale in Path(directory).glob(f".*{TEMP_SUFFIX}"):
-        stale.unlink(missing_ok=True)
-        removed += 1
-    return removed

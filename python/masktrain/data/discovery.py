@@ -17,8 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from masktrain import _native
-from masktrain.config.dataset import BucketConfig, ConfigError, ImageDatasetConfig, VideoDatasetConfig
-from masktrain.data.buckets import DEFAULT_STEP, Bucket, musubi_buckets, no_upscale_bucket, sd_scripts_buckets
+from masktrain.config.dataset import BUCKET_STEP, BucketConfig, ImageDatasetConfig, VideoDatasetConfig
+from masktrain.data.buckets import Bucket, musubi_buckets, no_upscale_bucket, sd_scripts_buckets
+from masktrain.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ def bucket_list(config: BucketConfig) -> list[Bucket]:
     `min_bucket_reso` meaning half the square side and a missing `max_bucket_reso` twice it."""
     if not config.enable_bucket:
         return [config.resolution]
-    step = config.bucket_reso_steps or DEFAULT_STEP
+    step = config.bucket_reso_steps or BUCKET_STEP
     if config.min_bucket_reso is None and config.max_bucket_reso is None and config.bucket_reso_steps is None:
         return musubi_buckets(config.resolution, step)
     side = int(max(config.resolution))
@@ -72,7 +73,7 @@ def own_size_bucket(size: Bucket, config: BucketConfig) -> Bucket | None:
     area = config.resolution[0] * config.resolution[1]
     if not config.bucket_no_upscale or size[0] * size[1] > area:
         return None
-    return no_upscale_bucket(size, config.resolution, config.bucket_reso_steps or DEFAULT_STEP)
+    return no_upscale_bucket(size, config.resolution, config.bucket_reso_steps or BUCKET_STEP)
 
 
 def choose_bucket(size: Bucket, config: BucketConfig, buckets: list[Bucket]) -> Bucket:
@@ -124,14 +125,18 @@ def _discovery(entries: list[tuple[Path, str | None]], kind: str, caption_extens
     items, failed = [], []
     for path, caption in entries:
         if stems[path.stem] > 1:
-            failed.append((path, f"another {kind} has the same basename '{path.stem}'; their cache files "
-                                 "would collide, rename one"))  # fmt: skip
+            reason = f"another {kind} has the same basename '{path.stem}'; their cache files would collide"
+            failed.append((path, f"{reason}, rename one"))
         else:
             items.append(MediaItem(path, caption or ""))
     missing = sum(1 for _, caption in entries if caption is None)
     if missing:
-        log.warning("%d %ss have no caption file (%s); they train with an empty caption",
-                    missing, kind, caption_extension)  # fmt: skip
+        log.warning(
+            "%d %ss have no caption file (%s); they train with an empty caption",
+            missing,
+            kind,
+            caption_extension,
+        )
     return Discovery(items=items, failed=failed, missing_captions=missing)
 
 

@@ -8,7 +8,8 @@ native core; the bucket is chosen from the first frame's size. A JSONL ``video_p
 directory of frame images instead (sorted by name, decoded by the native core). The container's
 rotation metadata is not applied (musubi-tuner does not either).
 
-With ``source_fps`` frames are dropped to the model's rate (WAN: 16 fps) by musubi-tuner's rule:
+With ``source_fps`` frames are dropped to the family's rate (``catalog``: WAN 16 fps) by
+musubi-tuner's rule:
 source frame ``i`` lands on target frame ``int(i * target / source)`` (accumulated in floating
 point as musubi does) and only the first frame landing on each target frame is kept. A source
 slower than the target keeps every frame; none is duplicated.
@@ -20,13 +21,14 @@ Clips from the N kept frames, for each target length T of ``target_frames`` (4k+
 - ``slide``: ``(i, T)`` for i in ``range(0, N - T + 1, frame_stride)``.
 - ``uniform``: ``frame_sample`` starts ``np.linspace(0, N - T, frame_sample)`` truncated to
   int, when N >= T (a start that repeats is one clip).
-- ``full``: one clip ``(0, min(N, max_frames))`` rounded down to 4k+1.
+- ``full``: one clip ``(0, min(N, max_frames))`` rounded down to 4k+1 (k: the VAE's temporal factor).
 
 A video that yields no clip at all (shorter than every T) fails, naming the file and its length.
 
-The mask is one image per video, matched by basename in ``mask_directory``; it follows the image
-rules (luma, 16-bit kept, aspect within 1% of the first frame, cover-resize onto the bucket) and
-is pooled onto the latent grid of the encoded clip, then repeated over its latent frames.
+The mask is one image per video, matched by basename in ``mask_directory``, prepared by the
+native core exactly as an image's mask file (``_native.prepare_mask``: luma, 16-bit kept, aspect
+within 1% of the first frame, cover-resize onto the bucket, pooled onto the latent grid); the
+cacher repeats it over each clip's latent frames.
 """
 
 from __future__ import annotations
@@ -40,21 +42,9 @@ import av
 import numpy as np
 
 from masktrain import _native
-from masktrain._native import AspectMismatchError, MaskTrainError
 from masktrain.config.dataset import VideoDatasetConfig
 from masktrain.data.buckets import Bucket
-
-#: Frame rate each video model trains at (musubi-tuner's ``VideoDataset.TARGET_FPS_*``).
-TARGET_FPS = {"wan": 16.0}
-#: Frame counts are 4k+1: the VAEs compress time 4x after the first frame.
-FRAME_STEP = 4
-#: Mask aspect ratio tolerance, as the native core's (relative, 1 in 100).
-_ASPECT_TOLERANCE_INVERSE = 100
-
-
-class VideoDecodeError(MaskTrainError):
-    """A video that cannot be used: empty, unreadable, corrupt, without a video stream, or too
-    short for any clip; the message names the file."""
+from masktrain.errors import VideoDecodeError
 
 
 @dataclass(frozen=True)
@@ -69,9 +59,11 @@ class ClipSettings:
     max_frames: int
     source_fps: float | None
     target_fps: float
+    frame_step: int
+    """Frames per latent frame after the first (the VAE's temporal factor): lengths are 4k+1."""
 
     @classmethod
-    def of(cls, dataset: VideoDatasetConfig, target_fps: float) -> ClipSettings:
+    def of(cls, dataset: VideoDatasetConfig, target_fps: float, frame_step: int) -> ClipSettings:
         return cls(
             target_frames=dataset.target_frames,
             extraction=dataset.frame_extraction,
@@ -80,6 +72,7 @@ class ClipSettings:
             max_frames=dataset.max_frames,
             source_fps=dataset.source_fps,
             target_fps=target_fps,
+            frame_step=frame_step,
         )
 
     @property
@@ -98,7 +91,7 @@ class ClipSettings:
         if self.extraction == "full":
             if n > 0:
                 length = min(n, self.max_frames)
-                spans.append((0, (length - 1) // FRAME_STEP * FRAME_STEP + 1))
+                spans.append((0, (length - 1) // self.frame_step * self.frame_step + 1))
             return spans
         for t in self.target_frames:
             if n < t:
@@ -117,7 +110,9 @@ class ClipSettings:
         return list(dict.fromkeys(spans))
 
     def fingerprint_part(self) -> dict[str, object]:
-        return asdict(self)
+        part = asdict(self)
+        del part["frame_step"]  # the VAE's, and the VAE's identity is in the fingerprint already
+        return part
 
 
 def kept_frames(source_fps: float | None, target_fps: float | None) -> Iterator[bool]:
@@ -195,31 +190,3 @@ def decode_video(
     if bucket is None or original is None:
         raise VideoDecodeError(f"{path}: no video frames could be decoded")
     return DecodedVideo(np.stack(frames), indices, original, bucket)
-
-
-def check_aspect(video: Path, size: tuple[int, int], mask: Path, mask_size: tuple[int, int]) -> None:
-    """The native core's image rule: a mask whose aspect ratio differs from the video's by more
-    than 1% (relative, in integers so that exactly 1% passes) would be misaligned."""
-    cross_video, cross_mask = size[0] * mask_size[1], mask_size[0] * size[1]
-    if abs(cross_video - cross_mask) * _ASPECT_TOLERANCE_INVERSE > cross_video:
-        raise AspectMismatchError(
-            f"{mask}: aspect ratio mismatch: video {video} is {size[0]}x{size[1]} "
-            f"(aspect {size[0] / size[1]:.4f}), mask is {mask_size[0]}x{mask_size[1]} "
-            f"(aspect {mask_size[0] / mask_size[1]:.4f}); the mask would be misaligned, fix its size"
-        )
-
-
-def bucket_mask(mask_path: Path, video: DecodedVideo, video_path: Path) -> np.ndarray:
-    """The video's mask file at the bucket size, uint8 or uint16 (the file's own depth)."""
-    mask = _native.load_mask(mask_path)
-    check_aspect(video_path, video.original_size, mask_path, (mask.shape[1], mask.shape[0]))
-    return _native.resize_mask_to_bucket(mask, video.bucket)
-
-
-def latent_weights(mask: np.ndarray | None, grid: tuple[int, int]) -> np.ndarray:
-    """Weights in [0, 1] on the latent grid (height, width): ``mask / 255`` (``/ 65535`` for
-    16-bit) pooled as ``F.interpolate(mode="area")`` does; full weight without a mask."""
-    if mask is None:
-        return np.ones(grid, np.float32)
-    scale = np.float32(65535.0 if mask.dtype == np.uint16 else 255.0)
-    return _native.area_downsample(mask.astype(np.float32) / scale, grid)

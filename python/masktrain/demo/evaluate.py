@@ -19,11 +19,16 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from masktrain.data.loader import find_cached_items, load_batch
+from masktrain.config.timesteps import TimestepSettings
+from masktrain.data.cached_items import find_cached_items
+from masktrain.data.loader import load_batch
+from masktrain.errors import CachedDataError, DataError
 from masktrain.loss import TIER_EDGES
 from masktrain.models import get_family
-from masktrain.models.base import TINY, ModelFamily, TextBatch
+from masktrain.models.base import ModelFamily, TextBatch
+from masktrain.models.loading import TINY
 from masktrain.train import lora, timesteps
+from masktrain.train.flow_matching import noised
 
 log = logging.getLogger(__name__)
 
@@ -58,21 +63,21 @@ def _inputs(family: ModelFamily, heldout_toml: Path, draws: int, seed: int, devi
     items = find_cached_items(heldout_toml, family.name)
     batch = load_batch(0, items)
     if batch.mask_weights is None:
-        raise ValueError(f"{heldout_toml}: the held-out cache has no mask weights")
+        raise CachedDataError(f"{heldout_toml}: the held-out cache has no mask weights")
     latents = batch.latents.repeat_interleave(draws, dim=0)
     mask = batch.mask_weights.repeat_interleave(draws, dim=0)
     texts = [text for text in batch.text for _ in range(draws)]
     generator = torch.Generator().manual_seed(seed)
     noise = torch.randn(latents.shape, generator=generator)
     height, width = latents.shape[-2:]
-    settings = timesteps.TimestepSettings()  # the training runs' defaults
+    settings = TimestepSettings()  # the training runs' defaults
     sigmas = timesteps.sample_sigmas(settings, latents.shape[0], (height, width), generator, "cpu")
-    expanded = sigmas.view(-1, 1, 1, 1, 1)
+    noisy, target = noised(latents, noise, sigmas)
     low, high = TIER_EDGES
     return _Inputs(
-        noisy=((1 - expanded) * latents + expanded * noise).to(device),
+        noisy=noisy.to(device),
         sigmas=sigmas.to(device),
-        target=(noise - latents).to(device),
+        target=target.to(device),
         text=family.collate_text(texts).to(device, torch.float32),
         subject=(mask >= high).float().to(device),
         background=(mask < low).float().to(device),
@@ -83,7 +88,7 @@ def _region_mean(values: torch.Tensor, region: torch.Tensor) -> float:
     """Mean of ``values`` (B, C, F, h, w) over the cells where ``region`` (B, 1, F, h, w) is 1."""
     count = region.sum() * values.shape[1]
     if count == 0:
-        raise ValueError("the held-out items have no cells in one of the evaluation regions")
+        raise DataError("the held-out items have no cells in one of the evaluation regions")
     return float((values * region).sum() / count)
 
 

@@ -6,6 +6,7 @@ as the loss sees them). The picture is drawn with Pillow alone (no plotting libr
 
 from __future__ import annotations
 
+import io
 import json
 import shlex
 from dataclasses import asdict, dataclass
@@ -14,10 +15,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from masktrain import atomic, catalog
+from masktrain.config.demo import DemoConfig
+
 if TYPE_CHECKING:
     from PIL import ImageDraw, ImageFont
 
-    from masktrain.demo import DemoConfig, Run
+    from masktrain.demo import Run
     from masktrain.demo.evaluate import Score
 
 CURVES = (  # metrics.jsonl key, legend, colour
@@ -64,16 +68,18 @@ def write(
         cache_commands=[_cache_command(toml, config.arch) for toml in tomls.values()],
         loras={run.spec.name: run.lora for run in runs},
     )
-    report.json_path.write_text(json.dumps(_json(config, runs, report), indent=2) + "\n", encoding="utf-8")
-    (out / "report.md").write_text(_markdown(config, runs, report), encoding="utf-8")
-    _picture(runs, tomls["train"], config.arch).save(out / "report.png")
+    atomic.write_text(report.json_path, json.dumps(_json(config, runs, report), indent=2) + "\n")
+    atomic.write_text(out / "report.md", _markdown(config, runs, report))
+    png = io.BytesIO()
+    _picture(runs, tomls["train"], config.arch).save(png, format="PNG")
+    atomic.write_bytes(out / "report.png", png.getvalue())
     return report
 
 
 def _cache_command(toml: Path, arch: str) -> str:
-    text_flag = "--t5" if arch == "wan" else "--text_encoder"
-    return shlex.join(["masktrain", "cache", "--dataset_config", str(toml), "--arch", arch, "--vae", "tiny",
-                       text_flag, "tiny", "--device", "cpu"])  # fmt: skip
+    text_flag = catalog.arch(arch).text_flag
+    command = ["masktrain", "cache", "--dataset_config", str(toml), "--arch", arch, "--vae", "tiny"]
+    return shlex.join([*command, text_flag, "tiny", "--device", "cpu"])
 
 
 def _json(config: DemoConfig, runs: list[Run], report: DemoReport) -> dict[str, Any]:
@@ -194,9 +200,13 @@ def _ticks(low: float, high: float, count: int = 4) -> list[float]:
 
 
 def _panel(
-    draw: ImageDraw.ImageDraw, origin: tuple[int, int], title: str,
-    curves: dict[str, tuple[np.ndarray, np.ndarray]], y_range: tuple[float, float], x_max: float,
-) -> None:  # fmt: skip
+    draw: ImageDraw.ImageDraw,
+    origin: tuple[int, int],
+    title: str,
+    curves: dict[str, tuple[np.ndarray, np.ndarray]],
+    y_range: tuple[float, float],
+    x_max: float,
+) -> None:
     left, top = origin
     right, bottom = left + PANEL_W, top + PANEL_H
     font = _font(13)
@@ -231,14 +241,15 @@ def _overlays(train_toml: Path, arch: str, display: int) -> list[tuple[np.ndarra
     from PIL import Image
 
     from masktrain.data import cache_format as fmt
-    from masktrain.data.loader import find_cached_items
+    from masktrain.data.cached_items import find_cached_items
 
     tiles = []
     for item in find_cached_items(train_toml, arch)[:OVERLAY_ITEMS]:
         tensors, metadata = fmt.load_cache_file(item.latent_path)
-        mask = next((t for k, t in tensors.items() if k.startswith("mask_weights_")), None)
-        if mask is None:
+        key = fmt.item_tensor_keys(tensors, item.latent_path).mask_weights
+        if key is None:
             continue
+        mask = tensors[key]
         weight = mask[0, 0].float().clamp(0, 1).numpy()  # (h, w) raw weight, first frame
         image = Image.open(metadata.source).convert("RGB")
         if metadata.bucket is not None and image.size != tuple(metadata.bucket):
@@ -289,8 +300,8 @@ def _picture(runs: list[Run], train_toml: Path, arch: str) -> Any:
         _panel(draw, origin, run.spec.name, curves.get(run.spec.name, {}), y_range, x_max)
 
     row = top + PANEL_H + 60
-    draw.text((MARGIN, row + 10), "mask weight on the latent grid, as the loss sees it (red = weight 1)",
-              fill="black", font=_font(15), anchor="lm")  # fmt: skip
+    caption = "mask weight on the latent grid, as the loss sees it (red = weight 1)"
+    draw.text((MARGIN, row + 10), caption, fill="black", font=_font(15), anchor="lm")
     x = MARGIN
     for tile, label in tiles:
         canvas.paste(Image.fromarray(tile), (x, row + 30))

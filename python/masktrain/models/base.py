@@ -7,6 +7,9 @@ and their ComfyUI key names (for `train`). Weights come from the value of a flag
 built-in tiny model, random weights from a fixed seed), a local diffusers folder, or a single
 ``.safetensors`` file. Nothing is ever downloaded.
 
+The loaders that turn a flag's value into a model live in ``loading.py`` (and ``single_file.py``
+for one-file checkpoints); the families call them.
+
 Gradient checkpointing is diffusers' own: ``transformer.enable_gradient_checkpointing()`` works
 for both families (it checkpoints each transformer block, and only while grad is enabled, so a
 ``no_grad`` teacher pass never checkpoints).
@@ -15,16 +18,11 @@ for both families (it checkpoints each transformer block, and only while grad is
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 
-TINY = "tiny"
-
-
-class ModelLoadError(ValueError):
-    """A weights flag points at something we cannot load; the message names the flag and path."""
+from masktrain.catalog import ArchSpec
 
 
 @dataclass
@@ -64,10 +62,12 @@ class LoraTargets:
 
 
 class ModelFamily(Protocol):
+    spec: ArchSpec
+    """The family's catalog record (its torch-free facts)."""
     name: str
-    """The ``--arch`` value and the suffix of cache file names."""
+    """The ``--arch`` value and the suffix of cache file names (``spec.name``)."""
     text_flag: str
-    """The flag that names the text encoder (``--t5`` or ``--text_encoder``)."""
+    """The flag that names the text encoder (``spec.text_flag``)."""
 
     def load_vae(self, spec: str, device: torch.device, dtype: torch.dtype) -> torch.nn.Module: ...
 
@@ -77,7 +77,9 @@ class ModelFamily(Protocol):
         """Pixels per latent cell along each side (8, or 16 for WAN 2.2 TI2V-5B)."""
         ...
 
-    def temporal_factor(self, vae: torch.nn.Module) -> int: ...
+    def temporal_factor(self, vae: torch.nn.Module) -> int:
+        """Frames per latent frame after the first (4 for the video VAEs; clip lengths are 4k+1)."""
+        ...
 
     def encode_pixels(self, vae: torch.nn.Module, pixels: torch.Tensor) -> torch.Tensor:
         """(B, 3, F, H, W) in [-1, 1] -> normalised latents (B, C, F', H/s, W/s)."""
@@ -114,124 +116,3 @@ class ModelFamily(Protocol):
     def comfy_key(self, module_name: str) -> str:
         """A diffusers module name -> the module path ComfyUI (the original checkpoint) uses."""
         ...
-
-
-def diffusers_folder(spec: str, flag: str, subfolder: str) -> tuple[Path, str | None]:
-    """A diffusers model folder, either the component itself (``config.json`` inside) or a
-    pipeline folder holding it as ``subfolder``."""
-    path = Path(spec).expanduser()
-    if not path.exists():
-        raise ModelLoadError(f"{flag} {spec}: no such file or directory")
-    if path.is_dir():
-        if (path / "config.json").is_file():
-            return path, None
-        if (path / subfolder / "config.json").is_file():
-            return path, subfolder
-        raise ModelLoadError(
-            f"{flag} {spec}: not a diffusers folder (no config.json, nor {subfolder}/config.json)"
-        )
-    raise ModelLoadError(f"{flag} {spec}: expected 'tiny', a diffusers folder or a .safetensors file")
-
-
-def weights_identity(spec: str, model: Any) -> str:
-    """What identifies the weights a cache was made with, for its fingerprint: the flag's value,
-    the model's config (so a change to a built-in tiny model counts), and for weights on disk
-    each file's size and modification time (so new weights at the same path count)."""
-    import hashlib
-    import json
-
-    config = getattr(model, "config", None)
-    if config is not None and hasattr(config, "to_dict"):
-        config = config.to_dict()
-    # Private keys are bookkeeping (diffusers' _use_default_values is in set order, which changes
-    # from process to process).
-    config = {k: v for k, v in dict(config or {}).items() if not str(k).startswith("_")}
-    parts: dict[str, Any] = {"spec": spec, "config": config}
-    path = Path(spec).expanduser()
-    if spec != TINY and path.exists():
-        files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-        parts["files"] = [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
-    canonical = json.dumps(parts, sort_keys=True, default=str)
-    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
-
-
-def seeded(build: Any) -> Any:
-    """Build a tiny model with a fixed seed (0) without touching the caller's RNG state."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        return build()
-
-
-def is_single_file(spec: str) -> bool:
-    return spec.lower().endswith(".safetensors") and not Path(spec).expanduser().is_dir()
-
-
-def load_transformer_from(
-    model_class: Any, arch: str, spec: str, flag: str, dtype: torch.dtype
-) -> torch.nn.Module:
-    """A non-tiny denoiser: a single ``.safetensors`` file (ComfyUI / original layout) or a local
-    diffusers folder, read straight into `dtype` (no float32 detour for a 14B model)."""
-    if is_single_file(spec):
-        from masktrain.models.single_file import load_transformer_file
-
-        path = Path(spec).expanduser()
-        if not path.is_file():
-            raise ModelLoadError(f"{flag} {spec}: no such file")
-        return load_transformer_file(arch, path, flag, dtype=dtype)
-    path, subfolder = diffusers_folder(spec, flag, "transformer")
-    return model_class.from_pretrained(path, subfolder=subfolder, local_files_only=True, torch_dtype=dtype)
-
-
-def pretrained_vae(model_class: Any, arch: str, spec: str) -> torch.nn.Module:
-    """A non-tiny VAE: a single ``.safetensors`` file (ComfyUI / original layout) or a local
-    diffusers folder."""
-    if is_single_file(spec):
-        from masktrain.models.single_file import load_vae_file
-
-        path = Path(spec).expanduser()
-        if not path.is_file():
-            raise ModelLoadError(f"--vae {spec}: no such file")
-        return load_vae_file(arch, path, "--vae")
-    path, subfolder = diffusers_folder(spec, "--vae", "vae")
-    return model_class.from_pretrained(path, subfolder=subfolder, local_files_only=True)
-
-
-def pretrained_text_encoder(model_class: Any, spec: str, flag: str) -> tuple[torch.nn.Module, Any]:
-    """A transformers encoder and its tokenizer from a component folder (both inside) or a
-    pipeline folder (``text_encoder/`` and ``tokenizer/``)."""
-    from transformers import AutoTokenizer
-
-    if is_single_file(spec):
-        from masktrain.models.single_file import text_encoder_file_error
-
-        raise text_encoder_file_error(flag, spec)
-    path, subfolder = diffusers_folder(spec, flag, "text_encoder")
-    model = model_class.from_pretrained(path, subfolder=subfolder or "", local_files_only=True)
-    tokenizer = AutoTokenizer.from_pretrained(
-        path / "tokenizer" if subfolder else path, local_files_only=True
-    )
-    return model, tokenizer
-
-
-@torch.no_grad()
-def encode_posterior_mean(vae: Any, pixels: torch.Tensor) -> torch.Tensor:
-    """The VAE's posterior mean (as musubi-tuner caches it, so caches are reproducible),
-    normalised with the VAE's ``latents_mean`` / ``latents_std``."""
-    latents = vae.encode(pixels.to(device=vae.device, dtype=vae.dtype)).latent_dist.mode()
-    return normalise_latents(latents, vae.config.latents_mean, vae.config.latents_std)
-
-
-def normalise_latents(latents: torch.Tensor, mean: list[float], std: list[float]) -> torch.Tensor:
-    """``(z - mean) / std`` per channel, as diffusers' pipelines and training scripts do."""
-    shape = (1, len(mean), 1, 1, 1)
-    mean_t = torch.tensor(mean, dtype=latents.dtype, device=latents.device).view(shape)
-    inv_std = 1.0 / torch.tensor(std, dtype=latents.dtype, device=latents.device).view(shape)
-    return (latents - mean_t) * inv_std
-
-
-def to_device(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
-    """Frozen, in eval mode, on `device`; cast only when the dtype changes (diffusers warns about
-    casting models that keep some modules in float32)."""
-    if next(model.parameters()).dtype != dtype:
-        model = model.to(dtype=dtype)
-    return model.to(device=device).eval().requires_grad_(False)

@@ -17,14 +17,15 @@ from typing import Any
 
 import torch
 
-from masktrain.models.base import (
+from masktrain import catalog
+from masktrain.errors import DataError
+from masktrain.models import qwen_image_checkpoint
+from masktrain.models.base import LoraTargets, TextBatch, TextEncoder
+from masktrain.models.loading import (
     TINY,
-    LoraTargets,
-    TextBatch,
-    TextEncoder,
     encode_posterior_mean,
-    load_transformer_from,
     pretrained_text_encoder,
+    pretrained_transformer,
     pretrained_vae,
     seeded,
     to_device,
@@ -42,25 +43,41 @@ MAX_LENGTH = 1024
 # diffusers' pipeline test config (tests/pipelines/qwenimage/test_qwenimage.py), with the
 # normalisation constants measured for the seeded tiny VAE (as wan.TINY_VAE explains) instead of
 # the test config's 0 and 1, under which the image content is ~6% of the latents' scale.
-TINY_VAE = {
-    "base_dim": 4 * 6, "z_dim": 4, "dim_mult": [1, 2, 4], "num_res_blocks": 1,
-    "temperal_downsample": [False, True], "latents_mean": [0.115, -0.0957, 0.216, -0.193],
+TINY_VAE: dict[str, Any] = {
+    "base_dim": 4 * 6,
+    "z_dim": 4,
+    "dim_mult": [1, 2, 4],
+    "num_res_blocks": 1,
+    "temperal_downsample": [False, True],
+    "latents_mean": [0.115, -0.0957, 0.216, -0.193],
     "latents_std": [0.054, 0.0604, 0.0576, 0.0846],
-}  # fmt: skip
-TINY_TEXT = {
-    "hidden_size": 16, "intermediate_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2,
-    "num_key_value_heads": 2, "rope_theta": 1e6,
+}
+TINY_TEXT: dict[str, Any] = {
+    "hidden_size": 16,
+    "intermediate_size": 16,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 2,
+    "rope_theta": 1e6,
     "rope_scaling": {"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"},
-    "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 1,
-}  # fmt: skip
+    "pad_token_id": 0,
+    "bos_token_id": 1,
+    "eos_token_id": 1,
+}
 
 # diffusers' model test config (tests/models/transformers/test_models_transformer_qwenimage.py): the
 # tiny VAE's 4 latent channels pack to 16, and joint_attention_dim is the tiny encoder's width.
 TINY_TRANSFORMER: dict[str, Any] = {
-    "patch_size": 2, "in_channels": 16, "out_channels": 4, "num_layers": 2, "attention_head_dim": 16,
-    "num_attention_heads": 4, "joint_attention_dim": 16, "guidance_embeds": False,
+    "patch_size": 2,
+    "in_channels": 16,
+    "out_channels": 4,
+    "num_layers": 2,
+    "attention_head_dim": 16,
+    "num_attention_heads": 4,
+    "joint_attention_dim": 16,
+    "guidance_embeds": False,
     "axes_dims_rope": (8, 4, 4),
-}  # fmt: skip
+}
 
 LORA_TARGETS = LoraTargets(include=(r"transformer_blocks\.\d+\..+",), exclude=(r".*(img_mod|txt_mod).*",))
 
@@ -74,7 +91,7 @@ def tiny_transformer(width_mult: int = 1, layers: int = 2) -> torch.nn.Module:
 
     if width_mult < 1 or layers < 1:
         raise ValueError(f"width_mult and layers must be >= 1, got {width_mult} and {layers}")
-    config = {
+    config: dict[str, Any] = {
         **TINY_TRANSFORMER,
         "num_attention_heads": TINY_TRANSFORMER["num_attention_heads"] * width_mult,
         "num_layers": layers,
@@ -86,12 +103,12 @@ def pack_latents(latents: torch.Tensor) -> torch.Tensor:
     """(B, C, 1, h, w) -> (B, h/2 * w/2, C * 4) tokens, as ``QwenImagePipeline._pack_latents``."""
     b, c, frames, h, w = latents.shape
     if frames != 1:
-        raise ValueError(
+        raise DataError(
             f"Qwen-Image trains on single images: got latents of shape {tuple(latents.shape)} "
             f"({frames} frames); use image datasets (or one frame per item) with --arch qwen_image"
         )
     if h % 2 or w % 2:
-        raise ValueError(f"Qwen-Image latents need an even height and width (2x2 patches), got {h}x{w}")
+        raise DataError(f"Qwen-Image latents need an even height and width (2x2 patches), got {h}x{w}")
     x = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
     return x.reshape(b, (h // 2) * (w // 2), c * 4)
 
@@ -105,8 +122,9 @@ def unpack_latents(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
 
 
 class QwenImageFamily:
-    name = "qwen_image"
-    text_flag = "--text_encoder"
+    spec = catalog.QWEN_IMAGE
+    name = spec.name
+    text_flag = spec.text_flag
 
     def load_vae(self, spec: str, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
         from diffusers import AutoencoderKLQwenImage
@@ -114,7 +132,7 @@ class QwenImageFamily:
         if spec == TINY:
             vae = seeded(lambda: AutoencoderKLQwenImage(**TINY_VAE))
         else:
-            vae = pretrained_vae(AutoencoderKLQwenImage, self.name, spec)
+            vae = pretrained_vae(AutoencoderKLQwenImage, spec, qwen_image_checkpoint.load_vae_file)
         return to_device(vae, device, dtype)
 
     def load_text_encoder(self, spec: str, device: torch.device, dtype: torch.dtype) -> TextEncoder:
@@ -166,7 +184,9 @@ class QwenImageFamily:
         if spec == TINY:
             transformer = tiny_transformer()
         else:
-            transformer = load_transformer_from(QwenImageTransformer2DModel, self.name, spec, flag, dtype)
+            transformer = pretrained_transformer(
+                QwenImageTransformer2DModel, spec, flag, dtype, qwen_image_checkpoint.load_transformer_file
+            )
         return to_device(transformer, device, dtype)
 
     def collate_text(self, embeds: list[torch.Tensor]) -> TextBatch:

@@ -1,7 +1,7 @@
 """WAN 2.1 / 2.2: ``AutoencoderKLWan`` (8x spatial, 4x temporal; 16x and 48 channels for the
 WAN 2.2 TI2V-5B VAE), the UMT5 text encoder and ``WanTransformer3DModel``.
 
-Latents are the normalised posterior mean (``base.encode_posterior_mean``). The denoiser takes
+Latents are the normalised posterior mean (``loading.encode_posterior_mean``). The denoiser takes
 latents as they are (B, C, F, h, w), the timestep on the 0..1000 scale and text embeddings
 zero-padded to 512 tokens without a mask (``WanPipeline``). LoRA goes on every Linear layer of the
 blocks (self- and cross-attention q/k/v/o, the I2V image k/v, both FFN layers), as musubi-tuner's
@@ -15,14 +15,17 @@ from typing import Any
 
 import torch
 
-from masktrain.models.base import (
+from masktrain import catalog
+from masktrain.config.timesteps import NUM_TRAIN_TIMESTEPS
+from masktrain.errors import DataError
+from masktrain.models import wan_checkpoint
+from masktrain.models.base import LoraTargets, TextBatch, TextEncoder
+from masktrain.models.loading import (
     TINY,
-    LoraTargets,
-    TextBatch,
-    TextEncoder,
     encode_posterior_mean,
-    load_transformer_from,
+    float_list,
     pretrained_text_encoder,
+    pretrained_transformer,
     pretrained_vae,
     seeded,
     to_device,
@@ -39,33 +42,70 @@ TINY_TI2V = "tiny-ti2v"
 # With the released WAN 2.1 constants (diffusers' defaults) a per-channel offset dominates and the
 # image content is ~1% of the latents' scale: a LoRA trained on them learns nearly nothing about
 # the images (what `masktrain demo` showed).
-TINY_VAE = {
-    "base_dim": 3, "z_dim": 16, "dim_mult": [1, 1, 1, 1], "num_res_blocks": 1,
+TINY_VAE: dict[str, Any] = {
+    "base_dim": 3,
+    "z_dim": 16,
+    "dim_mult": [1, 1, 1, 1],
+    "num_res_blocks": 1,
     "temperal_downsample": [False, True, True],
-    "latents_mean": [0.00818, 0.0736, -0.0192, -0.126, -0.197, 0.203, -0.0437, 0.00571, -0.177, 0.0376,
-                     -0.27, 0.0584, 0.124, 0.0289, -0.0754, -0.125],
-    "latents_std": [0.0119, 0.0204, 0.015, 0.0119, 0.0134, 0.0138, 0.0117, 0.0193, 0.0185, 0.0137, 0.0119,
-                    0.0174, 0.0125, 0.0136, 0.0103, 0.00999],
-}  # fmt: skip
-TINY_TI2V_VAE = {
-    "base_dim": 3, "z_dim": 48, "in_channels": 12, "out_channels": 12, "is_residual": True, "patch_size": 2,
-    "latents_mean": [0.0] * 48, "latents_std": [1.0] * 48, "dim_mult": [1, 1, 1, 1], "num_res_blocks": 1,
-    "scale_factor_spatial": 16, "scale_factor_temporal": 4, "temperal_downsample": [False, True, True],
-}  # fmt: skip
-TINY_T5 = {
-    "d_model": 32, "d_kv": 8, "d_ff": 64, "num_layers": 2, "num_heads": 4,
-    "relative_attention_num_buckets": 8, "feed_forward_proj": "gated-gelu", "dropout_rate": 0.0,
-    "pad_token_id": 0, "eos_token_id": 1,
-}  # fmt: skip
+    "latents_mean": float_list(
+        """
+        0.00818 0.0736 -0.0192 -0.126 -0.197 0.203 -0.0437 0.00571
+        -0.177 0.0376 -0.27 0.0584 0.124 0.0289 -0.0754 -0.125
+        """
+    ),
+    "latents_std": float_list(
+        """
+        0.0119 0.0204 0.015 0.0119 0.0134 0.0138 0.0117 0.0193
+        0.0185 0.0137 0.0119 0.0174 0.0125 0.0136 0.0103 0.00999
+        """
+    ),
+}
+TINY_TI2V_VAE: dict[str, Any] = {
+    "base_dim": 3,
+    "z_dim": 48,
+    "in_channels": 12,
+    "out_channels": 12,
+    "is_residual": True,
+    "patch_size": 2,
+    "latents_mean": [0.0] * 48,
+    "latents_std": [1.0] * 48,
+    "dim_mult": [1, 1, 1, 1],
+    "num_res_blocks": 1,
+    "scale_factor_spatial": 16,
+    "scale_factor_temporal": 4,
+    "temperal_downsample": [False, True, True],
+}
+TINY_T5: dict[str, Any] = {
+    "d_model": 32,
+    "d_kv": 8,
+    "d_ff": 64,
+    "num_layers": 2,
+    "num_heads": 4,
+    "relative_attention_num_buckets": 8,
+    "feed_forward_proj": "gated-gelu",
+    "dropout_rate": 0.0,
+    "pad_token_id": 0,
+    "eos_token_id": 1,
+}
 # diffusers' pipeline / LoRA test config (tests/pipelines/wan/test_wan.py), sized to the tiny VAE
 # (16 latent channels) and the tiny UMT5 (d_model 32). rope_max_seq_len is the released models'
 # 1024 instead of the test's 32: it only sizes the RoPE table (same values for every position),
 # and 32 would limit the tiny model to 32 patches per side (a 512-pixel bucket side).
 TINY_TRANSFORMER: dict[str, Any] = {
-    "patch_size": (1, 2, 2), "num_attention_heads": 2, "attention_head_dim": 12, "in_channels": 16,
-    "out_channels": 16, "text_dim": 32, "freq_dim": 256, "ffn_dim": 32, "num_layers": 2,
-    "cross_attn_norm": True, "qk_norm": "rms_norm_across_heads", "rope_max_seq_len": 1024,
-}  # fmt: skip
+    "patch_size": (1, 2, 2),
+    "num_attention_heads": 2,
+    "attention_head_dim": 12,
+    "in_channels": 16,
+    "out_channels": 16,
+    "text_dim": 32,
+    "freq_dim": 256,
+    "ffn_dim": 32,
+    "num_layers": 2,
+    "cross_attn_norm": True,
+    "qk_norm": "rms_norm_across_heads",
+    "rope_max_seq_len": 1024,
+}
 #: WanPipeline's default prompt length.
 MAX_LENGTH = 512
 
@@ -107,7 +147,7 @@ def tiny_transformer(width_mult: int = 1, layers: int = 2) -> torch.nn.Module:
 
     if width_mult < 1 or layers < 1:
         raise ValueError(f"width_mult and layers must be >= 1, got {width_mult} and {layers}")
-    config = {
+    config: dict[str, Any] = {
         **TINY_TRANSFORMER,
         "num_attention_heads": TINY_TRANSFORMER["num_attention_heads"] * width_mult,
         "ffn_dim": TINY_TRANSFORMER["ffn_dim"] * width_mult,
@@ -116,9 +156,17 @@ def tiny_transformer(width_mult: int = 1, layers: int = 2) -> torch.nn.Module:
     return seeded(lambda: WanTransformer3DModel(**config))
 
 
+def model_timesteps(sigmas: torch.Tensor) -> torch.Tensor:
+    """The timestep WAN is conditioned on: ``t * 1000``, the convention of diffusers'
+    ``FlowMatchEulerDiscreteScheduler`` and of the pipelines that will load the LoRA. musubi
+    passes ``t * 1000 + 1`` (1..1000) to WAN; masktrain trains with what inference uses."""
+    return sigmas.float() * NUM_TRAIN_TIMESTEPS
+
+
 class WanFamily:
-    name = "wan"
-    text_flag = "--t5"
+    spec = catalog.WAN
+    name = spec.name
+    text_flag = spec.text_flag
 
     def load_vae(self, spec: str, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
         from diffusers import AutoencoderKLWan
@@ -127,7 +175,7 @@ class WanFamily:
             config = TINY_VAE if spec == TINY else TINY_TI2V_VAE
             vae = seeded(lambda: AutoencoderKLWan(**config))
         else:
-            vae = pretrained_vae(AutoencoderKLWan, self.name, spec)
+            vae = pretrained_vae(AutoencoderKLWan, spec, wan_checkpoint.load_vae_file)
         return to_device(vae, device, dtype)
 
     def load_text_encoder(self, spec: str, device: torch.device, dtype: torch.dtype) -> TextEncoder:
@@ -167,7 +215,9 @@ class WanFamily:
         if spec == TINY:
             transformer = tiny_transformer()
         else:
-            transformer = load_transformer_from(WanTransformer3DModel, self.name, spec, flag, dtype)
+            transformer = pretrained_transformer(
+                WanTransformer3DModel, spec, flag, dtype, wan_checkpoint.load_transformer_file
+            )
         return to_device(transformer, device, dtype)
 
     def collate_text(self, embeds: list[torch.Tensor]) -> TextBatch:
@@ -175,9 +225,7 @@ class WanFamily:
         rows = []
         for embed in embeds:
             if embed.shape[0] > MAX_LENGTH:
-                raise ValueError(
-                    f"a WAN text embedding has {embed.shape[0]} tokens; at most {MAX_LENGTH} fit"
-                )
+                raise DataError(f"a WAN text embedding has {embed.shape[0]} tokens; at most {MAX_LENGTH} fit")
             rows.append(torch.cat([embed, embed.new_zeros(MAX_LENGTH - embed.shape[0], embed.shape[1])]))
         return TextBatch(hidden=torch.stack(rows), mask=None)
 
@@ -187,7 +235,7 @@ class WanFamily:
         # The pipeline passes t = sigma * 1000 (FlowMatch / UniPC timesteps), one per sample.
         return transformer(
             hidden_states=noisy,
-            timestep=sigmas * 1000.0,
+            timestep=model_timesteps(sigmas),
             encoder_hidden_states=text.hidden,
             return_dict=False,
         )[0]

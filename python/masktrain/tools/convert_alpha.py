@@ -17,32 +17,15 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from masktrain import _native
-from masktrain.captions import normalize_caption_extension
+from masktrain import _native, atomic
+from masktrain.config.convert_alpha import ConvertAlphaConfig
+from masktrain.errors import DuplicateMaskError
 
 log = logging.getLogger(__name__)
 
 #: How many items one native call converts: enough to keep every core busy between
 #: progress-bar updates.
 _CHUNK_PER_THREAD = 4
-
-
-@dataclass(frozen=True)
-class ConvertAlphaConfig:
-    image_directory: Path
-    """Images to convert."""
-    mask_directory: Path
-    """Mask files, matched to images by basename without extension."""
-    output_directory: Path
-    """Destination of the ``{stem}.png`` RGBA files; created when missing (not in a dry run)."""
-    caption_directory: Path | None = None
-    """Where captions are read from; ``None`` means the image directory."""
-    caption_extension: str = ".txt"
-    """Extension of caption files, with its dot."""
-    dry_run: bool = False
-    """Report what would be merged and write nothing."""
-    skip_existing: bool = False
-    """Leave images whose output already exists alone."""
 
 
 @dataclass
@@ -88,7 +71,7 @@ def _plan(config: ConvertAlphaConfig, summary: ConvertAlphaSummary) -> list[_Job
         by_stem[image.stem].append(image)
 
     caption_dir = config.caption_directory or config.image_directory
-    caption_extension = normalize_caption_extension(config.caption_extension)
+    caption_extension = config.caption_extension
     jobs = []
     for image in images:
         stem = image.stem
@@ -104,7 +87,7 @@ def _plan(config: ConvertAlphaConfig, summary: ConvertAlphaSummary) -> list[_Job
             continue
         try:
             mask = masks.get(stem)
-        except _native.DuplicateMaskError as error:
+        except DuplicateMaskError as error:
             summary.failed.append((image, str(error)))
             continue
         except UnicodeEncodeError:
@@ -125,29 +108,9 @@ def _plan(config: ConvertAlphaConfig, summary: ConvertAlphaSummary) -> list[_Job
     return jobs
 
 
-def _remove_stale_temporaries(directory: Path) -> None:
-    for stale in directory.glob(f".*{_native.TEMP_SUFFIX}"):
-        log.debug("removing %s left by an interrupted run", stale)
-        stale.unlink(missing_ok=True)
-
-
-def _check_directories(config: ConvertAlphaConfig) -> None:
-    output = config.output_directory.resolve()
-    for flag, source in (
-        ("--image_directory", config.image_directory),
-        ("--mask_directory", config.mask_directory),
-    ):
-        if output == source.resolve():
-            raise ValueError(
-                f"--output_directory {config.output_directory} is the same as {flag}: the RGBA files "
-                "would overwrite the originals; choose another output directory"
-            )
-
-
 def run(config: ConvertAlphaConfig) -> ConvertAlphaSummary:
-    """Convert the dataset; returns the summary (also logged). Raises ValueError / OSError only
-    for problems with the directories themselves, never for one bad item."""
-    _check_directories(config)
+    """Convert the dataset; returns the summary (also logged). Raises OSError only for problems
+    with the directories themselves, never for one bad item."""
     summary = ConvertAlphaSummary()
     jobs = _plan(config, summary)
 
@@ -168,7 +131,7 @@ def run(config: ConvertAlphaConfig) -> ConvertAlphaSummary:
         return summary
 
     config.output_directory.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temporaries(config.output_directory)
+    atomic.remove_stale_temporaries(config.output_directory)
     chunk = max(1, _native.thread_count() * _CHUNK_PER_THREAD)
     with tqdm(total=len(jobs), unit="img", desc="convert-alpha", disable=not jobs) as progress:
         for start in range(0, len(jobs), chunk):

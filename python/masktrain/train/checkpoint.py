@@ -5,26 +5,28 @@
 - ``optimizer.pt``, ``scheduler.pt``, ``rng.pt``: torch state dicts, loaded with
   ``weights_only=True`` (plain tensors and numbers, no pickled objects);
 - ``state.json``: optimizer step, epoch and how many of this epoch's batches are done;
-- ``config.json``: the resolved configuration of the run that wrote it.
+- ``config.json``: the resolved configuration of the run that wrote it;
+- the run's LoRA file, as it was at that step.
 
-A checkpoint is written into a temporary folder and renamed into place, so a run killed while
-saving leaves the previous checkpoints intact and no half-written one.
+The latest LoRA file is also at the top of ``OUTPUT_DIR``. A checkpoint is filled under a
+temporary name and renamed into place, and the top-level LoRA is replaced atomically
+(``masktrain.atomic``), so a run killed while saving leaves the previous checkpoints and LoRA
+intact and nothing half-written; the next run removes the temporaries.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import random
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import safetensors.torch
 import torch
 
-from masktrain._native import TEMP_SUFFIX
+from masktrain import atomic
 
 
 @dataclass(frozen=True)
@@ -43,12 +45,17 @@ def checkpoint_dir(output_dir: Path, step: int) -> Path:
 
 def rng_state() -> dict[str, object]:
     _, keys, pos, has_gauss, gauss = np.random.get_state()
+    numpy_state = {
+        "keys": torch.from_numpy(keys.astype(np.int64)),
+        "pos": int(pos),
+        "has_gauss": int(has_gauss),
+        "gauss": float(gauss),
+    }
     state: dict[str, object] = {
         "torch": torch.get_rng_state(),
-        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "numpy": numpy_state,
         "python": random.getstate(),
-    }  # fmt: skip
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -66,41 +73,38 @@ def restore_rng(state: dict[str, object]) -> None:
 
 
 def save_checkpoint(
-    target: Path,
+    output_dir: Path,
     *,
     adapter: dict[str, torch.Tensor],
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     position: Position,
     config_json: str,
-    extra_files: dict[str, Path] | None = None,
-) -> None:
-    """Write the checkpoint folder `target` atomically; `extra_files` are moved into it."""
-    temp = target.with_name(f".{target.name}{TEMP_SUFFIX}")
-    shutil.rmtree(temp, ignore_errors=True)
-    temp.mkdir(parents=True)
-    safetensors.torch.save_file(
-        {name: tensor.detach().float().cpu().contiguous() for name, tensor in adapter.items()},
-        temp / "adapter.safetensors",
-    )
-    torch.save(optimizer.state_dict(), temp / "optimizer.pt")
-    torch.save(scheduler.state_dict(), temp / "scheduler.pt")
-    torch.save(rng_state(), temp / "rng.pt")
-    (temp / "state.json").write_text(json.dumps(position.__dict__, indent=2))
-    (temp / "config.json").write_text(config_json)
-    for name, source in (extra_files or {}).items():
-        os.replace(source, temp / name)
-    if target.exists():  # a rerun of the same step after a resume: replace it
-        shutil.rmtree(target)
-    os.replace(temp, target)
+    lora_name: str,
+    lora_bytes: bytes,
+) -> Path:
+    """Write the checkpoint folder of ``position.step`` atomically, then the top-level LoRA file
+    `lora_name` (a copy of the one in the folder); returns the folder."""
+    target = checkpoint_dir(output_dir, position.step)
+    with atomic.directory(target) as temp:
+        float32 = {name: tensor.detach().float().cpu().contiguous() for name, tensor in adapter.items()}
+        (temp / "adapter.safetensors").write_bytes(safetensors.torch.save(float32))
+        torch.save(optimizer.state_dict(), temp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), temp / "scheduler.pt")
+        torch.save(rng_state(), temp / "rng.pt")
+        (temp / "state.json").write_text(json.dumps(position.__dict__, indent=2))
+        (temp / "config.json").write_text(config_json)
+        (temp / lora_name).write_bytes(lora_bytes)
+    atomic.write_bytes(output_dir / lora_name, lora_bytes)
+    return target
 
 
 @dataclass
 class LoadedCheckpoint:
     adapter: dict[str, torch.Tensor]
-    optimizer: dict
-    scheduler: dict
-    rng: dict[str, object]
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any]
+    rng: dict[str, Any]
     position: Position
 
 
@@ -113,13 +117,3 @@ def load_checkpoint(folder: Path) -> LoadedCheckpoint:
         rng=torch.load(folder / "rng.pt", weights_only=True, map_location="cpu"),
         position=Position(**state),
     )
-
-
-def remove_stale_temporaries(output_dir: Path) -> None:
-    """Checkpoint folders and LoRA copies a killed run was still writing."""
-    if output_dir.is_dir():
-        for stale in output_dir.glob(f".step-*{TEMP_SUFFIX}"):
-            shutil.rmtree(stale, ignore_errors=True)
-        for pattern in (".*.safetensors.staged*", ".*.safetensors.top"):
-            for partial in output_dir.glob(pattern):
-                partial.unlink(missing_ok=True)

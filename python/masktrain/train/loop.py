@@ -4,13 +4,16 @@ One optimizer step = ``gradient_accumulation_steps`` batches. Per batch:
 
 1. noise and sigmas come from a generator seeded by (seed, epoch, batch index), so a resumed or a
    multi-process run draws exactly what an uninterrupted single-process run draws;
-2. ``noisy = (1 - t)·x + t·noise``, target ``noise - x`` (flow matching);
+2. ``noisy = (1 - t)·x + t·noise``, target ``noise - x`` (flow matching, ``flow_matching.noised``);
 3. with prior preservation and a prior region in the batch, the teacher prediction comes first:
    the same model with its adapters off, under no_grad, on the same inputs;
 4. the student prediction; per-element MSE against the target (and against the teacher), times
    the timestep weighting; ``loss.masked_loss`` reduces both;
 5. backward; after the last batch of the window the gradients are averaged over processes,
    clipped, and the optimizer and scheduler step.
+
+Before any model loads, ``preflight`` lists the cached items and plans the run (the flags were
+checked when the config was built).
 
 Multi-GPU: one process per device under ``torchrun``; process ``rank`` takes every ``world``-th
 batch of the epoch's order, and the LoRA gradients are all-reduced (averaged) before each
@@ -22,71 +25,39 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from masktrain import distributed
-from masktrain.data.loader import Batch, CachedItem, Prefetcher, epoch_batches, find_cached_items
+from masktrain import atomic, distributed
+from masktrain.config import mask_loss
+from masktrain.config.train import TrainConfig
+from masktrain.data.cached_items import CachedItem, epoch_batches
+from masktrain.data.loader import Batch, Prefetcher
 from masktrain.distributed import Shard
+from masktrain.errors import TrainingInterrupted
 from masktrain.loss import has_prior_region, masked_loss_terms, region_losses
 from masktrain.models import get_family
-from masktrain.models.base import ModelFamily, TextBatch
+from masktrain.models.base import ModelFamily
 from masktrain.train import checkpoint as ckpt
-from masktrain.train import lora, mask_options, timesteps
-from masktrain.train.config import TrainConfig
+from masktrain.train import lora, timesteps
+from masktrain.train.experts import Experts, build_experts
+from masktrain.train.flow_matching import noised
 from masktrain.train.metrics import MetricsLog, StepMetrics, progress_postfix
 from masktrain.train.optim import build_optimizer, build_scheduler
+from masktrain.train.preflight import TrainPlan, preflight
 
 log = logging.getLogger(__name__)
 
-CACHE_HINT = mask_options.DEFAULT_CACHE_HINT
-
-
-@dataclass
-class Experts:
-    """The transformer(s) being trained. WAN 2.2 A14B has two experts that share one LoRA: the
-    high-noise one takes sigmas at or above the boundary."""
-
-    low: torch.nn.Module
-    high: torch.nn.Module | None
-    boundary: float
-
-    def modules(self) -> list[torch.nn.Module]:
-        return [self.low] if self.high is None else [self.low, self.high]
-
-    def predict(
-        self, family: ModelFamily, noisy: torch.Tensor, sigmas: torch.Tensor, text: Any
-    ) -> torch.Tensor:
-        if self.high is None:
-            return family.predict(self.low, noisy, sigmas, text)
-        high = sigmas >= self.boundary
-        if bool(high.all()) or not bool(high.any()):
-            return family.predict(self.high if bool(high.all()) else self.low, noisy, sigmas, text)
-        out = torch.empty_like(noisy)
-        for model, rows in ((self.high, high), (self.low, ~high)):
-            out[rows] = family.predict(
-                model,
-                noisy[rows],
-                sigmas[rows],
-                TextBatch(text.hidden[rows], None if text.mask is None else text.mask[rows]),
-            ).to(out.dtype)
-        return out
-
-    @contextlib.contextmanager
-    def adapters_disabled(self) -> Iterator[None]:
-        with contextlib.ExitStack() as stack:
-            for model in self.modules():
-                stack.enter_context(lora.adapters_disabled(model))
-            yield
+CACHE_HINT = mask_loss.DEFAULT_CACHE_HINT
 
 
 def _device(config: TrainConfig, shard: Shard) -> torch.device:
@@ -105,60 +76,6 @@ def _precision(config: TrainConfig, device: torch.device) -> tuple[torch.dtype, 
     return torch.bfloat16, torch.bfloat16
 
 
-def _trainable(experts: Experts) -> list[tuple[str, torch.nn.Parameter]]:
-    """The LoRA parameters, once each (the experts share them)."""
-    seen: set[int] = set()
-    params = []
-    for name, param in experts.low.named_parameters():
-        if param.requires_grad and id(param) not in seen:
-            seen.add(id(param))
-            params.append((name, param))
-    return params
-
-
-def _share_lora(low: torch.nn.Module, high: torch.nn.Module) -> None:
-    """Make `high`'s LoRA layers use `low`'s A and B modules: one LoRA across both experts."""
-    low_modules = dict(low.named_modules())
-    for name, module in high.named_modules():
-        if (
-            hasattr(module, "lora_A")
-            and isinstance(module.lora_A, torch.nn.ModuleDict)
-            and name in low_modules
-        ):
-            module.lora_A = low_modules[name].lora_A
-            module.lora_B = low_modules[name].lora_B
-
-
-def build_experts(
-    config: TrainConfig, family: ModelFamily, device: torch.device, dtype: torch.dtype
-) -> Experts:
-    network = config.network
-    low = family.load_transformer(config.dit, "--dit", device, dtype)
-    high = None
-    if config.dit_high_noise is not None:
-        high = family.load_transformer(config.dit_high_noise, "--dit_high_noise", device, dtype)
-    torch.manual_seed(config.seed)  # the LoRA initialisation
-    names = lora.add_lora(
-        low, family, rank=network.network_dim, alpha=network.network_alpha,
-        include=list(network.include_patterns) if network.include_patterns else None,
-        exclude=list(network.exclude_patterns) if network.exclude_patterns else None,
-    )  # fmt: skip
-    if high is not None:
-        lora.add_lora(
-            high, family, rank=network.network_dim, alpha=network.network_alpha,
-            include=list(network.include_patterns) if network.include_patterns else None,
-            exclude=list(network.exclude_patterns) if network.exclude_patterns else None,
-        )  # fmt: skip
-        _share_lora(low, high)
-    experts = Experts(low, high, config.timestep_boundary)  # add_lora keeps LoRA weights in float32
-    for model in experts.modules():
-        if config.gradient_checkpointing:
-            model.enable_gradient_checkpointing()
-        model.train()
-    log.info("LoRA rank %d alpha %g on %d modules", network.network_dim, network.network_alpha, len(names))
-    return experts
-
-
 def _batch_generator(seed: int, epoch: int, index: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 1_000_003 + index)
 
@@ -171,13 +88,19 @@ class StepResult:
 
 
 def compute_loss(
-    config: TrainConfig, family: ModelFamily, experts: Experts, batch: Batch, epoch: int,
-    device: torch.device, weight_dtype: torch.dtype, autocast: torch.dtype | None,
-) -> StepResult:  # fmt: skip
+    config: TrainConfig,
+    family: ModelFamily,
+    experts: Experts,
+    batch: Batch,
+    epoch: int,
+    device: torch.device,
+    weight_dtype: torch.dtype,
+    autocast: torch.dtype | None,
+) -> StepResult:
     """The loss of one batch (not yet backpropagated)."""
     settings = config.mask
     if settings.use_mask_loss:
-        mask_options.require_mask_weights(batch.mask_weights is not None, CACHE_HINT)
+        mask_loss.require_mask_weights(batch.mask_weights is not None, CACHE_HINT)
     generator = _batch_generator(config.seed, epoch, batch.index)
     latents = batch.latents.to(device)
     batch_size, _, _, height, width = latents.shape
@@ -185,9 +108,7 @@ def compute_loss(
     sigmas = timesteps.sample_sigmas(config.timesteps, batch_size, (height, width), generator, "cpu").to(
         device
     )
-    expanded = sigmas.view(-1, 1, 1, 1, 1)
-    noisy = (1 - expanded) * latents + expanded * noise
-    target = noise - latents
+    noisy, target = noised(latents, noise, sigmas)
     text = family.collate_text(batch.text).to(device, weight_dtype)
     mask = batch.mask_weights.to(device) if batch.mask_weights is not None else None
     weighting = timesteps.loss_weighting(config.timesteps, sigmas)
@@ -198,9 +119,11 @@ def compute_loss(
     )
     teacher = None
     need_prior = (
-        settings.use_mask_loss and settings.prior_preservation_weight > 0 and mask is not None
+        settings.use_mask_loss
+        and settings.prior_preservation_weight > 0
+        and mask is not None
         and has_prior_region(mask, settings)
-    )  # fmt: skip
+    )
     if need_prior:
         with torch.no_grad(), experts.adapters_disabled(), autocast_context:
             teacher = experts.predict(family, noisy, sigmas, text).float()
@@ -235,7 +158,7 @@ class _Interrupt:
 
     def __init__(self) -> None:
         self.requested = False
-        self._previous: Any = None
+        self._previous: Callable[[int, FrameType | None], Any] | int | None = None
 
     def __enter__(self) -> _Interrupt:
         try:
@@ -244,7 +167,7 @@ class _Interrupt:
             self._previous = None
         return self
 
-    def _handle(self, signum: int, frame: Any) -> None:
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
@@ -255,51 +178,35 @@ class _Interrupt:
             signal.signal(signal.SIGINT, self._previous)
 
 
-class TrainingInterrupted(Exception):
-    """Raised after the checkpoint of an interrupted run is saved."""
-
-    def __init__(self, checkpoint: Path):
-        super().__init__(f"interrupted; resume with --resume {checkpoint}")
-        self.checkpoint = checkpoint
-
-
 def run(config: TrainConfig) -> Path:
     """Train; returns the path of the LoRA file."""
-    config.validate()
-    timesteps.validate(config.timesteps)
-    for warning in mask_options.validate(config.mask):
+    for warning in mask_loss.validate(config.mask):
         log.warning("%s", warning)
-    family = get_family(config.arch)
     shard = distributed.start()
     try:
-        return _train(config, family, shard)
+        plan = preflight(config, shard.world)
+        return _train(config, get_family(config.arch), shard, plan)
     finally:
         distributed.stop(shard)
 
 
-def _train(config: TrainConfig, family: ModelFamily, shard: Shard) -> Path:
+def _train(config: TrainConfig, family: ModelFamily, shard: Shard, plan: TrainPlan) -> Path:
     device = _device(config, shard)
     weight_dtype, autocast = _precision(config, device)
-    items = find_cached_items(config.dataset_config, family.name)
     experts = build_experts(config, family, device, weight_dtype)
-    named = _trainable(experts)
+    named = experts.trainable()
     params = [param for _, param in named]
     if shard.world > 1:  # identical start on every process
         for param in params:
             dist.broadcast(param.data, src=0)
     optim = config.optim
     optimizer = build_optimizer(
-        params, optimizer_type=optim.optimizer_type, learning_rate=optim.learning_rate,
+        params,
+        optimizer_type=optim.optimizer_type,
+        learning_rate=optim.learning_rate,
         weight_decay=optim.weight_decay,
-    )  # fmt: skip
-
-    batches_per_epoch = len(epoch_batches(items, config.seed, 0)) // shard.world
-    if batches_per_epoch == 0:
-        raise ValueError(f"{config.dataset_config}: fewer batches than processes ({shard.world}); add data")
-    steps_per_epoch = math.ceil(batches_per_epoch / optim.gradient_accumulation_steps)
-    total_steps = config.max_train_steps
-    if config.max_train_epochs is not None:
-        total_steps = config.max_train_epochs * steps_per_epoch
+    )
+    batches_per_epoch, total_steps = plan.batches_per_epoch, plan.total_steps
     scheduler = build_scheduler(
         optimizer, name=optim.lr_scheduler, warmup_steps=optim.lr_warmup_steps, total_steps=total_steps
     )
@@ -318,14 +225,19 @@ def _train(config: TrainConfig, family: ModelFamily, shard: Shard) -> Path:
 
     if shard.is_main:
         config.output_dir.mkdir(parents=True, exist_ok=True)
-        ckpt.remove_stale_temporaries(config.output_dir)
-        (config.output_dir / "config.json").write_text(config.to_json())
+        atomic.remove_stale_temporaries(config.output_dir)
+        atomic.write_text(config.output_dir / "config.json", config.to_json())
         if config.mask.use_mask_loss:
-            print(mask_options.banner(config.mask, CACHE_HINT), flush=True)
+            print(mask_loss.banner(config.mask, CACHE_HINT), flush=True)
         log.info(
             "training %s on %s: %d items, %d batches per epoch and process, %d steps, %d process(es)",
-            family.name, device, len(items), batches_per_epoch, total_steps, shard.world,
-        )  # fmt: skip
+            family.name,
+            device,
+            len(plan.items),
+            batches_per_epoch,
+            total_steps,
+            shard.world,
+        )
     metrics = (
         MetricsLog(config.output_dir, position.step if config.resume else None) if shard.is_main else None
     )
@@ -337,7 +249,7 @@ def _train(config: TrainConfig, family: ModelFamily, shard: Shard) -> Path:
         _Interrupt() as interrupt,
         tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=not shard.is_main) as bar,
     ):
-        prefetch = Prefetcher(_schedule(items, config.seed, shard, batches_per_epoch, epoch, done))
+        prefetch = Prefetcher(_schedule(plan.items, config.seed, shard, batches_per_epoch, epoch, done))
         try:
             window, in_window, started, waited = StepMetrics(), 0, time.perf_counter(), 0.0
             for (epoch, done), batch in prefetch:
@@ -359,9 +271,12 @@ def _train(config: TrainConfig, family: ModelFamily, shard: Shard) -> Path:
                 step += 1
                 if metrics is not None:
                     record = window.record(
-                        step, epoch, scheduler.get_last_lr()[0],
-                        step_time=time.perf_counter() - started, data_wait=prefetch.waited - waited,
-                    )  # fmt: skip
+                        step,
+                        epoch,
+                        scheduler.get_last_lr()[0],
+                        step_time=time.perf_counter() - started,
+                        data_wait=prefetch.waited - waited,
+                    )
                     metrics.write(record)
                     bar.set_postfix(progress_postfix(record), refresh=False)
                 bar.update(1)
@@ -420,27 +335,33 @@ def lora_metadata(config: TrainConfig) -> dict[str, str]:
         "masktrain.prior_preservation_weight": str(mask.prior_preservation_weight),
         "masktrain.prior_mask_threshold": str(mask.prior_mask_threshold),
         "masktrain.normalize_per_sample": str(mask.normalize_per_sample).lower(),
-    }  # fmt: skip
+    }
 
 
 def _save(
-    config: TrainConfig, family: ModelFamily, experts: Experts, named: list[tuple[str, torch.nn.Parameter]],
-    optimizer: torch.optim.Optimizer, scheduler: Any, position: ckpt.Position, shard: Shard,
-) -> None:  # fmt: skip
+    config: TrainConfig,
+    family: ModelFamily,
+    experts: Experts,
+    named: list[tuple[str, torch.nn.Parameter]],
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    position: ckpt.Position,
+    shard: Shard,
+) -> None:
     """Rank 0 writes the checkpoint folder and the LoRA file (the latest copy at the top level)."""
     if shard.is_main:
         dtype = {"float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[config.save_precision]
-        name = f"{config.output_name}.safetensors"
-        staged = config.output_dir / f".{name}.staged"
-        lora.save_lora(staged, experts.low, family, layout=config.lora_format,
-                       metadata=lora_metadata(config), dtype=dtype)  # fmt: skip
-        top = config.output_dir / name
-        top_temp = top.with_name(f".{name}.top")
-        top_temp.write_bytes(staged.read_bytes())
-        top_temp.replace(top)
-        target = ckpt.checkpoint_dir(config.output_dir, position.step)
+        lora_bytes = lora.lora_file_bytes(
+            experts.low, family, layout=config.lora_format, metadata=lora_metadata(config), dtype=dtype
+        )
         ckpt.save_checkpoint(
-            target, adapter={n: p.detach() for n, p in named}, optimizer=optimizer, scheduler=scheduler,
-            position=position, config_json=config.to_json(), extra_files={name: staged},
-        )  # fmt: skip
+            config.output_dir,
+            adapter={n: p.detach() for n, p in named},
+            optimizer=optimizer,
+            scheduler=scheduler,
+            position=position,
+            config_json=config.to_json(),
+            lora_name=f"{config.output_name}.safetensors",
+            lora_bytes=lora_bytes,
+        )
     shard.barrier()

@@ -32,8 +32,10 @@ import safetensors
 import safetensors.torch
 import torch
 
-from masktrain._native import TEMP_SUFFIX, MaskTrainError
+from masktrain import atomic
+from masktrain.errors import LoraFileError, LoraTargetError
 from masktrain.models.base import ModelFamily
+from masktrain.models.registry import get_family
 
 Layout = Literal["comfyui", "diffusers"]
 LAYOUTS: tuple[Layout, ...] = ("comfyui", "diffusers")
@@ -47,14 +49,6 @@ META_RANK = "masktrain.rank"
 META_ALPHA = "masktrain.alpha"
 META_VERSION = "masktrain.version"
 META_LAYOUT = "masktrain.layout"
-
-
-class LoraTargetError(MaskTrainError):
-    """The LoRA target patterns are invalid or select no Linear layer."""
-
-
-class LoraFileError(MaskTrainError):
-    """A LoRA file that masktrain cannot load back (not one of its files, or another model's)."""
 
 
 def select_targets(
@@ -163,7 +157,20 @@ def save_lora(
     metadata: Mapping[str, str] | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> None:
-    """Write the adapter to ``path`` atomically.
+    """Write the adapter to ``path`` atomically (:func:`lora_file_bytes` describes the file)."""
+    data = lora_file_bytes(transformer, family, layout=layout, metadata=metadata, dtype=dtype)
+    atomic.write_bytes(path, data)
+
+
+def lora_file_bytes(
+    transformer: torch.nn.Module,
+    family: ModelFamily,
+    *,
+    layout: Layout = "comfyui",
+    metadata: Mapping[str, str] | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> bytes:
+    """The adapter as the bytes of a ``.safetensors`` LoRA file.
 
     ``comfyui``: ``diffusion_model.<original module path>.lora_A.weight`` / ``.lora_B.weight`` and
     ``.alpha`` (a float32 scalar; ComfyUI scales by alpha / rank and assumes 1.0 without it).
@@ -209,7 +216,7 @@ def save_lora(
         # "2" would also put (empty) LoRA on other layers when loaded into a larger variant.
         adapter["target_modules"] = sorted({key.rpartition(".lora_")[0] for key in state})
         header[DIFFUSERS_METADATA_KEY] = _diffusers_adapter_metadata(adapter)
-    _write_atomic(Path(path), tensors, header)
+    return safetensors.torch.save(tensors, metadata=header)
 
 
 def load_lora_into(transformer: torch.nn.Module, path: str | os.PathLike[str]) -> dict[str, str]:
@@ -218,8 +225,6 @@ def load_lora_into(transformer: torch.nn.Module, path: str | os.PathLike[str]) -
     from `add_lora`."""
     from peft import LoraConfig
     from peft.utils import set_peft_model_state_dict
-
-    from masktrain.models.registry import get_family
 
     path = Path(path)
     try:
@@ -330,15 +335,3 @@ def _diffusers_adapter_metadata(config: dict[str, object]) -> str:
         for key, value in config.items()
     }
     return json.dumps(packed, indent=2, sort_keys=True)
-
-
-def _write_atomic(path: Path, tensors: Mapping[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(path.name + TEMP_SUFFIX)
-    try:
-        safetensors.torch.save_file(dict(tensors), temp, metadata=metadata)
-        with open(temp, "rb") as file:  # flush before the rename, as data/cache_format does
-            os.fsync(file.fileno())
-        os.replace(temp, path)
-    finally:
-        temp.unlink(missing_ok=True)

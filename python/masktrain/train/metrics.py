@@ -14,9 +14,47 @@ import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
+
+from masktrain import atomic
+
+if TYPE_CHECKING:
+    from torch.utils.tensorboard import SummaryWriter
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """One optimizer step's metrics: one line of ``metrics.jsonl``."""
+
+    step: int
+    epoch: int
+    loss: float
+    """Mean over the step's batches of the reduced loss (target + prior term)."""
+    prior_loss: float
+    """Mean of the prior term."""
+    lr: float
+    tiers: dict[str, float]
+    """Mean per-element flow-matching loss per tier (``face``, ``body``, ``background``) that
+    held cells in the step's batches."""
+    step_time: float
+    """Seconds from the end of the previous step."""
+    data_wait: float
+    """Seconds of that spent waiting for the loader."""
+
+    def to_json(self) -> dict[str, float | int]:
+        """The flat JSON object of ``metrics.jsonl`` (``loss_face``, ... for the tiers)."""
+        return {
+            "step": self.step,
+            "epoch": self.epoch,
+            "loss": self.loss,
+            "prior_loss": self.prior_loss,
+            "lr": self.lr,
+            **{f"loss_{name}": value for name, value in sorted(self.tiers.items())},
+            "step_time": self.step_time,
+            "data_wait": self.data_wait,
+        }
 
 
 @dataclass
@@ -36,22 +74,27 @@ class StepMetrics:
             if value is not None:
                 self.tiers.setdefault(name, []).append(value)
 
-    def record(self, step: int, epoch: int, lr: float, **timing: float) -> dict[str, Any]:
+    def record(self, step: int, epoch: int, lr: float, *, step_time: float, data_wait: float) -> StepRecord:
         n = max(self.batches, 1)
-        tiers = {name: sum(values) / len(values) for name, values in self.tiers.items()}
-        return {
-            "step": step, "epoch": epoch, "loss": self.loss / n, "prior_loss": self.prior / n, "lr": lr,
-            **{f"loss_{name}": value for name, value in sorted(tiers.items())}, **timing,
-        }  # fmt: skip
+        return StepRecord(
+            step=step,
+            epoch=epoch,
+            loss=self.loss / n,
+            prior_loss=self.prior / n,
+            lr=lr,
+            tiers={name: sum(values) / len(values) for name, values in self.tiers.items()},
+            step_time=step_time,
+            data_wait=data_wait,
+        )
 
 
-def progress_postfix(record: dict[str, Any]) -> dict[str, str]:
-    shown = {"loss": record["loss"]}
+def progress_postfix(record: StepRecord) -> dict[str, str]:
+    shown = {"loss": record.loss}
     for name in ("face", "body", "background"):
-        if f"loss_{name}" in record:
-            shown[name[:4] if name != "background" else "bg"] = record[f"loss_{name}"]
-    if record["prior_loss"]:
-        shown["prior"] = record["prior_loss"]
+        if name in record.tiers:
+            shown[name[:4] if name != "background" else "bg"] = record.tiers[name]
+    if record.prior_loss:
+        shown["prior"] = record.prior_loss
     return {key: f"{value:.4g}" for key, value in shown.items()}
 
 
@@ -72,22 +115,23 @@ class MetricsLog:
         kept = [
             line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step
         ]
-        self.path.write_text("".join(line + "\n" for line in kept))
+        atomic.write_text(self.path, "".join(line + "\n" for line in kept))
 
-    def write(self, record: dict[str, Any]) -> None:
+    def write(self, record: StepRecord) -> None:
+        values = record.to_json()
         with self.path.open("a") as file:
-            file.write(json.dumps(record) + "\n")
+            file.write(json.dumps(values) + "\n")
         if self._writer is not None:
-            for key, value in record.items():
+            for key, value in values.items():
                 if key not in ("step", "epoch") and isinstance(value, float) and math.isfinite(value):
-                    self._writer.add_scalar(key.replace("loss_", "loss/"), value, record["step"])
+                    self._writer.add_scalar(key.replace("loss_", "loss/"), value, record.step)
 
     def close(self) -> None:
         if self._writer is not None:
             self._writer.close()
 
 
-def _tensorboard(directory: Path) -> Any:
+def _tensorboard(directory: Path) -> SummaryWriter | None:
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:  # tensorboard is optional

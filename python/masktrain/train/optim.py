@@ -8,8 +8,8 @@
   ``lr * (min + (1 - min) * decay)``; after ``total_steps`` the LR stays at the floor.
 - The lambdas are closures, so a scheduler ``state_dict`` holds the step count and the base LRs
   but not the schedule's parameters: resuming with the same flags continues the same curve.
-- ``constant`` with ``warmup_steps > 0`` is an error, as in musubi-tuner / sd-scripts ("does not
-  require num_warmup_steps"): use ``constant_with_warmup``.
+- The flag checks (``config.train.check_optimizer`` / ``check_schedule``) run when the settings
+  are built; the builders run them again for callers that pass plain values.
 """
 
 from __future__ import annotations
@@ -21,16 +21,10 @@ from typing import Any
 
 import torch
 
-from masktrain._native import MaskTrainError
+from masktrain.config.train import check_optimizer, check_schedule
+from masktrain.errors import OptimConfigError
 
 log = logging.getLogger(__name__)
-
-OPTIMIZER_TYPES = ("adamw", "adamw8bit")
-LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
-
-
-class OptimConfigError(MaskTrainError):
-    """An optimizer or schedule flag that cannot work; the message names the flag."""
 
 
 def build_optimizer(
@@ -43,20 +37,8 @@ def build_optimizer(
     eps: float = 1e-8,
 ) -> torch.optim.Optimizer:
     """AdamW over ``params`` (tensors or param groups); ``optimizer_type`` is case-insensitive."""
-    kind = optimizer_type.lower()
-    if kind not in OPTIMIZER_TYPES:
-        raise OptimConfigError(
-            f"--optimizer_type must be one of {', '.join(OPTIMIZER_TYPES)}; got {optimizer_type!r}"
-        )
-    if not (math.isfinite(learning_rate) and learning_rate > 0):
-        raise OptimConfigError(f"--learning_rate must be > 0, got {learning_rate}")
-    if not (math.isfinite(weight_decay) and weight_decay >= 0):
-        raise OptimConfigError(f"--weight_decay must be >= 0, got {weight_decay}")
-    if not all(0.0 <= beta < 1.0 for beta in betas):
-        raise OptimConfigError(f"optimizer betas must be in range [0, 1), got {betas}")
-    if not eps > 0:
-        raise OptimConfigError(f"optimizer eps must be > 0, got {eps}")
-    if kind == "adamw":
+    check_optimizer(optimizer_type, learning_rate, weight_decay, betas, eps)
+    if optimizer_type.lower() == "adamw":
         return torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay, betas=betas, eps=eps)
     try:
         import bitsandbytes  # type: ignore[import-not-found]
@@ -74,22 +56,7 @@ def lr_lambda(
     name: str, *, warmup_steps: int = 0, total_steps: int, min_lr_ratio: float = 0.0
 ) -> Callable[[int], float]:
     """The LR multiplier of schedule ``name`` as a function of the optimizer step (0-based)."""
-    if name not in LR_SCHEDULERS:
-        raise OptimConfigError(f"--lr_scheduler must be one of {', '.join(LR_SCHEDULERS)}; got {name!r}")
-    if total_steps < 1:
-        raise OptimConfigError(f"the total number of training steps must be >= 1, got {total_steps}")
-    if warmup_steps < 0:
-        raise OptimConfigError(f"--lr_warmup_steps must be >= 0, got {warmup_steps}")
-    if warmup_steps > total_steps:
-        raise OptimConfigError(
-            f"--lr_warmup_steps ({warmup_steps}) must not exceed the total training steps ({total_steps})"
-        )
-    if name == "constant" and warmup_steps > 0:
-        raise OptimConfigError(
-            "--lr_scheduler constant does not use --lr_warmup_steps; set it to 0 or use constant_with_warmup"
-        )
-    if not 0.0 <= min_lr_ratio <= 1.0:
-        raise OptimConfigError(f"--lr_scheduler_min_lr_ratio must be in range [0, 1], got {min_lr_ratio}")
+    check_schedule(name, warmup_steps, total_steps, min_lr_ratio)
     if min_lr_ratio > 0 and name in ("constant", "constant_with_warmup"):
         log.warning("--lr_scheduler_min_lr_ratio has no effect with --lr_scheduler %s", name)
     decay_steps = max(1, total_steps - warmup_steps)

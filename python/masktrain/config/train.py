@@ -1,32 +1,35 @@
-"""The resolved configuration of one ``masktrain train`` run: one frozen tree, validated with
-messages that name the flag, and saved next to every checkpoint (``config.json``).
+"""The resolved configuration of one ``masktrain train`` run: one frozen tree, checked when built
+with messages that name the flag, and saved next to every checkpoint (``config.json``).
 
-The mask flags (``loss.MaskLossSettings``) and the timestep flags
-(``train.timesteps.TimestepSettings``) are their own dataclasses, validated by their own modules;
-this file holds the rest and the checks that span them.
+The mask flags (:class:`~masktrain.config.mask_loss.MaskLossSettings`) and the timestep flags
+(:class:`~masktrain.config.timesteps.TimestepSettings`) are their own dataclasses, checked when
+they are built; this file holds the rest and the rules that span flags. What needs the file
+system or the process group (the cached items, ``--resume``, the number of batches per process)
+is checked next, by ``train.preflight``, still before any model loads.
 """
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import json
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from masktrain.loss import MaskLossSettings
-from masktrain.train.optim import LR_SCHEDULERS
-from masktrain.train.optim import OPTIMIZER_TYPES as OPTIMIZERS
-from masktrain.train.timesteps import TimestepSettings
+from masktrain import catalog
+from masktrain.config.mask_loss import MaskLossSettings
+from masktrain.config.timesteps import TimestepSettings
+from masktrain.errors import OptimConfigError, TrainConfigError
 
 LORA_FORMATS = ("comfyui", "diffusers")
 # fp16 would need loss scaling (a GradScaler and its state in checkpoints); not offered yet.
 MIXED_PRECISION = ("auto", "no", "bf16")
 SAVE_PRECISION = ("float", "fp16", "bf16")
-
-
-class TrainConfigError(ValueError):
-    """A flag value that cannot work; the message names the flag."""
+OPTIMIZER_TYPES = ("adamw", "adamw8bit")
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
 
 
 @dataclass(frozen=True)
@@ -39,6 +42,12 @@ class NetworkSettings:
     """Module-name regexes (fullmatch) to train instead of the family's defaults (--network_args)."""
     exclude_patterns: tuple[str, ...] | None = None
     """Module-name regexes (fullmatch) excluded on top of the family's defaults (--network_args)."""
+
+    def __post_init__(self) -> None:
+        if self.network_dim < 1:
+            raise TrainConfigError("--network_dim must be >= 1")
+        if not self.network_alpha > 0:
+            raise TrainConfigError("--network_alpha must be > 0")
 
 
 @dataclass(frozen=True)
@@ -57,6 +66,62 @@ class OptimSettings:
     """Batches per optimizer step."""
     max_grad_norm: float = 1.0
     """Gradient clipping norm; 0 disables clipping."""
+
+    def __post_init__(self) -> None:
+        check_optimizer(self.optimizer_type, self.learning_rate, self.weight_decay)
+        check_schedule(self.lr_scheduler, self.lr_warmup_steps)
+        if self.gradient_accumulation_steps < 1:
+            raise OptimConfigError("--gradient_accumulation_steps must be >= 1")
+        if not 0 <= self.max_grad_norm < math.inf:
+            raise OptimConfigError("--max_grad_norm must be >= 0 (0 disables clipping)")
+
+
+def check_optimizer(
+    optimizer_type: str,
+    learning_rate: float,
+    weight_decay: float,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+) -> None:
+    """Raise :class:`OptimConfigError` naming the flag of a value the optimizer cannot take
+    (``optimizer_type`` is case-insensitive)."""
+    if optimizer_type.lower() not in OPTIMIZER_TYPES:
+        raise OptimConfigError(
+            f"--optimizer_type must be one of {', '.join(OPTIMIZER_TYPES)}; got {optimizer_type!r}"
+        )
+    if not (math.isfinite(learning_rate) and learning_rate > 0):
+        raise OptimConfigError(f"--learning_rate must be > 0, got {learning_rate}")
+    if not (math.isfinite(weight_decay) and weight_decay >= 0):
+        raise OptimConfigError(f"--weight_decay must be >= 0, got {weight_decay}")
+    if not all(0.0 <= beta < 1.0 for beta in betas):
+        raise OptimConfigError(f"optimizer betas must be in range [0, 1), got {betas}")
+    if not eps > 0:
+        raise OptimConfigError(f"optimizer eps must be > 0, got {eps}")
+
+
+def check_schedule(
+    name: str, warmup_steps: int, total_steps: int | None = None, min_lr_ratio: float = 0.0
+) -> None:
+    """Raise :class:`OptimConfigError` naming the flag of a schedule that cannot work.
+    ``total_steps`` is known only once the dataset is listed (``--max_train_epochs``); None skips
+    the checks that need it. ``constant`` with warm-up is an error, as in musubi-tuner /
+    sd-scripts ("does not require num_warmup_steps"): use ``constant_with_warmup``."""
+    if name not in LR_SCHEDULERS:
+        raise OptimConfigError(f"--lr_scheduler must be one of {', '.join(LR_SCHEDULERS)}; got {name!r}")
+    if total_steps is not None and total_steps < 1:
+        raise OptimConfigError(f"the total number of training steps must be >= 1, got {total_steps}")
+    if warmup_steps < 0:
+        raise OptimConfigError(f"--lr_warmup_steps must be >= 0, got {warmup_steps}")
+    if total_steps is not None and warmup_steps > total_steps:
+        raise OptimConfigError(
+            f"--lr_warmup_steps ({warmup_steps}) must not exceed the total training steps ({total_steps})"
+        )
+    if name == "constant" and warmup_steps > 0:
+        raise OptimConfigError(
+            "--lr_scheduler constant does not use --lr_warmup_steps; set it to 0 or use constant_with_warmup"
+        )
+    if not 0.0 <= min_lr_ratio <= 1.0:
+        raise OptimConfigError(f"--lr_scheduler_min_lr_ratio must be in range [0, 1], got {min_lr_ratio}")
 
 
 @dataclass(frozen=True)
@@ -100,38 +165,28 @@ class TrainConfig:
     mask: MaskLossSettings = field(default_factory=MaskLossSettings)
     timesteps: TimestepSettings = field(default_factory=TimestepSettings)
 
-    def validate(self) -> None:
-        """Raise TrainConfigError naming the first flag whose value cannot work."""
-        network, optim = self.network, self.optim
-        checks: list[tuple[bool, str]] = [
-            (network.network_dim >= 1, "--network_dim must be >= 1"),
-            (network.network_alpha > 0, "--network_alpha must be > 0"),
-            (optim.learning_rate > 0, "--learning_rate must be > 0"),
-            _choice(optim.optimizer_type, OPTIMIZERS, "--optimizer_type"),
-            _choice(optim.lr_scheduler, LR_SCHEDULERS, "--lr_scheduler"),
-            (optim.lr_warmup_steps >= 0, "--lr_warmup_steps must be >= 0"),
-            (optim.gradient_accumulation_steps >= 1, "--gradient_accumulation_steps must be >= 1"),
-            (optim.max_grad_norm >= 0, "--max_grad_norm must be >= 0 (0 disables clipping)"),
-            (self.max_train_steps >= 1, "--max_train_steps must be >= 1"),
-            ((self.max_train_epochs or 1) >= 1, "--max_train_epochs must be >= 1"),
-            ((self.save_every_n_steps or 1) >= 1, "--save_every_n_steps must be >= 1"),
-            _choice(self.lora_format, LORA_FORMATS, "--lora_format"),
-            _choice(self.save_precision, SAVE_PRECISION, "--save_precision"),
-            _choice(self.mixed_precision, MIXED_PRECISION, "--mixed_precision"),
-            (0 < self.timestep_boundary < 1, "--timestep_boundary must be in range (0, 1)"),
-            (self.dit_high_noise is None or self.arch == "wan", "--dit_high_noise is only for --arch wan"),
-            (
-                bool(self.output_name) and "/" not in self.output_name,
-                "--output_name must be a plain file name",
-            ),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise TrainConfigError(message)
-        if self.resume is not None and not (self.resume / "state.json").is_file():
-            raise TrainConfigError(
-                f"--resume {self.resume}: not a masktrain checkpoint folder (no state.json)"
-            )
+    def __post_init__(self) -> None:
+        two_experts = [spec.name for spec in catalog.ARCHES.values() if spec.two_experts]
+        _check(
+            [
+                _choice(self.arch, catalog.ARCH_NAMES, "--arch"),
+                (self.max_train_steps >= 1, "--max_train_steps must be >= 1"),
+                ((self.max_train_epochs or 1) >= 1, "--max_train_epochs must be >= 1"),
+                ((self.save_every_n_steps or 1) >= 1, "--save_every_n_steps must be >= 1"),
+                _choice(self.lora_format, LORA_FORMATS, "--lora_format"),
+                _choice(self.save_precision, SAVE_PRECISION, "--save_precision"),
+                _choice(self.mixed_precision, MIXED_PRECISION, "--mixed_precision"),
+                (0 < self.timestep_boundary < 1, "--timestep_boundary must be in range (0, 1)"),
+                (
+                    self.dit_high_noise is None or self.arch in two_experts,
+                    f"--dit_high_noise is only for --arch {' or '.join(two_experts)}",
+                ),
+                (
+                    bool(self.output_name) and "/" not in self.output_name,
+                    "--output_name must be a plain file name",
+                ),
+            ]
+        )
 
     def to_json(self) -> str:
         return json.dumps(_jsonable(dataclasses.asdict(self)), indent=2, sort_keys=True)
@@ -139,6 +194,13 @@ class TrainConfig:
 
 def _choice(value: str, choices: tuple[str, ...], flag: str) -> tuple[bool, str]:
     return value in choices, f"{flag} must be one of {', '.join(choices)}, not {value!r}"
+
+
+def _check(checks: list[tuple[bool, str]]) -> None:
+    """Raise :class:`TrainConfigError` with the message of the first failed check."""
+    for ok, message in checks:
+        if not ok:
+            raise TrainConfigError(message)
 
 
 def _jsonable(value: Any) -> Any:
@@ -174,9 +236,6 @@ def parse_network_args(values: tuple[str, ...]) -> tuple[tuple[str, ...] | None,
 
 
 def _pattern_list(raw: str, key: str) -> tuple[str, ...]:
-    import ast
-    import re
-
     if raw.startswith("["):
         try:
             parsed = ast.literal_eval(raw)

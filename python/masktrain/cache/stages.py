@@ -6,26 +6,48 @@ while the caller encodes the current chunk on the accelerator."""
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Protocol, TypeVar
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Protocol, TypeVar
 
-T = TypeVar("T")
+from tqdm import tqdm
+
+from masktrain import _native
+from masktrain.cache.summary import DatasetSummary
+from masktrain.data.cache_format import CacheStatus
+from masktrain.data.discovery import Discovery, MediaItem
+from masktrain.distributed import Shard
+
+P = TypeVar("P")
+P_co = TypeVar("P_co", covariant=True)
 
 
 class Triage(Protocol):
-    def fingerprint(self, item: Any, /) -> str: ...
+    def fingerprint(self, item: MediaItem, /) -> str: ...
 
-    def status(self, item: Any, fingerprint: str, /) -> str: ...
+    def status(self, item: MediaItem, fingerprint: str, /) -> CacheStatus: ...
 
 
-def stale_items(cacher: Triage, discovery: Any, shard: Any, summary: Any, progress: Any) -> tuple[list, list]:
+class Preparer(Protocol[P_co]):
+    def prepare(self, chunk: list[MediaItem], /) -> Sequence[P_co]: ...
+
+
+def chunk_size(batch_size: int) -> int:
+    """Items prepared per native call. Several batches' worth, so each bucket's batches come out
+    full (one tensor shape, not a ragged tail per chunk) and the cores stay busy; small enough
+    that the prepared images of two chunks stay a few hundred MB at most."""
+    return max(8 * batch_size, 4 * _native.thread_count())
+
+
+def stale_items(
+    cacher: Triage, discovery: Discovery, shard: Shard, summary: DatasetSummary, progress: tqdm
+) -> tuple[list[MediaItem], list[tuple[MediaItem, str]]]:
     """This process's share of `discovery`, and those of its items that need (re)building, each
     with its fingerprint. Counts into `summary`: items, skipped (fresh), rebuilt (stale) and
     failed (discovery failures and items whose inputs cannot be read); grows the progress total."""
     items, discovery_failed = shard.take(discovery.items), shard.take(discovery.failed)
     summary.items = len(items) + len(discovery_failed)
     summary.failed.extend(discovery_failed)
-    todo: list[tuple[Any, str]] = []
+    todo: list[tuple[MediaItem, str]] = []
     for item in items:
         try:
             fingerprint = cacher.fingerprint(item)
@@ -43,13 +65,9 @@ def stale_items(cacher: Triage, discovery: Any, shard: Any, summary: Any, progre
     return items, todo
 
 
-class Preparer(Protocol):
-    def prepare(self, chunk: list[Any], /) -> Sequence[Any]: ...
-
-
 def prepared_chunks(
-    cacher: Preparer, chunks: Sequence[list[T]], overlap: bool
-) -> Iterator[tuple[list[T], Sequence[Any]]]:
+    cacher: Preparer[P], chunks: Sequence[list[MediaItem]], overlap: bool
+) -> Iterator[tuple[list[MediaItem], Sequence[P]]]:
     """Yield (chunk, prepared results). With the VAE on an accelerator the next chunk is prepared
     on a worker thread while the caller encodes this one. With the VAE on the CPU both stages need
     the same cores, and OpenMP's spinning threads make sharing them slower than taking turns, so
@@ -59,7 +77,7 @@ def prepared_chunks(
             yield chunk, cacher.prepare(chunk)
         return
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="prepare") as pool:
-        pending = pool.submit(cacher.prepare, chunks[0]) if chunks else None
+        pending: Future[Sequence[P]] | None = pool.submit(cacher.prepare, chunks[0]) if chunks else None
         for index, chunk in enumerate(chunks):
             assert pending is not None
             results = pending.result()

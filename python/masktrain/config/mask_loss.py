@@ -1,8 +1,9 @@
-"""The mask flags of ``masktrain train``: their dataclass, validation, the start-up banner and the
-per-batch check that masks really reached the batch.
+"""The mask flags of ``masktrain train``: their dataclass (checked when built), the warnings for
+combinations that work but are probably unintended, the start-up banner and the per-batch check
+that masks really reached the batch.
 
-This module imports no torch, so the CLI can build and check the flags before the heavy imports;
-:mod:`masktrain.loss` re-exports :class:`MaskLossSettings` next to the reducer that reads it.
+This module imports no torch, so the CLI builds and checks the flags before the heavy imports;
+:mod:`masktrain.loss` reads :class:`MaskLossSettings` and re-exports it next to the reducer.
 
 Messages follow the weighted-mask guide's "Argument Validation" table word for word. Decisions
 where the reference implementation (the musubi-tuner fork, PR #901) differs or is silent:
@@ -28,21 +29,13 @@ import math
 import re
 from dataclasses import dataclass
 
-from masktrain._native import MaskTrainError
+from masktrain.errors import MaskOptionError, MissingMaskWeightsError
 
 RULE = "=" * 60
 THIN_RULE = "-" * 60
 
 DEFAULT_CACHE_HINT = "masktrain cache --dataset_config ... (with alpha_mask = true or mask_directory set)"
 """How to get masks into the cache; shown in the banner and in the FATAL message."""
-
-
-class MaskOptionError(MaskTrainError):
-    """A mask flag has a value that cannot work; the message names the flag."""
-
-
-class MissingMaskWeightsError(MaskOptionError):
-    """``--use_mask_loss`` is on but a batch arrived without mask weights."""
 
 
 @dataclass(frozen=True)
@@ -64,11 +57,14 @@ class MaskLossSettings:
     """Weighted mean per sample, then the batch mean (zero-weight samples count as 0), instead of
     one weighted mean over the whole batch."""
 
+    def __post_init__(self) -> None:
+        check(self)
+
 
 def check(settings: MaskLossSettings) -> None:
-    """Raise :class:`MaskOptionError` for a value that cannot work (no warnings)."""
-    # Chained comparisons reject NaN and infinity without math.isfinite, which torch.compile
-    # cannot trace when the reducer calls this.
+    """Raise :class:`MaskOptionError` for a value that cannot work (no warnings); runs when the
+    settings are built."""
+    # Chained comparisons reject NaN and infinity.
     if not 0.0 < settings.mask_gamma < math.inf:
         raise MaskOptionError("--mask_gamma must be > 0")
     if not (0.0 <= settings.mask_min_weight < 1.0):
@@ -87,8 +83,8 @@ def check(settings: MaskLossSettings) -> None:
 
 
 def validate(settings: MaskLossSettings) -> list[str]:
-    """Check the flags; raise :class:`MaskOptionError` for impossible values and return warnings
-    (one line each) for combinations that work but are probably not what the user wants."""
+    """Check the flags again (they were checked when built) and return warnings (one line each)
+    for combinations that work but are probably not what the user wants."""
     check(settings)
     warnings: list[str] = []
     weight, floor = settings.prior_preservation_weight, settings.mask_min_weight

@@ -1,0 +1,156 @@
+"""``masktrain cache`` for one image dataset.
+
+Per image the native core decodes it, picks its mask (alpha -> mask file -> full weight, or an
+error under ``require_mask``), resizes both onto the bucket and pools the mask onto the latent
+grid; the VAE encodes the pixels; the file holds ``latents_1xHxW_<dtype>`` and, when masking is
+on, ``mask_weights_1xHxW_float32`` (raw weights in [0, 1]; gamma and floor are applied at
+training time).
+
+With ``bucket_no_upscale`` an image whose area is at most the resolution's keeps its own size
+rounded down to the bucket step: the native core prepares it a second time with that one bucket
+(it learns the size, EXIF orientation applied, from the first pass; such images are small).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from masktrain import _native
+from masktrain.cache.setup import CacheSetup
+from masktrain.cache.stages import chunk_size, prepared_chunks, stale_items
+from masktrain.cache.summary import DatasetSummary
+from masktrain.config.dataset import ImageDatasetConfig
+from masktrain.data import cache_format as fmt
+from masktrain.data.buckets import Bucket
+from masktrain.data.discovery import MediaItem, discover_images, own_size_bucket
+from masktrain.distributed import Shard
+from masktrain.errors import MaskTrainError
+
+#: What the native core gives per image: the prepared item or the error it failed with.
+Prepared = _native.PreparedItem | MaskTrainError | OSError
+
+
+def _chunks(items: list[MediaItem], size: int) -> Iterator[list[MediaItem]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+class ImageCacher:
+    """Caches one image dataset."""
+
+    def __init__(self, setup: CacheSetup) -> None:
+        assert isinstance(setup.dataset, ImageDatasetConfig)
+        self.setup, self.dataset = setup, setup.dataset
+        self.masking = self.dataset.alpha_mask or setup.masks is not None
+        self.existing = fmt.existing_item_files(self.dataset.cache_directory, setup.arch)
+
+    @property
+    def missing_files_warning(self) -> bool:
+        """The guide's "N images have no matching mask file" applies (mask files, no alpha)."""
+        return self.setup.masks is not None and not self.dataset.alpha_mask
+
+    def fingerprint(self, item: MediaItem) -> str:
+        return fmt.fingerprint(
+            {
+                **self.setup.fingerprint_parts(item, self.masking),
+                "alpha_mask": self.dataset.alpha_mask,
+                "require_mask": self.dataset.require_mask,
+            }
+        )
+
+    def status(self, item: MediaItem, fingerprint: str) -> fmt.CacheStatus:
+        paths = self.existing.get(item.stem, [])
+        if self.setup.fresh_files(paths, fingerprint):
+            return "fresh"
+        return "stale" if paths else "missing"
+
+    def _prepare(self, paths: list[Path], buckets: list[Bucket]) -> list[Prepared]:
+        return _native.prepare_batch(
+            paths,
+            buckets,
+            mask_index=self.setup.masks,
+            alpha_mask=self.dataset.alpha_mask,
+            require_mask=self.dataset.require_mask,
+            latent_factor=self.setup.factor,
+        )
+
+    def prepare(self, chunk: list[MediaItem]) -> list[Prepared]:
+        results = self._prepare([item.path for item in chunk], self.setup.buckets)
+        if not self.dataset.buckets.bucket_no_upscale:
+            return results
+        # Images no larger than the resolution keep their own size: prepared again, with that
+        # one bucket (grouped, so each distinct size is one parallel native call).
+        again: dict[Bucket, list[int]] = {}
+        for index, result in enumerate(results):
+            if isinstance(result, _native.PreparedItem):
+                own = own_size_bucket(result.original_size, self.dataset.buckets)
+                if own is not None and own != result.bucket:
+                    again.setdefault(own, []).append(index)
+        for bucket, indices in again.items():
+            redone = self._prepare([chunk[i].path for i in indices], [bucket])
+            for index, result in zip(indices, redone, strict=True):
+                results[index] = result
+        return results
+
+    def encode(self, batch: list[tuple[MediaItem, _native.PreparedItem, str]]) -> torch.Tensor:
+        pixels = np.stack([prepared.image for _, prepared, _ in batch])  # (B, H, W, 3) uint8
+        tensor = torch.from_numpy(pixels).permute(0, 3, 1, 2).float().div(127.5).sub(1.0).unsqueeze(2)
+        return self.setup.family.encode_pixels(self.setup.vae, tensor).cpu()
+
+    def write(
+        self, item: MediaItem, prepared: _native.PreparedItem, latents: torch.Tensor, fingerprint: str
+    ) -> None:
+        setup = self.setup
+        weights = None
+        if prepared.latent_mask is not None:
+            setup.check_grid(item, prepared.bucket, prepared.latent_mask.shape, latents.shape[-2:])
+            weights = torch.from_numpy(prepared.latent_mask)
+        name = fmt.item_cache_name(item.stem, prepared.original_size, setup.arch)
+        metadata = setup.metadata(
+            item,
+            prepared.mask_source,
+            prepared.bucket,
+            fingerprint,
+            prepared.original_size,
+            prepared.mask_path,
+        )
+        fmt.write_cache_file(
+            self.dataset.cache_directory / name, setup.latent_tensors(latents, weights), metadata
+        )
+        setup.remove_replaced(self.existing.get(item.stem, []), {name})
+
+    def run(self, summary: DatasetSummary, progress: tqdm, shard: Shard) -> list[MediaItem]:
+        """Latents for every stale item of this process's share; returns the share's items that
+        have a valid latent file."""
+        items, todo = stale_items(self, discover_images(self.dataset), shard, summary, progress)
+        batch_size = self.setup.config.batch_size
+        chunks = list(_chunks([item for item, _ in todo], chunk_size(batch_size)))
+        fingerprints = dict((item.path, fp) for item, fp in todo)
+        overlap = self.setup.vae.device.type != "cpu"
+        for chunk, results in prepared_chunks(self, chunks, overlap):
+            by_bucket: dict[Bucket, list[tuple[MediaItem, _native.PreparedItem, str]]] = {}
+            for item, result in zip(chunk, results, strict=True):
+                if isinstance(result, _native.PreparedItem):
+                    by_bucket.setdefault(result.bucket, []).append((item, result, fingerprints[item.path]))
+                else:
+                    summary.failed.append((item.path, str(result)))
+                    progress.update(1)
+            for group in by_bucket.values():
+                for start in range(0, len(group), batch_size):
+                    batch = group[start : start + batch_size]
+                    latents = self.encode(batch)
+                    for (item, prepared, fingerprint), item_latents in zip(batch, latents, strict=True):
+                        try:
+                            self.write(item, prepared, item_latents, fingerprint)
+                        except (OSError, ValueError) as error:
+                            summary.failed.append((item.path, str(error)))
+                            continue
+                        summary.add_written(prepared.mask_source, prepared.latent_mask)
+                    progress.update(len(batch))
+        failed = {path for path, _ in summary.failed}
+        return [item for item in items if item.path not in failed]

@@ -1,0 +1,109 @@
+"""``masktrain cache``: latents, mask weights and text embeddings for every item of a dataset
+TOML, one self-describing safetensors file each (see ``data/cache_format.py``).
+
+Image datasets go through ``images.ImageCacher``, video datasets (families with a video frame
+rate in the catalog) through ``videos.VideoCacher``; both share one set-up per dataset
+(``setup.CacheSetup``) and the same stages (``stages``), then ``text.TextCacher`` encodes the
+captions of the items that were cached. Native preparation of the next chunk runs on a worker
+thread (the core releases the GIL) while the current chunk is encoded.
+
+An item whose file has the fingerprint this run would write is skipped; any change to the image,
+its mask file, the mask or bucket settings or the VAE rebuilds exactly that item.
+Under ``torchrun`` each process caches every ``WORLD_SIZE``-th item (disjoint files) and rank 0
+reports the merged summary.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+from tqdm import tqdm
+
+from masktrain import atomic, catalog, distributed
+from masktrain.cache.images import ImageCacher
+from masktrain.cache.setup import CacheSetup
+from masktrain.cache.summary import DatasetSummary
+from masktrain.cache.text import TextCacher
+from masktrain.cache.videos import VideoCacher
+from masktrain.config.cache import CacheConfig
+from masktrain.config.dataset import ImageDatasetConfig, VideoDatasetConfig, load_dataset_config
+from masktrain.distributed import Shard
+from masktrain.errors import ConfigError
+from masktrain.models import get_family
+from masktrain.models.base import ModelFamily
+
+log = logging.getLogger(__name__)
+
+Dataset = ImageDatasetConfig | VideoDatasetConfig
+
+
+def preflight(config: CacheConfig) -> tuple[Dataset, ...]:
+    """The datasets of the TOML, checked against the family before any model loads."""
+    datasets = load_dataset_config(config.dataset_config).datasets
+    spec = catalog.arch(config.arch)
+    for number, dataset in enumerate(datasets, start=1):
+        if isinstance(dataset, VideoDatasetConfig) and not spec.takes_video:
+            raise ConfigError(
+                f"{config.dataset_config}: [[datasets]] #{number}: --arch {config.arch} is an image model "
+                f"and cannot take a video dataset (video_directory / video_jsonl_file); video datasets "
+                f"need --arch {' or '.join(catalog.video_arches())}"
+            )
+    return datasets
+
+
+def run(config: CacheConfig) -> list[DatasetSummary]:
+    """Cache every dataset of the TOML; returns one summary per dataset (also logged)."""
+    datasets = preflight(config)
+    if config.num_workers is not None:  # read by the native core when its thread pool starts
+        os.environ["MASKTRAIN_NUM_THREADS"] = str(config.num_workers)
+    family = get_family(config.arch)
+    shard = distributed.start()
+    try:
+        return _run(config, datasets, family, shard)
+    finally:
+        distributed.stop(shard)
+
+
+def _run(
+    config: CacheConfig, datasets: tuple[Dataset, ...], family: ModelFamily, shard: Shard
+) -> list[DatasetSummary]:
+    default = f"cuda:{shard.local_rank}" if torch.cuda.is_available() else "cpu"
+    device = torch.device(config.device or default)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    vae = family.load_vae(config.vae, device, dtype)
+    text = TextCacher(config, family, family.load_text_encoder(config.text_encoder, device, dtype))
+    if shard.is_main:
+        log.info(
+            "caching %d dataset(s) for %s on %s (%s), %d process(es)",
+            len(datasets),
+            family.name,
+            device,
+            dtype,
+            shard.world,
+        )
+
+    summaries = []
+    with tqdm(total=0, unit="item", desc="cache", disable=not shard.is_main) as progress:
+        for number, dataset in enumerate(datasets, start=1):
+            if shard.is_main:  # before any process writes: a live temporary is never removed
+                dataset.cache_directory.mkdir(parents=True, exist_ok=True)
+                atomic.remove_stale_temporaries(dataset.cache_directory)
+            shard.barrier()
+            setup = CacheSetup(config, family, vae, dataset)
+            cacher = ImageCacher(setup) if isinstance(dataset, ImageDatasetConfig) else VideoCacher(setup)
+            summary = DatasetSummary(name=f"dataset #{number} ({_source(dataset)})")
+            cached = cacher.run(summary, progress, shard)
+            text.run(dataset, cached)
+            summary = DatasetSummary.merged(shard.gather(summary))
+            if shard.is_main:
+                summary.report(cacher.missing_files_warning)
+            summaries.append(summary)
+    return summaries
+
+
+def _source(dataset: Dataset) -> object:
+    if isinstance(dataset, ImageDatasetConfig):
+        return dataset.image_directory or dataset.image_jsonl_file
+    return dataset.video_directory or dataset.video_jsonl_file

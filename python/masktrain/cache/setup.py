@@ -1,0 +1,128 @@
+"""The set-up every cacher of one dataset shares, computed once: the bucket list, the VAE's
+latent factor and identity, the mask index, and the parts of an item's fingerprint and metadata
+that do not depend on whether the item is an image or a video."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from masktrain import _native
+from masktrain.cache.identity import weights_identity
+from masktrain.config.cache import CacheConfig
+from masktrain.config.dataset import ImageDatasetConfig, VideoDatasetConfig
+from masktrain.data import cache_format as fmt
+from masktrain.data.buckets import Bucket
+from masktrain.data.discovery import MediaItem, bucket_list
+from masktrain.errors import DataError
+from masktrain.models.base import ModelFamily
+
+
+@dataclass
+class CacheSetup:
+    config: CacheConfig
+    family: ModelFamily
+    vae: torch.nn.Module
+    dataset: ImageDatasetConfig | VideoDatasetConfig
+    buckets: list[Bucket] = field(init=False)
+    """The buckets this dataset's items choose from."""
+    factor: int = field(init=False)
+    """Pixels per latent cell of the VAE (8, or 16 for the WAN 2.2 TI2V-5B VAE)."""
+    vae_identity: str = field(init=False)
+    masks: _native.MaskIndex | None = field(init=False)
+    """Mask files by basename; None without ``mask_directory``."""
+
+    def __post_init__(self) -> None:
+        self.buckets = bucket_list(self.dataset.buckets)
+        self.factor = self.family.spatial_factor(self.vae)
+        self.vae_identity = weights_identity(self.config.vae, self.vae)
+        directory = self.dataset.mask_directory
+        self.masks = _native.MaskIndex(directory) if directory is not None else None
+
+    @property
+    def arch(self) -> str:
+        return self.family.name
+
+    def mask_path(self, item: MediaItem) -> Path | None:
+        """The item's mask file (a ``DuplicateMaskError`` when two share its basename)."""
+        return self.masks.get(item.stem) if self.masks is not None else None
+
+    def fingerprint_parts(self, item: MediaItem, masking: bool) -> dict[str, object]:
+        """Everything that shapes an item's tensors, image or video: its source and mask files,
+        the bucket rules, the VAE; each cacher adds its own keys."""
+        buckets = self.dataset.buckets
+        return {
+            "source": fmt.source_stat(item.path),
+            "mask": fmt.source_stat(self.mask_path(item)),
+            "masking": masking,
+            "buckets": self.buckets,
+            "resolution": list(buckets.resolution),
+            "bucket_no_upscale": buckets.bucket_no_upscale,
+            "rules": fmt.RESIZE_RULES,
+            "vae": self.vae_identity,
+            "dtype": str(self.vae.dtype),
+            "format": fmt.FORMAT_VERSION,
+        }
+
+    def fresh_files(self, paths: list[Path], fingerprint: str) -> list[Path]:
+        """Those of `paths` that this run can keep as they are."""
+        arch, skip = self.arch, self.config.skip_existing
+        return [p for p in paths if fmt.reusable(p, arch=arch, fingerprint=fingerprint, skip_existing=skip)]
+
+    def metadata(
+        self,
+        item: MediaItem,
+        mask_source: fmt.MaskSource,
+        bucket: Bucket,
+        fingerprint: str,
+        original_size: tuple[int, int],
+        mask_path: Path | None,
+        **extra: str,
+    ) -> fmt.CacheMetadata:
+        """The metadata of one latent file of `item`."""
+        return fmt.CacheMetadata(
+            arch=self.arch,
+            source=str(item.path),
+            mask_source=mask_source,
+            bucket=bucket,
+            fingerprint=fingerprint,
+            extra={
+                "vae": self.config.vae,
+                "original_size": f"{original_size[0]}x{original_size[1]}",
+                "mask_path": str(mask_path or ""),
+                **extra,
+            },
+        )
+
+    def latent_tensors(self, latents: torch.Tensor, weights: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """One item's tensors under the cache's keys: latents (C, F, h, w) and, when masking is
+        on, the (h, w) raw weights repeated over the F latent frames as (1, F, h, w) float32."""
+        _, frames, height, width = latents.shape
+        grid = (frames, height, width)
+        tensors = {fmt.tensor_key(fmt.LATENTS, latents.dtype, grid): latents}
+        if weights is not None:
+            expanded = weights.expand(1, frames, height, width)
+            tensors[fmt.tensor_key(fmt.MASK_WEIGHTS, torch.float32, grid)] = expanded
+        return tensors
+
+    def check_grid(
+        self, item: MediaItem, bucket: Bucket, weights_shape: tuple[int, ...], latent_hw: tuple[int, int]
+    ) -> None:
+        """The mask grid must be the latent grid: a bucket that is not a multiple of the VAE's
+        factor would misalign them."""
+        height, width = latent_hw
+        if tuple(weights_shape) != (height, width):
+            raise DataError(
+                f"{item.path}: latent grid {width}x{height} but mask grid "
+                f"{weights_shape[1]}x{weights_shape[0]}; "
+                f"bucket {bucket} is not a multiple of the VAE's {self.factor}x compression"
+            )
+
+    def remove_replaced(self, old: list[Path], written: set[str]) -> None:
+        """Delete the item's older files that this run did not rewrite (another size, another
+        clip list): training would pick them up too."""
+        for path in old:
+            if path.name not in written:
+                path.unlink(missing_ok=True)

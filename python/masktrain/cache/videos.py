@@ -1,0 +1,223 @@
+"""``masktrain cache`` for one video dataset: every clip of every video becomes one safetensors
+file ``{stem}_{start:05d}-{count:03d}_{W:04d}x{H:04d}_{arch}.safetensors`` (W x H: the first
+frame's own size) holding ``latents_{F}x{h}x{w}_<dtype>`` and, when ``mask_directory`` is set,
+``mask_weights_{F}x{h}x{w}_float32``: the video's static mask, prepared by the native core as an
+image's mask file is, repeated over the F latent frames (a video without a mask file gets full
+weight, counted as mask source ``none``).
+
+Every clip file of a video carries the video's fingerprint (its file, its mask file, the bucket
+and frame-extraction settings, the VAE) and the list of all its clips. A video is skipped when
+every listed clip file is there with the fingerprint this run would write; otherwise all its
+clips are rebuilt, and clip files of that video that the new settings no longer produce (another
+``target_frames``, extraction mode or length) are deleted once the new ones are written, so
+training never picks up clips of an old extraction.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from masktrain import _native
+from masktrain.cache.setup import CacheSetup
+from masktrain.cache.stages import prepared_chunks, stale_items
+from masktrain.cache.summary import DatasetSummary
+from masktrain.config.dataset import VideoDatasetConfig
+from masktrain.data import cache_format as fmt
+from masktrain.data import video
+from masktrain.data.discovery import MediaItem, choose_bucket, discover_videos
+from masktrain.distributed import Shard
+from masktrain.errors import DataError, VideoDecodeError
+
+log = logging.getLogger(__name__)
+
+_CLIPS_KEY = "clips"
+
+
+@dataclass
+class PreparedVideo:
+    decoded: video.DecodedVideo
+    spans: list[tuple[int, int]]
+    """(start, length) of each clip."""
+    weights: np.ndarray | None
+    """(h, w) raw weights on the latent grid of the bucket; None when masking is off."""
+    mask_path: Path | None
+
+    @property
+    def mask_source(self) -> fmt.MaskSource:
+        return "file" if self.mask_path is not None else "none"
+
+
+def _clip_list(spans: list[tuple[int, int]]) -> str:
+    return ",".join(f"{start}-{count}" for start, count in spans)
+
+
+def _clip_names(stem: str, arch: str, metadata: fmt.CacheMetadata | None) -> set[str]:
+    """The file names of every clip a clip file's metadata lists (empty when it lists none)."""
+    if metadata is None:
+        return set()
+    try:
+        width, height = (int(v) for v in metadata.extra["original_size"].split("x"))
+        spans = [clip.split("-") for clip in metadata.extra[_CLIPS_KEY].split(",")]
+        return {fmt.item_cache_name(stem, (width, height), arch, (int(a), int(b))) for a, b in spans}
+    except (KeyError, ValueError):
+        return set()
+
+
+class VideoCacher:
+    """Caches one video dataset."""
+
+    def __init__(self, setup: CacheSetup) -> None:
+        assert isinstance(setup.dataset, VideoDatasetConfig)
+        self.setup, self.dataset = setup, setup.dataset
+        fps = setup.family.spec.video_fps
+        if fps is None:
+            raise DataError(f"--arch {setup.arch} is an image model and cannot take a video dataset")
+        self.settings = video.ClipSettings.of(self.dataset, fps, setup.family.temporal_factor(setup.vae))
+        self.masking = setup.masks is not None
+        self.existing = fmt.existing_item_files(self.dataset.cache_directory, setup.arch, clips=True)
+        self.short = 0
+        """Videos too short for some (not all) of target_frames."""
+
+    @property
+    def missing_files_warning(self) -> bool:
+        """The guide's "N videos have no matching mask file" applies (mask files are set)."""
+        return self.masking
+
+    def fingerprint(self, item: MediaItem) -> str:
+        return fmt.fingerprint(
+            {**self.setup.fingerprint_parts(item, self.masking), "clips": self.settings.fingerprint_part()}
+        )
+
+    def status(self, item: MediaItem, fingerprint: str) -> fmt.CacheStatus:
+        paths = self.existing.get(item.stem, [])
+        if not paths:
+            return "missing"
+        fresh = {p.name: p for p in self.setup.fresh_files(paths, fingerprint)}
+        if not fresh:
+            return "stale"
+        expected = _clip_names(item.stem, self.setup.arch, fmt.read_metadata(next(iter(fresh.values()))))
+        return "fresh" if expected and expected <= fresh.keys() else "stale"
+
+    def prepare(self, chunk: list[MediaItem]) -> list[PreparedVideo | Exception]:
+        results: list[PreparedVideo | Exception] = []
+        for item in chunk:
+            try:
+                results.append(self._prepare(item))
+            except (OSError, ValueError) as error:  # every error of ours names the file
+                results.append(error)
+        return results
+
+    def _prepare(self, item: MediaItem) -> PreparedVideo:
+        settings, setup = self.settings, self.setup
+        decoded = video.decode_video(
+            item.path,
+            lambda size: choose_bucket(size, self.dataset.buckets, setup.buckets),
+            limit=settings.decode_limit,
+            source_fps=settings.source_fps,
+            target_fps=settings.target_fps,
+        )
+        width, height = decoded.bucket
+        if width % setup.factor or height % setup.factor:
+            raise DataError(
+                f"{item.path}: bucket {width}x{height} is not a multiple of the VAE's "
+                f"{setup.factor}x compression"
+            )
+        count = len(decoded.frames)
+        spans = settings.spans(count)
+        if not spans:
+            fps = f" at {settings.target_fps:g} fps" if settings.source_fps else ""
+            raise VideoDecodeError(
+                f"{item.path}: {count} frames{fps} is shorter than every clip length of target_frames "
+                f"{list(settings.target_frames)}; lower target_frames or drop the video"
+            )
+        if settings.extraction != "full" and any(t > count for t in settings.target_frames):
+            self.short += 1
+        mask_path = setup.mask_path(item)
+        weights = None
+        if mask_path is not None:
+            _, weights = _native.prepare_mask(
+                mask_path,
+                decoded.original_size,
+                decoded.bucket,
+                setup.factor,
+                source=item.path,
+                media="video",
+            )
+        elif self.masking:
+            weights = np.ones((height // setup.factor, width // setup.factor), np.float32)
+        return PreparedVideo(decoded, spans, weights, mask_path)
+
+    def encode(self, frames: np.ndarray, spans: list[tuple[int, int]]) -> torch.Tensor:
+        clips = np.stack([frames[start : start + count] for start, count in spans])  # (B, F, H, W, 3)
+        pixels = torch.from_numpy(clips).permute(0, 4, 1, 2, 3).float().div(127.5).sub(1.0)
+        return self.setup.family.encode_pixels(self.setup.vae, pixels).cpu()
+
+    def write(self, item: MediaItem, prepared: PreparedVideo, fingerprint: str) -> None:
+        """Encode and write every clip of `item`, then remove its clips of an old extraction."""
+        setup, decoded, spans = self.setup, prepared.decoded, prepared.spans
+        weights = None if prepared.weights is None else torch.from_numpy(prepared.weights)
+        written: set[str] = set()
+        by_length: dict[int, list[tuple[int, int]]] = {}
+        for span in spans:
+            by_length.setdefault(span[1], []).append(span)
+        batch_size = setup.config.batch_size
+        for group in by_length.values():
+            for first in range(0, len(group), batch_size):
+                batch = group[first : first + batch_size]
+                latents = self.encode(decoded.frames, batch)
+                for (start, count), clip in zip(batch, latents, strict=True):
+                    if prepared.weights is not None:
+                        setup.check_grid(item, decoded.bucket, prepared.weights.shape, clip.shape[-2:])
+                    name = fmt.item_cache_name(item.stem, decoded.original_size, setup.arch, (start, count))
+                    metadata = setup.metadata(
+                        item,
+                        prepared.mask_source,
+                        decoded.bucket,
+                        fingerprint,
+                        decoded.original_size,
+                        prepared.mask_path,
+                        **{
+                            _CLIPS_KEY: _clip_list(spans),
+                            "frame_start": str(start),
+                            "frame_count": str(count),
+                        },
+                    )
+                    tensors = setup.latent_tensors(clip, weights)
+                    fmt.write_cache_file(self.dataset.cache_directory / name, tensors, metadata)
+                    written.add(name)
+        setup.remove_replaced(self.existing.get(item.stem, []), written)
+
+    def run(self, summary: DatasetSummary, progress: tqdm, shard: Shard) -> list[MediaItem]:
+        """Clips of every stale video of this process's share; returns the share's videos that
+        have valid clip files."""
+        summary.clips = summary.clips or 0
+        items, todo = stale_items(self, discover_videos(self.dataset), shard, summary, progress)
+        fingerprints = {item.path: fp for item, fp in todo}
+        overlap = self.setup.vae.device.type != "cpu"
+        for chunk, results in prepared_chunks(self, [[item] for item, _ in todo], overlap):
+            ((item,), (result,)) = chunk, results
+            if isinstance(result, PreparedVideo):
+                try:
+                    self.write(item, result, fingerprints[item.path])
+                except (OSError, ValueError) as error:
+                    summary.failed.append((item.path, str(error)))
+                else:
+                    summary.add_written(result.mask_source, result.weights, clips=len(result.spans))
+            else:
+                summary.failed.append((item.path, str(result)))
+            progress.update(1)
+        if self.short:
+            log.info(
+                "%d videos are shorter than some of target_frames %s; "
+                "those clip lengths were skipped for them",
+                self.short,
+                list(self.settings.target_frames),
+            )
+        failed = {path for path, _ in summary.failed}
+        return [item for item in items if item.path not in failed]

@@ -1,0 +1,100 @@
+"""The model families masktrain trains, as torch-free facts: one record per ``--arch``.
+
+This is the only place an architecture name is spelled. The CLI takes its ``--arch`` choices from
+here, the video reader its frame rate, the train config its two-expert rule, the demo its tiny
+models' latent factor, and the model registry the module that implements each family (imported
+only when a family is used, so reading the catalog never imports torch).
+
+Adding a family is its module under ``masktrain/models/`` (a class that satisfies
+``models.base.ModelFamily``) plus one record below; ``ARCHITECTURE.md`` lists the steps.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+from masktrain.errors import SettingError
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """What the rest of masktrain needs to know about one family without loading it."""
+
+    name: str
+    """The ``--arch`` value; also the suffix of its cache file names."""
+    title: str
+    """The models it covers, for messages and help."""
+    family: str
+    """``module:Class`` of its ``models.base.ModelFamily`` implementation."""
+    text_flag: str
+    """The flag that names its text encoder."""
+    text_encoder: str
+    """What that text encoder is."""
+    spatial_factor: int
+    """Pixels per latent cell along each side with the released VAE (a VAE file may differ: the
+    WAN 2.2 TI2V-5B VAE is 16x; the cache reads the factor off the loaded VAE)."""
+    temporal_factor: int
+    """Frames per latent frame after the first (4 for video VAEs, 1 for image-only families)."""
+    video_fps: float | None
+    """The frame rate its video models train at; None for an image-only family."""
+    two_experts: bool
+    """Whether ``--dit_high_noise`` (a second, high-noise expert sharing the LoRA) applies."""
+    tiny_vaes: Mapping[str, int] = field(default_factory=dict)
+    """The built-in tiny VAEs (``--vae`` value -> pixels per latent cell); ``tiny`` is also the
+    tiny transformer and text encoder."""
+
+    @property
+    def takes_video(self) -> bool:
+        return self.video_fps is not None
+
+
+WAN = ArchSpec(
+    name="wan",
+    title="WAN 2.1 / 2.2",
+    family="masktrain.models.wan:WanFamily",
+    text_flag="--t5",
+    text_encoder="UMT5-XXL",
+    spatial_factor=8,
+    temporal_factor=4,
+    video_fps=16.0,
+    two_experts=True,
+    tiny_vaes=MappingProxyType({"tiny": 8, "tiny-ti2v": 16}),
+)
+
+QWEN_IMAGE = ArchSpec(
+    name="qwen_image",
+    title="Qwen-Image",
+    family="masktrain.models.qwen_image:QwenImageFamily",
+    text_flag="--text_encoder",
+    text_encoder="Qwen2.5-VL",
+    spatial_factor=8,
+    temporal_factor=1,
+    video_fps=None,
+    two_experts=False,
+    tiny_vaes=MappingProxyType({"tiny": 4}),
+)
+
+ARCHES: Mapping[str, ArchSpec] = MappingProxyType({spec.name: spec for spec in (WAN, QWEN_IMAGE)})
+"""Every family, by ``--arch`` value."""
+
+ARCH_NAMES: tuple[str, ...] = tuple(ARCHES)
+
+
+def arch(name: str) -> ArchSpec:
+    """The record of ``--arch name``; a :class:`SettingError` naming the choices otherwise."""
+    try:
+        return ARCHES[name]
+    except KeyError:
+        close = difflib.get_close_matches(name, ARCH_NAMES, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise SettingError(
+            f"--arch {name!r} is not supported; choose one of {', '.join(ARCH_NAMES)}{hint}"
+        ) from None
+
+
+def video_arches() -> tuple[str, ...]:
+    """The families that take video datasets."""
+    return tuple(spec.name for spec in ARCHES.values() if spec.takes_video)

@@ -1,0 +1,38 @@
+"""The ``masktrain`` command line: a thin click layer. Each command (one file each) parses its
+flags with ``options.option``, builds its config (``masktrain.config``, checked when built),
+and runs its job through ``outcome.run_job``, which turns masktrain's errors into exit codes.
+Logging is configured once, here.
+
+Importing this package must stay cheap: no torch, no extension, no heavy imports; each command
+imports its job when it runs.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import click
+
+from masktrain import __version__
+from masktrain.cli.cache import cache
+from masktrain.cli.convert_alpha import convert_alpha
+from masktrain.cli.demo import demo
+from masktrain.cli.train import train
+
+
+def _configure_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s: %(message)s")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="masktrain")
+@click.option("-v", "--verbose", is_flag=True, help="Log debug messages.")
+def main(verbose: bool) -> None:
+    """Train LoRA adapters for diffusion transformers with a weighted mask loss."""
+    _configure_logging(verbose)
+
+
+for _command in (convert_alpha, cache, train, demo):
+    main.add_command(_command)
+
+__all__ = ["main"]

@@ -1,0 +1,69 @@
+"""``masktrain cache``: latents, mask weights and text embeddings for a dataset TOML."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from masktrain import catalog
+from masktrain.cli.options import existing_file, option
+from masktrain.cli.outcome import run_job
+
+
+@click.command("cache")
+@option("dataset_config", type=existing_file(), required=True, help="The dataset TOML.")
+@option("arch", type=click.Choice(catalog.ARCH_NAMES), required=True, help="Model family.")
+@option("vae", required=True, help="VAE: 'tiny', a local diffusers folder or a .safetensors file.")
+@option("t5", default=None, help="WAN text encoder (UMT5): 'tiny', or a local diffusers folder.")
+@option(
+    "text_encoder",
+    default=None,
+    help="Qwen-Image text encoder (Qwen2.5-VL): 'tiny', or a local diffusers folder.",
+)
+@option("device", default=None, help="Encoding device [default: cuda when available, else cpu].")
+@option("batch_size", type=click.IntRange(min=1), default=4, show_default=True)
+@option(
+    "num_workers",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Threads for image preparation [default: one per core].",
+)
+@option(
+    "skip_existing",
+    switch=True,
+    default=True,
+    show_default=True,
+    help="Skip items whose cache file is up to date.",
+)
+def cache(
+    dataset_config: Path,
+    arch: str,
+    vae: str,
+    t5: str | None,
+    text_encoder: str | None,
+    device: str | None,
+    batch_size: int,
+    num_workers: int | None,
+    skip_existing: bool,
+) -> None:
+    """Cache latents, mask weights and text embeddings for a dataset TOML."""
+    from masktrain.config.cache import CacheConfig
+
+    def job() -> bool:
+        config = CacheConfig.from_flags(
+            dataset_config=dataset_config,
+            arch=arch,
+            vae=vae,
+            t5=t5,
+            text_encoder=text_encoder,
+            device=device,
+            batch_size=batch_size,
+            skip_existing=skip_existing,
+            num_workers=num_workers,
+        )
+        from masktrain.cache import run  # torch: only once the flags are known to be good
+
+        return any(summary.failed for summary in run(config))
+
+    raise SystemExit(1 if run_job(job) else 0)

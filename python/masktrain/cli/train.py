@@ -1,0 +1,192 @@
+"""``masktrain train``'s flags: the guide's spellings (musubi-tuner's) and dashed aliases, parsed
+into a ``TrainConfig``; defaults and choices come from the config dataclasses, so the two cannot
+drift. torch is imported only once the config is built (and so checked).
+
+``--network_args`` takes one ``key=value`` per use (repeat the flag for several keys).
+``--network_module`` is accepted for commands copied from musubi-tuner and ignored: masktrain
+always trains a peft LoRA on the family's default modules.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from masktrain import catalog
+from masktrain.cli.options import existing_file, flag, option
+from masktrain.cli.outcome import run_job
+from masktrain.config.mask_loss import MaskLossSettings
+from masktrain.config.timesteps import TIMESTEP_SAMPLINGS, WEIGHTING_SCHEMES, TimestepSettings
+from masktrain.config.train import (
+    LORA_FORMATS,
+    LR_SCHEDULERS,
+    MIXED_PRECISION,
+    OPTIMIZER_TYPES,
+    SAVE_PRECISION,
+    NetworkSettings,
+    OptimSettings,
+    TrainConfig,
+    parse_network_args,
+)
+
+log = logging.getLogger(__name__)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+_TRAIN = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+_NETWORK, _OPTIM, _MASK, _STEPS = NetworkSettings(), OptimSettings(), MaskLossSettings(), TimestepSettings()
+
+
+def _shown(name: str, default: object, **kwargs: Any) -> Callable[[F], F]:
+    """An option with its default shown in ``--help``."""
+    return option(name, default=default, show_default=True, **kwargs)
+
+
+_OPTIONS: list[Callable[[F], F]] = [
+    option(
+        "dataset_config",
+        type=existing_file(),
+        required=True,
+        help="The dataset TOML (cached with masktrain cache).",
+    ),
+    option("arch", type=click.Choice(catalog.ARCH_NAMES), required=True, help="Model family."),
+    option("dit", required=True, help="Transformer: 'tiny', a diffusers folder or a .safetensors file."),
+    option("dit_high_noise", default=None, help="WAN 2.2 A14B high-noise expert (one LoRA across both)."),
+    _shown(
+        "timestep_boundary",
+        _TRAIN["timestep_boundary"],
+        type=float,
+        help="WAN 2.2 A14B: expert switch sigma.",
+    ),
+    option(
+        "output_dir", type=click.Path(file_okay=False, path_type=Path), required=True, help="Output folder."
+    ),
+    _shown("output_name", _TRAIN["output_name"], help="LoRA file name without .safetensors."),
+    option("device", default=None, help="Training device [default: cuda when available, else cpu]."),
+    _shown(
+        "mixed_precision",
+        _TRAIN["mixed_precision"],
+        type=click.Choice(MIXED_PRECISION),
+        help="auto: bf16 on GPU.",
+    ),
+    flag("gradient_checkpointing", "Recompute activations in backward to save memory."),
+    _shown("seed", _TRAIN["seed"], type=int, help="Seeds init, batch order, noise, timesteps."),
+    _shown("max_train_steps", _TRAIN["max_train_steps"], type=click.IntRange(min=1), help="Optimizer steps."),
+    option("max_train_epochs", type=click.IntRange(min=1), default=None, help="Epochs (overrides steps)."),
+    option("save_every_n_steps", type=click.IntRange(min=1), default=None, help="Checkpoint every N steps."),
+    _shown(
+        "lora_format", _TRAIN["lora_format"], type=click.Choice(LORA_FORMATS), help="Layout of the LoRA file."
+    ),
+    _shown("save_precision", _TRAIN["save_precision"], type=click.Choice(SAVE_PRECISION)),
+    option(
+        "resume",
+        type=click.Path(exists=True, file_okay=False, path_type=Path),
+        default=None,
+        help="Checkpoint folder (OUTPUT_DIR/step-NNNNNN) to continue from.",
+    ),
+    _shown("network_dim", _NETWORK.network_dim, type=click.IntRange(min=1), help="LoRA rank."),
+    _shown("network_alpha", _NETWORK.network_alpha, type=float, help="LoRA alpha (scale alpha/rank)."),
+    option(
+        "network_args",
+        multiple=True,
+        help="include_patterns=[...] or exclude_patterns=[...]; repeat for several.",
+    ),
+    option("network_module", default=None, hidden=True),
+    _shown("learning_rate", _OPTIM.learning_rate, type=float),
+    _shown(
+        "optimizer_type",
+        _OPTIM.optimizer_type,
+        type=click.Choice(OPTIMIZER_TYPES, case_sensitive=False),
+        help="adamw8bit needs bitsandbytes.",
+    ),
+    _shown("lr_scheduler", _OPTIM.lr_scheduler, type=click.Choice(LR_SCHEDULERS)),
+    _shown("lr_warmup_steps", _OPTIM.lr_warmup_steps, type=click.IntRange(min=0)),
+    _shown("gradient_accumulation_steps", _OPTIM.gradient_accumulation_steps, type=click.IntRange(min=1)),
+    _shown("max_grad_norm", _OPTIM.max_grad_norm, type=float, help="0 disables clipping."),
+    flag("use_mask_loss", "Weight the loss by the cached mask weights."),
+    _shown("mask_gamma", _MASK.mask_gamma, type=float, help="< 1 softer, > 1 sharper masks."),
+    _shown("mask_min_weight", _MASK.mask_min_weight, type=float, help="Weight floor (affine remap)."),
+    _shown(
+        "prior_preservation_weight",
+        _MASK.prior_preservation_weight,
+        type=float,
+        help="Keep the unmasked region close to the base model (0 disables).",
+    ),
+    option(
+        "prior_mask_threshold",
+        type=float,
+        default=_MASK.prior_mask_threshold,
+        help="Threshold mode: the prior region is raw weight < this (e.g. 0.1).",
+    ),
+    flag("normalize_per_sample", "Normalise the masked loss per sample."),
+    _shown("timestep_sampling", _STEPS.timestep_sampling, type=click.Choice(TIMESTEP_SAMPLINGS)),
+    _shown("discrete_flow_shift", _STEPS.discrete_flow_shift, type=float),
+    _shown("sigmoid_scale", _STEPS.sigmoid_scale, type=float),
+    _shown("weighting_scheme", _STEPS.weighting_scheme, type=click.Choice(WEIGHTING_SCHEMES)),
+    _shown("logit_mean", _STEPS.logit_mean, type=float),
+    _shown("logit_std", _STEPS.logit_std, type=float),
+    _shown("mode_scale", _STEPS.mode_scale, type=float),
+    _shown("min_timestep", _STEPS.min_timestep, type=click.IntRange(0, 1000)),
+    _shown("max_timestep", _STEPS.max_timestep, type=click.IntRange(0, 1000)),
+]
+
+
+def _with_options(command: F) -> F:
+    for add in reversed(_OPTIONS):
+        command = add(command)
+    return command
+
+
+@click.command("train")
+@_with_options
+def train(**flags: Any) -> None:
+    """Train a LoRA on a cached dataset, with the weighted mask loss and masked prior preservation."""
+
+    def job() -> Path:
+        config = build_config(flags)
+        from masktrain.train.loop import run  # torch: only once the flags are known to be good
+
+        return run(config)
+
+    run_job(job)
+
+
+def config_from_args(args: Sequence[str]) -> TrainConfig:
+    """Parse a ``masktrain train`` argument list exactly as the command line does. ``masktrain
+    demo`` parses its runs' command lines with this, so the commands it prints are exactly what
+    it trained."""
+    context = train.make_context("train", list(args))
+    return build_config(dict(context.params))
+
+
+def build_config(flags: dict[str, Any]) -> TrainConfig:
+    """The ``TrainConfig`` of the parsed flags (click's parameter names and values)."""
+    flags = dict(flags)
+    if flags.pop("network_module") is not None:
+        log.warning(
+            "--network_module is ignored: masktrain trains a peft LoRA on the family's default modules"
+        )
+    include, exclude = parse_network_args(flags.pop("network_args"))
+    return TrainConfig(
+        network=NetworkSettings(
+            network_dim=flags.pop("network_dim"),
+            network_alpha=flags.pop("network_alpha"),
+            include_patterns=include,
+            exclude_patterns=exclude,
+        ),
+        optim=OptimSettings(**_take(flags, OptimSettings)),
+        mask=MaskLossSettings(**_take(flags, MaskLossSettings)),
+        timesteps=TimestepSettings(**_take(flags, TimestepSettings)),
+        **flags,
+    )
+
+
+def _take(flags: dict[str, Any], settings: type) -> dict[str, Any]:
+    """Remove and return the flags that are fields of the `settings` dataclass."""
+    names = {f.name for f in dataclasses.fields(settings)}
+    return {name: flags.pop(name) for name in list(flags) if name in names}

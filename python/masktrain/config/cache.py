@@ -1,0 +1,76 @@
+"""The settings of one ``masktrain cache`` run, checked when built."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from masktrain import catalog
+from masktrain.errors import CacheConfigError
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    dataset_config: Path
+    """The dataset TOML."""
+    arch: str
+    """Model family (``--arch``), one of ``catalog.ARCH_NAMES``."""
+    vae: str
+    """VAE weights: 'tiny', a diffusers folder or a .safetensors file."""
+    text_encoder: str
+    """Text encoder weights (the family's text flag: --t5 for wan, --text_encoder for qwen_image)."""
+    device: str | None = None
+    """Encoding device; default cuda when available."""
+    batch_size: int = 4
+    """Images (or clips of one video) per VAE call."""
+    skip_existing: bool = True
+    """Skip items whose cache file is up to date (--no-skip_existing rebuilds everything)."""
+    num_workers: int | None = None
+    """Threads of the native core for image preparation; default one per core. Applies when the
+    core's thread pool starts, i.e. to the first native call of the process."""
+
+    def __post_init__(self) -> None:
+        catalog.arch(self.arch)
+        if self.batch_size < 1:
+            raise CacheConfigError(f"--batch_size must be >= 1, got {self.batch_size}")
+        if self.num_workers is not None and self.num_workers < 1:
+            raise CacheConfigError(f"--num_workers must be >= 1, got {self.num_workers}")
+        if not self.vae:
+            raise CacheConfigError("--vae needs a value ('tiny', a diffusers folder or a .safetensors file)")
+        if not self.text_encoder:
+            raise CacheConfigError(f"{catalog.arch(self.arch).text_flag} needs a value")
+
+    @classmethod
+    def from_flags(
+        cls,
+        *,
+        dataset_config: Path,
+        arch: str,
+        vae: str,
+        t5: str | None,
+        text_encoder: str | None,
+        device: str | None = None,
+        batch_size: int = 4,
+        skip_existing: bool = True,
+        num_workers: int | None = None,
+    ) -> CacheConfig:
+        """The config of the command line, where each family names its text encoder with its own
+        flag (``--t5`` for WAN, ``--text_encoder`` for Qwen-Image): the other flag is an error."""
+        spec = catalog.arch(arch)
+        given = {"--t5": t5, "--text_encoder": text_encoder}
+        for flag, value in given.items():
+            if flag != spec.text_flag and value is not None:
+                raise CacheConfigError(f"{flag} is not used with --arch {arch}; pass {spec.text_flag}")
+        chosen = given[spec.text_flag]
+        if chosen is None:
+            raise CacheConfigError(f"--arch {arch} needs {spec.text_flag} ('tiny' or a local folder)")
+        return cls(
+            dataset_config=dataset_config,
+            arch=arch,
+            vae=vae,
+            text_encoder=chosen,
+            device=device,
+            batch_size=batch_size,
+            skip_existing=skip_existing,
+            num_workers=num_workers,
+        )

@@ -1,0 +1,80 @@
+"""The timestep flags of ``masktrain train`` (musubi-tuner's names and defaults), checked when
+built. What they mean is documented with the samplers in :mod:`masktrain.train.timesteps`."""
+
+from __future__ import annotations
+
+import difflib
+import math
+from dataclasses import dataclass
+
+from masktrain.errors import TimestepOptionError
+
+TIMESTEP_SAMPLINGS = ("sigma", "uniform", "sigmoid", "shift", "qwen_shift", "logsnr")
+WEIGHTING_SCHEMES = ("none", "logit_normal", "mode", "cosmap", "sigma_sqrt")
+NUM_TRAIN_TIMESTEPS = 1000
+
+MODE_SCALE_MAX = 1.75
+"""Above 2 / (pi - 2) ~ 1.752 the ``mode`` density is no longer monotonic and leaves [0, 1]."""
+
+
+@dataclass(frozen=True)
+class TimestepSettings:
+    """The timestep flags (musubi-tuner's names and defaults)."""
+
+    timestep_sampling: str = "sigma"
+    """How ``t`` is drawn: sigma, uniform, sigmoid, shift, qwen_shift or logsnr."""
+    discrete_flow_shift: float = 1.0
+    """Shift ``s`` of ``shift`` and of the ``sigma`` table (WAN examples use 3.0, Qwen 2.2)."""
+    sigmoid_scale: float = 1.0
+    """Scale of the normal sample before the sigmoid (sigmoid, shift, qwen_shift)."""
+    weighting_scheme: str = "none"
+    """none, logit_normal, mode (density of the sigma sampler), cosmap or sigma_sqrt (loss weights)."""
+    logit_mean: float = 0.0
+    """Mean of the normal draw of logit_normal and of logsnr."""
+    logit_std: float = 1.0
+    """Standard deviation of the normal draw of logit_normal and of logsnr."""
+    mode_scale: float = 1.29
+    """Scale of the ``mode`` density."""
+    min_timestep: int = 0
+    """Lower end of the timestep range (0-999): ``t >= min_timestep / 1000``."""
+    max_timestep: int = 1000
+    """Upper end of the timestep range (1-1000): ``t <= max_timestep / 1000``."""
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+
+def _choice(value: str, choices: tuple[str, ...], flag: str) -> None:
+    if value in choices:
+        return
+    close = difflib.get_close_matches(value, choices, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise TimestepOptionError(f"{flag} must be one of {', '.join(choices)}; got {value!r}{hint}")
+
+
+def _positive(value: float, flag: str) -> None:
+    if not (math.isfinite(value) and value > 0):
+        raise TimestepOptionError(f"{flag} must be > 0, got {value}")
+
+
+def validate(settings: TimestepSettings) -> None:
+    """Raise :class:`TimestepOptionError` (a ``ValueError``) naming the flag of a bad value."""
+    _choice(settings.timestep_sampling, TIMESTEP_SAMPLINGS, "--timestep_sampling")
+    _choice(settings.weighting_scheme, WEIGHTING_SCHEMES, "--weighting_scheme")
+    _positive(settings.discrete_flow_shift, "--discrete_flow_shift")
+    _positive(settings.sigmoid_scale, "--sigmoid_scale")
+    _positive(settings.logit_std, "--logit_std")
+    if not math.isfinite(settings.logit_mean):
+        raise TimestepOptionError(f"--logit_mean must be a finite number, got {settings.logit_mean}")
+    if not (-1.0 < settings.mode_scale <= MODE_SCALE_MAX):
+        raise TimestepOptionError(
+            f"--mode_scale must be in range (-1, {MODE_SCALE_MAX}], got {settings.mode_scale} "
+            "(outside it the 'mode' density is not monotonic)"
+        )
+    low, high = settings.min_timestep, settings.max_timestep
+    if not 0 <= low <= NUM_TRAIN_TIMESTEPS - 1:
+        raise TimestepOptionError(f"--min_timestep must be in range [0, 999], got {low}")
+    if not 1 <= high <= NUM_TRAIN_TIMESTEPS:
+        raise TimestepOptionError(f"--max_timestep must be in range [1, 1000], got {high}")
+    if low >= high:
+        raise TimestepOptionError(f"--min_timestep ({low}) must be < --max_timestep ({high})")

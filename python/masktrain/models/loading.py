@@ -1,0 +1,132 @@
+"""Loading a model from the value of a weights flag: ``tiny`` (the built-in tiny model, random
+weights from a fixed seed), a local diffusers folder (the component, or a pipeline folder holding
+it), or one ``.safetensors`` file (the families read those through ``single_file``). Nothing is
+ever downloaded. Also the latent normalisation every family's VAE uses."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+
+from masktrain.errors import ModelLoadError
+from masktrain.models.single_file import text_encoder_file_error
+
+TINY = "tiny"
+"""The flag value that selects a family's built-in tiny model."""
+
+T = TypeVar("T")
+
+#: A family's reader of one ``.safetensors`` file: (path, flag, dtype or None) -> model.
+FileLoader = Callable[[Path, str, "torch.dtype | None"], torch.nn.Module]
+
+
+def diffusers_folder(spec: str, flag: str, subfolder: str) -> tuple[Path, str | None]:
+    """A diffusers model folder, either the component itself (``config.json`` inside) or a
+    pipeline folder holding it as ``subfolder``."""
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise ModelLoadError(f"{flag} {spec}: no such file or directory")
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return path, None
+        if (path / subfolder / "config.json").is_file():
+            return path, subfolder
+        raise ModelLoadError(
+            f"{flag} {spec}: not a diffusers folder (no config.json, nor {subfolder}/config.json)"
+        )
+    raise ModelLoadError(f"{flag} {spec}: expected 'tiny', a diffusers folder or a .safetensors file")
+
+
+def float_list(text: str) -> list[float]:
+    """Whitespace-separated numbers as floats: long constant tables stay compact and readable."""
+    return [float(value) for value in text.split()]
+
+
+def seeded(build: Callable[[], T]) -> T:
+    """Build a tiny model with a fixed seed (0) without touching the caller's RNG state."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return build()
+
+
+def is_single_file(spec: str) -> bool:
+    return spec.lower().endswith(".safetensors") and not Path(spec).expanduser().is_dir()
+
+
+def _single_file(spec: str, flag: str) -> Path | None:
+    """The path when `spec` names one ``.safetensors`` file (None when it is something else)."""
+    if not is_single_file(spec):
+        return None
+    path = Path(spec).expanduser()
+    if not path.is_file():
+        raise ModelLoadError(f"{flag} {spec}: no such file")
+    return path
+
+
+def pretrained_transformer(
+    model_class: Any, spec: str, flag: str, dtype: torch.dtype, from_file: FileLoader
+) -> torch.nn.Module:
+    """A non-tiny denoiser: a single ``.safetensors`` file (ComfyUI / original layout, read by the
+    family's `from_file`) or a local diffusers folder, read straight into `dtype` (no float32
+    detour for a 14B model)."""
+    path = _single_file(spec, flag)
+    if path is not None:
+        return from_file(path, flag, dtype)
+    folder, subfolder = diffusers_folder(spec, flag, "transformer")
+    model: torch.nn.Module = model_class.from_pretrained(
+        folder, subfolder=subfolder, local_files_only=True, torch_dtype=dtype
+    )
+    return model
+
+
+def pretrained_vae(model_class: Any, spec: str, from_file: FileLoader) -> torch.nn.Module:
+    """A non-tiny VAE: a single ``.safetensors`` file (read by the family's `from_file`) or a
+    local diffusers folder."""
+    path = _single_file(spec, "--vae")
+    if path is not None:
+        return from_file(path, "--vae", None)
+    folder, subfolder = diffusers_folder(spec, "--vae", "vae")
+    model: torch.nn.Module = model_class.from_pretrained(folder, subfolder=subfolder, local_files_only=True)
+    return model
+
+
+def pretrained_text_encoder(model_class: Any, spec: str, flag: str) -> tuple[torch.nn.Module, Any]:
+    """A transformers encoder and its tokenizer from a component folder (both inside) or a
+    pipeline folder (``text_encoder/`` and ``tokenizer/``)."""
+    from transformers import AutoTokenizer
+
+    if is_single_file(spec):
+        raise text_encoder_file_error(flag, spec)
+    path, subfolder = diffusers_folder(spec, flag, "text_encoder")
+    model = model_class.from_pretrained(path, subfolder=subfolder or "", local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(
+        path / "tokenizer" if subfolder else path, local_files_only=True
+    )
+    return model, tokenizer
+
+
+@torch.no_grad()
+def encode_posterior_mean(vae: Any, pixels: torch.Tensor) -> torch.Tensor:
+    """The VAE's posterior mean (as musubi-tuner caches it, so caches are reproducible),
+    normalised with the VAE's ``latents_mean`` / ``latents_std``."""
+    latents = vae.encode(pixels.to(device=vae.device, dtype=vae.dtype)).latent_dist.mode()
+    return normalise_latents(latents, vae.config.latents_mean, vae.config.latents_std)
+
+
+def normalise_latents(latents: torch.Tensor, mean: list[float], std: list[float]) -> torch.Tensor:
+    """``(z - mean) / std`` per channel, as diffusers' pipelines and training scripts do."""
+    shape = (1, len(mean), 1, 1, 1)
+    mean_t = torch.tensor(mean, dtype=latents.dtype, device=latents.device).view(shape)
+    inv_std = 1.0 / torch.tensor(std, dtype=latents.dtype, device=latents.device).view(shape)
+    return (latents - mean_t) * inv_std
+
+
+def to_device(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """Frozen, in eval mode, on `device`; cast only when the dtype changes (diffusers warns about
+    casting models that keep some modules in float32)."""
+    if next(model.parameters()).dtype != dtype:
+        model = model.to(dtype=dtype)
+    return model.to(device=device).eval().requires_grad_(False)

@@ -1,0 +1,71 @@
+"""Builders the test files share (so no test file imports another): synthetic photos and tiered
+masks, video files, and a ``cache`` run on the built-in tiny models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import av
+import numpy as np
+
+
+def tiered(h: int, w: int, seed: int) -> np.ndarray:
+    """A tiered mask: body 128 below a hair ring 80 around a face 255, background 0."""
+    y, x = np.mgrid[0:h, 0:w]
+    rng = np.random.default_rng(seed)
+    cx, cy = w * rng.uniform(0.4, 0.6), h * rng.uniform(0.35, 0.5)
+    mask = np.zeros((h, w), np.uint8)
+    mask[(abs(x - cx) < w * 0.25) & (y > cy)] = 128
+    mask[((x - cx) / (w * 0.2)) ** 2 + ((y - cy) / (h * 0.2)) ** 2 < 1] = 80
+    mask[((x - cx) / (w * 0.1)) ** 2 + ((y - cy) / (h * 0.1)) ** 2 < 1] = 255
+    return mask
+
+
+def photo(h: int, w: int, seed: int) -> np.ndarray:
+    """An RGB gradient with seeded noise."""
+    y, x = np.mgrid[0:h, 0:w]
+    noise = np.random.default_rng(seed).integers(-15, 16, (h, w, 3))
+    return (
+        (np.stack([x * 255 // w, y * 255 // h, (x + y) * 127 // (w + h)], -1) + noise)
+        .clip(0, 255)
+        .astype(np.uint8)
+    )
+
+
+def frame(index: int, w: int = 64, h: int = 48) -> np.ndarray:
+    """Red = 10 * index (the frame's identity), a green bar that moves, a blue gradient."""
+    rgb = np.zeros((h, w, 3), np.uint8)
+    rgb[..., 0] = 10 * index
+    rgb[:, (3 * index) % w, 1] = 255
+    rgb[..., 2] = np.arange(w, dtype=np.uint8)[None, :] * 3
+    return rgb
+
+
+def write_video(
+    path: Path, count: int, w: int = 64, h: int = 48, fps: int = 30, lossless: bool = True
+) -> None:
+    """FFV1 in Matroska (lossless RGB, frames decode exactly) or H.264 in MP4."""
+    codec, pix_fmt = ("ffv1", "bgr0") if lossless else ("libx264", "yuv420p")
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=fps)
+        stream.width, stream.height, stream.pix_fmt = w, h, pix_fmt
+        for index in range(count):
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame(index, w, h), format="rgb24")))
+        container.mux(stream.encode())
+
+
+def cache_tiny(root: Path, arch: str = "wan", **overrides: Any) -> Any:
+    """``masktrain cache`` of ``root/dataset.toml`` with the tiny models on the CPU; returns the
+    summaries."""
+    from masktrain.cache import run
+    from masktrain.config import CacheConfig
+
+    settings: dict[str, Any] = {
+        "dataset_config": root / "dataset.toml",
+        "arch": arch,
+        "vae": "tiny",
+        "text_encoder": "tiny",
+        "device": "cpu",
+    }
+    return run(CacheConfig(**{**settings, **overrides}))
