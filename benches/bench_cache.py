@@ -63,8 +63,16 @@ def time_cache(images: Path, masks: Path, resolution: int) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         toml = write_toml(Path(tmp), images, masks, resolution)
         start = time.perf_counter()
-        run(CacheConfig(dataset_config=toml, arch="wan", vae="tiny", text_encoder="tiny", device="cpu",
-                        batch_size=BATCH))  # fmt: skip
+        run(
+            CacheConfig(
+                dataset_config=toml,
+                arch="wan",
+                vae="tiny",
+                text_encoder="tiny",
+                device="cpu",
+                batch_size=BATCH,
+            )
+        )
         return time.perf_counter() - start
 
 
@@ -152,8 +160,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         rss = [peak_rss_mb(count, Path(tmp)) for count in counts]
     growth = rss[1] / rss[0]
-    print(f"peak RSS of a cache process: {counts[0]} items {rss[0]:.0f} MB, "
-          f"{counts[1]} items {rss[1]:.0f} MB ({growth:.2f}x; budget: flat)")  # fmt: skip
+    print(
+        f"peak RSS of a cache process: {counts[0]} items {rss[0]:.0f} MB, "
+        f"{counts[1]} items {rss[1]:.0f} MB ({growth:.2f}x; budget: flat)"
+    )
 
 
 if __name__ == "__main__":

@@ -39,8 +39,8 @@ from PIL import Image
 
 import masktrain
 from masktrain import _native
-from masktrain.data.buckets import musubi_buckets
 from masktrain.config import ConvertAlphaConfig
+from masktrain.data.buckets import musubi_buckets
 from masktrain.tools.convert_alpha import run as convert_alpha_run
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -44,10 +44,13 @@ MODES = {
     "unmasked": MaskLossSettings(),
     "masked": MaskLossSettings(use_mask_loss=True, mask_gamma=0.7, mask_min_weight=0.05),
     "prior": MaskLossSettings(
-        use_mask_loss=True, mask_gamma=0.7, prior_preservation_weight=1.0, prior_mask_threshold=0.1,
+        use_mask_loss=True,
+        mask_gamma=0.7,
+        prior_preservation_weight=1.0,
+        prior_mask_threshold=0.1,
         normalize_per_sample=True,
     ),
-}  # fmt: skip
+}
 
 
 def make_cached_dataset(root: Path, size: int, count: int = 4) -> Path:
@@ -71,10 +74,17 @@ def make_cached_dataset(root: Path, size: int, count: int = 4) -> Path:
 
 def step_times(toml: Path, dit: str, out: Path, mode: str, checkpointing: bool, steps: int, warmup: int):
     config = TrainConfig(
-        dataset_config=toml, arch="wan", dit=dit, output_dir=out, device="cpu", max_train_steps=steps,
-        gradient_checkpointing=checkpointing, network=NetworkSettings(network_dim=8, network_alpha=8.0),
-        optim=OptimSettings(learning_rate=1e-4), mask=MODES[mode],
-    )  # fmt: skip
+        dataset_config=toml,
+        arch="wan",
+        dit=dit,
+        output_dir=out,
+        device="cpu",
+        max_train_steps=steps,
+        gradient_checkpointing=checkpointing,
+        network=NetworkSettings(network_dim=8, network_alpha=8.0),
+        optim=OptimSettings(learning_rate=1e-4),
+        mask=MODES[mode],
+    )
     with contextlib.redirect_stdout(io.StringIO()):  # the banner, once per run
         run_train(config)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][warmup:]

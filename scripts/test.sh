@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The project's test command (README, .ci/run): installs what the tests need, then runs every
-# gate -- rustfmt, clippy, cargo test, ruff, stubtest, pytest. Needs a Rust toolchain and
+# gate -- rustfmt, clippy, cargo test, ruff, mypy --strict, stubtest, pytest (all of it, the
+# slow tests included; `python -m pytest tests -m "not slow"` is the quick loop). Needs a Rust toolchain and
 # Python >= 3.11 with pip; everything else comes from crates.io and PyPI.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,6 +26,9 @@ cargo test --workspace --locked
 step "ruff"
 ruff check python tests benches scripts
 ruff format --check python tests benches scripts
+
+step "mypy --strict python/masktrain (settings in pyproject.toml)"
+python -m mypy
 
 step "mypy.stubtest masktrain._native"
 python -m mypy.stubtest masktrain._native

@@ -3,6 +3,7 @@ masks, video files, and a ``cache`` run on the built-in tiny models."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -69,3 +70,14 @@ def cache_tiny(root: Path, arch: str = "wan", **overrides: Any) -> Any:
         "device": "cpu",
     }
     return run(CacheConfig(**{**settings, **overrides}))
+
+
+def words(line: str, **paths: object) -> list[str]:
+    """A command line written as on a shell, one list item per word; ``{name}`` placeholders are
+    filled after the split, so a path with spaces stays one word."""
+    return [word.format(**{name: str(value) for name, value in paths.items()}) for word in line.split()]
+
+
+def masktrain_command(line: str, **paths: object) -> list[str]:
+    """``python -m masktrain.cli`` followed by `line` (see :func:`words`)."""
+    return [sys.executable, "-m", "masktrain.cli", *words(line, **paths)]

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 import reference
-from helpers import cache_tiny, photo, tiered
+from helpers import cache_tiny, masktrain_command, photo, tiered, words
 from masktrain.config import CacheConfig
 from masktrain.data import cache_format as fmt
 from masktrain.data.buckets import musubi_buckets
@@ -174,29 +174,47 @@ def test_a_cache_file_of_another_arch_is_refused_by_name(dataset: Path) -> None:
         cache(dataset)
 
 
+@pytest.mark.slow
 def test_cli_runs_the_guides_command_and_checks_flags(dataset: Path) -> None:
     base = [sys.executable, "-m", "masktrain.cli", "cache", "--dataset_config", str(dataset / "dataset.toml")]
-    ok = subprocess.run([*base, "--arch", "wan", "--vae", "tiny", "--t5", "tiny", "--device", "cpu"],
-                        capture_output=True, text=True, timeout=300)  # fmt: skip
+    ok = subprocess.run(
+        [*base, "--arch", "wan", "--vae", "tiny", "--t5", "tiny", "--device", "cpu"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert ok.returncode == 0, ok.stderr
     assert "4 items, mask sources alpha=1 file=2 none=1" in ok.stderr
     assert "1 items had no mask (no alpha + no file). Filled with full-weight (255)." in ok.stderr
-    wrong = subprocess.run([*base, "--arch", "wan", "--vae", "tiny", "--text_encoder", "tiny"],
-                           capture_output=True, text=True, timeout=300)  # fmt: skip
+    wrong = subprocess.run(
+        [*base, "--arch", "wan", "--vae", "tiny", "--text_encoder", "tiny"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert wrong.returncode == 2 and "--text_encoder is not used with --arch wan" in wrong.stderr
-    missing = subprocess.run([*base, "--arch", "wan", "--vae", str(dataset / "nope"), "--t5", "tiny"],
-                             capture_output=True, text=True, timeout=300)  # fmt: skip
+    missing = subprocess.run(
+        [*base, "--arch", "wan", "--vae", str(dataset / "nope"), "--t5", "tiny"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert missing.returncode == 2 and "--vae" in missing.stderr and "nope" in missing.stderr
 
 
+@pytest.mark.slow
 def test_torchrun_shards_items_across_two_cpu_processes(dataset: Path) -> None:
     cache(dataset)  # one process, into cache/
     single = {p.name: fmt.load_cache_file(p)[0] for p in (dataset / "cache").iterdir()}
     toml = write_toml(dataset, alpha_mask=True).read_text().replace('"cache"', '"cache_ddp"')
     (dataset / "ddp.toml").write_text(toml)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "masktrain.cli", "cache", "--dataset_config", str(dataset / "ddp.toml"),
-               "--arch", "wan", "--vae", "tiny", "--t5", "tiny", "--device", "cpu"]  # fmt: skip
+    command = [
+        sys.executable,
+        *words("-m torch.distributed.run --standalone --nproc_per_node 2 -m masktrain.cli cache"),
+        *words(
+            "--dataset_config {toml} --arch wan --vae tiny --t5 tiny --device cpu", toml=dataset / "ddp.toml"
+        ),
+    ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     # Rank 0 reports the merged summary once.
@@ -214,6 +232,7 @@ def test_torchrun_shards_items_across_two_cpu_processes(dataset: Path) -> None:
             )
 
 
+@pytest.mark.slow
 def test_a_killed_run_leaves_no_torn_file_and_its_rerun_finishes_the_rest(tmp_path: Path) -> None:
     import signal
     import time
@@ -226,9 +245,10 @@ def test_a_killed_run_leaves_no_torn_file_and_its_rerun_finishes_the_rest(tmp_pa
         )
     (tmp_path / "masks").mkdir()
     write_toml(tmp_path, alpha_mask=True)
-    toml = str(tmp_path / "dataset.toml")
-    command = [sys.executable, "-m", "masktrain.cli", "cache", "--dataset_config", toml, "--arch", "wan",
-               "--vae", "tiny", "--t5", "tiny", "--device", "cpu", "--batch_size", "1"]  # fmt: skip
+    command = masktrain_command(
+        "cache --dataset_config {toml} --arch wan --vae tiny --t5 tiny --device cpu --batch_size 1",
+        toml=tmp_path / "dataset.toml",
+    )
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while len(list((tmp_path / "cache").glob("*_wan.safetensors"))) < 3 and time.monotonic() < deadline:

@@ -177,29 +177,77 @@ def test_image_only_keys_in_a_video_dataset_say_why(tmp_path: Path, key: str, wh
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ('[[datasets]]\nimage_directory = "/i"\nmask_dir = "/m"\n', r"\[\[datasets\]\] #1: 'mask_dir' is not a known key; did you mean 'mask_directory'\?"),
-        ('[general]\nresoluton = 512\n[[datasets]]\nimage_directory = "/i"\n', r"\[general\]: 'resoluton' is not a known key; did you mean 'resolution'\?"),
-        ('[general]\nalpha_mask = true\n[[datasets]]\nimage_directory = "/i"\n', r"'alpha_mask' belongs in a \[\[datasets\]\] table"),
-        ('[[dataset]]\nimage_directory = "/i"\n', r"unknown top-level table or key 'dataset'; did you mean 'datasets'\?"),
+        (
+            '[[datasets]]\nimage_directory = "/i"\nmask_dir = "/m"\n',
+            r"\[\[datasets\]\] #1: 'mask_dir' is not a known key; did you mean 'mask_directory'\?",
+        ),
+        (
+            '[general]\nresoluton = 512\n[[datasets]]\nimage_directory = "/i"\n',
+            r"\[general\]: 'resoluton' is not a known key; did you mean 'resolution'\?",
+        ),
+        (
+            '[general]\nalpha_mask = true\n[[datasets]]\nimage_directory = "/i"\n',
+            r"'alpha_mask' belongs in a \[\[datasets\]\] table",
+        ),
+        (
+            '[[dataset]]\nimage_directory = "/i"\n',
+            r"unknown top-level table or key 'dataset'; did you mean 'datasets'\?",
+        ),
         ('mask_directory = "/m"\n', r"'mask_directory' must be inside a \[\[datasets\]\]"),
-        ('[general]\nbatch_size = 1\n', r"no \[\[datasets\]\] table"),
-        ('[[datasets]]\ncache_directory = "/c"\n', r"set exactly one of 'image_directory' and 'image_jsonl_file'"),
-        ('[[datasets]]\nimage_jsonl_file = "/i.jsonl"\n', r"'cache_directory' is required with 'image_jsonl_file'"),
-        ('[[datasets]]\nimage_directory = "/i"\nresolution = [1000, 1000]\n', r"'resolution' 1000x1000 must be a multiple of 16"),
-        ('[[datasets]]\nimage_directory = "/i"\nresolution = "big"\n', r"'resolution' must be \[width, height\]"),
+        ("[general]\nbatch_size = 1\n", r"no \[\[datasets\]\] table"),
+        (
+            '[[datasets]]\ncache_directory = "/c"\n',
+            r"set exactly one of 'image_directory' and 'image_jsonl_file'",
+        ),
+        (
+            '[[datasets]]\nimage_jsonl_file = "/i.jsonl"\n',
+            r"'cache_directory' is required with 'image_jsonl_file'",
+        ),
+        (
+            '[[datasets]]\nimage_directory = "/i"\nresolution = [1000, 1000]\n',
+            r"'resolution' 1000x1000 must be a multiple of 16",
+        ),
+        (
+            '[[datasets]]\nimage_directory = "/i"\nresolution = "big"\n',
+            r"'resolution' must be \[width, height\]",
+        ),
         ('[[datasets]]\nimage_directory = "/i"\nbatch_size = 0\n', r"'batch_size' must be an integer >= 1"),
         ('[[datasets]]\nimage_directory = "/i"\nalpha_mask = "yes"\n', r"'alpha_mask' must be true or false"),
-        ('[[datasets]]\nimage_directory = "/i"\nbucket_reso_steps = 24\n', r"'bucket_reso_steps' must be a multiple of 16"),
-        ('[[datasets]]\nimage_directory = "/i"\nrequire_mask = true\n', r"require_mask=true but no mask source configured"),
-        ('[[datasets]]\nvideo_directory = "/v"\nframe_extraction = "random"\n', r"'frame_extraction' must be one of head, chunk"),
-        ('[[datasets]]\nvideo_directory = "/v"\ntarget_frames = 17\n', r"'target_frames' must be a list of positive integers"),
-        ('[[datasets]]\nvideo_directory = "/v"\nframe_stride = 0\n', r"'frame_stride' must be an integer >= 1"),
-        ('[[datasets]]\nvideo_directory = "/v"\nsource_fps = -30\n', r"'source_fps' must be a positive number"),
-        ('[[datasets]]\nvideo_jsonl_file = "/v.jsonl"\n', r"'cache_directory' is required with 'video_jsonl_file'"),
-        ('[[datasets]]\nimage_directory = "/a"\n[[datasets]]\nimage_directory = "/b"\ncache_directory = "/a"\n', r"#1 and #2 share cache_directory"),
-        ('[[datasets]\n', r"not valid TOML"),
+        (
+            '[[datasets]]\nimage_directory = "/i"\nbucket_reso_steps = 24\n',
+            r"'bucket_reso_steps' must be a multiple of 16",
+        ),
+        (
+            '[[datasets]]\nimage_directory = "/i"\nrequire_mask = true\n',
+            r"require_mask=true but no mask source configured",
+        ),
+        (
+            '[[datasets]]\nvideo_directory = "/v"\nframe_extraction = "random"\n',
+            r"'frame_extraction' must be one of head, chunk",
+        ),
+        (
+            '[[datasets]]\nvideo_directory = "/v"\ntarget_frames = 17\n',
+            r"'target_frames' must be a list of positive integers",
+        ),
+        (
+            '[[datasets]]\nvideo_directory = "/v"\nframe_stride = 0\n',
+            r"'frame_stride' must be an integer >= 1",
+        ),
+        (
+            '[[datasets]]\nvideo_directory = "/v"\nsource_fps = -30\n',
+            r"'source_fps' must be a positive number",
+        ),
+        (
+            '[[datasets]]\nvideo_jsonl_file = "/v.jsonl"\n',
+            r"'cache_directory' is required with 'video_jsonl_file'",
+        ),
+        (
+            '[[datasets]]\nimage_directory = "/a"\n[[datasets]]\nimage_directory = "/b"\ncache_directory = "/a"\n',
+            r"#1 and #2 share cache_directory",
+        ),
+        ("[[datasets]\n", r"not valid TOML"),
     ],
-)  # fmt: skip
+)
 def test_bad_configs_name_the_table_and_key(tmp_path: Path, text: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message) as info:
         load(tmp_path, text)

@@ -22,6 +22,8 @@ from masktrain.demo import run as run_demo
 from masktrain.demo.dataset import FACE, HAIR, SKIN, make_item
 from masktrain.models import get_family
 
+pytestmark = pytest.mark.slow  # the demo trains three LoRAs
+
 NAMES = [spec.name for spec in RUNS]
 
 
@@ -43,8 +45,10 @@ def wan_demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess
     out = tmp_path_factory.mktemp("demo") / "out"
     result = subprocess.run(
         [sys.executable, "-m", "masktrain.cli", "demo", "--output-dir", str(out), "--steps", "60"],
-        capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return out, result
 
@@ -89,10 +93,11 @@ def test_demo_commands_reproduce_the_runs(wan_demo: tuple[Path, subprocess.Compl
     expected_mask_flags = {
         "unmasked": [],
         "masked": ["--use_mask_loss", "--mask_gamma", "0.7", "--mask_min_weight", "0.05"],
-        "masked_prior": ["--use_mask_loss", "--mask_gamma", "0.7", "--mask_min_weight", "0",
-                         "--prior_preservation_weight", "1.0", "--prior_mask_threshold", "0.1",
-                         "--normalize_per_sample"],
-    }  # fmt: skip
+        "masked_prior": (
+            "--use_mask_loss --mask_gamma 0.7 --mask_min_weight 0 --prior_preservation_weight 1.0 "
+            "--prior_mask_threshold 0.1 --normalize_per_sample"
+        ).split(),
+    }
     for name in NAMES:
         words = shlex.split(report["runs"][name]["command"])
         assert words[:2] == ["masktrain", "train"]
@@ -113,8 +118,9 @@ def test_a_printed_command_trains_the_same_lora(
     command = json.loads((out / "report.json").read_text())["runs"]["masked"]["command"]
     flags = shlex.split(command)[2:]
     flags[flags.index("--output_dir") + 1] = str(tmp_path / "again")
-    result = subprocess.run([sys.executable, "-m", "masktrain.cli", "train", *flags],
-                            capture_output=True, text=True, timeout=600)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-m", "masktrain.cli", "train", *flags], capture_output=True, text=True, timeout=600
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     expected = safetensors.torch.load_file(out / "runs" / "masked" / "masked.safetensors")
     got = safetensors.torch.load_file(tmp_path / "again" / "masked.safetensors")

@@ -271,12 +271,16 @@ LAYERED_MISMATCH = "mask_weights shape does not match loss shape for layout='lay
     [
         (row([1, 1]), row([1, 1]), {"layout": "frames"}, "Unknown layout: 'frames'"),
         (
-            row([1, 1]), row([1, 1]), {"drop_base_frame": True},
+            row([1, 1]),
+            row([1, 1]),
+            {"drop_base_frame": True},
             "drop_base_frame=True is only valid with layout='layered'",
         ),
         (torch.ones(1, 2, 2), row([1, 1]), {}, r"Expected loss to be 4D or 5D, got 3D: \(1, 2, 2\)"),
         (
-            torch.ones(1, 1, 1, 2), row([1, 1]), {"layout": "layered"},
+            torch.ones(1, 1, 1, 2),
+            row([1, 1]),
+            {"layout": "layered"},
             "4D loss is only supported for layout='video'",
         ),
         (row([1, 1]), torch.ones(1, 2), {}, r"Unexpected mask_weights shape: \(1, 2\)"),
@@ -284,12 +288,13 @@ LAYERED_MISMATCH = "mask_weights shape does not match loss shape for layout='lay
         (row([1, 1]), row([1, 1, 1]), {}, VIDEO_MISMATCH + r": mask=\(1, 1, 1, 1, 3\) loss=\(1, 1, 1, 1, 2"),
         (row([1, 1]), row([1, 1], [1, 1]), {}, VIDEO_MISMATCH),
         (
-            torch.ones(1, 2, 1, 1, 2), torch.ones(1, 1, 2, 1, 2),
+            torch.ones(1, 2, 1, 1, 2),
+            torch.ones(1, 1, 2, 1, 2),
             {"layout": "layered", "drop_base_frame": True},
             LAYERED_MISMATCH + r": mask=\(1, 1, 1, 1, 2\) loss=\(1, 2, 1, 1, 2\) drop_base_frame=True",
         ),
     ],
-)  # fmt: skip
+)
 def test_shape_errors(loss: torch.Tensor, mask: torch.Tensor, kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         masked_loss(loss, mask, MASK_ON, **kwargs)

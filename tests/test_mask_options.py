@@ -43,7 +43,7 @@ MIN_WEIGHT = "--mask_min_weight must be in range [0, 1)"
         # Checked without --use_mask_loss too: a bad value is a typo either way.
         (dict(mask_gamma=0.0), "--mask_gamma must be > 0"),
     ],
-)  # fmt: skip
+)
 def test_errors_carry_the_guides_messages(options: dict, message: str) -> None:
     with pytest.raises(MaskOptionError) as raised:  # raised when the settings are built
         validate(MaskLossSettings(**options))
@@ -170,7 +170,7 @@ FATAL = [
     "  2. Re-run caching: masks are stored in the cache, and changed items are rebuilt in place",
     "  3. masktrain cache --dataset_config ... (with alpha_mask = true or mask_directory set)",
     "  4. Then re-run training",
-]  # fmt: skip
+]
 
 
 def test_require_mask_weights_raises_the_fatal_message() -> None:

@@ -47,45 +47,100 @@ def load_vae_file(arch: str, path: Path, flag: str, **kwargs: Any) -> torch.nn.M
 COMFY = "model.diffusion_model."
 
 TINY_WAN = {
-    "patch_size": (1, 2, 2), "num_attention_heads": 2, "attention_head_dim": 12, "in_channels": 16,
-    "out_channels": 16, "text_dim": 32, "freq_dim": 256, "ffn_dim": 32, "num_layers": 2,
-    "cross_attn_norm": True, "qk_norm": "rms_norm_across_heads", "rope_max_seq_len": 32,
-}  # fmt: skip
+    "patch_size": (1, 2, 2),
+    "num_attention_heads": 2,
+    "attention_head_dim": 12,
+    "in_channels": 16,
+    "out_channels": 16,
+    "text_dim": 32,
+    "freq_dim": 256,
+    "ffn_dim": 32,
+    "num_layers": 2,
+    "cross_attn_norm": True,
+    "qk_norm": "rms_norm_across_heads",
+    "rope_max_seq_len": 32,
+}
 TINY_WAN_I2V = TINY_WAN | {"in_channels": 36, "image_dim": 8, "added_kv_proj_dim": 24, "pos_embed_seq_len": 6}
 TINY_QWEN = {
-    "patch_size": 2, "in_channels": 16, "out_channels": 4, "num_layers": 2, "attention_head_dim": 16,
-    "num_attention_heads": 4, "joint_attention_dim": 16, "guidance_embeds": False,
+    "patch_size": 2,
+    "in_channels": 16,
+    "out_channels": 4,
+    "num_layers": 2,
+    "attention_head_dim": 16,
+    "num_attention_heads": 4,
+    "joint_attention_dim": 16,
+    "guidance_embeds": False,
     "axes_dims_rope": (8, 4, 4),
-}  # fmt: skip
+}
 TINY_WAN_VAE = {
-    "base_dim": 3, "z_dim": 16, "dim_mult": [1, 1, 1, 1], "num_res_blocks": 1,
+    "base_dim": 3,
+    "z_dim": 16,
+    "dim_mult": [1, 1, 1, 1],
+    "num_res_blocks": 1,
     "temperal_downsample": [False, True, True],
-}  # fmt: skip
+}
 TINY_TI2V_VAE = TINY_WAN_VAE | {
-    "z_dim": 48, "in_channels": 12, "out_channels": 12, "is_residual": True, "patch_size": 2,
-    "latents_mean": [0.0] * 48, "latents_std": [1.0] * 48, "scale_factor_spatial": 16,
-}  # fmt: skip
+    "z_dim": 48,
+    "in_channels": 12,
+    "out_channels": 12,
+    "is_residual": True,
+    "patch_size": 2,
+    "latents_mean": [0.0] * 48,
+    "latents_std": [1.0] * 48,
+    "scale_factor_spatial": 16,
+}
 TINY_QWEN_VAE = {
-    "base_dim": 4 * 6, "z_dim": 4, "dim_mult": [1, 2, 4], "num_res_blocks": 1,
-    "temperal_downsample": [False, True], "latents_mean": [0.0] * 4, "latents_std": [1.0] * 4,
-}  # fmt: skip
+    "base_dim": 4 * 6,
+    "z_dim": 4,
+    "dim_mult": [1, 2, 4],
+    "num_res_blocks": 1,
+    "temperal_downsample": [False, True],
+    "latents_mean": [0.0] * 4,
+    "latents_std": [1.0] * 4,
+}
 # The released transformers (diffusers scripts/convert_wan_to_diffusers.py).
 WAN_RELEASED = {
     "1.3B": {"num_attention_heads": 12, "ffn_dim": 8960, "num_layers": 30},
     "14B": {"num_attention_heads": 40, "ffn_dim": 13824, "num_layers": 40},
-    "I2V-14B": {"num_attention_heads": 40, "ffn_dim": 13824, "num_layers": 40, "in_channels": 36,
-                "image_dim": 1280, "added_kv_proj_dim": 5120},
-    "FLF2V-14B": {"num_attention_heads": 40, "ffn_dim": 13824, "num_layers": 40, "in_channels": 36,
-                  "image_dim": 1280, "added_kv_proj_dim": 5120, "pos_embed_seq_len": 257 * 2},
+    "I2V-14B": {
+        "num_attention_heads": 40,
+        "ffn_dim": 13824,
+        "num_layers": 40,
+        "in_channels": 36,
+        "image_dim": 1280,
+        "added_kv_proj_dim": 5120,
+    },
+    "FLF2V-14B": {
+        "num_attention_heads": 40,
+        "ffn_dim": 13824,
+        "num_layers": 40,
+        "in_channels": 36,
+        "image_dim": 1280,
+        "added_kv_proj_dim": 5120,
+        "pos_embed_seq_len": 257 * 2,
+    },
     "2.2-I2V-A14B": {"num_attention_heads": 40, "ffn_dim": 13824, "num_layers": 40, "in_channels": 36},
-    "TI2V-5B": {"num_attention_heads": 24, "ffn_dim": 14336, "num_layers": 30, "in_channels": 48,
-                "out_channels": 48},
-}  # fmt: skip
+    "TI2V-5B": {
+        "num_attention_heads": 24,
+        "ffn_dim": 14336,
+        "num_layers": 30,
+        "in_channels": 48,
+        "out_channels": 48,
+    },
+}
 WAN22_VAE = {
-    "base_dim": 160, "decoder_base_dim": 256, "z_dim": 48, "is_residual": True, "in_channels": 12,
-    "out_channels": 12, "patch_size": 2, "scale_factor_spatial": 16, "scale_factor_temporal": 4,
-    "latents_mean": WAN22_VAE_LATENTS_MEAN, "latents_std": WAN22_VAE_LATENTS_STD,
-}  # fmt: skip
+    "base_dim": 160,
+    "decoder_base_dim": 256,
+    "z_dim": 48,
+    "is_residual": True,
+    "in_channels": 12,
+    "out_channels": 12,
+    "patch_size": 2,
+    "scale_factor_spatial": 16,
+    "scale_factor_temporal": 4,
+    "latents_mean": WAN22_VAE_LATENTS_MEAN,
+    "latents_std": WAN22_VAE_LATENTS_STD,
+}
 
 
 def seeded(build):
@@ -137,11 +192,15 @@ def wan_dit_original(name: str) -> str:
 
 
 _VAE_FIXED_INVERSE = {
-    "quant_conv": "conv1", "post_quant_conv": "conv2", "encoder.conv_in": "encoder.conv1",
-    "decoder.conv_in": "decoder.conv1", "encoder.norm_out": "encoder.head.0",
-    "encoder.conv_out": "encoder.head.2", "decoder.norm_out": "decoder.head.0",
+    "quant_conv": "conv1",
+    "post_quant_conv": "conv2",
+    "encoder.conv_in": "encoder.conv1",
+    "decoder.conv_in": "decoder.conv1",
+    "encoder.norm_out": "encoder.head.0",
+    "encoder.conv_out": "encoder.head.2",
+    "decoder.norm_out": "decoder.head.0",
     "decoder.conv_out": "decoder.head.2",
-}  # fmt: skip
+}
 _RESNET_INVERSE = {"norm1": "residual.0", "conv1": "residual.2", "norm2": "residual.3", "conv2": "residual.6"}
 
 
@@ -438,44 +497,87 @@ HEAD = {"attention_head_dim": 12}
 @pytest.mark.parametrize(
     ("loader", "arch", "name", "overrides", "message"),
     [
-        ("dit", "wan", "vae", HEAD,
-         r"holds a WAN 2\.1 / Qwen-Image VAE, expected a WAN transformer; pass it to --vae"),
-        ("dit", "wan", "qwen", HEAD,
-         r"holds a Qwen-Image transformer, expected a WAN transformer; check --arch"),
-        ("dit", "qwen_image", "wan", None,
-         r"holds a WAN transformer, expected a Qwen-Image transformer; check --arch"),
-        ("dit", "wan", "t5", HEAD,
-         r"holds a T5 / UMT5 text encoder, expected a WAN transformer; text encoders need"),
-        ("dit", "wan", "unknown", HEAD,
-         r"holds an unrecognised checkpoint, expected a WAN transformer \(first keys: foo"),
-        ("dit", "wan", "wan", None,
-         r"inner dim 24 is not a multiple of the head dim 128 .*pass the attention_head_dim"),
-        ("dit", "qwen_image", "qwen", None,
-         r"head dim 16 is not the released 128.*pass axes_dims_rope"),
-        ("dit", "wan", "incomplete", HEAD,
-         r"not a complete checkpoint: tensor 'blocks\.0\.ffn\.net\.0\.proj\.weight'"),
-        ("dit", "wan", "extra", HEAD,
-         r"does not match WanTransformer3DModel: unexpected tensors "
-         r"model\.diffusion_model\.blocks\.0\.extra\.weight"),
-        ("dit", "wan", "scaled", HEAD,
-         r"scaled fp8 checkpoints are not supported"),
-        ("dit", "wan", "garbage", HEAD,
-         r"cannot read the safetensors header"),
-        ("dit", "wan", "empty", HEAD,
-         r"cannot read the safetensors header"),
-        ("dit", "wan", "pth", HEAD,
-         r"expected a \.safetensors file .*pickled checkpoints"),
-        ("dit", "wan", "missing", HEAD,
-         r"no such file"),
-        ("vae", "wan", "wan", None,
-         r"holds a WAN transformer, expected a WAN 2\.1 / Qwen-Image VAE "
-         r"or a WAN 2\.2 TI2V-5B VAE; pass it to --dit"),
-        ("vae", "qwen_image", "ti2v", None,
-         r"holds a WAN 2\.2 TI2V-5B VAE, expected a WAN 2\.1 / Qwen-Image VAE; check --arch"),
-        ("vae", "wan", "t5", None,
-         r"holds a T5 / UMT5 text encoder"),
+        (
+            "dit",
+            "wan",
+            "vae",
+            HEAD,
+            r"holds a WAN 2\.1 / Qwen-Image VAE, expected a WAN transformer; pass it to --vae",
+        ),
+        (
+            "dit",
+            "wan",
+            "qwen",
+            HEAD,
+            r"holds a Qwen-Image transformer, expected a WAN transformer; check --arch",
+        ),
+        (
+            "dit",
+            "qwen_image",
+            "wan",
+            None,
+            r"holds a WAN transformer, expected a Qwen-Image transformer; check --arch",
+        ),
+        (
+            "dit",
+            "wan",
+            "t5",
+            HEAD,
+            r"holds a T5 / UMT5 text encoder, expected a WAN transformer; text encoders need",
+        ),
+        (
+            "dit",
+            "wan",
+            "unknown",
+            HEAD,
+            r"holds an unrecognised checkpoint, expected a WAN transformer \(first keys: foo",
+        ),
+        (
+            "dit",
+            "wan",
+            "wan",
+            None,
+            r"inner dim 24 is not a multiple of the head dim 128 .*pass the attention_head_dim",
+        ),
+        ("dit", "qwen_image", "qwen", None, r"head dim 16 is not the released 128.*pass axes_dims_rope"),
+        (
+            "dit",
+            "wan",
+            "incomplete",
+            HEAD,
+            r"not a complete checkpoint: tensor 'blocks\.0\.ffn\.net\.0\.proj\.weight'",
+        ),
+        (
+            "dit",
+            "wan",
+            "extra",
+            HEAD,
+            r"does not match WanTransformer3DModel: unexpected tensors "
+            r"model\.diffusion_model\.blocks\.0\.extra\.weight",
+        ),
+        ("dit", "wan", "scaled", HEAD, r"scaled fp8 checkpoints are not supported"),
+        ("dit", "wan", "garbage", HEAD, r"cannot read the safetensors header"),
+        ("dit", "wan", "empty", HEAD, r"cannot read the safetensors header"),
+        ("dit", "wan", "pth", HEAD, r"expected a \.safetensors file .*pickled checkpoints"),
+        ("dit", "wan", "missing", HEAD, r"no such file"),
+        (
+            "vae",
+            "wan",
+            "wan",
+            None,
+            r"holds a WAN transformer, expected a WAN 2\.1 / Qwen-Image VAE "
+            r"or a WAN 2\.2 TI2V-5B VAE; pass it to --dit",
+        ),
+        (
+            "vae",
+            "qwen_image",
+            "ti2v",
+            None,
+            r"holds a WAN 2\.2 TI2V-5B VAE, expected a WAN 2\.1 / Qwen-Image VAE; check --arch",
+        ),
+        ("vae", "wan", "t5", None, r"holds a T5 / UMT5 text encoder"),
     ],
-)  # fmt: skip
+)
 def test_errors_name_the_flag_the_file_and_what_was_expected(files, loader, arch, name, overrides, message):
     flag = "--dit" if loader == "dit" else "--vae"
     load = load_transformer_file if loader == "dit" else load_vae_file

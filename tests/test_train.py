@@ -17,7 +17,7 @@ import safetensors.torch
 import torch
 from PIL import Image
 
-from helpers import photo, tiered
+from helpers import masktrain_command, photo, tiered, words
 from masktrain.cache import run as run_cache
 from masktrain.config import CacheConfig, MaskLossSettings, NetworkSettings, OptimSettings, TrainConfig
 from masktrain.models import get_family
@@ -25,9 +25,12 @@ from masktrain.train.experts import build_experts
 from masktrain.train.loop import run as run_train
 
 MASKED_PRIOR = MaskLossSettings(
-    use_mask_loss=True, mask_gamma=0.7, prior_preservation_weight=1.0, prior_mask_threshold=0.1,
+    use_mask_loss=True,
+    mask_gamma=0.7,
+    prior_preservation_weight=1.0,
+    prior_mask_threshold=0.1,
     normalize_per_sample=True,
-)  # fmt: skip
+)
 
 
 def make_dataset(root: Path, *, masks: bool = True, count: int = 4) -> Path:
@@ -72,10 +75,16 @@ def wan_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def config(toml: Path, out: Path, arch: str = "wan", **kwargs) -> TrainConfig:
     defaults = dict(
-        dataset_config=toml, arch=arch, dit="tiny", output_dir=out, device="cpu", max_train_steps=4,
-        network=NetworkSettings(network_dim=4, network_alpha=4.0), optim=OptimSettings(learning_rate=1e-3),
+        dataset_config=toml,
+        arch=arch,
+        dit="tiny",
+        output_dir=out,
+        device="cpu",
+        max_train_steps=4,
+        network=NetworkSettings(network_dim=4, network_alpha=4.0),
+        optim=OptimSettings(learning_rate=1e-3),
         mask=MASKED_PRIOR,
-    )  # fmt: skip
+    )
     defaults.update(kwargs)
     return TrainConfig(**defaults)
 
@@ -187,22 +196,34 @@ def _cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
 )
 def test_cli_rejects_bad_flags_with_exit_code_2(flags: list[str], message: str, tmp_path: Path) -> None:
     toml = make_dataset(tmp_path / "data")
-    result = _cli("--dataset_config", str(toml), "--arch", "wan", "--dit", "tiny", "--output_dir",
-                  str(tmp_path / "out"), *flags)  # fmt: skip
+    result = _cli(
+        *words(
+            "--dataset_config {toml} --arch wan --dit tiny --output_dir {out}",
+            toml=toml,
+            out=tmp_path / "out",
+        ),
+        *flags,
+    )
     assert result.returncode == 2, result.stderr
     assert message in result.stderr
 
 
+@pytest.mark.slow
 def test_cli_prints_the_banner_and_ctrl_c_saves_a_checkpoint(tmp_path: Path, wan_dataset: Path) -> None:
     out = tmp_path / "out"
+    prior = "--prior_preservation_weight 1.0 --prior_mask_threshold 0.1 --normalize_per_sample"
+    command = masktrain_command(
+        "train --dataset_config {toml} --arch wan --dit tiny --output_dir {out} --device cpu "
+        f"--max_train_steps 100000 --use_mask_loss --mask_gamma 0.7 {prior}",
+        toml=wan_dataset,
+        out=out,
+    )
     process = subprocess.Popen(
-        [sys.executable, "-m", "masktrain.cli", "train", "--dataset_config", str(wan_dataset),
-         "--arch", "wan", "--dit", "tiny", "--output_dir", str(out), "--device", "cpu",
-         "--max_train_steps", "100000",
-         "--use_mask_loss", "--mask_gamma", "0.7", "--prior_preservation_weight", "1.0",
-         "--prior_mask_threshold", "0.1", "--normalize_per_sample"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     metrics = out / "metrics.jsonl"
     deadline = time.monotonic() + 120
     while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
@@ -220,6 +241,7 @@ def test_cli_prints_the_banner_and_ctrl_c_saves_a_checkpoint(tmp_path: Path, wan
     assert state["step"] == int(steps[0].name.removeprefix("step-")) >= 2
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path: Path, wan_dataset: Path):
     one = tmp_path / "one"
     base = config(wan_dataset, one, max_train_steps=2)
@@ -227,15 +249,21 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path: Pa
     run_train(dataclasses.replace(base, optim=accumulating))
     two = tmp_path / "two"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [
+        sys.executable,
+        *words("-m torch.distributed.run --nproc_per_node 2 --master_port 29531 -m masktrain.cli train"),
+        *words("--dataset_config {toml} --arch wan --dit tiny --output_dir {out}", toml=wan_dataset, out=two),
+        *words("--device cpu --max_train_steps 2 --network_dim 4 --network_alpha 4 --learning_rate 1e-3"),
+        *words("--use_mask_loss --mask_gamma 0.7 --prior_preservation_weight 1.0 --prior_mask_threshold 0.1"),
+        "--normalize_per_sample",
+    ]
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
-         "-m", "masktrain.cli", "train", "--dataset_config", str(wan_dataset), "--arch", "wan",
-         "--dit", "tiny",
-         "--output_dir", str(two), "--device", "cpu", "--max_train_steps", "2", "--network_dim", "4",
-         "--network_alpha", "4", "--learning_rate", "1e-3", "--use_mask_loss", "--mask_gamma", "0.7",
-         "--prior_preservation_weight", "1.0", "--prior_mask_threshold", "0.1", "--normalize_per_sample"],
-        capture_output=True, text=True, env=env, timeout=600,
-    )  # fmt: skip
+        command,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     expected, got = adapter(one / "step-000002"), adapter(two / "step-000002")
     for key in expected:

@@ -48,7 +48,7 @@ def settings(extraction: str, targets: tuple[int, ...], **changes: object) -> Cl
         ("full", (1,), 21, {"max_frames": 10}, [(0, 9)]),
         ("full", (1,), 3, {}, [(0, 1)]),
     ],
-)  # fmt: skip
+)
 def test_clip_spans_follow_musubi(
     extraction: str, targets: tuple[int, ...], frames: int, changes: dict, expected: list
 ) -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import av
@@ -16,7 +15,7 @@ import torch
 from PIL import Image
 
 import reference
-from helpers import cache_tiny, write_video
+from helpers import cache_tiny, masktrain_command, write_video
 from masktrain.config import CacheConfig, ConfigError
 from masktrain.data import cache_format as fmt
 from masktrain.data.buckets import musubi_buckets
@@ -82,9 +81,11 @@ def test_clips_hold_latents_and_the_static_mask_on_the_latent_grid(dataset: Path
     assert (summary.items, summary.written, summary.clips, len(summary.failed)) == (2, 2, 4, 0)
     assert dict(summary.sources) == {"file": 1, "none": 1}
     assert set(clip_files(dataset)) == {
-        "masked_00000-001_0064x0048_wan.safetensors", "masked_00000-017_0064x0048_wan.safetensors",
-        "plain_00000-001_0048x0096_wan.safetensors", "plain_00000-017_0048x0096_wan.safetensors",
-    }  # fmt: skip
+        "masked_00000-001_0064x0048_wan.safetensors",
+        "masked_00000-017_0064x0048_wan.safetensors",
+        "plain_00000-001_0048x0096_wan.safetensors",
+        "plain_00000-017_0048x0096_wan.safetensors",
+    }
 
     family = get_family("wan")
     vae = family.load_vae("tiny", torch.device("cpu"), torch.float32)
@@ -158,8 +159,9 @@ def test_frame_extraction_modes_and_source_fps(dataset: Path) -> None:
     )
     # The clips of the old extraction are gone: training would pick them up.
     assert set(clip_files(dataset)) == {
-        "masked_00000-009_0064x0048_wan.safetensors", "plain_00000-013_0048x0096_wan.safetensors",
-    }  # fmt: skip
+        "masked_00000-009_0064x0048_wan.safetensors",
+        "plain_00000-013_0048x0096_wan.safetensors",
+    }
 
 
 def test_reruns_skip_and_touching_a_video_or_its_mask_rebuilds_its_clips(dataset: Path) -> None:
@@ -202,6 +204,7 @@ def test_bucket_no_upscale_keeps_a_small_video_at_its_own_size(dataset: Path) ->
     assert all(w * h > 64 * 48 for w, h in expected)
 
 
+@pytest.mark.slow
 def test_bad_videos_fail_alone_and_the_cli_exits_1(dataset: Path) -> None:
     (dataset / "videos" / "empty.mp4").write_bytes(b"")
     (dataset / "videos" / "corrupt.mov").write_bytes(b"not a video at all" * 100)
@@ -218,9 +221,10 @@ def test_bad_videos_fail_alone_and_the_cli_exits_1(dataset: Path) -> None:
     assert summary.written == 2 and not (dataset / "cache" / "short_wan_te.safetensors").exists()
 
     Image.fromarray(mask_image(48, 48)).save(dataset / "masks" / "plain.png")  # 1:1 mask, 1:2 video
-    toml = str(dataset / "dataset.toml")
-    command = [sys.executable, "-m", "masktrain.cli", "cache", "--dataset_config", toml,
-               "--arch", "wan", "--vae", "tiny", "--t5", "tiny", "--device", "cpu"]  # fmt: skip
+    command = masktrain_command(
+        "cache --dataset_config {toml} --arch wan --vae tiny --t5 tiny --device cpu",
+        toml=dataset / "dataset.toml",
+    )
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 1, result.stderr
     assert "plain.png: aspect ratio mismatch: video" in result.stderr

@@ -7,10 +7,12 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from masktrain.models.loading import TINY
 
 
-def weights_identity(spec: str, model: Any) -> str:
+def weights_identity(spec: str, model: torch.nn.Module) -> str:
     """A short hash of the flag's value, the model's config (so a change to a built-in tiny model
     counts), and for weights on disk each file's size and modification time (so new weights at
     the same path count)."""

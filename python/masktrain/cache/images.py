@@ -18,11 +18,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from masktrain import _native
 from masktrain.cache.setup import CacheSetup
-from masktrain.cache.stages import chunk_size, prepared_chunks, stale_items
+from masktrain.cache.stages import ProgressBar, chunk_size, prepared_chunks, stale_items
 from masktrain.cache.summary import DatasetSummary
 from masktrain.config.dataset import ImageDatasetConfig
 from masktrain.data import cache_format as fmt
@@ -30,6 +29,7 @@ from masktrain.data.buckets import Bucket
 from masktrain.data.discovery import MediaItem, discover_images, own_size_bucket
 from masktrain.distributed import Shard
 from masktrain.errors import MaskTrainError
+from masktrain.models.loading import device_of
 
 #: What the native core gives per image: the prepared item or the error it failed with.
 Prepared = _native.PreparedItem | MaskTrainError | OSError
@@ -108,7 +108,7 @@ class ImageCacher:
         setup = self.setup
         weights = None
         if prepared.latent_mask is not None:
-            setup.check_grid(item, prepared.bucket, prepared.latent_mask.shape, latents.shape[-2:])
+            setup.check_grid(item, prepared.bucket, prepared.latent_mask.shape, tuple(latents.shape[-2:]))
             weights = torch.from_numpy(prepared.latent_mask)
         name = fmt.item_cache_name(item.stem, prepared.original_size, setup.arch)
         metadata = setup.metadata(
@@ -124,14 +124,14 @@ class ImageCacher:
         )
         setup.remove_replaced(self.existing.get(item.stem, []), {name})
 
-    def run(self, summary: DatasetSummary, progress: tqdm, shard: Shard) -> list[MediaItem]:
+    def run(self, summary: DatasetSummary, progress: ProgressBar, shard: Shard) -> list[MediaItem]:
         """Latents for every stale item of this process's share; returns the share's items that
         have a valid latent file."""
         items, todo = stale_items(self, discover_images(self.dataset), shard, summary, progress)
         batch_size = self.setup.config.batch_size
         chunks = list(_chunks([item for item, _ in todo], chunk_size(batch_size)))
         fingerprints = dict((item.path, fp) for item, fp in todo)
-        overlap = self.setup.vae.device.type != "cpu"
+        overlap = device_of(self.setup.vae).type != "cpu"
         for chunk, results in prepared_chunks(self, chunks, overlap):
             by_bucket: dict[Bucket, list[tuple[MediaItem, _native.PreparedItem, str]]] = {}
             for item, result in zip(chunk, results, strict=True):

@@ -108,7 +108,7 @@ class CacheSetup:
         return tensors
 
     def check_grid(
-        self, item: MediaItem, bucket: Bucket, weights_shape: tuple[int, ...], latent_hw: tuple[int, int]
+        self, item: MediaItem, bucket: Bucket, weights_shape: tuple[int, ...], latent_hw: tuple[int, ...]
     ) -> None:
         """The mask grid must be the latent grid: a bucket that is not a multiple of the VAE's
         factor would misalign them."""

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Protocol, TypeVar
+from typing import Never, Protocol, TypeAlias, TypeVar
 
 from tqdm import tqdm
 
@@ -16,6 +16,9 @@ from masktrain.cache.summary import DatasetSummary
 from masktrain.data.cache_format import CacheStatus
 from masktrain.data.discovery import Discovery, MediaItem
 from masktrain.distributed import Shard
+
+ProgressBar: TypeAlias = "tqdm[Never]"
+"""A progress bar the cachers advance by hand (it iterates nothing)."""
 
 P = TypeVar("P")
 P_co = TypeVar("P_co", covariant=True)
@@ -39,7 +42,7 @@ def chunk_size(batch_size: int) -> int:
 
 
 def stale_items(
-    cacher: Triage, discovery: Discovery, shard: Shard, summary: DatasetSummary, progress: tqdm
+    cacher: Triage, discovery: Discovery, shard: Shard, summary: DatasetSummary, progress: ProgressBar
 ) -> tuple[list[MediaItem], list[tuple[MediaItem, str]]]:
     """This process's share of `discovery`, and those of its items that need (re)building, each
     with its fingerprint. Counts into `summary`: items, skipped (fresh), rebuilt (stale) and

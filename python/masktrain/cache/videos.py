@@ -21,11 +21,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from masktrain import _native
 from masktrain.cache.setup import CacheSetup
-from masktrain.cache.stages import prepared_chunks, stale_items
+from masktrain.cache.stages import ProgressBar, prepared_chunks, stale_items
 from masktrain.cache.summary import DatasetSummary
 from masktrain.config.dataset import VideoDatasetConfig
 from masktrain.data import cache_format as fmt
@@ -33,6 +32,7 @@ from masktrain.data import video
 from masktrain.data.discovery import MediaItem, choose_bucket, discover_videos
 from masktrain.distributed import Shard
 from masktrain.errors import DataError, VideoDecodeError
+from masktrain.models.loading import device_of
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +173,7 @@ class VideoCacher:
                 latents = self.encode(decoded.frames, batch)
                 for (start, count), clip in zip(batch, latents, strict=True):
                     if prepared.weights is not None:
-                        setup.check_grid(item, decoded.bucket, prepared.weights.shape, clip.shape[-2:])
+                        setup.check_grid(item, decoded.bucket, prepared.weights.shape, tuple(clip.shape[-2:]))
                     name = fmt.item_cache_name(item.stem, decoded.original_size, setup.arch, (start, count))
                     metadata = setup.metadata(
                         item,
@@ -193,13 +193,13 @@ class VideoCacher:
                     written.add(name)
         setup.remove_replaced(self.existing.get(item.stem, []), written)
 
-    def run(self, summary: DatasetSummary, progress: tqdm, shard: Shard) -> list[MediaItem]:
+    def run(self, summary: DatasetSummary, progress: ProgressBar, shard: Shard) -> list[MediaItem]:
         """Clips of every stale video of this process's share; returns the share's videos that
         have valid clip files."""
         summary.clips = summary.clips or 0
         items, todo = stale_items(self, discover_videos(self.dataset), shard, summary, progress)
         fingerprints = {item.path: fp for item, fp in todo}
-        overlap = self.setup.vae.device.type != "cpu"
+        overlap = device_of(self.setup.vae).type != "cpu"
         for chunk, results in prepared_chunks(self, [[item] for item, _ in todo], overlap):
             ((item,), (result,)) = chunk, results
             if isinstance(result, PreparedVideo):

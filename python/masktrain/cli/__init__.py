@@ -14,10 +14,7 @@ import logging
 import click
 
 from masktrain import __version__
-from masktrain.cli.cache import cache
-from masktrain.cli.convert_alpha import convert_alpha
-from masktrain.cli.demo import demo
-from masktrain.cli.train import train
+from masktrain.cli import cache, convert_alpha, demo, train
 
 
 def _configure_logging(verbose: bool) -> None:
@@ -32,7 +29,7 @@ def main(verbose: bool) -> None:
     _configure_logging(verbose)
 
 
-for _command in (convert_alpha, cache, train, demo):
+for _command in (convert_alpha.convert_alpha, cache.cache, train.train, demo.demo):
     main.add_command(_command)
 
 __all__ = ["main"]

@@ -17,14 +17,15 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from masktrain import catalog
 from masktrain.config.mask_loss import MaskLossSettings
 from masktrain.config.timesteps import TimestepSettings
 from masktrain.errors import OptimConfigError, TrainConfigError
 
-LORA_FORMATS = ("comfyui", "diffusers")
+LoraLayout = Literal["comfyui", "diffusers"]
+LORA_FORMATS: tuple[LoraLayout, ...] = ("comfyui", "diffusers")
 # fp16 would need loss scaling (a GradScaler and its state in checkpoints); not offered yet.
 MIXED_PRECISION = ("auto", "no", "bf16")
 SAVE_PRECISION = ("float", "fp16", "bf16")
@@ -154,7 +155,7 @@ class TrainConfig:
     """Epochs to train for; overrides max_train_steps."""
     save_every_n_steps: int | None = None
     """Write a checkpoint every N optimizer steps (one is always written at the end)."""
-    lora_format: str = "comfyui"
+    lora_format: LoraLayout = "comfyui"
     """Layout of OUTPUT_NAME.safetensors: comfyui or diffusers."""
     save_precision: str = "float"
     """dtype of the saved LoRA tensors: float, fp16 or bf16."""

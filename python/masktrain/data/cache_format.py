@@ -277,7 +277,7 @@ def _open(path: Path, framework: str = "numpy") -> safetensors.safe_open:
 
 
 def _metadata_of(handle: safetensors.safe_open, path: Path) -> CacheMetadata:
-    raw = handle.metadata()
+    raw: dict[str, str] | None = handle.metadata()  # type: ignore[no-untyped-call]
     if raw is None:
         raise CacheFileError(
             f"{path}: safetensors file without metadata, not a masktrain cache file; "

@@ -18,18 +18,22 @@ for both families (it checkpoints each transformer block, and only while grad is
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Protocol, cast
 
 import torch
 
 from masktrain.catalog import ArchSpec
+
+if TYPE_CHECKING:
+    from peft import LoraConfig
+    from transformers import PreTrainedTokenizerBase
 
 
 @dataclass
 class TextEncoder:
     """A tokenizer and encoder pair with the family's sequence length."""
 
-    tokenizer: Any
+    tokenizer: PreTrainedTokenizerBase
     model: torch.nn.Module
     max_length: int
 
@@ -116,3 +120,25 @@ class ModelFamily(Protocol):
     def comfy_key(self, module_name: str) -> str:
         """A diffusers module name -> the module path ComfyUI (the original checkpoint) uses."""
         ...
+
+
+class AdapterHost(Protocol):
+    """What masktrain uses of a diffusers transformer beyond ``torch.nn.Module``: peft adapters
+    (diffusers' ``PeftAdapterMixin``) and gradient checkpointing (``ModelMixin``)."""
+
+    peft_config: dict[str, LoraConfig]
+
+    def add_adapter(self, adapter_config: LoraConfig, adapter_name: str = ...) -> None: ...
+
+    def disable_adapters(self) -> None: ...
+
+    def enable_adapters(self) -> None: ...
+
+    def enable_gradient_checkpointing(self) -> None: ...
+
+
+def adapter_host(transformer: torch.nn.Module) -> AdapterHost:
+    """`transformer` as an :class:`AdapterHost` (every family's denoiser is a diffusers model)."""
+    if not callable(getattr(transformer, "add_adapter", None)):
+        raise TypeError(f"{type(transformer).__name__} is not a diffusers model with peft adapter support")
+    return cast(AdapterHost, transformer)

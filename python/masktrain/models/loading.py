@@ -7,12 +7,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
 from masktrain.errors import ModelLoadError
 from masktrain.models.single_file import text_encoder_file_error
+
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKLQwenImage, AutoencoderKLWan
+    from diffusers.models.modeling_utils import ModelMixin
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 TINY = "tiny"
 """The flag value that selects a family's built-in tiny model."""
@@ -67,7 +72,7 @@ def _single_file(spec: str, flag: str) -> Path | None:
 
 
 def pretrained_transformer(
-    model_class: Any, spec: str, flag: str, dtype: torch.dtype, from_file: FileLoader
+    model_class: type[ModelMixin], spec: str, flag: str, dtype: torch.dtype, from_file: FileLoader
 ) -> torch.nn.Module:
     """A non-tiny denoiser: a single ``.safetensors`` file (ComfyUI / original layout, read by the
     family's `from_file`) or a local diffusers folder, read straight into `dtype` (no float32
@@ -82,7 +87,7 @@ def pretrained_transformer(
     return model
 
 
-def pretrained_vae(model_class: Any, spec: str, from_file: FileLoader) -> torch.nn.Module:
+def pretrained_vae(model_class: type[ModelMixin], spec: str, from_file: FileLoader) -> torch.nn.Module:
     """A non-tiny VAE: a single ``.safetensors`` file (read by the family's `from_file`) or a
     local diffusers folder."""
     path = _single_file(spec, "--vae")
@@ -93,7 +98,9 @@ def pretrained_vae(model_class: Any, spec: str, from_file: FileLoader) -> torch.
     return model
 
 
-def pretrained_text_encoder(model_class: Any, spec: str, flag: str) -> tuple[torch.nn.Module, Any]:
+def pretrained_text_encoder(
+    model_class: type[PreTrainedModel], spec: str, flag: str
+) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
     """A transformers encoder and its tokenizer from a component folder (both inside) or a
     pipeline folder (``text_encoder/`` and ``tokenizer/``)."""
     from transformers import AutoTokenizer
@@ -109,11 +116,14 @@ def pretrained_text_encoder(model_class: Any, spec: str, flag: str) -> tuple[tor
 
 
 @torch.no_grad()
-def encode_posterior_mean(vae: Any, pixels: torch.Tensor) -> torch.Tensor:
+def encode_posterior_mean(
+    vae: AutoencoderKLWan | AutoencoderKLQwenImage, pixels: torch.Tensor
+) -> torch.Tensor:
     """The VAE's posterior mean (as musubi-tuner caches it, so caches are reproducible),
     normalised with the VAE's ``latents_mean`` / ``latents_std``."""
     latents = vae.encode(pixels.to(device=vae.device, dtype=vae.dtype)).latent_dist.mode()
-    return normalise_latents(latents, vae.config.latents_mean, vae.config.latents_std)
+    config = diffusers_config(vae)
+    return normalise_latents(latents, config.latents_mean, config.latents_std)
 
 
 def normalise_latents(latents: torch.Tensor, mean: list[float], std: list[float]) -> torch.Tensor:
@@ -122,6 +132,16 @@ def normalise_latents(latents: torch.Tensor, mean: list[float], std: list[float]
     mean_t = torch.tensor(mean, dtype=latents.dtype, device=latents.device).view(shape)
     inv_std = 1.0 / torch.tensor(std, dtype=latents.dtype, device=latents.device).view(shape)
     return (latents - mean_t) * inv_std
+
+
+def diffusers_config(model: torch.nn.Module) -> Any:
+    """A diffusers model's ``config``: its constructor arguments, read as attributes."""
+    return model.config
+
+
+def device_of(model: torch.nn.Module) -> torch.device:
+    """The device a model's weights are on."""
+    return next(model.parameters()).device
 
 
 def to_device(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:

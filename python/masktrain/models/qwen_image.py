@@ -13,7 +13,7 @@ musubi-tuner's ``lora_qwen_image`` does; ComfyUI uses the diffusers module names
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -23,6 +23,7 @@ from masktrain.models import qwen_image_checkpoint
 from masktrain.models.base import LoraTargets, TextBatch, TextEncoder
 from masktrain.models.loading import (
     TINY,
+    diffusers_config,
     encode_posterior_mean,
     pretrained_text_encoder,
     pretrained_transformer,
@@ -31,6 +32,9 @@ from masktrain.models.loading import (
     to_device,
 )
 from masktrain.models.tokenizer import tiny_tokenizer
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 PROMPT_TEMPLATE = (
     "<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, quantity, text, "
@@ -96,7 +100,8 @@ def tiny_transformer(width_mult: int = 1, layers: int = 2) -> torch.nn.Module:
         "num_attention_heads": TINY_TRANSFORMER["num_attention_heads"] * width_mult,
         "num_layers": layers,
     }
-    return seeded(lambda: QwenImageTransformer2DModel(**config))
+    model: torch.nn.Module = seeded(lambda: QwenImageTransformer2DModel(**config))
+    return model
 
 
 def pack_latents(latents: torch.Tensor) -> torch.Tensor:
@@ -138,6 +143,8 @@ class QwenImageFamily:
     def load_text_encoder(self, spec: str, device: torch.device, dtype: torch.dtype) -> TextEncoder:
         from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLTextConfig, Qwen2_5_VLTextModel
 
+        model: torch.nn.Module
+        tokenizer: PreTrainedTokenizerBase
         if spec == TINY:
             tokenizer = tiny_tokenizer()
             config = Qwen2_5_VLTextConfig(vocab_size=len(tokenizer), **TINY_TEXT)
@@ -150,7 +157,7 @@ class QwenImageFamily:
         return TextEncoder(tokenizer=tokenizer, model=model, max_length=MAX_LENGTH)
 
     def spatial_factor(self, vae: torch.nn.Module) -> int:
-        return 2 ** len(vae.temperal_downsample)
+        return int(2 ** len(diffusers_config(vae).temperal_downsample))
 
     def temporal_factor(self, vae: torch.nn.Module) -> int:
         return 1

@@ -29,11 +29,14 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
 from masktrain.errors import ModelLoadError
+
+if TYPE_CHECKING:
+    from diffusers.models.modeling_utils import ModelMixin
 
 logger = logging.getLogger(__name__)
 
@@ -214,7 +217,7 @@ def _first(keys: list[str], n: int = 5) -> str:
 
 
 def build(
-    model_class: Any,
+    model_class: type[ModelMixin],
     config: dict[str, Any],
     file: CheckpointFile,
     to_file: dict[str, str],

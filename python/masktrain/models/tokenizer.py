@@ -3,10 +3,13 @@ symbols, so any caption encodes, with ``<pad>`` 0, ``</s>`` 1 (appended) and ``<
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
 
 
-def tiny_tokenizer() -> Any:
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
@@ -17,6 +20,6 @@ def tiny_tokenizer() -> Any:
     backend.decoder = decoders.ByteLevel()
     backend.add_special_tokens(["<pad>", "</s>", "<unk>"])
     backend.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    return PreTrainedTokenizerFast(
+    return PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]  # transformers' __init__ has no annotations
         tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", unk_token="<unk>"
     )

@@ -11,7 +11,7 @@ blocks (self- and cross-attention q/k/v/o, the I2V image k/v, both FFN layers), 
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -22,6 +22,7 @@ from masktrain.models import wan_checkpoint
 from masktrain.models.base import LoraTargets, TextBatch, TextEncoder
 from masktrain.models.loading import (
     TINY,
+    diffusers_config,
     encode_posterior_mean,
     float_list,
     pretrained_text_encoder,
@@ -31,6 +32,9 @@ from masktrain.models.loading import (
     to_device,
 )
 from masktrain.models.tokenizer import tiny_tokenizer
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 #: The TI2V-5B VAE's tiny variant (16x spatial, 48 channels): ``--vae tiny-ti2v``.
 TINY_TI2V = "tiny-ti2v"
@@ -153,7 +157,8 @@ def tiny_transformer(width_mult: int = 1, layers: int = 2) -> torch.nn.Module:
         "ffn_dim": TINY_TRANSFORMER["ffn_dim"] * width_mult,
         "num_layers": layers,
     }
-    return seeded(lambda: WanTransformer3DModel(**config))
+    model: torch.nn.Module = seeded(lambda: WanTransformer3DModel(**config))
+    return model
 
 
 def model_timesteps(sigmas: torch.Tensor) -> torch.Tensor:
@@ -181,6 +186,8 @@ class WanFamily:
     def load_text_encoder(self, spec: str, device: torch.device, dtype: torch.dtype) -> TextEncoder:
         from transformers import UMT5Config, UMT5EncoderModel
 
+        model: torch.nn.Module
+        tokenizer: PreTrainedTokenizerBase
         if spec == TINY:
             tokenizer = tiny_tokenizer()
             model = seeded(lambda: UMT5EncoderModel(UMT5Config(vocab_size=len(tokenizer), **TINY_T5)))
@@ -190,10 +197,10 @@ class WanFamily:
         return TextEncoder(tokenizer=tokenizer, model=model, max_length=MAX_LENGTH)
 
     def spatial_factor(self, vae: torch.nn.Module) -> int:
-        return int(vae.config.scale_factor_spatial)
+        return int(diffusers_config(vae).scale_factor_spatial)
 
     def temporal_factor(self, vae: torch.nn.Module) -> int:
-        return int(vae.config.scale_factor_temporal)
+        return int(diffusers_config(vae).scale_factor_temporal)
 
     def encode_pixels(self, vae: torch.nn.Module, pixels: torch.Tensor) -> torch.Tensor:
         return encode_posterior_mean(vae, pixels)
@@ -233,12 +240,13 @@ class WanFamily:
         self, transformer: torch.nn.Module, noisy: torch.Tensor, sigmas: torch.Tensor, text: TextBatch
     ) -> torch.Tensor:
         # The pipeline passes t = sigma * 1000 (FlowMatch / UniPC timesteps), one per sample.
-        return transformer(
+        prediction: torch.Tensor = transformer(
             hidden_states=noisy,
             timestep=model_timesteps(sigmas),
             encoder_hidden_states=text.hidden,
             return_dict=False,
         )[0]
+        return prediction
 
     def lora_targets(self) -> LoraTargets:
         return LORA_TARGETS

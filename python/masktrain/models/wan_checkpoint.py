@@ -33,6 +33,7 @@ from masktrain.models.loading import float_list
 from masktrain.models.single_file import (
     DIT_PREFIXES,
     VAE_PREFIXES,
+    CheckpointFile,
     CheckpointKind,
     ShapeRuleError,
     Shapes,
@@ -122,7 +123,7 @@ def load_transformer_file(
 
 def read_vae_file(
     path: Path, flag: str, overrides: Mapping[str, Any] | None, *wanted: CheckpointKind
-) -> tuple[Any, dict[str, Any], dict[str, str]]:
+) -> tuple[CheckpointFile, dict[str, Any], dict[str, str]]:
     """(the open file, its ``AutoencoderKLWan`` config, diffusers name -> file key) of a VAE file
     of one of the `wanted` kinds; shared with the Qwen-Image VAE, which has this layout."""
     file = open_checkpoint(path, flag)

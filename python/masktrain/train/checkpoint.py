@@ -20,7 +20,7 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NotRequired, TypedDict
 
 import numpy as np
 import safetensors.torch
@@ -43,33 +43,52 @@ def checkpoint_dir(output_dir: Path, step: int) -> Path:
     return output_dir / f"step-{step:06d}"
 
 
-def rng_state() -> dict[str, object]:
-    _, keys, pos, has_gauss, gauss = np.random.get_state()
-    numpy_state = {
-        "keys": torch.from_numpy(keys.astype(np.int64)),
-        "pos": int(pos),
-        "has_gauss": int(has_gauss),
-        "gauss": float(gauss),
-    }
-    state: dict[str, object] = {
-        "torch": torch.get_rng_state(),
-        "numpy": numpy_state,
-        "python": random.getstate(),
-    }
+class NumpyRngState(TypedDict):
+    """numpy's legacy global generator (MT19937), in tensors and numbers ``weights_only`` loads."""
+
+    keys: torch.Tensor
+    pos: int
+    has_gauss: int
+    gauss: float
+
+
+class RngState(TypedDict):
+    """Every global generator a run draws from, as ``rng.pt`` stores it."""
+
+    torch: torch.Tensor
+    numpy: NumpyRngState
+    python: tuple[Any, ...]
+    cuda: NotRequired[list[torch.Tensor]]
+
+
+def rng_state() -> RngState:
+    legacy = np.random.get_state(legacy=True)
+    assert isinstance(legacy, tuple)  # legacy=True: ("MT19937", keys, pos, has_gauss, gauss)
+    _, keys, pos, has_gauss, gauss = legacy
+    state = RngState(
+        torch=torch.get_rng_state(),
+        numpy=NumpyRngState(
+            keys=torch.from_numpy(keys.astype(np.int64)),
+            pos=int(pos),
+            has_gauss=int(has_gauss),
+            gauss=float(gauss),
+        ),
+        python=random.getstate(),
+    )
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
-def restore_rng(state: dict[str, object]) -> None:
-    torch.set_rng_state(state["torch"])  # type: ignore[arg-type]
-    numpy_state: dict = state["numpy"]  # type: ignore[assignment]
+def restore_rng(state: RngState) -> None:
+    torch.set_rng_state(state["torch"])
+    numpy_state = state["numpy"]
     keys = numpy_state["keys"].numpy().astype(np.uint32)
     np.random.set_state(("MT19937", keys, numpy_state["pos"], numpy_state["has_gauss"], numpy_state["gauss"]))
-    python_state: tuple = state["python"]  # type: ignore[assignment]
+    python_state = state["python"]  # weights_only loads the inner tuple as a list
     random.setstate((python_state[0], tuple(python_state[1]), python_state[2]))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])  # type: ignore[arg-type]
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def save_checkpoint(
@@ -104,7 +123,7 @@ class LoadedCheckpoint:
     adapter: dict[str, torch.Tensor]
     optimizer: dict[str, Any]
     scheduler: dict[str, Any]
-    rng: dict[str, Any]
+    rng: RngState
     position: Position
 
 

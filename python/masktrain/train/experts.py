@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from masktrain.config.train import TrainConfig
-from masktrain.models.base import ModelFamily, TextBatch
+from masktrain.models.base import ModelFamily, TextBatch, adapter_host
 from masktrain.train import lora
 
 log = logging.getLogger(__name__)
@@ -103,7 +103,7 @@ def build_experts(
     experts = Experts(low, high, config.timestep_boundary)  # add_lora keeps LoRA weights in float32
     for model in experts.modules():
         if config.gradient_checkpointing:
-            model.enable_gradient_checkpointing()
+            adapter_host(model).enable_gradient_checkpointing()
         model.train()
     log.info("LoRA rank %d alpha %g on %d modules", network.network_dim, network.network_alpha, len(names))
     return experts

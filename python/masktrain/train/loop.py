@@ -257,7 +257,7 @@ def _train(config: TrainConfig, family: ModelFamily, shard: Shard, plan: TrainPl
                 window_start = done - 1 - in_window
                 window_size = min(optim.gradient_accumulation_steps, batches_per_epoch - window_start)
                 result = compute_loss(config, family, experts, batch, epoch, device, weight_dtype, autocast)
-                (result.loss / window_size).backward()
+                (result.loss / window_size).backward()  # type: ignore[no-untyped-call]  # torch leaves it unannotated
                 window.add(float(result.loss.detach()), result.prior, result.tiers)
                 in_window += 1
                 if in_window < window_size:
@@ -273,7 +273,7 @@ def _train(config: TrainConfig, family: ModelFamily, shard: Shard, plan: TrainPl
                     record = window.record(
                         step,
                         epoch,
-                        scheduler.get_last_lr()[0],
+                        float(scheduler.get_last_lr()[0]),
                         step_time=time.perf_counter() - started,
                         data_wait=prefetch.waited - waited,
                     )

@@ -26,19 +26,23 @@ import os
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, cast
 
 import safetensors
 import safetensors.torch
 import torch
 
 from masktrain import atomic
+from masktrain.config.train import LORA_FORMATS, LoraLayout
 from masktrain.errors import LoraFileError, LoraTargetError
-from masktrain.models.base import ModelFamily
+from masktrain.models.base import ModelFamily, adapter_host
+
+if TYPE_CHECKING:
+    from torch.nn.modules.module import _IncompatibleKeys
 from masktrain.models.registry import get_family
 
-Layout = Literal["comfyui", "diffusers"]
-LAYOUTS: tuple[Layout, ...] = ("comfyui", "diffusers")
+Layout = LoraLayout
+LAYOUTS = LORA_FORMATS
 ADAPTER = "default"
 COMFY_PREFIX = "diffusion_model."
 DIFFUSERS_PREFIX = "transformer."
@@ -102,8 +106,9 @@ def add_lora(
         raise LoraTargetError("the transformer already has a LoRA adapter; add_lora adds exactly one")
     targets = select_targets(transformer, family, include=include, exclude=exclude)
     transformer.requires_grad_(False)
-    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, init_lora_weights=True)
-    transformer.add_adapter(config, adapter_name=ADAPTER)
+    # peft annotates lora_alpha as int; it scales by any number, and musubi's alpha is a float.
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, init_lora_weights=True)  # type: ignore[arg-type]
+    adapter_host(transformer).add_adapter(config, adapter_name=ADAPTER)
     # Train the adapter in float32 whatever the base dtype (diffusers' cast_training_params).
     for param in lora_parameters(transformer):
         param.data = param.data.to(torch.float32)
@@ -132,11 +137,12 @@ def adapters_disabled(transformer: torch.nn.Module) -> Iterator[torch.nn.Module]
     DDP wrapper).
     """
     flags = [(p, p.requires_grad) for p in lora_parameters(transformer)]
-    transformer.disable_adapters()
+    host = adapter_host(transformer)
+    host.disable_adapters()
     try:
         yield transformer
     finally:
-        transformer.enable_adapters()
+        host.enable_adapters()
         for param, flag in flags:
             param.requires_grad_(flag)
 
@@ -145,7 +151,8 @@ def lora_state_dict(transformer: torch.nn.Module) -> dict[str, torch.Tensor]:
     """peft's names without the adapter name: ``blocks.0.attn1.to_q.lora_A.weight`` -> tensor."""
     from peft.utils import get_peft_model_state_dict
 
-    return get_peft_model_state_dict(transformer, adapter_name=ADAPTER)
+    state: dict[str, torch.Tensor] = get_peft_model_state_dict(transformer, adapter_name=ADAPTER)
+    return state
 
 
 def save_lora(
@@ -185,7 +192,7 @@ def lora_file_bytes(
         raise ValueError(f"LoRA layout {layout!r} is not one of {', '.join(LAYOUTS)}")
     if ADAPTER not in getattr(transformer, "peft_config", {}):
         raise ValueError("the transformer has no LoRA adapter to save (add_lora adds one)")
-    config = transformer.peft_config[ADAPTER]
+    config = adapter_host(transformer).peft_config[ADAPTER]
     header = {
         "format": "pt",
         META_ARCH: family.name,
@@ -211,7 +218,7 @@ def lora_file_bytes(
         tensors = _to_comfy(state, family, float(config.lora_alpha))
     else:
         tensors = {DIFFUSERS_PREFIX + key: value for key, value in state.items()}
-        adapter = config.to_dict()
+        adapter = config.to_dict()  # type: ignore[no-untyped-call]  # peft leaves it unannotated
         # The exact module names, not the suffix set peft compresses them to: a suffix such as
         # "2" would also put (empty) LoRA on other layers when loaded into a larger variant.
         adapter["target_modules"] = sorted({key.rpartition(".lora_")[0] for key in state})
@@ -253,15 +260,16 @@ def load_lora_into(transformer: torch.nn.Module, path: str | os.PathLike[str]) -
     modules = sorted({key.rpartition(".lora_")[0] for key in state})
     config = LoraConfig(
         r=int(metadata[META_RANK]),
-        lora_alpha=float(metadata[META_ALPHA]),
+        lora_alpha=float(metadata[META_ALPHA]),  # type: ignore[arg-type]  # peft says int, takes any number
         target_modules=modules,
         init_lora_weights=True,
     )
     try:
-        transformer.add_adapter(config, adapter_name=ADAPTER)
+        adapter_host(transformer).add_adapter(config, adapter_name=ADAPTER)
     except ValueError as error:  # peft: a target module that does not exist in this model
         raise LoraFileError(f"{path}: does not fit this {family.name} transformer ({error})") from error
-    result = set_peft_model_state_dict(transformer, state, adapter_name=ADAPTER)
+    # peft annotates the result as `namedtuple`; it is torch's load_state_dict result.
+    result = cast("_IncompatibleKeys", set_peft_model_state_dict(transformer, state, adapter_name=ADAPTER))
     unloaded = [k for k in result.missing_keys if ".lora_" in k]
     if result.unexpected_keys or unloaded:
         raise LoraFileError(

@@ -41,15 +41,16 @@ def build_optimizer(
     if optimizer_type.lower() == "adamw":
         return torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay, betas=betas, eps=eps)
     try:
-        import bitsandbytes  # type: ignore[import-not-found]
+        import bitsandbytes
     except ImportError as error:
         raise OptimConfigError(
             f"--optimizer_type {optimizer_type} needs bitsandbytes, which is not installed: "
             "pip install bitsandbytes (or use --optimizer_type adamw)"
         ) from error
-    return bitsandbytes.optim.AdamW8bit(
+    optimizer: torch.optim.Optimizer = bitsandbytes.optim.AdamW8bit(
         params, lr=learning_rate, weight_decay=weight_decay, betas=betas, eps=eps
     )
+    return optimizer
 
 
 def lr_lambda(
