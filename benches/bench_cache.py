@@ -78,7 +78,7 @@ def time_cache(images: Path, masks: Path, resolution: int) -> float:
 
 def time_prepare(paths: list[Path], masks: Path, buckets: list) -> tuple[float, list]:
     index = _native.MaskIndex(masks)
-    chunk = chunk_size(BATCH)  # as cache.py chunks
+    chunk = chunk_size(BATCH)  # as cache/images.py chunks
     start = time.perf_counter()
     items = []
     for i in range(0, len(paths), chunk):
@@ -91,7 +91,7 @@ def time_encode(items: list) -> float:
     family = get_family("wan")
     vae = family.load_vae("tiny", torch.device("cpu"), torch.float32)
     encoder = family.load_text_encoder("tiny", torch.device("cpu"), torch.float32)
-    # The same batches as cache.py: per chunk, per bucket, `BATCH` at a time. (Each new tensor
+    # The same batches as cache/images.py: per chunk, per bucket, `BATCH` at a time. (Each new tensor
     # shape costs a warm-up on the CPU, so other batches would time something else.)
     chunk = chunk_size(BATCH)
     for first in range(0, len(items), chunk):

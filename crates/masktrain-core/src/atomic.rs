@@ -1,5 +1,6 @@
-//! Atomic file writes: write a hidden temporary file beside the target, then rename it over the
-//! target, so readers only ever see a complete file or none.
+//! Atomic file writes: write a hidden temporary file beside the target, flush it, rename it over
+//! the target and flush the folder, so readers only ever see a complete file or none (the same
+//! rule as Python's `masktrain.atomic`).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -25,7 +26,13 @@ pub fn write_atomic(target: &Path, bytes: &[u8]) -> Result<()> {
         // Data first, then the name: without the sync a power cut after the rename can leave
         // the target naming blocks that were never written (an empty or garbage file).
         file.sync_all().map_err(|e| Error::io(&temp, e))?;
-        std::fs::rename(&temp, target).map_err(|e| Error::io(target, e))
+        std::fs::rename(&temp, target).map_err(|e| Error::io(target, e))?;
+        // And the folder, so the rename itself survives a power cut.
+        let folder = match target.parent() {
+            Some(parent) if !parent.as_os_str().is_empty() => parent,
+            _ => Path::new("."),
+        };
+        std::fs::File::open(folder).and_then(|dir| dir.sync_all()).map_err(|e| Error::io(folder, e))
     })();
     if result.is_err() {
         let _ = std::fs::remove_file(&temp);

@@ -24,7 +24,7 @@ from masktrain.models.single_file import (
     Shapes,
     build,
     count,
-    open_checkpoint,
+    open_component,
     register_kinds,
     shape,
 )
@@ -62,9 +62,7 @@ def load_transformer_file(
     """A ``QwenImageTransformer2DModel`` from one ``.safetensors`` file."""
     from diffusers import QwenImageTransformer2DModel
 
-    file = open_checkpoint(path, flag)
-    names = file.select(DIT_PREFIXES)
-    file.expect(names, QWEN_DIT)
+    file, names = open_component(path, flag, DIT_PREFIXES, QWEN_DIT)
     to_file = {name.removeprefix(file.prefix): name for name in names}
     marker = to_file.pop(QWEN_ZERO_COND_MARKER, None)
     config = file.infer(qwen_transformer_config, file.renamed_shapes(to_file), overrides)

@@ -211,6 +211,17 @@ def open_checkpoint(path: Path, flag: str) -> CheckpointFile:
     return CheckpointFile(path=path, flag=flag, shapes=shapes, dtypes=dtypes)
 
 
+def open_component(
+    path: Path, flag: str, prefixes: tuple[str, ...], *wanted: CheckpointKind
+) -> tuple[CheckpointFile, list[str]]:
+    """The header of `path` and the keys of its component under `prefixes`, which must be one of
+    the `wanted` kinds (:meth:`CheckpointFile.expect` says what it is otherwise)."""
+    file = open_checkpoint(path, flag)
+    names = file.select(prefixes)
+    file.expect(names, *wanted)
+    return file, names
+
+
 def _first(keys: list[str], n: int = 5) -> str:
     shown = ", ".join(keys[:n])
     return f"{shown}, ... ({len(keys)} in all)" if len(keys) > n else shown

@@ -39,7 +39,7 @@ from masktrain.models.single_file import (
     Shapes,
     build,
     count,
-    open_checkpoint,
+    open_component,
     register_kinds,
     shape,
 )
@@ -113,9 +113,7 @@ def load_transformer_file(
     """A ``WanTransformer3DModel`` from one ``.safetensors`` file, original/ComfyUI or diffusers names."""
     from diffusers import WanTransformer3DModel
 
-    file = open_checkpoint(path, flag)
-    names = file.select(DIT_PREFIXES)
-    file.expect(names, WAN_DIT)
+    file, names = open_component(path, flag, DIT_PREFIXES, WAN_DIT)
     to_file = wan_transformer_names({name.removeprefix(file.prefix): name for name in names})
     config = file.infer(wan_transformer_config, file.renamed_shapes(to_file), overrides)
     return build(WanTransformer3DModel, config, file, to_file, dtype)
@@ -126,9 +124,7 @@ def read_vae_file(
 ) -> tuple[CheckpointFile, dict[str, Any], dict[str, str]]:
     """(the open file, its ``AutoencoderKLWan`` config, diffusers name -> file key) of a VAE file
     of one of the `wanted` kinds; shared with the Qwen-Image VAE, which has this layout."""
-    file = open_checkpoint(path, flag)
-    names = file.select(VAE_PREFIXES)
-    file.expect(names, *wanted)
+    file, names = open_component(path, flag, VAE_PREFIXES, *wanted)
     try:
         to_file = wan_vae_names([name.removeprefix(file.prefix) for name in names])
     except ValueError as e:
