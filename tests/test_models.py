@@ -156,3 +156,26 @@ def test_weights_identity_follows_the_config_and_the_files_on_disk(tmp_path: Pat
     weights = next((tmp_path / "vae").glob("*.safetensors"))
     os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 1_000_000_000))
     assert weights_identity(str(tmp_path / "vae"), vae) != before
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_the_catalog_states_each_familys_latent_factors(arch: str) -> None:
+    """The catalog's torch-free facts agree with the models: the tiny VAEs it lists, and the
+    released VAE (diffusers' default config, built on the meta device)."""
+    from accelerate import init_empty_weights
+
+    from masktrain import catalog
+
+    spec, family = catalog.arch(arch), get_family(arch)
+    assert family.spec is spec and family.name == spec.name and family.text_flag == spec.text_flag
+    for name, factor in spec.tiny_vaes.items():
+        vae = family.load_vae(name, CPU, F32)
+        assert family.spatial_factor(vae) == factor
+        assert family.temporal_factor(vae) == spec.temporal_factor
+    released_class = {"wan": "AutoencoderKLWan", "qwen_image": "AutoencoderKLQwenImage"}[arch]
+    import diffusers
+
+    with init_empty_weights():
+        released = getattr(diffusers, released_class)()
+    assert family.spatial_factor(released) == spec.spatial_factor
+    assert family.temporal_factor(released) == spec.temporal_factor

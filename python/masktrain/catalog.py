@@ -95,6 +95,11 @@ def arch(name: str) -> ArchSpec:
         ) from None
 
 
+def described() -> str:
+    """The ``--arch`` choices with what each covers, for help texts."""
+    return ", ".join(f"{spec.name} ({spec.title})" for spec in ARCHES.values())
+
+
 def video_arches() -> tuple[str, ...]:
     """The families that take video datasets."""
     return tuple(spec.name for spec in ARCHES.values() if spec.takes_video)

@@ -158,12 +158,3 @@ def exit_code(error: BaseException) -> int:
         if cls in EXIT_CODES:
             return EXIT_CODES[cls]
     return 1
-
-
-def public_error_classes() -> list[type[BaseException]]:
-    """Every exception class this module defines (for the test that they share the roots)."""
-    return [
-        value
-        for value in globals().values()
-        if isinstance(value, type) and issubclass(value, BaseException) and value.__module__ == __name__
-    ]

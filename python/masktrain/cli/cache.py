@@ -7,20 +7,29 @@ from pathlib import Path
 import click
 
 from masktrain import catalog
-from masktrain.cli.options import existing_file, option
+from masktrain.cli.options import F, existing_file, option
 from masktrain.cli.outcome import run_job
+
+
+def _text_encoder_options(command: F) -> F:
+    """One option per text-encoder flag of the catalog (``--t5``, ``--text_encoder``, ...)."""
+    by_flag: dict[str, list[catalog.ArchSpec]] = {}
+    for spec in catalog.ARCHES.values():
+        by_flag.setdefault(spec.text_flag, []).append(spec)
+    for flag, specs in reversed(by_flag.items()):
+        models = "; ".join(f"{spec.title}: {spec.text_encoder}" for spec in specs)
+        help = f"Text encoder ({models}): 'tiny', or a local diffusers folder."
+        command = option(flag.removeprefix("--"), default=None, help=help)(command)
+    return command
 
 
 @click.command("cache")
 @option("dataset_config", type=existing_file(), required=True, help="The dataset TOML.")
-@option("arch", type=click.Choice(catalog.ARCH_NAMES), required=True, help="Model family.")
-@option("vae", required=True, help="VAE: 'tiny', a local diffusers folder or a .safetensors file.")
-@option("t5", default=None, help="WAN text encoder (UMT5): 'tiny', or a local diffusers folder.")
 @option(
-    "text_encoder",
-    default=None,
-    help="Qwen-Image text encoder (Qwen2.5-VL): 'tiny', or a local diffusers folder.",
+    "arch", type=click.Choice(catalog.ARCH_NAMES), required=True, help=f"Model family: {catalog.described()}."
 )
+@option("vae", required=True, help="VAE: 'tiny', a local diffusers folder or a .safetensors file.")
+@_text_encoder_options
 @option("device", default=None, help="Encoding device [default: cuda when available, else cpu].")
 @option("batch_size", type=click.IntRange(min=1), default=4, show_default=True)
 @option(
@@ -40,12 +49,11 @@ def cache(
     dataset_config: Path,
     arch: str,
     vae: str,
-    t5: str | None,
-    text_encoder: str | None,
     device: str | None,
     batch_size: int,
     num_workers: int | None,
     skip_existing: bool,
+    **text_encoders: str | None,
 ) -> None:
     """Cache latents, mask weights and text embeddings for a dataset TOML."""
     from masktrain.config.cache import CacheConfig
@@ -55,8 +63,7 @@ def cache(
             dataset_config=dataset_config,
             arch=arch,
             vae=vae,
-            t5=t5,
-            text_encoder=text_encoder,
+            text_encoders={f"--{name}": value for name, value in text_encoders.items()},
             device=device,
             batch_size=batch_size,
             skip_existing=skip_existing,

@@ -13,12 +13,12 @@ import dataclasses
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import click
 
 from masktrain import catalog
-from masktrain.cli.options import existing_file, flag, option
+from masktrain.cli.options import F, existing_file, flag, option
 from masktrain.cli.outcome import run_job
 from masktrain.config.mask_loss import MaskLossSettings
 from masktrain.config.timesteps import TIMESTEP_SAMPLINGS, WEIGHTING_SCHEMES, TimestepSettings
@@ -36,8 +36,6 @@ from masktrain.config.train import (
 
 log = logging.getLogger(__name__)
 
-F = TypeVar("F", bound=Callable[..., Any])
-
 _TRAIN = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
 _NETWORK, _OPTIM, _MASK, _STEPS = NetworkSettings(), OptimSettings(), MaskLossSettings(), TimestepSettings()
 
@@ -54,7 +52,12 @@ _OPTIONS: list[Callable[[F], F]] = [
         required=True,
         help="The dataset TOML (cached with masktrain cache).",
     ),
-    option("arch", type=click.Choice(catalog.ARCH_NAMES), required=True, help="Model family."),
+    option(
+        "arch",
+        type=click.Choice(catalog.ARCH_NAMES),
+        required=True,
+        help=f"Model family: {catalog.described()}.",
+    ),
     option("dit", required=True, help="Transformer: 'tiny', a diffusers folder or a .safetensors file."),
     option("dit_high_noise", default=None, help="WAN 2.2 A14B high-noise expert (one LoRA across both)."),
     _shown(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,23 +48,25 @@ class CacheConfig:
         dataset_config: Path,
         arch: str,
         vae: str,
-        t5: str | None,
-        text_encoder: str | None,
+        text_encoders: Mapping[str, str | None],
         device: str | None = None,
         batch_size: int = 4,
         skip_existing: bool = True,
         num_workers: int | None = None,
     ) -> CacheConfig:
         """The config of the command line, where each family names its text encoder with its own
-        flag (``--t5`` for WAN, ``--text_encoder`` for Qwen-Image): the other flag is an error."""
+        flag (``catalog``: ``--t5`` for WAN, ``--text_encoder`` for Qwen-Image); `text_encoders`
+        holds every such flag's value, and another family's flag is an error."""
         spec = catalog.arch(arch)
-        given = {"--t5": t5, "--text_encoder": text_encoder}
-        for flag, value in given.items():
+        for flag, value in text_encoders.items():
             if flag != spec.text_flag and value is not None:
                 raise CacheConfigError(f"{flag} is not used with --arch {arch}; pass {spec.text_flag}")
-        chosen = given[spec.text_flag]
+        chosen = text_encoders.get(spec.text_flag)
         if chosen is None:
-            raise CacheConfigError(f"--arch {arch} needs {spec.text_flag} ('tiny' or a local folder)")
+            raise CacheConfigError(
+                f"--arch {arch} needs {spec.text_flag} (the {spec.text_encoder} text encoder: "
+                "'tiny' or a local folder)"
+            )
         return cls(
             dataset_config=dataset_config,
             arch=arch,

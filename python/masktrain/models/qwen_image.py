@@ -160,7 +160,7 @@ class QwenImageFamily:
         return int(2 ** len(diffusers_config(vae).temperal_downsample))
 
     def temporal_factor(self, vae: torch.nn.Module) -> int:
-        return 1
+        return self.spec.temporal_factor  # an image model: one frame per latent frame
 
     def encode_pixels(self, vae: torch.nn.Module, pixels: torch.Tensor) -> torch.Tensor:
         return encode_posterior_mean(vae, pixels)
