@@ -495,90 +495,67 @@ HEAD = {"attention_head_dim": 12}
 
 
 @pytest.mark.parametrize(
-    ("loader", "arch", "name", "overrides", "message"),
+    ("case", "overrides", "message"),  # case: "loader arch file"
     [
         (
-            "dit",
-            "wan",
-            "vae",
+            "dit wan vae",
             HEAD,
             r"holds a WAN 2\.1 / Qwen-Image VAE, expected a WAN transformer; pass it to --vae",
         ),
+        ("dit wan qwen", HEAD, r"holds a Qwen-Image transformer, expected a WAN transformer; check --arch"),
         (
-            "dit",
-            "wan",
-            "qwen",
-            HEAD,
-            r"holds a Qwen-Image transformer, expected a WAN transformer; check --arch",
-        ),
-        (
-            "dit",
-            "qwen_image",
-            "wan",
+            "dit qwen_image wan",
             None,
             r"holds a WAN transformer, expected a Qwen-Image transformer; check --arch",
         ),
         (
-            "dit",
-            "wan",
-            "t5",
+            "dit wan t5",
             HEAD,
             r"holds a T5 / UMT5 text encoder, expected a WAN transformer; text encoders need",
         ),
         (
-            "dit",
-            "wan",
-            "unknown",
+            "dit wan unknown",
             HEAD,
             r"holds an unrecognised checkpoint, expected a WAN transformer \(first keys: foo",
         ),
         (
-            "dit",
-            "wan",
-            "wan",
+            "dit wan wan",
             None,
             r"inner dim 24 is not a multiple of the head dim 128 .*pass the attention_head_dim",
         ),
-        ("dit", "qwen_image", "qwen", None, r"head dim 16 is not the released 128.*pass axes_dims_rope"),
+        ("dit qwen_image qwen", None, r"head dim 16 is not the released 128.*pass axes_dims_rope"),
         (
-            "dit",
-            "wan",
-            "incomplete",
+            "dit wan incomplete",
             HEAD,
             r"not a complete checkpoint: tensor 'blocks\.0\.ffn\.net\.0\.proj\.weight'",
         ),
         (
-            "dit",
-            "wan",
-            "extra",
+            "dit wan extra",
             HEAD,
             r"does not match WanTransformer3DModel: unexpected tensors "
             r"model\.diffusion_model\.blocks\.0\.extra\.weight",
         ),
-        ("dit", "wan", "scaled", HEAD, r"scaled fp8 checkpoints are not supported"),
-        ("dit", "wan", "garbage", HEAD, r"cannot read the safetensors header"),
-        ("dit", "wan", "empty", HEAD, r"cannot read the safetensors header"),
-        ("dit", "wan", "pth", HEAD, r"expected a \.safetensors file .*pickled checkpoints"),
-        ("dit", "wan", "missing", HEAD, r"no such file"),
+        ("dit wan scaled", HEAD, r"scaled fp8 checkpoints are not supported"),
+        ("dit wan garbage", HEAD, r"cannot read the safetensors header"),
+        ("dit wan empty", HEAD, r"cannot read the safetensors header"),
+        ("dit wan pth", HEAD, r"expected a \.safetensors file .*pickled checkpoints"),
+        ("dit wan missing", HEAD, r"no such file"),
         (
-            "vae",
-            "wan",
-            "wan",
+            "vae wan wan",
             None,
             r"holds a WAN transformer, expected a WAN 2\.1 / Qwen-Image VAE "
             r"or a WAN 2\.2 TI2V-5B VAE; pass it to --dit",
         ),
         (
-            "vae",
-            "qwen_image",
-            "ti2v",
+            "vae qwen_image ti2v",
             None,
             r"holds a WAN 2\.2 TI2V-5B VAE, expected a WAN 2\.1 / Qwen-Image VAE; check --arch",
         ),
-        ("vae", "wan", "t5", None, r"holds a T5 / UMT5 text encoder"),
+        ("vae wan t5", None, r"holds a T5 / UMT5 text encoder"),
     ],
 )
-def test_errors_name_the_flag_the_file_and_what_was_expected(files, loader, arch, name, overrides, message):
+def test_errors_name_the_flag_the_file_and_what_was_expected(files, case, overrides, message):
+    loader, arch, name = case.split()
     flag = "--dit" if loader == "dit" else "--vae"
     load = load_transformer_file if loader == "dit" else load_vae_file
     with pytest.raises(ModelLoadError, match=rf"^{flag} {re.escape(str(files[name]))}: .*{message}"):
