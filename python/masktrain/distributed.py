@@ -4,13 +4,16 @@ few collective steps (barrier, gather) the commands need. Without ``torchrun`` (
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
 import torch
 import torch.distributed as dist
+
+from masktrain.errors import Interrupted
 
 T = TypeVar("T")
 
@@ -42,8 +45,28 @@ class Shard:
         return values
 
 
+@contextlib.contextmanager
+def process_group() -> Iterator[Shard]:
+    """This process's shard, in the process group `torchrun` describes (gloo on CPU, nccl on GPU),
+    left when the block ends. On a normal end, and on an interruption every process agreed to,
+    the processes leave together (a barrier first): one that tears down its gloo connections
+    while its peer still uses them can abort the peer ("terminate called without an active
+    exception", seen under load at the end of a torchrun cache run). On an error only this
+    process may be leaving, so it leaves at once and its peers' next collective fails."""
+    shard = start()
+    try:
+        yield shard
+    except Interrupted:
+        _leave(shard, together=True)
+        raise
+    except BaseException:
+        _leave(shard, together=False)
+        raise
+    _leave(shard, together=True)
+
+
 def start() -> Shard:
-    """Join the process group `torchrun` describes in the environment (gloo on CPU, nccl on GPU)."""
+    """Join the process group `torchrun` describes in the environment (a world of one without it)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return Shard()
@@ -52,6 +75,8 @@ def start() -> Shard:
     return Shard(rank=dist.get_rank(), world=world, local_rank=int(os.environ.get("LOCAL_RANK", "0")))
 
 
-def stop(shard: Shard) -> None:
+def _leave(shard: Shard, together: bool) -> None:
     if shard.world > 1 and dist.is_initialized():
+        if together:
+            dist.barrier()
         dist.destroy_process_group()

@@ -59,11 +59,8 @@ def run(config: CacheConfig) -> list[DatasetSummary]:
     if config.num_workers is not None:  # read by the native core when its thread pool starts
         os.environ["MASKTRAIN_NUM_THREADS"] = str(config.num_workers)
     family = get_family(config.arch)
-    shard = distributed.start()
-    try:
+    with distributed.process_group() as shard:
         return _run(config, datasets, family, shard)
-    finally:
-        distributed.stop(shard)
 
 
 def _run(

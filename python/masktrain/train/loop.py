@@ -182,12 +182,9 @@ def run(config: TrainConfig) -> Path:
     """Train; returns the path of the LoRA file."""
     for warning in mask_loss.validate(config.mask):
         log.warning("%s", warning)
-    shard = distributed.start()
-    try:
+    with distributed.process_group() as shard:
         plan = preflight(config, shard.world)
         return _train(config, get_family(config.arch), shard, plan)
-    finally:
-        distributed.stop(shard)
 
 
 def _train(config: TrainConfig, family: ModelFamily, shard: Shard, plan: TrainPlan) -> Path:
