@@ -81,3 +81,69 @@ def words(line: str, **paths: object) -> list[str]:
 def masktrain_command(line: str, **paths: object) -> list[str]:
     """``python -m masktrain.cli`` followed by `line` (see :func:`words`)."""
     return [sys.executable, "-m", "masktrain.cli", *words(line, **paths)]
+
+
+MASKED_PRIOR_SETTINGS_KWARGS: dict[str, Any] = {
+    "use_mask_loss": True,
+    "mask_gamma": 0.7,
+    "prior_preservation_weight": 1.0,
+    "prior_mask_threshold": 0.1,
+    "normalize_per_sample": True,
+}
+
+
+def make_dataset(root: Path, *, masks: bool = True, count: int = 4) -> Path:
+    """`count` 64x64 photos with tiered masks (or none) and captions, in batches of 2."""
+    from PIL import Image
+
+    images = root / "images"
+    images.mkdir(parents=True)
+    mask_lines = ""
+    if masks:
+        (root / "masks").mkdir()
+        mask_lines = 'mask_directory = "masks"'
+    for index in range(count):
+        Image.fromarray(photo(64, 64, index)).save(images / f"item{index}.png")
+        if masks:
+            Image.fromarray(tiered(64, 64, index)).save(root / "masks" / f"item{index}.png")
+        (images / f"item{index}.txt").write_text(f"a photo of subject {index}")
+    toml = root / "dataset.toml"
+    toml.write_text(
+        f"""
+[general]
+resolution = [64, 64]
+batch_size = 2
+
+[[datasets]]
+image_directory = "images"
+cache_directory = "cache"
+{mask_lines}
+"""
+    )
+    return toml
+
+
+def cached(root: Path, arch: str = "wan", **kwargs: Any) -> Path:
+    """:func:`make_dataset`, cached with the tiny models; returns its TOML."""
+    toml = make_dataset(root, **kwargs)
+    cache_tiny(root, arch)
+    return toml
+
+
+def train_config(toml: Path, out: Path, arch: str = "wan", **kwargs: Any) -> Any:
+    """A small ``TrainConfig`` on the tiny models (masked prior preservation, rank 4)."""
+    from masktrain.config import MaskLossSettings, NetworkSettings, OptimSettings, TrainConfig
+
+    defaults: dict[str, Any] = dict(
+        dataset_config=toml,
+        arch=arch,
+        dit="tiny",
+        output_dir=out,
+        device="cpu",
+        max_train_steps=4,
+        network=NetworkSettings(network_dim=4, network_alpha=4.0),
+        optim=OptimSettings(learning_rate=1e-3),
+        mask=MaskLossSettings(**MASKED_PRIOR_SETTINGS_KWARGS),
+    )
+    defaults.update(kwargs)
+    return TrainConfig(**defaults)

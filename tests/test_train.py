@@ -15,57 +15,14 @@ import numpy as np
 import pytest
 import safetensors.torch
 import torch
-from PIL import Image
 
-from helpers import masktrain_command, photo, tiered, words
-from masktrain.cache import run as run_cache
-from masktrain.config import CacheConfig, MaskLossSettings, NetworkSettings, OptimSettings, TrainConfig
+from helpers import MASKED_PRIOR_SETTINGS_KWARGS, cached, make_dataset, masktrain_command, train_config, words
+from masktrain.config import MaskLossSettings, OptimSettings
 from masktrain.models import get_family
 from masktrain.train.experts import build_experts
 from masktrain.train.loop import run as run_train
 
-MASKED_PRIOR = MaskLossSettings(
-    use_mask_loss=True,
-    mask_gamma=0.7,
-    prior_preservation_weight=1.0,
-    prior_mask_threshold=0.1,
-    normalize_per_sample=True,
-)
-
-
-def make_dataset(root: Path, *, masks: bool = True, count: int = 4) -> Path:
-    images = root / "images"
-    images.mkdir(parents=True)
-    mask_lines = ""
-    if masks:
-        (root / "masks").mkdir()
-        mask_lines = 'mask_directory = "masks"'
-    for index in range(count):
-        Image.fromarray(photo(64, 64, index)).save(images / f"item{index}.png")
-        if masks:
-            Image.fromarray(tiered(64, 64, index)).save(root / "masks" / f"item{index}.png")
-        (images / f"item{index}.txt").write_text(f"a photo of subject {index}")
-    toml = root / "dataset.toml"
-    toml.write_text(
-        f"""
-[general]
-resolution = [64, 64]
-batch_size = 2
-
-[[datasets]]
-image_directory = "images"
-cache_directory = "cache"
-{mask_lines}
-"""
-    )
-    return toml
-
-
-def cached(root: Path, arch: str, **kwargs) -> Path:
-    toml = make_dataset(root, **kwargs)
-    text = {"wan": "tiny", "qwen_image": "tiny"}[arch]
-    run_cache(CacheConfig(dataset_config=toml, arch=arch, vae="tiny", text_encoder=text, device="cpu"))
-    return toml
+MASKED_PRIOR = MaskLossSettings(**MASKED_PRIOR_SETTINGS_KWARGS)
 
 
 @pytest.fixture(scope="module")
@@ -73,20 +30,7 @@ def wan_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return cached(tmp_path_factory.mktemp("wan"), "wan")
 
 
-def config(toml: Path, out: Path, arch: str = "wan", **kwargs) -> TrainConfig:
-    defaults = dict(
-        dataset_config=toml,
-        arch=arch,
-        dit="tiny",
-        output_dir=out,
-        device="cpu",
-        max_train_steps=4,
-        network=NetworkSettings(network_dim=4, network_alpha=4.0),
-        optim=OptimSettings(learning_rate=1e-3),
-        mask=MASKED_PRIOR,
-    )
-    defaults.update(kwargs)
-    return TrainConfig(**defaults)
+config = train_config
 
 
 def adapter(folder: Path) -> dict[str, torch.Tensor]:

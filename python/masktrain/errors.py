@@ -127,6 +127,10 @@ class CachedDataError(DataError):
     """The cache cannot be trained on as it is; the message says which file and what to run."""
 
 
+class TrainingDivergedError(MaskTrainError):
+    """The loss or the gradients became non-finite: the run stops before anything is saved."""
+
+
 # --- interruption ---------------------------------------------------------------------------------
 
 

@@ -86,6 +86,7 @@ _OPTIONS: list[Callable[[F], F]] = [
         "lora_format", _TRAIN["lora_format"], type=click.Choice(LORA_FORMATS), help="Layout of the LoRA file."
     ),
     _shown("save_precision", _TRAIN["save_precision"], type=click.Choice(SAVE_PRECISION)),
+    flag("overwrite", "Start over in an --output_dir that holds checkpoints (deletes them)."),
     option(
         "resume",
         type=click.Path(exists=True, file_okay=False, path_type=Path),

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from masktrain import catalog
+from masktrain.config.device import check_device
 from masktrain.errors import CacheConfigError
 
 
@@ -32,6 +33,7 @@ class CacheConfig:
 
     def __post_init__(self) -> None:
         catalog.arch(self.arch)
+        check_device(self.device)
         if self.batch_size < 1:
             raise CacheConfigError(f"--batch_size must be >= 1, got {self.batch_size}")
         if self.num_workers is not None and self.num_workers < 1:

@@ -28,6 +28,11 @@ class ConvertAlphaConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "caption_extension", normalize_caption_extension(self.caption_extension))
+        if self.mask_directory.resolve() == self.image_directory.resolve():
+            raise FlagError(
+                f"--mask_directory is the same as --image_directory ({self.image_directory}): every image "
+                "would be its own mask; point it at the folder of masks"
+            )
         output = self.output_directory.resolve()
         for flag, source in (
             ("--image_directory", self.image_directory),

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import difflib
 import logging
+import math
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -38,6 +39,14 @@ log = logging.getLogger(__name__)
 BUCKET_STEP = 16
 """Bucket sides are multiples of this many pixels: the latent grid of WAN and Qwen-Image (an 8x
 VAE times a 2x2 patch). ``bucket_reso_steps`` must be a multiple of it."""
+
+# Bounds on every size that reaches an allocation, so a typo is an error naming the key rather
+# than an attempt to allocate terabytes. 4096 x 4096 is within the decoder's pixel limit (a test
+# keeps it so); 1025 frames (4 x 256 + 1) is eight times WAN's longest released clip.
+MAX_SIDE = 4096
+MAX_FRAMES = 1025
+MAX_BATCH_SIZE = 1024
+MAX_REPEATS = 100_000
 
 FrameExtraction = Literal["head", "chunk", "slide", "uniform", "full"]
 FRAME_EXTRACTIONS: tuple[str, ...] = ("head", "chunk", "slide", "uniform", "full")
@@ -180,12 +189,16 @@ class _Table:
             raise self.error(key, f"must be true or false, not {value!r}")
         return value
 
-    def integer(self, key: str, default: int | None, minimum: int = 1) -> int | None:
+    def integer(
+        self, key: str, default: int | None, minimum: int = 1, maximum: int | None = None
+    ) -> int | None:
         value = self.values.get(key, default)
         if value is None:
             return None
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
             raise self.error(key, f"must be an integer >= {minimum}, not {value!r}")
+        if maximum is not None and value > maximum:
+            raise self.error(key, f"must be an integer <= {maximum}, not {value!r}")
         return value
 
     def path(self, key: str) -> Path | None:
@@ -215,16 +228,19 @@ def _resolution(table: _Table) -> tuple[int, int]:
     ):
         raise table.error("resolution", f"must be [width, height] or one integer, not {value!r}")
     width, height = value
+    if width > MAX_SIDE or height > MAX_SIDE:
+        raise table.error("resolution", f"{width}x{height} must be at most {MAX_SIDE} on each side")
     if width % BUCKET_STEP or height % BUCKET_STEP:
         raise table.error("resolution", f"{width}x{height} must be a multiple of {BUCKET_STEP} on both sides")
     return width, height
 
 
 def _buckets(table: _Table) -> BucketConfig:
-    steps = table.integer("bucket_reso_steps", None)
+    steps = table.integer("bucket_reso_steps", None, BUCKET_STEP, MAX_SIDE)
     if steps is not None and steps % BUCKET_STEP:
         raise table.error("bucket_reso_steps", f"must be a multiple of {BUCKET_STEP}, not {steps}")
-    low, high = table.integer("min_bucket_reso", None), table.integer("max_bucket_reso", None)
+    low = table.integer("min_bucket_reso", None, BUCKET_STEP, MAX_SIDE)
+    high = table.integer("max_bucket_reso", None, BUCKET_STEP, MAX_SIDE)
     if low is not None and high is not None and low > high:
         raise table.error("min_bucket_reso", f"({low}) must not exceed max_bucket_reso ({high})")
     enable = table.boolean("enable_bucket", False)
@@ -270,8 +286,8 @@ def _common(table: _Table, media: Path | None, jsonl_key: str) -> dict[str, Any]
         "cache_directory": cache,
         "caption_extension": _caption_extension(table),
         "caption_directory": table.path("caption_directory"),
-        "batch_size": table.integer("batch_size", 1),
-        "num_repeats": table.integer("num_repeats", 1),
+        "batch_size": table.integer("batch_size", 1, 1, MAX_BATCH_SIZE),
+        "num_repeats": table.integer("num_repeats", 1, 1, MAX_REPEATS),
         "buckets": _buckets(table),
         "mask_directory": table.path("mask_directory"),
     }
@@ -287,6 +303,15 @@ def _image_dataset(table: _Table) -> ImageDatasetConfig:
         alpha_mask=table.boolean("alpha_mask", False),
         require_mask=table.boolean("require_mask", False),
     )
+    if (
+        directory is not None
+        and config.mask_directory is not None
+        and _same(directory, config.mask_directory)
+    ):
+        raise table.error(
+            "mask_directory",
+            "is the image_directory: every image would be its own mask; point it at the folder of masks",
+        )
     if config.require_mask and not config.alpha_mask and config.mask_directory is None:
         raise ConfigError(
             f"{table.where}: require_mask=true but no mask source configured. "
@@ -303,6 +328,8 @@ def _target_frames(table: _Table) -> tuple[int, ...]:
         or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
     ):
         raise table.error("target_frames", f"must be a list of positive integers, not {value!r}")
+    if max(value) > MAX_FRAMES:
+        raise table.error("target_frames", f"must be a list of integers in [1, {MAX_FRAMES}], not {value!r}")
     frames = set()
     for count in value:
         rounded = (count - 1) // 4 * 4 + 1
@@ -326,9 +353,11 @@ def _video_dataset(table: _Table) -> VideoDatasetConfig:
             "frame_extraction", f"must be one of {', '.join(FRAME_EXTRACTIONS)}, not {extraction!r}"
         )
     fps = table.get("source_fps")
-    if fps is not None and (isinstance(fps, bool) or not isinstance(fps, int | float) or fps <= 0):
+    if fps is not None and (
+        isinstance(fps, bool) or not isinstance(fps, int | float) or not 0 < fps < math.inf
+    ):
         raise table.error("source_fps", f"must be a positive number, not {fps!r}")
-    sample = table.integer("frame_sample", 1)
+    sample = table.integer("frame_sample", 1, 1, MAX_FRAMES)
     if extraction == "uniform" and sample == 1:
         log.warning(
             '%s: frame_extraction = "uniform" with frame_sample = 1 is "head" (one clip from the '
@@ -342,17 +371,33 @@ def _video_dataset(table: _Table) -> VideoDatasetConfig:
         video_jsonl_file=jsonl,
         target_frames=_target_frames(table),
         frame_extraction=extraction,
-        frame_stride=table.integer("frame_stride", 1) or 1,
+        frame_stride=table.integer("frame_stride", 1, 1, MAX_FRAMES) or 1,
         frame_sample=sample or 1,
-        max_frames=table.integer("max_frames", 129) or 129,
+        max_frames=table.integer("max_frames", 129, 1, MAX_FRAMES) or 129,
         source_fps=float(fps) if fps is not None else None,
     )
+
+
+def _same(a: Path, b: Path) -> bool:
+    return a.resolve() == b.resolve()
+
+
+def read_utf8(path: Path, fix: str) -> str:
+    """The text of `path`; a file that is not UTF-8 is a :class:`ConfigError` naming it and saying
+    how to `fix` it (OSError for a file that cannot be read)."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ConfigError(
+            f"{path}: not UTF-8 text (byte 0x{data[error.start]:02x} at offset {error.start}); {fix}"
+        ) from None
 
 
 def load_dataset_config(path: Path) -> DatasetConfig:
     """Read and validate a dataset TOML. Raises ConfigError (or OSError for an unreadable file)."""
     try:
-        document = tomllib.loads(path.read_text(encoding="utf-8"))
+        document = tomllib.loads(read_utf8(path, "save it as UTF-8"))
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(f"{path}: not valid TOML: {error}") from error
     base = path.resolve().parent

@@ -64,12 +64,16 @@ class MaskLossSettings:
 def check(settings: MaskLossSettings) -> None:
     """Raise :class:`MaskOptionError` for a value that cannot work (no warnings); runs when the
     settings are built."""
-    # Chained comparisons reject NaN and infinity.
+    # Chained comparisons reject NaN; infinity gets its own words (it is not "<= 0").
+    if math.isinf(settings.mask_gamma) and settings.mask_gamma > 0:
+        raise MaskOptionError(f"--mask_gamma must be a finite number, got {settings.mask_gamma}")
     if not 0.0 < settings.mask_gamma < math.inf:
         raise MaskOptionError("--mask_gamma must be > 0")
     if not (0.0 <= settings.mask_min_weight < 1.0):
         raise MaskOptionError("--mask_min_weight must be in range [0, 1)")
     weight = settings.prior_preservation_weight
+    if math.isinf(weight) and weight > 0:
+        raise MaskOptionError(f"--prior_preservation_weight must be a finite number, got {weight}")
     if not 0.0 <= weight < math.inf:
         raise MaskOptionError("--prior_preservation_weight must be >= 0")
     threshold = settings.prior_mask_threshold

@@ -20,9 +20,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 from masktrain import catalog
+from masktrain.config.device import check_device
 from masktrain.config.mask_loss import MaskLossSettings
 from masktrain.config.timesteps import TimestepSettings
-from masktrain.errors import OptimConfigError, TrainConfigError
+from masktrain.errors import FlagError, OptimConfigError, TrainConfigError
 
 LoraLayout = Literal["comfyui", "diffusers"]
 LORA_FORMATS: tuple[LoraLayout, ...] = ("comfyui", "diffusers")
@@ -30,6 +31,8 @@ LORA_FORMATS: tuple[LoraLayout, ...] = ("comfyui", "diffusers")
 MIXED_PRECISION = ("auto", "no", "bf16")
 SAVE_PRECISION = ("float", "fp16", "bf16")
 OPTIMIZER_TYPES = ("adamw", "adamw8bit")
+MAX_SEED = 2**63
+"""Seeds seed torch's generators, which take 64-bit integers."""
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
 
 
@@ -47,8 +50,8 @@ class NetworkSettings:
     def __post_init__(self) -> None:
         if self.network_dim < 1:
             raise TrainConfigError("--network_dim must be >= 1")
-        if not self.network_alpha > 0:
-            raise TrainConfigError("--network_alpha must be > 0")
+        if not 0 < self.network_alpha < math.inf:
+            raise TrainConfigError("--network_alpha must be a finite number > 0")
 
 
 @dataclass(frozen=True)
@@ -161,6 +164,8 @@ class TrainConfig:
     """dtype of the saved LoRA tensors: float, fp16 or bf16."""
     resume: Path | None = None
     """A checkpoint folder (OUTPUT_DIR/step-000100) to continue from."""
+    overwrite: bool = False
+    """Start over in an OUTPUT_DIR that holds another run's checkpoints (they are deleted)."""
     network: NetworkSettings = field(default_factory=NetworkSettings)
     optim: OptimSettings = field(default_factory=OptimSettings)
     mask: MaskLossSettings = field(default_factory=MaskLossSettings)
@@ -171,6 +176,7 @@ class TrainConfig:
         _check(
             [
                 _choice(self.arch, catalog.ARCH_NAMES, "--arch"),
+                (0 <= self.seed < MAX_SEED, f"--seed must be an integer in [0, 2**63), got {self.seed}"),
                 (self.max_train_steps >= 1, "--max_train_steps must be >= 1"),
                 ((self.max_train_epochs or 1) >= 1, "--max_train_epochs must be >= 1"),
                 ((self.save_every_n_steps or 1) >= 1, "--save_every_n_steps must be >= 1"),
@@ -188,6 +194,10 @@ class TrainConfig:
                 ),
             ]
         )
+        try:
+            check_device(self.device)
+        except FlagError as error:
+            raise TrainConfigError(str(error)) from None
 
     def to_json(self) -> str:
         return json.dumps(_jsonable(dataclasses.asdict(self)), indent=2, sort_keys=True)

@@ -12,12 +12,14 @@ import threading
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Generic, TypeVar
 
 import torch
 
 from masktrain.data import cache_format as fmt
 from masktrain.data.cached_items import CachedItem
+from masktrain.errors import CachedDataError
 
 Tag = TypeVar("Tag")
 
@@ -35,14 +37,26 @@ class Batch:
     items: list[CachedItem]
 
 
+def _finite(tensors: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
+    """`tensors`, or a :class:`CachedDataError` naming the file when one holds NaN or infinity (a
+    damaged file whose header still reads fresh: training on it would poison every step)."""
+    for key, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise CachedDataError(
+                f"{path}: holds non-finite values (NaN or infinity) in {key}; delete the file and run "
+                "masktrain cache again"
+            )
+    return tensors
+
+
 def load_batch(index: int, items: list[CachedItem]) -> Batch:
     latents, masks, texts = [], [], []
     for item in items:
-        tensors, _ = fmt.load_cache_file(item.latent_path)
+        tensors = _finite(fmt.load_cache_file(item.latent_path)[0], item.latent_path)
         keys = fmt.item_tensor_keys(tensors, item.latent_path)
         latents.append(tensors[keys.latents].float())
         masks.append(None if keys.mask_weights is None else tensors[keys.mask_weights].float())
-        text_tensors, _ = fmt.load_cache_file(item.text_path)
+        text_tensors = _finite(fmt.load_cache_file(item.text_path)[0], item.text_path)
         texts.append(next(iter(text_tensors.values())))
     mask_weights = None
     template = next((m for m in masks if m is not None), None)

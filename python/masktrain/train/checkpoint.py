@@ -17,6 +17,7 @@ intact and nothing half-written; the next run removes the temporaries.
 from __future__ import annotations
 
 import json
+import pickle
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ import safetensors.torch
 import torch
 
 from masktrain import atomic
+from masktrain.errors import TrainConfigError
 
 
 @dataclass(frozen=True)
@@ -136,3 +138,30 @@ def load_checkpoint(folder: Path) -> LoadedCheckpoint:
         rng=torch.load(folder / "rng.pt", weights_only=True, map_location="cpu"),
         position=Position(**state),
     )
+
+
+def restore(
+    folder: Path,
+    named: list[tuple[str, torch.nn.Parameter]],
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+) -> Position:
+    """Load `folder` into the run: the LoRA weights `named`, the optimizer, the schedule and every
+    generator; returns where the run stands. A checkpoint that cannot be read, or whose adapter
+    is not the LoRA these weights are, is a :class:`TrainConfigError` naming it."""
+    try:
+        state = load_checkpoint(folder)
+        params = dict(named)
+        shapes = {name: tuple(param.shape) for name, param in named}
+        if {name: tuple(t.shape) for name, t in state.adapter.items()} != shapes:
+            raise ValueError("its adapter holds other LoRA weights than these flags build")
+        for name, tensor in state.adapter.items():
+            params[name].data.copy_(tensor.to(params[name].device))
+        optimizer.load_state_dict(state.optimizer)
+        scheduler.load_state_dict(state.scheduler)
+        restore_rng(state.rng)
+    except (OSError, EOFError, RuntimeError, ValueError, KeyError, pickle.UnpicklingError) as error:
+        raise TrainConfigError(
+            f"--resume {folder}: damaged checkpoint ({type(error).__name__}: {error})"
+        ) from None
+    return state.position

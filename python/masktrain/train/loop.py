@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
+import shutil
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -43,7 +45,7 @@ from masktrain.config.train import TrainConfig
 from masktrain.data.cached_items import CachedItem, epoch_batches
 from masktrain.data.loader import Batch, Prefetcher
 from masktrain.distributed import Shard
-from masktrain.errors import TrainingInterrupted
+from masktrain.errors import TrainConfigError, TrainingDivergedError, TrainingInterrupted
 from masktrain.loss import has_prior_region, masked_loss_terms, region_losses
 from masktrain.models import get_family
 from masktrain.models.base import ModelFamily
@@ -62,7 +64,12 @@ CACHE_HINT = mask_loss.DEFAULT_CACHE_HINT
 
 def _device(config: TrainConfig, shard: Shard) -> torch.device:
     if config.device:
-        return torch.device(config.device)
+        device = torch.device(config.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise TrainConfigError(f"--device {config.device}: no CUDA device is available on this machine")
+        if device.type == "mps" and not torch.backends.mps.is_available():
+            raise TrainConfigError(f"--device {config.device}: no MPS device is available on this machine")
+        return device
     return torch.device(f"cuda:{shard.local_rank}" if torch.cuda.is_available() else "cpu")
 
 
@@ -77,7 +84,8 @@ def _precision(config: TrainConfig, device: torch.device) -> tuple[torch.dtype, 
 
 
 def _batch_generator(seed: int, epoch: int, index: int) -> torch.Generator:
-    return torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 1_000_003 + index)
+    # Modulo 2**64, the seeds torch takes; the identity for every seed below ~1.8e7.
+    return torch.Generator().manual_seed(((seed * 1_000_003 + epoch) * 1_000_003 + index) % 2**64)
 
 
 @dataclass
@@ -101,6 +109,13 @@ def compute_loss(
     settings = config.mask
     if settings.use_mask_loss:
         mask_loss.require_mask_weights(batch.mask_weights is not None, CACHE_HINT)
+        if (
+            settings.mask_min_weight == 0
+            and batch.mask_weights is not None
+            and not bool(batch.mask_weights.any())
+        ):
+            names = ", ".join(item.latent_path.name for item in batch.items)
+            log.warning("All-zero mask weights detected: the target loss is zero for the batch of %s", names)
     generator = _batch_generator(config.seed, epoch, batch.index)
     latents = batch.latents.to(device)
     batch_size, _, _, height, width = latents.shape
@@ -154,28 +169,33 @@ def _all_reduce_grads(params: list[torch.nn.Parameter], shard: Shard) -> None:
 
 
 class _Interrupt:
-    """Ctrl-C sets a flag the loop checks after each optimizer step (a second one aborts)."""
+    """Ctrl-C (SIGINT) or SIGTERM (a scheduler's stop, ``kill``) sets a flag the loop checks after
+    each optimizer step, which then saves and stops; a second signal aborts."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self) -> None:
         self.requested = False
-        self._previous: Callable[[int, FrameType | None], Any] | int | None = None
+        self._previous: dict[int, Callable[[int, FrameType | None], Any] | int | None] = {}
 
     def __enter__(self) -> _Interrupt:
         try:
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
         except ValueError:  # not the main thread (e.g. called from a test thread)
-            self._previous = None
+            self._previous = {}
         return self
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        log.warning("interrupt: saving a checkpoint after this step (Ctrl-C again to abort)")
+        name = signal.Signals(signum).name
+        log.warning("%s: saving a checkpoint after this step (send it again to abort)", name)
 
     def __exit__(self, *exc: object) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for sig, previous in self._previous.items():
+            if previous is not None:
+                signal.signal(sig, previous)
 
 
 def run(config: TrainConfig) -> Path:
@@ -184,6 +204,16 @@ def run(config: TrainConfig) -> Path:
         log.warning("%s", warning)
     with distributed.process_group() as shard:
         plan = preflight(config, shard.world)
+        lora_path = config.output_dir / f"{config.output_name}.safetensors"
+        if plan.complete:
+            log.info(
+                "%s is already complete at step %d (--max_train_steps %d): nothing to train; raise "
+                "--max_train_steps to continue it",
+                config.resume,
+                plan.resume_step,
+                plan.total_steps,
+            )
+            return lora_path
         return _train(config, get_family(config.arch), shard, plan)
 
 
@@ -210,19 +240,15 @@ def _train(config: TrainConfig, family: ModelFamily, shard: Shard, plan: TrainPl
 
     position = ckpt.Position(step=0, epoch=0, batches_done=0)
     if config.resume is not None:
-        state = ckpt.load_checkpoint(config.resume)
-        by_name = dict(named)
-        for name, tensor in state.adapter.items():
-            by_name[name].data.copy_(tensor.to(device))
-        optimizer.load_state_dict(state.optimizer)
-        scheduler.load_state_dict(state.scheduler)
-        ckpt.restore_rng(state.rng)
-        position = state.position
+        position = ckpt.restore(config.resume, named, optimizer, scheduler)
         log.info("resumed from %s at step %d", config.resume, position.step)
 
     if shard.is_main:
         config.output_dir.mkdir(parents=True, exist_ok=True)
         atomic.remove_stale_temporaries(config.output_dir)
+        if config.overwrite and config.resume is None:  # start over: no old step mixes with this run
+            for old in config.output_dir.glob("step-*"):
+                shutil.rmtree(old)
         atomic.write_text(config.output_dir / "config.json", config.to_json())
         if config.mask.use_mask_loss:
             print(mask_loss.banner(config.mask, CACHE_HINT), flush=True)
@@ -249,6 +275,7 @@ def _train(config: TrainConfig, family: ModelFamily, shard: Shard, plan: TrainPl
         prefetch = Prefetcher(_schedule(plan.items, config.seed, shard, batches_per_epoch, epoch, done))
         try:
             window, in_window, started, waited = StepMetrics(), 0, time.perf_counter(), 0.0
+            window_items: list[CachedItem] = []
             for (epoch, done), batch in prefetch:
                 # Windows of gradient_accumulation_steps batches never cross an epoch's end.
                 window_start = done - 1 - in_window
@@ -256,12 +283,15 @@ def _train(config: TrainConfig, family: ModelFamily, shard: Shard, plan: TrainPl
                 result = compute_loss(config, family, experts, batch, epoch, device, weight_dtype, autocast)
                 (result.loss / window_size).backward()  # type: ignore[no-untyped-call]  # torch leaves it unannotated
                 window.add(float(result.loss.detach()), result.prior, result.tiers)
+                window_items.extend(batch.items)
                 in_window += 1
                 if in_window < window_size:
                     continue
                 _all_reduce_grads(params, shard)
-                if optim.max_grad_norm > 0:
-                    torch.nn.utils.clip_grad_norm_(params, optim.max_grad_norm)
+                # Clipping off (0) still measures the norm: it multiplies by exactly 1.
+                norm = float(torch.nn.utils.clip_grad_norm_(params, optim.max_grad_norm or math.inf))
+                if _agree(not (math.isfinite(window.loss) and math.isfinite(norm)), shard):
+                    raise _diverged(step + 1, window.loss, norm, window_items)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -291,6 +321,7 @@ def _train(config: TrainConfig, family: ModelFamily, shard: Shard, plan: TrainPl
                 if finished:
                     break
                 window, in_window, started, waited = StepMetrics(), 0, time.perf_counter(), prefetch.waited
+                window_items = []
         finally:
             prefetch.close()
     if shard.is_main:
@@ -311,6 +342,15 @@ def _schedule(
             index, batch_items = mine[position]
             yield (epoch, position + 1), index, batch_items
         epoch, done = epoch + 1, 0
+
+
+def _diverged(step: int, loss: float, norm: float, items: list[CachedItem]) -> TrainingDivergedError:
+    names = ", ".join(sorted({item.latent_path.name for item in items}))
+    return TrainingDivergedError(
+        f"training diverged at step {step}: non-finite loss or gradients (loss {loss:g}, gradient norm "
+        f"{norm:g}) on the batch of {names}; nothing of this step was saved and the last checkpoint is "
+        "intact; lower --learning_rate or set --max_grad_norm"
+    )
 
 
 def _agree(flag: bool, shard: Shard) -> bool:

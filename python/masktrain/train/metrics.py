@@ -110,11 +110,20 @@ class MetricsLog:
         self._writer = _tensorboard(output_dir / "tensorboard")
 
     def _truncate_after(self, step: int) -> None:
+        """Keep the records up to the checkpoint's step. A line that does not parse (a write cut
+        short, e.g. by a full disk) is dropped with a warning rather than blocking the resume."""
         if not self.path.exists():
             return
-        kept = [
-            line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step
-        ]
+        kept = []
+        lines = self.path.read_text(encoding="utf-8", errors="replace").splitlines()
+        for number, line in enumerate(lines, start=1):
+            try:
+                record = json.loads(line) if line.strip() else None
+            except json.JSONDecodeError:
+                log.warning("%s: line %d is torn (a write cut short); dropped", self.path, number)
+                continue
+            if isinstance(record, dict) and record.get("step", step + 1) <= step:
+                kept.append(line)
         atomic.write_text(self.path, "".join(line + "\n" for line in kept))
 
     def write(self, record: StepRecord) -> None:

@@ -1,8 +1,12 @@
 """What ``masktrain train`` checks after its flags and before any model loads: the things that
 need the file system or the process group. Torch-free (cache headers only).
 
-- ``--resume`` names a checkpoint folder;
-- the dataset is cached for this ``--arch`` (every item file with its text embeddings);
+- ``--resume`` names a complete checkpoint of the same LoRA (``resume.py``), and a run whose
+  checkpoint already reached ``--max_train_steps`` is complete: nothing to train;
+- without ``--resume``, ``--output_dir`` holds no other run's checkpoints (``--overwrite``
+  starts over);
+- the dataset is cached for this ``--arch`` (every item file with its text embeddings), and with
+  ``--use_mask_loss`` every dataset's cache holds mask weights;
 - every process gets at least one batch per epoch;
 - the warm-up fits in the run, now that the number of steps is known (``--max_train_epochs``).
 """
@@ -12,9 +16,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from masktrain.config import mask_loss
+from masktrain.config.dataset import load_dataset_config
 from masktrain.config.train import TrainConfig, check_schedule
 from masktrain.data.cached_items import CachedItem, epoch_batches, find_cached_items
-from masktrain.errors import CachedDataError, TrainConfigError
+from masktrain.errors import CachedDataError, MissingMaskWeightsError, TrainConfigError
+from masktrain.train.resume import checkpoint_step
 
 
 @dataclass(frozen=True)
@@ -27,13 +34,29 @@ class TrainPlan:
     """Optimizer steps per epoch."""
     total_steps: int
     """Optimizer steps of the whole run."""
+    resume_step: int | None
+    """The step of the ``--resume`` checkpoint."""
+
+    @property
+    def complete(self) -> bool:
+        """The checkpoint resumed from already reached the run's last step."""
+        return self.resume_step is not None and self.resume_step >= self.total_steps
 
 
 def preflight(config: TrainConfig, world: int) -> TrainPlan:
     """The run's plan for `world` processes, or the error that would otherwise stop it later."""
-    if config.resume is not None and not (config.resume / "state.json").is_file():
-        raise TrainConfigError(f"--resume {config.resume}: not a masktrain checkpoint folder (no state.json)")
+    resume_step = checkpoint_step(config)
+    if config.resume is None and not config.overwrite:
+        previous = sorted(config.output_dir.glob("step-*")) if config.output_dir.is_dir() else []
+        if previous:
+            raise TrainConfigError(
+                f"--output_dir {config.output_dir} holds the checkpoints of a run ({previous[-1].name}); "
+                f"pass --resume {previous[-1]} to continue it, --overwrite to start over, or another "
+                "--output_dir"
+            )
     items = find_cached_items(config.dataset_config, config.arch)
+    if config.mask.use_mask_loss:
+        _check_masks(config, items)
     batches_per_epoch = len(epoch_batches(items, config.seed, 0)) // world
     if batches_per_epoch == 0:
         raise CachedDataError(f"{config.dataset_config}: fewer batches than processes ({world}); add data")
@@ -42,4 +65,16 @@ def preflight(config: TrainConfig, world: int) -> TrainPlan:
     if config.max_train_epochs is not None:
         total_steps = config.max_train_epochs * steps_per_epoch
     check_schedule(config.optim.lr_scheduler, config.optim.lr_warmup_steps, total_steps)
-    return TrainPlan(items, batches_per_epoch, steps_per_epoch, total_steps)
+    return TrainPlan(items, batches_per_epoch, steps_per_epoch, total_steps, resume_step)
+
+
+def _check_masks(config: TrainConfig, items: list[CachedItem]) -> None:
+    """The guide's FATAL, at start-up: a dataset whose cache holds no mask weights at all would
+    stop the run at its first batch, hours in."""
+    datasets = load_dataset_config(config.dataset_config).datasets
+    masked = {item.dataset for item in items if item.has_mask}
+    for number in sorted({item.dataset for item in items} - masked):
+        raise MissingMaskWeightsError(
+            f"{config.dataset_config}: [[datasets]] #{number + 1} ({datasets[number].cache_directory}): "
+            + mask_loss.missing_mask_message()
+        )

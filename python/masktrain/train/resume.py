@@ -1,0 +1,72 @@
+"""What ``--resume`` needs before any model loads (torch-free): a complete checkpoint folder whose
+LoRA is the one these flags would build. The arch, the rank, alpha and the LoRA targets must
+match the checkpoint's ``config.json``; the steps, the save cadence, memory and logging flags may
+change. Every refusal is one line naming the folder and what differs."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import safetensors
+
+from masktrain.config.train import TrainConfig
+from masktrain.errors import TrainConfigError
+
+#: The files of a checkpoint folder (the LoRA file in the run's layout sits beside them).
+CHECKPOINT_FILES = (
+    "adapter.safetensors",
+    "optimizer.pt",
+    "scheduler.pt",
+    "rng.pt",
+    "state.json",
+    "config.json",
+)
+
+# (where in config.json, the name users know) of the settings that shape the LoRA's tensors.
+_MUST_MATCH = (
+    (("arch",), "arch"),
+    (("network", "network_dim"), "network_dim"),
+    (("network", "network_alpha"), "network_alpha"),
+    (("network", "include_patterns"), "include_patterns"),
+    (("network", "exclude_patterns"), "exclude_patterns"),
+)
+
+
+def checkpoint_step(config: TrainConfig) -> int | None:
+    """The optimizer step of ``config.resume`` after checking it can be resumed (None without
+    ``--resume``); a :class:`TrainConfigError` naming the folder otherwise."""
+    folder = config.resume
+    if folder is None:
+        return None
+
+    def refuse(why: str) -> TrainConfigError:
+        return TrainConfigError(f"--resume {folder}: {why}")
+
+    missing = [name for name in CHECKPOINT_FILES if not (folder / name).is_file()]
+    if missing:
+        raise refuse(f"not a complete masktrain checkpoint (missing {', '.join(missing)})")
+    try:
+        state = json.loads((folder / "state.json").read_text(encoding="utf-8"))
+        saved = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        step = int(state["step"])
+        with safetensors.safe_open(folder / "adapter.safetensors", "numpy") as adapter:
+            if not list(adapter.keys()):
+                raise ValueError("adapter.safetensors holds no tensors")
+    except (OSError, ValueError, KeyError, TypeError, safetensors.SafetensorError) as error:
+        raise refuse(f"damaged checkpoint ({type(error).__name__}: {error})") from None
+    now = json.loads(config.to_json())
+    for path, name in _MUST_MATCH:
+        before, after = _get(saved, path), _get(now, path)
+        if before != after:
+            raise refuse(
+                f"{name}: {before!r} in the checkpoint, {after!r} now; a resumed run must build the same "
+                "LoRA (arch, network_dim, network_alpha, include/exclude patterns); start a new run instead"
+            )
+    return step
+
+
+def _get(document: Any, path: tuple[str, ...]) -> Any:
+    for key in path:
+        document = document.get(key) if isinstance(document, dict) else None
+    return document
