@@ -281,7 +281,13 @@ def test_overlapped_preparation_yields_the_same_chunks_in_order(dataset: Path) -
     family = get_family("wan")
     config = CacheConfig(dataset_config=dataset / "dataset.toml", arch="wan", vae="tiny", text_encoder="tiny")
     cacher = ImageCacher(
-        CacheSetup(config, family, family.load_vae("tiny", torch.device("cpu"), torch.float32), ds)
+        CacheSetup(
+            config,
+            family,
+            family.load_vae("tiny", torch.device("cpu"), torch.float32),
+            ds,
+            discover_images(ds),
+        )
     )
     items = discover_images(ds).items
     chunks = [items[:1], items[1:3], items[3:]]

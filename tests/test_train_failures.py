@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 import logging
 import math
 import os
+import re
 import signal
 import subprocess
 import sys

@@ -104,7 +104,7 @@ def test_clips_hold_latents_and_the_static_mask_on_the_latent_grid(dataset: Path
                 "wan",
                 str(source),
                 bucket,
-                "1",
+                fmt.FORMAT_VERSION,
             )
             assert meta.mask_source == ("file" if stem == "masked" else "none") and meta.fingerprint
             assert (meta.extra["frame_start"], meta.extra["frame_count"]) == ("0", str(count))
@@ -256,7 +256,13 @@ def test_overlapped_video_preparation_matches_preparation_in_turn(dataset: Path)
     family = get_family("wan")
     config = CacheConfig(dataset_config=dataset / "dataset.toml", arch="wan", vae="tiny", text_encoder="tiny")
     cacher = VideoCacher(
-        CacheSetup(config, family, family.load_vae("tiny", torch.device("cpu"), torch.float32), ds)
+        CacheSetup(
+            config,
+            family,
+            family.load_vae("tiny", torch.device("cpu"), torch.float32),
+            ds,
+            discover_videos(ds),
+        )
     )
     chunks = [[item] for item in discover_videos(ds).items]
     in_turn = list(prepared_chunks(cacher, chunks, overlap=False))

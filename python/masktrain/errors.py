@@ -123,6 +123,10 @@ class CacheArchMismatch(CacheFileError):
     """A cache file made for another architecture than the run's."""
 
 
+class CacheSourceCollision(CacheFileError):
+    """A cache file made for another item that still exists: two datasets share a cache folder."""
+
+
 class CachedDataError(DataError):
     """The cache cannot be trained on as it is; the message says which file and what to run."""
 

@@ -15,19 +15,25 @@ pub fn is_image_path(path: &Path) -> bool {
         .is_some_and(|e| IMAGE_EXTENSIONS.iter().any(|known| e.eq_ignore_ascii_case(known)))
 }
 
+/// macOS's AppleDouble files (`._photo.png`, resource forks copied onto non-Mac disks) carry an
+/// image extension but no image: every listing skips them.
+pub fn is_apple_double(path: &Path) -> bool {
+    path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("._"))
+}
+
 /// The stem used to pair an image with its mask: the file name without its last extension.
 pub fn stem_of(path: &Path) -> String {
     path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default()
 }
 
-/// Image files directly inside `dir` (not recursive), sorted by file name.
+/// Image files directly inside `dir` (not recursive, AppleDouble files left out), sorted by name.
 pub fn list_images(dir: &Path) -> Result<Vec<PathBuf>> {
     let entries = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
     let mut paths = Vec::new();
     for entry in entries {
         let entry = entry.map_err(|e| Error::io(dir, e))?;
         let path = entry.path();
-        if is_image_path(&path) && path.is_file() {
+        if is_image_path(&path) && !is_apple_double(&path) && path.is_file() {
             paths.push(path);
         }
     }
@@ -107,6 +113,18 @@ mod tests {
         let err = index.get("c").unwrap_err().to_string();
         assert!(err.contains("c.Jpeg") && err.contains("c.png"), "{err}");
         assert_eq!(index.duplicates().len(), 1);
+    }
+
+    #[test]
+    fn apple_double_files_are_not_images() {
+        let dir = tempfile::tempdir().unwrap();
+        for name in ["a.png", "._a.png", "._b.jpg"] {
+            std::fs::write(dir.path().join(name), b"x").unwrap();
+        }
+        assert_eq!(list_images(dir.path()).unwrap(), vec![dir.path().join("a.png")]);
+        let index = MaskIndex::build(dir.path()).unwrap();
+        assert_eq!(index.len(), 1);
+        assert!(index.get("._a").unwrap().is_none());
     }
 
     #[test]

@@ -26,7 +26,7 @@ from masktrain.cache.summary import DatasetSummary
 from masktrain.config.dataset import ImageDatasetConfig
 from masktrain.data import cache_format as fmt
 from masktrain.data.buckets import Bucket
-from masktrain.data.discovery import MediaItem, discover_images, own_size_bucket
+from masktrain.data.discovery import MediaItem, own_size_bucket
 from masktrain.distributed import Shard
 from masktrain.errors import MaskTrainError
 from masktrain.models.loading import device_of
@@ -55,17 +55,11 @@ class ImageCacher:
         return self.setup.masks is not None and not self.dataset.alpha_mask
 
     def fingerprint(self, item: MediaItem) -> str:
-        return fmt.fingerprint(
-            {
-                **self.setup.fingerprint_parts(item, self.masking),
-                "alpha_mask": self.dataset.alpha_mask,
-                "require_mask": self.dataset.require_mask,
-            }
-        )
+        return self.setup.fingerprint(item)
 
     def status(self, item: MediaItem, fingerprint: str) -> fmt.CacheStatus:
         paths = self.existing.get(item.stem, [])
-        if self.setup.fresh_files(paths, fingerprint):
+        if self.setup.fresh_files(item, paths, fingerprint):
             return "fresh"
         return "stale" if paths else "missing"
 
@@ -127,7 +121,7 @@ class ImageCacher:
     def run(self, summary: DatasetSummary, progress: ProgressBar, shard: Shard) -> list[MediaItem]:
         """Latents for every stale item of this process's share; returns the share's items that
         have a valid latent file."""
-        items, todo = stale_items(self, discover_images(self.dataset), shard, summary, progress)
+        items, todo = stale_items(self, self.setup.discovery, shard, summary, progress)
         batch_size = self.setup.config.batch_size
         chunks = list(_chunks([item for item, _ in todo], chunk_size(batch_size)))
         fingerprints = dict((item.path, fp) for item, fp in todo)
@@ -152,5 +146,6 @@ class ImageCacher:
                             continue
                         summary.add_written(prepared.mask_source, prepared.latent_mask)
                     progress.update(len(batch))
+        self.setup.remove_failed(summary.failed, self.existing)
         failed = {path for path, _ in summary.failed}
         return [item for item in items if item.path not in failed]

@@ -15,6 +15,7 @@ reports the merged summary.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 
@@ -29,6 +30,8 @@ from masktrain.cache.text import TextCacher
 from masktrain.cache.videos import VideoCacher
 from masktrain.config.cache import CacheConfig
 from masktrain.config.dataset import ImageDatasetConfig, VideoDatasetConfig, load_dataset_config
+from masktrain.data.dataset_paths import check_readable, check_writable
+from masktrain.data.discovery import Discovery, discover
 from masktrain.distributed import Shard
 from masktrain.errors import ConfigError
 from masktrain.models import get_family
@@ -39,18 +42,23 @@ log = logging.getLogger(__name__)
 Dataset = ImageDatasetConfig | VideoDatasetConfig
 
 
-def preflight(config: CacheConfig) -> tuple[Dataset, ...]:
-    """The datasets of the TOML, checked against the family before any model loads."""
-    datasets = load_dataset_config(config.dataset_config).datasets
+def preflight(config: CacheConfig) -> list[tuple[Dataset, Discovery]]:
+    """Each dataset of the TOML with its items, before any model loads: the datasets fit the
+    family, every folder they read can be read and every cache folder written, and every
+    caption reads as UTF-8 (each problem one line, exit 2)."""
+    dataset_config = load_dataset_config(config.dataset_config)
     spec = catalog.arch(config.arch)
-    for number, dataset in enumerate(datasets, start=1):
+    check_readable(dataset_config)
+    for number, dataset in enumerate(dataset_config.datasets, start=1):
         if isinstance(dataset, VideoDatasetConfig) and not spec.takes_video:
             raise ConfigError(
                 f"{config.dataset_config}: [[datasets]] #{number}: --arch {config.arch} is an image model "
                 f"and cannot take a video dataset (video_directory / video_jsonl_file); video datasets "
                 f"need --arch {' or '.join(catalog.video_arches())}"
             )
-    return datasets
+        where = f"{config.dataset_config}: [[datasets]] #{number}: 'cache_directory'"
+        check_writable(dataset.cache_directory, where)
+    return [(dataset, discover(dataset)) for dataset in dataset_config.datasets]
 
 
 def run(config: CacheConfig) -> list[DatasetSummary]:
@@ -64,7 +72,7 @@ def run(config: CacheConfig) -> list[DatasetSummary]:
 
 
 def _run(
-    config: CacheConfig, datasets: tuple[Dataset, ...], family: ModelFamily, shard: Shard
+    config: CacheConfig, datasets: list[tuple[Dataset, Discovery]], family: ModelFamily, shard: Shard
 ) -> list[DatasetSummary]:
     default = f"cuda:{shard.local_rank}" if torch.cuda.is_available() else "cpu"
     device = torch.device(config.device or default)
@@ -82,17 +90,21 @@ def _run(
         )
 
     summaries = []
-    with tqdm(total=0, unit="item", desc="cache", disable=not shard.is_main) as progress:
-        for number, dataset in enumerate(datasets, start=1):
-            if shard.is_main:  # before any process writes: a live temporary is never removed
-                dataset.cache_directory.mkdir(parents=True, exist_ok=True)
+    atomic.set_run_id(shard.gather(atomic.RUN_ID)[0])  # every process's temporaries carry rank 0's id
+    with (
+        contextlib.ExitStack() as locks,
+        tqdm(total=0, unit="item", desc="cache", disable=not shard.is_main) as progress,
+    ):
+        for number, (dataset, discovery) in enumerate(datasets, start=1):
+            if shard.is_main:  # before any process writes; another live run's temporaries stay
+                locks.enter_context(atomic.run_lock(dataset.cache_directory))
                 atomic.remove_stale_temporaries(dataset.cache_directory)
             shard.barrier()
-            setup = CacheSetup(config, family, vae, dataset)
+            setup = CacheSetup(config, family, vae, dataset, discovery)
             cacher = ImageCacher(setup) if isinstance(dataset, ImageDatasetConfig) else VideoCacher(setup)
             summary = DatasetSummary(name=f"dataset #{number} ({_source(dataset)})")
             cached = cacher.run(summary, progress, shard)
-            text.run(dataset, cached)
+            text.run(dataset, cached, summary)
             summary = DatasetSummary.merged(shard.gather(summary))
             if shard.is_main:
                 summary.report(cacher.missing_files_warning)

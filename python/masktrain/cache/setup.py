@@ -1,6 +1,7 @@
 """The set-up every cacher of one dataset shares, computed once: the bucket list, the VAE's
-latent factor and identity, the mask index, and the parts of an item's fingerprint and metadata
-that do not depend on whether the item is an image or a video."""
+latent factor and identity, the mask index, the digest of the dataset settings, and an item's
+fingerprint, metadata and cleanup, which do not depend on whether the item is an image or a
+video."""
 
 from __future__ import annotations
 
@@ -14,9 +15,10 @@ from masktrain.cache.identity import weights_identity
 from masktrain.config.cache import CacheConfig
 from masktrain.config.dataset import ImageDatasetConfig, VideoDatasetConfig
 from masktrain.data import cache_format as fmt
+from masktrain.data import freshness
 from masktrain.data.buckets import Bucket
-from masktrain.data.discovery import MediaItem, bucket_list
-from masktrain.errors import DataError
+from masktrain.data.discovery import Discovery, MediaItem, bucket_list
+from masktrain.errors import CacheFileError, DataError
 from masktrain.models.base import ModelFamily
 
 
@@ -26,6 +28,8 @@ class CacheSetup:
     family: ModelFamily
     vae: torch.nn.Module
     dataset: ImageDatasetConfig | VideoDatasetConfig
+    discovery: Discovery
+    """The dataset's items, listed (captions read) before any model loaded."""
     buckets: list[Bucket] = field(init=False)
     """The buckets this dataset's items choose from."""
     factor: int = field(init=False)
@@ -33,13 +37,15 @@ class CacheSetup:
     vae_identity: str = field(init=False)
     masks: _native.MaskIndex | None = field(init=False)
     """Mask files by basename; None without ``mask_directory``."""
+    settings: str = field(init=False)
+    """Digest of the dataset settings that shape every item (``freshness.settings_digest``)."""
 
     def __post_init__(self) -> None:
         self.buckets = bucket_list(self.dataset.buckets)
         self.factor = self.family.spatial_factor(self.vae)
         self.vae_identity = weights_identity(self.config.vae, self.vae)
-        directory = self.dataset.mask_directory
-        self.masks = _native.MaskIndex(directory) if directory is not None else None
+        self.masks = freshness.mask_index(self.dataset)
+        self.settings = freshness.settings_digest(self.dataset, self.family.spec)
 
     @property
     def arch(self) -> str:
@@ -49,27 +55,27 @@ class CacheSetup:
         """The item's mask file (a ``DuplicateMaskError`` when two share its basename)."""
         return self.masks.get(item.stem) if self.masks is not None else None
 
-    def fingerprint_parts(self, item: MediaItem, masking: bool) -> dict[str, object]:
-        """Everything that shapes an item's tensors, image or video: its source and mask files,
-        the bucket rules, the VAE; each cacher adds its own keys."""
-        buckets = self.dataset.buckets
-        return {
-            "source": fmt.source_stat(item.path),
-            "mask": fmt.source_stat(self.mask_path(item)),
-            "masking": masking,
-            "buckets": self.buckets,
-            "resolution": list(buckets.resolution),
-            "bucket_no_upscale": buckets.bucket_no_upscale,
-            "rules": fmt.RESIZE_RULES,
-            "vae": self.vae_identity,
-            "dtype": str(self.vae.dtype),
-            "format": fmt.FORMAT_VERSION,
-        }
+    def fingerprint(self, item: MediaItem) -> str:
+        """Everything that shapes an item's tensors: the dataset settings, its source and mask
+        files, the VAE."""
+        return fmt.fingerprint(
+            {
+                "settings": self.settings,
+                "inputs": freshness.item_inputs(item, self.masks),
+                "vae": self.vae_identity,
+                "dtype": str(self.vae.dtype),
+            }
+        )
 
-    def fresh_files(self, paths: list[Path], fingerprint: str) -> list[Path]:
-        """Those of `paths` that this run can keep as they are."""
-        arch, skip = self.arch, self.config.skip_existing
-        return [p for p in paths if fmt.reusable(p, arch=arch, fingerprint=fingerprint, skip_existing=skip)]
+    def fresh_files(self, item: MediaItem, paths: list[Path], fingerprint: str) -> list[Path]:
+        """Those of the item's `paths` that this run can keep as they are (a file of another item
+        that still exists is a ``CacheSourceCollision``)."""
+        arch, skip, source = self.arch, self.config.skip_existing, str(item.path)
+        return [
+            p
+            for p in paths
+            if fmt.reusable(p, arch=arch, fingerprint=fingerprint, skip_existing=skip, source=source)
+        ]
 
     def metadata(
         self,
@@ -92,6 +98,8 @@ class CacheSetup:
                 "vae": self.config.vae,
                 "original_size": f"{original_size[0]}x{original_size[1]}",
                 "mask_path": str(mask_path or ""),
+                freshness.SETTINGS_KEY: self.settings,
+                freshness.INPUTS_KEY: freshness.item_inputs(item, self.masks),
                 **extra,
             },
         )
@@ -126,3 +134,17 @@ class CacheSetup:
         for path in old:
             if path.name not in written:
                 path.unlink(missing_ok=True)
+
+    def remove_failed(self, failed: list[tuple[Path, str]], existing: dict[str, list[Path]]) -> None:
+        """Delete the cache files of items that failed in this run, so no older file of theirs is
+        trained on; files that belong to another item that still exists are left alone."""
+        text_names = {stem: fmt.text_cache_name(stem, self.arch) for stem in {p.stem for p, _ in failed}}
+        for path, _ in failed:
+            files = [*existing.get(path.stem, []), self.dataset.cache_directory / text_names[path.stem]]
+            for file in files:
+                try:
+                    metadata = fmt.read_metadata(file)
+                except CacheFileError:
+                    metadata = None  # damaged: nothing to keep
+                if metadata is None or metadata.source == str(path) or not Path(metadata.source).exists():
+                    file.unlink(missing_ok=True)

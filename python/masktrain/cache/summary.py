@@ -28,6 +28,8 @@ class DatasetSummary:
     weight_count: int = 0
     clips: int | None = None
     """Clip files written (video datasets; None for images)."""
+    truncated_captions: int = 0
+    """Captions longer than the text encoder takes, truncated as the pipelines truncate them."""
 
     def add_written(
         self, mask_source: MaskSource, weights: np.ndarray | None, clips: int | None = None
@@ -56,6 +58,7 @@ class DatasetSummary:
             total.weight_count += part.weight_count
             if part.clips is not None:
                 total.clips = (total.clips or 0) + part.clips
+            total.truncated_captions += part.truncated_captions
         return total
 
     def line(self) -> str:
@@ -78,6 +81,11 @@ class DatasetSummary:
             log.warning(
                 "%d items had no mask (no alpha + no file). Filled with full-weight (255).",
                 self.sources["none"],
+            )
+        if self.truncated_captions:
+            log.warning(
+                "%d captions are longer than the text encoder takes and were truncated",
+                self.truncated_captions,
             )
         for path, reason in self.failed:
             log.error("failed: %s: %s", path, reason.removeprefix(f"{path}: "))

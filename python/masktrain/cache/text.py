@@ -1,17 +1,19 @@
 """``masktrain cache``'s text embeddings: one ``{stem}_{arch}_te.safetensors`` per cached item
 (image or video) holding ``text_embeds_<dtype>``, fingerprinted by its caption and the text
-encoder, so an unchanged caption is never encoded twice."""
+encoder, so an unchanged caption is never encoded twice. The caption's digest is in the file's
+metadata (``train`` checks it). Captions longer than the encoder takes are truncated, as the
+pipelines do, and counted."""
 
 from __future__ import annotations
-
-import hashlib
 
 import torch
 
 from masktrain.cache.identity import weights_identity
+from masktrain.cache.summary import DatasetSummary
 from masktrain.config.cache import CacheConfig
 from masktrain.config.dataset import ImageDatasetConfig, VideoDatasetConfig
 from masktrain.data import cache_format as fmt
+from masktrain.data import freshness
 from masktrain.data.discovery import MediaItem
 from masktrain.models.base import ModelFamily, TextEncoder
 
@@ -27,26 +29,38 @@ class TextCacher:
     def fingerprint(self, item: MediaItem) -> str:
         return fmt.fingerprint(
             {
-                "caption": hashlib.sha256(item.caption.encode()).hexdigest(),
+                "caption": freshness.caption_digest(item.caption),
                 "text_encoder": self.identity,
                 "dtype": self.dtype,
                 "format": fmt.FORMAT_VERSION,
             }
         )
 
-    def run(self, dataset: ImageDatasetConfig | VideoDatasetConfig, items: list[MediaItem]) -> None:
-        """Encode the captions of `items` whose embedding file is missing or stale."""
+    def run(
+        self,
+        dataset: ImageDatasetConfig | VideoDatasetConfig,
+        items: list[MediaItem],
+        summary: DatasetSummary,
+    ) -> None:
+        """Encode the captions of `items` whose embedding file is missing or stale; a file that
+        cannot be written is a failed item, and captions longer than the encoder takes (so
+        truncated) are counted, both in `summary`."""
         arch, skip = self.family.name, self.config.skip_existing
         todo = []
         for item in items:
             fingerprint = self.fingerprint(item)
             path = dataset.cache_directory / fmt.text_cache_name(item.stem, arch)
-            if not fmt.reusable(path, arch=arch, fingerprint=fingerprint, skip_existing=skip):
+            if not fmt.reusable(
+                path, arch=arch, fingerprint=fingerprint, skip_existing=skip, source=str(item.path)
+            ):
                 todo.append((item, path, fingerprint))
+
         batch_size = self.config.batch_size
         for start in range(0, len(todo), batch_size):
             batch = todo[start : start + batch_size]
-            embeddings = self.family.encode_text(self.encoder, [item.caption for item, _, _ in batch])
+            captions = [item.caption for item, _, _ in batch]
+            summary.truncated_captions += self._too_long(captions)
+            embeddings = self.family.encode_text(self.encoder, captions)
             for (item, path, fingerprint), embedding in zip(batch, embeddings, strict=True):
                 metadata = fmt.CacheMetadata(
                     arch=arch,
@@ -54,9 +68,19 @@ class TextCacher:
                     mask_source="none",
                     bucket=None,
                     fingerprint=fingerprint,
-                    extra={"text_encoder": self.config.text_encoder},
+                    extra={
+                        "text_encoder": self.config.text_encoder,
+                        freshness.CAPTION_KEY: freshness.caption_digest(item.caption),
+                    },
                 )
                 tensors: dict[str, torch.Tensor] = {
                     fmt.tensor_key(fmt.TEXT_EMBEDS, embedding.dtype): embedding
                 }
-                fmt.write_cache_file(path, tensors, metadata)
+                try:
+                    fmt.write_cache_file(path, tensors, metadata)
+                except (OSError, ValueError) as error:
+                    summary.failed.append((item.path, str(error)))
+
+    def _too_long(self, captions: list[str]) -> int:
+        lengths = self.encoder.tokenizer(captions, truncation=False)["input_ids"]
+        return sum(len(ids) > self.encoder.max_length for ids in lengths)

@@ -29,7 +29,7 @@ from masktrain.cache.summary import DatasetSummary
 from masktrain.config.dataset import VideoDatasetConfig
 from masktrain.data import cache_format as fmt
 from masktrain.data import video
-from masktrain.data.discovery import MediaItem, choose_bucket, discover_videos
+from masktrain.data.discovery import MediaItem, choose_bucket
 from masktrain.distributed import Shard
 from masktrain.errors import DataError, VideoDecodeError
 from masktrain.models.loading import device_of
@@ -90,15 +90,13 @@ class VideoCacher:
         return self.masking
 
     def fingerprint(self, item: MediaItem) -> str:
-        return fmt.fingerprint(
-            {**self.setup.fingerprint_parts(item, self.masking), "clips": self.settings.fingerprint_part()}
-        )
+        return self.setup.fingerprint(item)
 
     def status(self, item: MediaItem, fingerprint: str) -> fmt.CacheStatus:
         paths = self.existing.get(item.stem, [])
         if not paths:
             return "missing"
-        fresh = {p.name: p for p in self.setup.fresh_files(paths, fingerprint)}
+        fresh = {p.name: p for p in self.setup.fresh_files(item, paths, fingerprint)}
         if not fresh:
             return "stale"
         expected = _clip_names(item.stem, self.setup.arch, fmt.read_metadata(next(iter(fresh.values()))))
@@ -197,7 +195,7 @@ class VideoCacher:
         """Clips of every stale video of this process's share; returns the share's videos that
         have valid clip files."""
         summary.clips = summary.clips or 0
-        items, todo = stale_items(self, discover_videos(self.dataset), shard, summary, progress)
+        items, todo = stale_items(self, self.setup.discovery, shard, summary, progress)
         fingerprints = {item.path: fp for item, fp in todo}
         overlap = device_of(self.setup.vae).type != "cpu"
         for chunk, results in prepared_chunks(self, [[item] for item, _ in todo], overlap):
@@ -219,5 +217,6 @@ class VideoCacher:
                 self.short,
                 list(self.settings.target_frames),
             )
+        self.setup.remove_failed(summary.failed, self.existing)
         failed = {path for path, _ in summary.failed}
         return [item for item in items if item.path not in failed]

@@ -1,6 +1,8 @@
 """How a command's job ends for the shell: masktrain's errors become exit codes through the one
 table in ``masktrain.errors`` (2 flags and config, with click's usage line; 1 item or run
-failures; 130 interruption), each with its one-line message, never a traceback."""
+failures; 130 interruption), each with its one-line message, never a traceback. An OSError that
+reaches here (a disk that filled up mid-run) is a run failure: exit 1, its message naming the
+path."""
 
 from __future__ import annotations
 
@@ -24,3 +26,6 @@ def run_job(job: Callable[[], T]) -> T:
             raise click.UsageError(str(error)) from error
         click.echo(str(error) if isinstance(error, Interrupted) else f"Error: {error}", err=True)
         raise SystemExit(code) from None
+    except OSError as error:
+        click.echo(f"Error: {error}", err=True)
+        raise SystemExit(1) from None

@@ -87,6 +87,7 @@ _OPTIONS: list[Callable[[F], F]] = [
     ),
     _shown("save_precision", _TRAIN["save_precision"], type=click.Choice(SAVE_PRECISION)),
     flag("overwrite", "Start over in an --output_dir that holds checkpoints (deletes them)."),
+    flag("skip_stale", "Leave out, with a warning, items whose cache is missing or out of date."),
     option(
         "resume",
         type=click.Path(exists=True, file_okay=False, path_type=Path),

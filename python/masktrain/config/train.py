@@ -166,6 +166,9 @@ class TrainConfig:
     """A checkpoint folder (OUTPUT_DIR/step-000100) to continue from."""
     overwrite: bool = False
     """Start over in an OUTPUT_DIR that holds another run's checkpoints (they are deleted)."""
+    skip_stale: bool = False
+    """Train on the items whose cache is up to date and leave out, with a warning, those not
+    cached or cached from older inputs (default: such items are an error)."""
     network: NetworkSettings = field(default_factory=NetworkSettings)
     optim: OptimSettings = field(default_factory=OptimSettings)
     mask: MaskLossSettings = field(default_factory=MaskLossSettings)

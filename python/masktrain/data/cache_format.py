@@ -43,14 +43,22 @@ import safetensors
 
 from masktrain import atomic
 from masktrain._native import list_images
-from masktrain.errors import CacheArchMismatch, CachedDataError, CacheFileError
+from masktrain.errors import (
+    CacheArchMismatch,
+    CachedDataError,
+    CacheFileError,
+    CacheSourceCollision,
+    DataError,
+)
 
 if TYPE_CHECKING:
     import torch
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"
+"""2: files record what they were built from (``data/freshness.py``), so ``train`` can tell a
+stale item; files of version 1 are rebuilt by the next ``cache`` run."""
 
 #: Version of the preprocessing rules (resize, luma, latent pooling, frame extraction): part of
 #: every item fingerprint.
@@ -132,7 +140,8 @@ def text_cache_name(stem: str, arch: str) -> str:
 
 def _item_pattern(arch: str, clips: bool) -> re.Pattern[str]:
     clip = r"_\d{5,}-\d{3,}" if clips else ""
-    return re.compile(rf"^(?P<stem>.*){clip}_\d{{4,}}x\d{{4,}}_{re.escape(arch)}\.safetensors$")
+    # (?!\._): macOS's AppleDouble files ("._x_0064x0064_wan.safetensors") are never cache files.
+    return re.compile(rf"^(?!\._)(?P<stem>.*){clip}_\d{{4,}}x\d{{4,}}_{re.escape(arch)}\.safetensors$")
 
 
 def is_item_file(name: str, arch: str) -> bool:
@@ -257,8 +266,12 @@ def _parse_bucket(text: str) -> tuple[int, int] | None:
 def write_cache_file(path: _StrPath, tensors: Mapping[str, torch.Tensor], metadata: CacheMetadata) -> None:
     """Write ``tensors`` and ``metadata`` to ``path`` atomically: readers see the old file or the new."""
     import safetensors.torch
+    import torch
 
     cpu = {name: tensor.detach().to("cpu").contiguous() for name, tensor in tensors.items()}
+    for name, tensor in cpu.items():  # a VAE in bf16 can overflow: never cache what would poison training
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise DataError(f"{path}: {name} holds non-finite values (NaN or infinity); not written")
     atomic.write_bytes(path, safetensors.torch.save(cpu, metadata=metadata.to_dict()))
 
 
@@ -306,11 +319,14 @@ def read_header(path: _StrPath) -> tuple[CacheMetadata, dict[str, tuple[int, ...
     return metadata, shapes
 
 
-def cache_status(path: _StrPath, *, arch: str, fingerprint: str) -> CacheStatus:
-    """Whether the file at ``path`` can be reused by a run for ``arch`` whose inputs hash to ``fingerprint``.
+def cache_status(path: _StrPath, *, arch: str, fingerprint: str, source: str | None = None) -> CacheStatus:
+    """Whether the file at ``path`` can be reused by a run for ``arch`` whose inputs hash to
+    ``fingerprint``, for the item ``source`` (None: any).
 
-    A file for another arch is an error rather than "stale": it means two runs share a directory,
-    and silently overwriting one with the other would break the first.
+    A file for another arch, or made for another item that still exists, is an error rather than
+    "stale": it means two runs or datasets share a directory, and silently overwriting one with the
+    other would break the first. A recorded source that no longer exists (the dataset folder was
+    moved) just means stale.
     """
     metadata = read_metadata(path)
     if metadata is None:
@@ -320,18 +336,27 @@ def cache_status(path: _StrPath, *, arch: str, fingerprint: str) -> CacheStatus:
             f"{path}: was made for arch '{metadata.arch}', not '{arch}'; use another cache_directory "
             "for this architecture, or delete the file"
         )
+    if source is not None and metadata.source != source:
+        if Path(metadata.source).exists():
+            raise CacheSourceCollision(
+                f"{path}: was made for {metadata.source}, not {source}; two datasets share this "
+                "cache_directory: give each its own"
+            )
+        return "stale"
     if metadata.fingerprint != fingerprint or metadata.format_version != FORMAT_VERSION:
         return "stale"
     return "fresh"
 
 
-def reusable(path: Path, *, arch: str, fingerprint: str, skip_existing: bool) -> bool:
-    """Whether a cache run can keep `path`. A file of another arch is refused by name
-    (:class:`CacheArchMismatch`); a damaged file of ours is rebuilt with a warning; with
-    `skip_existing` off nothing is kept."""
+def reusable(
+    path: Path, *, arch: str, fingerprint: str, skip_existing: bool, source: str | None = None
+) -> bool:
+    """Whether a cache run can keep `path`. A file of another arch or of another existing item is
+    refused by name (:class:`CacheArchMismatch`, :class:`CacheSourceCollision`); a damaged file
+    of ours is rebuilt with a warning; with `skip_existing` off nothing is kept."""
     try:
-        status = cache_status(path, arch=arch, fingerprint=fingerprint)
-    except CacheArchMismatch:
+        status = cache_status(path, arch=arch, fingerprint=fingerprint, source=source)
+    except (CacheArchMismatch, CacheSourceCollision):
         raise
     except CacheFileError as error:
         log.warning("%s; rebuilding it", error)

@@ -1,12 +1,20 @@
-"""The trainable items of a dataset TOML: which cache files ``masktrain train`` uses, and the
-order of each epoch's batches. Torch-free (headers only), so the train preflight can list the
-items and count the batches before any model loads.
+"""The trainable items of a dataset TOML: the dataset listed exactly as ``masktrain cache`` lists
+it, each item matched to the cache files made from it, and the order of each epoch's batches.
+Torch-free (cache headers only, one ``stat`` per input file), so the train preflight runs it
+before any model loads.
 
-Which files are items: every latent file of the run's arch in each dataset's cache_directory
-whose source image or video still exists (a file whose source was deleted is skipped, with a
-count in the log). Each needs its text-embedding file. The batch order of an epoch is a pure
-function of (seed, epoch), so a resumed run sees the batches it would have seen, and under DDP
-process `rank` takes every `world`-th batch of the same order.
+An item is trainable when its latent file(s) and its text-embedding file were made from it, from
+the same dataset settings and from its source, mask and caption as they are now
+(``data/freshness.py``); a video's clips are the ones its files' metadata lists. Anything else is
+a problem named with the ``masktrain cache`` command that fixes it: an item never cached (a new
+image, or one that failed in ``cache``), a stale one (its image, mask or caption changed after
+caching, or the TOML's settings), or a cache file made for another dataset's item that shares the
+folder. ``skip_stale`` turns the stale and uncached ones into a warning and leaves them out.
+Cache files of items the dataset no longer has are ignored.
+
+The batch order of an epoch is a pure function of (seed, epoch), so a resumed run sees the
+batches it would have seen, and under DDP process `rank` takes every `world`-th batch of the same
+order.
 """
 
 from __future__ import annotations
@@ -16,11 +24,24 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from masktrain.config.dataset import load_dataset_config
+from masktrain import catalog
+from masktrain.catalog import ArchSpec
+from masktrain.config.dataset import ImageDatasetConfig, VideoDatasetConfig, load_dataset_config
 from masktrain.data import cache_format as fmt
-from masktrain.errors import CachedDataError
+from masktrain.data import freshness
+from masktrain.data.discovery import MediaItem, discover
+from masktrain.errors import (
+    CacheArchMismatch,
+    CachedDataError,
+    CacheFileError,
+    CacheSourceCollision,
+    MaskTrainError,
+)
 
 log = logging.getLogger(__name__)
+
+_SHOWN = 10
+"""Problems listed by name in one message; the rest are counted."""
 
 
 @dataclass(frozen=True)
@@ -36,52 +57,143 @@ class CachedItem:
     num_repeats: int
 
 
-def find_cached_items(dataset_config: Path, arch: str) -> list[CachedItem]:
-    """Every trainable item of the TOML's datasets, or a CachedDataError saying what to run."""
+class _Stale(CachedDataError):
+    """Why one item cannot be trained on as its cache stands."""
+
+
+class _NotCached(_Stale):
+    """The item has no cache file at all."""
+
+
+def find_cached_items(dataset_config: Path, arch: str, *, skip_stale: bool = False) -> list[CachedItem]:
+    """Every trainable item of the TOML's datasets, or a :class:`CachedDataError` naming the items
+    that are not cached or stale and the command to run (with `skip_stale`: a warning, and those
+    items are left out)."""
     config = load_dataset_config(dataset_config)
+    spec = catalog.arch(arch)
     items: list[CachedItem] = []
+    problems: list[str] = []
+    cached_any = False
     for number, dataset in enumerate(config.datasets):
-        directory = dataset.cache_directory
-        paths = (
-            sorted(p for p in directory.iterdir() if fmt.is_item_file(p.name, arch))
-            if directory.is_dir()
-            else []
+        found, stale, cached = _dataset_items(number, dataset, spec)
+        items += found
+        problems += stale
+        cached_any |= cached
+    command = f"masktrain cache --dataset_config {dataset_config} --arch {arch}"
+    if not cached_any:
+        raise CachedDataError(f"{dataset_config}: no cache files for --arch {arch}; run {command} first")
+    if problems:
+        shown = "; ".join(problems[:_SHOWN]) + (
+            f"; and {len(problems) - _SHOWN} more" if len(problems) > _SHOWN else ""
         )
-        orphaned = 0
-        for path in paths:
-            metadata, shapes = fmt.read_header(path)
-            if metadata.arch != arch:
-                raise CachedDataError(f"{path}: made for arch '{metadata.arch}', not '{arch}'")
-            keys = fmt.item_tensor_keys(shapes, path)
-            source = Path(metadata.source)
-            if not source.exists():
-                orphaned += 1
-                continue
-            text = directory / fmt.text_cache_name(source.stem, arch)
-            if not text.is_file():
-                raise CachedDataError(
-                    f"{text}: text embeddings of {source} are missing; re-run masktrain cache "
-                    f"--dataset_config {dataset_config} --arch {arch}"
-                )
-            items.append(
-                CachedItem(
-                    path,
-                    text,
-                    shapes[keys.latents],
-                    keys.mask_weights is not None,
-                    number,
-                    dataset.batch_size,
-                    dataset.num_repeats,
-                )
+        if not skip_stale:
+            raise CachedDataError(
+                f"{dataset_config}: {len(problems)} item(s) not ready for training: {shown}; run {command} "
+                "(or train with --skip_stale to leave them out)"
             )
-        if orphaned:
-            log.warning("%s: %d cache files whose source no longer exists were skipped", directory, orphaned)
+        log.warning("--skip_stale: leaving out %d item(s) not ready for training: %s", len(problems), shown)
     if not items:
-        raise CachedDataError(
-            f"{dataset_config}: no cache files for --arch {arch}; run masktrain cache --dataset_config "
-            f"{dataset_config} --arch {arch} first"
-        )
+        raise CachedDataError(f"{dataset_config}: no cache files for --arch {arch}; run {command} first")
     return items
+
+
+def _dataset_items(
+    number: int, dataset: ImageDatasetConfig | VideoDatasetConfig, spec: ArchSpec
+) -> tuple[list[CachedItem], list[str], bool]:
+    """The dataset's trainable items, the problems of the others, and whether any item of it has
+    a cache file at all."""
+    discovery = discover(dataset)
+    video = isinstance(dataset, VideoDatasetConfig)
+    existing = fmt.existing_item_files(dataset.cache_directory, spec.name, clips=video)
+    masks = freshness.mask_index(dataset)
+    settings = freshness.settings_digest(dataset, spec)
+    items: list[CachedItem] = []
+    problems = [f"{path} (cannot be cached: {reason})" for path, reason in discovery.failed]
+    cached = False
+    for item in discovery.items:
+        try:
+            inputs = freshness.item_inputs(item, masks)
+            latents = _latent_files(item, existing.get(item.stem, []), spec.name, settings, inputs, video)
+            text = _text_file(item, dataset.cache_directory, spec.name)
+        except (_Stale, MaskTrainError, OSError) as error:
+            cached |= not isinstance(error, _NotCached)
+            problems.append(f"{item.path} ({error})")
+            continue
+        cached = True
+        items += [
+            CachedItem(path, text, shape, has_mask, number, dataset.batch_size, dataset.num_repeats)
+            for path, shape, has_mask in latents
+        ]
+    return items, problems, cached
+
+
+def _latent_files(
+    item: MediaItem, paths: list[Path], arch: str, settings: str, inputs: str, video: bool
+) -> list[tuple[Path, tuple[int, ...], bool]]:
+    """(path, latent shape, has mask) of each latent file of `item` (one image, or every clip its
+    files list), checked against the item as it is now."""
+    headers = {}
+    for path in paths:
+        metadata, shapes = fmt.read_header(path)
+        if metadata.arch != arch:
+            raise CacheArchMismatch(
+                f"its cache file {path.name} was made for arch '{metadata.arch}', not '{arch}'"
+            )
+        if metadata.source == str(item.path):
+            headers[path.name] = (path, metadata, shapes)
+        elif Path(metadata.source).exists():
+            raise CacheSourceCollision(
+                f"its cache file {path.name} was made for {metadata.source}: two datasets share the "
+                "cache_directory; give each its own"
+            )
+    if not headers:
+        raise _NotCached("not cached")
+    if video:
+        first = next(iter(headers.values()))[1]
+        wanted = _clip_names(item, first)
+        missing = sorted(wanted - headers.keys())
+        if missing:
+            raise _Stale(f"its clip files {', '.join(missing[:3])} are missing")
+        headers = {name: headers[name] for name in sorted(wanted)}
+    elif len(headers) > 1:
+        raise _Stale(f"more than one cache file ({', '.join(sorted(headers))})")
+    files = []
+    for path, metadata, shapes in headers.values():
+        why = freshness.changed(metadata.extra.get(freshness.SETTINGS_KEY), settings, "the dataset settings")
+        why = why or freshness.changed(metadata.extra.get(freshness.INPUTS_KEY), inputs, "its image or mask")
+        if why:
+            raise _Stale(why)
+        keys = fmt.item_tensor_keys(shapes, path)
+        files.append((path, shapes[keys.latents], keys.mask_weights is not None))
+    return files
+
+
+def _clip_names(item: MediaItem, metadata: fmt.CacheMetadata) -> set[str]:
+    try:
+        width, height = (int(v) for v in metadata.extra["original_size"].split("x"))
+        spans = [clip.split("-") for clip in metadata.extra["clips"].split(",")]
+        return {
+            fmt.item_cache_name(item.stem, (width, height), metadata.arch, (int(a), int(b))) for a, b in spans
+        }
+    except (KeyError, ValueError):
+        raise _Stale("its clip files list no clips (cached by an older masktrain)") from None
+
+
+def _text_file(item: MediaItem, folder: Path, arch: str) -> Path:
+    path = folder / fmt.text_cache_name(item.stem, arch)
+    try:
+        metadata = fmt.read_metadata(path)
+    except CacheFileError as error:
+        raise _Stale(f"its text embeddings are damaged: {error}") from None
+    if metadata is None:
+        raise _Stale("its text embeddings are not cached")
+    if metadata.source != str(item.path):
+        raise _Stale(f"its text embeddings were made for {metadata.source}")
+    recorded = metadata.extra.get(freshness.CAPTION_KEY)
+    why = freshness.changed(recorded, freshness.caption_digest(item.caption), "its caption")
+    if why:
+        raise _Stale(why)
+    return path
 
 
 def epoch_batches(items: list[CachedItem], seed: int, epoch: int) -> list[list[CachedItem]]:

@@ -17,7 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from masktrain import _native
-from masktrain.config.dataset import BUCKET_STEP, BucketConfig, ImageDatasetConfig, VideoDatasetConfig
+from masktrain.config.dataset import (
+    BUCKET_STEP,
+    BucketConfig,
+    ImageDatasetConfig,
+    VideoDatasetConfig,
+    read_utf8,
+)
 from masktrain.data.buckets import Bucket, musubi_buckets, no_upscale_bucket, sd_scripts_buckets
 from masktrain.errors import ConfigError
 
@@ -82,17 +88,25 @@ def choose_bucket(size: Bucket, config: BucketConfig, buckets: list[Bucket]) -> 
 
 
 def _read_caption(path: Path) -> str | None:
+    fix = f"convert it to UTF-8 (e.g. iconv -f latin1 -t utf-8 '{path}' > caption.utf8, then replace it)"
     try:
-        return path.read_text(encoding="utf-8").strip()
+        return read_utf8(path, fix).strip()
     except FileNotFoundError:
         return None
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot read the caption file ({error.strerror})") from None
 
 
 def list_videos(directory: Path) -> list[Path]:
-    """Video files directly inside `directory`, sorted (extensions matched in any case)."""
+    """Video files directly inside `directory`, sorted (extensions matched in any case; macOS's
+    ``._`` AppleDouble files left out, as the native core leaves them out of image listings)."""
     if not directory.is_dir():
         raise FileNotFoundError(f"{directory}: video_directory not found (or not a directory)")
-    return sorted(p for p in directory.iterdir() if p.suffix.lower() in VIDEO_EXTENSIONS and p.is_file())
+    return sorted(
+        p
+        for p in directory.iterdir()
+        if p.suffix.lower() in VIDEO_EXTENSIONS and not p.name.startswith("._") and p.is_file()
+    )
 
 
 def _with_captions(
@@ -104,7 +118,7 @@ def _with_captions(
 
 def _from_jsonl(path: Path, key: str) -> list[tuple[Path, str | None]]:
     entries = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(read_utf8(path, "save it as UTF-8").splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -158,3 +172,8 @@ def discover_videos(dataset: VideoDatasetConfig) -> Discovery:
         assert dataset.video_jsonl_file is not None
         entries = _from_jsonl(dataset.video_jsonl_file, "video_path")
     return _discovery(entries, "video", dataset.caption_extension)
+
+
+def discover(dataset: ImageDatasetConfig | VideoDatasetConfig) -> Discovery:
+    """The items of an image or a video dataset."""
+    return discover_images(dataset) if isinstance(dataset, ImageDatasetConfig) else discover_videos(dataset)

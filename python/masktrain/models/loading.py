@@ -30,19 +30,28 @@ FileLoader = Callable[[Path, str, "torch.dtype | None"], torch.nn.Module]
 
 def diffusers_folder(spec: str, flag: str, subfolder: str) -> tuple[Path, str | None]:
     """A diffusers model folder, either the component itself (``config.json`` inside) or a
-    pipeline folder holding it as ``subfolder``."""
+    pipeline folder holding it as ``subfolder``, with its weights in safetensors: pickled
+    weights (``.bin``, ``.pt``) are never loaded, since loading one runs code."""
     path = Path(spec).expanduser()
     if not path.exists():
         raise ModelLoadError(f"{flag} {spec}: no such file or directory")
-    if path.is_dir():
-        if (path / "config.json").is_file():
-            return path, None
-        if (path / subfolder / "config.json").is_file():
-            return path, subfolder
+    if not path.is_dir():
+        raise ModelLoadError(f"{flag} {spec}: expected 'tiny', a diffusers folder or a .safetensors file")
+    if (path / "config.json").is_file():
+        found: tuple[Path, str | None] = (path, None)
+    elif (path / subfolder / "config.json").is_file():
+        found = (path, subfolder)
+    else:
         raise ModelLoadError(
             f"{flag} {spec}: not a diffusers folder (no config.json, nor {subfolder}/config.json)"
         )
-    raise ModelLoadError(f"{flag} {spec}: expected 'tiny', a diffusers folder or a .safetensors file")
+    weights = path / (found[1] or "")
+    if not any(weights.glob("*.safetensors")):
+        raise ModelLoadError(
+            f"{flag} {spec}: no .safetensors weights in {weights}; pickled weights (.bin, .pt) are never "
+            "loaded, since loading one runs code: convert them to safetensors"
+        )
+    return found
 
 
 def float_list(text: str) -> list[float]:
@@ -82,7 +91,7 @@ def pretrained_transformer(
         return from_file(path, flag, dtype)
     folder, subfolder = diffusers_folder(spec, flag, "transformer")
     model: torch.nn.Module = model_class.from_pretrained(
-        folder, subfolder=subfolder, local_files_only=True, torch_dtype=dtype
+        folder, subfolder=subfolder, local_files_only=True, torch_dtype=dtype, use_safetensors=True
     )
     return model
 
@@ -94,7 +103,9 @@ def pretrained_vae(model_class: type[ModelMixin], spec: str, from_file: FileLoad
     if path is not None:
         return from_file(path, "--vae", None)
     folder, subfolder = diffusers_folder(spec, "--vae", "vae")
-    model: torch.nn.Module = model_class.from_pretrained(folder, subfolder=subfolder, local_files_only=True)
+    model: torch.nn.Module = model_class.from_pretrained(
+        folder, subfolder=subfolder, local_files_only=True, use_safetensors=True
+    )
     return model
 
 
@@ -108,7 +119,9 @@ def pretrained_text_encoder(
     if is_single_file(spec):
         raise text_encoder_file_error(flag, spec)
     path, subfolder = diffusers_folder(spec, flag, "text_encoder")
-    model = model_class.from_pretrained(path, subfolder=subfolder or "", local_files_only=True)
+    model = model_class.from_pretrained(
+        path, subfolder=subfolder or "", local_files_only=True, use_safetensors=True
+    )
     tokenizer = AutoTokenizer.from_pretrained(
         path / "tokenizer" if subfolder else path, local_files_only=True
     )

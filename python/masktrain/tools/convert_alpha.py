@@ -130,8 +130,14 @@ def run(config: ConvertAlphaConfig) -> ConvertAlphaSummary:
         _report(summary)
         return summary
 
-    config.output_directory.mkdir(parents=True, exist_ok=True)
-    atomic.remove_stale_temporaries(config.output_directory)
+    with atomic.run_lock(config.output_directory):  # the native writer's temporaries carry our pid
+        atomic.remove_stale_temporaries(config.output_directory)
+        _convert(config, jobs, summary)
+    _report(summary)
+    return summary
+
+
+def _convert(config: ConvertAlphaConfig, jobs: list[_Job], summary: ConvertAlphaSummary) -> None:
     chunk = max(1, _native.thread_count() * _CHUNK_PER_THREAD)
     with tqdm(total=len(jobs), unit="img", desc="convert-alpha", disable=not jobs) as progress:
         for start in range(0, len(jobs), chunk):
@@ -143,8 +149,6 @@ def run(config: ConvertAlphaConfig) -> ConvertAlphaSummary:
                 else:
                     summary.failed.append((job.image, str(error)))
             progress.update(len(batch))
-    _report(summary)
-    return summary
 
 
 def _report(summary: ConvertAlphaSummary) -> None:

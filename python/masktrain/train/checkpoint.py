@@ -16,6 +16,7 @@ intact and nothing half-written; the next run removes the temporaries.
 
 from __future__ import annotations
 
+import io
 import json
 import pickle
 import random
@@ -93,6 +94,14 @@ def restore_rng(state: RngState) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _torch_bytes(state: object) -> bytes:
+    """``torch.save`` into memory: written to a file, a full disk reads "basic_ios::clear:
+    iostream error"; through Python's file API it is ENOSPC, named."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return buffer.getvalue()
+
+
 def save_checkpoint(
     output_dir: Path,
     *,
@@ -107,15 +116,23 @@ def save_checkpoint(
     """Write the checkpoint folder of ``position.step`` atomically, then the top-level LoRA file
     `lora_name` (a copy of the one in the folder); returns the folder."""
     target = checkpoint_dir(output_dir, position.step)
+    float32 = {name: tensor.detach().float().cpu().contiguous() for name, tensor in adapter.items()}
+    files = {
+        "adapter.safetensors": safetensors.torch.save(float32),
+        "optimizer.pt": _torch_bytes(optimizer.state_dict()),
+        "scheduler.pt": _torch_bytes(scheduler.state_dict()),
+        "rng.pt": _torch_bytes(rng_state()),
+        "state.json": json.dumps(position.__dict__, indent=2).encode(),
+        "config.json": config_json.encode(),
+        lora_name: lora_bytes,
+    }
     with atomic.directory(target) as temp:
-        float32 = {name: tensor.detach().float().cpu().contiguous() for name, tensor in adapter.items()}
-        (temp / "adapter.safetensors").write_bytes(safetensors.torch.save(float32))
-        torch.save(optimizer.state_dict(), temp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), temp / "scheduler.pt")
-        torch.save(rng_state(), temp / "rng.pt")
-        (temp / "state.json").write_text(json.dumps(position.__dict__, indent=2))
-        (temp / "config.json").write_text(config_json)
-        (temp / lora_name).write_bytes(lora_bytes)
+        for name, data in files.items():
+            path = temp / name
+            try:
+                path.write_bytes(data)
+            except OSError as error:
+                raise atomic.write_error(error, target / name) from error
     atomic.write_bytes(output_dir / lora_name, lora_bytes)
     return target
 

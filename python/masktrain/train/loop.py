@@ -218,6 +218,13 @@ def run(config: TrainConfig) -> Path:
 
 
 def _train(config: TrainConfig, family: ModelFamily, shard: Shard, plan: TrainPlan) -> Path:
+    with contextlib.ExitStack() as run_lock:  # held by rank 0 while this run writes OUTPUT_DIR
+        return _train_locked(config, family, shard, plan, run_lock)
+
+
+def _train_locked(
+    config: TrainConfig, family: ModelFamily, shard: Shard, plan: TrainPlan, run_lock: contextlib.ExitStack
+) -> Path:
     device = _device(config, shard)
     weight_dtype, autocast = _precision(config, device)
     experts = build_experts(config, family, device, weight_dtype)
@@ -243,8 +250,9 @@ def _train(config: TrainConfig, family: ModelFamily, shard: Shard, plan: TrainPl
         position = ckpt.restore(config.resume, named, optimizer, scheduler)
         log.info("resumed from %s at step %d", config.resume, position.step)
 
+    atomic.set_run_id(shard.gather(atomic.RUN_ID)[0])  # every process's temporaries carry rank 0's id
     if shard.is_main:
-        config.output_dir.mkdir(parents=True, exist_ok=True)
+        run_lock.enter_context(atomic.run_lock(config.output_dir))
         atomic.remove_stale_temporaries(config.output_dir)
         if config.overwrite and config.resume is None:  # start over: no old step mixes with this run
             for old in config.output_dir.glob("step-*"):

@@ -128,8 +128,11 @@ class MetricsLog:
 
     def write(self, record: StepRecord) -> None:
         values = record.to_json()
-        with self.path.open("a") as file:
-            file.write(json.dumps(values) + "\n")
+        try:
+            with self.path.open("a") as file:
+                file.write(json.dumps(values) + "\n")
+        except OSError as error:
+            raise atomic.write_error(error, self.path) from error
         if self._writer is not None:
             for key, value in values.items():
                 if key not in ("step", "epoch") and isinstance(value, float) and math.isfinite(value):

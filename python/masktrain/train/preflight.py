@@ -5,7 +5,9 @@ need the file system or the process group. Torch-free (cache headers only).
   checkpoint already reached ``--max_train_steps`` is complete: nothing to train;
 - without ``--resume``, ``--output_dir`` holds no other run's checkpoints (``--overwrite``
   starts over);
-- the dataset is cached for this ``--arch`` (every item file with its text embeddings), and with
+- ``--output_dir`` can be written, and every folder the dataset reads can be read;
+- the dataset, listed as ``cache`` lists it, is cached for this ``--arch`` and up to date
+  (``data/cached_items.py``; ``--skip_stale`` leaves out what is not), and with
   ``--use_mask_loss`` every dataset's cache holds mask weights;
 - every process gets at least one batch per epoch;
 - the warm-up fits in the run, now that the number of steps is known (``--max_train_epochs``).
@@ -20,6 +22,7 @@ from masktrain.config import mask_loss
 from masktrain.config.dataset import load_dataset_config
 from masktrain.config.train import TrainConfig, check_schedule
 from masktrain.data.cached_items import CachedItem, epoch_batches, find_cached_items
+from masktrain.data.dataset_paths import check_readable, check_writable
 from masktrain.errors import CachedDataError, MissingMaskWeightsError, TrainConfigError
 from masktrain.train.resume import checkpoint_step
 
@@ -54,7 +57,9 @@ def preflight(config: TrainConfig, world: int) -> TrainPlan:
                 f"pass --resume {previous[-1]} to continue it, --overwrite to start over, or another "
                 "--output_dir"
             )
-    items = find_cached_items(config.dataset_config, config.arch)
+    check_writable(config.output_dir, "--output_dir", TrainConfigError)
+    check_readable(load_dataset_config(config.dataset_config))
+    items = find_cached_items(config.dataset_config, config.arch, skip_stale=config.skip_stale)
     if config.mask.use_mask_loss:
         _check_masks(config, items)
     batches_per_epoch = len(epoch_batches(items, config.seed, 0)) // world

@@ -1,0 +1,79 @@
+"""What a cache file was built from, written into its metadata by ``cache`` and checked by
+``train`` with one ``stat`` per input file (torch-free: no decoding, no model).
+
+Each latent file records two things next to its fingerprint:
+
+- ``settings``: a digest of the dataset settings that shape every item's tensors (buckets,
+  resolution, mask sources, clip extraction, the preprocessing rules and the format version);
+- ``inputs``: the size and modification time of the item's source (each frame of a frame
+  directory) and of its mask file.
+
+A text-embedding file records ``caption_sha256``, the digest of the caption it encodes. ``train``
+recomputes all three from the dataset as it is now: anything that differs is a stale item, named
+with the ``masktrain cache`` command that rebuilds it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+from masktrain import _native
+from masktrain.catalog import ArchSpec
+from masktrain.config.dataset import ImageDatasetConfig, VideoDatasetConfig
+from masktrain.data import cache_format as fmt
+from masktrain.data.discovery import MediaItem, bucket_list
+from masktrain.data.video import ClipSettings
+
+SETTINGS_KEY = "settings"
+INPUTS_KEY = "inputs"
+CAPTION_KEY = "caption_sha256"
+
+
+def dataset_settings(dataset: ImageDatasetConfig | VideoDatasetConfig, spec: ArchSpec) -> dict[str, object]:
+    """The settings of `dataset` that shape every item's tensors."""
+    buckets = dataset.buckets
+    settings: dict[str, object] = {
+        "buckets": bucket_list(buckets),
+        "resolution": list(buckets.resolution),
+        "bucket_no_upscale": buckets.bucket_no_upscale,
+        "rules": fmt.RESIZE_RULES,
+        "format": fmt.FORMAT_VERSION,
+    }
+    if isinstance(dataset, ImageDatasetConfig):
+        settings |= {
+            "masking": dataset.alpha_mask or dataset.mask_directory is not None,
+            "alpha_mask": dataset.alpha_mask,
+            "require_mask": dataset.require_mask,
+        }
+    else:
+        clips = ClipSettings.of(dataset, spec.video_fps or 0.0, spec.temporal_factor)
+        settings |= {"masking": dataset.mask_directory is not None, "clips": clips.fingerprint_part()}
+    return settings
+
+
+def settings_digest(dataset: ImageDatasetConfig | VideoDatasetConfig, spec: ArchSpec) -> str:
+    return fmt.fingerprint(dataset_settings(dataset, spec))
+
+
+def mask_index(dataset: ImageDatasetConfig | VideoDatasetConfig) -> _native.MaskIndex | None:
+    return _native.MaskIndex(dataset.mask_directory) if dataset.mask_directory is not None else None
+
+
+def item_inputs(item: MediaItem, masks: _native.MaskIndex | None) -> str:
+    """The item's input files as they are now: path, size and mtime of its source and its mask
+    file (a ``DuplicateMaskError`` when two masks share its basename)."""
+    mask = masks.get(item.stem) if masks is not None else None
+    inputs = {"source": fmt.source_stat(item.path), "mask": fmt.source_stat(mask)}
+    return json.dumps(inputs, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def caption_digest(caption: str) -> str:
+    return hashlib.sha256(caption.encode()).hexdigest()
+
+
+def changed(recorded: str | None, now: str, what: str) -> str | None:
+    """Why a file is stale when its `recorded` value differs from `now` (None when it does not)."""
+    if recorded is None:
+        return "cached by an older masktrain (no record of its inputs)"
+    return None if recorded == now else f"{what} changed since it was cached"
