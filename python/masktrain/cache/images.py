@@ -46,7 +46,6 @@ class ImageCacher:
     def __init__(self, setup: CacheSetup) -> None:
         assert isinstance(setup.dataset, ImageDatasetConfig)
         self.setup, self.dataset = setup, setup.dataset
-        self.masking = self.dataset.alpha_mask or setup.masks is not None
         self.existing = fmt.existing_item_files(self.dataset.cache_directory, setup.arch)
 
     @property

@@ -36,8 +36,6 @@ from masktrain.models.loading import device_of
 
 log = logging.getLogger(__name__)
 
-_CLIPS_KEY = "clips"
-
 
 @dataclass
 class PreparedVideo:
@@ -51,22 +49,6 @@ class PreparedVideo:
     @property
     def mask_source(self) -> fmt.MaskSource:
         return "file" if self.mask_path is not None else "none"
-
-
-def _clip_list(spans: list[tuple[int, int]]) -> str:
-    return ",".join(f"{start}-{count}" for start, count in spans)
-
-
-def _clip_names(stem: str, arch: str, metadata: fmt.CacheMetadata | None) -> set[str]:
-    """The file names of every clip a clip file's metadata lists (empty when it lists none)."""
-    if metadata is None:
-        return set()
-    try:
-        width, height = (int(v) for v in metadata.extra["original_size"].split("x"))
-        spans = [clip.split("-") for clip in metadata.extra[_CLIPS_KEY].split(",")]
-        return {fmt.item_cache_name(stem, (width, height), arch, (int(a), int(b))) for a, b in spans}
-    except (KeyError, ValueError):
-        return set()
 
 
 class VideoCacher:
@@ -99,7 +81,8 @@ class VideoCacher:
         fresh = {p.name: p for p in self.setup.fresh_files(item, paths, fingerprint)}
         if not fresh:
             return "stale"
-        expected = _clip_names(item.stem, self.setup.arch, fmt.read_metadata(next(iter(fresh.values()))))
+        metadata = fmt.read_metadata(next(iter(fresh.values())))
+        expected = fmt.clip_file_names(item.stem, metadata) if metadata is not None else set()
         return "fresh" if expected and expected <= fresh.keys() else "stale"
 
     def prepare(self, chunk: list[MediaItem]) -> list[PreparedVideo | Exception]:
@@ -181,7 +164,7 @@ class VideoCacher:
                         decoded.original_size,
                         prepared.mask_path,
                         **{
-                            _CLIPS_KEY: _clip_list(spans),
+                            fmt.CLIPS_KEY: fmt.clip_list(spans),
                             "frame_start": str(start),
                             "frame_count": str(count),
                         },

@@ -134,6 +134,25 @@ def item_cache_name(
     return f"{stem}{clip}_{width:04d}x{height:04d}_{arch}.safetensors"
 
 
+CLIPS_KEY = "clips"
+"""Metadata key of a video's clip files: every clip of the video, ``start-count,start-count``."""
+
+
+def clip_list(spans: list[tuple[int, int]]) -> str:
+    """The ``clips`` metadata value of a video's (start, count) spans."""
+    return ",".join(f"{start}-{count}" for start, count in spans)
+
+
+def clip_file_names(stem: str, metadata: CacheMetadata) -> set[str]:
+    """The file names of every clip a clip file's metadata lists (empty when it lists none)."""
+    try:
+        width, height = (int(v) for v in metadata.extra["original_size"].split("x"))
+        spans = [clip.split("-") for clip in metadata.extra[CLIPS_KEY].split(",")]
+        return {item_cache_name(stem, (width, height), metadata.arch, (int(a), int(b))) for a, b in spans}
+    except (KeyError, ValueError):
+        return set()
+
+
 def text_cache_name(stem: str, arch: str) -> str:
     return f"{stem}_{arch}_te.safetensors"
 

@@ -150,7 +150,9 @@ def _latent_files(
         raise _NotCached("not cached")
     if video:
         first = next(iter(headers.values()))[1]
-        wanted = _clip_names(item, first)
+        wanted = fmt.clip_file_names(item.stem, first)
+        if not wanted:
+            raise _Stale("its clip files list no clips (cached by an older masktrain)")
         missing = sorted(wanted - headers.keys())
         if missing:
             raise _Stale(f"its clip files {', '.join(missing[:3])} are missing")
@@ -166,17 +168,6 @@ def _latent_files(
         keys = fmt.item_tensor_keys(shapes, path)
         files.append((path, shapes[keys.latents], keys.mask_weights is not None))
     return files
-
-
-def _clip_names(item: MediaItem, metadata: fmt.CacheMetadata) -> set[str]:
-    try:
-        width, height = (int(v) for v in metadata.extra["original_size"].split("x"))
-        spans = [clip.split("-") for clip in metadata.extra["clips"].split(",")]
-        return {
-            fmt.item_cache_name(item.stem, (width, height), metadata.arch, (int(a), int(b))) for a, b in spans
-        }
-    except (KeyError, ValueError):
-        raise _Stale("its clip files list no clips (cached by an older masktrain)") from None
 
 
 def _text_file(item: MediaItem, folder: Path, arch: str) -> Path:
