@@ -19,7 +19,7 @@ import math
 from dataclasses import dataclass
 
 from masktrain.config import mask_loss
-from masktrain.config.dataset import load_dataset_config
+from masktrain.config.dataset import DatasetConfig, load_dataset_config
 from masktrain.config.train import TrainConfig, check_schedule
 from masktrain.data.cached_items import CachedItem, epoch_batches, find_cached_items
 from masktrain.data.dataset_paths import check_readable, check_writable
@@ -58,10 +58,11 @@ def preflight(config: TrainConfig, world: int) -> TrainPlan:
                 "--output_dir"
             )
     check_writable(config.output_dir, "--output_dir", TrainConfigError)
-    check_readable(load_dataset_config(config.dataset_config))
+    datasets = load_dataset_config(config.dataset_config)
+    check_readable(datasets)
     items = find_cached_items(config.dataset_config, config.arch, skip_stale=config.skip_stale)
     if config.mask.use_mask_loss:
-        _check_masks(config, items)
+        _check_masks(config, datasets, items)
     batches_per_epoch = len(epoch_batches(items, config.seed, 0)) // world
     if batches_per_epoch == 0:
         raise CachedDataError(f"{config.dataset_config}: fewer batches than processes ({world}); add data")
@@ -73,13 +74,13 @@ def preflight(config: TrainConfig, world: int) -> TrainPlan:
     return TrainPlan(items, batches_per_epoch, steps_per_epoch, total_steps, resume_step)
 
 
-def _check_masks(config: TrainConfig, items: list[CachedItem]) -> None:
+def _check_masks(config: TrainConfig, datasets: DatasetConfig, items: list[CachedItem]) -> None:
     """The guide's FATAL, at start-up: a dataset whose cache holds no mask weights at all would
     stop the run at its first batch, hours in."""
-    datasets = load_dataset_config(config.dataset_config).datasets
     masked = {item.dataset for item in items if item.has_mask}
     for number in sorted({item.dataset for item in items} - masked):
+        folder = datasets.datasets[number].cache_directory
         raise MissingMaskWeightsError(
-            f"{config.dataset_config}: [[datasets]] #{number + 1} ({datasets[number].cache_directory}): "
+            f"{config.dataset_config}: [[datasets]] #{number + 1} ({folder}): "
             + mask_loss.missing_mask_message()
         )
