@@ -147,3 +147,14 @@ def train_config(toml: Path, out: Path, arch: str = "wan", **kwargs: Any) -> Any
     )
     defaults.update(kwargs)
     return TrainConfig(**defaults)
+
+
+def wait_for_steps(process: Any, metrics: Path, steps: int, timeout: float = 120) -> None:
+    """Wait until a training `process` has logged `steps` optimizer steps to `metrics`."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not (metrics.exists() and metrics.read_text().count("\n") >= steps):
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.2)

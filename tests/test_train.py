@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +15,15 @@ import pytest
 import safetensors.torch
 import torch
 
-from helpers import MASKED_PRIOR_SETTINGS_KWARGS, cached, make_dataset, masktrain_command, train_config, words
+from helpers import (
+    MASKED_PRIOR_SETTINGS_KWARGS,
+    cached,
+    make_dataset,
+    masktrain_command,
+    train_config,
+    wait_for_steps,
+    words,
+)
 from masktrain.config import MaskLossSettings, OptimSettings
 from masktrain.models import get_family
 from masktrain.train.experts import build_experts
@@ -168,12 +175,7 @@ def test_cli_prints_the_banner_and_ctrl_c_saves_a_checkpoint(tmp_path: Path, wan
         stderr=subprocess.PIPE,
         text=True,
     )
-    metrics = out / "metrics.jsonl"
-    deadline = time.monotonic() + 120
-    while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
-        assert process.poll() is None, process.communicate()
-        assert time.monotonic() < deadline
-        time.sleep(0.2)
+    wait_for_steps(process, out / "metrics.jsonl", 2)
     process.send_signal(signal.SIGINT)
     stdout, stderr = process.communicate(timeout=120)
     assert process.returncode == 130, stderr

@@ -13,7 +13,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,7 @@ import safetensors.torch
 import torch
 from PIL import Image
 
-from helpers import cache_tiny, cached, make_dataset, masktrain_command, train_config, words
+from helpers import cache_tiny, cached, make_dataset, masktrain_command, train_config, wait_for_steps, words
 from masktrain.config import MaskLossSettings, NetworkSettings, OptimSettings
 from masktrain.errors import (
     MissingMaskWeightsError,
@@ -291,12 +290,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_130(dataset: Path, tmp_path: Path)
         out=out,
     )
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    metrics = out / "metrics.jsonl"
-    while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
-        assert process.poll() is None, process.communicate()
-        assert time.monotonic() < deadline
-        time.sleep(0.2)
+    wait_for_steps(process, out / "metrics.jsonl", 2)
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 130, stderr

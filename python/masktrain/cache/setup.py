@@ -39,6 +39,7 @@ class CacheSetup:
     """Mask files by basename; None without ``mask_directory``."""
     settings: str = field(init=False)
     """Digest of the dataset settings that shape every item (``freshness.settings_digest``)."""
+    _inputs: dict[Path, str] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         self.buckets = bucket_list(self.dataset.buckets)
@@ -55,13 +56,20 @@ class CacheSetup:
         """The item's mask file (a ``DuplicateMaskError`` when two share its basename)."""
         return self.masks.get(item.stem) if self.masks is not None else None
 
+    def inputs(self, item: MediaItem) -> str:
+        """The item's input files as they were stat'ed for its fingerprint: the metadata records
+        the same stats the fingerprint hashed (one stat per file per run)."""
+        if item.path not in self._inputs:
+            self._inputs[item.path] = freshness.item_inputs(item, self.masks)
+        return self._inputs[item.path]
+
     def fingerprint(self, item: MediaItem) -> str:
         """Everything that shapes an item's tensors: the dataset settings, its source and mask
         files, the VAE."""
         return fmt.fingerprint(
             {
                 "settings": self.settings,
-                "inputs": freshness.item_inputs(item, self.masks),
+                "inputs": self.inputs(item),
                 "vae": self.vae_identity,
                 "dtype": str(self.vae.dtype),
             }
@@ -99,7 +107,7 @@ class CacheSetup:
                 "original_size": f"{original_size[0]}x{original_size[1]}",
                 "mask_path": str(mask_path or ""),
                 freshness.SETTINGS_KEY: self.settings,
-                freshness.INPUTS_KEY: freshness.item_inputs(item, self.masks),
+                freshness.INPUTS_KEY: self.inputs(item),
                 **extra,
             },
         )
