@@ -483,7 +483,12 @@ def files(tmp_path_factory) -> dict[str, Path]:
         "extra": save(tmp_path / "extra.safetensors", extra, wan_dit_original, COMFY),
         "t5": save(tmp_path / "t5.safetensors", t5),
         "unknown": save(tmp_path / "unknown.safetensors", {"foo.weight": torch.zeros(1)}),
-        "scaled": save(tmp_path / "scaled.safetensors", wan | {"scaled_fp8": torch.zeros(0)}, prefix=COMFY),
+        # a ComfyUI fp8 scale whose weight is not fp8: a broken file
+        "scaled": save(
+            tmp_path / "scaled.safetensors",
+            wan | {"scaled_fp8": torch.zeros(0), "blocks.0.ffn.net.2.scale_weight": torch.ones(())},
+            prefix=COMFY,
+        ),
         "garbage": garbage,
         "empty": tmp_path / "empty.safetensors",
         "pth": tmp_path / "model.pth",
@@ -535,7 +540,11 @@ HEAD = {"attention_head_dim": 12}
             r"does not match WanTransformer3DModel: unexpected tensors "
             r"model\.diffusion_model\.blocks\.0\.extra\.weight",
         ),
-        ("dit wan scaled", HEAD, r"scaled fp8 checkpoints are not supported"),
+        (
+            "dit wan scaled",
+            HEAD,
+            r"holds the fp8 scale '.*blocks\.0\.ffn\.net\.2\.scale_weight' but no fp8 weight",
+        ),
         ("dit wan garbage", HEAD, r"cannot read the safetensors header"),
         ("dit wan empty", HEAD, r"cannot read the safetensors header"),
         ("dit wan pth", HEAD, r"expected a \.safetensors file .*pickled checkpoints"),

@@ -24,7 +24,7 @@ from helpers import (
     wait_for_steps,
     words,
 )
-from masktrain.config import MaskLossSettings, OptimSettings
+from masktrain.config import MaskLossSettings, MemorySettings, OptimSettings
 from masktrain.models import get_family
 from masktrain.train.experts import build_experts
 from masktrain.train.loop import run as run_train
@@ -187,21 +187,39 @@ def test_cli_prints_the_banner_and_ctrl_c_saves_a_checkpoint(tmp_path: Path, wan
     assert state["step"] == int(steps[0].name.removeprefix("step-")) >= 2
 
 
+# The 24 GB path (fp8 base, block swap, activation offload) under torchrun too.
+MEMORY_FLAGS = (
+    "--gradient_checkpointing --fp8_base --fp8_scaled --blocks_to_swap 1 --gradient_checkpointing_cpu_offload"
+)
+MEMORY_PATH = MemorySettings(
+    fp8_base=True, fp8_scaled=True, blocks_to_swap=1, gradient_checkpointing_cpu_offload=True
+)
+
+
 @pytest.mark.slow
-def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path: Path, wan_dataset: Path):
+@pytest.mark.parametrize("memory_path", [False, True], ids=["bf16", "fp8-swap-offload"])
+def test_two_processes_equal_one_process_with_the_same_global_batch(
+    tmp_path: Path, wan_dataset: Path, memory_path: bool
+):
     one = tmp_path / "one"
     base = config(wan_dataset, one, max_train_steps=2)
+    if memory_path:
+        base = dataclasses.replace(base, gradient_checkpointing=True, memory=MEMORY_PATH)
     accumulating = OptimSettings(learning_rate=1e-3, gradient_accumulation_steps=2)
     run_train(dataclasses.replace(base, optim=accumulating))
     two = tmp_path / "two"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [
         sys.executable,
-        *words("-m torch.distributed.run --nproc_per_node 2 --master_port 29531 -m masktrain.cli train"),
+        *words(
+            "-m torch.distributed.run --nproc_per_node 2 --master_port {port} -m masktrain.cli train",
+            port=29531 + memory_path,
+        ),
         *words("--dataset_config {toml} --arch wan --dit tiny --output_dir {out}", toml=wan_dataset, out=two),
         *words("--device cpu --max_train_steps 2 --network_dim 4 --network_alpha 4 --learning_rate 1e-3"),
         *words("--use_mask_loss --mask_gamma 0.7 --prior_preservation_weight 1.0 --prior_mask_threshold 0.1"),
         "--normalize_per_sample",
+        *(words(MEMORY_FLAGS) if memory_path else []),
     ]
     result = subprocess.run(
         command,

@@ -33,6 +33,8 @@ class ArchSpec:
     """The flag that names its text encoder."""
     text_encoder: str
     """What that text encoder is."""
+    fp8_text_flag: str
+    """The ``cache`` flag that loads its text encoder with fp8 weights (musubi-tuner's spelling)."""
     spatial_factor: int
     """Pixels per latent cell along each side with the released VAE (a VAE file may differ: the
     WAN 2.2 TI2V-5B VAE is 16x; the cache reads the factor off the loaded VAE)."""
@@ -57,6 +59,7 @@ WAN = ArchSpec(
     family="masktrain.models.wan:WanFamily",
     text_flag="--t5",
     text_encoder="UMT5-XXL",
+    fp8_text_flag="--fp8_t5",
     spatial_factor=8,
     temporal_factor=4,
     video_fps=16.0,
@@ -70,6 +73,7 @@ QWEN_IMAGE = ArchSpec(
     family="masktrain.models.qwen_image:QwenImageFamily",
     text_flag="--text_encoder",
     text_encoder="Qwen2.5-VL",
+    fp8_text_flag="--fp8_vl",
     spatial_factor=8,
     temporal_factor=1,
     video_fps=None,

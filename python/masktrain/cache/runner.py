@@ -78,7 +78,11 @@ def _run(
     device = torch.device(config.device or default)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     vae = family.load_vae(config.vae, device, dtype)
-    text = TextCacher(config, family, family.load_text_encoder(config.text_encoder, device, dtype))
+    text = TextCacher(
+        config,
+        family,
+        family.load_text_encoder(config.text_encoder, device, dtype, fp8=config.fp8_text_encoder),
+    )
     if shard.is_main:
         log.info(
             "caching %d dataset(s) for %s on %s (%s), %d process(es)",

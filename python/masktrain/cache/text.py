@@ -27,14 +27,15 @@ class TextCacher:
         self.dtype = str(next(encoder.model.parameters()).dtype)
 
     def fingerprint(self, item: MediaItem) -> str:
-        return fmt.fingerprint(
-            {
-                "caption": freshness.caption_digest(item.caption),
-                "text_encoder": self.identity,
-                "dtype": self.dtype,
-                "format": fmt.FORMAT_VERSION,
-            }
-        )
+        parts = {
+            "caption": freshness.caption_digest(item.caption),
+            "text_encoder": self.identity,
+            "dtype": self.dtype,
+            "format": fmt.FORMAT_VERSION,
+        }
+        if self.config.fp8_text_encoder:  # only then, so caches made before the flag stay fresh
+            parts["fp8"] = "e4m3"
+        return fmt.fingerprint(parts)
 
     def run(
         self,

@@ -7,19 +7,26 @@ from pathlib import Path
 import click
 
 from masktrain import catalog
-from masktrain.cli.options import F, existing_file, option
+from masktrain.cli.options import F, existing_file, flag, option
 from masktrain.cli.outcome import run_job
 
 
 def _text_encoder_options(command: F) -> F:
-    """One option per text-encoder flag of the catalog (``--t5``, ``--text_encoder``, ...)."""
+    """One option per text-encoder flag of the catalog (``--t5``, ``--text_encoder``, ...), and one
+    switch per fp8 text-encoder flag (``--fp8_t5``, ``--fp8_vl``)."""
+    fp8_flags: dict[str, list[str]] = {}
+    for spec in catalog.ARCHES.values():
+        fp8_flags.setdefault(spec.fp8_text_flag, []).append(spec.name)
+    for fp8_flag, names in reversed(fp8_flags.items()):
+        help = f"Text encoder in fp8 (e4m3) to save memory (--arch {' / '.join(names)})."
+        command = flag(fp8_flag.removeprefix("--"), help)(command)
     by_flag: dict[str, list[catalog.ArchSpec]] = {}
     for spec in catalog.ARCHES.values():
         by_flag.setdefault(spec.text_flag, []).append(spec)
-    for flag, specs in reversed(by_flag.items()):
+    for text_flag, specs in reversed(by_flag.items()):
         models = "; ".join(f"{spec.title}: {spec.text_encoder}" for spec in specs)
         help = f"Text encoder ({models}): 'tiny', or a local diffusers folder."
-        command = option(flag.removeprefix("--"), default=None, help=help)(command)
+        command = option(text_flag.removeprefix("--"), default=None, help=help)(command)
     return command
 
 
@@ -53,7 +60,7 @@ def cache(
     batch_size: int,
     num_workers: int | None,
     skip_existing: bool,
-    **text_encoders: str | None,
+    **text_encoders: str | bool | None,
 ) -> None:
     """Cache latents, mask weights and text embeddings for a dataset TOML."""
     from masktrain.config.cache import CacheConfig
@@ -63,7 +70,10 @@ def cache(
             dataset_config=dataset_config,
             arch=arch,
             vae=vae,
-            text_encoders={f"--{name}": value for name, value in text_encoders.items()},
+            text_encoders={
+                f"--{name}": value for name, value in text_encoders.items() if not isinstance(value, bool)
+            },
+            fp8_text={f"--{name}": value for name, value in text_encoders.items() if isinstance(value, bool)},
             device=device,
             batch_size=batch_size,
             skip_existing=skip_existing,

@@ -21,6 +21,7 @@ from masktrain import catalog
 from masktrain.cli.options import F, existing_file, flag, option
 from masktrain.cli.outcome import run_job
 from masktrain.config.mask_loss import MaskLossSettings
+from masktrain.config.memory import MemorySettings, attention_flag
 from masktrain.config.timesteps import TIMESTEP_SAMPLINGS, WEIGHTING_SCHEMES, TimestepSettings
 from masktrain.config.train import (
     LORA_FORMATS,
@@ -38,6 +39,7 @@ log = logging.getLogger(__name__)
 
 _TRAIN = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
 _NETWORK, _OPTIM, _MASK, _STEPS = NetworkSettings(), OptimSettings(), MaskLossSettings(), TimestepSettings()
+_MEMORY = MemorySettings()
 
 
 def _shown(name: str, default: object, **kwargs: Any) -> Callable[[F], F]:
@@ -78,6 +80,24 @@ _OPTIONS: list[Callable[[F], F]] = [
         help="auto: bf16 on GPU.",
     ),
     flag("gradient_checkpointing", "Recompute activations in backward to save memory."),
+    flag(
+        "gradient_checkpointing_cpu_offload",
+        "Keep checkpointed block inputs in host memory (needs --gradient_checkpointing).",
+    ),
+    flag("fp8_base", "Transformer block Linear weights in fp8 e4m3 (fp8 checkpoints load as stored)."),
+    flag("fp8_scaled", "With --fp8_base: block-wise scales (per row and 64 inputs)."),
+    _shown(
+        "blocks_to_swap",
+        _MEMORY.blocks_to_swap,
+        type=click.IntRange(min=0),
+        help="Transformer blocks kept in host memory and streamed in (needs --gradient_checkpointing).",
+    ),
+    flag("use_pinned_memory_for_block_swap", "Page-locked host memory for block swap (faster copies)."),
+    flag("offload_inactive_dit", "WAN 2.2 A14B: keep the idle expert in host memory."),
+    flag("sdpa", "Attention: PyTorch scaled_dot_product_attention (the default)."),
+    flag("flash_attn", "Attention: FlashAttention (needs flash-attn)."),
+    flag("sage_attn", "Attention: SageAttention (needs sageattention)."),
+    flag("xformers", "Attention: xformers (needs xformers)."),
     _shown("seed", _TRAIN["seed"], type=int, help="Seeds init, batch order, noise, timesteps."),
     _shown("max_train_steps", _TRAIN["max_train_steps"], type=click.IntRange(min=1), help="Optimizer steps."),
     option("max_train_epochs", type=click.IntRange(min=1), default=None, help="Epochs (overrides steps)."),
@@ -177,7 +197,9 @@ def build_config(flags: dict[str, Any]) -> TrainConfig:
             "--network_module is ignored: masktrain trains a peft LoRA on the family's default modules"
         )
     include, exclude = parse_network_args(flags.pop("network_args"))
+    attention = attention_flag(*(flags.pop(name) for name in ("sdpa", "flash_attn", "sage_attn", "xformers")))
     return TrainConfig(
+        memory=MemorySettings(attention=attention, **_take(flags, MemorySettings)),
         network=NetworkSettings(
             network_dim=flags.pop("network_dim"),
             network_alpha=flags.pop("network_alpha"),

@@ -17,6 +17,7 @@ from masktrain.config.dataset import (
 )
 from masktrain.config.demo import DemoConfig
 from masktrain.config.mask_loss import MaskLossSettings
+from masktrain.config.memory import MemorySettings
 from masktrain.config.timesteps import TimestepSettings
 from masktrain.config.train import NetworkSettings, OptimSettings, TrainConfig
 from masktrain.errors import ConfigError
@@ -31,6 +32,7 @@ __all__ = [
     "DemoConfig",
     "ImageDatasetConfig",
     "MaskLossSettings",
+    "MemorySettings",
     "NetworkSettings",
     "OptimSettings",
     "TimestepSettings",

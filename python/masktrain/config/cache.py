@@ -30,6 +30,9 @@ class CacheConfig:
     num_workers: int | None = None
     """Threads of the native core for image preparation; default one per core. Applies when the
     core's thread pool starts, i.e. to the first native call of the process."""
+    fp8_text_encoder: bool = False
+    """Load the text encoder's block Linear weights as float8 e4m3 (--fp8_t5 / --fp8_vl), so it
+    fits beside the VAE on a small card; its embeddings are cached as a separate version."""
 
     def __post_init__(self) -> None:
         catalog.arch(self.arch)
@@ -55,14 +58,19 @@ class CacheConfig:
         batch_size: int = 4,
         skip_existing: bool = True,
         num_workers: int | None = None,
+        fp8_text: Mapping[str, bool] | None = None,
     ) -> CacheConfig:
         """The config of the command line, where each family names its text encoder with its own
         flag (``catalog``: ``--t5`` for WAN, ``--text_encoder`` for Qwen-Image); `text_encoders`
-        holds every such flag's value, and another family's flag is an error."""
+        holds every such flag's value, and another family's flag is an error; so for `fp8_text`
+        (``--fp8_t5``, ``--fp8_vl``)."""
         spec = catalog.arch(arch)
         for flag, value in text_encoders.items():
             if flag != spec.text_flag and value is not None:
                 raise CacheConfigError(f"{flag} is not used with --arch {arch}; pass {spec.text_flag}")
+        for flag, on in (fp8_text or {}).items():
+            if flag != spec.fp8_text_flag and on:
+                raise CacheConfigError(f"{flag} is not used with --arch {arch}; use {spec.fp8_text_flag}")
         chosen = text_encoders.get(spec.text_flag)
         if chosen is None:
             raise CacheConfigError(
@@ -78,4 +86,5 @@ class CacheConfig:
             batch_size=batch_size,
             skip_existing=skip_existing,
             num_workers=num_workers,
+            fp8_text_encoder=bool((fp8_text or {}).get(spec.fp8_text_flag)),
         )

@@ -22,6 +22,7 @@ from typing import Any, Literal
 from masktrain import catalog
 from masktrain.config.device import check_device
 from masktrain.config.mask_loss import MaskLossSettings
+from masktrain.config.memory import MemorySettings
 from masktrain.config.timesteps import TimestepSettings
 from masktrain.errors import FlagError, OptimConfigError, TrainConfigError
 
@@ -173,6 +174,7 @@ class TrainConfig:
     optim: OptimSettings = field(default_factory=OptimSettings)
     mask: MaskLossSettings = field(default_factory=MaskLossSettings)
     timesteps: TimestepSettings = field(default_factory=TimestepSettings)
+    memory: MemorySettings = field(default_factory=MemorySettings)
 
     def __post_init__(self) -> None:
         two_experts = [spec.name for spec in catalog.ARCHES.values() if spec.two_experts]
@@ -194,6 +196,19 @@ class TrainConfig:
                 (
                     bool(self.output_name) and "/" not in self.output_name,
                     "--output_name must be a plain file name",
+                ),
+                (
+                    self.memory.blocks_to_swap == 0 or self.gradient_checkpointing,
+                    "--blocks_to_swap needs --gradient_checkpointing (the backward pass recomputes each "
+                    "block after its weights come back from the host)",
+                ),
+                (
+                    not self.memory.gradient_checkpointing_cpu_offload or self.gradient_checkpointing,
+                    "--gradient_checkpointing_cpu_offload needs --gradient_checkpointing",
+                ),
+                (
+                    not self.memory.offload_inactive_dit or self.dit_high_noise is not None,
+                    "--offload_inactive_dit needs two experts (--dit_high_noise)",
                 ),
             ]
         )

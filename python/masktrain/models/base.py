@@ -10,19 +10,21 @@ built-in tiny model, random weights from a fixed seed), a local diffusers folder
 The loaders that turn a flag's value into a model live in ``loading.py`` (and ``single_file.py``
 for one-file checkpoints); the families call them.
 
-Gradient checkpointing is diffusers' own: ``transformer.enable_gradient_checkpointing()`` works
-for both families (it checkpoints each transformer block, and only while grad is enabled, so a
-``no_grad`` teacher pass never checkpoints).
+Gradient checkpointing is diffusers' own: ``transformer.enable_gradient_checkpointing(func)``
+works for both families (it checkpoints each transformer block, and only while grad is enabled,
+so a ``no_grad`` teacher pass never checkpoints); ``models.checkpointing`` supplies `func`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import torch
 
 from masktrain.catalog import ArchSpec
+from masktrain.config.memory import Fp8Mode
 
 if TYPE_CHECKING:
     from peft import LoraConfig
@@ -75,7 +77,12 @@ class ModelFamily(Protocol):
 
     def load_vae(self, spec: str, device: torch.device, dtype: torch.dtype) -> torch.nn.Module: ...
 
-    def load_text_encoder(self, spec: str, device: torch.device, dtype: torch.dtype) -> TextEncoder: ...
+    def load_text_encoder(
+        self, spec: str, device: torch.device, dtype: torch.dtype, fp8: bool = False
+    ) -> TextEncoder:
+        """The tokenizer and encoder; with `fp8` its block Linear weights are a plain e4m3 cast
+        (``--fp8_t5`` / ``--fp8_vl``), dequantised in each forward."""
+        ...
 
     def spatial_factor(self, vae: torch.nn.Module) -> int:
         """Pixels per latent cell along each side (8, or 16 for WAN 2.2 TI2V-5B)."""
@@ -94,11 +101,16 @@ class ModelFamily(Protocol):
         ...
 
     def load_transformer(
-        self, spec: str, flag: str, device: torch.device, dtype: torch.dtype
+        self, spec: str, flag: str, device: torch.device, dtype: torch.dtype, fp8: Fp8Mode | None = None
     ) -> torch.nn.Module:
         """The denoiser, frozen and in eval mode: ``tiny``, a local diffusers folder (the component
         or a pipeline with ``transformer/``) or a single ``.safetensors`` file; `flag` names the
-        value in errors."""
+        value in errors. With `fp8` the blocks' Linear weights are float8 (``models.fp8``),
+        quantised while the weights are read."""
+        ...
+
+    def blocks(self, transformer: torch.nn.Module) -> torch.nn.ModuleList:
+        """The transformer blocks, in the order the forward runs them (block swap, checkpointing)."""
         ...
 
     def collate_text(self, embeds: list[torch.Tensor]) -> TextBatch:
@@ -134,7 +146,9 @@ class AdapterHost(Protocol):
 
     def enable_adapters(self) -> None: ...
 
-    def enable_gradient_checkpointing(self) -> None: ...
+    def enable_gradient_checkpointing(
+        self, gradient_checkpointing_func: Callable[..., Any] | None = None
+    ) -> None: ...
 
 
 def adapter_host(transformer: torch.nn.Module) -> AdapterHost:

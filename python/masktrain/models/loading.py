@@ -11,8 +11,10 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
+from masktrain.config.memory import Fp8Mode
 from masktrain.errors import ModelLoadError
-from masktrain.models.single_file import text_encoder_file_error
+from masktrain.models.fp8 import FP8_DTYPES, Fp8Targets, quantize_model
+from masktrain.models.single_file import Fp8Load, build, open_folder, text_encoder_file_error
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKLQwenImage, AutoencoderKLWan
@@ -24,8 +26,10 @@ TINY = "tiny"
 
 T = TypeVar("T")
 
-#: A family's reader of one ``.safetensors`` file: (path, flag, dtype or None) -> model.
-FileLoader = Callable[[Path, str, "torch.dtype | None"], torch.nn.Module]
+#: A family's reader of one ``.safetensors`` file: (path, flag, dtype or None, fp8 or None) -> model.
+FileLoader = Callable[[Path, str, "torch.dtype | None", "Fp8Load | None"], torch.nn.Module]
+#: A family's reader of one VAE ``.safetensors`` file: (path, flag, dtype or None) -> model.
+VaeFileLoader = Callable[[Path, str, "torch.dtype | None"], torch.nn.Module]
 
 
 def diffusers_folder(spec: str, flag: str, subfolder: str) -> tuple[Path, str | None]:
@@ -81,22 +85,63 @@ def _single_file(spec: str, flag: str) -> Path | None:
 
 
 def pretrained_transformer(
-    model_class: type[ModelMixin], spec: str, flag: str, dtype: torch.dtype, from_file: FileLoader
+    model_class: type[ModelMixin],
+    spec: str,
+    flag: str,
+    dtype: torch.dtype,
+    from_file: FileLoader,
+    fp8: Fp8Load | None = None,
 ) -> torch.nn.Module:
     """A non-tiny denoiser: a single ``.safetensors`` file (ComfyUI / original layout, read by the
     family's `from_file`) or a local diffusers folder, read straight into `dtype` (no float32
-    detour for a 14B model)."""
+    detour for a 14B model). With `fp8` the targeted Linear weights are quantised tensor by tensor
+    while reading, from a file or a sharded folder alike."""
     path = _single_file(spec, flag)
     if path is not None:
-        return from_file(path, flag, dtype)
+        return from_file(path, flag, dtype, fp8)
     folder, subfolder = diffusers_folder(spec, flag, "transformer")
+    if fp8 is not None:
+        return _folder_in_fp8(model_class, folder, subfolder, flag, dtype, fp8)
     model: torch.nn.Module = model_class.from_pretrained(
         folder, subfolder=subfolder, local_files_only=True, torch_dtype=dtype, use_safetensors=True
     )
     return model
 
 
-def pretrained_vae(model_class: type[ModelMixin], spec: str, from_file: FileLoader) -> torch.nn.Module:
+def _folder_in_fp8(
+    model_class: type[ModelMixin],
+    folder: Path,
+    subfolder: str | None,
+    flag: str,
+    dtype: torch.dtype,
+    fp8: Fp8Load,
+) -> torch.nn.Module:
+    """A diffusers folder's model read shard by shard, tensor by tensor, through the same reader
+    as single files (``from_pretrained`` would hold the whole bf16 model first)."""
+    weights = folder / (subfolder or "")
+    config_dict = model_class.load_config(weights)
+    init = model_class.extract_init_dict(config_dict)[0]
+    file = open_folder(weights, flag)
+    return build(model_class, dict(init), file, {key: key for key in file.shapes}, dtype, fp8)
+
+
+def finish_transformer(
+    model: torch.nn.Module,
+    device: torch.device,
+    dtype: torch.dtype,
+    fp8: Fp8Mode | None,
+    targets: Fp8Targets,
+) -> torch.nn.Module:
+    """A loaded denoiser in `dtype`, its targeted Linear layers in fp8 when asked (a model built in
+    memory, such as ``tiny``, is quantised here; checkpoints arrive quantised), frozen, on `device`."""
+    quantized = any(p.dtype in FP8_DTYPES for p in model.parameters())
+    if fp8 is not None and not quantized:
+        model = to_device(model, torch.device("cpu"), dtype)
+        quantize_model(model, targets, fp8)
+    return to_device(model, device, dtype)
+
+
+def pretrained_vae(model_class: type[ModelMixin], spec: str, from_file: VaeFileLoader) -> torch.nn.Module:
     """A non-tiny VAE: a single ``.safetensors`` file (read by the family's `from_file`) or a
     local diffusers folder."""
     path = _single_file(spec, "--vae")
@@ -159,7 +204,9 @@ def device_of(model: torch.nn.Module) -> torch.device:
 
 def to_device(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
     """Frozen, in eval mode, on `device`; cast only when the dtype changes (diffusers warns about
-    casting models that keep some modules in float32)."""
-    if next(model.parameters()).dtype != dtype:
+    casting models that keep some modules in float32). A model with fp8 weights is never cast:
+    it was read in its final dtypes."""
+    params = list(model.parameters())
+    if params[0].dtype != dtype and not any(p.dtype in FP8_DTYPES for p in params):
         model = model.to(dtype=dtype)
     return model.to(device=device).eval().requires_grad_(False)

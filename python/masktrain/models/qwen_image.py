@@ -18,19 +18,23 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from masktrain import catalog
+from masktrain.config.memory import Fp8Mode
 from masktrain.errors import DataError
 from masktrain.models import qwen_image_checkpoint
 from masktrain.models.base import LoraTargets, TextBatch, TextEncoder
+from masktrain.models.fp8 import Fp8Targets, quantize_model
 from masktrain.models.loading import (
     TINY,
     diffusers_config,
     encode_posterior_mean,
+    finish_transformer,
     pretrained_text_encoder,
     pretrained_transformer,
     pretrained_vae,
     seeded,
     to_device,
 )
+from masktrain.models.single_file import Fp8Load
 from masktrain.models.tokenizer import tiny_tokenizer
 
 if TYPE_CHECKING:
@@ -84,6 +88,12 @@ TINY_TRANSFORMER: dict[str, Any] = {
 }
 
 LORA_TARGETS = LoraTargets(include=(r"transformer_blocks\.\d+\..+",), exclude=(r".*(img_mod|txt_mod).*",))
+# fp8 base weights: every Linear of the blocks except norms (musubi-tuner's Qwen-Image lists). The
+# modulation Linears (img_mod / txt_mod, 3072 -> 18432) are quantised too, as musubi does: they hold
+# a third of the model's 20B weights, and block-wise scales keep their error at e4m3's own.
+FP8_TARGETS = Fp8Targets(include=(r"transformer_blocks\.\d+\..+",), exclude=(r".*norm.*",))
+# fp8 Qwen2.5-VL (--fp8_vl): the decoder layers' Linear layers; embeddings, norms, lm_head stay.
+FP8_VL_TARGETS = Fp8Targets(include=(r"(model\.)?(language_model\.)?layers\.\d+\..+",))
 
 
 def tiny_transformer(width_mult: int = 1, layers: int = 2) -> torch.nn.Module:
@@ -140,7 +150,9 @@ class QwenImageFamily:
             vae = pretrained_vae(AutoencoderKLQwenImage, spec, qwen_image_checkpoint.load_vae_file)
         return to_device(vae, device, dtype)
 
-    def load_text_encoder(self, spec: str, device: torch.device, dtype: torch.dtype) -> TextEncoder:
+    def load_text_encoder(
+        self, spec: str, device: torch.device, dtype: torch.dtype, fp8: bool = False
+    ) -> TextEncoder:
         from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLTextConfig, Qwen2_5_VLTextModel
 
         model: torch.nn.Module
@@ -153,6 +165,9 @@ class QwenImageFamily:
             model, tokenizer = pretrained_text_encoder(
                 Qwen2_5_VLForConditionalGeneration, spec, self.text_flag
             )
+        if fp8:
+            model = to_device(model, torch.device("cpu"), dtype)
+            quantize_model(model, FP8_VL_TARGETS, "e4m3")
         model = to_device(model, device, dtype)
         return TextEncoder(tokenizer=tokenizer, model=model, max_length=MAX_LENGTH)
 
@@ -184,17 +199,28 @@ class QwenImageFamily:
         return [h[drop : int(n)].cpu() for h, n in zip(hidden, lengths, strict=True)]
 
     def load_transformer(
-        self, spec: str, flag: str, device: torch.device, dtype: torch.dtype
+        self, spec: str, flag: str, device: torch.device, dtype: torch.dtype, fp8: Fp8Mode | None = None
     ) -> torch.nn.Module:
         from diffusers import QwenImageTransformer2DModel
 
         if spec == TINY:
             transformer = tiny_transformer()
         else:
+            load = None if fp8 is None else Fp8Load(fp8, FP8_TARGETS, dtype)
             transformer = pretrained_transformer(
-                QwenImageTransformer2DModel, spec, flag, dtype, qwen_image_checkpoint.load_transformer_file
+                QwenImageTransformer2DModel,
+                spec,
+                flag,
+                dtype,
+                qwen_image_checkpoint.load_transformer_file,
+                load,
             )
-        return to_device(transformer, device, dtype)
+        return finish_transformer(transformer, device, dtype, fp8, FP8_TARGETS)
+
+    def blocks(self, transformer: torch.nn.Module) -> torch.nn.ModuleList:
+        blocks = transformer.transformer_blocks
+        assert isinstance(blocks, torch.nn.ModuleList)
+        return blocks
 
     def collate_text(self, embeds: list[torch.Tensor]) -> TextBatch:
         # QwenImagePipeline._get_qwen_prompt_embeds / encode_prompt: zero-pad to the longest, a 0/1

@@ -20,6 +20,7 @@ from masktrain.models.single_file import (
     DIT_PREFIXES,
     CheckpointFile,
     CheckpointKind,
+    Fp8Load,
     ShapeRuleError,
     Shapes,
     build,
@@ -56,6 +57,7 @@ def load_transformer_file(
     path: Path,
     flag: str,
     dtype: torch.dtype | None = None,
+    fp8: Fp8Load | None = None,
     *,
     overrides: Mapping[str, Any] | None = None,
 ) -> torch.nn.Module:
@@ -67,7 +69,7 @@ def load_transformer_file(
     marker = to_file.pop(QWEN_ZERO_COND_MARKER, None)
     config = file.infer(qwen_transformer_config, file.renamed_shapes(to_file), overrides)
     config.setdefault("zero_cond_t", marker is not None)
-    return build(QwenImageTransformer2DModel, config, file, to_file, dtype)
+    return build(QwenImageTransformer2DModel, config, file, to_file, dtype, fp8)
 
 
 def load_vae_file(

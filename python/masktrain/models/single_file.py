@@ -25,6 +25,7 @@ downloaded (:func:`text_encoder_file_error`).
 from __future__ import annotations
 
 import logging
+import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -33,7 +34,19 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
+from masktrain.config.memory import Fp8Mode
 from masktrain.errors import ModelLoadError
+from masktrain.models.fp8 import (
+    BLOCK,
+    FP8,
+    FP8_MAX,
+    Fp8Linear,
+    Fp8Targets,
+    dequantize,
+    quantize,
+    replace_module,
+    target_linears,
+)
 
 if TYPE_CHECKING:
     from diffusers.models.modeling_utils import ModelMixin
@@ -127,13 +140,23 @@ def text_encoder_file_error(flag: str, path: Path | str) -> ModelLoadError:
 
 @dataclass
 class CheckpointFile:
-    """A safetensors file's header: key -> shape and dtype, and the prefix `select` chose."""
+    """A safetensors checkpoint's header: key -> shape and dtype, and the prefix `select` chose.
+    A diffusers folder's shards read as one checkpoint (``files`` says which shard holds a key).
+    ComfyUI's fp8 scales are not listed among the tensors: ``scales`` maps a weight's key to its
+    scale's key."""
 
     path: Path
     flag: str
     shapes: Shapes
     dtypes: dict[str, str]
     prefix: str = ""
+    scales: dict[str, str] = field(default_factory=dict)
+    scale_shapes: Shapes = field(default_factory=dict)
+    """The shape of each weight's scale (by the weight's key)."""
+    files: dict[str, Path] = field(default_factory=dict)
+
+    def file_of(self, key: str) -> Path:
+        return self.files.get(key, self.path)
 
     def error(self, what: str) -> ModelLoadError:
         return ModelLoadError(f"{self.flag} {self.path}: {what}")
@@ -182,8 +205,6 @@ class CheckpointFile:
 
 def open_checkpoint(path: Path, flag: str) -> CheckpointFile:
     """Read the header of a ``.safetensors`` checkpoint (no tensor data); errors name `flag`."""
-    from safetensors import SafetensorError, safe_open
-
     path = Path(path)
     if not path.is_file():
         raise ModelLoadError(f"{flag} {path}: no such file")
@@ -192,23 +213,84 @@ def open_checkpoint(path: Path, flag: str) -> CheckpointFile:
             f"{flag} {path}: expected a .safetensors file (ComfyUI / original layout) or a local "
             "diffusers folder; pickled checkpoints (.pth, .ckpt, .bin) are not loaded"
         )
-    shapes: Shapes = {}
-    dtypes: dict[str, str] = {}
+    file = CheckpointFile(path=path, flag=flag, shapes={}, dtypes={})
+    _read_header(file, path)
+    if not file.shapes:
+        raise ModelLoadError(f"{flag} {path}: the file holds no tensors")
+    _split_fp8_scales(file)
+    return file
+
+
+def open_folder(folder: Path, flag: str) -> CheckpointFile:
+    """The headers of every ``.safetensors`` shard of a diffusers model folder, as one checkpoint."""
+    shards = sorted(folder.glob("*.safetensors"))
+    file = CheckpointFile(path=folder, flag=flag, shapes={}, dtypes={})
+    for shard in shards:
+        _read_header(file, shard)
+    if not file.shapes:
+        raise ModelLoadError(f"{flag} {folder}: no .safetensors weights")
+    _split_fp8_scales(file)
+    return file
+
+
+def _read_header(file: CheckpointFile, path: Path) -> None:
+    from safetensors import SafetensorError, safe_open
+
     try:
         with safe_open(path, framework="pt") as f:
             for key in f.keys():
+                if key in file.shapes:
+                    raise ModelLoadError(f"{file.flag} {path}: tensor {key!r} is also in {file.file_of(key)}")
                 tensor = f.get_slice(key)
-                shapes[key] = tuple(tensor.get_shape())
-                dtypes[key] = tensor.get_dtype()
+                file.shapes[key] = tuple(tensor.get_shape())
+                file.dtypes[key] = tensor.get_dtype()
+                if path != file.path:
+                    file.files[key] = path
     except (SafetensorError, OSError, ValueError) as e:
-        raise ModelLoadError(f"{flag} {path}: cannot read the safetensors header ({e})") from None
-    if not shapes:
-        raise ModelLoadError(f"{flag} {path}: the file holds no tensors")
-    if any(k.endswith(("scaled_fp8", ".scale_weight", ".weight_scale")) for k in shapes):
-        raise ModelLoadError(
-            f"{flag} {path}: scaled fp8 checkpoints are not supported; use a bf16 or fp16 file"
-        )
-    return CheckpointFile(path=path, flag=flag, shapes=shapes, dtypes=dtypes)
+        raise ModelLoadError(f"{file.flag} {path}: cannot read the safetensors header ({e})") from None
+
+
+def _split_fp8_scales(file: CheckpointFile) -> None:
+    """Take ComfyUI's fp8 bookkeeping out of the tensor list: the ``scaled_fp8`` marker, each
+    weight's scale (``.scale_weight``, or ``.weight_scale`` with a ``.comfy_quant`` format
+    record), and input scales (the weights are dequantised, inputs never quantised)."""
+    for key in list(file.shapes):
+        base, _, suffix = key.rpartition(".")
+        if key.endswith("scaled_fp8") or suffix in ("scale_input", "input_scale"):  # marker: under the prefix
+            _drop(file, key)
+        elif suffix in ("scale_weight", "weight_scale"):
+            file.scales[f"{base}.weight"] = key
+        elif suffix == "comfy_quant":
+            quant = _comfy_quant_format(file, key)
+            if quant not in ("float8_e4m3fn", "float8_e5m2"):
+                raise file.error(
+                    f"layer {base} is quantised as {quant!r}; only fp8 (float8_e4m3fn) checkpoints are "
+                    "read: use an fp8 or a bf16 file"
+                )
+            _drop(file, key)
+    for weight, scale in file.scales.items():
+        if weight not in file.shapes or file.dtypes.get(weight) not in _FP8:
+            raise file.error(f"holds the fp8 scale {scale!r} but no fp8 weight {weight!r}")
+        file.scale_shapes[weight] = file.shapes[scale]
+        _drop(file, scale)
+
+
+def _drop(file: CheckpointFile, key: str) -> None:
+    file.shapes.pop(key)
+    file.dtypes.pop(key)
+
+
+def _comfy_quant_format(file: CheckpointFile, key: str) -> str:
+    import json
+
+    from safetensors import safe_open
+
+    with safe_open(file.file_of(key), framework="pt") as f:
+        raw = bytes(f.get_tensor(key).to(torch.uint8).tolist())
+    try:
+        return str(json.loads(raw.decode("utf-8")).get("format"))
+    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        raise file.error(f"cannot read the quantisation record {key!r}") from None
 
 
 def open_component(
@@ -233,9 +315,15 @@ def build(
     file: CheckpointFile,
     to_file: dict[str, str],
     dtype: torch.dtype | None,
+    fp8: Fp8Load | None = None,
 ) -> torch.nn.Module:
     """`model_class(**config)` on the meta device, then the file's tensors assigned to it; every
-    key and shape is checked against the model before any tensor is read."""
+    key and shape is checked against the model before any tensor is read.
+
+    Tensors are read one at a time and converted as they come: to `dtype`; with `fp8`, the
+    Linear weights it targets are quantised (or kept, when the file stores them in fp8 already),
+    so host memory holds the fp8 model, never the bf16 one. Without `fp8`, fp8 weights in the
+    file are dequantised (by their scales) to `dtype` (bfloat16 when None)."""
     from accelerate import init_empty_weights
     from safetensors import safe_open
 
@@ -260,20 +348,120 @@ def build(
                 f"tensor {to_file[name]!r} has shape {list(file.shapes[to_file[name]])}, "
                 f"{model_class.__name__} expects {list(expected_shape)}"
             )
+    quantized = _swap_in_fp8_linears(model, file, to_file, fp8, dtype) if fp8 is not None else set()
+    kept = sum(1 for name in quantized if file.dtypes[to_file[f"{name}.weight"]] in _FP8)
+    if quantized:
+        how = "as stored" if kept == len(quantized) else f"{fp8.mode if fp8 else ''} quantised while reading"
+        logger.info("%d Linear layers in fp8 (%s)", len(quantized), how)
+    elif any(d in _FP8 for d in file.dtypes.values()):
+        logger.info(
+            "%s holds fp8 weights: dequantised to %s (pass --fp8_base to keep them in fp8)", file.path, dtype
+        )
     state: dict[str, torch.Tensor] = {}
-    with safe_open(file.path, framework="pt") as f:
-        for name, key in to_file.items():
-            tensor = f.get_tensor(key)
-            if tensor.is_floating_point():
-                if dtype is not None:
-                    tensor = tensor.to(dtype)
-                elif file.dtypes[key] in _FP8:
-                    tensor = tensor.to(torch.bfloat16)  # fp8 cannot run as is; bf16 holds it exactly
-            if tensor.data_ptr() % 64:
-                # safetensors hands out tensors at the file's 8-byte alignment, and CPU kernels take
-                # other paths on unaligned memory (the last bit of results differs): own copy.
-                tensor = tensor.clone()
-            state[name] = tensor
+    by_file: dict[Path, list[tuple[str, str]]] = {}
+    for name, key in to_file.items():
+        by_file.setdefault(file.file_of(key), []).append((name, key))
+    for path, pairs in by_file.items():
+        with safe_open(path, framework="pt") as f:
+            for name, key in pairs:
+                module_name = name.removesuffix(".weight")
+                if module_name in quantized and name.endswith(".weight"):
+                    state[name], scale = _fp8_weight(f, file, key, fp8)
+                    if scale is not None:
+                        state[f"{module_name}.scale"] = scale
+                else:
+                    state[name] = _plain_tensor(f, file, key, dtype)
     model.load_state_dict(state, strict=True, assign=True)
     logger.info("loaded %s from %s (%d tensors)", model_class.__name__, file.path, len(state))
     return model.eval()
+
+
+@dataclass(frozen=True)
+class Fp8Load:
+    """fp8 base weights while reading: the mode (``--fp8_scaled`` or a plain cast) and which
+    Linear layers."""
+
+    mode: Fp8Mode
+    targets: Fp8Targets
+    compute_dtype: torch.dtype
+
+
+def _swap_in_fp8_linears(
+    model: torch.nn.Module,
+    file: CheckpointFile,
+    to_file: dict[str, str],
+    fp8: Fp8Load,
+    dtype: torch.dtype | None,
+) -> set[str]:
+    """Replace the targeted (meta) Linear layers with :class:`Fp8Linear` shells whose scale
+    shape is the file's (pre-quantised) or the mode's; returns their names."""
+    names = set(target_linears(model, fp8.targets))
+    for name in names:
+        linear = model.get_submodule(name)
+        assert isinstance(linear, torch.nn.Linear)
+        key = to_file[f"{name}.weight"]
+        if file.dtypes[key] in _FP8:
+            scale_shape = None if key not in file.scales else _file_scale_shape(file, key, linear)
+        else:
+            scale_shape = _mode_scale_shape(linear, fp8.mode)
+        replace_module(model, name, Fp8Linear.like(linear, scale_shape, dtype or fp8.compute_dtype))
+    return names
+
+
+def _mode_scale_shape(linear: torch.nn.Linear, mode: Fp8Mode) -> tuple[int, ...] | None:
+    if mode == "e4m3":
+        return None
+    if linear.in_features % BLOCK == 0:
+        return (linear.out_features, linear.in_features // BLOCK, 1)
+    return (linear.out_features, 1)
+
+
+def _file_scale_shape(file: CheckpointFile, weight_key: str, linear: torch.nn.Linear) -> tuple[int, ...]:
+    """ComfyUI stores one scale per tensor (``[]`` or ``[1]``) or per output row (``[out]``)."""
+    shape = file.scale_shapes[weight_key]
+    if len(shape) <= 1 and math.prod(shape) == 1:
+        return ()
+    if shape in ((linear.out_features,), (linear.out_features, 1)):
+        return (linear.out_features, 1)
+    raise file.error(
+        f"the fp8 scale {file.scales[weight_key]!r} has shape {list(shape)}; "
+        "expected one per tensor or per row"
+    )
+
+
+def _fp8_weight(
+    f: Any, file: CheckpointFile, key: str, fp8: Fp8Load | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    assert fp8 is not None
+    tensor = f.get_tensor(key)
+    if file.dtypes[key] not in _FP8:
+        return quantize(tensor, fp8.mode)
+    scale_key = file.scales.get(key)
+    if tensor.dtype != FP8:  # e5m2 is re-encoded as e4m3 through float32, exactly within range
+        tensor = tensor.float().clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    if scale_key is None:
+        return _aligned(tensor), None
+    scale = f.get_tensor(scale_key).float()
+    scale = scale.reshape(()) if scale.numel() == 1 else scale.reshape(-1, 1)
+    return _aligned(tensor), scale
+
+
+def _plain_tensor(f: Any, file: CheckpointFile, key: str, dtype: torch.dtype | None) -> torch.Tensor:
+    tensor = f.get_tensor(key)
+    if tensor.is_floating_point():
+        if file.dtypes[key] in _FP8:
+            scale_key = file.scales.get(key)
+            scale = None if scale_key is None else f.get_tensor(scale_key).float()
+            if scale is not None and scale.numel() > 1:
+                scale = scale.reshape(-1, *([1] * (tensor.ndim - 1)))
+            # fp8 cannot run as is; bf16 holds an unscaled fp8 value exactly
+            tensor = dequantize(tensor, scale, dtype or torch.bfloat16)
+        elif dtype is not None:
+            tensor = tensor.to(dtype)
+    return _aligned(tensor)
+
+
+def _aligned(tensor: torch.Tensor) -> torch.Tensor:
+    # safetensors hands out tensors at the file's 8-byte alignment, and CPU kernels take other
+    # paths on unaligned memory (the last bit of results differs): own copy.
+    return tensor.clone() if tensor.data_ptr() % 64 else tensor

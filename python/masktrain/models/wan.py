@@ -11,19 +11,23 @@ blocks (self- and cross-attention q/k/v/o, the I2V image k/v, both FFN layers), 
 from __future__ import annotations
 
 import re
+import types
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from masktrain import catalog
+from masktrain.config.memory import Fp8Mode
 from masktrain.config.timesteps import NUM_TRAIN_TIMESTEPS
 from masktrain.errors import DataError
 from masktrain.models import wan_checkpoint
 from masktrain.models.base import LoraTargets, TextBatch, TextEncoder
+from masktrain.models.fp8 import Fp8Targets, quantize_model
 from masktrain.models.loading import (
     TINY,
     diffusers_config,
     encode_posterior_mean,
+    finish_transformer,
     float_list,
     pretrained_text_encoder,
     pretrained_transformer,
@@ -31,6 +35,7 @@ from masktrain.models.loading import (
     seeded,
     to_device,
 )
+from masktrain.models.single_file import Fp8Load
 from masktrain.models.tokenizer import tiny_tokenizer
 
 if TYPE_CHECKING:
@@ -120,6 +125,13 @@ LORA_TARGETS = LoraTargets(
     exclude=(r".*(patch_embedding|text_embedding|time_embedding|time_projection|norm|modulation|head).*",),
 )
 
+# fp8 base weights: every Linear of the blocks (musubi-tuner's FP8_OPTIMIZATION_TARGET_KEYS
+# "blocks"); the excludes are its list. Outside the blocks (patch, text and time embeddings, time
+# projection, head) nothing is targeted; the per-block modulation is a table, not a Linear.
+FP8_TARGETS = Fp8Targets(include=(r"blocks\.\d+\..+",), exclude=(r".*(norm|modulation).*",))
+# fp8 T5 (--fp8_t5): the Linear layers of the encoder blocks; embeddings and norms stay.
+FP8_T5_TARGETS = Fp8Targets(include=(r"encoder\.block\.\d+\..+",))
+
 # diffusers -> original (ComfyUI) names of the Linear layers inside a block; the inverse of
 # diffusers' convert_wan_transformer_to_diffusers / _convert_non_diffusers_wan_lora_to_diffusers.
 _BLOCK_LINEAR = re.compile(
@@ -183,7 +195,9 @@ class WanFamily:
             vae = pretrained_vae(AutoencoderKLWan, spec, wan_checkpoint.load_vae_file)
         return to_device(vae, device, dtype)
 
-    def load_text_encoder(self, spec: str, device: torch.device, dtype: torch.dtype) -> TextEncoder:
+    def load_text_encoder(
+        self, spec: str, device: torch.device, dtype: torch.dtype, fp8: bool = False
+    ) -> TextEncoder:
         from transformers import UMT5Config, UMT5EncoderModel
 
         model: torch.nn.Module
@@ -193,6 +207,9 @@ class WanFamily:
             model = seeded(lambda: UMT5EncoderModel(UMT5Config(vocab_size=len(tokenizer), **TINY_T5)))
         else:
             model, tokenizer = pretrained_text_encoder(UMT5EncoderModel, spec, self.text_flag)
+        if fp8:
+            model = to_device(model, torch.device("cpu"), dtype)
+            _t5_in_fp8(model)
         model = to_device(model, device, dtype)
         return TextEncoder(tokenizer=tokenizer, model=model, max_length=MAX_LENGTH)
 
@@ -215,17 +232,23 @@ class WanFamily:
         return [h[: int(n)].cpu() for h, n in zip(hidden, batch.attention_mask.sum(dim=1), strict=True)]
 
     def load_transformer(
-        self, spec: str, flag: str, device: torch.device, dtype: torch.dtype
+        self, spec: str, flag: str, device: torch.device, dtype: torch.dtype, fp8: Fp8Mode | None = None
     ) -> torch.nn.Module:
         from diffusers import WanTransformer3DModel
 
         if spec == TINY:
             transformer = tiny_transformer()
         else:
+            load = None if fp8 is None else Fp8Load(fp8, FP8_TARGETS, dtype)
             transformer = pretrained_transformer(
-                WanTransformer3DModel, spec, flag, dtype, wan_checkpoint.load_transformer_file
+                WanTransformer3DModel, spec, flag, dtype, wan_checkpoint.load_transformer_file, load
             )
-        return to_device(transformer, device, dtype)
+        return finish_transformer(transformer, device, dtype, fp8, FP8_TARGETS)
+
+    def blocks(self, transformer: torch.nn.Module) -> torch.nn.ModuleList:
+        blocks = transformer.blocks
+        assert isinstance(blocks, torch.nn.ModuleList)
+        return blocks
 
     def collate_text(self, embeds: list[torch.Tensor]) -> TextBatch:
         # WanPipeline._get_t5_prompt_embeds: the real tokens, then zeros up to 512; no mask.
@@ -260,3 +283,20 @@ class WanFamily:
         if module_name in _OUTSIDE_BLOCKS:
             return _OUTSIDE_BLOCKS[module_name]
         raise ValueError(f"no ComfyUI (original WAN) name is known for the module {module_name!r}")
+
+
+def _t5_in_fp8(model: torch.nn.Module) -> None:
+    """UMT5's block Linear layers as plain e4m3 (musubi's ``--fp8_t5``). transformers casts the
+    FFN's hidden state to ``wo``'s weight dtype, which would be fp8 here: the gated FFN runs
+    without that cast (the Linear dequantises its weight to the input's dtype)."""
+    from transformers.models.umt5.modeling_umt5 import UMT5DenseGatedActDense
+
+    quantize_model(model, FP8_T5_TARGETS, "e4m3")
+    for module in model.modules():
+        if isinstance(module, UMT5DenseGatedActDense):
+            module.forward = types.MethodType(_gated_ffn, module)  # type: ignore[method-assign]  # per instance, as musubi does
+
+
+def _gated_ffn(self: Any, hidden: torch.Tensor) -> torch.Tensor:
+    out: torch.Tensor = self.wo(self.dropout(self.act(self.wi_0(hidden)) * self.wi_1(hidden)))
+    return out

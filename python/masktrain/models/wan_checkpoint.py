@@ -35,6 +35,7 @@ from masktrain.models.single_file import (
     VAE_PREFIXES,
     CheckpointFile,
     CheckpointKind,
+    Fp8Load,
     ShapeRuleError,
     Shapes,
     build,
@@ -107,6 +108,7 @@ def load_transformer_file(
     path: Path,
     flag: str,
     dtype: torch.dtype | None = None,
+    fp8: Fp8Load | None = None,
     *,
     overrides: Mapping[str, Any] | None = None,
 ) -> torch.nn.Module:
@@ -116,7 +118,7 @@ def load_transformer_file(
     file, names = open_component(path, flag, DIT_PREFIXES, WAN_DIT)
     to_file = wan_transformer_names({name.removeprefix(file.prefix): name for name in names})
     config = file.infer(wan_transformer_config, file.renamed_shapes(to_file), overrides)
-    return build(WanTransformer3DModel, config, file, to_file, dtype)
+    return build(WanTransformer3DModel, config, file, to_file, dtype, fp8)
 
 
 def read_vae_file(

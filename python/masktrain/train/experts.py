@@ -1,17 +1,28 @@
 """The transformer(s) a run trains, with the LoRA on them: one denoiser, or WAN 2.2 A14B's two
-experts (high-noise and low-noise) sharing one LoRA."""
+experts (high-noise and low-noise) sharing one LoRA; and where their weights live.
+
+With block swap or ``--offload_inactive_dit`` each transformer is read into host memory, the LoRA
+is added there, and then everything but the swapped blocks' Linear weights (block swap) or the
+idle expert's frozen weights (``--offload_inactive_dit``) moves to the device. The expert a pass
+needs is brought in before it runs; the LoRA (shared, trained) never moves.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 
 import torch
 
+from masktrain.config.memory import ATTENTION_BACKENDS
 from masktrain.config.train import TrainConfig
-from masktrain.models.base import ModelFamily, TextBatch, adapter_host
+from masktrain.errors import TrainConfigError
+from masktrain.models import checkpointing
+from masktrain.models.base import ModelFamily, TextBatch
+from masktrain.models.block_swap import BlockSwap
+from masktrain.models.placement import Slot, frozen_slots, is_lora, move_module
 from masktrain.train import lora
 
 log = logging.getLogger(__name__)
@@ -25,21 +36,59 @@ class Experts:
     low: torch.nn.Module
     high: torch.nn.Module | None
     boundary: float
+    swaps: dict[int, BlockSwap] = field(default_factory=dict)
+    """Block swap schedule per transformer (by id)."""
+    idle_slots: dict[int, list[Slot]] | None = None
+    """--offload_inactive_dit: each expert's frozen tensors that leave the device when it is idle."""
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     def modules(self) -> list[torch.nn.Module]:
         return [self.low] if self.high is None else [self.low, self.high]
+
+    def _run(
+        self,
+        family: ModelFamily,
+        model: torch.nn.Module,
+        noisy: torch.Tensor,
+        sigmas: torch.Tensor,
+        text: TextBatch,
+    ) -> torch.Tensor:
+        self._activate(model)
+        return family.predict(model, noisy, sigmas, text)
+
+    def _activate(self, model: torch.nn.Module) -> None:
+        """--offload_inactive_dit: `model`'s frozen weights on the device, the other expert's on the host."""
+        if self.idle_slots is None:
+            return
+        for other in self.modules():
+            if other is not model:
+                for slot in self.idle_slots[id(other)]:
+                    slot.to_host()
+        for slot in self.idle_slots[id(model)]:
+            if slot.current().device != self.device:
+                slot.to_device(self.device)
+
+    def restore_layout(self, event: str) -> None:
+        """Block swap: every transformer back to its between-steps layout (see ``block_swap``)."""
+        for swap in self.swaps.values():
+            swap.restore(event)
+
+    def mark(self, event: str) -> None:
+        for swap in self.swaps.values():
+            swap.mark(event)
 
     def predict(
         self, family: ModelFamily, noisy: torch.Tensor, sigmas: torch.Tensor, text: TextBatch
     ) -> torch.Tensor:
         if self.high is None:
-            return family.predict(self.low, noisy, sigmas, text)
+            return self._run(family, self.low, noisy, sigmas, text)
         high = sigmas >= self.boundary
         if bool(high.all()) or not bool(high.any()):
-            return family.predict(self.high if bool(high.all()) else self.low, noisy, sigmas, text)
+            return self._run(family, self.high if bool(high.all()) else self.low, noisy, sigmas, text)
         out = torch.empty_like(noisy)
         for model, rows in ((self.high, high), (self.low, ~high)):
-            out[rows] = family.predict(
+            out[rows] = self._run(
+                family,
                 model,
                 noisy[rows],
                 sigmas[rows],
@@ -78,12 +127,18 @@ def _share_lora(low: torch.nn.Module, high: torch.nn.Module) -> None:
 def build_experts(
     config: TrainConfig, family: ModelFamily, device: torch.device, dtype: torch.dtype
 ) -> Experts:
-    """Load the transformer(s), add the LoRA (seeded by ``--seed``), set up checkpointing."""
-    network = config.network
-    low = family.load_transformer(config.dit, "--dit", device, dtype)
+    """Load the transformer(s), add the LoRA (seeded by ``--seed``), place the weights, set up
+    checkpointing and the attention backend."""
+    network, memory = config.network, config.memory
+    if device.type == "cuda" and device.index is None:  # "cuda" -> "cuda:0": tensors report an index
+        device = torch.device("cuda", torch.cuda.current_device())
+    load_device = torch.device("cpu") if memory.on_host else device
+    low = family.load_transformer(config.dit, "--dit", load_device, dtype, fp8=memory.fp8_mode)
     high = None
     if config.dit_high_noise is not None:
-        high = family.load_transformer(config.dit_high_noise, "--dit_high_noise", device, dtype)
+        high = family.load_transformer(
+            config.dit_high_noise, "--dit_high_noise", load_device, dtype, fp8=memory.fp8_mode
+        )
     torch.manual_seed(config.seed)  # the LoRA initialisation
 
     def add(model: torch.nn.Module) -> list[str]:
@@ -100,10 +155,64 @@ def build_experts(
     if high is not None:
         add(high)
         _share_lora(low, high)
-    experts = Experts(low, high, config.timestep_boundary)  # add_lora keeps LoRA weights in float32
-    for model in experts.modules():
+    experts = Experts(low, high, config.timestep_boundary, device=device)  # LoRA weights in float32
+    pin = memory.use_pinned_memory_for_block_swap
+    for label, model in zip(("--dit", "--dit_high_noise"), experts.modules(), strict=False):
+        blocks = family.blocks(model)
+        swap = None
+        if memory.blocks_to_swap:
+            swap = BlockSwap(blocks, memory.blocks_to_swap, device, pin, label)
+            experts.swaps[id(model)] = swap
+        streamed = swap.swappable_slots() if swap is not None else []
+        if memory.offload_inactive_dit:
+            if experts.idle_slots is None:
+                experts.idle_slots = {}
+            experts.idle_slots[id(model)] = frozen_slots(
+                model, linear_weights_only=False, pin=pin, skip=streamed
+            )
+        if memory.on_host:  # the LoRA and (without --offload_inactive_dit) the resident weights
+            move_module(model, device, skip=streamed + (experts.idle_slots or {}).get(id(model), []))
         if config.gradient_checkpointing:
-            adapter_host(model).enable_gradient_checkpointing()
+            checkpointing.enable(
+                model,
+                blocks,
+                device,
+                offload_activations=memory.gradient_checkpointing_cpu_offload,
+                swap=swap,
+            )
+        _set_attention(model, memory.attention, device)
         model.train()
+        log.info("%s: %s", label, _describe(model, memory.fp8_mode, swap))
+    if experts.swaps:
+        experts.mark("placed")
     log.info("LoRA rank %d alpha %g on %d modules", network.network_dim, network.network_alpha, len(names))
     return experts
+
+
+def _describe(model: torch.nn.Module, fp8: str | None, swap: BlockSwap | None) -> str:
+    """What the user asked for, in numbers: the frozen weights' size and where they live."""
+    total = sum(t.numel() * t.element_size() for n, t in model.state_dict().items() if not is_lora(n))
+    words = f"{_size(total)} of frozen weights"
+    if fp8 is not None:
+        words += f", block Linear weights in fp8 ({'block-wise scales' if fp8 == 'scaled' else 'plain e4m3'})"
+    if swap is not None:
+        streamed = sum(s.host.numel() * s.host.element_size() for s in swap.swappable_slots())
+        words += (
+            f"; {swap.count - swap.first_swapped} of {swap.count} blocks swapped "
+            f"({_size(streamed)} streamed from host memory)"
+        )
+    return words
+
+
+def _size(count: int) -> str:
+    return f"{count / 2**30:.2f} GiB" if count >= 2**30 else f"{count / 2**20:.2f} MiB"
+
+
+def _set_attention(model: torch.nn.Module, attention: str, device: torch.device) -> None:
+    backend = ATTENTION_BACKENDS[attention][0]
+    if backend == "native":
+        return
+    if device.type != "cuda":
+        raise TrainConfigError(f"--{attention} needs a CUDA device; on {device.type} use --sdpa")
+    set_backend: Callable[[str], None] = getattr(model, "set_attention_backend")  # noqa: B009  # diffusers ModelMixin
+    set_backend(backend)

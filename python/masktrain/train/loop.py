@@ -6,7 +6,8 @@ One optimizer step = ``gradient_accumulation_steps`` batches. Per batch:
    multi-process run draws exactly what an uninterrupted single-process run draws;
 2. ``noisy = (1 - t)·x + t·noise``, target ``noise - x`` (flow matching, ``flow_matching.noised``);
 3. with prior preservation and a prior region in the batch, the teacher prediction comes first:
-   the same model with its adapters off, under no_grad, on the same inputs;
+   the same model with its adapters off (with ``--fp8_base``: the same fp8 base), under no_grad,
+   on the same inputs; block swap's layout is restored right after it;
 4. the student prediction; per-element MSE against the target (and against the teacher), times
    the timestep weighting; ``loss.masked_loss`` reduces both;
 5. backward; after the last batch of the window the gradients are averaged over processes,
@@ -140,10 +141,16 @@ def compute_loss(
         and has_prior_region(mask, settings)
     )
     if need_prior:
-        with torch.no_grad(), experts.adapters_disabled(), autocast_context:
-            teacher = experts.predict(family, noisy, sigmas, text).float()
+        experts.mark("before the teacher")
+        try:
+            with torch.no_grad(), experts.adapters_disabled(), autocast_context:
+                teacher = experts.predict(family, noisy, sigmas, text).float()
+        finally:  # the teacher's blocks were never backpropagated: put swapped ones back
+            experts.mark("after the teacher")
+            experts.restore_layout("after the teacher")
     with autocast_context:
         prediction = experts.predict(family, noisy, sigmas, text)
+    experts.mark("after the student forward")
     per_element = (prediction.float() - target) ** 2
     prior_element = None if teacher is None else (prediction.float() - teacher) ** 2
     if weighting is not None:
@@ -288,8 +295,14 @@ def _train_locked(
                 # Windows of gradient_accumulation_steps batches never cross an epoch's end.
                 window_start = done - 1 - in_window
                 window_size = min(optim.gradient_accumulation_steps, batches_per_epoch - window_start)
-                result = compute_loss(config, family, experts, batch, epoch, device, weight_dtype, autocast)
-                (result.loss / window_size).backward()  # type: ignore[no-untyped-call]  # torch leaves it unannotated
+                try:
+                    result = compute_loss(
+                        config, family, experts, batch, epoch, device, weight_dtype, autocast
+                    )
+                    (result.loss / window_size).backward()  # type: ignore[no-untyped-call]  # torch leaves it unannotated
+                finally:
+                    experts.mark("after backward")
+                    experts.restore_layout("after backward")
                 window.add(float(result.loss.detach()), result.prior, result.tiers)
                 window_items.extend(batch.items)
                 in_window += 1
