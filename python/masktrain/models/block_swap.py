@@ -88,7 +88,8 @@ class BlockSwap:
         )
 
     def mark(self, event: str) -> None:
-        log.debug("block swap %s: %s: %s", self.name, event, self.layout())
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("block swap %s: %s: %s", self.name, event, self.layout())
 
     def restore(self, event: str) -> None:
         """Back to the between-steps layout: every swapped block on the host."""
