@@ -130,8 +130,11 @@ def build_experts(
     """Load the transformer(s), add the LoRA (seeded by ``--seed``), place the weights, set up
     checkpointing and the attention backend."""
     network, memory = config.network, config.memory
-    if device.type == "cuda" and device.index is None:  # "cuda" -> "cuda:0": tensors report an index
+    if device == torch.device("cuda"):  # no index -> "cuda:0": tensors report one
         device = torch.device("cuda", torch.cuda.current_device())
+    backend = ATTENTION_BACKENDS[memory.attention][0]
+    if backend != "native" and device.type != "cuda":  # before minutes of loading
+        raise TrainConfigError(f"--{memory.attention} needs a CUDA device; on {device.type} use --sdpa")
     load_device = torch.device("cpu") if memory.on_host else device
     low = family.load_transformer(config.dit, "--dit", load_device, dtype, fp8=memory.fp8_mode)
     high = None
@@ -180,7 +183,9 @@ def build_experts(
                 offload_activations=memory.gradient_checkpointing_cpu_offload,
                 swap=swap,
             )
-        _set_attention(model, memory.attention, device)
+        if backend != "native":
+            set_backend: Callable[[str], None] = getattr(model, "set_attention_backend")  # noqa: B009  # diffusers ModelMixin
+            set_backend(backend)
         model.train()
         log.info("%s: %s", label, _describe(model, memory.fp8_mode, swap))
     if experts.swaps:
@@ -206,13 +211,3 @@ def _describe(model: torch.nn.Module, fp8: str | None, swap: BlockSwap | None) -
 
 def _size(count: int) -> str:
     return f"{count / 2**30:.2f} GiB" if count >= 2**30 else f"{count / 2**20:.2f} MiB"
-
-
-def _set_attention(model: torch.nn.Module, attention: str, device: torch.device) -> None:
-    backend = ATTENTION_BACKENDS[attention][0]
-    if backend == "native":
-        return
-    if device.type != "cuda":
-        raise TrainConfigError(f"--{attention} needs a CUDA device; on {device.type} use --sdpa")
-    set_backend: Callable[[str], None] = getattr(model, "set_attention_backend")  # noqa: B009  # diffusers ModelMixin
-    set_backend(backend)
