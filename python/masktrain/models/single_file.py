@@ -213,22 +213,20 @@ def open_checkpoint(path: Path, flag: str) -> CheckpointFile:
             f"{flag} {path}: expected a .safetensors file (ComfyUI / original layout) or a local "
             "diffusers folder; pickled checkpoints (.pth, .ckpt, .bin) are not loaded"
         )
-    file = CheckpointFile(path=path, flag=flag, shapes={}, dtypes={})
-    _read_header(file, path)
-    if not file.shapes:
-        raise ModelLoadError(f"{flag} {path}: the file holds no tensors")
-    _split_fp8_scales(file)
-    return file
+    return _open(path, flag, [path], "the file holds no tensors")
 
 
 def open_folder(folder: Path, flag: str) -> CheckpointFile:
     """The headers of every ``.safetensors`` shard of a diffusers model folder, as one checkpoint."""
-    shards = sorted(folder.glob("*.safetensors"))
-    file = CheckpointFile(path=folder, flag=flag, shapes={}, dtypes={})
+    return _open(folder, flag, sorted(folder.glob("*.safetensors")), "no .safetensors weights")
+
+
+def _open(path: Path, flag: str, shards: list[Path], empty: str) -> CheckpointFile:
+    file = CheckpointFile(path=path, flag=flag, shapes={}, dtypes={})
     for shard in shards:
         _read_header(file, shard)
     if not file.shapes:
-        raise ModelLoadError(f"{flag} {folder}: no .safetensors weights")
+        raise ModelLoadError(f"{flag} {path}: {empty}")
     _split_fp8_scales(file)
     return file
 
