@@ -299,7 +299,7 @@ def test_exported_lora_loads_through_diffusers_to_the_same_output(
     assert (predict(arch, pipe.transformer) - expected).abs().max() <= 1e-6
 
 
-@pytest.mark.parametrize("layout", ["comfyui", "diffusers"])
+@pytest.mark.parametrize("layout", ["comfyui", "diffusers", "musubi"])
 @pytest.mark.parametrize("arch", ARCHES)
 def test_load_lora_into_round_trip(tmp_path: Path, arch: str, layout: str) -> None:
     transformer = trained(arch)
@@ -353,6 +353,79 @@ def test_comfyui_layout_keys_alpha_and_metadata(tmp_path: Path) -> None:
         "masktrain.mask_gamma": "1.0",
     }
     assert [p.name for p in path.parent.iterdir()] == ["wan.safetensors"]  # no temp file left
+
+
+def test_musubi_layout_keys_are_musubi_tunerss_lora_unet_names(tmp_path: Path) -> None:
+    # musubi-tuner's networks/lora.py names a module lora_unet_ + its original path, dots as "_",
+    # with lora_down (A), lora_up (B) and alpha.
+    transformer = trained("wan")
+    path = tmp_path / "wan.safetensors"
+    save_lora(path, transformer, get_family("wan"), layout="musubi", metadata={})
+    tensors, metadata = read(path)
+    assert len(tensors) == 3 * len(DEFAULT_TARGETS["wan"]) and metadata["masktrain.layout"] == "musubi"
+    peft = lora_state_dict(transformer)
+    assert torch.equal(
+        tensors["lora_unet_blocks_0_self_attn_q.lora_down.weight"], peft["blocks.0.attn1.to_q.lora_A.weight"]
+    )
+    assert torch.equal(
+        tensors["lora_unet_blocks_1_ffn_0.lora_up.weight"], peft["blocks.1.ffn.net.0.proj.lora_B.weight"]
+    )
+    assert tensors["lora_unet_blocks_1_cross_attn_o.alpha"].item() == ALPHA
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_convert_lora_goes_through_every_layout_and_back_unchanged(tmp_path: Path, arch: str) -> None:
+    from click.testing import CliRunner
+
+    from masktrain.cli import main
+
+    transformer = trained(arch)
+    start = tmp_path / "comfyui.safetensors"
+    save_lora(
+        start, transformer, get_family(arch), layout="comfyui", metadata={"masktrain.mask_gamma": "0.7"}
+    )
+    previous = start
+    for layout in ("musubi", "diffusers", "comfyui"):
+        converted = tmp_path / f"{layout}-{previous.stem}.safetensors"
+        result = CliRunner().invoke(
+            main, ["convert-lora", "--input", str(previous), "--output", str(converted), "--to", layout]
+        )
+        assert result.exit_code == 0, result.output
+        fresh = base(arch)
+        metadata = load_lora_into(fresh, converted)
+        assert metadata["masktrain.layout"] == layout and metadata["masktrain.mask_gamma"] == "0.7"
+        assert torch.equal(predict(arch, fresh), predict(arch, transformer))
+        previous = converted
+    # back in the ComfyUI layout: the very same tensors and metadata
+    original, original_meta = read(start)
+    final, final_meta = read(previous)
+    assert original.keys() == final.keys() and all(torch.equal(original[k], final[k]) for k in original)
+    assert original_meta == final_meta
+
+
+def test_convert_lora_rejects_a_file_masktrain_did_not_write(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from masktrain.cli import main
+
+    foreign = tmp_path / "foreign.safetensors"
+    safetensors.torch.save_file({"lora_unet_x.lora_down.weight": torch.zeros(2, 2)}, str(foreign))
+    result = CliRunner().invoke(
+        main,
+        [
+            "convert-lora",
+            "--input",
+            str(foreign),
+            "--output",
+            str(tmp_path / "o.safetensors"),
+            "--to",
+            "comfyui",
+        ],
+    )
+    assert (
+        result.exit_code == 2 and "not a masktrain LoRA file (metadata lacks masktrain.arch" in result.output
+    )
+    assert not (tmp_path / "o.safetensors").exists()
 
 
 def test_qwen_comfyui_keys_are_the_diffusers_names(tmp_path: Path) -> None:

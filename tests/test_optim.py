@@ -130,7 +130,8 @@ def test_min_lr_ratio_on_a_constant_schedule_only_warns(caplog: pytest.LogCaptur
     [
         (
             {"name": "polynomial", "total_steps": 10},
-            "--lr_scheduler must be one of constant, constant_with_warmup, linear, cosine; got 'polynomial'",
+            "--lr_scheduler must be one of constant, constant_with_warmup, linear, cosine, "
+            "cosine_with_min_lr; got 'polynomial'",
         ),
         (
             {"name": "constant", "warmup_steps": 5, "total_steps": 10},

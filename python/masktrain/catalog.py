@@ -20,6 +20,51 @@ from masktrain.errors import SettingError
 
 
 @dataclass(frozen=True)
+class Task:
+    """A musubi-tuner ``--task`` (WAN) or ``--model_version`` (Qwen-Image) value: the transformer it
+    names, or why masktrain does not train it."""
+
+    width: int | None = None
+    """Hidden width (heads x head dim) of its transformer; None: not checked."""
+    blocks: int | None = None
+    """Its transformer's block count."""
+    refused: str | None = None
+    """Why masktrain does not train it (None: it does)."""
+
+
+_I2V = "image-to-video training (the reference image as conditioning) is not supported yet"
+_FUN = "Fun-Control training (control videos as conditioning) is not supported yet"
+_EDIT = "Qwen-Image-Edit training (control images as conditioning) is not supported yet"
+
+WAN_TASKS: Mapping[str, Task] = MappingProxyType(
+    {
+        "t2v-1.3B": Task(1536, 30),
+        "t2v-14B": Task(5120, 40),
+        "t2i-14B": Task(5120, 40),
+        "t2v-A14B": Task(5120, 40),
+        "i2v-14B": Task(refused=_I2V),
+        "flf2v-14B": Task(refused=_I2V),
+        "i2v-A14B": Task(refused=_I2V),
+        "t2v-1.3B-FC": Task(refused=_FUN),
+        "t2v-14B-FC": Task(refused=_FUN),
+        "i2v-14B-FC": Task(refused=_FUN),
+    }
+)
+"""musubi-tuner's ``WAN_CONFIGS`` keys (``wan/configs/__init__.py`` @ 30c658c)."""
+
+QWEN_MODEL_VERSIONS: Mapping[str, Task] = MappingProxyType(
+    {
+        "original": Task(),
+        "edit": Task(refused=_EDIT),
+        "edit-2509": Task(refused=_EDIT),
+        "edit-2511": Task(refused=_EDIT),
+        "layered": Task(refused="Qwen-Image-Layered training is not supported yet"),
+    }
+)
+"""musubi-tuner's ``--model_version`` values for Qwen-Image."""
+
+
+@dataclass(frozen=True)
 class ArchSpec:
     """What the rest of masktrain needs to know about one family without loading it."""
 
@@ -47,6 +92,10 @@ class ArchSpec:
     tiny_vaes: Mapping[str, int] = field(default_factory=dict)
     """The built-in tiny VAEs (``--vae`` value -> pixels per latent cell); ``tiny`` is also the
     tiny transformer and text encoder."""
+    task_flag: str = "--task"
+    """musubi-tuner's flag naming the model variant (``--task`` or ``--model_version``)."""
+    tasks: Mapping[str, Task] = field(default_factory=dict)
+    """Its values."""
 
     @property
     def takes_video(self) -> bool:
@@ -65,6 +114,8 @@ WAN = ArchSpec(
     video_fps=16.0,
     two_experts=True,
     tiny_vaes=MappingProxyType({"tiny": 8, "tiny-ti2v": 16}),
+    task_flag="--task",
+    tasks=WAN_TASKS,
 )
 
 QWEN_IMAGE = ArchSpec(
@@ -79,6 +130,8 @@ QWEN_IMAGE = ArchSpec(
     video_fps=None,
     two_experts=False,
     tiny_vaes=MappingProxyType({"tiny": 4}),
+    task_flag="--model_version",
+    tasks=QWEN_MODEL_VERSIONS,
 )
 
 ARCHES: Mapping[str, ArchSpec] = MappingProxyType({spec.name: spec for spec in (WAN, QWEN_IMAGE)})
@@ -97,6 +150,22 @@ def arch(name: str) -> ArchSpec:
         raise SettingError(
             f"--arch {name!r} is not supported; choose one of {', '.join(ARCH_NAMES)}{hint}"
         ) from None
+
+
+def check_task(spec: ArchSpec, flag: str, value: str | None) -> None:
+    """`value` of `flag` (``--task`` / ``--model_version``) must be one of `spec`'s that masktrain
+    trains; a one-line :class:`SettingError` otherwise."""
+    if value is None:
+        return
+    if flag != spec.task_flag:
+        raise SettingError(f"{flag} is not used with --arch {spec.name}; use {spec.task_flag}")
+    task = spec.tasks.get(value)
+    if task is None:
+        raise SettingError(
+            f"{flag} {value!r} is not a {spec.title} {flag[2:]}; one of {', '.join(spec.tasks)}"
+        )
+    if task.refused is not None:
+        raise SettingError(f"{flag} {value}: {task.refused}")
 
 
 def described() -> str:

@@ -2,9 +2,9 @@
 into a ``TrainConfig``; defaults and choices come from the config dataclasses, so the two cannot
 drift. torch is imported only once the config is built (and so checked).
 
-``--network_args`` takes one ``key=value`` per use (repeat the flag for several keys).
-``--network_module`` is accepted for commands copied from musubi-tuner and ignored: masktrain
-always trains a peft LoRA on the family's default modules.
+``--network_args`` and ``--optimizer_args`` take several ``key=value`` after one use, as
+musubi-tuner does (``cli/musubi.py``); the musubi flags masktrain accepts without acting on them,
+and those it does not implement (each a one-line error), are tabled there.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typing import Any
 import click
 
 from masktrain import catalog
+from masktrain.cli import musubi
 from masktrain.cli.options import F, existing_file, flag, option
 from masktrain.cli.outcome import run_job
 from masktrain.config.mask_loss import MaskLossSettings
@@ -33,6 +34,7 @@ from masktrain.config.train import (
     OptimSettings,
     TrainConfig,
     parse_network_args,
+    parse_optimizer_args,
 )
 
 log = logging.getLogger(__name__)
@@ -102,6 +104,32 @@ _OPTIONS: list[Callable[[F], F]] = [
     _shown("max_train_steps", _TRAIN["max_train_steps"], type=click.IntRange(min=1), help="Optimizer steps."),
     option("max_train_epochs", type=click.IntRange(min=1), default=None, help="Epochs (overrides steps)."),
     option("save_every_n_steps", type=click.IntRange(min=1), default=None, help="Checkpoint every N steps."),
+    option(
+        "save_every_n_epochs", type=click.IntRange(min=1), default=None, help="Checkpoint every N epochs."
+    ),
+    option(
+        "save_last_n_steps",
+        type=click.IntRange(min=1),
+        default=None,
+        help="Keep only the checkpoints of the last N steps.",
+    ),
+    option(
+        "save_last_n_epochs",
+        type=click.IntRange(min=1),
+        default=None,
+        help="Keep only the checkpoints of the last N epochs.",
+    ),
+    option(
+        "validation_dataset_config",
+        type=existing_file(),
+        default=None,
+        help="A cached dataset TOML (with masks) to report the loss by region on.",
+    ),
+    option(
+        "validate_every_n_steps", type=click.IntRange(min=1), default=None, help="Validate every N steps."
+    ),
+    option("task", default=None, help="musubi-tuner's WAN --task, checked against --dit (e.g. t2v-14B)."),
+    option("model_version", default=None, help="musubi-tuner's Qwen-Image --model_version (original)."),
     _shown(
         "lora_format", _TRAIN["lora_format"], type=click.Choice(LORA_FORMATS), help="Layout of the LoRA file."
     ),
@@ -119,9 +147,9 @@ _OPTIONS: list[Callable[[F], F]] = [
     option(
         "network_args",
         multiple=True,
-        help="include_patterns=[...] or exclude_patterns=[...]; repeat for several.",
+        help="key=value ... (include_patterns=[...], exclude_patterns=[...], verbose=True).",
     ),
-    option("network_module", default=None, hidden=True),
+    _shown("network_dropout", _NETWORK.network_dropout, type=float, help="Dropout on the LoRA input."),
     _shown("learning_rate", _OPTIM.learning_rate, type=float),
     _shown(
         "optimizer_type",
@@ -131,6 +159,13 @@ _OPTIONS: list[Callable[[F], F]] = [
     ),
     _shown("lr_scheduler", _OPTIM.lr_scheduler, type=click.Choice(LR_SCHEDULERS)),
     _shown("lr_warmup_steps", _OPTIM.lr_warmup_steps, type=click.IntRange(min=0)),
+    _shown(
+        "lr_scheduler_min_lr_ratio",
+        _OPTIM.lr_scheduler_min_lr_ratio,
+        type=float,
+        help="Floor of linear / cosine decay (fraction of the learning rate).",
+    ),
+    option("optimizer_args", multiple=True, help="key=value ... (weight_decay=, betas=(b1,b2), eps=)."),
     _shown("gradient_accumulation_steps", _OPTIM.gradient_accumulation_steps, type=click.IntRange(min=1)),
     _shown("max_grad_norm", _OPTIM.max_grad_norm, type=float, help="0 disables clipping."),
     flag("use_mask_loss", "Weight the loss by the cached mask weights."),
@@ -161,13 +196,21 @@ _OPTIONS: list[Callable[[F], F]] = [
 ]
 
 
+_OPTIONS += [
+    option(name, default=None, help=f"musubi-tuner's; accepted and ignored: {why}.")
+    if takes_value
+    else flag(name, f"musubi-tuner's; accepted and ignored: {why}.")
+    for name, (takes_value, why) in musubi.ACCEPTED.items()
+]
+
+
 def _with_options(command: F) -> F:
     for add in reversed(_OPTIONS):
         command = add(command)
     return command
 
 
-@click.command("train")
+@click.command("train", cls=musubi.MusubiCommand)
 @_with_options
 def train(**flags: Any) -> None:
     """Train a LoRA on a cached dataset, with the weighted mask loss and masked prior preservation."""
@@ -192,21 +235,14 @@ def config_from_args(args: Sequence[str]) -> TrainConfig:
 def build_config(flags: dict[str, Any]) -> TrainConfig:
     """The ``TrainConfig`` of the parsed flags (click's parameter names and values)."""
     flags = dict(flags)
-    if flags.pop("network_module") is not None:
-        log.warning(
-            "--network_module is ignored: masktrain trains a peft LoRA on the family's default modules"
-        )
-    include, exclude = parse_network_args(flags.pop("network_args"))
+    musubi.note_accepted(flags)
+    network_args = parse_network_args(flags.pop("network_args"))
+    optimizer_args = parse_optimizer_args(flags.pop("optimizer_args"))
     attention = attention_flag(*(flags.pop(name) for name in ("sdpa", "flash_attn", "sage_attn", "xformers")))
     return TrainConfig(
         memory=MemorySettings(attention=attention, **_take(flags, MemorySettings)),
-        network=NetworkSettings(
-            network_dim=flags.pop("network_dim"),
-            network_alpha=flags.pop("network_alpha"),
-            include_patterns=include,
-            exclude_patterns=exclude,
-        ),
-        optim=OptimSettings(**_take(flags, OptimSettings)),
+        network=NetworkSettings(**_take(flags, NetworkSettings), **network_args),
+        optim=OptimSettings(**(_take(flags, OptimSettings) | optimizer_args)),
         mask=MaskLossSettings(**_take(flags, MaskLossSettings)),
         timesteps=TimestepSettings(**_take(flags, TimestepSettings)),
         **flags,

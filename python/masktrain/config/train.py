@@ -24,17 +24,17 @@ from masktrain.config.device import check_device
 from masktrain.config.mask_loss import MaskLossSettings
 from masktrain.config.memory import MemorySettings
 from masktrain.config.timesteps import TimestepSettings
-from masktrain.errors import FlagError, OptimConfigError, TrainConfigError
+from masktrain.errors import OptimConfigError, SettingError, TrainConfigError
 
-LoraLayout = Literal["comfyui", "diffusers"]
-LORA_FORMATS: tuple[LoraLayout, ...] = ("comfyui", "diffusers")
+LoraLayout = Literal["comfyui", "diffusers", "musubi"]
+LORA_FORMATS: tuple[LoraLayout, ...] = ("comfyui", "diffusers", "musubi")
 # fp16 would need loss scaling (a GradScaler and its state in checkpoints); not offered yet.
 MIXED_PRECISION = ("auto", "no", "bf16")
 SAVE_PRECISION = ("float", "fp16", "bf16")
 OPTIMIZER_TYPES = ("adamw", "adamw8bit")
 MAX_SEED = 2**63
 """Seeds seed torch's generators, which take 64-bit integers."""
-LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_min_lr")
 
 
 @dataclass(frozen=True)
@@ -47,10 +47,16 @@ class NetworkSettings:
     """Module-name regexes (fullmatch) to train instead of the family's defaults (--network_args)."""
     exclude_patterns: tuple[str, ...] | None = None
     """Module-name regexes (fullmatch) excluded on top of the family's defaults (--network_args)."""
+    network_dropout: float = 0.0
+    """Dropout on the LoRA branch's input (peft's lora_dropout)."""
+    verbose: bool = False
+    """Log every module that gets LoRA (--network_args verbose=True)."""
 
     def __post_init__(self) -> None:
         if self.network_dim < 1:
             raise TrainConfigError("--network_dim must be >= 1")
+        if not 0 <= self.network_dropout < 1:
+            raise TrainConfigError(f"--network_dropout must be in range [0, 1), got {self.network_dropout}")
         if not 0 < self.network_alpha < math.inf:
             raise TrainConfigError("--network_alpha must be a finite number > 0")
 
@@ -71,10 +77,16 @@ class OptimSettings:
     """Batches per optimizer step."""
     max_grad_norm: float = 1.0
     """Gradient clipping norm; 0 disables clipping."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas (--optimizer_args betas=(0.9,0.99))."""
+    eps: float = 1e-8
+    """AdamW eps (--optimizer_args eps=1e-6)."""
+    lr_scheduler_min_lr_ratio: float = 0.0
+    """The floor of linear and cosine decay, as a fraction of the learning rate."""
 
     def __post_init__(self) -> None:
-        check_optimizer(self.optimizer_type, self.learning_rate, self.weight_decay)
-        check_schedule(self.lr_scheduler, self.lr_warmup_steps)
+        check_optimizer(self.optimizer_type, self.learning_rate, self.weight_decay, self.betas, self.eps)
+        check_schedule(self.lr_scheduler, self.lr_warmup_steps, min_lr_ratio=self.lr_scheduler_min_lr_ratio)
         if self.gradient_accumulation_steps < 1:
             raise OptimConfigError("--gradient_accumulation_steps must be >= 1")
         if not 0 <= self.max_grad_norm < math.inf:
@@ -159,6 +171,20 @@ class TrainConfig:
     """Epochs to train for; overrides max_train_steps."""
     save_every_n_steps: int | None = None
     """Write a checkpoint every N optimizer steps (one is always written at the end)."""
+    save_every_n_epochs: int | None = None
+    """Write a checkpoint at the end of every N-th epoch."""
+    save_last_n_steps: int | None = None
+    """Keep only the checkpoints of the last N steps (older ones are deleted after each save)."""
+    save_last_n_epochs: int | None = None
+    """Keep only the checkpoints of the last N epochs."""
+    validation_dataset_config: Path | None = None
+    """A dataset TOML (cached like the training data, with masks) to validate on by region."""
+    validate_every_n_steps: int | None = None
+    """Validate every N optimizer steps (and at the end)."""
+    task: str | None = None
+    """musubi-tuner's --task (WAN): checked against the transformer --dit loads."""
+    model_version: str | None = None
+    """musubi-tuner's --model_version (Qwen-Image): only ``original`` is trained."""
     lora_format: LoraLayout = "comfyui"
     """Layout of OUTPUT_NAME.safetensors: comfyui or diffusers."""
     save_precision: str = "float"
@@ -185,6 +211,14 @@ class TrainConfig:
                 (self.max_train_steps >= 1, "--max_train_steps must be >= 1"),
                 ((self.max_train_epochs or 1) >= 1, "--max_train_epochs must be >= 1"),
                 ((self.save_every_n_steps or 1) >= 1, "--save_every_n_steps must be >= 1"),
+                ((self.save_every_n_epochs or 1) >= 1, "--save_every_n_epochs must be >= 1"),
+                ((self.save_last_n_steps or 1) >= 1, "--save_last_n_steps must be >= 1"),
+                ((self.save_last_n_epochs or 1) >= 1, "--save_last_n_epochs must be >= 1"),
+                ((self.validate_every_n_steps or 1) >= 1, "--validate_every_n_steps must be >= 1"),
+                (
+                    (self.validation_dataset_config is None) == (self.validate_every_n_steps is None),
+                    "--validation_dataset_config and --validate_every_n_steps go together: pass both",
+                ),
                 _choice(self.lora_format, LORA_FORMATS, "--lora_format"),
                 _choice(self.save_precision, SAVE_PRECISION, "--save_precision"),
                 _choice(self.mixed_precision, MIXED_PRECISION, "--mixed_precision"),
@@ -214,7 +248,10 @@ class TrainConfig:
         )
         try:
             check_device(self.device)
-        except FlagError as error:
+            spec = catalog.arch(self.arch)
+            catalog.check_task(spec, "--task", self.task)
+            catalog.check_task(spec, "--model_version", self.model_version)
+        except SettingError as error:
             raise TrainConfigError(str(error)) from None
 
     def to_json(self) -> str:
@@ -242,26 +279,63 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def parse_network_args(values: tuple[str, ...]) -> tuple[tuple[str, ...] | None, tuple[str, ...] | None]:
-    """musubi-tuner's ``--network_args key=value``: ``include_patterns`` / ``exclude_patterns``,
-    each a Python-style list of regexes (``exclude_patterns=[".*norm.*"]``) or one regex."""
-    include: tuple[str, ...] | None = None
-    exclude: tuple[str, ...] | None = None
+def parse_network_args(values: tuple[str, ...]) -> dict[str, Any]:
+    """musubi-tuner's ``--network_args key=value ...`` as :class:`NetworkSettings` fields:
+    ``include_patterns`` / ``exclude_patterns`` (a Python-style list of regexes,
+    ``exclude_patterns=[".*norm.*"]``, or one regex) and ``verbose`` (true/false)."""
+    settings: dict[str, Any] = {}
+    for value in values:
+        key, sep, raw = value.partition("=")
+        key, raw = key.strip(), raw.strip()
+        if not sep:
+            raise TrainConfigError(f"--network_args {value!r}: expected key=value")
+        if key in ("include_patterns", "exclude_patterns"):
+            settings[key] = _pattern_list(raw, key)
+        elif key == "verbose":
+            settings[key] = _boolean(raw, f"--network_args {key}")
+        elif key == "loraplus_lr_ratio":
+            raise TrainConfigError("--network_args loraplus_lr_ratio is not supported yet; drop it")
+        else:
+            raise TrainConfigError(
+                f"--network_args {key!r} is not supported; use include_patterns, exclude_patterns or verbose"
+            )
+    return settings
+
+
+def parse_optimizer_args(values: tuple[str, ...]) -> dict[str, Any]:
+    """musubi-tuner's ``--optimizer_args key=value ...`` for AdamW: ``weight_decay``, ``betas``
+    (``(0.9,0.99)``) and ``eps``, as :class:`OptimSettings` fields."""
+    settings: dict[str, Any] = {}
     for value in values:
         key, sep, raw = value.partition("=")
         key = key.strip()
-        if not sep:
-            raise TrainConfigError(f"--network_args {value!r}: expected key=value")
-        if key not in ("include_patterns", "exclude_patterns"):
+        if not sep or key not in ("weight_decay", "betas", "eps"):
             raise TrainConfigError(
-                f"--network_args {key!r} is not supported; use include_patterns or exclude_patterns"
+                f"--optimizer_args {value!r}: expected weight_decay=..., betas=(b1,b2) or eps=..."
             )
-        patterns = _pattern_list(raw.strip(), key)
-        if key == "include_patterns":
-            include = patterns
+        try:
+            parsed = ast.literal_eval(raw.strip())
+        except (ValueError, SyntaxError):
+            raise TrainConfigError(
+                f"--optimizer_args {key}: cannot read {raw.strip()!r} as a number"
+            ) from None
+        if key == "betas":
+            if not (isinstance(parsed, tuple | list) and len(parsed) == 2):
+                raise TrainConfigError(f"--optimizer_args betas: expected two numbers, got {raw.strip()!r}")
+            settings[key] = (float(parsed[0]), float(parsed[1]))
+        elif isinstance(parsed, int | float) and not isinstance(parsed, bool):
+            settings[key] = float(parsed)
         else:
-            exclude = patterns
-    return include, exclude
+            raise TrainConfigError(f"--optimizer_args {key}: expected a number, got {raw.strip()!r}")
+    return settings
+
+
+def _boolean(raw: str, where: str) -> bool:
+    if raw.lower() in ("true", "1", "yes"):
+        return True
+    if raw.lower() in ("false", "0", "no"):
+        return False
+    raise TrainConfigError(f"{where}: expected True or False, got {raw!r}")
 
 
 def _pattern_list(raw: str, key: str) -> tuple[str, ...]:

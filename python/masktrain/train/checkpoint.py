@@ -20,6 +20,7 @@ import io
 import json
 import pickle
 import random
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NotRequired, TypedDict
@@ -135,6 +136,26 @@ def save_checkpoint(
                 raise atomic.write_error(error, target / name) from error
     atomic.write_bytes(output_dir / lora_name, lora_bytes)
     return target
+
+
+def prune(output_dir: Path, latest: Position, *, last_n_steps: int | None, last_n_epochs: int | None) -> None:
+    """Delete the checkpoints that ``--save_last_n_steps`` / ``--save_last_n_epochs`` no longer
+    keep, after `latest` was written (never `latest` itself): those more than N steps older, or
+    from before the last N epochs (an epoch's checkpoint records the epoch after it)."""
+    if last_n_steps is None and last_n_epochs is None:
+        return
+    for folder in sorted(output_dir.glob("step-[0-9]*")):
+        try:
+            position = Position(**json.loads((folder / "state.json").read_text()))
+        except (OSError, ValueError, TypeError):
+            continue  # not a complete checkpoint of this layout: not ours to delete
+        if position.step >= latest.step:
+            continue
+        too_old = last_n_steps is not None and position.step <= latest.step - last_n_steps
+        if last_n_epochs is not None and position.epoch <= latest.epoch - last_n_epochs:
+            too_old = True
+        if too_old:
+            shutil.rmtree(folder)
 
 
 @dataclass

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from masktrain import catalog
 from masktrain.config.memory import ATTENTION_BACKENDS
 from masktrain.config.train import TrainConfig
 from masktrain.errors import TrainConfigError
@@ -152,9 +153,14 @@ def build_experts(
             alpha=network.network_alpha,
             include=list(network.include_patterns) if network.include_patterns else None,
             exclude=list(network.exclude_patterns) if network.exclude_patterns else None,
+            dropout=network.network_dropout,
         )
 
+    check_task(config, low)
     names = add(low)
+    if network.verbose:
+        for name in names:
+            log.info("LoRA on %s", name)
     if high is not None:
         add(high)
         _share_lora(low, high)
@@ -192,6 +198,26 @@ def build_experts(
         experts.mark("placed")
     log.info("LoRA rank %d alpha %g on %d modules", network.network_dim, network.network_alpha, len(names))
     return experts
+
+
+def check_task(config: TrainConfig, transformer: torch.nn.Module) -> None:
+    """musubi's ``--task`` names a transformer: `transformer` (what ``--dit`` loaded) must be it.
+    The built-in tiny model stands for every task of its arch."""
+    spec = catalog.arch(config.arch)
+    task = spec.tasks.get(config.task or config.model_version or "")
+    if task is None or task.width is None or config.dit == "tiny":
+        return
+    model_config = getattr(transformer, "config", None)
+    heads = getattr(model_config, "num_attention_heads", 0)
+    width = heads * getattr(model_config, "attention_head_dim", 0)
+    blocks = getattr(model_config, "num_layers", 0)
+    if (width, blocks) != (task.width, task.blocks):
+        named = [name for name, t in spec.tasks.items() if (t.width, t.blocks) == (width, blocks)]
+        what = f" ({' / '.join(named)})" if named else ""
+        raise TrainConfigError(
+            f"--task {config.task} is a {task.width}-wide, {task.blocks}-block transformer, but --dit "
+            f"{config.dit} is {width} wide with {blocks} blocks{what}; pass the matching --task or --dit"
+        )
 
 
 def _describe(model: torch.nn.Module, fp8: str | None, swap: BlockSwap | None) -> str:

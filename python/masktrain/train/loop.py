@@ -57,6 +57,7 @@ from masktrain.train.flow_matching import noised
 from masktrain.train.metrics import MetricsLog, StepMetrics, progress_postfix
 from masktrain.train.optim import build_optimizer, build_scheduler
 from masktrain.train.preflight import TrainPlan, preflight
+from masktrain.train.validation import Validator, describe
 
 log = logging.getLogger(__name__)
 
@@ -246,10 +247,16 @@ def _train_locked(
         optimizer_type=optim.optimizer_type,
         learning_rate=optim.learning_rate,
         weight_decay=optim.weight_decay,
+        betas=optim.betas,
+        eps=optim.eps,
     )
     batches_per_epoch, total_steps = plan.batches_per_epoch, plan.total_steps
     scheduler = build_scheduler(
-        optimizer, name=optim.lr_scheduler, warmup_steps=optim.lr_warmup_steps, total_steps=total_steps
+        optimizer,
+        name=optim.lr_scheduler,
+        warmup_steps=optim.lr_warmup_steps,
+        total_steps=total_steps,
+        min_lr_ratio=optim.lr_scheduler_min_lr_ratio,
     )
 
     position = ckpt.Position(step=0, epoch=0, batches_done=0)
@@ -280,6 +287,9 @@ def _train_locked(
         MetricsLog(config.output_dir, position.step if config.resume else None) if shard.is_main else None
     )
 
+    validator = (
+        Validator(plan.validation_items, family, config.seed, device) if plan.validation_items else None
+    )
     lora_path = config.output_dir / f"{config.output_name}.safetensors"
     step, epoch, done = position.step, position.epoch, position.batches_done
     with (
@@ -330,11 +340,12 @@ def _train_locked(
                 bar.update(1)
                 stop = _agree(interrupt.requested, shard)
                 finished = step >= total_steps
-                if finished or stop or (config.save_every_n_steps and step % config.save_every_n_steps == 0):
+                if validator is not None and (finished or step % (config.validate_every_n_steps or 1) == 0):
+                    _validate(validator, experts, step, metrics, shard, weight_dtype, autocast)
+                epoch_end = done == batches_per_epoch
+                if finished or stop or _save_due(config, step, epoch, epoch_end):
                     after = (
-                        ckpt.Position(step, epoch, done)
-                        if done < batches_per_epoch
-                        else ckpt.Position(step, epoch + 1, 0)
+                        ckpt.Position(step, epoch + 1, 0) if epoch_end else ckpt.Position(step, epoch, done)
                     )
                     _save(config, family, experts, named, optimizer, scheduler, after, shard)
                 if stop and not finished:
@@ -348,6 +359,31 @@ def _train_locked(
     if shard.is_main:
         log.info("wrote %s", lora_path)
     return lora_path
+
+
+def _validate(
+    validator: Validator,
+    experts: Experts,
+    step: int,
+    metrics: MetricsLog | None,
+    shard: Shard,
+    dtype: torch.dtype,
+    autocast: torch.dtype | None,
+) -> None:
+    """Rank 0 validates (``train.validation``) while the others wait."""
+    if shard.is_main:
+        results = validator.run(experts, dtype, autocast)
+        if metrics is not None:
+            metrics.write_validation(step, results)
+        log.info("%s", describe(step, results))
+    shard.barrier()
+
+
+def _save_due(config: TrainConfig, step: int, epoch: int, epoch_end: bool) -> bool:
+    """Whether --save_every_n_steps or --save_every_n_epochs asks for a checkpoint now."""
+    if config.save_every_n_steps and step % config.save_every_n_steps == 0:
+        return True
+    return bool(epoch_end and config.save_every_n_epochs and (epoch + 1) % config.save_every_n_epochs == 0)
 
 
 def _schedule(
@@ -421,5 +457,11 @@ def _save(
             config_json=config.to_json(),
             lora_name=f"{config.output_name}.safetensors",
             lora_bytes=lora_bytes,
+        )
+        ckpt.prune(
+            config.output_dir,
+            position,
+            last_n_steps=config.save_last_n_steps,
+            last_n_epochs=config.save_last_n_epochs,
         )
     shard.barrier()

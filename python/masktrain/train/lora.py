@@ -45,6 +45,9 @@ Layout = LoraLayout
 LAYOUTS = LORA_FORMATS
 ADAPTER = "default"
 COMFY_PREFIX = "diffusion_model."
+MUSUBI_PREFIX = "lora_unet_"
+#: musubi-tuner's names of the two LoRA matrices (peft's lora_A / lora_B).
+MUSUBI_MATRICES = {"A": "lora_down", "B": "lora_up"}
 DIFFUSERS_PREFIX = "transformer."
 #: diffusers' ``LORA_ADAPTER_METADATA_KEY``: the peft config that ``load_lora_weights`` rebuilds.
 DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"
@@ -95,9 +98,11 @@ def add_lora(
     alpha: float,
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
+    dropout: float = 0.0,
 ) -> list[str]:
     """Freeze the base and add one LoRA adapter (float32 weights) on the selected Linear layers;
-    returns their names. Only the LoRA weights require grad afterwards."""
+    returns their names. Only the LoRA weights require grad afterwards. `dropout` is peft's
+    ``lora_dropout`` (musubi's ``--network_dropout``: dropout on the LoRA branch's input)."""
     from peft import LoraConfig
 
     if rank < 1:
@@ -107,7 +112,13 @@ def add_lora(
     targets = select_targets(transformer, family, include=include, exclude=exclude)
     transformer.requires_grad_(False)
     # peft annotates lora_alpha as int; it scales by any number, and musubi's alpha is a float.
-    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, init_lora_weights=True)  # type: ignore[arg-type]
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha,  # type: ignore[arg-type]
+        target_modules=targets,
+        init_lora_weights=True,
+        lora_dropout=dropout,
+    )
     adapter_host(transformer).add_adapter(config, adapter_name=ADAPTER)
     # Train the adapter in float32 whatever the base dtype (diffusers' cast_training_params).
     for param in lora_parameters(transformer):
@@ -184,20 +195,51 @@ def lora_file_bytes(
     ``diffusers``: what ``WanPipeline.save_lora_weights`` / ``QwenImagePipeline.save_lora_weights``
     write (``transformer.<name>.lora_A.weight`` plus the peft config under
     ``lora_adapter_metadata``), so ``pipe.load_lora_weights(path)`` rebuilds the same adapter.
-    Both carry ``masktrain.arch`` / ``.rank`` / ``.alpha`` / ``.version`` / ``.layout`` and the
+    ``musubi``: ``lora_unet_<original module path, dots as _>.lora_down.weight`` /
+    ``.lora_up.weight`` / ``.alpha``, what musubi-tuner's and blissful-tuner's scripts load.
+    All carry ``masktrain.arch`` / ``.rank`` / ``.alpha`` / ``.version`` / ``.layout`` and the
     caller's `metadata` (string values; training flags)."""
+    if ADAPTER not in getattr(transformer, "peft_config", {}):
+        raise ValueError("the transformer has no LoRA adapter to save (add_lora adds one)")
+    config = adapter_host(transformer).peft_config[ADAPTER]
+    state = {
+        k: v.detach().to(device="cpu", dtype=dtype).contiguous()
+        for k, v in lora_state_dict(transformer).items()
+    }
+    adapter = config.to_dict()  # type: ignore[no-untyped-call]  # peft leaves it unannotated
+    return state_file_bytes(
+        state,
+        family,
+        rank=config.r,
+        alpha=float(config.lora_alpha),
+        layout=layout,
+        metadata=metadata,
+        adapter=adapter,
+    )
+
+
+def state_file_bytes(
+    state: Mapping[str, torch.Tensor],
+    family: ModelFamily,
+    *,
+    rank: int,
+    alpha: float,
+    layout: Layout,
+    metadata: Mapping[str, str] | None = None,
+    adapter: dict[str, object] | None = None,
+) -> bytes:
+    """A LoRA file's bytes from peft-named tensors (``blocks.0.attn1.to_q.lora_A.weight``) in
+    `layout` (see :func:`lora_file_bytes`); `adapter` is the peft config for the diffusers
+    layout (built from rank and alpha when None)."""
     from masktrain import __version__
 
     if layout not in LAYOUTS:
         raise ValueError(f"LoRA layout {layout!r} is not one of {', '.join(LAYOUTS)}")
-    if ADAPTER not in getattr(transformer, "peft_config", {}):
-        raise ValueError("the transformer has no LoRA adapter to save (add_lora adds one)")
-    config = adapter_host(transformer).peft_config[ADAPTER]
     header = {
         "format": "pt",
         META_ARCH: family.name,
-        META_RANK: str(config.r),
-        META_ALPHA: repr(float(config.lora_alpha)),
+        META_RANK: str(rank),
+        META_ALPHA: repr(float(alpha)),
         META_VERSION: __version__,
         META_LAYOUT: layout,
     }
@@ -209,21 +251,22 @@ def lora_file_bytes(
     if bad:
         raise TypeError(f"LoRA metadata must map str to str; not so for {bad}")
     header.update(extra)
-
-    state = {
-        k: v.detach().to(device="cpu", dtype=dtype).contiguous()
-        for k, v in lora_state_dict(transformer).items()
-    }
     if layout == "comfyui":
-        tensors = _to_comfy(state, family, float(config.lora_alpha))
+        tensors = _to_comfy(state, family, alpha)
+    elif layout == "musubi":
+        tensors = _to_musubi(state, family, alpha)
     else:
         tensors = {DIFFUSERS_PREFIX + key: value for key, value in state.items()}
-        adapter = config.to_dict()  # type: ignore[no-untyped-call]  # peft leaves it unannotated
+        if adapter is None:
+            from peft import LoraConfig
+
+            adapter = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=True).to_dict()  # type: ignore[arg-type,no-untyped-call]
+        adapter = dict(adapter)
         # The exact module names, not the suffix set peft compresses them to: a suffix such as
         # "2" would also put (empty) LoRA on other layers when loaded into a larger variant.
         adapter["target_modules"] = sorted({key.rpartition(".lora_")[0] for key in state})
         header[DIFFUSERS_METADATA_KEY] = _diffusers_adapter_metadata(adapter)
-    return safetensors.torch.save(tensors, metadata=header)
+    return safetensors.torch.save(dict(tensors), metadata=header)
 
 
 def load_lora_into(transformer: torch.nn.Module, path: str | os.PathLike[str]) -> dict[str, str]:
@@ -254,8 +297,12 @@ def load_lora_into(transformer: torch.nn.Module, path: str | os.PathLike[str]) -
         state = _from_comfy(tensors, family, transformer, path)
     elif all(key.startswith(DIFFUSERS_PREFIX) for key in tensors):
         state = {key.removeprefix(DIFFUSERS_PREFIX): value for key, value in tensors.items()}
+    elif all(key.startswith(MUSUBI_PREFIX) for key in tensors):
+        state = _from_musubi(tensors, family, transformer, path)
     else:
-        raise LoraFileError(f"{path}: keys are neither all {COMFY_PREFIX}... nor all {DIFFUSERS_PREFIX}...")
+        raise LoraFileError(
+            f"{path}: keys are not all {COMFY_PREFIX}..., {DIFFUSERS_PREFIX}... or {MUSUBI_PREFIX}..."
+        )
 
     modules = sorted({key.rpartition(".lora_")[0] for key in state})
     config = LoraConfig(
@@ -314,6 +361,39 @@ def _to_comfy(
         tensors[f"{base}.lora_{suffix}"] = value
         tensors[f"{base}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
     return tensors
+
+
+def _to_musubi(
+    state: Mapping[str, torch.Tensor], family: ModelFamily, alpha: float
+) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        module, _, suffix = key.rpartition(".lora_")  # "blocks.0.attn1.to_q", "A.weight"
+        matrix, _, rest = suffix.partition(".")
+        base = MUSUBI_PREFIX + family.comfy_key(module).replace(".", "_")
+        tensors[f"{base}.{MUSUBI_MATRICES[matrix]}.{rest}"] = value
+        tensors[f"{base}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
+    return tensors
+
+
+def _from_musubi(
+    tensors: Mapping[str, torch.Tensor], family: ModelFamily, transformer: torch.nn.Module, path: Path
+) -> dict[str, torch.Tensor]:
+    names = {}
+    for name, module in transformer.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            with contextlib.suppress(ValueError):
+                names[family.comfy_key(name).replace(".", "_")] = name
+    matrices = {musubi: peft for peft, musubi in MUSUBI_MATRICES.items()}
+    state = {}
+    for key, value in tensors.items():
+        if key.endswith(".alpha"):
+            continue  # one alpha for every layer, from masktrain.alpha
+        base, matrix, rest = key.removeprefix(MUSUBI_PREFIX).split(".", 2)
+        if base not in names or matrix not in matrices:
+            raise LoraFileError(f"{path}: {key} names no Linear layer of this {family.name} transformer")
+        state[f"{names[base]}.lora_{matrices[matrix]}.{rest}"] = value
+    return state
 
 
 def _from_comfy(

@@ -138,6 +138,18 @@ class MetricsLog:
                 if key not in ("step", "epoch") and isinstance(value, float) and math.isfinite(value):
                     self._writer.add_scalar(key.replace("loss_", "loss/"), value, record.step)
 
+    def write_validation(self, step: int, metrics: dict[str, float]) -> None:
+        """One line ``{"step": N, "val_loss_face": ..., ...}`` (see ``train.validation``)."""
+        try:
+            with self.path.open("a") as file:
+                file.write(json.dumps({"step": step, **metrics}) + "\n")
+        except OSError as error:
+            raise atomic.write_error(error, self.path) from error
+        if self._writer is not None:
+            for key, value in metrics.items():
+                if math.isfinite(value):
+                    self._writer.add_scalar(key.replace("val_", "val/"), value, step)
+
     def close(self) -> None:
         if self._writer is not None:
             self._writer.close()

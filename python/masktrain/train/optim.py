@@ -68,6 +68,7 @@ def lr_lambda(
         if name in ("constant", "constant_with_warmup"):
             return 1.0
         progress = min(1.0, (step - warmup_steps) / decay_steps)
+        # cosine_with_min_lr is transformers' name for cosine with a floor (min_lr_ratio)
         decay = 1.0 - progress if name == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
         return min_lr_ratio + (1.0 - min_lr_ratio) * decay
 
@@ -82,8 +83,8 @@ def build_scheduler(
     total_steps: int,
     min_lr_ratio: float = 0.0,
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    """A ``LambdaLR`` for constant, constant_with_warmup, linear or cosine; step it once per
-    optimizer step."""
+    """A ``LambdaLR`` for constant, constant_with_warmup, linear, cosine or cosine_with_min_lr;
+    step it once per optimizer step."""
     multiplier = lr_lambda(
         name, warmup_steps=warmup_steps, total_steps=total_steps, min_lr_ratio=min_lr_ratio
     )

@@ -10,13 +10,15 @@ need the file system or the process group. Torch-free (cache headers only).
   (``data/cached_items.py``; ``--skip_stale`` leaves out what is not), and with
   ``--use_mask_loss`` every dataset's cache holds mask weights;
 - every process gets at least one batch per epoch;
-- the warm-up fits in the run, now that the number of steps is known (``--max_train_epochs``).
+- the warm-up fits in the run, now that the number of steps is known (``--max_train_epochs``);
+- ``--validation_dataset_config`` is cached for this ``--arch``, with masks.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 from masktrain.config import mask_loss
 from masktrain.config.dataset import DatasetConfig, load_dataset_config
@@ -25,6 +27,18 @@ from masktrain.data.cached_items import CachedItem, epoch_batches, find_cached_i
 from masktrain.data.dataset_paths import check_readable, check_writable
 from masktrain.errors import CachedDataError, MissingMaskWeightsError, TrainConfigError
 from masktrain.train.resume import checkpoint_step
+
+
+def validation_items(toml: Path, arch: str) -> list[CachedItem]:
+    """The validation dataset's cached items; each must hold mask weights (the regions)."""
+    items = find_cached_items(toml, arch)
+    unmasked = [item.latent_path.name for item in items if not item.has_mask]
+    if unmasked:
+        raise CachedDataError(
+            f"--validation_dataset_config {toml}: {len(unmasked)} item(s) have no mask weights "
+            f"(first: {unmasked[0]}); validation by region needs masks: cache the dataset with its masks"
+        )
+    return items
 
 
 @dataclass(frozen=True)
@@ -39,6 +53,8 @@ class TrainPlan:
     """Optimizer steps of the whole run."""
     resume_step: int | None
     """The step of the ``--resume`` checkpoint."""
+    validation_items: list[CachedItem]
+    """The ``--validation_dataset_config`` items (none without it)."""
 
     @property
     def complete(self) -> bool:
@@ -71,7 +87,11 @@ def preflight(config: TrainConfig, world: int) -> TrainPlan:
     if config.max_train_epochs is not None:
         total_steps = config.max_train_epochs * steps_per_epoch
     check_schedule(config.optim.lr_scheduler, config.optim.lr_warmup_steps, total_steps)
-    return TrainPlan(items, batches_per_epoch, steps_per_epoch, total_steps, resume_step)
+    validation = []
+    if config.validation_dataset_config is not None:
+        check_readable(load_dataset_config(config.validation_dataset_config))
+        validation = validation_items(config.validation_dataset_config, config.arch)
+    return TrainPlan(items, batches_per_epoch, steps_per_epoch, total_steps, resume_step, validation)
 
 
 def _check_masks(config: TrainConfig, datasets: DatasetConfig, items: list[CachedItem]) -> None:

@@ -1,0 +1,117 @@
+"""``masktrain convert-lora``: one of masktrain's LoRA files in another layout (``comfyui``,
+``diffusers``, ``musubi``; see ``train.lora.lora_file_bytes``), tensors and alpha unchanged.
+
+The three layouts name each layer differently: ComfyUI by the original module path, musubi by
+that path with dots as underscores, diffusers by diffusers' module name. The mapping comes from
+the family's built-in tiny transformer: a block's layer names do not depend on the model's size,
+so ``blocks.17.self_attn.q`` maps as ``blocks.0.self_attn.q`` does, with the index put back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from pathlib import Path
+
+import safetensors
+import safetensors.torch
+import torch
+
+from masktrain import atomic
+from masktrain.config.train import LoraLayout
+from masktrain.errors import LoraFileError
+from masktrain.models import get_family
+from masktrain.models.base import ModelFamily
+from masktrain.models.loading import TINY
+from masktrain.train import lora
+
+_RESERVED = {lora.META_ARCH, lora.META_RANK, lora.META_ALPHA, lora.META_VERSION, lora.META_LAYOUT, "format"}
+_FIRST_INDEX = re.compile(r"([._])(\d+)([._])")
+
+
+def _template(name: str) -> tuple[str, str | None]:
+    """`name` with its first index replaced by 0, and that index (None when it has none)."""
+    match = _FIRST_INDEX.search(name)
+    if match is None:
+        return name, None
+    return name[: match.start(2)] + "0" + name[match.end(2) :], match.group(2)
+
+
+def _with_index(name: str, index: str | None) -> str:
+    if index is None:
+        return name
+    match = _FIRST_INDEX.search(name)
+    assert match is not None
+    return name[: match.start(2)] + index + name[match.end(2) :]
+
+
+def _layer_names(family: ModelFamily) -> dict[str, str]:
+    """Template of a ComfyUI path and of a musubi base name -> template of the diffusers name."""
+    model = family.load_transformer(TINY, "--dit", torch.device("cpu"), torch.float32)
+    names: dict[str, str] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            with contextlib.suppress(ValueError):
+                comfy = family.comfy_key(name)
+                names[_template(comfy)[0]] = _template(name)[0]
+                names[_template(comfy.replace(".", "_"))[0]] = _template(name)[0]
+    return names
+
+
+def _peft_name(base: str, names: dict[str, str], path: Path, family: ModelFamily) -> str:
+    template, index = _template(base)
+    if template not in names:
+        raise LoraFileError(f"{path}: {base} names no Linear layer of a {family.name} transformer")
+    return _with_index(names[template], index)
+
+
+def peft_state(tensors: dict[str, torch.Tensor], family: ModelFamily, path: Path) -> dict[str, torch.Tensor]:
+    """The LoRA tensors of a file in any of the three layouts, under peft's names."""
+    if all(key.startswith(lora.DIFFUSERS_PREFIX) for key in tensors):
+        return {key.removeprefix(lora.DIFFUSERS_PREFIX): value for key, value in tensors.items()}
+    names = _layer_names(family)
+    matrices = {musubi: peft for peft, musubi in lora.MUSUBI_MATRICES.items()}
+    state = {}
+    for key, value in tensors.items():
+        if key.endswith(".alpha"):
+            continue  # masktrain files hold one alpha, in their metadata
+        if key.startswith(lora.COMFY_PREFIX):
+            base, _, suffix = key.removeprefix(lora.COMFY_PREFIX).rpartition(".lora_")
+            state[f"{_peft_name(base, names, path, family)}.lora_{suffix}"] = value
+        elif key.startswith(lora.MUSUBI_PREFIX):
+            base, matrix, rest = key.removeprefix(lora.MUSUBI_PREFIX).split(".", 2)
+            if matrix not in matrices:
+                raise LoraFileError(f"{path}: {key}: expected lora_down or lora_up")
+            state[f"{_peft_name(base, names, path, family)}.lora_{matrices[matrix]}.{rest}"] = value
+        else:
+            raise LoraFileError(f"{path}: {key} is in none of the comfyui, diffusers and musubi layouts")
+    return state
+
+
+def convert(source: Path, target: Path, layout: LoraLayout) -> str:
+    """Write `source` (a masktrain LoRA file) to `target` in `layout`; returns the source's layout."""
+    try:
+        tensors = safetensors.torch.load_file(source)
+        with safetensors.safe_open(source, "pt") as handle:
+            metadata = handle.metadata() or {}
+    except (safetensors.SafetensorError, OSError) as error:
+        raise LoraFileError(f"{source}: not a readable safetensors file ({error})") from error
+    missing = [k for k in (lora.META_ARCH, lora.META_RANK, lora.META_ALPHA) if k not in metadata]
+    if missing:
+        raise LoraFileError(f"{source}: not a masktrain LoRA file (metadata lacks {', '.join(missing)})")
+    try:
+        family = get_family(metadata[lora.META_ARCH])
+    except ValueError as error:
+        raise LoraFileError(f"{source}: {error}") from None
+    state = peft_state(tensors, family, source)
+    kept = {k: v for k, v in metadata.items() if k not in _RESERVED and k != lora.DIFFUSERS_METADATA_KEY}
+    data = lora.state_file_bytes(
+        state,
+        family,
+        rank=int(metadata[lora.META_RANK]),
+        alpha=float(metadata[lora.META_ALPHA]),
+        layout=layout,
+        metadata=kept,
+    )
+    atomic.write_bytes(target, data)
+    return str(metadata.get(lora.META_LAYOUT, "?"))
