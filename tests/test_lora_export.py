@@ -511,3 +511,15 @@ def test_load_lora_into_rejects_foreign_files(tmp_path: Path) -> None:
         load_lora_into(trained("wan"), wan_file)
     with pytest.raises(LoraFileError, match=r"blocks.0.cross_attn.k.lora_A.weight names no Linear layer"):
         load_lora_into(base("qwen_image"), wan_file)
+
+
+def test_convert_lora_names_layers_of_a_model_larger_than_the_tiny_one() -> None:
+    from masktrain.tools.convert_lora import _resolver
+
+    wan, qwen = _resolver(get_family("wan")), _resolver(get_family("qwen_image"))
+    assert wan("blocks.17.self_attn.q") == "blocks.17.attn1.to_q"
+    assert wan("blocks_39_ffn_0") == "blocks.39.ffn.net.0.proj"
+    assert wan("blocks.39.cross_attn.o") == "blocks.39.attn2.to_out.0"
+    assert qwen("transformer_blocks.59.attn.to_add_out") == "transformer_blocks.59.attn.to_add_out"
+    assert qwen("transformer_blocks_59_img_mlp_net_2") == "transformer_blocks.59.img_mlp.net.2"
+    assert wan("blocks.3.no_such_layer") is None

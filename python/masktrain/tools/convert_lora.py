@@ -9,8 +9,8 @@ so ``blocks.17.self_attn.q`` maps as ``blocks.0.self_attn.q`` does, with the ind
 
 from __future__ import annotations
 
-import contextlib
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import safetensors
@@ -45,47 +45,18 @@ def _with_index(name: str, index: str | None) -> str:
     return name[: match.start(2)] + index + name[match.end(2) :]
 
 
-def _layer_names(family: ModelFamily) -> dict[str, str]:
-    """Template of a ComfyUI path and of a musubi base name -> template of the diffusers name."""
-    model = family.load_transformer(TINY, "--dit", torch.device("cpu"), torch.float32)
-    names: dict[str, str] = {}
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear):
-            with contextlib.suppress(ValueError):
-                comfy = family.comfy_key(name)
-                names[_template(comfy)[0]] = _template(name)[0]
-                names[_template(comfy.replace(".", "_"))[0]] = _template(name)[0]
-    return names
+def _resolver(family: ModelFamily) -> Callable[[str], str | None]:
+    """ComfyUI path or musubi name -> diffusers name, for a model of any size: the tiny
+    transformer's names, looked up with the first index as 0 and that index put back."""
+    tiny = family.load_transformer(TINY, "--dit", torch.device("cpu"), torch.float32)
+    templates = lora.layer_resolver(tiny, family)
 
+    def resolve(base: str) -> str | None:
+        template, index = _template(base)
+        name = templates(template)
+        return None if name is None else _with_index(name, index)
 
-def _peft_name(base: str, names: dict[str, str], path: Path, family: ModelFamily) -> str:
-    template, index = _template(base)
-    if template not in names:
-        raise LoraFileError(f"{path}: {base} names no Linear layer of a {family.name} transformer")
-    return _with_index(names[template], index)
-
-
-def peft_state(tensors: dict[str, torch.Tensor], family: ModelFamily, path: Path) -> dict[str, torch.Tensor]:
-    """The LoRA tensors of a file in any of the three layouts, under peft's names."""
-    if all(key.startswith(lora.DIFFUSERS_PREFIX) for key in tensors):
-        return {key.removeprefix(lora.DIFFUSERS_PREFIX): value for key, value in tensors.items()}
-    names = _layer_names(family)
-    matrices = {musubi: peft for peft, musubi in lora.MUSUBI_MATRICES.items()}
-    state = {}
-    for key, value in tensors.items():
-        if key.endswith(".alpha"):
-            continue  # masktrain files hold one alpha, in their metadata
-        if key.startswith(lora.COMFY_PREFIX):
-            base, _, suffix = key.removeprefix(lora.COMFY_PREFIX).rpartition(".lora_")
-            state[f"{_peft_name(base, names, path, family)}.lora_{suffix}"] = value
-        elif key.startswith(lora.MUSUBI_PREFIX):
-            base, matrix, rest = key.removeprefix(lora.MUSUBI_PREFIX).split(".", 2)
-            if matrix not in matrices:
-                raise LoraFileError(f"{path}: {key}: expected lora_down or lora_up")
-            state[f"{_peft_name(base, names, path, family)}.lora_{matrices[matrix]}.{rest}"] = value
-        else:
-            raise LoraFileError(f"{path}: {key} is in none of the comfyui, diffusers and musubi layouts")
-    return state
+    return resolve
 
 
 def convert(source: Path, target: Path, layout: LoraLayout) -> str:
@@ -103,7 +74,7 @@ def convert(source: Path, target: Path, layout: LoraLayout) -> str:
         family = get_family(metadata[lora.META_ARCH])
     except ValueError as error:
         raise LoraFileError(f"{source}: {error}") from None
-    state = peft_state(tensors, family, source)
+    state = lora.peft_state(tensors, _resolver(family), family, source)
     kept = {k: v for k, v in metadata.items() if k not in _RESERVED and k != lora.DIFFUSERS_METADATA_KEY}
     data = lora.state_file_bytes(
         state,

@@ -24,7 +24,7 @@ import contextlib
 import json
 import os
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
@@ -293,16 +293,7 @@ def load_lora_into(transformer: torch.nn.Module, path: str | os.PathLike[str]) -
     except ValueError as error:
         raise LoraFileError(f"{path}: {error}") from None
 
-    if all(key.startswith(COMFY_PREFIX) for key in tensors):
-        state = _from_comfy(tensors, family, transformer, path)
-    elif all(key.startswith(DIFFUSERS_PREFIX) for key in tensors):
-        state = {key.removeprefix(DIFFUSERS_PREFIX): value for key, value in tensors.items()}
-    elif all(key.startswith(MUSUBI_PREFIX) for key in tensors):
-        state = _from_musubi(tensors, family, transformer, path)
-    else:
-        raise LoraFileError(
-            f"{path}: keys are not all {COMFY_PREFIX}..., {DIFFUSERS_PREFIX}... or {MUSUBI_PREFIX}..."
-        )
+    state = peft_state(tensors, layer_resolver(transformer, family), family, path)
 
     modules = sorted({key.rpartition(".lora_")[0] for key in state})
     config = LoraConfig(
@@ -376,42 +367,49 @@ def _to_musubi(
     return tensors
 
 
-def _from_musubi(
-    tensors: Mapping[str, torch.Tensor], family: ModelFamily, transformer: torch.nn.Module, path: Path
-) -> dict[str, torch.Tensor]:
-    names = {}
+def layer_resolver(transformer: torch.nn.Module, family: ModelFamily) -> Callable[[str], str | None]:
+    """A layer's ComfyUI path (``blocks.0.self_attn.q``) or musubi name (``blocks_0_self_attn_q``)
+    -> its diffusers module name in `transformer` (None when it has no such Linear layer)."""
+    names: dict[str, str] = {}
     for name, module in transformer.named_modules():
         if isinstance(module, torch.nn.Linear):
             with contextlib.suppress(ValueError):
-                names[family.comfy_key(name).replace(".", "_")] = name
+                original = family.comfy_key(name)
+                names[original] = names[original.replace(".", "_")] = name
+    return names.get
+
+
+def peft_state(
+    tensors: Mapping[str, torch.Tensor],
+    resolve: Callable[[str], str | None],
+    family: ModelFamily,
+    path: Path,
+) -> dict[str, torch.Tensor]:
+    """A LoRA file's tensors in any of the three layouts under peft's names
+    (``blocks.0.attn1.to_q.lora_A.weight``); `resolve` maps a ComfyUI path or a musubi name to
+    the diffusers module name. Per-layer ``.alpha`` tensors are skipped: masktrain's files hold
+    one alpha, in their metadata."""
+    if all(key.startswith(DIFFUSERS_PREFIX) for key in tensors):
+        return {key.removeprefix(DIFFUSERS_PREFIX): value for key, value in tensors.items()}
     matrices = {musubi: peft for peft, musubi in MUSUBI_MATRICES.items()}
     state = {}
     for key, value in tensors.items():
         if key.endswith(".alpha"):
-            continue  # one alpha for every layer, from masktrain.alpha
-        base, matrix, rest = key.removeprefix(MUSUBI_PREFIX).split(".", 2)
-        if base not in names or matrix not in matrices:
-            raise LoraFileError(f"{path}: {key} names no Linear layer of this {family.name} transformer")
-        state[f"{names[base]}.lora_{matrices[matrix]}.{rest}"] = value
-    return state
-
-
-def _from_comfy(
-    tensors: Mapping[str, torch.Tensor], family: ModelFamily, transformer: torch.nn.Module, path: Path
-) -> dict[str, torch.Tensor]:
-    names = {}
-    for name, module in transformer.named_modules():
-        if isinstance(module, torch.nn.Linear):
-            with contextlib.suppress(ValueError):
-                names[family.comfy_key(name)] = name
-    state = {}
-    for key, value in tensors.items():
-        if key.endswith(".alpha"):
-            continue  # the adapter's alpha comes from masktrain.alpha (one value for every layer)
-        original, _, suffix = key.removeprefix(COMFY_PREFIX).rpartition(".lora_")
-        if original not in names:
-            raise LoraFileError(f"{path}: {key} names no Linear layer of this {family.name} transformer")
-        state[f"{names[original]}.lora_{suffix}"] = value
+            continue
+        if key.startswith(COMFY_PREFIX):
+            base, _, suffix = key.removeprefix(COMFY_PREFIX).rpartition(".lora_")  # "A.weight"
+        elif key.startswith(MUSUBI_PREFIX):
+            base, matrix, rest = key.removeprefix(MUSUBI_PREFIX).split(".", 2)
+            suffix = f"{matrices.get(matrix, matrix)}.{rest}"
+        else:
+            raise LoraFileError(
+                f"{path}: {key} is not in the {COMFY_PREFIX}..., {DIFFUSERS_PREFIX}... or "
+                f"{MUSUBI_PREFIX}... layout"
+            )
+        name = resolve(base)
+        if name is None or suffix.split(".")[0] not in MUSUBI_MATRICES:
+            raise LoraFileError(f"{path}: {key} names no Linear layer of a {family.name} transformer")
+        state[f"{name}.lora_{suffix}"] = value
     return state
 
 
