@@ -12,7 +12,7 @@ import torch
 
 from masktrain import MaskTrainError
 from masktrain.errors import OptimConfigError
-from masktrain.train.optim import build_optimizer, build_scheduler
+from masktrain.train.optim import build_optimizer, build_scheduler, lr_lambda
 
 LR = 1e-3
 
@@ -69,7 +69,7 @@ def test_adamw8bit_without_bitsandbytes_names_the_flag_and_the_fix(monkeypatch: 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"optimizer_type": "sgd"}, "--optimizer_type must be one of adamw, adamw8bit; got 'sgd'"),
+        ({"optimizer_type": "sgd"}, "--optimizer_type must be one of adamw, adamw8bit, adafactor; got 'sgd'"),
         ({"learning_rate": 0.0}, "--learning_rate must be > 0, got 0.0"),
         ({"learning_rate": math.nan}, "--learning_rate must be > 0, got nan"),
         ({"weight_decay": -0.1}, "--weight_decay must be >= 0, got -0.1"),
@@ -129,9 +129,9 @@ def test_min_lr_ratio_on_a_constant_schedule_only_warns(caplog: pytest.LogCaptur
     ("kwargs", "message"),
     [
         (
-            {"name": "polynomial", "total_steps": 10},
+            {"name": "cosine_with_restarts", "total_steps": 10},
             "--lr_scheduler must be one of constant, constant_with_warmup, linear, cosine, "
-            "cosine_with_min_lr; got 'polynomial'",
+            "cosine_with_min_lr, polynomial; got 'cosine_with_restarts'",
         ),
         (
             {"name": "constant", "warmup_steps": 5, "total_steps": 10},
@@ -205,3 +205,40 @@ def test_state_dict_round_trip_resumes_identically() -> None:
         scheduler.step()
     assert first + rest == straight
     assert torch.equal(param.detach(), final)
+
+
+def test_polynomial_decay_follows_transformers_formula_to_the_floor() -> None:
+    # transformers' get_polynomial_decay_schedule_with_warmup: (1 - progress) ** power above the end
+    multiplier = lr_lambda("polynomial", warmup_steps=2, total_steps=12, min_lr_ratio=0.1, power=2.0)
+    assert multiplier(1) == 0.5  # warm-up
+    for step in (2, 4, 7, 12, 20):
+        progress = min(1.0, (step - 2) / 10)
+        assert multiplier(step) == pytest.approx(0.1 + 0.9 * (1 - progress) ** 2)
+
+
+def test_adafactor_steps_with_the_learning_rate_masktrain_sets() -> None:
+    from transformers.optimization import Adafactor
+
+    param = torch.nn.Parameter(torch.ones(4, 4))
+    optimizer = build_optimizer([param], optimizer_type="adafactor", learning_rate=1e-2, weight_decay=0.0)
+    assert isinstance(optimizer, Adafactor)
+    assert optimizer.defaults["relative_step"] is False and optimizer.defaults["scale_parameter"] is False
+    param.grad = torch.ones(4, 4)
+    optimizer.step()
+    # the first Adafactor update is the RMS-normalised gradient (all ones here) times the rate
+    assert torch.allclose(param.detach(), torch.full((4, 4), 1 - 1e-2), atol=1e-6)
+
+
+def test_adafactor_optimizer_args() -> None:
+    from masktrain.config.train import OptimSettings, parse_optimizer_args
+
+    args = parse_optimizer_args(
+        ("scale_parameter=True", "warmup_init=False", "weight_decay=0.01", "beta1=None")
+    )
+    settings = OptimSettings(optimizer_type="adafactor", **args)
+    assert settings.adafactor_args == {"scale_parameter": True, "warmup_init": False, "beta1": None}
+    assert settings.weight_decay == 0.01
+    with pytest.raises(OptimConfigError, match="relative_step=True: masktrain's --learning_rate"):
+        OptimSettings(optimizer_type="adafactor", **parse_optimizer_args(("relative_step=True",)))
+    with pytest.raises(OptimConfigError, match="are Adafactor's; use --optimizer_type adafactor"):
+        OptimSettings(**parse_optimizer_args(("scale_parameter=False",)))

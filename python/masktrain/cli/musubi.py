@@ -39,7 +39,9 @@ _SAMPLING = "sampling during training is not implemented yet: train, then load t
 _NOT_SUPPORTED = "not supported by masktrain; drop the flag"
 _UPLOAD = "masktrain uploads nothing; copy OUTPUT_DIR yourself"
 _COMPILE = "torch.compile is not supported yet; drop the flag"
-_SCHEDULER = "use --lr_scheduler (constant, constant_with_warmup, linear, cosine, cosine_with_min_lr)"
+_SCHEDULER = (
+    "use --lr_scheduler (constant, constant_with_warmup, linear, cosine, cosine_with_min_lr, polynomial)"
+)
 
 #: Not implemented: flag -> what to do instead (the error's second half).
 NOT_IMPLEMENTED: dict[str, str] = {
@@ -83,7 +85,6 @@ NOT_IMPLEMENTED: dict[str, str] = {
     "lr_scheduler_type": _SCHEDULER,
     "lr_scheduler_args": _SCHEDULER,
     "lr_scheduler_num_cycles": _SCHEDULER,
-    "lr_scheduler_power": _SCHEDULER,
     "lr_scheduler_timescale": _SCHEDULER,
     "lr_decay_steps": _SCHEDULER,
     "save_last_n_steps_state": "every checkpoint holds the state; use --save_last_n_steps",

@@ -31,10 +31,12 @@ LORA_FORMATS: tuple[LoraLayout, ...] = ("comfyui", "diffusers", "musubi")
 # fp16 would need loss scaling (a GradScaler and its state in checkpoints); not offered yet.
 MIXED_PRECISION = ("auto", "no", "bf16")
 SAVE_PRECISION = ("float", "fp16", "bf16")
-OPTIMIZER_TYPES = ("adamw", "adamw8bit")
+OPTIMIZER_TYPES = ("adamw", "adamw8bit", "adafactor")
 MAX_SEED = 2**63
 """Seeds seed torch's generators, which take 64-bit integers."""
-LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_min_lr")
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_min_lr", "polynomial")
+#: --optimizer_args keys of transformers' Adafactor (besides weight_decay).
+ADAFACTOR_ARGS = ("scale_parameter", "relative_step", "warmup_init", "clip_threshold", "decay_rate", "beta1")
 
 
 @dataclass(frozen=True)
@@ -82,11 +84,27 @@ class OptimSettings:
     eps: float = 1e-8
     """AdamW eps (--optimizer_args eps=1e-6)."""
     lr_scheduler_min_lr_ratio: float = 0.0
-    """The floor of linear and cosine decay, as a fraction of the learning rate."""
+    """The floor of linear, cosine and polynomial decay, as a fraction of the learning rate."""
+    lr_scheduler_power: float = 1.0
+    """The power of polynomial decay."""
+    adafactor_args: dict[str, Any] = field(default_factory=dict)
+    """Adafactor's own --optimizer_args (scale_parameter, warmup_init, clip_threshold, ...)."""
 
     def __post_init__(self) -> None:
         check_optimizer(self.optimizer_type, self.learning_rate, self.weight_decay, self.betas, self.eps)
         check_schedule(self.lr_scheduler, self.lr_warmup_steps, min_lr_ratio=self.lr_scheduler_min_lr_ratio)
+        if not 0 < self.lr_scheduler_power < math.inf:
+            raise OptimConfigError(f"--lr_scheduler_power must be > 0, got {self.lr_scheduler_power}")
+        if self.adafactor_args and self.optimizer_type.lower() != "adafactor":
+            raise OptimConfigError(
+                f"--optimizer_args {', '.join(self.adafactor_args)} are Adafactor's; "
+                "use --optimizer_type adafactor"
+            )
+        if self.adafactor_args.get("relative_step"):
+            raise OptimConfigError(
+                "--optimizer_args relative_step=True: masktrain's --learning_rate and --lr_scheduler set the "
+                "step size; use relative_step=False"
+            )
         if self.gradient_accumulation_steps < 1:
             raise OptimConfigError("--gradient_accumulation_steps must be >= 1")
         if not 0 <= self.max_grad_norm < math.inf:
@@ -303,30 +321,39 @@ def parse_network_args(values: tuple[str, ...]) -> dict[str, Any]:
 
 
 def parse_optimizer_args(values: tuple[str, ...]) -> dict[str, Any]:
-    """musubi-tuner's ``--optimizer_args key=value ...`` for AdamW: ``weight_decay``, ``betas``
-    (``(0.9,0.99)``) and ``eps``, as :class:`OptimSettings` fields."""
+    """musubi-tuner's ``--optimizer_args key=value ...`` as :class:`OptimSettings` fields: for
+    AdamW ``weight_decay``, ``betas`` (``(0.9,0.99)``) and ``eps``; for Adafactor ``weight_decay``
+    and its own keys (``ADAFACTOR_ARGS``, into ``adafactor_args``)."""
     settings: dict[str, Any] = {}
+    adafactor: dict[str, Any] = {}
     for value in values:
         key, sep, raw = value.partition("=")
-        key = key.strip()
-        if not sep or key not in ("weight_decay", "betas", "eps"):
+        key, raw = key.strip(), raw.strip()
+        if not sep or key not in ("weight_decay", "betas", "eps", *ADAFACTOR_ARGS):
             raise TrainConfigError(
-                f"--optimizer_args {value!r}: expected weight_decay=..., betas=(b1,b2) or eps=..."
+                f"--optimizer_args {value!r}: expected weight_decay=..., betas=(b1,b2), eps=... or one of "
+                f"Adafactor's {', '.join(ADAFACTOR_ARGS)}"
             )
         try:
-            parsed = ast.literal_eval(raw.strip())
+            parsed = ast.literal_eval(raw)
         except (ValueError, SyntaxError):
-            raise TrainConfigError(
-                f"--optimizer_args {key}: cannot read {raw.strip()!r} as a number"
-            ) from None
+            raise TrainConfigError(f"--optimizer_args {key}: cannot read {raw!r}") from None
         if key == "betas":
             if not (isinstance(parsed, tuple | list) and len(parsed) == 2):
-                raise TrainConfigError(f"--optimizer_args betas: expected two numbers, got {raw.strip()!r}")
+                raise TrainConfigError(f"--optimizer_args betas: expected two numbers, got {raw!r}")
             settings[key] = (float(parsed[0]), float(parsed[1]))
+        elif key in ("scale_parameter", "relative_step", "warmup_init"):
+            if not isinstance(parsed, bool):
+                raise TrainConfigError(f"--optimizer_args {key}: expected True or False, got {raw!r}")
+            adafactor[key] = parsed
+        elif key == "beta1" and parsed is None:
+            adafactor[key] = None
         elif isinstance(parsed, int | float) and not isinstance(parsed, bool):
-            settings[key] = float(parsed)
+            (adafactor if key in ADAFACTOR_ARGS else settings)[key] = float(parsed)
         else:
-            raise TrainConfigError(f"--optimizer_args {key}: expected a number, got {raw.strip()!r}")
+            raise TrainConfigError(f"--optimizer_args {key}: expected a number, got {raw!r}")
+    if adafactor:
+        settings["adafactor_args"] = adafactor
     return settings
 
 

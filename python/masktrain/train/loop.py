@@ -249,6 +249,7 @@ def _train_locked(
         weight_decay=optim.weight_decay,
         betas=optim.betas,
         eps=optim.eps,
+        adafactor_args=optim.adafactor_args,
     )
     batches_per_epoch, total_steps = plan.batches_per_epoch, plan.total_steps
     scheduler = build_scheduler(
@@ -257,6 +258,7 @@ def _train_locked(
         warmup_steps=optim.lr_warmup_steps,
         total_steps=total_steps,
         min_lr_ratio=optim.lr_scheduler_min_lr_ratio,
+        power=optim.lr_scheduler_power,
     )
 
     position = ckpt.Position(step=0, epoch=0, batches_done=0)

@@ -1,7 +1,8 @@
 """The optimizer and the learning-rate schedule.
 
 - ``adamw``: ``torch.optim.AdamW``. ``adamw8bit``: bitsandbytes' ``AdamW8bit``, imported only
-  when asked for (it is not a dependency).
+  when asked for (it is not a dependency). ``adafactor``: transformers' ``Adafactor`` with the
+  learning rate and schedule masktrain sets (no relative step).
 - Schedules are ``LambdaLR`` with the formulas of transformers' ``get_*_schedule_with_warmup``
   (warm-up from 0 over ``warmup_steps``: the LR at step ``s < warmup`` is ``lr * s / warmup``),
   so nothing needs diffusers. ``min_lr_ratio`` floors the decay of ``linear`` and ``cosine``:
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -35,11 +36,24 @@ def build_optimizer(
     weight_decay: float = 0.01,
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
+    adafactor_args: Mapping[str, Any] | None = None,
 ) -> torch.optim.Optimizer:
-    """AdamW over ``params`` (tensors or param groups); ``optimizer_type`` is case-insensitive."""
+    """The optimizer over ``params`` (tensors or param groups); ``optimizer_type`` is
+    case-insensitive."""
     check_optimizer(optimizer_type, learning_rate, weight_decay, betas, eps)
     if optimizer_type.lower() == "adamw":
         return torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay, betas=betas, eps=eps)
+    if optimizer_type.lower() == "adafactor":
+        from transformers.optimization import Adafactor
+
+        # --learning_rate and --lr_scheduler drive the step: no relative step, no parameter scaling
+        # unless asked for (what musubi's docs pass: relative_step/scale_parameter/warmup_init False).
+        settings = {"scale_parameter": False, "relative_step": False, "warmup_init": False}
+        settings.update(adafactor_args or {})
+        adafactor: torch.optim.Optimizer = Adafactor(  # type: ignore[no-untyped-call]  # transformers leaves it unannotated
+            params, lr=learning_rate, weight_decay=weight_decay, **settings
+        )
+        return adafactor
     try:
         import bitsandbytes
     except ImportError as error:
@@ -54,7 +68,7 @@ def build_optimizer(
 
 
 def lr_lambda(
-    name: str, *, warmup_steps: int = 0, total_steps: int, min_lr_ratio: float = 0.0
+    name: str, *, warmup_steps: int = 0, total_steps: int, min_lr_ratio: float = 0.0, power: float = 1.0
 ) -> Callable[[int], float]:
     """The LR multiplier of schedule ``name`` as a function of the optimizer step (0-based)."""
     check_schedule(name, warmup_steps, total_steps, min_lr_ratio)
@@ -68,8 +82,12 @@ def lr_lambda(
         if name in ("constant", "constant_with_warmup"):
             return 1.0
         progress = min(1.0, (step - warmup_steps) / decay_steps)
-        # cosine_with_min_lr is transformers' name for cosine with a floor (min_lr_ratio)
-        decay = 1.0 - progress if name == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+        if name == "linear":
+            decay = 1.0 - progress
+        elif name == "polynomial":  # transformers' polynomial decay, to the floor
+            decay = (1.0 - progress) ** power
+        else:  # cosine; cosine_with_min_lr is transformers' name for cosine with a floor
+            decay = 0.5 * (1.0 + math.cos(math.pi * progress))
         return min_lr_ratio + (1.0 - min_lr_ratio) * decay
 
     return multiplier
@@ -82,10 +100,11 @@ def build_scheduler(
     warmup_steps: int = 0,
     total_steps: int,
     min_lr_ratio: float = 0.0,
+    power: float = 1.0,
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """A ``LambdaLR`` for constant, constant_with_warmup, linear, cosine or cosine_with_min_lr;
     step it once per optimizer step."""
     multiplier = lr_lambda(
-        name, warmup_steps=warmup_steps, total_steps=total_steps, min_lr_ratio=min_lr_ratio
+        name, warmup_steps=warmup_steps, total_steps=total_steps, min_lr_ratio=min_lr_ratio, power=power
     )
     return torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
