@@ -80,6 +80,10 @@ class ArchSpec:
     """What that text encoder is."""
     fp8_text_flag: str
     """The ``cache`` flag that loads its text encoder with fp8 weights (musubi-tuner's spelling)."""
+    tokenizer_flag: str
+    """The ``cache`` flag naming a tokenizer folder for a single-file text encoder."""
+    tokenizer_hub_id: str
+    """The Hugging Face repository whose tokenizer that is (said in errors; never downloaded)."""
     spatial_factor: int
     """Pixels per latent cell along each side with the released VAE (a VAE file may differ: the
     WAN 2.2 TI2V-5B VAE is 16x; the cache reads the factor off the loaded VAE)."""
@@ -109,6 +113,8 @@ WAN = ArchSpec(
     text_flag="--t5",
     text_encoder="UMT5-XXL",
     fp8_text_flag="--fp8_t5",
+    tokenizer_flag="--t5_tokenizer",
+    tokenizer_hub_id="google/umt5-xxl",
     spatial_factor=8,
     temporal_factor=4,
     video_fps=16.0,
@@ -125,6 +131,8 @@ QWEN_IMAGE = ArchSpec(
     text_flag="--text_encoder",
     text_encoder="Qwen2.5-VL",
     fp8_text_flag="--fp8_vl",
+    tokenizer_flag="--text_encoder_tokenizer",
+    tokenizer_hub_id="Qwen/Qwen2.5-VL-7B-Instruct",
     spatial_factor=8,
     temporal_factor=1,
     video_fps=None,

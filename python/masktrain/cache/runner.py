@@ -81,7 +81,9 @@ def _run(
     text = TextCacher(
         config,
         family,
-        family.load_text_encoder(config.text_encoder, device, dtype, fp8=config.fp8_text_encoder),
+        family.load_text_encoder(
+            config.text_encoder, device, dtype, fp8=config.fp8_text_encoder, tokenizer=config.text_tokenizer
+        ),
     )
     if shard.is_main:
         log.info(

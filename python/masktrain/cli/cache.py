@@ -14,6 +14,12 @@ from masktrain.cli.outcome import run_job
 def _text_encoder_options(command: F) -> F:
     """One option per text-encoder flag of the catalog (``--t5``, ``--text_encoder``, ...), and one
     switch per fp8 text-encoder flag (``--fp8_t5``, ``--fp8_vl``)."""
+    for spec in reversed(list(catalog.ARCHES.values())):
+        help = (
+            f"Tokenizer folder for a single-file {spec.text_encoder} ({spec.text_flag} FILE.safetensors): "
+            f"the tokenizer of {spec.tokenizer_hub_id}."
+        )
+        command = option(spec.tokenizer_flag.removeprefix("--"), default=None, help=help)(command)
     fp8_flags: dict[str, list[str]] = {}
     for spec in catalog.ARCHES.values():
         fp8_flags.setdefault(spec.fp8_text_flag, []).append(spec.name)
@@ -71,7 +77,14 @@ def cache(
             arch=arch,
             vae=vae,
             text_encoders={
-                f"--{name}": value for name, value in text_encoders.items() if not isinstance(value, bool)
+                f"--{name}": value
+                for name, value in text_encoders.items()
+                if not isinstance(value, bool) and not name.endswith("tokenizer")
+            },
+            tokenizers={
+                f"--{name}": value  # type: ignore[misc]  # strings or None: click options without a type
+                for name, value in text_encoders.items()
+                if name.endswith("tokenizer")
             },
             fp8_text={f"--{name}": value for name, value in text_encoders.items() if isinstance(value, bool)},
             device=device,

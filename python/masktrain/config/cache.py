@@ -30,6 +30,8 @@ class CacheConfig:
     num_workers: int | None = None
     """Threads of the native core for image preparation; default one per core. Applies when the
     core's thread pool starts, i.e. to the first native call of the process."""
+    text_tokenizer: str | None = None
+    """A tokenizer folder for a single-file text encoder (--t5_tokenizer / --text_encoder_tokenizer)."""
     fp8_text_encoder: bool = False
     """Load the text encoder's block Linear weights as float8 e4m3 (--fp8_t5 / --fp8_vl), so it
     fits beside the VAE on a small card; its embeddings are cached as a separate version."""
@@ -59,6 +61,7 @@ class CacheConfig:
         skip_existing: bool = True,
         num_workers: int | None = None,
         fp8_text: Mapping[str, bool] | None = None,
+        tokenizers: Mapping[str, str | None] | None = None,
     ) -> CacheConfig:
         """The config of the command line, where each family names its text encoder with its own
         flag (``catalog``: ``--t5`` for WAN, ``--text_encoder`` for Qwen-Image); `text_encoders`
@@ -71,6 +74,9 @@ class CacheConfig:
         for flag, on in (fp8_text or {}).items():
             if flag != spec.fp8_text_flag and on:
                 raise CacheConfigError(f"{flag} is not used with --arch {arch}; use {spec.fp8_text_flag}")
+        for flag, folder in (tokenizers or {}).items():
+            if flag != spec.tokenizer_flag and folder is not None:
+                raise CacheConfigError(f"{flag} is not used with --arch {arch}; use {spec.tokenizer_flag}")
         chosen = text_encoders.get(spec.text_flag)
         if chosen is None:
             raise CacheConfigError(
@@ -87,4 +93,5 @@ class CacheConfig:
             skip_existing=skip_existing,
             num_workers=num_workers,
             fp8_text_encoder=bool((fp8_text or {}).get(spec.fp8_text_flag)),
+            text_tokenizer=(tokenizers or {}).get(spec.tokenizer_flag),
         )

@@ -78,10 +78,16 @@ class ModelFamily(Protocol):
     def load_vae(self, spec: str, device: torch.device, dtype: torch.dtype) -> torch.nn.Module: ...
 
     def load_text_encoder(
-        self, spec: str, device: torch.device, dtype: torch.dtype, fp8: bool = False
+        self,
+        spec: str,
+        device: torch.device,
+        dtype: torch.dtype,
+        fp8: bool = False,
+        tokenizer: str | None = None,
     ) -> TextEncoder:
         """The tokenizer and encoder; with `fp8` its block Linear weights are a plain e4m3 cast
-        (``--fp8_t5`` / ``--fp8_vl``), dequantised in each forward."""
+        (``--fp8_t5`` / ``--fp8_vl``), dequantised in each forward. A single-file encoder takes
+        its tokenizer from the folder `tokenizer` (``--t5_tokenizer``)."""
         ...
 
     def spatial_factor(self, vae: torch.nn.Module) -> int:

@@ -19,7 +19,7 @@ import torch
 
 from masktrain import catalog
 from masktrain.config.memory import Fp8Mode
-from masktrain.errors import DataError
+from masktrain.errors import DataError, ModelLoadError
 from masktrain.models import qwen_image_checkpoint
 from masktrain.models.base import LoraTargets, TextBatch, TextEncoder
 from masktrain.models.fp8 import Fp8Targets, quantize_model
@@ -28,6 +28,7 @@ from masktrain.models.loading import (
     diffusers_config,
     encode_posterior_mean,
     finish_transformer,
+    is_single_file,
     pretrained_text_encoder,
     pretrained_transformer,
     pretrained_vae,
@@ -151,25 +152,33 @@ class QwenImageFamily:
         return to_device(vae, device, dtype)
 
     def load_text_encoder(
-        self, spec: str, device: torch.device, dtype: torch.dtype, fp8: bool = False
+        self,
+        spec: str,
+        device: torch.device,
+        dtype: torch.dtype,
+        fp8: bool = False,
+        tokenizer: str | None = None,
     ) -> TextEncoder:
         from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLTextConfig, Qwen2_5_VLTextModel
 
         model: torch.nn.Module
-        tokenizer: PreTrainedTokenizerBase
+        tokens: PreTrainedTokenizerBase
         if spec == TINY:
-            tokenizer = tiny_tokenizer()
-            config = Qwen2_5_VLTextConfig(vocab_size=len(tokenizer), **TINY_TEXT)
+            tokens = tiny_tokenizer()
+            config = Qwen2_5_VLTextConfig(vocab_size=len(tokens), **TINY_TEXT)
             model = seeded(lambda: Qwen2_5_VLTextModel(config))
-        else:
-            model, tokenizer = pretrained_text_encoder(
-                Qwen2_5_VLForConditionalGeneration, spec, self.text_flag
+        elif is_single_file(spec):
+            raise ModelLoadError(
+                f"{self.text_flag} {spec}: single-file Qwen2.5-VL text encoders are not read yet; pass a "
+                "local folder (a diffusers pipeline's text_encoder/ and tokenizer/, or a transformers folder)"
             )
+        else:
+            model, tokens = pretrained_text_encoder(Qwen2_5_VLForConditionalGeneration, spec, self.text_flag)
         if fp8:
             model = to_device(model, torch.device("cpu"), dtype)
             quantize_model(model, FP8_VL_TARGETS, "e4m3")
         model = to_device(model, device, dtype)
-        return TextEncoder(tokenizer=tokenizer, model=model, max_length=MAX_LENGTH)
+        return TextEncoder(tokenizer=tokens, model=model, max_length=MAX_LENGTH)
 
     def spatial_factor(self, vae: torch.nn.Module) -> int:
         return int(2 ** len(diffusers_config(vae).temperal_downsample))

@@ -364,7 +364,10 @@ def build(
         with safe_open(path, framework="pt") as f:
             for name, key in pairs:
                 module_name = name.removesuffix(".weight")
-                if module_name in quantized and name.endswith(".weight"):
+                twin = next((state[n] for n, k in pairs if k == key and n in state), None)
+                if twin is not None:  # tied weights (T5's shared / embed_tokens): one tensor
+                    state[name] = twin
+                elif module_name in quantized and name.endswith(".weight"):
                     state[name], scale = _fp8_weight(f, file, key, fp8)
                     if scale is not None:
                         state[f"{module_name}.scale"] = scale

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 import types
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -29,6 +30,8 @@ from masktrain.models.loading import (
     encode_posterior_mean,
     finish_transformer,
     float_list,
+    is_single_file,
+    local_tokenizer,
     pretrained_text_encoder,
     pretrained_transformer,
     pretrained_vae,
@@ -196,22 +199,31 @@ class WanFamily:
         return to_device(vae, device, dtype)
 
     def load_text_encoder(
-        self, spec: str, device: torch.device, dtype: torch.dtype, fp8: bool = False
+        self,
+        spec: str,
+        device: torch.device,
+        dtype: torch.dtype,
+        fp8: bool = False,
+        tokenizer: str | None = None,
     ) -> TextEncoder:
         from transformers import UMT5Config, UMT5EncoderModel
 
         model: torch.nn.Module
-        tokenizer: PreTrainedTokenizerBase
+        tokens: PreTrainedTokenizerBase
         if spec == TINY:
-            tokenizer = tiny_tokenizer()
-            model = seeded(lambda: UMT5EncoderModel(UMT5Config(vocab_size=len(tokenizer), **TINY_T5)))
+            tokens = tiny_tokenizer()
+            model = seeded(lambda: UMT5EncoderModel(UMT5Config(vocab_size=len(tokens), **TINY_T5)))
+        elif is_single_file(spec):  # ComfyUI's umt5_xxl_*.safetensors, with a tokenizer folder
+            model = wan_checkpoint.load_t5_file(Path(spec).expanduser(), self.text_flag)
+            encoder = f"{self.text_flag} {spec}"
+            tokens = local_tokenizer(tokenizer, self.spec.tokenizer_flag, self.spec.tokenizer_hub_id, encoder)
         else:
-            model, tokenizer = pretrained_text_encoder(UMT5EncoderModel, spec, self.text_flag)
+            model, tokens = pretrained_text_encoder(UMT5EncoderModel, spec, self.text_flag)
         if fp8:
             model = to_device(model, torch.device("cpu"), dtype)
             _t5_in_fp8(model)
         model = to_device(model, device, dtype)
-        return TextEncoder(tokenizer=tokenizer, model=model, max_length=MAX_LENGTH)
+        return TextEncoder(tokenizer=tokens, model=model, max_length=MAX_LENGTH)
 
     def spatial_factor(self, vae: torch.nn.Module) -> int:
         return int(diffusers_config(vae).scale_factor_spatial)

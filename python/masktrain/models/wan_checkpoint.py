@@ -121,6 +121,48 @@ def load_transformer_file(
     return build(WanTransformer3DModel, config, file, to_file, dtype, fp8)
 
 
+def load_t5_file(path: Path, flag: str, dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """A ``UMT5EncoderModel`` from one ``.safetensors`` file in transformers' names (ComfyUI's
+    ``umt5_xxl_fp16.safetensors`` / ``..._fp8_e4m3fn_scaled``), its config read off the shapes;
+    the embedding is stored once (``shared`` or ``encoder.embed_tokens``) and tied, as in
+    transformers."""
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    # build() makes models from keyword arguments; transformers leaves __init_subclass__ unannotated
+    class UMT5FromShapes(UMT5EncoderModel):  # type: ignore[no-untyped-call]
+        def __init__(self, **config: Any) -> None:
+            super().__init__(UMT5Config(**config))
+
+    file, names = open_component(path, flag, (), T5)
+    embed = next((k for k in ("shared.weight", "encoder.embed_tokens.weight") if k in file.shapes), None)
+    if embed is None:
+        raise file.error("is not a complete T5 encoder: no shared.weight nor encoder.embed_tokens.weight")
+    to_file = {name: name for name in names if name not in ("shared.weight", "encoder.embed_tokens.weight")}
+    to_file["shared.weight"] = to_file["encoder.embed_tokens.weight"] = embed
+    config = file.infer(t5_config, {**file.shapes, "shared.weight": file.shapes[embed]}, None)
+    return build(UMT5FromShapes, config, file, to_file, dtype)
+
+
+def t5_config(shapes: Shapes, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """``UMT5Config`` from transformers-named shapes: vocabulary and width from the embedding,
+    heads and buckets from a per-layer relative attention bias (UMT5 has one per layer)."""
+    vocab, d_model = shape(shapes, "shared.weight")
+    inner = shape(shapes, "encoder.block.0.layer.0.SelfAttention.q.weight")[0]
+    buckets, heads = shape(shapes, "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight")
+    config: dict[str, Any] = {
+        "vocab_size": vocab,
+        "d_model": d_model,
+        "d_kv": inner // heads,
+        "num_heads": heads,
+        "d_ff": shape(shapes, "encoder.block.0.layer.1.DenseReluDense.wi_0.weight")[0],
+        "num_layers": count(shapes, r"encoder\.block\.(\d+)\."),
+        "relative_attention_num_buckets": buckets,
+        "feed_forward_proj": "gated-gelu",
+        "dropout_rate": 0.0,
+    }
+    return config | dict(overrides or {})
+
+
 def read_vae_file(
     path: Path, flag: str, overrides: Mapping[str, Any] | None, *wanted: CheckpointKind
 ) -> tuple[CheckpointFile, dict[str, Any], dict[str, str]]:
