@@ -214,9 +214,9 @@ class WanFamily:
             tokens = tiny_tokenizer()
             model = seeded(lambda: UMT5EncoderModel(UMT5Config(vocab_size=len(tokens), **TINY_T5)))
         elif is_single_file(spec):  # ComfyUI's umt5_xxl_*.safetensors, with a tokenizer folder
-            model = wan_checkpoint.load_t5_file(Path(spec).expanduser(), self.text_flag)
-            encoder = f"{self.text_flag} {spec}"
+            encoder = f"{self.text_flag} {spec}"  # the tokenizer first: a missing one costs no read
             tokens = local_tokenizer(tokenizer, self.spec.tokenizer_flag, self.spec.tokenizer_hub_id, encoder)
+            model = wan_checkpoint.load_t5_file(Path(spec).expanduser(), self.text_flag)
         else:
             model, tokens = pretrained_text_encoder(UMT5EncoderModel, spec, self.text_flag)
         if fp8:
