@@ -50,7 +50,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-from host_memory import GIB, HostPeak, trim_heap
+from host_memory import GIB, HostPeak
 from memory_plan import MODELS, SHAPES, ModelSpec, Row, Shape, cpu_plan, gpu_plan, tiny_models
 
 HERE = Path(__file__).resolve()
@@ -195,6 +195,7 @@ def run_row(row: Row, spec: ModelSpec, steps: int, warmup: int, rank: int) -> di
     import torch
 
     from masktrain.loss import MaskLossSettings
+    from masktrain.models.single_file import release_freed_memory
     from masktrain.train import lora
 
     cuda = torch.cuda.is_available()
@@ -206,7 +207,7 @@ def run_row(row: Row, spec: ModelSpec, steps: int, warmup: int, rank: int) -> di
         model, family, swap = build(spec, row, device, dtype, rank)
         load_s = time.perf_counter() - started
         load_peak = host.reset()
-        trim_heap()  # what glibc kept of the build's temporaries must not count in the step's peak
+        release_freed_memory()  # what glibc kept of the build's temporaries must not count in the step's peak
         settings = MaskLossSettings(
             use_mask_loss=True,
             prior_preservation_weight=1.0 if row.prior else 0.0,

@@ -47,12 +47,6 @@ def malloc_live() -> int:
     return int(info.uordblks + info.hblkhd)
 
 
-def trim_heap() -> None:
-    """Give glibc's free heap pages back to the OS."""
-    if LIBC is not None:
-        LIBC.malloc_trim(0)
-
-
 class HostPeak:
     """Peaks of :func:`rss_anon` and :func:`malloc_live` above their values at construction,
     sampled every ~2 ms on a daemon thread (torch's kernels release the GIL, so it samples while

@@ -173,18 +173,16 @@ def pretrained_text_encoder(
     return model, tokenizer
 
 
-def local_tokenizer(folder: str | None, flag: str, hub_id: str, encoder: str) -> PreTrainedTokenizerBase:
-    """The tokenizer in `folder` (a single-file text encoder's, named by `flag`); without one, an
-    error saying which tokenizer to download and where to pass it (nothing is downloaded here)."""
+def local_tokenizer(
+    folder: str | None, flag: str, hub_id: str, encoder_flag: str, encoder: str
+) -> PreTrainedTokenizerBase:
+    """The tokenizer in `folder` (for the single-file text encoder `encoder` of `encoder_flag`,
+    named by `flag`); without one, an error saying which tokenizer to fetch and where to pass it
+    (nothing is downloaded here)."""
     from transformers import AutoTokenizer
 
     if folder is None:
-        raise ModelLoadError(
-            f"{encoder}: a single-file text encoder carries no tokenizer and masktrain downloads nothing; "
-            f"pass {flag} DIR, a folder with the tokenizer of {hub_id} (fetch it once, e.g. "
-            f"`huggingface-cli download {hub_id} --local-dir DIR --include 'tokenizer*' 'spiece.model' "
-            "'special_tokens_map.json'`)"
-        )
+        raise text_encoder_file_error(encoder_flag, encoder, flag, hub_id)
     path = Path(folder).expanduser()
     if not path.is_dir():
         raise ModelLoadError(f"{flag} {folder}: no such folder")

@@ -126,11 +126,22 @@ def identify(names: list[str]) -> CheckpointKind | None:
     return next((kind for kind in (*_SPECIFIC, *_FALLBACK) if kind.matches(stripped)), None)
 
 
-def text_encoder_file_error(flag: str, path: Path | str) -> ModelLoadError:
-    """The error for a single-file text encoder: it has no tokenizer and none can be downloaded."""
+def text_encoder_file_error(
+    flag: str, path: Path | str, tokenizer_flag: str | None = None, hub_id: str | None = None
+) -> ModelLoadError:
+    """The error for a single-file text encoder without a tokenizer: none can be downloaded. With
+    `tokenizer_flag` (the family reads such files), it says which tokenizer to fetch and where
+    to pass it."""
+    fetch = ""
+    if tokenizer_flag is not None and hub_id is not None:
+        fetch = (
+            f"pass {tokenizer_flag} DIR, a folder with the tokenizer of {hub_id} (fetch it once, e.g. "
+            f"`huggingface-cli download {hub_id} --local-dir DIR --include 'tokenizer*' 'spiece.model' "
+            "'special_tokens_map.json'`), or "
+        )
     return ModelLoadError(
         f"{flag} {path}: a single-file text encoder carries no tokenizer and nothing is downloaded; "
-        "pass a local diffusers pipeline folder (text_encoder/ and tokenizer/) or a transformers "
+        f"{fetch}pass a local diffusers pipeline folder (text_encoder/ and tokenizer/) or a transformers "
         "folder that includes the tokenizer"
     )
 
@@ -360,13 +371,13 @@ def build(
     for name, key in to_file.items():
         by_file.setdefault(file.file_of(key), []).append((name, key))
     read_since_trim = 0
+    read: dict[str, torch.Tensor] = {}  # file key -> the tensor made of it
     for path, pairs in by_file.items():
         with safe_open(path, framework="pt") as f:
             for name, key in pairs:
                 module_name = name.removesuffix(".weight")
-                twin = next((state[n] for n, k in pairs if k == key and n in state), None)
-                if twin is not None:  # tied weights (T5's shared / embed_tokens): one tensor
-                    state[name] = twin
+                if key in read:  # tied weights (T5's shared / embed_tokens): one tensor
+                    state[name] = read[key]
                 elif module_name in quantized and name.endswith(".weight"):
                     state[name], scale = _fp8_weight(f, file, key, fp8)
                     if scale is not None:
@@ -374,6 +385,7 @@ def build(
                     read_since_trim += math.prod(file.shapes[key]) * 4
                 else:
                     state[name] = _plain_tensor(f, file, key, dtype)
+                read[key] = state[name]
                 if read_since_trim > _TRIM_EVERY:
                     release_freed_memory()
                     read_since_trim = 0

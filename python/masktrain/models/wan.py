@@ -214,8 +214,9 @@ class WanFamily:
             tokens = tiny_tokenizer()
             model = seeded(lambda: UMT5EncoderModel(UMT5Config(vocab_size=len(tokens), **TINY_T5)))
         elif is_single_file(spec):  # ComfyUI's umt5_xxl_*.safetensors, with a tokenizer folder
-            encoder = f"{self.text_flag} {spec}"  # the tokenizer first: a missing one costs no read
-            tokens = local_tokenizer(tokenizer, self.spec.tokenizer_flag, self.spec.tokenizer_hub_id, encoder)
+            # the tokenizer first: a missing one costs no read of the file
+            flag, hub_id = self.spec.tokenizer_flag, self.spec.tokenizer_hub_id
+            tokens = local_tokenizer(tokenizer, flag, hub_id, self.text_flag, spec)
             model = wan_checkpoint.load_t5_file(Path(spec).expanduser(), self.text_flag)
         else:
             model, tokens = pretrained_text_encoder(UMT5EncoderModel, spec, self.text_flag)

@@ -251,10 +251,8 @@ def state_file_bytes(
     if bad:
         raise TypeError(f"LoRA metadata must map str to str; not so for {bad}")
     header.update(extra)
-    if layout == "comfyui":
-        tensors = _to_comfy(state, family, alpha)
-    elif layout == "musubi":
-        tensors = _to_musubi(state, family, alpha)
+    if layout in ("comfyui", "musubi"):
+        tensors = _per_layer(state, family, alpha, layout)
     else:
         tensors = {DIFFUSERS_PREFIX + key: value for key, value in state.items()}
         if adapter is None:
@@ -342,27 +340,22 @@ def _names(family: ModelFamily, module_name: str) -> tuple[str, ...]:
     return (module_name,) if original == module_name else (module_name, original)
 
 
-def _to_comfy(
-    state: Mapping[str, torch.Tensor], family: ModelFamily, alpha: float
+def _per_layer(
+    state: Mapping[str, torch.Tensor], family: ModelFamily, alpha: float, layout: Layout
 ) -> dict[str, torch.Tensor]:
+    """peft-named tensors in a per-layer layout, each layer with its ``.alpha``: ComfyUI's
+    (``diffusion_model.<original path>.lora_A.weight``) or musubi's
+    (``lora_unet_<original path, dots as _>.lora_down.weight``)."""
     tensors: dict[str, torch.Tensor] = {}
     for key, value in state.items():
         module, _, suffix = key.rpartition(".lora_")  # "blocks.0.attn1.to_q", "A.weight"
-        base = COMFY_PREFIX + family.comfy_key(module)
-        tensors[f"{base}.lora_{suffix}"] = value
-        tensors[f"{base}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
-    return tensors
-
-
-def _to_musubi(
-    state: Mapping[str, torch.Tensor], family: ModelFamily, alpha: float
-) -> dict[str, torch.Tensor]:
-    tensors: dict[str, torch.Tensor] = {}
-    for key, value in state.items():
-        module, _, suffix = key.rpartition(".lora_")  # "blocks.0.attn1.to_q", "A.weight"
-        matrix, _, rest = suffix.partition(".")
-        base = MUSUBI_PREFIX + family.comfy_key(module).replace(".", "_")
-        tensors[f"{base}.{MUSUBI_MATRICES[matrix]}.{rest}"] = value
+        original = family.comfy_key(module)
+        if layout == "musubi":
+            matrix, _, rest = suffix.partition(".")
+            base, name = MUSUBI_PREFIX + original.replace(".", "_"), f"{MUSUBI_MATRICES[matrix]}.{rest}"
+        else:
+            base, name = COMFY_PREFIX + original, f"lora_{suffix}"
+        tensors[f"{base}.{name}"] = value
         tensors[f"{base}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
     return tensors
 
