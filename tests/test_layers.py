@@ -26,6 +26,7 @@ FLOORS: dict[str, int] = {
     "loss": 4,
     "cache": 5,
     "train": 5,
+    "sample": 5,
     "masks": 6,
     "inspect": 6,
     "demo": 6,

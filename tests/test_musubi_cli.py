@@ -9,10 +9,12 @@ import math
 import re
 from pathlib import Path
 
+import av
 import pytest
 import safetensors.torch
 import torch
 from click.testing import CliRunner
+from PIL import Image
 
 from helpers import cached, words
 from masktrain.cli import main
@@ -57,6 +59,26 @@ MUSUBI_QWEN = """
 """
 
 
+# The same repository and commit, docs/sampling_during_training.md, "Command line options for
+# training with sampling" (its HunyuanVideo --text_encoder1/2 and VAE tiling flags become the
+# family's own text-encoder flag), and its example prompt file (sizes, frames and steps made small
+# for the tiny models on the CPU).
+MUSUBI_SAMPLING = """
+    --vae {vae} {text_flag} {te}
+    --sample_prompts {prompts}
+    --sample_every_n_epochs 1 --sample_every_n_steps 1000 --sample_at_first
+"""
+PROMPT_FILE = """\
+# prompt 1: for generating a cat video
+A cat walks on the grass, realistic style. --w 64 --h 48 --f 5 --d 1 --s 3
+
+# prompt 2: for generating a dog image
+A dog runs on the beach, realistic style. --w 48 --h 32 --f 1 --d 2 --s 3
+"""
+# masktrain's own: validation by region, and keeping only the last epochs' checkpoints.
+MASKTRAIN_EXTRAS = "--validation_dataset_config {toml} --validate_every_n_steps 8 --save_last_n_epochs 3"
+
+
 @pytest.fixture(scope="module")
 def datasets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {arch: cached(tmp_path_factory.mktemp(arch), arch) for arch in ("wan", "qwen_image")}
@@ -76,19 +98,54 @@ def _train(line: str, arch: str, **paths: object) -> list[str]:
 @pytest.mark.slow
 @pytest.mark.parametrize(("arch", "line"), [("wan", MUSUBI_WAN), ("qwen_image", MUSUBI_QWEN)])
 def test_musubis_documented_command_trains_as_copied(arch: str, line: str, datasets, tmp_path) -> None:
+    """musubi's command, with its sampling flags, through ``masktrain train``: the LoRA, samples at
+    the first step and after every epoch, the contact sheet, validation by region, and only the
+    last epochs' checkpoints on disk."""
     out = tmp_path / "out"
-    args = _train(line, arch, dit="tiny", vae="tiny", te="tiny", toml=datasets[arch], out=out)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(PROMPT_FILE if arch == "wan" else PROMPT_FILE.replace("--f 5", "--f 1"))
+    text_flag = "--t5" if arch == "wan" else "--text_encoder"
+    command = " ".join(
+        (line, MUSUBI_SAMPLING if arch == "wan" else MUSUBI_SAMPLING.replace("--vae {vae} ", ""))
+    )
+    paths = dict(dit="tiny", vae="tiny", te="tiny", toml=datasets[arch], out=out, prompts=prompts)
+    args = _train(f"{command} {MASKTRAIN_EXTRAS}", arch, text_flag=text_flag, **paths)
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     lora = safetensors.torch.load_file(out / "name-of-lora.safetensors")
     assert lora and all(bool(torch.isfinite(t).all()) for t in lora.values())
-    # One checkpoint per epoch (--save_every_n_epochs 1): 16 epochs of 2 batches (4 items, batch 2).
+    # One checkpoint per epoch (--save_every_n_epochs 1): 16 epochs of 2 batches (4 items, batch 2),
+    # the last 3 epochs' kept (--save_last_n_epochs 3).
     steps = sorted(int(p.name.removeprefix("step-")) for p in out.glob("step-*"))
-    assert steps == list(range(2, 33, 2))
+    assert steps == [28, 30, 32]
     state = json.loads((out / "step-000032" / "state.json").read_text())
     assert state == {"step": 32, "epoch": 16, "batches_done": 0}
     config = json.loads((out / "config.json").read_text())
     assert config["memory"]["fp8_base"] == (arch == "wan") and config["mixed_precision"] == "bf16"
+    # samples: at the first step (the base model) and at every epoch's end
+    sampled = list(range(0, 33, 2))
+    video = arch == "wan"
+    expected = {f"name-of-lora_{step:06d}_01_2.png" for step in sampled}
+    expected |= {f"name-of-lora_{step:06d}_00_1.{'mp4' if video else 'png'}" for step in sampled}
+    if video:
+        expected |= {f"name-of-lora_{step:06d}_00_1_middle.png" for step in sampled}
+    assert {p.name for p in (out / "sample").iterdir()} == expected | {"name-of-lora_contact_sheet.html"}
+    for step in (0, 32):
+        with Image.open(out / "sample" / f"name-of-lora_{step:06d}_01_2.png") as image:
+            assert image.size == (48, 32) and image.mode == "RGB"
+    if video:
+        with av.open(str(out / "sample" / "name-of-lora_000032_00_1.mp4")) as container:
+            frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
+        assert len(frames) == 5 and frames[0].shape == (48, 64, 3)
+    sheet = (out / "sample" / "name-of-lora_contact_sheet.html").read_text()
+    assert re.findall(r"<tr><th>([^<]+)</th>", sheet) == ["base model (step 0)"] + [
+        f"step {s}" for s in sampled[1:]
+    ]
+    # validation by region every 8 steps (and at the end)
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    validations = [r for r in records if "val_loss_face" in r]
+    assert [r["step"] for r in validations] == [8, 16, 24, 32]
+    assert all(math.isfinite(v) for r in validations for v in r.values())
 
 
 def test_several_values_after_network_args_and_optimizer_args(tmp_path: Path) -> None:
@@ -116,9 +173,7 @@ def test_several_values_after_network_args_and_optimizer_args(tmp_path: Path) ->
     )
 
 
-@pytest.mark.parametrize(
-    "flag", ["--sample_prompts p.txt", "--log_with tensorboard", "--compile", "--flash3"]
-)
+@pytest.mark.parametrize("flag", ["--log_with tensorboard", "--compile", "--flash3", "--guidance_scale 1.0"])
 def test_an_unimplemented_musubi_flag_is_one_line_naming_what_to_do(flag: str, tmp_path: Path) -> None:
     args = _train("--dataset_config {t} --dit tiny --output_dir {o}", "wan", t=_toml(tmp_path), o=tmp_path)
     result = CliRunner().invoke(main, [*args, *flag.split()])
@@ -133,13 +188,13 @@ def test_accepted_musubi_flags_are_logged_as_ignored(tmp_path: Path, caplog) -> 
     config_from_args(
         words(
             "--dataset_config {t} --arch wan --dit tiny --output_dir {o} --max_data_loader_n_workers 2 "
-            "--persistent_data_loader_workers --save_state --vae v.safetensors",
+            "--persistent_data_loader_workers --save_state",
             t=_toml(tmp_path),
             o=tmp_path,
         )
     )
     logged = caplog.text
-    for name in ("max_data_loader_n_workers", "persistent_data_loader_workers", "save_state", "vae"):
+    for name in ("max_data_loader_n_workers", "persistent_data_loader_workers", "save_state"):
         assert f"--{name} is accepted and ignored: {ACCEPTED[name][1]}" in logged
 
 

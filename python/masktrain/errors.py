@@ -75,6 +75,10 @@ class LoraTargetError(FlagError):
     """The LoRA target patterns are invalid or select no Linear layer."""
 
 
+class SamplePromptError(SettingError):
+    """A ``--sample_prompts`` file that cannot be used; the message names the file and the line."""
+
+
 class ModelLoadError(SettingError):
     """A weights flag points at something we cannot load; the message names the flag and path."""
 

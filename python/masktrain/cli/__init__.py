@@ -14,7 +14,7 @@ import logging
 import click
 
 from masktrain import __version__
-from masktrain.cli import cache, convert_alpha, convert_lora, demo, train
+from masktrain.cli import cache, convert_alpha, convert_lora, demo, sample, train
 
 
 def _configure_logging(verbose: bool) -> None:
@@ -29,7 +29,14 @@ def main(verbose: bool) -> None:
     _configure_logging(verbose)
 
 
-for _command in (convert_alpha.convert_alpha, convert_lora.convert_lora, cache.cache, train.train, demo.demo):
+for _command in (
+    convert_alpha.convert_alpha,
+    convert_lora.convert_lora,
+    cache.cache,
+    train.train,
+    sample.sample,
+    demo.demo,
+):
     main.add_command(_command)
 
 __all__ = ["main"]

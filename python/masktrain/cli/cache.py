@@ -7,33 +7,8 @@ from pathlib import Path
 import click
 
 from masktrain import catalog
-from masktrain.cli.options import F, existing_file, flag, option
+from masktrain.cli.options import existing_file, option, text_encoder_options
 from masktrain.cli.outcome import run_job
-
-
-def _text_encoder_options(command: F) -> F:
-    """One option per text-encoder flag of the catalog (``--t5``, ``--text_encoder``, ...), and one
-    switch per fp8 text-encoder flag (``--fp8_t5``, ``--fp8_vl``)."""
-    for spec in reversed(list(catalog.ARCHES.values())):
-        help = (
-            f"Tokenizer folder for a single-file {spec.text_encoder} ({spec.text_flag} FILE.safetensors): "
-            f"the tokenizer of {spec.tokenizer_hub_id}."
-        )
-        command = option(spec.tokenizer_flag.removeprefix("--"), default=None, help=help)(command)
-    fp8_flags: dict[str, list[str]] = {}
-    for spec in catalog.ARCHES.values():
-        fp8_flags.setdefault(spec.fp8_text_flag, []).append(spec.name)
-    for fp8_flag, names in reversed(fp8_flags.items()):
-        help = f"Text encoder in fp8 (e4m3) to save memory (--arch {' / '.join(names)})."
-        command = flag(fp8_flag.removeprefix("--"), help)(command)
-    by_flag: dict[str, list[catalog.ArchSpec]] = {}
-    for spec in catalog.ARCHES.values():
-        by_flag.setdefault(spec.text_flag, []).append(spec)
-    for text_flag, specs in reversed(by_flag.items()):
-        models = "; ".join(f"{spec.title}: {spec.text_encoder}" for spec in specs)
-        help = f"Text encoder ({models}): 'tiny', or a local diffusers folder."
-        command = option(text_flag.removeprefix("--"), default=None, help=help)(command)
-    return command
 
 
 @click.command("cache")
@@ -42,7 +17,7 @@ def _text_encoder_options(command: F) -> F:
     "arch", type=click.Choice(catalog.ARCH_NAMES), required=True, help=f"Model family: {catalog.described()}."
 )
 @option("vae", required=True, help="VAE: 'tiny', a local diffusers folder or a .safetensors file.")
-@_text_encoder_options
+@text_encoder_options
 @option("device", default=None, help="Encoding device [default: cuda when available, else cpu].")
 @option("batch_size", type=click.IntRange(min=1), default=4, show_default=True)
 @option(
@@ -70,23 +45,17 @@ def cache(
 ) -> None:
     """Cache latents, mask weights and text embeddings for a dataset TOML."""
     from masktrain.config.cache import CacheConfig
+    from masktrain.config.text_encoder import split_flags
 
     def job() -> bool:
+        text, tokenizers, fp8_text = split_flags(text_encoders)
         config = CacheConfig.from_flags(
             dataset_config=dataset_config,
             arch=arch,
             vae=vae,
-            text_encoders={
-                f"--{name}": value
-                for name, value in text_encoders.items()
-                if not isinstance(value, bool) and not name.endswith("tokenizer")
-            },
-            tokenizers={
-                f"--{name}": value  # type: ignore[misc]  # strings or None: click options without a type
-                for name, value in text_encoders.items()
-                if name.endswith("tokenizer")
-            },
-            fp8_text={f"--{name}": value for name, value in text_encoders.items() if isinstance(value, bool)},
+            text_encoders=text,
+            tokenizers=tokenizers,
+            fp8_text=fp8_text,
             device=device,
             batch_size=batch_size,
             skip_existing=skip_existing,

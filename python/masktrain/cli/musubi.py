@@ -30,12 +30,7 @@ ACCEPTED: dict[str, tuple[bool, str]] = {
     "save_state_on_train_end": (False, "the last checkpoint already holds the full training state"),
     "log_config": (False, "config.json, next to every checkpoint, records every setting"),
     "block_swap_h2d_only": (False, "block swap always copies host-to-device only"),
-    "vae": (True, "train reads cached latents; the VAE is for sampling, which masktrain does not do yet"),
-    "t5": (True, "train reads cached embeddings; the text encoder is for sampling, not done yet"),
-    "text_encoder": (True, "train reads cached embeddings; the text encoder is for sampling, not done yet"),
 }
-
-_SAMPLING = "sampling during training is not implemented yet: train, then load the LoRA in ComfyUI"
 _NOT_SUPPORTED = "not supported by masktrain; drop the flag"
 _UPLOAD = "masktrain uploads nothing; copy OUTPUT_DIR yourself"
 _COMPILE = "torch.compile is not supported yet; drop the flag"
@@ -45,12 +40,10 @@ _SCHEDULER = (
 
 #: Not implemented: flag -> what to do instead (the error's second half).
 NOT_IMPLEMENTED: dict[str, str] = {
-    "sample_prompts": _SAMPLING,
-    "sample_every_n_steps": _SAMPLING,
-    "sample_every_n_epochs": _SAMPLING,
-    "sample_at_first": _SAMPLING,
-    "guidance_scale": _SAMPLING,
-    "flow_shift": _SAMPLING,
+    "guidance_scale": "HunyuanVideo's embedded guidance; drop the flag (a sample's CFG scale is --l in "
+    "the prompt file)",
+    "flow_shift": "drop the flag: training's shift is --discrete_flow_shift, a sample's is --fs in the "
+    "prompt file",
     "log_with": "logging goes to OUTPUT_DIR/metrics.jsonl and OUTPUT_DIR/tensorboard; drop the flag",
     "logging_dir": "TensorBoard logs go to OUTPUT_DIR/tensorboard; drop the flag",
     "log_prefix": "TensorBoard logs go to OUTPUT_DIR/tensorboard; drop the flag",
@@ -159,6 +152,11 @@ class MusubiCommand(click.Command):
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         return super().parse_args(ctx, rewrite(list(args)))
+
+
+#: Used only for sampling: without --sample_prompts each is accepted and ignored (musubi's commands
+#: always name the VAE and the text encoder), saying so.
+SAMPLING_ONLY = "train reads cached latents and embeddings; the VAE and text encoder are for --sample_prompts"
 
 
 def note_accepted(flags: dict[str, Any]) -> None:

@@ -19,10 +19,13 @@ import click
 
 from masktrain import catalog
 from masktrain.cli import musubi
-from masktrain.cli.options import F, existing_file, flag, option
+from masktrain.cli.options import F, existing_file, flag, option, text_encoder_options
 from masktrain.cli.outcome import run_job
 from masktrain.config.mask_loss import MaskLossSettings
 from masktrain.config.memory import MemorySettings, attention_flag
+from masktrain.config.sample import SampleSettings
+from masktrain.config.text_encoder import TextEncoderChoice, choose, split_flags
+from masktrain.config.text_encoder import option_names as text_encoder_names
 from masktrain.config.timesteps import TIMESTEP_SAMPLINGS, WEIGHTING_SCHEMES, TimestepSettings
 from masktrain.config.train import (
     LORA_FORMATS,
@@ -36,6 +39,7 @@ from masktrain.config.train import (
     parse_network_args,
     parse_optimizer_args,
 )
+from masktrain.errors import TrainConfigError
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +132,18 @@ _OPTIONS: list[Callable[[F], F]] = [
     option(
         "validate_every_n_steps", type=click.IntRange(min=1), default=None, help="Validate every N steps."
     ),
+    option(
+        "sample_prompts",
+        type=existing_file(),
+        default=None,
+        help="musubi's prompt file (.txt with --w --h --f --d --s --l --fs --n, .toml or .json): samples under OUTPUT_DIR/sample.",
+    ),
+    option("sample_every_n_steps", type=click.IntRange(min=1), default=None, help="Sample every N steps."),
+    option("sample_every_n_epochs", type=click.IntRange(min=1), default=None, help="Sample every N epochs."),
+    flag("sample_at_first", "Sample before training (the base model)."),
+    option(
+        "vae", default=None, help="VAE that decodes the samples ('tiny', a folder or a .safetensors file)."
+    ),
     option("task", default=None, help="musubi-tuner's WAN --task, checked against --dit (e.g. t2v-14B)."),
     option("model_version", default=None, help="musubi-tuner's Qwen-Image --model_version (original)."),
     _shown(
@@ -212,7 +228,7 @@ _OPTIONS += [
 def _with_options(command: F) -> F:
     for add in reversed(_OPTIONS):
         command = add(command)
-    return command
+    return text_encoder_options(command)  # the samples' text encoder, as for cache
 
 
 @click.command("train", cls=musubi.MusubiCommand)
@@ -244,13 +260,41 @@ def build_config(flags: dict[str, Any]) -> TrainConfig:
     network_args = parse_network_args(flags.pop("network_args"))
     optimizer_args = parse_optimizer_args(flags.pop("optimizer_args"))
     attention = attention_flag(*(flags.pop(name) for name in ("sdpa", "flash_attn", "sage_attn", "xformers")))
+    sample = _sample_settings(flags)
     return TrainConfig(
+        sample=sample,
         memory=MemorySettings(attention=attention, **_take(flags, MemorySettings)),
         network=NetworkSettings(**_take(flags, NetworkSettings), **network_args),
         optim=OptimSettings(**(_take(flags, OptimSettings) | optimizer_args)),
         mask=MaskLossSettings(**_take(flags, MaskLossSettings)),
         timesteps=TimestepSettings(**_take(flags, TimestepSettings)),
         **flags,
+    )
+
+
+def _sample_settings(flags: dict[str, Any]) -> SampleSettings:
+    """The sampling flags (removed from `flags`); the VAE and text-encoder flags of a run that does
+    not sample are accepted and ignored, as musubi's commands always carry them."""
+    text, tokenizers, fp8 = split_flags({name: flags.pop(name) for name in text_encoder_names()})
+    chosen = choose(flags["arch"], text, tokenizers, fp8, TrainConfigError)
+    vae = flags.pop("vae")
+    prompts = flags.pop("sample_prompts")
+    if prompts is None:
+        given = [f"--{name}" for name, value in (("vae", vae),) if value] + [
+            flag for flag, value in {**text, **tokenizers, **fp8}.items() if value
+        ]
+        if given:
+            log.info("%s accepted and ignored: %s", ", ".join(given), musubi.SAMPLING_ONLY)
+        vae, chosen = None, TextEncoderChoice(None)
+    return SampleSettings(
+        sample_prompts=prompts,
+        sample_every_n_steps=flags.pop("sample_every_n_steps"),
+        sample_every_n_epochs=flags.pop("sample_every_n_epochs"),
+        sample_at_first=flags.pop("sample_at_first"),
+        vae=vae,
+        text_encoder=chosen.weights,
+        text_tokenizer=chosen.tokenizer,
+        fp8_text_encoder=chosen.fp8,
     )
 
 

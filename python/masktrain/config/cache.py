@@ -8,6 +8,7 @@ from pathlib import Path
 
 from masktrain import catalog
 from masktrain.config.device import check_device
+from masktrain.config.text_encoder import choose
 from masktrain.errors import CacheConfigError
 
 
@@ -67,18 +68,9 @@ class CacheConfig:
         flag (``catalog``: ``--t5`` for WAN, ``--text_encoder`` for Qwen-Image); `text_encoders`
         holds every such flag's value, and another family's flag is an error; so for `fp8_text`
         (``--fp8_t5``, ``--fp8_vl``)."""
-        spec = catalog.arch(arch)
-        for flag, value in text_encoders.items():
-            if flag != spec.text_flag and value is not None:
-                raise CacheConfigError(f"{flag} is not used with --arch {arch}; pass {spec.text_flag}")
-        for flag, on in (fp8_text or {}).items():
-            if flag != spec.fp8_text_flag and on:
-                raise CacheConfigError(f"{flag} is not used with --arch {arch}; use {spec.fp8_text_flag}")
-        for flag, folder in (tokenizers or {}).items():
-            if flag != spec.tokenizer_flag and folder is not None:
-                raise CacheConfigError(f"{flag} is not used with --arch {arch}; use {spec.tokenizer_flag}")
-        chosen = text_encoders.get(spec.text_flag)
-        if chosen is None:
+        chosen = choose(arch, text_encoders, tokenizers, fp8_text, CacheConfigError)
+        if chosen.weights is None:
+            spec = catalog.arch(arch)
             raise CacheConfigError(
                 f"--arch {arch} needs {spec.text_flag} (the {spec.text_encoder} text encoder: "
                 "'tiny' or a local folder)"
@@ -87,11 +79,11 @@ class CacheConfig:
             dataset_config=dataset_config,
             arch=arch,
             vae=vae,
-            text_encoder=chosen,
+            text_encoder=chosen.weights,
             device=device,
             batch_size=batch_size,
             skip_existing=skip_existing,
             num_workers=num_workers,
-            fp8_text_encoder=bool((fp8_text or {}).get(spec.fp8_text_flag)),
-            text_tokenizer=(tokenizers or {}).get(spec.tokenizer_flag),
+            fp8_text_encoder=chosen.fp8,
+            text_tokenizer=chosen.tokenizer,
         )

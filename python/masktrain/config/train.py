@@ -23,6 +23,7 @@ from masktrain import catalog
 from masktrain.config.device import check_device
 from masktrain.config.mask_loss import MaskLossSettings
 from masktrain.config.memory import MemorySettings
+from masktrain.config.sample import SampleSettings
 from masktrain.config.timesteps import TimestepSettings
 from masktrain.errors import OptimConfigError, SettingError, TrainConfigError
 
@@ -219,6 +220,7 @@ class TrainConfig:
     mask: MaskLossSettings = field(default_factory=MaskLossSettings)
     timesteps: TimestepSettings = field(default_factory=TimestepSettings)
     memory: MemorySettings = field(default_factory=MemorySettings)
+    sample: SampleSettings = field(default_factory=SampleSettings)
 
     def __post_init__(self) -> None:
         two_experts = [spec.name for spec in catalog.ARCHES.values() if spec.two_experts]
@@ -264,6 +266,7 @@ class TrainConfig:
                 ),
             ]
         )
+        self.sample.check(self.arch, TrainConfigError)
         try:
             check_device(self.device)
             spec = catalog.arch(self.arch)

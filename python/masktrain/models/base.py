@@ -57,6 +57,25 @@ class TextBatch:
 
 
 @dataclass(frozen=True)
+class SampleRequest:
+    """One sample to generate (``masktrain.sample``): the size, the denoising settings, the encoded
+    prompt (and negative prompt, when guidance is on) laid out by ``collate_text`` and already on
+    the device, and the CPU generator of its initial noise."""
+
+    width: int
+    height: int
+    frames: int
+    steps: int
+    cfg_scale: float
+    """Classifier-free guidance; the negative prompt is used when > 1."""
+    flow_shift: float | None
+    """None: the family's default schedule."""
+    text: TextBatch
+    negative: TextBatch | None
+    generator: torch.Generator
+
+
+@dataclass(frozen=True)
 class LoraTargets:
     """Which modules of the denoiser get LoRA by default: every ``nn.Linear`` whose name (as in
     ``named_modules()``) fully matches one of ``include`` and none of ``exclude``."""
@@ -137,6 +156,24 @@ class ModelFamily(Protocol):
 
     def comfy_key(self, module_name: str) -> str:
         """A diffusers module name -> the module path ComfyUI (the original checkpoint) uses."""
+        ...
+
+    default_cfg_scale: float
+    """Sampling's classifier-free guidance scale when the prompt file sets none (musubi's)."""
+    default_negative_prompt: str
+    """Sampling's negative prompt when the prompt file sets none (musubi's)."""
+
+    def generate(
+        self,
+        transformer: torch.nn.Module,
+        high_noise: torch.nn.Module | None,
+        boundary: float,
+        vae: torch.nn.Module,
+        request: SampleRequest,
+    ) -> torch.Tensor:
+        """One sample through the family's diffusers pipeline with `transformer` as it is (its
+        adapters included; WAN 2.2 A14B: `high_noise` above the sigma `boundary`): (F, H, W, 3)
+        uint8 frames on the CPU. The VAE must be on the transformer's device."""
         ...
 
 

@@ -230,3 +230,10 @@ def to_device(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) 
     if params[0].dtype != dtype and not any(p.dtype in FP8_DTYPES for p in params):
         model = model.to(dtype=dtype)
     return model.to(device=device).eval().requires_grad_(False)
+
+
+def to_uint8(pixels: Any) -> torch.Tensor:
+    """A pipeline's ``output_type="np"`` frames (floats in [0, 1], any leading dimensions, channels
+    last) as (N, H, W, 3) uint8 on the CPU."""
+    frames = torch.as_tensor(pixels).float().reshape(-1, *pixels.shape[-3:])
+    return (frames * 255).round().clamp(0, 255).to(torch.uint8)

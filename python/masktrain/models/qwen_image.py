@@ -21,7 +21,7 @@ from masktrain import catalog
 from masktrain.config.memory import Fp8Mode
 from masktrain.errors import DataError, ModelLoadError
 from masktrain.models import qwen_image_checkpoint
-from masktrain.models.base import LoraTargets, TextBatch, TextEncoder
+from masktrain.models.base import LoraTargets, SampleRequest, TextBatch, TextEncoder
 from masktrain.models.fp8 import Fp8Targets, quantize_model
 from masktrain.models.loading import (
     TINY,
@@ -34,6 +34,7 @@ from masktrain.models.loading import (
     pretrained_vae,
     seeded,
     to_device,
+    to_uint8,
 )
 from masktrain.models.single_file import Fp8Load
 from masktrain.models.tokenizer import tiny_tokenizer
@@ -48,6 +49,17 @@ PROMPT_TEMPLATE = (
 )
 #: QwenImagePipeline's maximum prompt length (after the prefix is dropped).
 MAX_LENGTH = 1024
+#: The released Qwen-Image scheduler (scheduler/scheduler_config.json; musubi's get_scheduler):
+#: the shift follows the image size unless the prompt file sets --fs.
+SCHEDULER: dict[str, Any] = {
+    "num_train_timesteps": 1000,
+    "base_image_seq_len": 256,
+    "max_image_seq_len": 8192,
+    "base_shift": 0.5,
+    "max_shift": 0.9,
+    "shift_terminal": 0.02,
+    "time_shift_type": "exponential",
+}
 
 # diffusers' pipeline test config (tests/pipelines/qwenimage/test_qwenimage.py), with the
 # normalisation constants measured for the seeded tiny VAE (as wan.TINY_VAE explains) instead of
@@ -141,6 +153,8 @@ class QwenImageFamily:
     spec = catalog.QWEN_IMAGE
     name = spec.name
     text_flag = spec.text_flag
+    default_cfg_scale = 4.0  # musubi's and QwenImagePipeline's true_cfg_scale
+    default_negative_prompt = " "  # musubi's; QwenImagePipeline's docs suggest it too
 
     def load_vae(self, spec: str, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
         from diffusers import AutoencoderKLQwenImage
@@ -254,9 +268,50 @@ class QwenImageFamily:
         )[0]
         return unpack_latents(tokens, h, w)
 
+    def generate(
+        self,
+        transformer: torch.nn.Module,
+        high_noise: torch.nn.Module | None,
+        boundary: float,
+        vae: torch.nn.Module,
+        request: SampleRequest,
+    ) -> torch.Tensor:
+        from diffusers import FlowMatchEulerDiscreteScheduler, QwenImagePipeline
+
+        shift = request.flow_shift
+        scheduler = FlowMatchEulerDiscreteScheduler(
+            **SCHEDULER, use_dynamic_shifting=shift is None, shift=1.0 if shift is None else shift
+        )
+        pipeline = QwenImagePipeline(
+            scheduler=scheduler, vae=vae, text_encoder=None, tokenizer=None, transformer=transformer
+        )
+        pipeline.set_progress_bar_config(disable=True)
+        text, negative = request.text, request.negative
+        images = pipeline(
+            prompt_embeds=text.hidden,
+            prompt_embeds_mask=_mask(text),
+            negative_prompt_embeds=None if negative is None else negative.hidden,
+            negative_prompt_embeds_mask=None if negative is None else _mask(negative),
+            true_cfg_scale=request.cfg_scale,
+            height=request.height,
+            width=request.width,
+            num_inference_steps=request.steps,
+            generator=request.generator,
+            output_type="np",
+            max_sequence_length=MAX_LENGTH,
+        ).images
+        return to_uint8(images)
+
     def lora_targets(self) -> LoraTargets:
         return LORA_TARGETS
 
     def comfy_key(self, module_name: str) -> str:
         # ComfyUI's comfy/ldm/qwen_image/model.py uses the diffusers module names.
         return module_name
+
+
+def _mask(text: TextBatch) -> torch.Tensor:
+    """The pipeline's 0/1 mask (``collate_text`` leaves it out when every token is real)."""
+    if text.mask is not None:
+        return text.mask
+    return torch.ones(text.hidden.shape[:2], dtype=torch.long, device=text.hidden.device)

@@ -22,7 +22,7 @@ from masktrain.config.memory import Fp8Mode
 from masktrain.config.timesteps import NUM_TRAIN_TIMESTEPS
 from masktrain.errors import DataError
 from masktrain.models import wan_checkpoint
-from masktrain.models.base import LoraTargets, TextBatch, TextEncoder
+from masktrain.models.base import LoraTargets, SampleRequest, TextBatch, TextEncoder
 from masktrain.models.fp8 import Fp8Targets, quantize_model
 from masktrain.models.loading import (
     TINY,
@@ -37,6 +37,7 @@ from masktrain.models.loading import (
     pretrained_vae,
     seeded,
     to_device,
+    to_uint8,
 )
 from masktrain.models.single_file import Fp8Load
 from masktrain.models.tokenizer import tiny_tokenizer
@@ -120,6 +121,16 @@ TINY_TRANSFORMER: dict[str, Any] = {
 }
 #: WanPipeline's default prompt length.
 MAX_LENGTH = 512
+#: Sampling's flow shift when the prompt file sets no --fs: WAN's own text-to-video default
+#: (musubi's 14.5 is a HunyuanVideo value it keeps "for all models").
+DEFAULT_FLOW_SHIFT = 5.0
+#: musubi's sampling negative prompt for WAN (wan/configs/shared_config.py sample_neg_prompt), as
+#: written there: its commas are full-width.
+NEGATIVE_PROMPT = (
+    "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，"  # noqa: RUF001
+    "JPEG压缩残留，丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，"  # noqa: RUF001
+    "手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走"  # noqa: RUF001
+)
 
 # Every Linear inside the blocks; the excludes mirror musubi-tuner's lora_wan defaults (they match
 # no Linear of the diffusers blocks today, and keep norms / modulation out if a variant adds one).
@@ -187,6 +198,8 @@ class WanFamily:
     spec = catalog.WAN
     name = spec.name
     text_flag = spec.text_flag
+    default_cfg_scale = 5.0  # musubi's and WanPipeline's
+    default_negative_prompt = NEGATIVE_PROMPT
 
     def load_vae(self, spec: str, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
         from diffusers import AutoencoderKLWan
@@ -283,6 +296,48 @@ class WanFamily:
             return_dict=False,
         )[0]
         return prediction
+
+    def generate(
+        self,
+        transformer: torch.nn.Module,
+        high_noise: torch.nn.Module | None,
+        boundary: float,
+        vae: torch.nn.Module,
+        request: SampleRequest,
+    ) -> torch.Tensor:
+        # diffusers' WAN recipe: UniPC on flow sigmas; the pipeline's `transformer` is the expert
+        # above the boundary, `transformer_2` the one below (the boundary on the 0..1 scale).
+        from diffusers import UniPCMultistepScheduler, WanPipeline
+
+        scheduler = UniPCMultistepScheduler(
+            prediction_type="flow_prediction",
+            use_flow_sigmas=True,
+            num_train_timesteps=NUM_TRAIN_TIMESTEPS,
+            flow_shift=request.flow_shift or DEFAULT_FLOW_SHIFT,
+        )
+        pipeline = WanPipeline(
+            tokenizer=None,
+            text_encoder=None,
+            vae=vae,
+            scheduler=scheduler,
+            transformer=transformer if high_noise is None else high_noise,
+            transformer_2=None if high_noise is None else transformer,
+            boundary_ratio=None if high_noise is None else boundary,
+        )
+        pipeline.set_progress_bar_config(disable=True)
+        negative = request.negative
+        frames = pipeline(
+            prompt_embeds=request.text.hidden,
+            negative_prompt_embeds=None if negative is None else negative.hidden,
+            height=request.height,
+            width=request.width,
+            num_frames=request.frames,
+            num_inference_steps=request.steps,
+            guidance_scale=request.cfg_scale,
+            generator=request.generator,
+            output_type="np",
+        ).frames[0]
+        return to_uint8(frames)
 
     def lora_targets(self) -> LoraTargets:
         return LORA_TARGETS

@@ -13,11 +13,12 @@ import contextlib
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 from masktrain import catalog
-from masktrain.config.memory import ATTENTION_BACKENDS
+from masktrain.config.memory import ATTENTION_BACKENDS, MemorySettings
 from masktrain.config.train import TrainConfig
 from masktrain.errors import TrainConfigError
 from masktrain.models import checkpointing
@@ -104,6 +105,28 @@ class Experts:
                 stack.enter_context(lora.adapters_disabled(model))
             yield
 
+    @contextlib.contextmanager
+    def sampling(self) -> Iterator[None]:
+        """For a diffusers pipeline that calls the transformers itself: eval mode (no LoRA dropout),
+        each expert's frozen weights brought in before its forward (``--offload_inactive_dit``),
+        and block swap's layout restored after. Under no_grad block swap's hooks run forward-only:
+        every swapped block goes back to the host right after it runs."""
+        handles = [
+            model.register_forward_pre_hook(lambda module, args: self._activate(module))
+            for model in self.modules()
+        ]
+        training = [model.training for model in self.modules()]
+        try:
+            for model in self.modules():
+                model.eval()
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+            for model, was_training in zip(self.modules(), training, strict=True):
+                model.train(was_training)
+            self.restore_layout("after sampling")
+
     def trainable(self) -> list[tuple[str, torch.nn.Parameter]]:
         """The LoRA parameters, once each (the experts share them)."""
         seen: set[int] = set()
@@ -131,11 +154,8 @@ def build_experts(
     """Load the transformer(s), add the LoRA (seeded by ``--seed``), place the weights, set up
     checkpointing and the attention backend."""
     network, memory = config.network, config.memory
-    if device == torch.device("cuda"):  # no index -> "cuda:0": tensors report one
-        device = torch.device("cuda", torch.cuda.current_device())
-    backend = ATTENTION_BACKENDS[memory.attention][0]
-    if backend != "native" and device.type != "cuda":  # before minutes of loading
-        raise TrainConfigError(f"--{memory.attention} needs a CUDA device; on {device.type} use --sdpa")
+    device = _indexed(device)
+    _check_backend(memory, device)
     load_device = torch.device("cpu") if memory.on_host else device
     low = family.load_transformer(config.dit, "--dit", load_device, dtype, fp8=memory.fp8_mode)
     high = None
@@ -165,6 +185,18 @@ def build_experts(
         add(high)
         _share_lora(low, high)
     experts = Experts(low, high, config.timestep_boundary, device=device)  # LoRA weights in float32
+    place(experts, family, memory, config.gradient_checkpointing)
+    log.info("LoRA rank %d alpha %g on %d modules", network.network_dim, network.network_alpha, len(names))
+    return experts
+
+
+def place(
+    experts: Experts, family: ModelFamily, memory: MemorySettings, gradient_checkpointing: bool
+) -> None:
+    """Put the weights where ``memory`` says (block swap, the idle expert on the host, the rest and
+    the LoRA on ``experts.device``); gradient checkpointing and the attention backend."""
+    device = experts.device
+    backend = ATTENTION_BACKENDS[memory.attention][0]
     pin = memory.use_pinned_memory_for_block_swap
     for label, model in zip(("--dit", "--dit_high_noise"), experts.modules(), strict=False):
         blocks = family.blocks(model)
@@ -181,7 +213,7 @@ def build_experts(
             )
         if memory.on_host:  # the LoRA and (without --offload_inactive_dit) the resident weights
             move_module(model, device, skip=streamed + (experts.idle_slots or {}).get(id(model), []))
-        if config.gradient_checkpointing:
+        if gradient_checkpointing:
             checkpointing.enable(
                 model,
                 blocks,
@@ -196,8 +228,47 @@ def build_experts(
         log.info("%s: %s", label, _describe(model, memory.fp8_mode, swap))
     if experts.swaps:
         experts.mark("placed")
-    log.info("LoRA rank %d alpha %g on %d modules", network.network_dim, network.network_alpha, len(names))
+
+
+def load_for_sampling(
+    family: ModelFamily,
+    dit: str,
+    dit_high_noise: str | None,
+    boundary: float,
+    lora_file: Path | None,
+    memory: MemorySettings,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> Experts:
+    """The transformer(s) with a saved LoRA (``masktrain sample``; none: the base model), placed as
+    for training (fp8, block swap), for no-grad sampling."""
+    device = _indexed(device)
+    _check_backend(memory, device)
+    load_device = torch.device("cpu") if memory.on_host else device
+    low = family.load_transformer(dit, "--dit", load_device, dtype, fp8=memory.fp8_mode)
+    high = None
+    if dit_high_noise is not None:
+        high = family.load_transformer(
+            dit_high_noise, "--dit_high_noise", load_device, dtype, fp8=memory.fp8_mode
+        )
+    experts = Experts(low, high, boundary, device=device)
+    if lora_file is not None:
+        for model in experts.modules():
+            lora.load_lora_into(model, lora_file)
+    place(experts, family, memory, gradient_checkpointing=False)
     return experts
+
+
+def _indexed(device: torch.device) -> torch.device:
+    """``cuda`` -> ``cuda:N`` (tensors report an index)."""
+    if device == torch.device("cuda"):
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def _check_backend(memory: MemorySettings, device: torch.device) -> None:
+    if ATTENTION_BACKENDS[memory.attention][0] != "native" and device.type != "cuda":  # before loading
+        raise TrainConfigError(f"--{memory.attention} needs a CUDA device; on {device.type} use --sdpa")
 
 
 def check_task(config: TrainConfig, transformer: torch.nn.Module) -> None:

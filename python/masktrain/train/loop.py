@@ -11,7 +11,8 @@ One optimizer step = ``gradient_accumulation_steps`` batches. Per batch:
 4. the student prediction; per-element MSE against the target (and against the teacher), times
    the timestep weighting; ``loss.masked_loss`` reduces both;
 5. backward; after the last batch of the window the gradients are averaged over processes,
-   clipped, and the optimizer and scheduler step.
+   clipped, and the optimizer and scheduler step;
+6. after the step: validation, the checkpoint, then samples (``masktrain.sample``), each when due.
 
 Before any model loads, ``preflight`` lists the cached items and plans the run (the flags were
 checked when the config was built).
@@ -46,12 +47,14 @@ from masktrain.config.train import TrainConfig
 from masktrain.data.cached_items import CachedItem, epoch_batches
 from masktrain.data.loader import Batch, Prefetcher
 from masktrain.distributed import Shard
-from masktrain.errors import TrainConfigError, TrainingDivergedError, TrainingInterrupted
+from masktrain.errors import TrainingDivergedError, TrainingInterrupted
 from masktrain.loss import has_prior_region, masked_loss_terms, region_losses
 from masktrain.models import get_family
 from masktrain.models.base import ModelFamily
+from masktrain.sample.sampler import Sampler
 from masktrain.train import checkpoint as ckpt
 from masktrain.train import lora, timesteps
+from masktrain.train.device import precision, resolve_device
 from masktrain.train.experts import Experts, build_experts
 from masktrain.train.flow_matching import noised
 from masktrain.train.metrics import MetricsLog, StepMetrics, progress_postfix
@@ -62,27 +65,6 @@ from masktrain.train.validation import Validator, describe
 log = logging.getLogger(__name__)
 
 CACHE_HINT = mask_loss.DEFAULT_CACHE_HINT
-
-
-def _device(config: TrainConfig, shard: Shard) -> torch.device:
-    if config.device:
-        device = torch.device(config.device)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise TrainConfigError(f"--device {config.device}: no CUDA device is available on this machine")
-        if device.type == "mps" and not torch.backends.mps.is_available():
-            raise TrainConfigError(f"--device {config.device}: no MPS device is available on this machine")
-        return device
-    return torch.device(f"cuda:{shard.local_rank}" if torch.cuda.is_available() else "cpu")
-
-
-def _precision(config: TrainConfig, device: torch.device) -> tuple[torch.dtype, torch.dtype | None]:
-    """(base weight dtype, autocast dtype). fp32 everywhere on the CPU unless asked otherwise."""
-    choice = config.mixed_precision
-    if choice == "auto":
-        choice = "bf16" if device.type == "cuda" else "no"
-    if choice == "no":
-        return torch.float32, None
-    return torch.bfloat16, torch.bfloat16
 
 
 def _batch_generator(seed: int, epoch: int, index: int) -> torch.Generator:
@@ -233,8 +215,20 @@ def _train(config: TrainConfig, family: ModelFamily, shard: Shard, plan: TrainPl
 def _train_locked(
     config: TrainConfig, family: ModelFamily, shard: Shard, plan: TrainPlan, run_lock: contextlib.ExitStack
 ) -> Path:
-    device = _device(config, shard)
-    weight_dtype, autocast = _precision(config, device)
+    device = resolve_device(config.device, shard.local_rank)
+    weight_dtype, autocast = precision(config.mixed_precision, device)
+    sampler = None
+    if config.sample.enabled and shard.is_main:  # its text encoder comes and goes before the transformer
+        sampler = Sampler(
+            config.sample,
+            family,
+            device,
+            weight_dtype,
+            autocast,
+            config.seed,
+            config.output_dir,
+            config.output_name,
+        )
     experts = build_experts(config, family, device, weight_dtype)
     named = experts.trainable()
     params = [param for _, param in named]
@@ -294,6 +288,8 @@ def _train_locked(
     )
     lora_path = config.output_dir / f"{config.output_name}.safetensors"
     step, epoch, done = position.step, position.epoch, position.batches_done
+    if config.sample.sample_at_first:
+        _sample(sampler, experts, step, shard)
     with (
         contextlib.closing(metrics) if metrics is not None else contextlib.nullcontext(),
         _Interrupt() as interrupt,
@@ -350,6 +346,8 @@ def _train_locked(
                         ckpt.Position(step, epoch + 1, 0) if epoch_end else ckpt.Position(step, epoch, done)
                     )
                     _save(config, family, experts, named, optimizer, scheduler, after, shard)
+                if not stop and _sample_due(config, step, epoch, epoch_end, finished):
+                    _sample(sampler, experts, step, shard)
                 if stop and not finished:
                     raise TrainingInterrupted(ckpt.checkpoint_dir(config.output_dir, step))
                 if finished:
@@ -379,6 +377,25 @@ def _validate(
             metrics.write_validation(step, results)
         log.info("%s", describe(step, results))
     shard.barrier()
+
+
+def _sample(sampler: Sampler | None, experts: Experts, step: int, shard: Shard) -> None:
+    """Rank 0 samples (``masktrain.sample``) while the others wait."""
+    if sampler is not None:
+        sampler.run(experts, step)
+    shard.barrier()
+
+
+def _sample_due(config: TrainConfig, step: int, epoch: int, epoch_end: bool, finished: bool) -> bool:
+    """Whether --sample_every_n_steps or --sample_every_n_epochs asks for samples now (and always
+    at the last step of a run that samples)."""
+    settings = config.sample
+    if not settings.enabled:
+        return False
+    if finished or (settings.sample_every_n_steps and step % settings.sample_every_n_steps == 0):
+        return True
+    every = settings.sample_every_n_epochs
+    return bool(epoch_end and every and (epoch + 1) % every == 0)
 
 
 def _save_due(config: TrainConfig, step: int, epoch: int, epoch_end: bool) -> bool:
@@ -448,7 +465,11 @@ def _save(
     if shard.is_main:
         dtype = {"float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[config.save_precision]
         lora_bytes = lora.lora_file_bytes(
-            experts.low, family, layout=config.lora_format, metadata=lora_metadata(config), dtype=dtype
+            experts.low,
+            family,
+            layout=config.lora_format,
+            metadata=lora_metadata(config) | {lora.META_STEP: str(position.step)},
+            dtype=dtype,
         )
         ckpt.save_checkpoint(
             config.output_dir,

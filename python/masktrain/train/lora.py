@@ -56,6 +56,8 @@ META_RANK = "masktrain.rank"
 META_ALPHA = "masktrain.alpha"
 META_VERSION = "masktrain.version"
 META_LAYOUT = "masktrain.layout"
+META_STEP = "masktrain.step"
+"""The optimizer step a training run saved the file at (``masktrain sample`` names samples by it)."""
 
 
 def select_targets(

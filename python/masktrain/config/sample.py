@@ -1,0 +1,119 @@
+"""The sampling flags of ``masktrain train`` (musubi-tuner's spellings) and of ``masktrain sample``:
+the prompt file, when to sample, and the VAE and text encoder that sampling loads (training itself
+reads cached latents and embeddings, so without ``--sample_prompts`` those flags are accepted and
+ignored, as musubi's commands always carry them).
+
+When: at the first step with ``--sample_at_first`` (the base model on a fresh run), every
+``--sample_every_n_steps`` steps, at the end of every ``--sample_every_n_epochs``-th epoch, and at
+the last step. Torch-free; the prompt file is read and checked here, before any model loads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from masktrain import catalog
+from masktrain.config.device import check_device
+from masktrain.config.memory import MemorySettings
+from masktrain.config.sample_prompts import load_prompts
+from masktrain.errors import FlagError, TrainConfigError
+
+
+@dataclass(frozen=True)
+class SampleSettings:
+    sample_prompts: Path | None = None
+    """musubi's prompt file (.txt, .toml or .json); None: no sampling."""
+    sample_every_n_steps: int | None = None
+    """Sample every N optimizer steps."""
+    sample_every_n_epochs: int | None = None
+    """Sample at the end of every N-th epoch."""
+    sample_at_first: bool = False
+    """Sample before the first step (the base model, on a fresh run)."""
+    vae: str | None = None
+    """The VAE that decodes samples ('tiny', a folder or a single file), as for ``cache``."""
+    text_encoder: str | None = None
+    """The text encoder that encodes the prompts (the family's text flag: --t5 / --text_encoder)."""
+    text_tokenizer: str | None = None
+    """A tokenizer folder for a single-file text encoder."""
+    fp8_text_encoder: bool = False
+    """The text encoder's block Linear weights as float8 e4m3 (--fp8_t5 / --fp8_vl)."""
+
+    @property
+    def enabled(self) -> bool:
+        return self.sample_prompts is not None
+
+    def check(self, arch: str, error: type[FlagError]) -> None:
+        """Raise `error` naming the flag of a setting that cannot work for `arch`."""
+        spec = catalog.arch(arch)
+        for value, flag in (
+            (self.sample_every_n_steps, "--sample_every_n_steps"),
+            (self.sample_every_n_epochs, "--sample_every_n_epochs"),
+        ):
+            if value is not None and value < 1:
+                raise error(f"{flag} must be >= 1, got {value}")
+            if value is not None and self.sample_prompts is None:
+                raise error(f"{flag} needs --sample_prompts (the prompt file to sample)")
+        if self.sample_at_first and self.sample_prompts is None:
+            raise error("--sample_at_first needs --sample_prompts (the prompt file to sample)")
+        if self.sample_prompts is None:
+            return
+        if not self.vae:
+            raise error("--sample_prompts needs --vae (the VAE that decodes the samples, as for cache)")
+        if not self.text_encoder:
+            raise error(
+                f"--sample_prompts needs {spec.text_flag} (the {spec.text_encoder} text encoder that "
+                "encodes the prompts, as for cache)"
+            )
+        for prompt in load_prompts(self.sample_prompts):
+            if prompt.frames > 1 and not spec.takes_video:
+                raise error(
+                    f"{prompt.where}: --f {prompt.frames}: {spec.title} makes images; remove --f or set 1"
+                )
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    """``masktrain sample``: a saved LoRA (or none: the base model) on the transformer, sampled once."""
+
+    arch: str
+    dit: str
+    output_dir: Path
+    """Samples go to OUTPUT_DIR/sample, as during training."""
+    sample: SampleSettings
+    lora: Path | None = None
+    """A LoRA file masktrain wrote (any of its layouts); None: the base model."""
+    dit_high_noise: str | None = None
+    timestep_boundary: float = 0.875
+    output_name: str | None = None
+    """The samples' name prefix; default: the LoRA file's name (``base`` without one)."""
+    seed: int = 42
+    """The noise of prompts without ``--d`` (plus the prompt's index), as in training."""
+    device: str | None = None
+    mixed_precision: str = "auto"
+    memory: MemorySettings = field(default_factory=MemorySettings)
+
+    def __post_init__(self) -> None:
+        spec = catalog.arch(self.arch)
+        if self.sample.sample_prompts is None:
+            raise TrainConfigError("masktrain sample needs --sample_prompts (the prompt file)")
+        self.sample.check(self.arch, TrainConfigError)
+        check_device(self.device)
+        if self.dit_high_noise is not None and not spec.two_experts:
+            raise TrainConfigError(f"--dit_high_noise is not used with --arch {self.arch}")
+        if not 0 < self.timestep_boundary < 1:
+            raise TrainConfigError("--timestep_boundary must be in range (0, 1)")
+        if self.output_name is not None and (not self.output_name or "/" in self.output_name):
+            raise TrainConfigError("--output_name must be a plain file name")
+        if not 0 <= self.seed < 2**63:
+            raise TrainConfigError(f"--seed must be an integer in [0, 2**63), got {self.seed}")
+        if self.mixed_precision not in ("auto", "no", "bf16"):
+            raise TrainConfigError(
+                f"--mixed_precision must be auto, no or bf16, not {self.mixed_precision!r}"
+            )
+
+    @property
+    def name(self) -> str:
+        if self.output_name is not None:
+            return self.output_name
+        return self.lora.stem if self.lora is not None else "base"

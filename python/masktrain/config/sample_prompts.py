@@ -1,0 +1,237 @@
+"""musubi-tuner's sample prompt file (``--sample_prompts``), read as musubi reads it
+(``musubi_tuner/training/sampling_prompts.py`` @ 30c658c), with errors where musubi logs and
+carries on:
+
+- ``.txt``: one prompt per line, ``#`` starts a comment line, options inline after the prompt:
+  ``--w`` width, ``--h`` height, ``--f`` frames, ``--d`` seed, ``--s`` steps, ``--l`` CFG scale,
+  ``--fs`` flow shift, ``--n`` negative prompt, ``--g`` embedded guidance (none of masktrain's
+  models has it: accepted and ignored, as musubi ignores it for WAN);
+- ``.toml``: a ``[prompt]`` table of defaults with ``[[prompt.subset]]`` entries;
+- ``.json``: a list of prompt lines or of tables.
+
+Tables use musubi's keys: ``prompt``, ``width``, ``height``, ``frame_count``, ``seed``,
+``sample_steps``, ``cfg_scale``, ``discrete_flow_shift``, ``negative_prompt``, ``guidance_scale``.
+Conditioning options (``--i``, ``--ei``, ``--cn``, ``--ci``, ``--of``) are for model variants
+masktrain does not train yet: each is a one-line error. Torch-free: the file is checked with the
+other flags, before any model loads.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from masktrain.errors import SamplePromptError
+
+DEFAULT_SIZE = 256
+"""musubi's default width and height."""
+DEFAULT_STEPS = 20
+"""musubi's default number of denoising steps."""
+
+# line option -> table key (musubi's names); values are parsed by the key's type below.
+_LINE_OPTIONS = {
+    "w": "width",
+    "h": "height",
+    "f": "frame_count",
+    "d": "seed",
+    "s": "sample_steps",
+    "g": "guidance_scale",
+    "fs": "discrete_flow_shift",
+    "l": "cfg_scale",
+    "n": "negative_prompt",
+}
+_CONDITIONING = {
+    "i": "an I2V start image",
+    "ei": "an I2V end image",
+    "cn": "a control video",
+    "ci": "a control image",
+    "of": "one-frame inference",
+}
+_INTEGERS = ("width", "height", "frame_count", "seed", "sample_steps")
+_NUMBERS = ("guidance_scale", "discrete_flow_shift", "cfg_scale")
+_TEXTS = ("prompt", "negative_prompt")
+_TABLE_KEYS = (*_INTEGERS, *_NUMBERS, *_TEXTS)
+_CONDITIONING_KEYS = {
+    "image_path": "i",
+    "end_image_path": "ei",
+    "control_video_path": "cn",
+    "control_image_path": "ci",
+    "one_frame": "of",
+}
+
+
+@dataclass(frozen=True)
+class SamplePrompt:
+    """One sample: what to generate and how. Unset values take the family's defaults."""
+
+    index: int
+    """Position in the file (the ``{index:02d}`` of the output name)."""
+    prompt: str
+    width: int = DEFAULT_SIZE
+    height: int = DEFAULT_SIZE
+    frames: int = 1
+    """1: an image (PNG); more: a video (MP4)."""
+    seed: int | None = None
+    """None: ``--seed`` plus the index, so every sampling of a run uses the same noise."""
+    steps: int = DEFAULT_STEPS
+    cfg_scale: float | None = None
+    """Classifier-free guidance (musubi's ``--l``); None: the family's default."""
+    flow_shift: float | None = None
+    """musubi's ``--fs``; None: the family's default."""
+    negative_prompt: str | None = None
+    """None: the family's default negative prompt."""
+    guidance_scale: float | None = None
+    """musubi's ``--g`` (embedded guidance): no masktrain model has it, so it is ignored (logged)."""
+    where: str = ""
+    """``FILE:LINE`` (or ``FILE entry N``), for messages."""
+
+    @property
+    def is_video(self) -> bool:
+        return self.frames > 1
+
+
+def load_prompts(path: Path, flag: str = "--sample_prompts") -> list[SamplePrompt]:
+    """The prompts of `path`, checked; a :class:`SamplePromptError` names the file, the line and
+    the option that cannot be used."""
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except OSError as error:
+        raise SamplePromptError(f"{flag} {path}: cannot read it ({error.strerror or error})") from None
+    except UnicodeDecodeError:
+        raise SamplePromptError(f"{flag} {path}: not UTF-8 text; save it as UTF-8") from None
+    suffix = path.suffix.lower()
+    if suffix == ".toml":
+        entries = _toml_entries(path, text)
+    elif suffix == ".json":
+        entries = _json_entries(path, text)
+    else:  # musubi reads .txt; any other name is read as text too
+        entries = [
+            (f"{path}:{number}", line.strip())
+            for number, line in enumerate(text.splitlines(), start=1)
+            if line.strip() and not line.startswith("#")
+        ]
+    prompts: list[SamplePrompt] = []
+    for where, entry in entries:
+        table = _line_table(entry, where) if isinstance(entry, str) else _check_table(entry, where)
+        prompts.append(_prompt(len(prompts), table, where))
+    if not prompts:
+        raise SamplePromptError(f"{flag} {path}: no prompts in it (lines starting with # are comments)")
+    return prompts
+
+
+def _line_table(line: str, where: str) -> dict[str, Any]:
+    """One prompt line as a table: the text before the first `` --``, then the options."""
+    parts = (f" {line}" if line.startswith("--") else line).split(" --")
+    table: dict[str, Any] = {"prompt": parts[0].strip()}
+    for part in parts[1:]:
+        name, _, value = part.strip().partition(" ")
+        name, value = name.lower(), value.strip()
+        if name in _CONDITIONING:
+            raise SamplePromptError(
+                f"{where}: --{name} gives {_CONDITIONING[name]}, for a model variant masktrain does not "
+                "train yet; remove it"
+            )
+        if name not in _LINE_OPTIONS:
+            known = " ".join(f"--{option}" for option in _LINE_OPTIONS)
+            raise SamplePromptError(f"{where}: unknown option --{name}; the options are {known}")
+        if not value:
+            raise SamplePromptError(f"{where}: --{name} needs a value")
+        table[_LINE_OPTIONS[name]] = _value(_LINE_OPTIONS[name], value, f"{where}: --{name}")
+    return table
+
+
+def _value(key: str, raw: Any, where: str) -> Any:
+    try:
+        if key in _INTEGERS:
+            if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
+                raise ValueError
+            return int(raw)
+        if key in _NUMBERS:
+            if isinstance(raw, bool):
+                raise ValueError
+            return float(raw)
+    except (TypeError, ValueError):
+        kind = "an integer" if key in _INTEGERS else "a number"
+        raise SamplePromptError(f"{where}: expected {kind}, got {raw!r}") from None
+    if not isinstance(raw, str):
+        raise SamplePromptError(f"{where}: expected text, got {raw!r}")
+    return raw
+
+
+def _check_table(table: Any, where: str) -> dict[str, Any]:
+    if not isinstance(table, dict):
+        raise SamplePromptError(f"{where}: expected a prompt line or a table, got {table!r}")
+    checked = {}
+    for key, raw in table.items():
+        if key in _CONDITIONING_KEYS:
+            raise SamplePromptError(
+                f"{where}: {key} gives {_CONDITIONING[_CONDITIONING_KEYS[key]]}, for a model variant "
+                "masktrain does not train yet; remove it"
+            )
+        if key not in _TABLE_KEYS:
+            raise SamplePromptError(f"{where}: unknown key {key!r}; the keys are {', '.join(_TABLE_KEYS)}")
+        checked[key] = _value(key, raw, f"{where}: {key}")
+    return checked
+
+
+def _toml_entries(path: Path, text: str) -> list[tuple[str, Any]]:
+    try:
+        document = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as error:
+        raise SamplePromptError(f"{path}: not valid TOML ({error})") from None
+    defaults = document.get("prompt")
+    if not isinstance(defaults, dict) or not isinstance(defaults.get("subset"), list):
+        raise SamplePromptError(
+            f"{path}: expected a [prompt] table with [[prompt.subset]] entries (musubi's TOML form)"
+        )
+    base = {key: value for key, value in defaults.items() if key != "subset"}
+    entries: list[tuple[str, Any]] = []
+    for number, subset in enumerate(defaults["subset"], start=1):
+        where = f"{path} [[prompt.subset]] {number}"
+        if not isinstance(subset, dict):
+            raise SamplePromptError(f"{where}: expected a table")
+        entries.append((where, {**base, **subset}))
+    return entries
+
+
+def _json_entries(path: Path, text: str) -> list[tuple[str, Any]]:
+    try:
+        document = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise SamplePromptError(f"{path}: not valid JSON ({error})") from None
+    if not isinstance(document, list):
+        raise SamplePromptError(f"{path}: expected a JSON list of prompts (lines or objects)")
+    return [(f"{path} entry {number}", entry) for number, entry in enumerate(document, start=1)]
+
+
+def _prompt(index: int, table: dict[str, Any], where: str) -> SamplePrompt:
+    prompt = table.get("prompt", "")
+    if not prompt.strip():
+        raise SamplePromptError(f"{where}: the prompt text is empty")
+    for key in ("width", "height", "frame_count", "sample_steps"):
+        if key in table and table[key] < 1:
+            raise SamplePromptError(f"{where}: {key} must be >= 1, got {table[key]}")
+    if table.get("sample_steps", 1) > 1000:  # musubi clamps to 1000
+        raise SamplePromptError(f"{where}: sample_steps must be <= 1000, got {table['sample_steps']}")
+    if not 0 <= table.get("seed", 0) < 2**63:
+        raise SamplePromptError(f"{where}: seed must be in [0, 2**63), got {table['seed']}")
+    for key in ("cfg_scale", "discrete_flow_shift"):
+        if key in table and not table[key] > 0:
+            raise SamplePromptError(f"{where}: {key} must be > 0, got {table[key]}")
+    return SamplePrompt(
+        index=index,
+        prompt=prompt.strip(),
+        width=table.get("width", DEFAULT_SIZE),
+        height=table.get("height", DEFAULT_SIZE),
+        frames=table.get("frame_count", 1),
+        seed=table.get("seed"),
+        steps=table.get("sample_steps", DEFAULT_STEPS),
+        cfg_scale=table.get("cfg_scale"),
+        flow_shift=table.get("discrete_flow_shift"),
+        negative_prompt=table.get("negative_prompt"),
+        guidance_scale=table.get("guidance_scale"),
+        where=where,
+    )

@@ -1,0 +1,172 @@
+"""The sampler of one run: encodes the prompt file once, then generates every prompt whenever it is
+asked to (``train.loop`` at the steps ``config.sample`` names; ``masktrain sample`` once).
+
+Memory: the text encoder is loaded on the device only to encode the prompts (and their negative
+prompts) when the sampler is built, before the transformer loads, and is freed right after; the
+embeddings wait in host memory. The VAE waits in host memory and is on the device only while
+sampling. Generation goes through the family's diffusers pipeline (``ModelFamily.generate``) with
+the transformer(s) being trained, adapters on, in eval mode (``Experts.sampling``).
+
+Noise: a prompt without ``--d`` uses ``--seed`` plus its index, so every sampling of a run starts
+from the same noise and the contact sheet compares steps, not seeds. Sizes are rounded down to
+what the pipeline takes (multiples of 2x the VAE's factor; WAN frames to 4k+1), with a log line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from masktrain.config.sample import SampleSettings
+from masktrain.config.sample_prompts import SamplePrompt, load_prompts
+from masktrain.models.base import ModelFamily, SampleRequest, TextBatch
+from masktrain.sample.outputs import sample_path, write_contact_sheet, write_sample
+from masktrain.train.experts import Experts
+
+log = logging.getLogger(__name__)
+
+
+class Sampler:
+    """Generates the prompts of ``settings.sample_prompts`` (see the module docstring)."""
+
+    def __init__(
+        self,
+        settings: SampleSettings,
+        family: ModelFamily,
+        device: torch.device,
+        dtype: torch.dtype,
+        autocast: torch.dtype | None,
+        seed: int,
+        output_dir: Path,
+        output_name: str,
+    ) -> None:
+        assert settings.sample_prompts is not None and settings.vae and settings.text_encoder
+        self.family, self.device, self.dtype, self.autocast = family, device, dtype, autocast
+        self.seed, self.output_dir, self.output_name = seed, output_dir, output_name
+        self.prompts = load_prompts(settings.sample_prompts)
+        if any(prompt.guidance_scale is not None for prompt in self.prompts):
+            log.info(
+                "--g (embedded guidance) in %s is ignored: %s has none; --l sets the CFG scale",
+                settings.sample_prompts,
+                family.spec.title,
+            )
+        started = time.perf_counter()
+        self._embeddings = self._encode(settings)
+        self.vae = family.load_vae(settings.vae, torch.device("cpu"), dtype)
+        self._spatial = family.spatial_factor(self.vae) * 2  # the VAE's factor times the 2x2 patches
+        self._temporal = family.temporal_factor(self.vae)
+        log.info(
+            "sampling: %d prompt(s) from %s encoded in %.1f s; the text encoder is freed, the VAE waits "
+            "in host memory",
+            len(self.prompts),
+            settings.sample_prompts,
+            time.perf_counter() - started,
+        )
+
+    def _negative(self, prompt: SamplePrompt) -> str | None:
+        """The negative prompt, when guidance is on."""
+        if self._cfg(prompt) <= 1:
+            return None
+        if prompt.negative_prompt is not None:
+            return prompt.negative_prompt
+        return self.family.default_negative_prompt
+
+    def _cfg(self, prompt: SamplePrompt) -> float:
+        return prompt.cfg_scale if prompt.cfg_scale is not None else self.family.default_cfg_scale
+
+    def _encode(self, settings: SampleSettings) -> dict[str, torch.Tensor]:
+        assert settings.text_encoder is not None
+        encoder = self.family.load_text_encoder(
+            settings.text_encoder,
+            self.device,
+            self.dtype,
+            fp8=settings.fp8_text_encoder,
+            tokenizer=settings.text_tokenizer,
+        )
+        texts = {prompt.prompt for prompt in self.prompts}
+        texts |= {negative for prompt in self.prompts if (negative := self._negative(prompt)) is not None}
+        embeddings = {text: self.family.encode_text(encoder, [text])[0] for text in sorted(texts)}
+        del encoder
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        return embeddings
+
+    def _text(self, text: str) -> TextBatch:
+        return self.family.collate_text([self._embeddings[text]]).to(self.device, self.dtype)
+
+    def request(self, prompt: SamplePrompt) -> tuple[SampleRequest, int]:
+        """The pipeline's inputs for `prompt`, and its seed."""
+        seed = prompt.seed if prompt.seed is not None else self.seed + prompt.index
+        width = max(self._spatial, prompt.width // self._spatial * self._spatial)
+        height = max(self._spatial, prompt.height // self._spatial * self._spatial)
+        frames = (prompt.frames - 1) // self._temporal * self._temporal + 1
+        if (width, height, frames) != (prompt.width, prompt.height, prompt.frames):
+            log.info(
+                "%s: %dx%d, %d frame(s) generated as %dx%d, %d frame(s) (multiples of %d pixels%s)",
+                prompt.where,
+                prompt.width,
+                prompt.height,
+                prompt.frames,
+                width,
+                height,
+                frames,
+                self._spatial,
+                f"; {self._temporal}k+1 frames" if self._temporal > 1 else "",
+            )
+        negative = self._negative(prompt)
+        request = SampleRequest(
+            width=width,
+            height=height,
+            frames=frames,
+            steps=prompt.steps,
+            cfg_scale=self._cfg(prompt),
+            flow_shift=prompt.flow_shift,
+            text=self._text(prompt.prompt),
+            negative=None if negative is None else self._text(negative),
+            generator=torch.Generator().manual_seed(seed),
+        )
+        return request, seed
+
+    def run(self, experts: Experts, step: int) -> list[Path]:
+        """Generate every prompt with the transformers as they are now; write the samples (named
+        by `step`) and the contact sheet. Returns the sample files."""
+        started = time.perf_counter()
+        written = []
+        autocast = (
+            torch.autocast(self.device.type, dtype=self.autocast)
+            if self.autocast is not None
+            else contextlib.nullcontext()
+        )
+        self.vae.to(self.device)
+        try:
+            with experts.sampling():
+                for prompt in self.prompts:
+                    request, seed = self.request(prompt)
+                    with autocast:
+                        frames = self.family.generate(
+                            experts.low, experts.high, experts.boundary, self.vae, request
+                        )
+                    path = sample_path(
+                        self.output_dir, self.output_name, step, prompt.index, seed, frames.shape[0] > 1
+                    )
+                    write_sample(path, frames, self.family.spec.video_fps)
+                    written.append(path)
+        finally:
+            self.vae.to("cpu")
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+        sheet = write_contact_sheet(self.output_dir, self.output_name, self.prompts)
+        log.info(
+            "sampled %d prompt(s) at step %d in %.1f s: %s",
+            len(written),
+            step,
+            time.perf_counter() - started,
+            sheet,
+        )
+        return written
