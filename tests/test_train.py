@@ -208,6 +208,8 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(
     accumulating = OptimSettings(learning_rate=1e-3, gradient_accumulation_steps=2)
     run_train(dataclasses.replace(base, optim=accumulating))
     two = tmp_path / "two"
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat --w 32 --h 32 --f 5 --s 2 --d 3\na dog --w 32 --h 32 --s 2\n")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [
         sys.executable,
@@ -220,6 +222,10 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(
         *words("--use_mask_loss --mask_gamma 0.7 --prior_preservation_weight 1.0 --prior_mask_threshold 0.1"),
         "--normalize_per_sample",
         *(words(MEMORY_FLAGS) if memory_path else []),
+        # rank 0 samples (the fp8 + block swap model, forward-only) while rank 1 waits at a barrier
+        *words(
+            "--vae tiny --t5 tiny --sample_prompts {p} --sample_at_first --sample_every_n_steps 1", p=prompts
+        ),
     ]
     result = subprocess.run(
         command,
@@ -229,6 +235,13 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(
         timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stderr.count("sampled 2 prompt(s) at step") == 3  # steps 0, 1, 2; rank 0 only
+    samples = sorted(path.name for path in (two / "sample").iterdir())
+    assert samples == sorted(
+        [f"lora_{s:06d}_{n}" for s in range(3) for n in ("00_3.mp4", "00_3_middle.png", "01_43.png")]
+        + ["lora_contact_sheet.html"]
+    )
+    # sampling leaves training as it was: the LoRA equals the one-process run's (which did not sample)
     expected, got = adapter(one / "step-000002"), adapter(two / "step-000002")
     for key in expected:
         torch.testing.assert_close(got[key], expected[key], atol=1e-6, rtol=1e-5)
