@@ -173,7 +173,9 @@ def test_several_values_after_network_args_and_optimizer_args(tmp_path: Path) ->
     )
 
 
-@pytest.mark.parametrize("flag", ["--log_with tensorboard", "--compile", "--flash3", "--guidance_scale 1.0"])
+@pytest.mark.parametrize(
+    "flag", ["--log_tracker_config t.toml", "--compile", "--flash3", "--guidance_scale 1.0"]
+)
 def test_an_unimplemented_musubi_flag_is_one_line_naming_what_to_do(flag: str, tmp_path: Path) -> None:
     args = _train("--dataset_config {t} --dit tiny --output_dir {o}", "wan", t=_toml(tmp_path), o=tmp_path)
     result = CliRunner().invoke(main, [*args, *flag.split()])
@@ -204,7 +206,7 @@ def test_accepted_musubi_flags_are_logged_as_ignored(tmp_path: Path, caplog) -> 
         ("--task i2v-14B", "--task i2v-14B: image-to-video training"),
         ("--task t2v-7B", "--task 't2v-7B' is not a WAN 2.1 / 2.2 task; one of t2v-1.3B, t2v-14B"),
         ("--model_version original", "--model_version is not used with --arch wan; use --task"),
-        ("--network_args loraplus_lr_ratio=4", "loraplus_lr_ratio is not supported yet"),
+        ("--network_args loraplus_lr_ratio=0", "--network_args loraplus_lr_ratio must be > 0, got 0.0"),
         ("--optimizer_args momentum=0.9", "--optimizer_args 'momentum=0.9': expected weight_decay="),
         ("--network_dropout 1.5", "--network_dropout must be in range [0, 1)"),
     ],
@@ -321,3 +323,38 @@ def test_validation_of_an_untrained_lora_equals_the_base_and_matches_a_hand_comp
     face = (batch.mask_weights.repeat_interleave(4, dim=0) >= TIER_EDGES[1]).expand_as(prediction)
     expected = float(((prediction - target) ** 2)[face].mean())
     assert metrics["val_loss_face"] == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.slow
+def test_loraplus_and_prodigy_train_from_musubis_flags(datasets, tmp_path: Path) -> None:
+    """LoRA+ scales the up matrices' first AdamW step (sign(g) * lr, from zero) by the ratio; Prodigy
+    by musubi's class path trains, checkpoints and resumes."""
+    common = "--dataset_config {t} --arch wan --dit tiny --device cpu --network_dim 4 --max_train_steps 1"
+    up = {}
+    for ratio in (None, 4):
+        out = tmp_path / f"plus{ratio}"
+        args = words(common + " --output_dir {o} --learning_rate 1e-3", t=datasets["wan"], o=out)
+        if ratio is not None:
+            args += ["--network_args", f"loraplus_lr_ratio={ratio}"]
+        run_train(config_from_args(args))
+        adapter = safetensors.torch.load_file(out / "step-000001" / "adapter.safetensors")
+        up[ratio] = {k: v for k, v in adapter.items() if "lora_B" in k}
+        down = {k: v for k, v in adapter.items() if "lora_A" in k}
+    for key, value in up[4].items():
+        assert value.abs().max() > 0
+        torch.testing.assert_close(value, 4 * up[None][key], rtol=1e-4, atol=1e-9)
+    assert down  # A has no gradient while B is zero: both runs leave it at its initialisation
+    out = tmp_path / "prodigy"
+    prodigy = common.replace("--max_train_steps 1", "--max_train_steps 2") + (
+        " --output_dir {o} --optimizer_type prodigyopt.Prodigy --learning_rate 1 --optimizer_args"
+        " decouple=True weight_decay=0.01 use_bias_correction=True safeguard_warmup=True d_coef=2"
+    )
+    run_train(config_from_args(words(prodigy, t=datasets["wan"], o=out)))
+    state = torch.load(out / "step-000002" / "optimizer.pt", weights_only=True)
+    group = state["param_groups"][0]
+    assert (group["d_coef"], group["decouple"], group["safeguard_warmup"]) == (2.0, True, True)
+    adapter = safetensors.torch.load_file(out / "step-000002" / "adapter.safetensors")
+    assert max(float(v.abs().max()) for k, v in adapter.items() if "lora_B" in k) > 0
+    resumed = prodigy.replace("--max_train_steps 2", "--max_train_steps 3") + " --resume {r}"
+    run_train(config_from_args(words(resumed, t=datasets["wan"], o=out, r=out / "step-000002")))
+    assert (out / "step-000003").is_dir()

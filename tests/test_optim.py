@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from masktrain import MaskTrainError
-from masktrain.errors import OptimConfigError
+from masktrain.errors import OptimConfigError, TrainConfigError
 from masktrain.train.optim import build_optimizer, build_scheduler, lr_lambda
 
 LR = 1e-3
@@ -69,7 +69,10 @@ def test_adamw8bit_without_bitsandbytes_names_the_flag_and_the_fix(monkeypatch: 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"optimizer_type": "sgd"}, "--optimizer_type must be one of adamw, adamw8bit, adafactor; got 'sgd'"),
+        (
+            {"optimizer_type": "sgd"},
+            "--optimizer_type must be one of adamw, adamw8bit, adafactor, prodigy; got 'sgd'",
+        ),
         ({"learning_rate": 0.0}, "--learning_rate must be > 0, got 0.0"),
         ({"learning_rate": math.nan}, "--learning_rate must be > 0, got nan"),
         ({"weight_decay": -0.1}, "--weight_decay must be >= 0, got -0.1"),
@@ -233,12 +236,81 @@ def test_adafactor_optimizer_args() -> None:
     from masktrain.config.train import OptimSettings, parse_optimizer_args
 
     args = parse_optimizer_args(
-        ("scale_parameter=True", "warmup_init=False", "weight_decay=0.01", "beta1=None")
+        ("scale_parameter=True", "warmup_init=False", "weight_decay=0.01", "beta1=None"), "adafactor"
     )
     settings = OptimSettings(optimizer_type="adafactor", **args)
     assert settings.adafactor_args == {"scale_parameter": True, "warmup_init": False, "beta1": None}
     assert settings.weight_decay == 0.01
     with pytest.raises(OptimConfigError, match="relative_step=True: masktrain's --learning_rate"):
-        OptimSettings(optimizer_type="adafactor", **parse_optimizer_args(("relative_step=True",)))
+        OptimSettings(
+            optimizer_type="adafactor", **parse_optimizer_args(("relative_step=True",), "adafactor")
+        )
+    with pytest.raises(
+        TrainConfigError, match="scale_parameter is Adafactor's, not adamw's; use --optimizer_type adafactor"
+    ):
+        parse_optimizer_args(("scale_parameter=False",))
     with pytest.raises(OptimConfigError, match="are Adafactor's; use --optimizer_type adafactor"):
-        OptimSettings(**parse_optimizer_args(("scale_parameter=False",)))
+        OptimSettings(adafactor_args={"scale_parameter": False})
+
+
+def test_prodigy_is_prodigyopts_with_musubis_optimizer_args() -> None:
+    from prodigyopt import Prodigy
+
+    from masktrain.config.train import OptimSettings, parse_optimizer_args
+
+    # musubi-tuner's documented Prodigy arguments (docs/advanced_config.md), by musubi's class path
+    values = (
+        "decouple=True",
+        "weight_decay=0.01",
+        "use_bias_correction=True",
+        "safeguard_warmup=True",
+        "d_coef=2",
+    )
+    settings = OptimSettings(
+        optimizer_type="prodigyopt.Prodigy",
+        learning_rate=1.0,
+        **parse_optimizer_args(values, "prodigyopt.Prodigy"),
+    )
+    assert settings.prodigy_args == {
+        "decouple": True,
+        "use_bias_correction": True,
+        "safeguard_warmup": True,
+        "d_coef": 2.0,
+    }
+    start = torch.randn(4, 4, generator=torch.Generator().manual_seed(0))
+    ours, theirs = torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.clone())
+    optimizer = build_optimizer(
+        [ours],
+        optimizer_type=settings.optimizer_type,
+        learning_rate=1.0,
+        weight_decay=settings.weight_decay,
+        prodigy_args=settings.prodigy_args,
+    )
+    assert isinstance(optimizer, Prodigy) and optimizer.param_groups[0]["d_coef"] == 2.0
+    reference = Prodigy([theirs], lr=1.0, weight_decay=0.01, **settings.prodigy_args)
+    for step in range(3):
+        gradient = torch.randn(4, 4, generator=torch.Generator().manual_seed(step))
+        for param, opt in ((ours, optimizer), (theirs, reference)):
+            param.grad = gradient.clone()
+            opt.step()
+    assert torch.equal(ours, theirs) and not torch.equal(
+        ours, torch.randn(4, 4, generator=torch.Generator().manual_seed(0))
+    )
+    with pytest.raises(
+        TrainConfigError, match="d_coef is Prodigy's, not adamw's; use --optimizer_type prodigy"
+    ):
+        parse_optimizer_args(("d_coef=2",))
+
+
+def test_loraplus_puts_the_up_matrices_in_a_faster_group() -> None:
+    from masktrain.train.optim import param_groups
+
+    down, up, other = (torch.nn.Parameter(torch.zeros(2)) for _ in range(3))
+    named = [
+        ("blocks.0.attn1.to_q.lora_A.default.weight", down),
+        ("blocks.0.attn1.to_q.lora_B.default.weight", up),
+    ]
+    groups = param_groups(named, 1e-4, 16.0)
+    assert [g["lr"] for g in groups] == [1e-4, pytest.approx(1.6e-3)]
+    assert groups[0]["params"] == [down] and groups[1]["params"] == [up]
+    assert param_groups([("x", other)], 1e-4, None) == [{"params": [other], "lr": 1e-4}]

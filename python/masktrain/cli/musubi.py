@@ -44,13 +44,7 @@ NOT_IMPLEMENTED: dict[str, str] = {
     "the prompt file)",
     "flow_shift": "drop the flag: training's shift is --discrete_flow_shift, a sample's is --fs in the "
     "prompt file",
-    "log_with": "logging goes to OUTPUT_DIR/metrics.jsonl and OUTPUT_DIR/tensorboard; drop the flag",
-    "logging_dir": "TensorBoard logs go to OUTPUT_DIR/tensorboard; drop the flag",
-    "log_prefix": "TensorBoard logs go to OUTPUT_DIR/tensorboard; drop the flag",
-    "log_tracker_name": _NOT_SUPPORTED,
     "log_tracker_config": _NOT_SUPPORTED,
-    "wandb_api_key": "wandb logging is not implemented yet; drop the flag",
-    "wandb_run_name": "wandb logging is not implemented yet; drop the flag",
     "network_weights": "starting from an existing LoRA is not supported yet (--resume continues one)",
     "dim_from_weights": "starting from an existing LoRA is not supported yet",
     "base_weights": "merging LoRAs into the base is not supported; pass an already merged --dit",

@@ -27,10 +27,12 @@ from masktrain.config.sample import SampleSettings
 from masktrain.config.text_encoder import TextEncoderChoice, choose, split_flags
 from masktrain.config.text_encoder import option_names as text_encoder_names
 from masktrain.config.timesteps import TIMESTEP_SAMPLINGS, WEIGHTING_SCHEMES, TimestepSettings
+from masktrain.config.trackers import LOG_WITH, TrackerSettings
 from masktrain.config.train import (
     LORA_FORMATS,
     LR_SCHEDULERS,
     MIXED_PRECISION,
+    OPTIMIZER_ALIASES,
     OPTIMIZER_TYPES,
     SAVE_PRECISION,
     NetworkSettings,
@@ -144,6 +146,22 @@ _OPTIONS: list[Callable[[F], F]] = [
     option(
         "vae", default=None, help="VAE that decodes the samples ('tiny', a folder or a .safetensors file)."
     ),
+    option(
+        "log_with",
+        type=click.Choice(LOG_WITH),
+        default=None,
+        help="Trackers besides metrics.jsonl [default: TensorBoard in OUTPUT_DIR/tensorboard when installed].",
+    ),
+    option(
+        "logging_dir",
+        type=click.Path(file_okay=False, path_type=Path),
+        default=None,
+        help="Trackers' folder (TensorBoard: DIR/PREFIX+timestamp, as musubi).",
+    ),
+    option("log_prefix", default=None, help="Prefix of the run's TensorBoard folder."),
+    option("log_tracker_name", default=None, help="wandb project [default: masktrain]."),
+    option("wandb_run_name", default=None, help="wandb run name [default: --output_name]."),
+    option("wandb_api_key", default=None, help="wandb API key (else wandb's own login)."),
     option("task", default=None, help="musubi-tuner's WAN --task, checked against --dit (e.g. t2v-14B)."),
     option("model_version", default=None, help="musubi-tuner's Qwen-Image --model_version (original)."),
     _shown(
@@ -170,8 +188,8 @@ _OPTIONS: list[Callable[[F], F]] = [
     _shown(
         "optimizer_type",
         _OPTIM.optimizer_type,
-        type=click.Choice(OPTIMIZER_TYPES, case_sensitive=False),
-        help="adamw8bit needs bitsandbytes; adafactor is transformers'.",
+        type=click.Choice([*OPTIMIZER_TYPES, *OPTIMIZER_ALIASES], case_sensitive=False),
+        help="adamw8bit needs bitsandbytes; adafactor is transformers'; prodigy needs prodigyopt.",
     ),
     _shown("lr_scheduler", _OPTIM.lr_scheduler, type=click.Choice(LR_SCHEDULERS)),
     _shown("lr_warmup_steps", _OPTIM.lr_warmup_steps, type=click.IntRange(min=0)),
@@ -258,11 +276,12 @@ def build_config(flags: dict[str, Any]) -> TrainConfig:
     flags = dict(flags)
     musubi.note_accepted(flags)
     network_args = parse_network_args(flags.pop("network_args"))
-    optimizer_args = parse_optimizer_args(flags.pop("optimizer_args"))
+    optimizer_args = parse_optimizer_args(flags.pop("optimizer_args"), flags["optimizer_type"])
     attention = attention_flag(*(flags.pop(name) for name in ("sdpa", "flash_attn", "sage_attn", "xformers")))
     sample = _sample_settings(flags)
     return TrainConfig(
         sample=sample,
+        trackers=TrackerSettings(**_take(flags, TrackerSettings)),
         memory=MemorySettings(attention=attention, **_take(flags, MemorySettings)),
         network=NetworkSettings(**_take(flags, NetworkSettings), **network_args),
         optim=OptimSettings(**(_take(flags, OptimSettings) | optimizer_args)),

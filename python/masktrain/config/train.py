@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import importlib.util
 import json
 import math
 import re
@@ -25,6 +26,7 @@ from masktrain.config.mask_loss import MaskLossSettings
 from masktrain.config.memory import MemorySettings
 from masktrain.config.sample import SampleSettings
 from masktrain.config.timesteps import TimestepSettings
+from masktrain.config.trackers import TrackerSettings
 from masktrain.errors import OptimConfigError, SettingError, TrainConfigError
 
 LoraLayout = Literal["comfyui", "diffusers", "musubi"]
@@ -32,12 +34,36 @@ LORA_FORMATS: tuple[LoraLayout, ...] = ("comfyui", "diffusers", "musubi")
 # fp16 would need loss scaling (a GradScaler and its state in checkpoints); not offered yet.
 MIXED_PRECISION = ("auto", "no", "bf16")
 SAVE_PRECISION = ("float", "fp16", "bf16")
-OPTIMIZER_TYPES = ("adamw", "adamw8bit", "adafactor")
+OPTIMIZER_TYPES = ("adamw", "adamw8bit", "adafactor", "prodigy")
+#: musubi-tuner's class-path spellings of the same optimizers (``--optimizer_type prodigyopt.Prodigy``).
+OPTIMIZER_ALIASES = {
+    "torch.optim.adamw": "adamw",
+    "bitsandbytes.optim.adamw8bit": "adamw8bit",
+    "transformers.optimization.adafactor": "adafactor",
+    "prodigyopt.prodigy": "prodigy",
+}
 MAX_SEED = 2**63
 """Seeds seed torch's generators, which take 64-bit integers."""
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_min_lr", "polynomial")
 #: --optimizer_args keys of transformers' Adafactor (besides weight_decay).
 ADAFACTOR_ARGS = ("scale_parameter", "relative_step", "warmup_init", "clip_threshold", "decay_rate", "beta1")
+#: --optimizer_args keys of prodigyopt's Prodigy (besides weight_decay, betas and eps); the switches
+#: among them take True or False.
+PRODIGY_ARGS = ("d_coef", "decouple", "use_bias_correction", "safeguard_warmup", "beta3", "d0", "growth_rate")
+_SWITCHES = (
+    "scale_parameter",
+    "relative_step",
+    "warmup_init",
+    "decouple",
+    "use_bias_correction",
+    "safeguard_warmup",
+)
+
+
+def optimizer_name(optimizer_type: str) -> str:
+    """``--optimizer_type`` as masktrain names it (lower case; musubi's class paths mapped)."""
+    lowered = optimizer_type.lower()
+    return OPTIMIZER_ALIASES.get(lowered, lowered)
 
 
 @dataclass(frozen=True)
@@ -46,6 +72,8 @@ class NetworkSettings:
     """LoRA rank."""
     network_alpha: float = 1.0
     """LoRA alpha; the update is scaled by alpha / rank (musubi-tuner's default alpha is 1)."""
+    loraplus_lr_ratio: float | None = None
+    """LoRA+ (--network_args loraplus_lr_ratio=16): the up (B) matrices learn this many times faster."""
     include_patterns: tuple[str, ...] | None = None
     """Module-name regexes (fullmatch) to train instead of the family's defaults (--network_args)."""
     exclude_patterns: tuple[str, ...] | None = None
@@ -62,6 +90,10 @@ class NetworkSettings:
             raise TrainConfigError(f"--network_dropout must be in range [0, 1), got {self.network_dropout}")
         if not 0 < self.network_alpha < math.inf:
             raise TrainConfigError("--network_alpha must be a finite number > 0")
+        if self.loraplus_lr_ratio is not None and not 0 < self.loraplus_lr_ratio < math.inf:
+            raise TrainConfigError(
+                f"--network_args loraplus_lr_ratio must be > 0, got {self.loraplus_lr_ratio}"
+            )
 
 
 @dataclass(frozen=True)
@@ -90,16 +122,28 @@ class OptimSettings:
     """The power of polynomial decay."""
     adafactor_args: dict[str, Any] = field(default_factory=dict)
     """Adafactor's own --optimizer_args (scale_parameter, warmup_init, clip_threshold, ...)."""
+    prodigy_args: dict[str, Any] = field(default_factory=dict)
+    """Prodigy's own --optimizer_args (d_coef, decouple, use_bias_correction, safeguard_warmup, ...)."""
 
     def __post_init__(self) -> None:
         check_optimizer(self.optimizer_type, self.learning_rate, self.weight_decay, self.betas, self.eps)
         check_schedule(self.lr_scheduler, self.lr_warmup_steps, min_lr_ratio=self.lr_scheduler_min_lr_ratio)
         if not 0 < self.lr_scheduler_power < math.inf:
             raise OptimConfigError(f"--lr_scheduler_power must be > 0, got {self.lr_scheduler_power}")
-        if self.adafactor_args and self.optimizer_type.lower() != "adafactor":
+        name = optimizer_name(self.optimizer_type)
+        if self.adafactor_args and name != "adafactor":
             raise OptimConfigError(
                 f"--optimizer_args {', '.join(self.adafactor_args)} are Adafactor's; "
                 "use --optimizer_type adafactor"
+            )
+        if self.prodigy_args and name != "prodigy":
+            raise OptimConfigError(
+                f"--optimizer_args {', '.join(self.prodigy_args)} are Prodigy's; use --optimizer_type prodigy"
+            )
+        if name == "prodigy" and importlib.util.find_spec("prodigyopt") is None:
+            raise OptimConfigError(
+                "--optimizer_type prodigy needs prodigyopt, which is not installed: pip install prodigyopt "
+                "(or masktrain[prodigy])"
             )
         if self.adafactor_args.get("relative_step"):
             raise OptimConfigError(
@@ -121,7 +165,7 @@ def check_optimizer(
 ) -> None:
     """Raise :class:`OptimConfigError` naming the flag of a value the optimizer cannot take
     (``optimizer_type`` is case-insensitive)."""
-    if optimizer_type.lower() not in OPTIMIZER_TYPES:
+    if optimizer_name(optimizer_type) not in OPTIMIZER_TYPES:
         raise OptimConfigError(
             f"--optimizer_type must be one of {', '.join(OPTIMIZER_TYPES)}; got {optimizer_type!r}"
         )
@@ -221,6 +265,7 @@ class TrainConfig:
     timesteps: TimestepSettings = field(default_factory=TimestepSettings)
     memory: MemorySettings = field(default_factory=MemorySettings)
     sample: SampleSettings = field(default_factory=SampleSettings)
+    trackers: TrackerSettings = field(default_factory=TrackerSettings)
 
     def __post_init__(self) -> None:
         two_experts = [spec.name for spec in catalog.ARCHES.values() if spec.two_experts]
@@ -276,7 +321,11 @@ class TrainConfig:
             raise TrainConfigError(str(error)) from None
 
     def to_json(self) -> str:
-        return json.dumps(_jsonable(dataclasses.asdict(self)), indent=2, sort_keys=True)
+        """The settings as ``config.json`` records them (an API key is never written)."""
+        settings = dataclasses.asdict(self)
+        if settings["trackers"]["wandb_api_key"] is not None:
+            settings["trackers"]["wandb_api_key"] = "(given)"
+        return json.dumps(_jsonable(settings), indent=2, sort_keys=True)
 
 
 def _choice(value: str, choices: tuple[str, ...], flag: str) -> tuple[bool, str]:
@@ -315,27 +364,35 @@ def parse_network_args(values: tuple[str, ...]) -> dict[str, Any]:
         elif key == "verbose":
             settings[key] = _boolean(raw, f"--network_args {key}")
         elif key == "loraplus_lr_ratio":
-            raise TrainConfigError("--network_args loraplus_lr_ratio is not supported yet; drop it")
+            try:
+                settings[key] = float(raw)
+            except ValueError:
+                raise TrainConfigError(
+                    f"--network_args loraplus_lr_ratio: expected a number, got {raw!r}"
+                ) from None
         else:
             raise TrainConfigError(
-                f"--network_args {key!r} is not supported; use include_patterns, exclude_patterns or verbose"
+                f"--network_args {key!r} is not supported; use include_patterns, exclude_patterns, "
+                "loraplus_lr_ratio or verbose"
             )
     return settings
 
 
-def parse_optimizer_args(values: tuple[str, ...]) -> dict[str, Any]:
-    """musubi-tuner's ``--optimizer_args key=value ...`` as :class:`OptimSettings` fields: for
-    AdamW ``weight_decay``, ``betas`` (``(0.9,0.99)``) and ``eps``; for Adafactor ``weight_decay``
-    and its own keys (``ADAFACTOR_ARGS``, into ``adafactor_args``)."""
+def parse_optimizer_args(values: tuple[str, ...], optimizer_type: str = "adamw") -> dict[str, Any]:
+    """musubi-tuner's ``--optimizer_args key=value ...`` as :class:`OptimSettings` fields:
+    ``weight_decay``, ``betas`` (``(0.9,0.99)``) and ``eps``, and the optimizer's own keys
+    (Adafactor's ``ADAFACTOR_ARGS`` into ``adafactor_args``, Prodigy's ``PRODIGY_ARGS`` into
+    ``prodigy_args``)."""
+    own = {"adafactor": ADAFACTOR_ARGS, "prodigy": PRODIGY_ARGS}.get(optimizer_name(optimizer_type), ())
     settings: dict[str, Any] = {}
-    adafactor: dict[str, Any] = {}
+    extra: dict[str, Any] = {}
     for value in values:
         key, sep, raw = value.partition("=")
         key, raw = key.strip(), raw.strip()
-        if not sep or key not in ("weight_decay", "betas", "eps", *ADAFACTOR_ARGS):
+        if not sep or key not in ("weight_decay", "betas", "eps", *ADAFACTOR_ARGS, *PRODIGY_ARGS):
             raise TrainConfigError(
                 f"--optimizer_args {value!r}: expected weight_decay=..., betas=(b1,b2), eps=... or one of "
-                f"Adafactor's {', '.join(ADAFACTOR_ARGS)}"
+                f"Adafactor's {', '.join(ADAFACTOR_ARGS)} or Prodigy's {', '.join(PRODIGY_ARGS)}"
             )
         try:
             parsed = ast.literal_eval(raw)
@@ -345,18 +402,29 @@ def parse_optimizer_args(values: tuple[str, ...]) -> dict[str, Any]:
             if not (isinstance(parsed, tuple | list) and len(parsed) == 2):
                 raise TrainConfigError(f"--optimizer_args betas: expected two numbers, got {raw!r}")
             settings[key] = (float(parsed[0]), float(parsed[1]))
-        elif key in ("scale_parameter", "relative_step", "warmup_init"):
+            continue
+        if key in _SWITCHES:
             if not isinstance(parsed, bool):
                 raise TrainConfigError(f"--optimizer_args {key}: expected True or False, got {raw!r}")
-            adafactor[key] = parsed
+            value_read: Any = parsed
         elif key == "beta1" and parsed is None:
-            adafactor[key] = None
+            value_read = None
         elif isinstance(parsed, int | float) and not isinstance(parsed, bool):
-            (adafactor if key in ADAFACTOR_ARGS else settings)[key] = float(parsed)
+            value_read = float(parsed)
         else:
             raise TrainConfigError(f"--optimizer_args {key}: expected a number, got {raw!r}")
-    if adafactor:
-        settings["adafactor_args"] = adafactor
+        if key in ("weight_decay", "eps"):
+            settings[key] = value_read
+        elif key in own:
+            extra[key] = value_read
+        else:
+            owner = "Adafactor's" if key in ADAFACTOR_ARGS else "Prodigy's"
+            wanted = "adafactor" if key in ADAFACTOR_ARGS else "prodigy"
+            raise TrainConfigError(
+                f"--optimizer_args {key} is {owner}, not {optimizer_type}'s; use --optimizer_type {wanted}"
+            )
+    if extra:
+        settings["adafactor_args" if own is ADAFACTOR_ARGS else "prodigy_args"] = extra
     return settings
 
 

@@ -58,8 +58,9 @@ from masktrain.train.device import precision, resolve_device
 from masktrain.train.experts import Experts, build_experts
 from masktrain.train.flow_matching import noised
 from masktrain.train.metrics import MetricsLog, StepMetrics, progress_postfix
-from masktrain.train.optim import build_optimizer, build_scheduler
+from masktrain.train.optim import build_optimizer, build_scheduler, param_groups
 from masktrain.train.preflight import TrainPlan, preflight
+from masktrain.train.trackers import Trackers
 from masktrain.train.validation import Validator, describe
 
 log = logging.getLogger(__name__)
@@ -237,13 +238,14 @@ def _train_locked(
             dist.broadcast(param.data, src=0)
     optim = config.optim
     optimizer = build_optimizer(
-        params,
+        param_groups(named, optim.learning_rate, config.network.loraplus_lr_ratio),
         optimizer_type=optim.optimizer_type,
         learning_rate=optim.learning_rate,
         weight_decay=optim.weight_decay,
         betas=optim.betas,
         eps=optim.eps,
         adafactor_args=optim.adafactor_args,
+        prodigy_args=optim.prodigy_args,
     )
     batches_per_epoch, total_steps = plan.batches_per_epoch, plan.total_steps
     scheduler = build_scheduler(
@@ -279,22 +281,23 @@ def _train_locked(
             total_steps,
             shard.world,
         )
-    metrics = (
-        MetricsLog(config.output_dir, position.step if config.resume else None) if shard.is_main else None
-    )
+    metrics = None
+    if shard.is_main:
+        trackers = Trackers(config.trackers, config.output_dir, config.output_name, config.to_json())
+        metrics = MetricsLog(config.output_dir, position.step if config.resume else None, trackers)
 
     validator = (
         Validator(plan.validation_items, family, config.seed, device) if plan.validation_items else None
     )
     lora_path = config.output_dir / f"{config.output_name}.safetensors"
     step, epoch, done = position.step, position.epoch, position.batches_done
-    if config.sample.sample_at_first:
-        _sample(sampler, experts, step, shard)
     with (
         contextlib.closing(metrics) if metrics is not None else contextlib.nullcontext(),
         _Interrupt() as interrupt,
         tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=not shard.is_main) as bar,
     ):
+        if config.sample.sample_at_first:
+            _sample(sampler, experts, step, shard, metrics)
         prefetch = Prefetcher(_schedule(plan.items, config.seed, shard, batches_per_epoch, epoch, done))
         try:
             window, in_window, started, waited = StepMetrics(), 0, time.perf_counter(), 0.0
@@ -347,7 +350,7 @@ def _train_locked(
                     )
                     _save(config, family, experts, named, optimizer, scheduler, after, shard)
                 if not stop and _sample_due(config, step, epoch, epoch_end, finished):
-                    _sample(sampler, experts, step, shard)
+                    _sample(sampler, experts, step, shard, metrics)
                 if stop and not finished:
                     raise TrainingInterrupted(ckpt.checkpoint_dir(config.output_dir, step))
                 if finished:
@@ -379,10 +382,14 @@ def _validate(
     shard.barrier()
 
 
-def _sample(sampler: Sampler | None, experts: Experts, step: int, shard: Shard) -> None:
+def _sample(
+    sampler: Sampler | None, experts: Experts, step: int, shard: Shard, metrics: MetricsLog | None
+) -> None:
     """Rank 0 samples (``masktrain.sample``) while the others wait."""
     if sampler is not None:
-        sampler.run(experts, step)
+        written = sampler.run(experts, step)
+        if metrics is not None and metrics.trackers is not None:
+            metrics.trackers.samples(step, written)
     shard.barrier()
 
 

@@ -1,6 +1,6 @@
 """Per-step metrics: the loss per mask tier and the prior term, on the progress bar, in
-``OUTPUT_DIR/metrics.jsonl`` (one JSON object per optimizer step) and in TensorBoard when it is
-installed.
+``OUTPUT_DIR/metrics.jsonl`` (one JSON object per optimizer step) and in the run's trackers
+(``train.trackers``: TensorBoard, wandb).
 
 Tiers are bins of the RAW cached weight (before gamma and floor): background < 0.05 <= hair and
 body < 0.75 <= face. The tier losses are plain means of the per-element flow-matching loss
@@ -14,12 +14,9 @@ import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from masktrain import atomic
-
-if TYPE_CHECKING:
-    from torch.utils.tensorboard import SummaryWriter
+from masktrain.train.trackers import Trackers
 
 log = logging.getLogger(__name__)
 
@@ -99,15 +96,15 @@ def progress_postfix(record: StepRecord) -> dict[str, str]:
 
 
 class MetricsLog:
-    """Appends records to metrics.jsonl (kept across a resume) and TensorBoard."""
+    """Appends records to metrics.jsonl (kept across a resume) and passes them to the trackers."""
 
-    def __init__(self, output_dir: Path, resume_step: int | None):
+    def __init__(self, output_dir: Path, resume_step: int | None, trackers: Trackers | None = None):
         self.path = output_dir / "metrics.jsonl"
         if resume_step is None:
             self.path.unlink(missing_ok=True)
         else:  # drop the records a killed run wrote after its last checkpoint
             self._truncate_after(resume_step)
-        self._writer = _tensorboard(output_dir / "tensorboard")
+        self.trackers = trackers
 
     def _truncate_after(self, step: int) -> None:
         """Keep the records up to the checkpoint's step. A line that does not parse (a write cut
@@ -133,10 +130,15 @@ class MetricsLog:
                 file.write(json.dumps(values) + "\n")
         except OSError as error:
             raise atomic.write_error(error, self.path) from error
-        if self._writer is not None:
-            for key, value in values.items():
-                if key not in ("step", "epoch") and isinstance(value, float) and math.isfinite(value):
-                    self._writer.add_scalar(key.replace("loss_", "loss/"), value, record.step)
+        if self.trackers is not None:
+            self.trackers.scalars(
+                record.step,
+                {
+                    key.replace("loss_", "loss/"): value
+                    for key, value in values.items()
+                    if key not in ("step", "epoch") and isinstance(value, float) and math.isfinite(value)
+                },
+            )
 
     def write_validation(self, step: int, metrics: dict[str, float]) -> None:
         """One line ``{"step": N, "val_loss_face": ..., ...}`` (see ``train.validation``)."""
@@ -145,19 +147,16 @@ class MetricsLog:
                 file.write(json.dumps({"step": step, **metrics}) + "\n")
         except OSError as error:
             raise atomic.write_error(error, self.path) from error
-        if self._writer is not None:
-            for key, value in metrics.items():
-                if math.isfinite(value):
-                    self._writer.add_scalar(key.replace("val_", "val/"), value, step)
+        if self.trackers is not None:
+            self.trackers.scalars(
+                step,
+                {
+                    key.replace("val_", "val/"): value
+                    for key, value in metrics.items()
+                    if math.isfinite(value)
+                },
+            )
 
     def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-
-
-def _tensorboard(directory: Path) -> SummaryWriter | None:
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:  # tensorboard is optional
-        return None
-    return SummaryWriter(str(directory))
+        if self.trackers is not None:
+            self.trackers.close()

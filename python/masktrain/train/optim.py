@@ -2,7 +2,10 @@
 
 - ``adamw``: ``torch.optim.AdamW``. ``adamw8bit``: bitsandbytes' ``AdamW8bit``, imported only
   when asked for (it is not a dependency). ``adafactor``: transformers' ``Adafactor`` with the
-  learning rate and schedule masktrain sets (no relative step).
+  learning rate and schedule masktrain sets (no relative step). ``prodigy``: prodigyopt's
+  ``Prodigy`` (``masktrain[prodigy]``); it adapts its step size, so ``--learning_rate 1`` is usual.
+- LoRA+ (``--network_args loraplus_lr_ratio=R``, :func:`param_groups`): the LoRA's up matrices
+  (``lora_B``) in a second group whose learning rate is R times the others'.
 - Schedules are ``LambdaLR`` with the formulas of transformers' ``get_*_schedule_with_warmup``
   (warm-up from 0 over ``warmup_steps``: the LR at step ``s < warmup`` is ``lr * s / warmup``),
   so nothing needs diffusers. ``min_lr_ratio`` floors the decay of ``linear`` and ``cosine``:
@@ -22,7 +25,7 @@ from typing import Any
 
 import torch
 
-from masktrain.config.train import check_optimizer, check_schedule
+from masktrain.config.train import check_optimizer, check_schedule, optimizer_name
 from masktrain.errors import OptimConfigError
 
 log = logging.getLogger(__name__)
@@ -37,13 +40,26 @@ def build_optimizer(
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
     adafactor_args: Mapping[str, Any] | None = None,
+    prodigy_args: Mapping[str, Any] | None = None,
 ) -> torch.optim.Optimizer:
     """The optimizer over ``params`` (tensors or param groups); ``optimizer_type`` is
-    case-insensitive."""
+    case-insensitive, musubi's class paths included (``prodigyopt.Prodigy``)."""
     check_optimizer(optimizer_type, learning_rate, weight_decay, betas, eps)
-    if optimizer_type.lower() == "adamw":
+    name = optimizer_name(optimizer_type)
+    if name == "prodigy":
+        try:
+            from prodigyopt import Prodigy  # type: ignore[import-untyped]  # no stubs
+        except ImportError as error:
+            raise OptimConfigError(
+                "--optimizer_type prodigy needs prodigyopt, which is not installed: pip install prodigyopt"
+            ) from error
+        prodigy: torch.optim.Optimizer = Prodigy(
+            params, lr=learning_rate, betas=betas, eps=eps, weight_decay=weight_decay, **(prodigy_args or {})
+        )
+        return prodigy
+    if name == "adamw":
         return torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay, betas=betas, eps=eps)
-    if optimizer_type.lower() == "adafactor":
+    if name == "adafactor":
         from transformers.optimization import Adafactor
 
         # --learning_rate and --lr_scheduler drive the step: no relative step, no parameter scaling
@@ -65,6 +81,21 @@ def build_optimizer(
         params, lr=learning_rate, weight_decay=weight_decay, betas=betas, eps=eps
     )
     return optimizer
+
+
+def param_groups(
+    named: list[tuple[str, torch.nn.Parameter]], learning_rate: float, loraplus_lr_ratio: float | None
+) -> list[dict[str, Any]]:
+    """The optimizer's parameter groups: one, or with LoRA+ the down (A) and the up (B) matrices
+    apart, the up ones at ``learning_rate * loraplus_lr_ratio``."""
+    if loraplus_lr_ratio is None:
+        return [{"params": [param for _, param in named], "lr": learning_rate}]
+    up = [param for name, param in named if ".lora_B." in name]
+    down = [param for name, param in named if ".lora_B." not in name]
+    return [
+        {"params": down, "lr": learning_rate},
+        {"params": up, "lr": learning_rate * loraplus_lr_ratio},
+    ]
 
 
 def lr_lambda(
