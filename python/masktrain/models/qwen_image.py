@@ -13,13 +13,14 @@ musubi-tuner's ``lora_qwen_image`` does; ComfyUI uses the diffusers module names
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from masktrain import catalog
 from masktrain.config.memory import Fp8Mode
-from masktrain.errors import DataError, ModelLoadError
+from masktrain.errors import DataError
 from masktrain.models import qwen_image_checkpoint
 from masktrain.models.base import LoraTargets, SampleRequest, TextBatch, TextEncoder
 from masktrain.models.fp8 import Fp8Targets, quantize_model
@@ -29,6 +30,7 @@ from masktrain.models.loading import (
     encode_posterior_mean,
     finish_transformer,
     is_single_file,
+    local_tokenizer,
     pretrained_text_encoder,
     pretrained_transformer,
     pretrained_vae,
@@ -181,11 +183,11 @@ class QwenImageFamily:
             tokens = tiny_tokenizer()
             config = Qwen2_5_VLTextConfig(vocab_size=len(tokens), **TINY_TEXT)
             model = seeded(lambda: Qwen2_5_VLTextModel(config))
-        elif is_single_file(spec):
-            raise ModelLoadError(
-                f"{self.text_flag} {spec}: single-file Qwen2.5-VL text encoders are not read yet; pass a "
-                "local folder (a diffusers pipeline's text_encoder/ and tokenizer/, or a transformers folder)"
-            )
+        elif is_single_file(spec):  # ComfyUI's qwen_2.5_vl_7b*.safetensors, with a tokenizer folder
+            # the tokenizer first: a missing one costs no read of the file
+            flag, hub_id = self.spec.tokenizer_flag, self.spec.tokenizer_hub_id
+            tokens = local_tokenizer(tokenizer, flag, hub_id, self.text_flag, spec)
+            model = qwen_image_checkpoint.load_text_encoder_file(Path(spec).expanduser(), self.text_flag)
         else:
             model, tokens = pretrained_text_encoder(Qwen2_5_VLForConditionalGeneration, spec, self.text_flag)
         if fp8:

@@ -6,6 +6,13 @@ shapes are read through ``wan_checkpoint``; diffusers itself cannot load it from
 What the shapes cannot tell: the head dim is the size of the per-head q norm; the RoPE axes are
 (16, 56, 56) for the released 128-dim heads and the patch size is 2. The VAE's latent statistics
 are the diffusers class defaults. ``overrides`` replaces any inferred config value.
+
+The Qwen2.5-VL text encoder file (ComfyUI's ``qwen_2.5_vl_7b.safetensors``, bf16 or fp8) holds the
+language model under ``model.`` (transformers' older names; ``model.language_model.`` in the newer
+ones) beside the vision tower (``visual.``) and ``lm_head``; masktrain reads the language model
+only (``Qwen2_5_VLTextModel``: Qwen-Image's prompt features are its last hidden state). Every
+released Qwen2.5 model has 128-dim heads, so the head counts follow from the q and k widths; the
+multimodal RoPE sections are the released (16, 24, 24).
 """
 
 from __future__ import annotations
@@ -49,6 +56,10 @@ QWEN_TEXT = CheckpointKind(
     "text",
     lambda n: any(k.startswith(("model.layers.", "layers.", "visual.", "model.language_model.")) for k in n),
 )
+#: The text model's key prefixes in ComfyUI's / transformers' files, newest first.
+QWEN_TEXT_PREFIXES = ("model.language_model.", "language_model.model.", "model.", "")
+QWEN_TEXT_HEAD_DIM = 128
+QWEN_MROPE_SECTION = (16, 24, 24)
 register_kinds(QWEN21_DIT, QWEN_DIT)
 register_kinds(QWEN_TEXT, fallback=True)
 
@@ -129,3 +140,54 @@ def _qwen_vae_config(file: CheckpointFile, wan: dict[str, Any]) -> dict[str, Any
         "latents_std",
     )
     return {k: wan[k] for k in keep if k in wan} | {"input_channels": wan["in_channels"]}
+
+
+def load_text_encoder_file(
+    path: Path, flag: str, dtype: torch.dtype | None = None, *, overrides: Mapping[str, Any] | None = None
+) -> torch.nn.Module:
+    """A ``Qwen2_5_VLTextModel`` (the language model of Qwen2.5-VL) from one ``.safetensors`` file;
+    the vision tower and ``lm_head`` in the file are not read."""
+    from transformers import Qwen2_5_VLTextConfig, Qwen2_5_VLTextModel
+
+    # build() makes models from keyword arguments; transformers leaves __init_subclass__ unannotated
+    class TextModelFromShapes(Qwen2_5_VLTextModel):  # type: ignore[no-untyped-call]
+        def __init__(self, **config: Any) -> None:
+            super().__init__(Qwen2_5_VLTextConfig(**config))
+
+    file, _ = open_component(path, flag, (), QWEN_TEXT)
+    prefix = next((p for p in QWEN_TEXT_PREFIXES if f"{p}embed_tokens.weight" in file.shapes), None)
+    if prefix is None:
+        raise file.error("is not a complete Qwen2.5-VL text encoder: no embed_tokens.weight")
+    to_file = {
+        key.removeprefix(prefix): key
+        for key in file.shapes
+        if key.startswith(prefix)
+        and key.removeprefix(prefix).startswith(("embed_tokens.", "layers.", "norm."))
+    }
+    config = file.infer(qwen_text_config, file.renamed_shapes(to_file), overrides)
+    return build(TextModelFromShapes, config, file, to_file, dtype)
+
+
+def qwen_text_config(shapes: Shapes, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """``Qwen2_5_VLTextConfig`` from the text model's shapes (128-dim heads, see the module doc)."""
+    overrides = dict(overrides or {})
+    vocab, hidden = shape(shapes, "embed_tokens.weight")
+    head_dim = int(overrides.pop("head_dim", QWEN_TEXT_HEAD_DIM))
+    q_width = shape(shapes, "layers.0.self_attn.q_proj.weight")[0]
+    kv_width = shape(shapes, "layers.0.self_attn.k_proj.weight")[0]
+    if q_width % head_dim or kv_width % head_dim:
+        raise ShapeRuleError(f"q / k widths {q_width} / {kv_width} are not multiples of {head_dim}-dim heads")
+    section = list(overrides.pop("mrope_section", QWEN_MROPE_SECTION))
+    config: dict[str, Any] = {
+        "vocab_size": vocab,
+        "hidden_size": hidden,
+        "intermediate_size": shape(shapes, "layers.0.mlp.gate_proj.weight")[0],
+        "num_hidden_layers": count(shapes, r"layers\.(\d+)\."),
+        "num_attention_heads": q_width // head_dim,
+        "num_key_value_heads": kv_width // head_dim,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 1000000.0,
+        "max_position_embeddings": 128000,
+        "rope_scaling": {"type": "mrope", "rope_type": "default", "mrope_section": section},
+    }
+    return config | overrides
