@@ -403,7 +403,7 @@ def test_convert_lora_goes_through_every_layout_and_back_unchanged(tmp_path: Pat
     assert original_meta == final_meta
 
 
-def test_convert_lora_rejects_a_file_masktrain_did_not_write(tmp_path: Path) -> None:
+def test_convert_lora_rejects_a_file_of_unknown_layers(tmp_path: Path) -> None:
     from click.testing import CliRunner
 
     from masktrain.cli import main
@@ -423,7 +423,8 @@ def test_convert_lora_rejects_a_file_masktrain_did_not_write(tmp_path: Path) -> 
         ],
     )
     assert (
-        result.exit_code == 2 and "not a masktrain LoRA file (metadata lacks masktrain.arch" in result.output
+        result.exit_code == 2
+        and "no masktrain metadata and no known layer names; pass --arch" in result.output
     )
     assert not (tmp_path / "o.safetensors").exists()
 
@@ -499,8 +500,10 @@ def test_a_failed_save_keeps_the_previous_file(tmp_path: Path, monkeypatch: pyte
 def test_load_lora_into_rejects_foreign_files(tmp_path: Path) -> None:
     foreign = tmp_path / "foreign.safetensors"
     safetensors.torch.save_file({"diffusion_model.x.lora_A.weight": torch.zeros(1, 1)}, foreign)
-    with pytest.raises(LoraFileError, match="not a masktrain LoRA file"):
+    with pytest.raises(LoraFileError, match="no known layer names; pass --arch"):
         load_lora_into(base("wan"), foreign)
+    with pytest.raises(LoraFileError, match=r"diffusion_model\.x\.lora_A\.weight names no Linear layer"):
+        load_lora_into(base("wan"), foreign, "wan")
     not_safetensors = tmp_path / "junk.safetensors"
     not_safetensors.write_bytes(b"junk")
     with pytest.raises(LoraFileError, match="not a readable safetensors file"):
@@ -523,3 +526,57 @@ def test_convert_lora_names_layers_of_a_model_larger_than_the_tiny_one() -> None
     assert qwen("transformer_blocks.59.attn.to_add_out") == "transformer_blocks.59.attn.to_add_out"
     assert qwen("transformer_blocks_59_img_mlp_net_2") == "transformer_blocks.59.img_mlp.net.2"
     assert wan("blocks.3.no_such_layer") is None
+
+
+def musubi_written(path: Path, source: Path, arch: str) -> Path:
+    """`source` (masktrain's musubi layout) as musubi-tuner writes it: the same keys
+    (``lora_unet_<path, dots as _>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha``, its
+    networks/lora.py), bf16 matrices, and musubi's ``ss_*`` metadata instead of masktrain's."""
+    tensors, _ = read(source)
+    tensors = {k: v if k.endswith(".alpha") else v.to(torch.bfloat16) for k, v in tensors.items()}
+    module = {"wan": "networks.lora_wan", "qwen_image": "networks.lora_qwen_image"}[arch]
+    metadata = {"ss_network_module": module, "ss_network_dim": str(RANK), "ss_network_alpha": str(ALPHA)}
+    safetensors.torch.save_file(tensors, str(path), metadata=metadata)
+    return path
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_a_musubi_written_lora_converts_and_loads_through_diffusers(tmp_path: Path, arch: str) -> None:
+    """A LoRA musubi-tuner wrote (no masktrain metadata) converts to the ComfyUI and diffusers
+    layouts with its rank and alpha read off the file, and diffusers' loader gives the trained
+    output (to bf16's rounding of the matrices)."""
+    from masktrain.tools.convert_lora import convert
+
+    transformer = trained(arch)
+    expected = predict(arch, transformer)
+    source = tmp_path / "masktrain-musubi.safetensors"
+    save_lora(source, transformer, get_family(arch), layout="musubi", metadata={})
+    theirs = musubi_written(tmp_path / "musubi.safetensors", source, arch)
+    for layout in ("comfyui", "diffusers"):
+        target = tmp_path / f"{layout}.safetensors"
+        assert convert(theirs, target, layout) == "musubi"
+        _, metadata = read(target)
+        assert (metadata["masktrain.arch"], metadata["masktrain.rank"]) == (arch, str(RANK))
+        assert float(metadata["masktrain.alpha"]) == ALPHA and metadata["ss_network_module"].endswith(arch)
+        pipe = pipeline_with_fresh_base(arch)
+        pipe.load_lora_weights(str(target))
+        assert (predict(arch, pipe.transformer) - expected).abs().max() <= 2e-3
+    fresh = base(arch)
+    load_lora_into(fresh, theirs)  # masktrain sample --lora reads it as it is
+    assert (predict(arch, fresh) - expected).abs().max() <= 2e-3
+
+
+def test_a_lora_with_per_layer_alphas_that_differ_is_refused(tmp_path: Path) -> None:
+    from masktrain.tools.convert_lora import convert
+
+    source = tmp_path / "m.safetensors"
+    save_lora(source, trained("wan"), get_family("wan"), layout="musubi", metadata={})
+    tensors, _ = read(source)
+    first = next(k for k in tensors if k.endswith(".alpha"))
+    tensors[first] = torch.tensor(1.0)
+    safetensors.torch.save_file(tensors, str(tmp_path / "mixed.safetensors"))
+    with pytest.raises(
+        LoraFileError, match=r"layers with different alphas \[1.0, 2.0\]; masktrain reads one"
+    ):
+        convert(tmp_path / "mixed.safetensors", tmp_path / "o.safetensors", "comfyui")
+    assert not (tmp_path / "o.safetensors").exists()

@@ -1,5 +1,7 @@
-"""``masktrain convert-lora``: one of masktrain's LoRA files in another layout (``comfyui``,
-``diffusers``, ``musubi``; see ``train.lora.lora_file_bytes``), tensors and alpha unchanged.
+"""``masktrain convert-lora``: a LoRA file in another layout (``comfyui``, ``diffusers``,
+``musubi``; see ``train.lora.lora_file_bytes``), tensors and alpha unchanged. Files musubi-tuner
+wrote (and other trainers' files in these layouts) convert too: their arch, rank and alpha are read
+off the file (``train.lora.file_header``).
 
 The three layouts name each layer differently: ComfyUI by the original module path, musubi by
 that path with dots as underscores, diffusers by diffusers' module name. The mapping comes from
@@ -59,19 +61,18 @@ def _resolver(family: ModelFamily) -> Callable[[str], str | None]:
     return resolve
 
 
-def convert(source: Path, target: Path, layout: LoraLayout) -> str:
-    """Write `source` (a masktrain LoRA file) to `target` in `layout`; returns the source's layout."""
+def convert(source: Path, target: Path, layout: LoraLayout, arch: str | None = None) -> str:
+    """Write `source` (a masktrain LoRA file, or one musubi-tuner or another trainer wrote; `arch`
+    when its layer names do not tell) to `target` in `layout`; returns the source's layout."""
     try:
         tensors = safetensors.torch.load_file(source)
         with safetensors.safe_open(source, "pt") as handle:
             metadata = handle.metadata() or {}
     except (safetensors.SafetensorError, OSError) as error:
         raise LoraFileError(f"{source}: not a readable safetensors file ({error})") from error
-    missing = [k for k in (lora.META_ARCH, lora.META_RANK, lora.META_ALPHA) if k not in metadata]
-    if missing:
-        raise LoraFileError(f"{source}: not a masktrain LoRA file (metadata lacks {', '.join(missing)})")
+    arch, rank, alpha = lora.file_header(tensors, metadata, source, arch)
     try:
-        family = get_family(metadata[lora.META_ARCH])
+        family = get_family(arch)
     except ValueError as error:
         raise LoraFileError(f"{source}: {error}") from None
     state = lora.peft_state(tensors, _resolver(family), family, source)
@@ -79,10 +80,19 @@ def convert(source: Path, target: Path, layout: LoraLayout) -> str:
     data = lora.state_file_bytes(
         state,
         family,
-        rank=int(metadata[lora.META_RANK]),
-        alpha=float(metadata[lora.META_ALPHA]),
+        rank=rank,
+        alpha=alpha,
         layout=layout,
         metadata=kept,
     )
     atomic.write_bytes(target, data)
-    return str(metadata.get(lora.META_LAYOUT, "?"))
+    return str(metadata.get(lora.META_LAYOUT) or _layout_of(tensors))
+
+
+def _layout_of(tensors: dict[str, torch.Tensor]) -> str:
+    """The layout a file without masktrain's metadata is in, by its keys."""
+    if all(key.startswith(lora.MUSUBI_PREFIX) for key in tensors):
+        return "musubi"
+    if all(key.startswith(lora.DIFFUSERS_PREFIX) for key in tensors):
+        return "diffusers"
+    return "comfyui"

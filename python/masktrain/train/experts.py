@@ -254,7 +254,7 @@ def load_for_sampling(
     experts = Experts(low, high, boundary, device=device)
     if lora_file is not None:
         for model in experts.modules():
-            lora.load_lora_into(model, lora_file)
+            lora.load_lora_into(model, lora_file, family.name)
     place(experts, family, memory, gradient_checkpointing=False)
     return experts
 

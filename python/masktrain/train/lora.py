@@ -269,10 +269,12 @@ def state_file_bytes(
     return safetensors.torch.save(dict(tensors), metadata=header)
 
 
-def load_lora_into(transformer: torch.nn.Module, path: str | os.PathLike[str]) -> dict[str, str]:
-    """Add the adapter stored in one of masktrain's LoRA files (either layout) to a transformer
-    without one; returns the file's metadata. The loaded weights are trainable like any adapter
-    from `add_lora`."""
+def load_lora_into(
+    transformer: torch.nn.Module, path: str | os.PathLike[str], arch: str | None = None
+) -> dict[str, str]:
+    """Add the adapter stored in a LoRA file (masktrain's, in any layout, or one musubi-tuner or
+    another trainer wrote: :func:`file_header`) to a transformer without one; returns the file's
+    metadata. The loaded weights are trainable like any adapter from `add_lora`."""
     from peft import LoraConfig
     from peft.utils import set_peft_model_state_dict
 
@@ -283,22 +285,16 @@ def load_lora_into(transformer: torch.nn.Module, path: str | os.PathLike[str]) -
             metadata = handle.metadata() or {}
     except safetensors.SafetensorError as error:
         raise LoraFileError(f"{path}: not a readable safetensors file ({error})") from error
-    missing = [k for k in (META_ARCH, META_RANK, META_ALPHA) if k not in metadata]
-    if missing:
-        raise LoraFileError(f"{path}: not a masktrain LoRA file (metadata lacks {', '.join(missing)})")
     if getattr(transformer, "_hf_peft_config_loaded", False):
         raise LoraFileError(f"{path}: the transformer already has a LoRA adapter; load into a fresh one")
-    try:
-        family = get_family(metadata[META_ARCH])
-    except ValueError as error:
-        raise LoraFileError(f"{path}: {error}") from None
-
+    arch, rank, alpha = file_header(tensors, metadata, path, arch)
+    family = get_family(arch)
     state = peft_state(tensors, layer_resolver(transformer, family), family, path)
 
     modules = sorted({key.rpartition(".lora_")[0] for key in state})
     config = LoraConfig(
-        r=int(metadata[META_RANK]),
-        lora_alpha=float(metadata[META_ALPHA]),  # type: ignore[arg-type]  # peft says int, takes any number
+        r=rank,
+        lora_alpha=alpha,  # type: ignore[arg-type]  # peft says int, takes any number
         target_modules=modules,
         init_lora_weights=True,
     )
@@ -315,6 +311,46 @@ def load_lora_into(transformer: torch.nn.Module, path: str | os.PathLike[str]) -
             f"missing {unloaded[:3]})"
         )
     return dict(metadata)
+
+
+#: musubi-tuner's ``ss_network_module`` -> arch.
+MUSUBI_NETWORK_MODULES = {"networks.lora_wan": "wan", "networks.lora_qwen_image": "qwen_image"}
+
+
+def file_header(
+    tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str], path: Path, arch: str | None = None
+) -> tuple[str, int, float]:
+    """(arch, rank, alpha) of a LoRA file: masktrain's metadata, else read off the file as musubi-
+    tuner and ComfyUI read it: the arch from musubi's ``ss_network_module``, `arch` (the caller's
+    ``--arch``) or the layer names (Qwen-Image's ``transformer_blocks``, WAN's ``self_attn`` /
+    ``cross_attn``); the rank from the down matrices; alpha from the per-layer ``.alpha`` tensors,
+    or the rank when there are none (a scale of 1, as ComfyUI assumes). Per-layer ranks or alphas
+    that differ are refused: masktrain's adapters have one of each."""
+    if all(key in metadata for key in (META_ARCH, META_RANK, META_ALPHA)):
+        return metadata[META_ARCH], int(metadata[META_RANK]), float(metadata[META_ALPHA])
+    arch = MUSUBI_NETWORK_MODULES.get(metadata.get("ss_network_module", ""), arch)
+    if arch is None:
+        if any("transformer_blocks" in key for key in tensors):
+            arch = "qwen_image"
+        elif any("self_attn" in key or "cross_attn" in key for key in tensors):
+            arch = "wan"
+        else:
+            raise LoraFileError(f"{path}: no masktrain metadata and no known layer names; pass --arch")
+    down = {
+        int(v.shape[0]) for k, v in tensors.items() if k.endswith((".lora_A.weight", ".lora_down.weight"))
+    }
+    if len(down) != 1:
+        raise LoraFileError(
+            f"{path}: {'no LoRA matrices' if not down else f'layers of different ranks {sorted(down)}'}; "
+            "masktrain reads LoRAs of one rank"
+        )
+    rank = down.pop()
+    alphas = {round(float(v), 6) for k, v in tensors.items() if k.endswith(".alpha")}
+    if len(alphas) > 1:
+        raise LoraFileError(
+            f"{path}: layers with different alphas {sorted(alphas)}; masktrain reads one alpha"
+        )
+    return arch, rank, alphas.pop() if alphas else float(rank)
 
 
 def _compile(patterns: Sequence[str], what: str) -> list[re.Pattern[str]]:
