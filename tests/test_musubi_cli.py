@@ -329,11 +329,13 @@ def test_validation_of_an_untrained_lora_equals_the_base_and_matches_a_hand_comp
 def test_loraplus_and_prodigy_train_from_musubis_flags(datasets, tmp_path: Path) -> None:
     """LoRA+ scales the up matrices' first AdamW step (sign(g) * lr, from zero) by the ratio; Prodigy
     by musubi's class path trains, checkpoints and resumes."""
-    common = "--dataset_config {t} --arch wan --dit tiny --device cpu --network_dim 4 --max_train_steps 1"
+    common = "--dataset_config {t} --arch wan --dit tiny --device cpu --network_dim 4"
     up = {}
     for ratio in (None, 4):
         out = tmp_path / f"plus{ratio}"
-        args = words(common + " --output_dir {o} --learning_rate 1e-3", t=datasets["wan"], o=out)
+        args = words(
+            common + " --max_train_steps 1 --output_dir {o} --learning_rate 1e-3", t=datasets["wan"], o=out
+        )
         if ratio is not None:
             args += ["--network_args", f"loraplus_lr_ratio={ratio}"]
         run_train(config_from_args(args))
@@ -344,10 +346,21 @@ def test_loraplus_and_prodigy_train_from_musubis_flags(datasets, tmp_path: Path)
         assert value.abs().max() > 0
         torch.testing.assert_close(value, 4 * up[None][key], rtol=1e-4, atol=1e-9)
     assert down  # A has no gradient while B is zero: both runs leave it at its initialisation
+    # the ratio shapes the optimizer's groups and their rates: a resume must keep it
+    plus = tmp_path / "plus4"
+    resume = words(
+        common + " --output_dir {o} --resume {r}", t=datasets["wan"], o=plus, r=plus / "step-000001"
+    )
+    with pytest.raises(TrainConfigError, match=r"loraplus_lr_ratio: 4\.0 in the checkpoint, None now"):
+        run_train(config_from_args([*resume, "--max_train_steps", "2"]))
     out = tmp_path / "prodigy"
-    prodigy = common.replace("--max_train_steps 1", "--max_train_steps 2") + (
-        " --output_dir {o} --optimizer_type prodigyopt.Prodigy --learning_rate 1 --optimizer_args"
-        " decouple=True weight_decay=0.01 use_bias_correction=True safeguard_warmup=True d_coef=2"
+    prodigy = (
+        common
+        + " --max_train_steps 2"
+        + (
+            " --output_dir {o} --optimizer_type prodigyopt.Prodigy --learning_rate 1 --optimizer_args"
+            " decouple=True weight_decay=0.01 use_bias_correction=True safeguard_warmup=True d_coef=2"
+        )
     )
     run_train(config_from_args(words(prodigy, t=datasets["wan"], o=out)))
     state = torch.load(out / "step-000002" / "optimizer.pt", weights_only=True)

@@ -5,6 +5,7 @@ few collective steps (barrier, gather) the commands need. Without ``torchrun`` (
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -46,14 +47,14 @@ class Shard:
 
 
 @contextlib.contextmanager
-def process_group() -> Iterator[Shard]:
+def process_group(timeout_minutes: float | None = None) -> Iterator[Shard]:
     """This process's shard, in the process group `torchrun` describes (gloo on CPU, nccl on GPU),
     left when the block ends. On a normal end, and on an interruption every process agreed to,
     the processes leave together (a barrier first): one that tears down its gloo connections
     while its peer still uses them can abort the peer ("terminate called without an active
     exception", seen under load at the end of a torchrun cache run). On an error only this
     process may be leaving, so it leaves at once and its peers' next collective fails."""
-    shard = start()
+    shard = start(timeout_minutes)
     try:
         yield shard
     except Interrupted:
@@ -65,13 +66,16 @@ def process_group() -> Iterator[Shard]:
     _leave(shard, together=True)
 
 
-def start() -> Shard:
-    """Join the process group `torchrun` describes in the environment (a world of one without it)."""
+def start(timeout_minutes: float | None = None) -> Shard:
+    """Join the process group `torchrun` describes in the environment (a world of one without it);
+    a collective waits `timeout_minutes` for its peers (torch's default when None: 10 min for
+    nccl, 30 for gloo)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return Shard()
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+        timeout = None if timeout_minutes is None else datetime.timedelta(minutes=timeout_minutes)
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo", timeout=timeout)
     return Shard(rank=dist.get_rank(), world=world, local_rank=int(os.environ.get("LOCAL_RANK", "0")))
 
 

@@ -66,7 +66,6 @@ NOT_IMPLEMENTED: dict[str, str] = {
     "dynamo_mode": _COMPILE,
     "dynamo_dynamic": _COMPILE,
     "dynamo_fullgraph": _COMPILE,
-    "ddp_timeout": "masktrain all-reduces the LoRA gradients itself under torchrun; drop the flag",
     "ddp_gradient_as_bucket_view": "masktrain all-reduces the LoRA gradients itself; drop the flag",
     "ddp_static_graph": "masktrain all-reduces the LoRA gradients itself; drop the flag",
     "lr_scheduler_type": _SCHEDULER,

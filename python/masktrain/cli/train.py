@@ -162,6 +162,12 @@ _OPTIONS: list[Callable[[F], F]] = [
     option("log_tracker_name", default=None, help="wandb project [default: masktrain]."),
     option("wandb_run_name", default=None, help="wandb run name [default: --output_name]."),
     option("wandb_api_key", default=None, help="wandb API key (else wandb's own login)."),
+    _shown(
+        "ddp_timeout",
+        _TRAIN["ddp_timeout"],
+        type=click.IntRange(min=1),
+        help="torchrun: minutes a process waits for the others (rank 0 samples and validates alone).",
+    ),
     option("task", default=None, help="musubi-tuner's WAN --task, checked against --dit (e.g. t2v-14B)."),
     option("model_version", default=None, help="musubi-tuner's Qwen-Image --model_version (original)."),
     _shown(

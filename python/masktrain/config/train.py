@@ -256,6 +256,10 @@ class TrainConfig:
     """A checkpoint folder (OUTPUT_DIR/step-000100) to continue from."""
     overwrite: bool = False
     """Start over in an OUTPUT_DIR that holds another run's checkpoints (they are deleted)."""
+    ddp_timeout: int = 120
+    """Minutes a process waits for the others at a collective under torchrun (musubi's
+    --ddp_timeout): long, since the others wait while rank 0 samples or validates (torch's nccl
+    default, 10 minutes, would abort a long sampling)."""
     skip_stale: bool = False
     """Train on the items whose cache is up to date and leave out, with a warning, those not
     cached or cached from older inputs (default: such items are an error)."""
@@ -280,6 +284,7 @@ class TrainConfig:
                 ((self.save_last_n_steps or 1) >= 1, "--save_last_n_steps must be >= 1"),
                 ((self.save_last_n_epochs or 1) >= 1, "--save_last_n_epochs must be >= 1"),
                 ((self.validate_every_n_steps or 1) >= 1, "--validate_every_n_steps must be >= 1"),
+                (self.ddp_timeout >= 1, "--ddp_timeout must be >= 1 (minutes)"),
                 (
                     (self.validation_dataset_config is None) == (self.validate_every_n_steps is None),
                     "--validation_dataset_config and --validate_every_n_steps go together: pass both",

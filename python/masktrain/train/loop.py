@@ -193,7 +193,7 @@ def run(config: TrainConfig) -> Path:
     """Train; returns the path of the LoRA file."""
     for warning in mask_loss.validate(config.mask):
         log.warning("%s", warning)
-    with distributed.process_group() as shard:
+    with distributed.process_group(config.ddp_timeout) as shard:
         plan = preflight(config, shard.world)
         lora_path = config.output_dir / f"{config.output_name}.safetensors"
         if plan.complete:

@@ -30,6 +30,8 @@ _MUST_MATCH = (
     (("network", "network_alpha"), "network_alpha"),
     (("network", "include_patterns"), "include_patterns"),
     (("network", "exclude_patterns"), "exclude_patterns"),
+    # the optimizer's parameter groups (and their learning rates, kept in the scheduler's state)
+    (("network", "loraplus_lr_ratio"), "loraplus_lr_ratio"),
 )
 
 
@@ -61,7 +63,8 @@ def checkpoint_step(config: TrainConfig) -> int | None:
         if before != after:
             raise refuse(
                 f"{name}: {before!r} in the checkpoint, {after!r} now; a resumed run must build the same "
-                "LoRA (arch, network_dim, network_alpha, include/exclude patterns); start a new run instead"
+                "LoRA (arch, network_dim, network_alpha, include/exclude patterns, loraplus_lr_ratio); "
+                "start a new run instead"
             )
     return step
 
