@@ -8,6 +8,10 @@ images `convert-alpha` makes (alpha masks, the mask files as fallback).
     masktrain cache --dataset_config sample/dataset.toml --arch wan --vae tiny --t5 tiny
     masktrain train --dataset_config sample/dataset.toml --arch wan --dit tiny --use_mask_loss \
         --max_train_steps 20 --output_dir sample/out
+    masktrain sample --arch wan --dit tiny --lora sample/out/lora.safetensors --vae tiny --t5 tiny \
+        --sample_prompts sample/prompts.txt --output_dir sample/out
+
+It also writes `prompts.txt`, a sample prompt file in musubi-tuner's format.
 """
 
 import argparse
@@ -27,6 +31,13 @@ image_directory = "rgba"
 mask_directory = "masks"
 cache_directory = "cache"
 alpha_mask = true
+"""
+
+# musubi-tuner's prompt-file format: one prompt per line, options inline (size, frames, seed, steps).
+PROMPTS = """\
+# an image and a short clip of the subject, at the sample's size
+a photo of sks person, sample --w 256 --h 256 --d 1 --s 20
+a photo of sks person walking --w 256 --h 256 --f 9 --d 2 --s 20
 """
 
 
@@ -65,7 +76,8 @@ def main() -> None:
         Image.fromarray(tiered_mask(h, w, rng)).save(masks / f"{name}.png")
         (images / f"{name}.txt").write_text(f"a photo of sks person, sample {i}\n", encoding="utf-8")
     (args.root / "dataset.toml").write_text(DATASET_TOML, encoding="utf-8")
-    print(f"wrote {args.count} images, masks, captions and dataset.toml under {args.root}")
+    (args.root / "prompts.txt").write_text(PROMPTS, encoding="utf-8")
+    print(f"wrote {args.count} images, masks, captions, dataset.toml and prompts.txt under {args.root}")
 
 
 if __name__ == "__main__":

@@ -358,3 +358,25 @@ def test_contact_sheet_rows_are_steps_and_cells_link_the_files(datasets, tmp_pat
     middle = _png(out / "sample" / "lora_000003_00_1_middle.png")
     frames = _video(out / "sample" / "lora_000003_00_1.mp4")
     assert np.abs(middle.astype(int) - frames[2]).mean() < 3  # H.264 is lossy; the middle PNG is not
+
+
+def test_wan22_samples_switch_experts_at_the_boundary(tmp_path: Path) -> None:
+    """With two experts the pipeline runs the high-noise one on the timesteps at or above the
+    boundary and the low-noise one below it, each in a cond and an uncond pass; the idle expert's
+    weights are offloaded meanwhile (--offload_inactive_dit)."""
+    prompts = _write(tmp_path / "p.txt", "a cat --w 32 --h 32 --s 6 --d 1\n")
+    family = get_family("wan")
+    sampler = Sampler(_settings(prompts), family, CPU, F32, None, 42, tmp_path, "s")
+    memory = MemorySettings(offload_inactive_dit=True)
+    experts = load_for_sampling(family, "tiny", "tiny", 0.875, None, memory, CPU, F32)
+    assert experts.high is not None and experts.idle_slots is not None
+    calls = {"high": 0, "low": 0}
+    experts.high.register_forward_pre_hook(lambda module, args: calls.__setitem__("high", calls["high"] + 1))
+    experts.low.register_forward_pre_hook(lambda module, args: calls.__setitem__("low", calls["low"] + 1))
+    sampler.run(experts, step=0)
+    scheduler = UniPCMultistepScheduler(
+        prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=wan.DEFAULT_FLOW_SHIFT
+    )
+    scheduler.set_timesteps(6)
+    high = sum(int(t >= 875) for t in scheduler.timesteps)
+    assert 0 < high < 6 and calls == {"high": 2 * high, "low": 2 * (6 - high)}
