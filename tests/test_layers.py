@@ -27,6 +27,7 @@ FLOORS: dict[str, int] = {
     "cache": 5,
     "train": 5,
     "sample": 5,
+    "tiers": 1,
     "masks": 6,
     "inspect": 6,
     "demo": 6,

@@ -39,6 +39,7 @@ from typing import Literal, NamedTuple
 import torch
 
 from masktrain.config.mask_loss import MaskLossSettings
+from masktrain.tiers import TIER_EDGES
 
 __all__ = [
     "TIER_EDGES",
@@ -56,8 +57,7 @@ Layout = Literal["video", "layered"]
 EPS = 1e-8
 """Weight sums at or below this count as an empty region (contribute 0)."""
 
-TIER_EDGES = (0.05, 0.75)
-"""Raw-weight edges of the metric tiers: background < 0.05 <= body (hair, body) < 0.75 <= face."""
+# The raw-weight edges of the metric tiers (``masktrain.tiers``, their one definition).
 
 _CONTINUOUS_FULL = 1.0 - 1e-6
 """Continuous mode: a mask whose raw minimum reaches this has no prior region."""

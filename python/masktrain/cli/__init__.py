@@ -14,7 +14,7 @@ import logging
 import click
 
 from masktrain import __version__
-from masktrain.cli import cache, convert_alpha, convert_lora, demo, sample, train
+from masktrain.cli import cache, convert_alpha, convert_lora, demo, masks, sample, train
 
 
 def _configure_logging(verbose: bool) -> None:
@@ -35,6 +35,7 @@ for _command in (
     cache.cache,
     train.train,
     sample.sample,
+    masks.masks,
     demo.demo,
 ):
     main.add_command(_command)

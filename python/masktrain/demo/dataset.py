@@ -15,7 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-FACE, BODY, HAIR = 255, 128, 80
+from masktrain import tiers
+
+FACE, BODY, HAIR = tiers.FACE, tiers.BODY, tiers.HAIR
 SKIN = (236, 188, 150)
 EYES = (25, 25, 45)
 MOUTH = (190, 40, 60)

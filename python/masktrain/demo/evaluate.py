@@ -23,10 +23,10 @@ from masktrain.config.timesteps import TimestepSettings
 from masktrain.data.cached_items import find_cached_items
 from masktrain.data.loader import load_batch
 from masktrain.errors import CachedDataError, DataError
-from masktrain.loss import TIER_EDGES
 from masktrain.models import get_family
 from masktrain.models.base import ModelFamily, TextBatch
 from masktrain.models.loading import TINY
+from masktrain.tiers import TIER_EDGES
 from masktrain.train import lora, timesteps
 from masktrain.train.flow_matching import noised
 

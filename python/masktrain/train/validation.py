@@ -29,8 +29,8 @@ import torch
 
 from masktrain.data.cached_items import CachedItem
 from masktrain.data.loader import load_batch
-from masktrain.loss import TIER_EDGES
 from masktrain.models.base import ModelFamily
+from masktrain.tiers import REGIONS, TIER_EDGES
 from masktrain.train.experts import Experts
 from masktrain.train.flow_matching import noised
 
@@ -38,7 +38,6 @@ log = logging.getLogger(__name__)
 
 SIGMAS = (0.2, 0.4, 0.6, 0.8)
 """The fixed grid of noise levels every item is validated at."""
-REGIONS = ("face", "body", "background")
 
 
 @dataclass
