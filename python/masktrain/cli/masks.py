@@ -3,17 +3,58 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
-from masktrain.cli.options import directory, option
+from masktrain import tiers
+from masktrain.cli.options import directory, flag, option
 from masktrain.cli.outcome import run_job
 from masktrain.config.masks import MISSING_POLICIES
 
 
 @click.group("masks")
 def masks() -> None:
-    """Make masks: the subject of a group photo only (apply-instance)."""
+    """Make masks: tiers from a human-parsing model; the subject of a group photo only."""
+
+
+@masks.command("tiers")
+@option("input", type=directory(True), required=True, help="The images (PNG, JPEG, WebP, BMP).")
+@option("output", type=directory(False), required=True, help="Where {stem}.png tiered masks go.")
+@option(
+    "model",
+    type=click.Path(exists=True, path_type=Path),
+    required=True,
+    help="A transformers segmentation folder (safetensors), or a Sapiens TorchScript file.",
+)
+@option(
+    "labels", default=None, help="Label table: atr, lip, sapiens or a TOML file [default: by class names]."
+)
+@option(
+    "details",
+    type=click.Choice(("face", "hair", "body", "background")),
+    default=None,
+    help="Region of glasses, lips, teeth, hands and gloves [default: the table's].",
+)
+@option("face", type=int, default=tiers.FACE, show_default=True, help="Grey value of the face.")
+@option("hair", type=int, default=tiers.HAIR, show_default=True, help="Grey value of the hair.")
+@option("body", type=int, default=tiers.BODY, show_default=True, help="Grey value of body, clothes, skin.")
+@option("background", type=int, default=tiers.BACKGROUND, show_default=True, help="Grey value elsewhere.")
+@option("batch_size", type=click.IntRange(min=1), default=4, show_default=True)
+@option("device", default=None, help="Device [default: cuda when available, else cpu].")
+@flag("skip_existing", "Leave masks that exist alone.")
+@flag("trust_torchscript", "Allow a TorchScript --model (loading one runs code from the file).")
+def tiers_command(**flags: Any) -> None:
+    """Tiered masks (face, hair, body, background) from a human-parsing segmentation model."""
+    from masktrain.config.masks import TiersConfig
+    from masktrain.masks.tiers import run
+
+    def job() -> bool:
+        summary = run(TiersConfig(**flags))
+        click.echo(summary.line())
+        return bool(summary.failed)
+
+    raise SystemExit(1 if run_job(job) else 0)
 
 
 @masks.command("apply-instance")

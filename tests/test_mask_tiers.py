@@ -1,0 +1,226 @@
+"""``masktrain masks tiers``: every class of each built-in label table against hand-made label maps;
+a tiny SegFormer (transformers' own post-processing as the reference) and a tiny TorchScript model
+standing in for Sapiens (its demo's OpenCV preprocessing as the reference), end to end through the
+CLI; EXIF rotation; what is refused (pickles, TorchScript without --trust_torchscript)."""
+
+import warnings
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from helpers import photo
+from masktrain.cli import main
+from masktrain.config.masks import TiersConfig
+from masktrain.errors import FlagError
+from masktrain.masks.label_tables import ATR, LIP, SAPIENS
+from masktrain.masks.tiers import choose_table, lookup
+
+# By hand, per table: the classes of each region (every other class is body).
+FACE_HAIR_BACKGROUND = {
+    "atr": ({"Face", "Sunglasses"}, {"Hat", "Hair"}, {"Background"}),
+    "lip": ({"Face", "Sunglasses"}, {"Hat", "Hair"}, {"Background"}),
+    "sapiens": (
+        {"Face_Neck", "Lower_Lip", "Upper_Lip", "Lower_Teeth", "Upper_Teeth", "Tongue"},
+        {"Hair"},
+        {"Background"},
+    ),
+}
+DETAILS = {
+    "atr": {"Sunglasses"},
+    "lip": {"Glove", "Sunglasses"},
+    "sapiens": {"Left_Hand", "Right_Hand", "Lower_Lip", "Upper_Lip", "Lower_Teeth", "Upper_Teeth", "Tongue"},
+}
+COUNTS = {"atr": 18, "lip": 20, "sapiens": 28}
+
+
+def _config(tmp_path: Path, **kwargs) -> TiersConfig:
+    (tmp_path / "images").mkdir(exist_ok=True)
+    return TiersConfig(input=tmp_path / "images", output=tmp_path / "masks", model=tmp_path, **kwargs)
+
+
+def _expected(name: str, label: str, values: dict[str, int], details: str | None = None) -> int:
+    face, hair, background = FACE_HAIR_BACKGROUND[name]
+    if details is not None and label in DETAILS[name]:
+        return values[details]
+    if label in face:
+        return values["face"]
+    if label in hair:
+        return values["hair"]
+    return values["background"] if label in background else values["body"]
+
+
+@pytest.mark.parametrize("table", [ATR, LIP, SAPIENS], ids=lambda t: t.name)
+@pytest.mark.parametrize("details", [None, "body"])
+def test_every_class_of_each_built_in_table_gets_its_tier(tmp_path: Path, table, details) -> None:
+    classes = list(table.regions)
+    assert len(classes) == COUNTS[table.name]
+    config = _config(tmp_path, face=250, hair=90, body=140, background=5, details=details)
+    values = {"face": 250, "hair": 90, "body": 140, "background": 5}
+    label_map = np.arange(len(classes)).repeat(3).reshape(-1, 3)  # a hand-made map: every class, 3 pixels
+    grey = lookup(classes, choose_table(classes, None), config)[label_map]
+    for index, label in enumerate(classes):
+        assert (grey[index] == _expected(table.name, label, values, details)).all(), label
+
+
+def test_tables_match_class_names_loosely_and_by_position_when_unnamed() -> None:
+    lip_as_named = [
+        "background",
+        "hat",
+        "hair",
+        "glove",
+        "sunglasses",
+        "UpperClothes",
+        *list(LIP.regions)[6:],
+    ]
+    assert choose_table(lip_as_named, None).name == "lip"
+    unnamed = [f"LABEL_{i}" for i in range(18)]
+    table = choose_table(unnamed, "atr")
+    assert table.region("LABEL_11") == "face" and table.is_detail("LABEL_3")
+    with pytest.raises(FlagError, match="none of the built-in label sets"):
+        choose_table(unnamed, None)
+    with pytest.raises(FlagError, match="are not the 28 classes of sapiens"):
+        choose_table(unnamed, "sapiens")
+
+
+def test_a_toml_label_table(tmp_path: Path) -> None:
+    path = tmp_path / "mine.toml"
+    path.write_text('details = ["eyes"]\n[labels]\nbackground = "background"\nskin = "body"\neyes = "face"\n')
+    table = choose_table(["background", "skin", "eyes"], str(path))
+    config = _config(tmp_path, details="hair")
+    assert list(lookup(["background", "skin", "eyes"], table, config)) == [0, 128, 80]
+    path.write_text('[labels]\nskin = "torso"\n')
+    with pytest.raises(FlagError, match=r"\[labels\] skin = 'torso'; a region is one of face, hair"):
+        choose_table(["skin"], str(path))
+
+
+def _segformer(folder: Path) -> None:
+    from transformers import SegformerConfig, SegformerForSemanticSegmentation
+    from transformers.models.segformer import SegformerImageProcessorPil
+
+    config = SegformerConfig(
+        num_encoder_blocks=2,
+        depths=[1, 1],
+        sr_ratios=[2, 1],
+        hidden_sizes=[8, 16],
+        patch_sizes=[7, 3],
+        strides=[4, 2],
+        num_attention_heads=[1, 2],
+        mlp_ratios=[2, 2],
+        decoder_hidden_size=16,
+        id2label=dict(enumerate(ATR.regions)),  # as mattmdjaga/segformer_b2_clothes names them
+        label2id={name: i for i, name in enumerate(ATR.regions)},
+    )
+    torch.manual_seed(0)
+    model = SegformerForSemanticSegmentation(config)
+    with torch.no_grad():  # a random model predicts one class everywhere; spread the logits
+        model.decode_head.classifier.weight.mul_(50)
+    model.save_pretrained(folder)
+    SegformerImageProcessorPil(size={"height": 64, "width": 64}).save_pretrained(folder)
+
+
+def _images(folder: Path) -> None:
+    folder.mkdir()
+    Image.fromarray(photo(48, 64, 1)).save(folder / "a.png")
+    rotated = Image.fromarray(photo(40, 56, 2))
+    exif = rotated.getexif()
+    exif[0x0112] = 6  # EXIF orientation: rotate 90 clockwise to display
+    rotated.save(folder / "b.jpg", exif=exif, quality=95)
+
+
+@pytest.mark.slow
+def test_tiers_from_a_segformer_folder_match_transformers_post_processing(tmp_path: Path) -> None:
+    from PIL import ImageOps
+    from transformers import AutoImageProcessor, AutoModelForSemanticSegmentation
+
+    _segformer(tmp_path / "segformer")
+    _images(tmp_path / "images")
+    args = [
+        "masks",
+        "tiers",
+        "--input",
+        str(tmp_path / "images"),
+        "--output",
+        str(tmp_path / "masks"),
+        "--model",
+        str(tmp_path / "segformer"),
+        "--batch_size",
+        "2",
+        "--device",
+        "cpu",
+    ]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert "2 mask(s) written, 0 skipped (existing), 0 failed (label table: atr)" in result.output
+
+    processor = AutoImageProcessor.from_pretrained(tmp_path / "segformer")
+    model = AutoModelForSemanticSegmentation.from_pretrained(tmp_path / "segformer").eval()
+    values = {"face": 255, "hair": 80, "body": 128, "background": 0}
+    for name in ("a.png", "b.jpg"):
+        with Image.open(tmp_path / "images" / name) as image:
+            rgb = ImageOps.exif_transpose(image).convert("RGB")
+        with torch.no_grad():
+            outputs = model(**processor(images=[rgb], return_tensors="pt"))
+        labels = processor.post_process_semantic_segmentation(
+            outputs, target_sizes=[(rgb.height, rgb.width)]
+        )[0]
+        expected = np.vectorize(lambda i: _expected("atr", list(ATR.regions)[i], values))(labels.numpy())
+        with Image.open(tmp_path / "masks" / f"{Path(name).stem}.png") as mask:
+            assert mask.mode == "L" and mask.size == rgb.size  # b.jpg: 40x56 stored, 56 wide after EXIF
+            got = np.asarray(mask)
+        assert np.array_equal(got, expected) and len(np.unique(got)) >= 2
+    assert (tmp_path / "masks" / "b.png").exists()
+    again = CliRunner().invoke(main, [*args, "--skip_existing"])
+    assert "0 mask(s) written, 2 skipped (existing)" in again.output
+
+
+class TinySapiens(torch.nn.Module):
+    """28 logits per 4x4 patch, as Sapiens' segmentation head gives them at a lower resolution."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 28, kernel_size=4, stride=4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+def test_a_torchscript_model_needs_trust_and_matches_sapiens_preprocessing(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    with warnings.catch_warnings():  # torch 2.10+ calls TorchScript deprecated; Sapiens ships it
+        warnings.simplefilter("ignore", FutureWarning)
+        scripted = torch.jit.script(TinySapiens())
+    scripted.save(str(tmp_path / "sapiens_torchscript.pt2"))
+    _images(tmp_path / "images")
+    common = dict(
+        input=tmp_path / "images", output=tmp_path / "masks", model=tmp_path / "sapiens_torchscript.pt2"
+    )
+    with pytest.raises(FlagError, match="runs code when it loads; pass --trust_torchscript"):
+        TiersConfig(**common)
+    (tmp_path / "weights.pth").write_bytes(b"")
+    with pytest.raises(FlagError, match="a pickle; masktrain never loads pickles"):
+        TiersConfig(**{**common, "model": tmp_path / "weights.pth"}, trust_torchscript=True)
+    from masktrain.masks.tiers import run
+
+    summary = run(TiersConfig(**common, trust_torchscript=True, device="cpu"))
+    assert (summary.written, summary.table) == (2, "sapiens")
+    # Sapiens' demo: cv2 reads BGR, INTER_LINEAR to 768x1024, back to RGB, mean/std on 0..255
+    image = cv2.imread(str(tmp_path / "images" / "a.png"))
+    resized = cv2.resize(image, (768, 1024), interpolation=cv2.INTER_LINEAR)
+    tensor = torch.from_numpy(resized.transpose(2, 0, 1)[[2, 1, 0]].copy()).float()
+    tensor = (tensor - torch.tensor([123.5, 116.5, 103.5]).view(3, 1, 1)) / torch.tensor(
+        [58.5, 57.0, 57.5]
+    ).view(3, 1, 1)
+    with torch.no_grad():
+        logits = scripted(tensor[None])
+    labels = torch.nn.functional.interpolate(logits, size=(48, 64), mode="bilinear").argmax(1)[0].numpy()
+    values = {"face": 255, "hair": 80, "body": 128, "background": 0}
+    expected = np.vectorize(lambda i: _expected("sapiens", list(SAPIENS.regions)[i], values))(labels)
+    with Image.open(tmp_path / "masks" / "a.png") as mask:
+        got = np.asarray(mask)
+    # OpenCV resizes in 8-bit fixed point, masktrain in float: a label may flip where two are near-equal
+    assert (got == expected).mean() > 0.98 and len(np.unique(got)) >= 2
