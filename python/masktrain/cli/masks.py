@@ -15,7 +15,7 @@ from masktrain.config.masks import MISSING_POLICIES
 
 @click.group("masks")
 def masks() -> None:
-    """Make masks: tiers from a human-parsing model; the subject of a group photo only."""
+    """Make masks: tiers from a human-parsing model, the subject's instance, both combined."""
 
 
 @masks.command("tiers")
@@ -55,6 +55,45 @@ def tiers_command(**flags: Any) -> None:
         return bool(summary.failed)
 
     raise SystemExit(1 if run_job(job) else 0)
+
+
+@masks.command("instance")
+@option("input", type=directory(True), required=True, help="The (group) photos.")
+@option("output", type=directory(False), required=True, help="Where {stem}.png subject masks (0/255) go.")
+@option(
+    "reference",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    required=True,
+    help="A photo of the subject's face.",
+)
+@option(
+    "model",
+    type=directory(True),
+    required=True,
+    help="Person instances: a transformers Mask2Former / MaskFormer / OneFormer folder (COCO).",
+)
+@option(
+    "id_threshold",
+    type=float,
+    default=0.6,
+    show_default=True,
+    help="dlib face distance at or below which a face is the subject's.",
+)
+@option("person_threshold", type=float, default=0.5, show_default=True, help="Minimum person score.")
+@flag("fallback_largest", "No matching face: take the largest person.")
+@flag("write_empty_on_fail", "Write an all-zero mask for a photo without a result.")
+@flag("skip_existing", "Leave masks that exist alone.")
+@option("device", default=None, help="Device [default: cuda when available, else cpu].")
+@option("backend", default=None, help="The reference tool's yolo / sam3: refused (see the error).")
+def instance_command(**flags: Any) -> None:
+    """Binary masks of the subject in group photos: the person whose face matches --reference."""
+    from masktrain.config.masks import InstanceConfig
+    from masktrain.masks.instance import run
+
+    def job() -> None:
+        click.echo(run(InstanceConfig(**flags)).line())
+
+    run_job(job)
 
 
 @masks.command("apply-instance")

@@ -91,3 +91,52 @@ class TiersConfig:
                     f"--model {self.model}: a TorchScript file runs code when it loads; pass "
                     "--trust_torchscript if you trust where it came from (or use a transformers folder)"
                 )
+
+
+#: The reference tool's --backend values, and why masktrain does not take them.
+REFUSED_BACKENDS = {
+    "yolo": "ultralytics' YOLO is AGPL-3.0, a licence that would bind masktrain",
+    "sam3": "SAM 3 needs its own environment and checkpoints",
+}
+
+
+@dataclass(frozen=True)
+class InstanceConfig:
+    input: Path
+    """The (group) photos."""
+    output: Path
+    """Where ``{stem}.png`` binary subject masks (0 / 255) go."""
+    reference: Path
+    """A photo of the subject's face (its largest face is the reference)."""
+    model: Path
+    """A transformers universal-segmentation folder (Mask2Former, MaskFormer or OneFormer, COCO
+    classes: a ``person`` class) for the person instances."""
+    id_threshold: float = 0.6
+    """dlib's face distance (Euclidean, 128-d) at or below which a face is the subject's; dlib's
+    own 0.6. The reference tool's 0.45 is an InsightFace cosine similarity, another scale."""
+    person_threshold: float = 0.5
+    """Minimum score of a person instance."""
+    fallback_largest: bool = False
+    """No matching face: take the largest person (the reference tool's --fallback-largest)."""
+    write_empty_on_fail: bool = False
+    """A photo without a result gets an all-zero mask instead of none."""
+    skip_existing: bool = False
+    device: str | None = None
+    backend: str | None = None
+    """The reference tool's --backend: refused with what to use instead."""
+
+    def __post_init__(self) -> None:
+        if self.backend is not None:
+            why = REFUSED_BACKENDS.get(self.backend, f"{self.backend!r} is not a backend masktrain knows")
+            raise FlagError(
+                f"--backend {self.backend}: {why}; masktrain segments people with a transformers folder "
+                "(--model: Mask2Former, MaskFormer or OneFormer) and matches faces with dlib"
+            )
+        if not self.id_threshold > 0:
+            raise FlagError(f"--id-threshold must be > 0 (a face distance), got {self.id_threshold}")
+        if not 0 <= self.person_threshold < 1:
+            raise FlagError(f"--person_threshold must be in [0, 1), got {self.person_threshold}")
+        if self.output.resolve() == self.input.resolve():
+            raise FlagError(f"--output is --input ({self.input}): masks would land among the images")
+        if not self.model.is_dir():
+            raise FlagError(f"--model {self.model}: not a folder (a transformers segmentation model)")

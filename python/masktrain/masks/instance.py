@@ -1,0 +1,152 @@
+"""``masktrain masks instance``: the binary mask of one subject in group photos, as the reference
+tool (``tools/create_instance_masks.py``) makes it, with masktrain's libraries: dlib finds and
+embeds the faces (``masks.face_id``), the face that matches the reference photo's is the subject's,
+and the person instance that contains it (``masks.people``) is the mask.
+
+Matching never guesses: a photo where no face is within ``--id-threshold`` of the reference is
+"no match", one where two or more are is "ambiguous"; both are reported per photo and get no mask
+(with ``--fallback-largest`` a "no match" or "no face" photo takes its largest person instead; with
+``--write-empty-on-fail`` a photo without a result gets an all-zero mask). The person: among the
+instances that contain the face box's centre, the best (score, area); else the one that overlaps
+the box most; none overlapping is "no person" (the reference tool's rules).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from masktrain import atomic
+from masktrain.config.masks import InstanceConfig
+from masktrain.errors import DataError, FlagError
+from masktrain.masks.face_id import Face, FaceIdentity, distance
+from masktrain.masks.people import Person, PersonSegmenter
+from masktrain.masks.tiers import IMAGE_SUFFIXES
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Match:
+    status: str
+    """matched, no face, no match or ambiguous."""
+    face: Face | None = None
+    distance: float | None = None
+    """The matched face's distance (or the nearest one's)."""
+
+
+def match_face(faces: list[Face], reference: np.ndarray, threshold: float) -> Match:
+    if not faces:
+        return Match("no face")
+    scored = sorted(((distance(face.embedding, reference), face) for face in faces), key=lambda pair: pair[0])
+    within = [(d, face) for d, face in scored if d <= threshold]
+    if not within:
+        return Match("no match", distance=scored[0][0])
+    if len(within) > 1:
+        return Match("ambiguous", distance=within[1][0])
+    return Match("matched", within[0][1], within[0][0])
+
+
+def pick_person(people: list[Person], box: tuple[int, int, int, int]) -> Person | None:
+    """The person instance of the face `box` (see the module docstring)."""
+    left, top, right, bottom = box
+    cx, cy = (left + right) // 2, (top + bottom) // 2
+    containing = [
+        p for p in people if 0 <= cy < p.mask.shape[0] and 0 <= cx < p.mask.shape[1] and p.mask[cy, cx]
+    ]
+    if containing:
+        return max(containing, key=lambda p: (p.score, p.area))
+    overlaps = [(int(p.mask[max(top, 0) : bottom, max(left, 0) : right].sum()), p) for p in people]
+    best = max(overlaps, key=lambda pair: pair[0], default=(0, None))
+    return best[1] if best[0] > 0 else None
+
+
+@dataclass
+class InstanceSummary:
+    results: dict[str, str] = field(default_factory=dict)
+    """Photo name -> matched / no face / no match / ambiguous / no person / largest person."""
+    written: int = 0
+    empty: int = 0
+    skipped: int = 0
+
+    def line(self) -> str:
+        counts = Counter(self.results.values())
+        parts = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
+        return (
+            f"{self.written} mask(s) written ({self.empty} empty), {self.skipped} skipped (existing); "
+            f"{parts or 'no photos'}"
+        )
+
+
+def _open(path: Path) -> Image.Image:
+    from PIL import ImageOps
+
+    with Image.open(path) as image:
+        return ImageOps.exif_transpose(image).convert("RGB")
+
+
+def _png(mask: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.where(mask, 255, 0).astype(np.uint8), mode="L").save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def run(config: InstanceConfig) -> InstanceSummary:
+    photos = sorted(p for p in config.input.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not photos:
+        raise DataError(f"--input {config.input}: no images (.png, .jpg, .jpeg, .webp, .bmp) there")
+    identity = FaceIdentity()
+    reference_faces = identity.faces(np.asarray(_open(config.reference)))
+    if not reference_faces:
+        raise FlagError(
+            f"--reference {config.reference}: no face found; use a clear, frontal photo of the subject"
+        )
+    reference = max(reference_faces, key=lambda face: face.area).embedding
+    device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    segmenter = PersonSegmenter(config.model, device, config.person_threshold)
+    summary = InstanceSummary()
+    for path in tqdm(photos, desc="instance", unit="photo"):
+        target = config.output / f"{path.stem}.png"
+        if config.skip_existing and target.exists():
+            summary.skipped += 1
+            continue
+        image = _open(path)
+        matched = match_face(identity.faces(np.asarray(image)), reference, config.id_threshold)
+        people = segmenter.people(image)
+        person: Person | None = None
+        status = matched.status
+        if matched.face is not None:
+            person = pick_person(people, matched.face.box)
+            status = "matched" if person is not None else "no person"
+        elif config.fallback_largest and status in ("no face", "no match") and people:
+            person = max(people, key=lambda p: p.area)
+            status = "largest person"
+        summary.results[path.name] = status
+        if person is None:
+            where = f" (nearest face distance {matched.distance:.3f})" if matched.distance is not None else ""
+            log.warning(
+                "%s: %s%s; %s",
+                path.name,
+                status,
+                where,
+                "empty mask" if config.write_empty_on_fail else "no mask",
+            )
+            if not config.write_empty_on_fail:
+                continue
+            mask = np.zeros((image.height, image.width), dtype=np.bool_)
+            summary.empty += 1
+        else:
+            mask = person.mask
+        atomic.write_bytes(target, _png(mask))
+        summary.written += 1
+    return summary
