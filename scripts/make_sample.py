@@ -11,7 +11,11 @@ images `convert-alpha` makes (alpha masks, the mask files as fallback).
     masktrain sample --arch wan --dit tiny --lora sample/out/lora.safetensors --vae tiny --t5 tiny \
         --sample_prompts sample/prompts.txt --output_dir sample/out
 
-It also writes `prompts.txt`, a sample prompt file in musubi-tuner's format.
+It also writes `prompts.txt`, a sample prompt file in musubi-tuner's format. With `--group_photos`
+(needs scikit-image) it writes `group/`, photos of two people side by side, NASA's astronaut (a
+public-domain photo shipped in scikit-image) and its cameraman, with their captions and a
+dataset TOML reading masks from `masks_subject/`, and `reference.png`, the astronaut's face: the
+inputs of the README's "Make your masks" section.
 """
 
 import argparse
@@ -63,6 +67,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("root", type=Path, help="directory to create (images/, masks/)")
     parser.add_argument("--count", type=int, default=6)
+    parser.add_argument("--group_photos", action="store_true", help="also group/ and reference.png")
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     images, masks = args.root / "images", args.root / "masks"
@@ -78,6 +83,36 @@ def main() -> None:
     (args.root / "dataset.toml").write_text(DATASET_TOML, encoding="utf-8")
     (args.root / "prompts.txt").write_text(PROMPTS, encoding="utf-8")
     print(f"wrote {args.count} images, masks, captions, dataset.toml and prompts.txt under {args.root}")
+    if args.group_photos:
+        group_photos(args.root)
+
+
+GROUP_TOML = """\
+[general]
+resolution = [512, 256]
+caption_extension = ".txt"
+
+[[datasets]]
+image_directory = "group"
+mask_directory = "masks_subject"
+cache_directory = "group_cache"
+require_mask = true
+"""
+
+
+def group_photos(root: Path) -> None:
+    """Two people side by side (the subject left, then right), and the subject's face alone."""
+    from skimage import data
+
+    astronaut, camera = data.astronaut(), np.stack([data.camera()] * 3, -1)
+    group = root / "group"
+    group.mkdir(parents=True, exist_ok=True)
+    for index, pair in enumerate([(astronaut, camera), (camera, astronaut)]):
+        Image.fromarray(np.concatenate(pair, axis=1)).save(group / f"group_{index}.png")
+        (group / f"group_{index}.txt").write_text("a photo of sks person beside a man\n", encoding="utf-8")
+    Image.fromarray(astronaut[40:240, 120:320]).save(root / "reference.png")
+    (root / "group.toml").write_text(GROUP_TOML, encoding="utf-8")
+    print(f"wrote 2 group photos, group.toml and reference.png under {root}")
 
 
 if __name__ == "__main__":

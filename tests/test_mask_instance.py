@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from click.testing import CliRunner
 from PIL import Image
 
@@ -17,6 +16,7 @@ from masktrain.errors import FlagError
 from masktrain.masks.face_id import Face, FaceIdentity
 from masktrain.masks.instance import match_face, pick_person
 from masktrain.masks.people import Person
+from masktrain.masks.tiny import tiny_mask2former
 
 skimage_data = pytest.importorskip("skimage.data")
 
@@ -78,35 +78,10 @@ def test_a_real_face_is_matched_by_dlibs_shipped_model() -> None:
 
 
 def _mask2former(folder: Path) -> None:
-    from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, SwinConfig
-    from transformers.models.mask2former import Mask2FormerImageProcessorPil
-
-    backbone = SwinConfig(
-        embed_dim=8,
-        depths=[1, 1, 1, 1],
-        num_heads=[1, 1, 1, 1],
-        window_size=4,
-        out_features=["stage1", "stage2", "stage3", "stage4"],
-    )
-    config = Mask2FormerConfig(
-        backbone_config=backbone,
-        hidden_dim=32,
-        mask_feature_size=32,
-        feature_size=32,
-        num_queries=4,
-        encoder_layers=1,
-        decoder_layers=2,
-        encoder_feedforward_dim=32,
-        dim_feedforward=32,
-        num_attention_heads=2,
-        common_stride=4,
-        num_labels=2,
-        id2label={0: "person", 1: "car"},
-        label2id={"person": 0, "car": 1},
-    )
-    torch.manual_seed(0)
-    Mask2FormerForUniversalSegmentation(config).save_pretrained(folder)
-    Mask2FormerImageProcessorPil(size={"shortest_edge": 128, "longest_edge": 256}).save_pretrained(folder)
+    """The built-in tiny Mask2Former (a person class), saved as a transformers folder."""
+    processor, model = tiny_mask2former()
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
 
 
 @pytest.mark.slow
@@ -152,3 +127,34 @@ def test_bad_flags_are_named(tmp_path: Path) -> None:
         InstanceConfig(**common, id_threshold=0)
     with pytest.raises(FlagError, match="--backend sam3: SAM 3 needs its own environment"):
         InstanceConfig(**common, backend="sam3")
+
+
+@pytest.mark.slow
+def test_the_readme_chain_tiers_instance_apply_cache_train(tmp_path: Path) -> None:
+    """The README's "Make your masks" commands, as written, from make_sample's group photos to a
+    trained LoRA (tiny models)."""
+    import subprocess
+    import sys
+
+    from helpers import masktrain_command
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("## Make your masks", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    lines = section.replace("\\\n", " ").splitlines()
+    script = Path(__file__).resolve().parent.parent / "scripts" / "make_sample.py"
+    ran = 0
+    for line in (x.split("#", 1)[0].strip() for x in lines):
+        if not line or line.startswith("pip "):
+            continue
+        if line.startswith("python scripts/make_sample.py"):
+            command = [sys.executable, str(script), *line.split()[2:]]
+        else:
+            command = masktrain_command(line.removeprefix("masktrain "))
+        result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, f"{line}\n{result.stdout[-2000:]}{result.stderr[-2000:]}"
+        if "masks instance" in line:
+            assert "2 mask(s) written (0 empty), 0 skipped (existing); 2 matched" in result.stdout
+        ran += 1
+    assert ran == 6 and (tmp_path / "sample" / "group_out" / "lora.safetensors").is_file()
+    with Image.open(tmp_path / "sample" / "masks_subject" / "group_0.png") as mask:
+        assert mask.size == (1024, 512)

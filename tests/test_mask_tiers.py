@@ -19,6 +19,7 @@ from masktrain.config.masks import TiersConfig
 from masktrain.errors import FlagError
 from masktrain.masks.label_tables import ATR, LIP, SAPIENS
 from masktrain.masks.tiers import choose_table, lookup
+from masktrain.masks.tiny import tiny_segformer
 
 # By hand, per table: the classes of each region (every other class is body).
 FACE_HAIR_BACKGROUND = {
@@ -99,28 +100,11 @@ def test_a_toml_label_table(tmp_path: Path) -> None:
 
 
 def _segformer(folder: Path) -> None:
-    from transformers import SegformerConfig, SegformerForSemanticSegmentation
-    from transformers.models.segformer import SegformerImageProcessorPil
-
-    config = SegformerConfig(
-        num_encoder_blocks=2,
-        depths=[1, 1],
-        sr_ratios=[2, 1],
-        hidden_sizes=[8, 16],
-        patch_sizes=[7, 3],
-        strides=[4, 2],
-        num_attention_heads=[1, 2],
-        mlp_ratios=[2, 2],
-        decoder_hidden_size=16,
-        id2label=dict(enumerate(ATR.regions)),  # as mattmdjaga/segformer_b2_clothes names them
-        label2id={name: i for i, name in enumerate(ATR.regions)},
-    )
-    torch.manual_seed(0)
-    model = SegformerForSemanticSegmentation(config)
-    with torch.no_grad():  # a random model predicts one class everywhere; spread the logits
-        model.decode_head.classifier.weight.mul_(50)
+    """The built-in tiny SegFormer (ATR classes, as mattmdjaga/segformer_b2_clothes names them), saved
+    as a transformers folder."""
+    processor, model = tiny_segformer()
     model.save_pretrained(folder)
-    SegformerImageProcessorPil(size={"height": 64, "width": 64}).save_pretrained(folder)
+    processor.save_pretrained(folder)
 
 
 def _images(folder: Path) -> None:
@@ -176,6 +160,12 @@ def test_tiers_from_a_segformer_folder_match_transformers_post_processing(tmp_pa
     assert (tmp_path / "masks" / "b.png").exists()
     again = CliRunner().invoke(main, [*args, "--skip_existing"])
     assert "0 mask(s) written, 2 skipped (existing)" in again.output
+    # --model tiny is the same model, built in
+    tiny = [*args[:5], str(tmp_path / "tiny"), "--model", "tiny"]
+    assert CliRunner().invoke(main, tiny).exit_code == 0
+    for name in ("a.png", "b.png"):
+        with Image.open(tmp_path / "tiny" / name) as built_in, Image.open(tmp_path / "masks" / name) as saved:
+            assert np.array_equal(np.asarray(built_in), np.asarray(saved))
 
 
 class TinySapiens(torch.nn.Module):

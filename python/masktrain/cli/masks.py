@@ -23,9 +23,9 @@ def masks() -> None:
 @option("output", type=directory(False), required=True, help="Where {stem}.png tiered masks go.")
 @option(
     "model",
-    type=click.Path(exists=True, path_type=Path),
+    type=click.Path(path_type=Path),
     required=True,
-    help="A transformers segmentation folder (safetensors), or a Sapiens TorchScript file.",
+    help="A transformers segmentation folder (safetensors), a Sapiens TorchScript file, or 'tiny'.",
 )
 @option(
     "labels", default=None, help="Label table: atr, lip, sapiens or a TOML file [default: by class names]."
@@ -68,9 +68,9 @@ def tiers_command(**flags: Any) -> None:
 )
 @option(
     "model",
-    type=directory(True),
+    type=click.Path(path_type=Path),
     required=True,
-    help="Person instances: a transformers Mask2Former / MaskFormer / OneFormer folder (COCO).",
+    help="Person instances: a transformers Mask2Former / MaskFormer / OneFormer folder (COCO), or 'tiny'.",
 )
 @option(
     "id_threshold",

@@ -50,7 +50,8 @@ class TiersConfig:
     output: Path
     """Where ``{stem}.png`` tiered masks go."""
     model: Path
-    """A transformers segmentation folder (safetensors), or a Sapiens TorchScript file."""
+    """A transformers segmentation folder (safetensors), a Sapiens TorchScript file, or ``tiny``
+    (the built-in tiny SegFormer, ``masks.tiny``)."""
     labels: str | None = None
     """A built-in label table (atr, lip, sapiens) or a TOML table; None: the one that names the
     model's classes."""
@@ -77,6 +78,8 @@ class TiersConfig:
             raise FlagError(f"--details must be face, hair, body or background, not {self.details!r}")
         if self.output.resolve() == self.input.resolve():
             raise FlagError(f"--output is --input ({self.input}): masks would land among the images")
+        if str(self.model) == "tiny":  # the built-in tiny SegFormer (masks.tiny)
+            return
         if not self.model.exists():
             raise FlagError(f"--model {self.model}: no such file or folder")
         if self.model.is_file():
@@ -110,7 +113,7 @@ class InstanceConfig:
     """A photo of the subject's face (its largest face is the reference)."""
     model: Path
     """A transformers universal-segmentation folder (Mask2Former, MaskFormer or OneFormer, COCO
-    classes: a ``person`` class) for the person instances."""
+    classes: a ``person`` class) for the person instances, or ``tiny`` (``masks.tiny``)."""
     id_threshold: float = 0.6
     """dlib's face distance (Euclidean, 128-d) at or below which a face is the subject's; dlib's
     own 0.6. The reference tool's 0.45 is an InsightFace cosine similarity, another scale."""
@@ -138,5 +141,5 @@ class InstanceConfig:
             raise FlagError(f"--person_threshold must be in [0, 1), got {self.person_threshold}")
         if self.output.resolve() == self.input.resolve():
             raise FlagError(f"--output is --input ({self.input}): masks would land among the images")
-        if not self.model.is_dir():
+        if str(self.model) != "tiny" and not self.model.is_dir():
             raise FlagError(f"--model {self.model}: not a folder (a transformers segmentation model)")

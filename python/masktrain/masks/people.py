@@ -13,6 +13,7 @@ import torch
 
 from masktrain.errors import ModelLoadError
 from masktrain.masks.label_tables import normalize
+from masktrain.masks.tiny import TINY, tiny_mask2former
 
 
 @dataclass(frozen=True)
@@ -31,10 +32,13 @@ class PersonSegmenter:
         from transformers import AutoImageProcessor, AutoModelForUniversalSegmentation
 
         try:
-            self.processor = AutoImageProcessor.from_pretrained(folder, local_files_only=True)  # type: ignore[no-untyped-call]  # transformers leaves it unannotated
-            model = AutoModelForUniversalSegmentation.from_pretrained(
-                folder, local_files_only=True, use_safetensors=True
-            )
+            if str(folder) == TINY:
+                self.processor, model = tiny_mask2former()
+            else:
+                self.processor = AutoImageProcessor.from_pretrained(folder, local_files_only=True)  # type: ignore[no-untyped-call]  # transformers leaves it unannotated
+                model = AutoModelForUniversalSegmentation.from_pretrained(
+                    folder, local_files_only=True, use_safetensors=True
+                )
         except (OSError, ValueError) as error:
             raise ModelLoadError(
                 f"--model {folder}: not a transformers Mask2Former / MaskFormer / OneFormer folder with "

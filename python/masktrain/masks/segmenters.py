@@ -22,6 +22,7 @@ import torch
 
 from masktrain.errors import ModelLoadError
 from masktrain.masks.label_tables import SAPIENS_CLASSES
+from masktrain.masks.tiny import TINY, tiny_segformer
 
 SAPIENS_SIZE = (1024, 768)
 """Sapiens' input (height, width)."""
@@ -50,20 +51,24 @@ class TransformersSegmenter:
     def __init__(self, folder: Path, device: torch.device) -> None:
         from transformers import AutoImageProcessor, AutoModelForSemanticSegmentation
 
+        if str(folder) == TINY:
+            self.processor, self.model = tiny_segformer()
+        else:
+            self._load(folder, AutoImageProcessor, AutoModelForSemanticSegmentation)
+        self.model = self.model.to(device).eval()
+        self.device = device
+        id2label = self.model.config.id2label
+        self.classes = [str(id2label[i]) for i in range(len(id2label))]
+
+    def _load(self, folder: Path, processor: Any, model: Any) -> None:
         try:
-            self.processor = AutoImageProcessor.from_pretrained(folder, local_files_only=True)  # type: ignore[no-untyped-call]  # transformers leaves it unannotated
-            self.model = AutoModelForSemanticSegmentation.from_pretrained(
-                folder, local_files_only=True, use_safetensors=True
-            )
+            self.processor = processor.from_pretrained(folder, local_files_only=True)
+            self.model = model.from_pretrained(folder, local_files_only=True, use_safetensors=True)
         except (OSError, ValueError) as error:
             raise ModelLoadError(
                 f"--model {folder}: not a transformers segmentation folder with safetensors weights and "
                 f"its preprocessor_config.json ({error})"
             ) from None
-        self.model = self.model.to(device).eval()
-        self.device = device
-        id2label = self.model.config.id2label
-        self.classes = [str(id2label[i]) for i in range(len(id2label))]
 
     @torch.no_grad()
     def label_maps(self, images: list[Any]) -> list[np.ndarray]:
@@ -116,6 +121,6 @@ class SapiensSegmenter:
 
 
 def load_segmenter(model: Path, device: torch.device) -> Segmenter:
-    if model.is_dir():
+    if str(model) == TINY or model.is_dir():
         return TransformersSegmenter(model, device)
     return SapiensSegmenter(model, device)
