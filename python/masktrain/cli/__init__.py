@@ -14,7 +14,7 @@ import logging
 import click
 
 from masktrain import __version__
-from masktrain.cli import cache, convert_alpha, convert_lora, demo, masks, sample, train
+from masktrain.cli import cache, convert_alpha, convert_lora, demo, inspect, masks, sample, train
 
 
 def _configure_logging(verbose: bool) -> None:
@@ -36,6 +36,7 @@ for _command in (
     train.train,
     sample.sample,
     masks.masks,
+    inspect.inspect,
     demo.demo,
 ):
     main.add_command(_command)

@@ -97,34 +97,56 @@ def find_cached_items(dataset_config: Path, arch: str, *, skip_stale: bool = Fal
     return items
 
 
-def _dataset_items(
-    number: int, dataset: ImageDatasetConfig | VideoDatasetConfig, spec: ArchSpec
-) -> tuple[list[CachedItem], list[str], bool]:
-    """The dataset's trainable items, the problems of the others, and whether any item of it has
-    a cache file at all."""
+@dataclass(frozen=True)
+class ItemState:
+    """One item of a dataset as its cache stands: its fresh latent files (path, latent shape, has
+    mask), or why it is not trainable (``cached``: whether it has a cache file at all)."""
+
+    item: MediaItem
+    files: list[tuple[Path, tuple[int, ...], bool]]
+    text: Path | None
+    problem: str | None
+    cached: bool
+
+
+def item_states(
+    dataset: ImageDatasetConfig | VideoDatasetConfig, spec: ArchSpec
+) -> tuple[list[ItemState], list[str]]:
+    """Every listed item of `dataset` with its cache state, and the files that could not be listed."""
     discovery = discover(dataset)
     video = isinstance(dataset, VideoDatasetConfig)
     existing = fmt.existing_item_files(dataset.cache_directory, spec.name, clips=video)
     masks = freshness.mask_index(dataset)
     settings = freshness.settings_digest(dataset, spec)
-    items: list[CachedItem] = []
-    problems = [f"{path} (cannot be cached: {reason})" for path, reason in discovery.failed]
-    cached = False
+    states = []
     for item in discovery.items:
         try:
             inputs = freshness.item_inputs(item, masks)
             latents = _latent_files(item, existing.get(item.stem, []), spec.name, settings, inputs, video)
             text = _text_file(item, dataset.cache_directory, spec.name)
         except (_Stale, MaskTrainError, OSError) as error:
-            cached |= not isinstance(error, _NotCached)
-            problems.append(f"{item.path} ({error})")
+            states.append(ItemState(item, [], None, str(error), not isinstance(error, _NotCached)))
             continue
-        cached = True
+        states.append(ItemState(item, latents, text, None, True))
+    return states, [f"{path} (cannot be cached: {reason})" for path, reason in discovery.failed]
+
+
+def _dataset_items(
+    number: int, dataset: ImageDatasetConfig | VideoDatasetConfig, spec: ArchSpec
+) -> tuple[list[CachedItem], list[str], bool]:
+    """The dataset's trainable items, the problems of the others, and whether any item of it has
+    a cache file at all."""
+    states, problems = item_states(dataset, spec)
+    items: list[CachedItem] = []
+    for state in states:
+        if state.problem is not None or state.text is None:
+            problems.append(f"{state.item.path} ({state.problem})")
+            continue
         items += [
-            CachedItem(path, text, shape, has_mask, number, dataset.batch_size, dataset.num_repeats)
-            for path, shape, has_mask in latents
+            CachedItem(path, state.text, shape, has_mask, number, dataset.batch_size, dataset.num_repeats)
+            for path, shape, has_mask in state.files
         ]
-    return items, problems, cached
+    return items, problems, any(state.cached for state in states)
 
 
 def _latent_files(

@@ -11,11 +11,13 @@ need the file system or the process group. Torch-free (cache headers only).
   ``--use_mask_loss`` every dataset's cache holds mask weights;
 - every process gets at least one batch per epoch;
 - the warm-up fits in the run, now that the number of steps is known (``--max_train_epochs``);
-- ``--validation_dataset_config`` is cached for this ``--arch``, with masks.
+- ``--validation_dataset_config`` is cached for this ``--arch``, with masks;
+- a cache that holds masks while ``--use_mask_loss`` is off gets a warning (the masks are unused).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +29,8 @@ from masktrain.data.cached_items import CachedItem, epoch_batches, find_cached_i
 from masktrain.data.dataset_paths import check_readable, check_writable
 from masktrain.errors import CachedDataError, MissingMaskWeightsError, TrainConfigError
 from masktrain.train.resume import checkpoint_step
+
+log = logging.getLogger(__name__)
 
 
 def validation_items(toml: Path, arch: str) -> list[CachedItem]:
@@ -79,6 +83,16 @@ def preflight(config: TrainConfig, world: int) -> TrainPlan:
     items = find_cached_items(config.dataset_config, config.arch, skip_stale=config.skip_stale)
     if config.mask.use_mask_loss:
         _check_masks(config, datasets, items)
+    else:
+        masked = sum(item.has_mask for item in items)
+        if masked:
+            log.warning(
+                "%d of %d cached items hold mask weights, but --use_mask_loss is off: the masks are not "
+                "used; add --use_mask_loss (masktrain inspect --dataset_config %s shows what they weight)",
+                masked,
+                len(items),
+                config.dataset_config,
+            )
     batches_per_epoch = len(epoch_batches(items, config.seed, 0)) // world
     if batches_per_epoch == 0:
         raise CachedDataError(f"{config.dataset_config}: fewer batches than processes ({world}); add data")

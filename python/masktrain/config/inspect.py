@@ -1,0 +1,32 @@
+"""The settings of ``masktrain inspect``, checked when built."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from masktrain import catalog
+from masktrain.errors import FlagError
+
+
+@dataclass(frozen=True)
+class InspectConfig:
+    dataset_config: Path
+    arch: str = "wan"
+    """The cache files to read (their names carry the arch) and the latent factor by default."""
+    vae: str | None = None
+    """Sets the latent factor when the cache cannot: a tiny VAE name, a diffusers folder (its
+    config.json) or None (the arch's released VAE: 8)."""
+    output_dir: Path = Path("inspect")
+    mask_gamma: float = 1.0
+    mask_min_weight: float = 0.0
+    prior_mask_threshold: float | None = None
+
+    def __post_init__(self) -> None:
+        catalog.arch(self.arch)
+        if not self.mask_gamma > 0:
+            raise FlagError(f"--mask_gamma must be > 0, got {self.mask_gamma}")
+        if not 0 <= self.mask_min_weight < 1:
+            raise FlagError(f"--mask_min_weight must be in [0, 1), got {self.mask_min_weight}")
+        if self.prior_mask_threshold is not None and not 0 < self.prior_mask_threshold <= 1:
+            raise FlagError(f"--prior_mask_threshold must be in (0, 1], got {self.prior_mask_threshold}")

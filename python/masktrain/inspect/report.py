@@ -1,0 +1,230 @@
+"""The numbers of ``masktrain inspect``: per item, its mask source, the fraction of latent cells in
+each region (``masktrain.tiers``: face, hair and body, background), the mean loss weight after
+``--mask_gamma`` / ``--mask_min_weight``, the prior region (raw < ``--prior_mask_threshold``)
+and whether its subject (raw >= 0.05) covers under 1% of the cells; per dataset, the totals, the
+items without masks or with a tiny subject, and how fresh the cache is.
+
+Where an item's cache is fresh its mask is the cached one (exactly what training reads); otherwise
+it is computed from the image and mask files by the same native code ``cache`` runs
+(``prepare_batch``), at the latent factor of ``--vae``. Image datasets only, for now: a video
+dataset is listed as not inspected.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from masktrain import _native, catalog
+from masktrain.config.dataset import ImageDatasetConfig, load_dataset_config
+from masktrain.config.inspect import InspectConfig
+from masktrain.data import freshness
+from masktrain.data.cached_items import ItemState, item_states
+from masktrain.data.dataset_paths import check_readable
+from masktrain.data.discovery import bucket_list
+from masktrain.tiers import TIER_EDGES
+
+SMALL_SUBJECT = 0.01
+"""An item whose subject (raw >= 0.05) covers less than this fraction of the cells is flagged."""
+
+
+@dataclass
+class ItemReport:
+    name: str
+    source: str
+    """Where the mask came from: alpha, file or none."""
+    read_from: str
+    """cache (fresh) or sources."""
+    cache: str
+    """fresh, stale (why) or not cached."""
+    bucket: tuple[int, int]
+    grid: tuple[int, int]
+    """Latent cells (width, height)."""
+    face: float = 0.0
+    body: float = 0.0
+    background: float = 1.0
+    mean_weight: float = 1.0
+    """Mean loss weight after gamma and floor (1 without a mask)."""
+    prior_region: float | None = None
+    small_subject: bool = False
+    overlay: str = ""
+    """The overlay image's path, relative to the output folder."""
+
+
+@dataclass
+class DatasetReport:
+    index: int
+    directory: str
+    items: list[ItemReport] = field(default_factory=list)
+    stale: list[str] = field(default_factory=list)
+    not_cached: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+    note: str = ""
+
+    @property
+    def without_mask(self) -> list[str]:
+        return [item.name for item in self.items if item.source == "none"]
+
+    @property
+    def small_subject(self) -> list[str]:
+        return [item.name for item in self.items if item.small_subject]
+
+    def totals(self) -> dict[str, float]:
+        masked = [item for item in self.items if item.source != "none"]
+        if not masked:
+            return {}
+        return {
+            region: float(np.mean([getattr(item, region) for item in masked]))
+            for region in ("face", "body", "background", "mean_weight")
+        }
+
+    @property
+    def cache(self) -> str:
+        if not self.items:
+            return "empty"
+        if not self.stale and not self.not_cached:
+            return "fresh"
+        return "not cached" if len(self.not_cached) == len(self.items) else "partly fresh"
+
+
+def coverage(raw: np.ndarray) -> dict[str, float]:
+    """Fractions of cells per region of a raw (h, w) mask."""
+    low, high = TIER_EDGES
+    cells = raw.size
+    return {
+        "face": float((raw >= high).sum() / cells),
+        "body": float(((raw >= low) & (raw < high)).sum() / cells),
+        "background": float((raw < low).sum() / cells),
+    }
+
+
+def loss_weights(raw: np.ndarray, gamma: float, min_weight: float) -> np.ndarray:
+    """``loss.transform_weights`` in numpy: clamp, gamma, then the floor."""
+    weights: np.ndarray = np.clip(raw, 0.0, 1.0) ** gamma
+    return weights * (1.0 - min_weight) + min_weight if min_weight > 0 else weights
+
+
+def latent_factor(config: InspectConfig) -> int:
+    spec = catalog.arch(config.arch)
+    if config.vae is None:
+        return spec.spatial_factor
+    if config.vae in spec.tiny_vaes:
+        return spec.tiny_vaes[config.vae]
+    folder = Path(config.vae).expanduser()
+    settings = folder / "config.json" if folder.is_dir() else folder.with_suffix(".json")
+    if (folder / "vae" / "config.json").is_file():
+        settings = folder / "vae" / "config.json"
+    if settings.is_file():
+        values = json.loads(settings.read_text(encoding="utf-8"))
+        if "scale_factor_spatial" in values:
+            return int(values["scale_factor_spatial"])
+        if "temperal_downsample" in values:
+            return int(2 ** len(values["temperal_downsample"]))
+    return spec.spatial_factor
+
+
+def _cached_raw(state: ItemState) -> np.ndarray | None:
+    """The first latent frame's raw mask weights of a fresh cache file (None without a mask)."""
+    from safetensors.numpy import load_file
+
+    path, _, has_mask = state.files[0]
+    if not has_mask:
+        return None
+    for key, value in load_file(str(path)).items():
+        if key.startswith("mask_weights"):
+            frame: np.ndarray = np.asarray(value, dtype=np.float32)[0, 0]
+            return frame
+    return None
+
+
+Pictures = dict[str, tuple[np.ndarray, np.ndarray | None]]
+"""Per item (``{dataset}/{stem}``): the bucketed image and its raw latent mask."""
+
+
+def inspect_datasets(config: InspectConfig) -> tuple[list[DatasetReport], Pictures]:
+    """The reports, and per item name (``{dataset}/{stem}``) the bucketed image and its raw latent
+    mask, for the overlays."""
+    spec = catalog.arch(config.arch)
+    datasets = load_dataset_config(config.dataset_config)
+    check_readable(datasets)
+    factor = latent_factor(config)
+    reports, pictures = [], {}
+    for index, dataset in enumerate(datasets.datasets):
+        directory = str(getattr(dataset, "image_directory", None) or getattr(dataset, "video_directory", ""))
+        report = DatasetReport(index, directory)
+        reports.append(report)
+        if not isinstance(dataset, ImageDatasetConfig):
+            report.note = "a video dataset: not inspected yet (masktrain inspect reads image datasets)"
+            continue
+        states, report.failed = item_states(dataset, spec)
+        masks = freshness.mask_index(dataset)
+        prepared = _native.prepare_batch(
+            [state.item.path for state in states],
+            bucket_list(dataset.buckets),
+            mask_index=masks,
+            alpha_mask=dataset.alpha_mask,
+            require_mask=False,
+            latent_factor=factor,
+        )
+        for state, result in zip(states, prepared, strict=True):
+            name = f"{index}/{state.item.stem}"
+            if not isinstance(result, _native.PreparedItem):
+                report.failed.append(f"{state.item.path} ({result})")
+                continue
+            fresh = state.problem is None
+            raw = _cached_raw(state) if fresh else result.latent_mask
+            if state.problem is not None:
+                (report.stale if state.cached else report.not_cached).append(
+                    f"{state.item.path.name}" + (f" ({state.problem})" if state.cached else "")
+                )
+            grid = (
+                (raw.shape[1], raw.shape[0])
+                if raw is not None
+                else (result.bucket[0] // factor, result.bucket[1] // factor)
+            )
+            item = ItemReport(
+                name=state.item.path.name,
+                source=result.mask_source,
+                read_from="cache" if fresh else "sources",
+                cache="fresh" if fresh else ("stale" if state.cached else "not cached"),
+                bucket=result.bucket,
+                grid=grid,
+            )
+            if raw is not None:
+                regions = coverage(raw)
+                item.face, item.body, item.background = (
+                    regions["face"],
+                    regions["body"],
+                    regions["background"],
+                )
+                item.mean_weight = float(loss_weights(raw, config.mask_gamma, config.mask_min_weight).mean())
+                if config.prior_mask_threshold is not None:
+                    item.prior_region = float((raw < config.prior_mask_threshold).mean())
+                item.small_subject = item.face + item.body < SMALL_SUBJECT
+            report.items.append(item)
+            pictures[name] = (result.image, raw)
+    return reports, pictures
+
+
+def summary_json(reports: list[DatasetReport]) -> dict[str, object]:
+    return {
+        "datasets": [
+            {
+                "index": report.index,
+                "directory": report.directory,
+                "cache": report.cache,
+                "note": report.note,
+                "totals": report.totals(),
+                "without_mask": report.without_mask,
+                "small_subject": report.small_subject,
+                "stale": report.stale,
+                "not_cached": report.not_cached,
+                "failed": report.failed,
+                "items": [asdict(item) for item in report.items],
+            }
+            for report in reports
+        ]
+    }
