@@ -33,6 +33,18 @@ python -m mypy
 step "mypy.stubtest masktrain._native"
 python -m mypy.stubtest masktrain._native
 
+step "headless Chromium for the inspect page test (Debian's, installed when running as root)"
+if command -v chromium >/dev/null 2>&1; then
+    chromium --version
+elif [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    export DEBIAN_FRONTEND=noninteractive
+    { apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1 \
+        || { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1; }; } \
+        && chromium --version || echo "could not install chromium: the browser test will skip"
+else
+    echo "not root (or no apt-get): the inspect browser test skips; install chromium to run it"
+fi
+
 step "pytest"
 # Run from tests/ against the installed wheel, not the source tree's python/ folder.
 python -m pytest tests
