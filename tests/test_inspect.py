@@ -113,3 +113,33 @@ def test_train_warns_when_cached_masks_go_unused(dataset: Path, tmp_path: Path, 
     caplog.set_level("WARNING")
     run_train(train_config(dataset, tmp_path / "out", max_train_steps=1, mask=MaskLossSettings()))
     assert "4 of 4 cached items hold mask weights, but --use_mask_loss is off" in caplog.text
+
+
+def test_a_video_dataset_from_its_sources_then_from_its_cache(tmp_path: Path) -> None:
+    """A video's numbers are its first clip's: before caching from its first frame and mask file,
+    after caching from the cache file, and the two agree."""
+    from helpers import cache_tiny, write_video
+
+    (tmp_path / "videos").mkdir()
+    (tmp_path / "masks").mkdir()
+    write_video(tmp_path / "videos" / "clip.mkv", 9)
+    (tmp_path / "videos" / "clip.txt").write_text("a clip")
+    Image.fromarray(tiered(48, 64, 3)).save(tmp_path / "masks" / "clip.png")
+    toml = tmp_path / "dataset.toml"
+    toml.write_text(
+        '[general]\nresolution = [64, 48]\n\n[[datasets]]\nvideo_directory = "videos"\n'
+        'mask_directory = "masks"\ncache_directory = "cache"\ntarget_frames = [5]\n'
+    )
+    (before,) = run(InspectConfig(toml, output_dir=tmp_path / "before"))
+    assert before.cache == "not cached" and before.items[0].read_from == "sources"
+    cache_tiny(tmp_path)
+    (after,) = run(InspectConfig(toml, output_dir=tmp_path / "after"))
+    (item,) = after.items
+    assert (item.read_from, item.source, item.grid) == ("cache", "file", (8, 6))
+    (path,) = (tmp_path / "cache").glob("clip_*_wan.safetensors")
+    raw = next(v for k, v in load_file(str(path)).items() if k.startswith("mask_weights"))[0, 0]
+    assert (item.face, item.body, item.background) == pytest.approx(_count(raw))
+    first = before.items[0]
+    assert (first.face, first.body, first.background) == pytest.approx(
+        (item.face, item.body, item.background)
+    )

@@ -5,9 +5,9 @@ and whether its subject (raw >= 0.05) covers under 1% of the cells; per dataset,
 items without masks or with a tiny subject, and how fresh the cache is.
 
 Where an item's cache is fresh its mask is the cached one (exactly what training reads); otherwise
-it is computed from the image and mask files by the same native code ``cache`` runs
-(``prepare_batch``), at the latent factor of ``--vae``. Image datasets only, for now: a video
-dataset is listed as not inspected.
+it is computed from the image and mask files by the same code ``cache`` runs (``prepare_batch``;
+for a video its first kept frame and ``prepare_mask``), at the latent factor of ``--vae``. A
+video's numbers are its first clip's (the mask is one per video).
 """
 
 from __future__ import annotations
@@ -19,12 +19,13 @@ from pathlib import Path
 import numpy as np
 
 from masktrain import _native, catalog
-from masktrain.config.dataset import ImageDatasetConfig, load_dataset_config
+from masktrain.config.dataset import ImageDatasetConfig, VideoDatasetConfig, load_dataset_config
 from masktrain.config.inspect import InspectConfig
 from masktrain.data import freshness
 from masktrain.data.cached_items import ItemState, item_states
 from masktrain.data.dataset_paths import check_readable
-from masktrain.data.discovery import bucket_list
+from masktrain.data.discovery import bucket_list, choose_bucket
+from masktrain.errors import MaskTrainError
 from masktrain.tiers import TIER_EDGES
 
 SMALL_SUBJECT = 0.01
@@ -144,6 +145,68 @@ Pictures = dict[str, tuple[np.ndarray, np.ndarray | None]]
 """Per item (``{dataset}/{stem}``): the bucketed image and its raw latent mask."""
 
 
+@dataclass(frozen=True)
+class _FromSources:
+    """An item as ``cache`` prepares it: the bucketed image (a video's first kept frame), the raw
+    latent mask (None without one) and where that mask comes from."""
+
+    image: np.ndarray
+    raw: np.ndarray | None
+    source: str
+    bucket: tuple[int, int]
+
+
+def _image_sources(
+    dataset: ImageDatasetConfig, states: list[ItemState], factor: int
+) -> list[_FromSources | Exception]:
+    prepared = _native.prepare_batch(
+        [state.item.path for state in states],
+        bucket_list(dataset.buckets),
+        mask_index=freshness.mask_index(dataset),
+        alpha_mask=dataset.alpha_mask,
+        require_mask=False,
+        latent_factor=factor,
+    )
+    return [
+        _FromSources(r.image, r.latent_mask, r.mask_source, r.bucket)
+        if isinstance(r, _native.PreparedItem)
+        else r
+        for r in prepared
+    ]
+
+
+def _video_sources(
+    dataset: VideoDatasetConfig, states: list[ItemState], factor: int
+) -> list[_FromSources | Exception]:
+    """Each video's first kept frame and its mask, as ``cache.videos`` prepares them."""
+    from masktrain.data import video
+
+    buckets, masks = bucket_list(dataset.buckets), freshness.mask_index(dataset)
+    results: list[_FromSources | Exception] = []
+    for state in states:
+        try:
+            decoded = video.decode_video(
+                state.item.path, lambda size: choose_bucket(size, dataset.buckets, buckets), limit=1
+            )
+            mask_path = masks.get(state.item.stem) if masks is not None else None
+            raw = None
+            if mask_path is not None:
+                _, raw = _native.prepare_mask(
+                    mask_path,
+                    decoded.original_size,
+                    decoded.bucket,
+                    factor,
+                    source=state.item.path,
+                    media="video",
+                )
+            results.append(
+                _FromSources(decoded.frames[0], raw, "file" if raw is not None else "none", decoded.bucket)
+            )
+        except (MaskTrainError, OSError) as error:
+            results.append(error)
+    return results
+
+
 def inspect_datasets(config: InspectConfig) -> tuple[list[DatasetReport], Pictures]:
     """The reports, and per item name (``{dataset}/{stem}``) the bucketed image and its raw latent
     mask, for the overlays."""
@@ -156,26 +219,17 @@ def inspect_datasets(config: InspectConfig) -> tuple[list[DatasetReport], Pictur
         directory = str(getattr(dataset, "image_directory", None) or getattr(dataset, "video_directory", ""))
         report = DatasetReport(index, directory)
         reports.append(report)
-        if not isinstance(dataset, ImageDatasetConfig):
-            report.note = "a video dataset: not inspected yet (masktrain inspect reads image datasets)"
-            continue
         states, report.failed = item_states(dataset, spec)
-        masks = freshness.mask_index(dataset)
-        prepared = _native.prepare_batch(
-            [state.item.path for state in states],
-            bucket_list(dataset.buckets),
-            mask_index=masks,
-            alpha_mask=dataset.alpha_mask,
-            require_mask=False,
-            latent_factor=factor,
-        )
-        for state, result in zip(states, prepared, strict=True):
-            name = f"{index}/{state.item.stem}"
-            if not isinstance(result, _native.PreparedItem):
+        if isinstance(dataset, ImageDatasetConfig):
+            sources = _image_sources(dataset, states, factor)
+        else:
+            sources = _video_sources(dataset, states, factor)
+        for state, result in zip(states, sources, strict=True):
+            if isinstance(result, Exception):
                 report.failed.append(f"{state.item.path} ({result})")
                 continue
             fresh = state.problem is None
-            raw = _cached_raw(state) if fresh else result.latent_mask
+            raw = _cached_raw(state) if fresh else result.raw
             if state.problem is not None:
                 (report.stale if state.cached else report.not_cached).append(
                     f"{state.item.path.name}" + (f" ({state.problem})" if state.cached else "")
@@ -187,26 +241,26 @@ def inspect_datasets(config: InspectConfig) -> tuple[list[DatasetReport], Pictur
             )
             item = ItemReport(
                 name=state.item.path.name,
-                source=result.mask_source,
+                source=result.source,
                 read_from="cache" if fresh else "sources",
                 cache="fresh" if fresh else ("stale" if state.cached else "not cached"),
                 bucket=result.bucket,
                 grid=grid,
             )
             if raw is not None:
-                regions = coverage(raw)
-                item.face, item.body, item.background = (
-                    regions["face"],
-                    regions["body"],
-                    regions["background"],
-                )
-                item.mean_weight = float(loss_weights(raw, config.mask_gamma, config.mask_min_weight).mean())
-                if config.prior_mask_threshold is not None:
-                    item.prior_region = float((raw < config.prior_mask_threshold).mean())
-                item.small_subject = item.face + item.body < SMALL_SUBJECT
+                _measure(item, raw, config)
             report.items.append(item)
-            pictures[name] = (result.image, raw)
+            pictures[f"{index}/{state.item.stem}"] = (result.image, raw)
     return reports, pictures
+
+
+def _measure(item: ItemReport, raw: np.ndarray, config: InspectConfig) -> None:
+    regions = coverage(raw)
+    item.face, item.body, item.background = regions["face"], regions["body"], regions["background"]
+    item.mean_weight = float(loss_weights(raw, config.mask_gamma, config.mask_min_weight).mean())
+    if config.prior_mask_threshold is not None:
+        item.prior_region = float((raw < config.prior_mask_threshold).mean())
+    item.small_subject = item.face + item.body < SMALL_SUBJECT
 
 
 def summary_json(reports: list[DatasetReport]) -> dict[str, object]:
