@@ -119,6 +119,11 @@ def test_the_command_reports_every_photo_and_writes_binary_masks(tmp_path: Path)
         assert mask.size == (1024, 512) and set(np.unique(np.asarray(mask))) <= {0, 255}
     refused = CliRunner().invoke(main, [*args, "--backend", "yolo"])
     assert refused.exit_code == 2 and "--backend yolo: ultralytics' YOLO is AGPL-3.0" in refused.output
+    refused = CliRunner().invoke(main, [*args, "--yolo-conf", "0.25"])
+    assert refused.exit_code == 2 and "--yolo-conf is the reference tool's, not masktrain's" in refused.output
+    only = CliRunner().invoke(main, [*args[:5], str(tmp_path / "only"), *args[6:], "--files", "nobody"])
+    assert only.exit_code == 0 and "1 mask(s) written" in only.output
+    assert [p.name for p in (tmp_path / "only").iterdir()] == ["nobody.png"]
 
 
 def test_bad_flags_are_named(tmp_path: Path) -> None:

@@ -8,7 +8,7 @@ from typing import Any
 import click
 
 from masktrain import tiers
-from masktrain.cli.options import directory, flag, option
+from masktrain.cli.options import F, directory, flag, option
 from masktrain.cli.outcome import run_job
 from masktrain.config.masks import MISSING_POLICIES
 
@@ -57,6 +57,24 @@ def tiers_command(**flags: Any) -> None:
     raise SystemExit(1 if run_job(job) else 0)
 
 
+#: The reference tool's backend flags (create_instance_masks.py), refused in one line each.
+_REFERENCE_ONLY = {
+    "id_det_size": "InsightFace's detector size; dlib's detector needs none",
+    "yolo_model": "--backend yolo is refused; pass --model (a Mask2Former / OneFormer folder)",
+    "yolo_conf": "--backend yolo is refused; --person_threshold sets the person score",
+    "yolo_device": "--backend yolo is refused; use --device",
+    "sam3_device": "--backend sam3 is refused; use --device",
+    "sam3_prompt": "--backend sam3 is refused; the person class comes from --model's labels",
+    "sam3_confidence": "--backend sam3 is refused; --person_threshold sets the person score",
+}
+
+
+def _reference_only_flags(command: F) -> F:
+    for name in reversed(_REFERENCE_ONLY):
+        command = option(name, default=None, hidden=True)(command)
+    return command
+
+
 @masks.command("instance")
 @option("input", type=directory(True), required=True, help="The (group) photos.")
 @option("output", type=directory(False), required=True, help="Where {stem}.png subject masks (0/255) go.")
@@ -85,13 +103,23 @@ def tiers_command(**flags: Any) -> None:
 @flag("skip_existing", "Leave masks that exist alone.")
 @option("device", default=None, help="Device [default: cuda when available, else cpu].")
 @option("backend", default=None, help="The reference tool's yolo / sam3: refused (see the error).")
+@option("files", default=None, help="Only these photos: comma-separated basenames without extension.")
+@_reference_only_flags
 def instance_command(**flags: Any) -> None:
     """Binary masks of the subject in group photos: the person whose face matches --reference."""
     from masktrain.config.masks import InstanceConfig
     from masktrain.masks.instance import run
 
+    for name, why in _REFERENCE_ONLY.items():
+        if flags.pop(name) is not None:
+            raise click.UsageError(
+                f"--{name.replace('_', '-')} is the reference tool's, not masktrain's: {why}"
+            )
+    files = flags.pop("files")
+    stems = None if files is None else tuple(s.strip() for s in files.split(",") if s.strip())
+
     def job() -> None:
-        click.echo(run(InstanceConfig(**flags)).line())
+        click.echo(run(InstanceConfig(**flags, files=stems)).line())
 
     run_job(job)
 

@@ -127,6 +127,8 @@ class InstanceConfig:
     device: str | None = None
     backend: str | None = None
     """The reference tool's --backend: refused with what to use instead."""
+    files: tuple[str, ...] | None = None
+    """Only the photos with these basenames (the reference tool's --files)."""
 
     def __post_init__(self) -> None:
         if self.backend is not None:

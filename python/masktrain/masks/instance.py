@@ -103,6 +103,11 @@ def _png(mask: np.ndarray) -> bytes:
 
 def run(config: InstanceConfig) -> InstanceSummary:
     photos = sorted(p for p in config.input.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if config.files is not None:
+        unknown = sorted(set(config.files) - {p.stem for p in photos})
+        if unknown:
+            raise DataError(f"--files: no photo named {', '.join(unknown)} in {config.input}")
+        photos = [p for p in photos if p.stem in config.files]
     if not photos:
         raise DataError(f"--input {config.input}: no images (.png, .jpg, .jpeg, .webp, .bmp) there")
     identity = FaceIdentity()
