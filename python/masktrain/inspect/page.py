@@ -1,7 +1,8 @@
 """``masktrain inspect``'s outputs: one overlay per item (the bucketed image, dimmed where the loss
 weight is 0 and tinted red by the weight, each latent cell a block: the mask on the latent grid,
-as the loss sees it), ``index.html`` (a static contact sheet of the overlays with their numbers,
-no server, no scripts), ``summary.json`` and the printed table. Every file is written atomically."""
+as the loss sees it; with ``--prior_mask_threshold`` the prior region tinted blue),
+``index.html`` (a static contact sheet of the overlays with their numbers, no server, no
+scripts), ``summary.json`` and the printed table. Every file is written atomically."""
 
 from __future__ import annotations
 
@@ -28,15 +29,20 @@ def overlay(image: np.ndarray, raw: np.ndarray | None, config: InspectConfig) ->
     picture.thumbnail((THUMBNAIL, THUMBNAIL), Image.Resampling.LANCZOS)
     pixels = np.asarray(picture).astype(np.float32)
     if raw is not None:
-        weights = loss_weights(raw, config.mask_gamma, config.mask_min_weight)
-        cells = Image.fromarray(weights.astype(np.float32), mode="F").resize(
-            picture.size, Image.Resampling.NEAREST
-        )
-        weight = np.asarray(cells)[..., None]
-        red = np.array([255.0, 40.0, 40.0])
-        pixels = (
-            pixels * (0.35 + 0.65 * np.minimum(weight * 4, 1)) * (1 - 0.45 * weight) + red * 0.45 * weight
-        )
+
+        def on_picture(cells: np.ndarray) -> np.ndarray:
+            """Latent cells -> one block each over the thumbnail, shaped (H, W, 1)."""
+            resized = Image.fromarray(cells.astype(np.float32), mode="F").resize(
+                picture.size, Image.Resampling.NEAREST
+            )
+            return np.asarray(resized)[..., None]
+
+        weight = on_picture(loss_weights(raw, config.mask_gamma, config.mask_min_weight))
+        dimmed = pixels * (0.35 + 0.65 * np.minimum(weight * 4, 1))  # weight 0: a third as bright
+        pixels = dimmed * (1 - 0.45 * weight) + np.array([255.0, 40.0, 40.0]) * 0.45 * weight
+        if config.prior_mask_threshold is not None:  # the prior region, kept near the base model: blue
+            prior = on_picture((raw < config.prior_mask_threshold).astype(np.float32)) > 0.5
+            pixels = np.where(prior, pixels * 0.6 + np.array([40.0, 80.0, 255.0]) * 0.4, pixels)
     buffer = io.BytesIO()
     Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(buffer, format="PNG")
     return buffer.getvalue()
@@ -154,7 +160,8 @@ img {{ max-width: 256px; max-height: 256px; display: block; }}
 </style></head>
 <body><h1>{title}</h1>
 <p>Each picture is the bucketed image with the loss weight of every latent cell ({settings}): red where
-the weight is high, dimmed where it is 0.</p>
+the weight is high, dimmed where it is 0; blue where the prior term keeps the base model
+(with --prior_mask_threshold).</p>
 {sections}
 </body></html>
 """
