@@ -9,13 +9,16 @@ fork, PR #901), step by step:
    frame), mask ``(B, 1, F, H, W)`` or ``(B, F, H, W)``. ``layout="layered"`` (Qwen-Image
    layered): loss ``(B, L, C, H, W)``, mask ``(B, 1, F, H, W)`` whose frames are the layers; with
    ``drop_base_frame`` the first mask frame (the base image, not in the target) is dropped.
-3. ``raw = clamp(mask, 0, 1)``; ``w = raw ** gamma * (1 - min) + min`` (an affine remap, not a
-   clamp floor).
+3. ``raw = clamp(mask, 0, 1)``; with ``mask_blur_kernel_size`` k > 1 a Gaussian blur over H, W
+   (sigma ``0.3·((k-1)/2 - 1) + 0.8``, replicate padding); ``w = blurred ** gamma * (1 - min) +
+   min`` (an affine remap, not a clamp floor).
 4. Prior region: continuous ``1 - w``; threshold mode ``raw < threshold`` (the latent-resolution,
    area-averaged mask), and then the target ignores those cells (no target/prior overlap).
 5. ``L_t = sum(loss * w) / sum(w)`` over the batch, or per sample then the batch mean (samples
-   without weight count as 0). ``L_p = weight * (same over prior_loss and the prior region)``.
-   Empty regions (weight sum <= 1e-8) contribute 0. Returns ``L_t + L_p``.
+   without weight count as 0); with ``mask_area_scale_beta`` it is multiplied by ``mean(raw) **
+   beta`` (of the unblurred raw mask; per sample under ``normalize_per_sample``).
+   ``L_p = weight * (same over prior_loss and the prior region)``. Empty regions (weight sum
+   <= 1e-8) contribute 0. Returns ``L_t + L_p``.
 
 Deliberate differences from PR #901:
 
@@ -84,6 +87,28 @@ def transform_weights(raw: torch.Tensor, gamma: float, min_weight: float) -> tor
     return weights
 
 
+def blur_sigma(kernel_size: int) -> float:
+    """torchvision's default sigma for a Gaussian of this kernel size: 0.3·((k-1)/2 - 1) + 0.8."""
+    return 0.3 * ((kernel_size - 1) / 2 - 1) + 0.8
+
+
+def blur_mask(mask: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """A Gaussian blur over the last two dimensions (H, W) of a compact mask, replicate padding,
+    in float32, clamped to [0, 1]; off for a kernel size of 0 or 1."""
+    if kernel_size <= 1:
+        return mask
+    offsets = torch.arange(kernel_size, dtype=torch.float32, device=mask.device) - (kernel_size - 1) / 2
+    kernel = torch.exp(-(offsets**2) / (2 * blur_sigma(kernel_size) ** 2))
+    kernel = kernel / kernel.sum()
+    shape = mask.shape
+    planes = mask.float().reshape(-1, 1, shape[-2], shape[-1])
+    pad = kernel_size // 2
+    planes = torch.nn.functional.pad(planes, (pad, pad, pad, pad), mode="replicate")
+    planes = torch.nn.functional.conv2d(planes, kernel.view(1, 1, 1, -1))
+    planes = torch.nn.functional.conv2d(planes, kernel.view(1, 1, -1, 1))
+    return planes.reshape(shape).clamp(0.0, 1.0)
+
+
 def _prepare(
     loss: torch.Tensor, mask_weights: torch.Tensor, layout: str, drop_base_frame: bool
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -136,14 +161,31 @@ def _per_sample_sums(
 
 
 def _region_mean(
-    values: torch.Tensor, weights: torch.Tensor, channels: int, per_sample: bool
+    values: torch.Tensor,
+    weights: torch.Tensor,
+    channels: int,
+    per_sample: bool,
+    scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
+    """The weighted mean (per sample, then the batch mean, or over the batch), times `scale` ((B,)
+    per sample, 0-dim globally) when given."""
     numerator, denominator = _per_sample_sums(values, weights, channels)
     if per_sample:
         means = torch.where(denominator > EPS, numerator / denominator.clamp_min(EPS), 0.0)
-        return means.mean()
+        return (means if scale is None else means * scale).mean()
     total = denominator.sum()
-    return torch.where(total > EPS, numerator.sum() / total.clamp_min(EPS), 0.0)
+    mean = torch.where(total > EPS, numerator.sum() / total.clamp_min(EPS), 0.0)
+    return mean if scale is None else mean * scale
+
+
+def _area_scale(raw: torch.Tensor, settings: MaskLossSettings, per_sample: bool) -> torch.Tensor | None:
+    """``--mask_area_scale_beta``: ``mean(raw) ** beta`` of the unblurred, untransformed mask, per
+    sample or over the batch; None when off."""
+    beta = settings.mask_area_scale_beta
+    if beta <= 0:
+        return None
+    means = raw.mean(dim=(1, 2, 3, 4)) if per_sample else raw.mean()
+    return means.clamp(0.0, 1.0) ** beta
 
 
 def masked_loss_terms(
@@ -164,7 +206,8 @@ def masked_loss_terms(
         )
     values, mask, channels = _prepare(loss, mask_weights, layout, drop_base_frame)
     raw = mask.clamp(0.0, 1.0)
-    weights = transform_weights(raw, settings.mask_gamma, settings.mask_min_weight)
+    blurred = blur_mask(raw, settings.mask_blur_kernel_size)
+    weights = transform_weights(blurred, settings.mask_gamma, settings.mask_min_weight)
     prior_on = settings.prior_preservation_weight > 0
     threshold = settings.prior_mask_threshold
     if prior_on and threshold is not None:
@@ -173,7 +216,7 @@ def masked_loss_terms(
     else:
         prior_region = 1.0 - weights
     per_sample = settings.normalize_per_sample
-    target = _region_mean(values, weights, channels, per_sample)
+    target = _region_mean(values, weights, channels, per_sample, _area_scale(raw, settings, per_sample))
     if not prior_on or prior_loss is None:
         return MaskedLossTerms(target, torch.zeros((), dtype=torch.float32, device=target.device))
     prior_values = prior_loss.float()

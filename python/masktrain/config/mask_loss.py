@@ -56,6 +56,13 @@ class MaskLossSettings:
     normalize_per_sample: bool = False
     """Weighted mean per sample, then the batch mean (zero-weight samples count as 0), instead of
     one weighted mean over the whole batch."""
+    mask_blur_kernel_size: int = 0
+    """Gaussian blur of the latent-grid mask before gamma and floor (odd kernel size in cells; 0
+    or 1: off; sigma as torchvision's default for the size). The threshold-mode prior region and
+    the area scale read the unblurred mask."""
+    mask_area_scale_beta: float = 0.0
+    """Scale the target term by ``mean(raw mask) ** beta`` (per sample under
+    --normalize_per_sample): small subjects weigh less. 0: off."""
 
     def __post_init__(self) -> None:
         check(self)
@@ -79,6 +86,14 @@ def check(settings: MaskLossSettings) -> None:
     threshold = settings.prior_mask_threshold
     if threshold is not None and not (0.0 < threshold < 1.0):
         raise MaskOptionError("--prior_mask_threshold must be in range (0, 1)")
+    blur = settings.mask_blur_kernel_size
+    if blur < 0:
+        raise MaskOptionError(f"--mask_blur_kernel_size must be >= 0, got {blur}")
+    if blur > 1 and blur % 2 == 0:
+        raise MaskOptionError(f"--mask_blur_kernel_size must be odd (or 0 to disable), got {blur}")
+    beta = settings.mask_area_scale_beta
+    if not 0.0 <= beta < math.inf:
+        raise MaskOptionError(f"--mask_area_scale_beta must be >= 0, got {beta}")
     if weight > 0 and not settings.use_mask_loss:
         raise MaskOptionError(
             "--prior_preservation_weight > 0 requires --use_mask_loss. "
@@ -101,6 +116,8 @@ def validate(settings: MaskLossSettings) -> list[str]:
                 ("--mask_min_weight", floor != 0.0),
                 ("--prior_mask_threshold", threshold is not None),
                 ("--normalize_per_sample", settings.normalize_per_sample),
+                ("--mask_blur_kernel_size", settings.mask_blur_kernel_size > 1),
+                ("--mask_area_scale_beta", settings.mask_area_scale_beta > 0),
             )
             if is_set
         ]
@@ -117,6 +134,13 @@ def validate(settings: MaskLossSettings) -> list[str]:
         warnings.append(
             f"--prior_preservation_weight={weight} with --mask_min_weight={floor}: Non-zero mask_min_weight "
             "reduces prior preservation effect. Recommend --mask_min_weight 0.0"
+        )
+    if settings.mask_area_scale_beta > 0 and weight > 0:
+        warnings.append(
+            f"--mask_area_scale_beta={settings.mask_area_scale_beta} with "
+            f"--prior_preservation_weight={weight}: "
+            "the area scale shrinks the target term of small subjects but not the prior term, so the prior "
+            "weighs relatively more on them"
         )
     if threshold is not None and weight == 0:
         warnings.append(
@@ -151,6 +175,10 @@ def banner(settings: MaskLossSettings, cache_hint: str = DEFAULT_CACHE_HINT) -> 
             f"  prior_mask_threshold: {threshold} ({mode})",
         ]
     lines.append(f"  normalize_per_sample: {settings.normalize_per_sample}")
+    if settings.mask_blur_kernel_size > 1:
+        lines.append(f"  mask_blur_kernel_size: {settings.mask_blur_kernel_size}")
+    if settings.mask_area_scale_beta > 0:
+        lines.append(f"  mask_area_scale_beta: {settings.mask_area_scale_beta}")
     if prior:
         lines += [
             THIN_RULE,
