@@ -188,6 +188,48 @@ def _area_scale(raw: torch.Tensor, settings: MaskLossSettings, per_sample: bool)
     return means.clamp(0.0, 1.0) ** beta
 
 
+def _regions(raw: torch.Tensor, settings: MaskLossSettings) -> tuple[torch.Tensor, torch.Tensor]:
+    """(target weights, prior region) of a clamped compact mask: blur, gamma and floor; the prior
+    region continuous ``1 - w``, or in threshold mode ``raw < threshold`` (unblurred), which the
+    target then leaves out (only when the prior term is on)."""
+    weights = transform_weights(
+        blur_mask(raw, settings.mask_blur_kernel_size), settings.mask_gamma, settings.mask_min_weight
+    )
+    threshold = settings.prior_mask_threshold
+    if settings.prior_preservation_weight > 0 and threshold is not None:
+        prior_region = (raw < threshold).float()
+        return weights * (1.0 - prior_region), prior_region
+    return weights, 1.0 - weights
+
+
+def mask_regions(mask_weights: torch.Tensor, settings: MaskLossSettings) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reducer's (target weights, prior region) of a (B, F, H, W) or (B, 1, F, H, W) mask, each
+    (B, 1, F, H, W) float32: for metrics that weight by region (Huber's linear share)."""
+    mask = mask_weights.unsqueeze(1) if mask_weights.ndim == 4 else mask_weights
+    return _regions(mask.float().clamp(0.0, 1.0), settings)
+
+
+def unreduced_loss(difference: torch.Tensor, loss_type: str, delta: float) -> torch.Tensor:
+    """The per-element loss of ``prediction - target``: ``mse`` d², or ``huber`` ½d² where |d| <= delta
+    and delta·(|d| - ½delta) beyond (the reference's ``loss_utils``; half the MSE in its quadratic
+    part). The prior term uses the same type (student vs teacher)."""
+    if loss_type == "mse":
+        return difference**2
+    if loss_type != "huber":
+        raise ValueError(f"Unsupported loss_type {loss_type!r}; use mse or huber")
+    if not delta > 0:
+        raise ValueError("--loss_delta must be > 0 when --loss_type huber is used.")
+    size = difference.abs()
+    return torch.where(size <= delta, 0.5 * difference**2, delta * (size - 0.5 * delta))
+
+
+def linear_fraction(beyond_delta: torch.Tensor, region: torch.Tensor) -> float:
+    """Huber's share in its linear part, weighted by `region`: ``sum(mean_C(|d| > delta) * region) /
+    sum(region)`` over the batch (the reference's telemetry); `beyond_delta` (B, C, F, H, W)."""
+    share = beyond_delta.float().mean(dim=1, keepdim=True)
+    return float((share * region).sum() / region.sum().clamp_min(EPS))
+
+
 def masked_loss_terms(
     loss: torch.Tensor,
     mask_weights: torch.Tensor | None,
@@ -206,15 +248,8 @@ def masked_loss_terms(
         )
     values, mask, channels = _prepare(loss, mask_weights, layout, drop_base_frame)
     raw = mask.clamp(0.0, 1.0)
-    blurred = blur_mask(raw, settings.mask_blur_kernel_size)
-    weights = transform_weights(blurred, settings.mask_gamma, settings.mask_min_weight)
+    weights, prior_region = _regions(raw, settings)
     prior_on = settings.prior_preservation_weight > 0
-    threshold = settings.prior_mask_threshold
-    if prior_on and threshold is not None:
-        prior_region = (raw < threshold).float()
-        weights = weights * (1.0 - prior_region)
-    else:
-        prior_region = 1.0 - weights
     per_sample = settings.normalize_per_sample
     target = _region_mean(values, weights, channels, per_sample, _area_scale(raw, settings, per_sample))
     if not prior_on or prior_loss is None:

@@ -30,6 +30,7 @@ from masktrain.config.timesteps import TIMESTEP_SAMPLINGS, WEIGHTING_SCHEMES, Ti
 from masktrain.config.trackers import LOG_WITH, TrackerSettings
 from masktrain.config.train import (
     LORA_FORMATS,
+    LOSS_TYPES,
     LR_SCHEDULERS,
     MIXED_PRECISION,
     OPTIMIZER_ALIASES,
@@ -246,6 +247,13 @@ _OPTIONS: list[Callable[[F], F]] = [
         type=float,
         help="Scale the target term by mean(raw mask)^beta (try 0.5); 0 disables.",
     ),
+    _shown(
+        "loss_type",
+        _TRAIN["loss_type"],
+        type=click.Choice(LOSS_TYPES),
+        help="mse, or huber (quadratic up to --loss_delta, linear beyond; half the MSE below it).",
+    ),
+    _shown("loss_delta", _TRAIN["loss_delta"], type=float, help="Huber's delta."),
     _shown("timestep_sampling", _STEPS.timestep_sampling, type=click.Choice(TIMESTEP_SAMPLINGS)),
     _shown("discrete_flow_shift", _STEPS.discrete_flow_shift, type=float),
     _shown("sigmoid_scale", _STEPS.sigmoid_scale, type=float),

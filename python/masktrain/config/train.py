@@ -33,6 +33,7 @@ LoraLayout = Literal["comfyui", "diffusers", "musubi"]
 LORA_FORMATS: tuple[LoraLayout, ...] = ("comfyui", "diffusers", "musubi")
 # fp16 would need loss scaling (a GradScaler and its state in checkpoints); not offered yet.
 MIXED_PRECISION = ("auto", "no", "bf16")
+LOSS_TYPES = ("mse", "huber")
 SAVE_PRECISION = ("float", "fp16", "bf16")
 OPTIMIZER_TYPES = ("adamw", "adamw8bit", "adafactor", "prodigy")
 #: musubi-tuner's class-path spellings of the same optimizers (``--optimizer_type prodigyopt.Prodigy``).
@@ -256,6 +257,10 @@ class TrainConfig:
     """A checkpoint folder (OUTPUT_DIR/step-000100) to continue from."""
     overwrite: bool = False
     """Start over in an OUTPUT_DIR that holds another run's checkpoints (they are deleted)."""
+    loss_type: str = "mse"
+    """The per-element loss: mse, or huber (½d² up to --loss_delta, linear beyond)."""
+    loss_delta: float = 1.0
+    """Huber's delta."""
     ddp_timeout: int = 120
     """Minutes a process waits for the others at a collective under torchrun (musubi's
     --ddp_timeout): long, since the others wait while rank 0 samples or validates (torch's nccl
@@ -285,6 +290,11 @@ class TrainConfig:
                 ((self.save_last_n_epochs or 1) >= 1, "--save_last_n_epochs must be >= 1"),
                 ((self.validate_every_n_steps or 1) >= 1, "--validate_every_n_steps must be >= 1"),
                 (self.ddp_timeout >= 1, "--ddp_timeout must be >= 1 (minutes)"),
+                _choice(self.loss_type, LOSS_TYPES, "--loss_type"),
+                (
+                    self.loss_type != "huber" or 0 < self.loss_delta < math.inf,
+                    "--loss_delta must be > 0 when --loss_type huber is used.",
+                ),
                 (
                     (self.validation_dataset_config is None) == (self.validate_every_n_steps is None),
                     "--validation_dataset_config and --validate_every_n_steps go together: pass both",

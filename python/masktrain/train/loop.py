@@ -48,7 +48,14 @@ from masktrain.data.cached_items import CachedItem, epoch_batches
 from masktrain.data.loader import Batch, Prefetcher
 from masktrain.distributed import Shard
 from masktrain.errors import TrainingDivergedError, TrainingInterrupted
-from masktrain.loss import has_prior_region, masked_loss_terms, region_losses
+from masktrain.loss import (
+    has_prior_region,
+    linear_fraction,
+    mask_regions,
+    masked_loss_terms,
+    region_losses,
+    unreduced_loss,
+)
 from masktrain.models import get_family
 from masktrain.models.base import ModelFamily
 from masktrain.sample.sampler import Sampler
@@ -78,6 +85,9 @@ class StepResult:
     loss: torch.Tensor
     prior: float
     tiers: dict[str, float | None]
+    extras: dict[str, float]
+    """``teacher_ran`` (with prior preservation), ``prior_mass`` (the mean prior region), Huber's
+    ``huber_target_linear`` / ``huber_prior_linear`` shares: a silent no-op shows in the first lines."""
 
 
 def compute_loss(
@@ -135,14 +145,34 @@ def compute_loss(
     with autocast_context:
         prediction = experts.predict(family, noisy, sigmas, text)
     experts.mark("after the student forward")
-    per_element = (prediction.float() - target) ** 2
-    prior_element = None if teacher is None else (prediction.float() - teacher) ** 2
+    difference = prediction.float() - target
+    per_element = unreduced_loss(difference, config.loss_type, config.loss_delta)
+    teacher_difference = None if teacher is None else prediction.float() - teacher
+    prior_element = (
+        None
+        if teacher_difference is None
+        else unreduced_loss(teacher_difference, config.loss_type, config.loss_delta)
+    )
     if weighting is not None:
         per_element = per_element * weighting
         prior_element = None if prior_element is None else prior_element * weighting
     terms = masked_loss_terms(per_element, mask, settings, prior_loss=prior_element)
     tiers = region_losses(per_element.detach(), mask) if mask is not None else {}
-    return StepResult(terms.target + terms.prior, float(terms.prior.detach()), tiers)
+    extras: dict[str, float] = {}
+    if settings.use_mask_loss and mask is not None:
+        with torch.no_grad():
+            weights, prior_region = mask_regions(mask, settings)
+            if settings.prior_preservation_weight > 0:
+                extras["teacher_ran"] = float(teacher is not None)
+                extras["prior_mass"] = float(prior_region.mean())
+            if config.loss_type == "huber":
+                delta = config.loss_delta
+                extras["huber_target_linear"] = linear_fraction(difference.abs() > delta, weights)
+                if teacher_difference is not None:
+                    extras["huber_prior_linear"] = linear_fraction(
+                        teacher_difference.abs() > delta, prior_region
+                    )
+    return StepResult(terms.target + terms.prior, float(terms.prior.detach()), tiers, extras)
 
 
 def _all_reduce_grads(params: list[torch.nn.Parameter], shard: Shard) -> None:
@@ -314,7 +344,7 @@ def _train_locked(
                 finally:
                     experts.mark("after backward")
                     experts.restore_layout("after backward")
-                window.add(float(result.loss.detach()), result.prior, result.tiers)
+                window.add(float(result.loss.detach()), result.prior, result.tiers, result.extras)
                 window_items.extend(batch.items)
                 in_window += 1
                 if in_window < window_size:

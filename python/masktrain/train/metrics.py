@@ -39,6 +39,9 @@ class StepRecord:
     """Seconds from the end of the previous step."""
     data_wait: float
     """Seconds of that spent waiting for the loader."""
+    extras: dict[str, float] = field(default_factory=dict)
+    """Means over the step's batches of ``teacher_ran``, ``prior_mass`` and Huber's linear shares
+    (``compute_loss``), when they apply."""
 
     def to_json(self) -> dict[str, float | int]:
         """The flat JSON object of ``metrics.jsonl`` (``loss_face``, ... for the tiers)."""
@@ -49,6 +52,7 @@ class StepRecord:
             "prior_loss": self.prior_loss,
             "lr": self.lr,
             **{f"loss_{name}": value for name, value in sorted(self.tiers.items())},
+            **dict(sorted(self.extras.items())),
             "step_time": self.step_time,
             "data_wait": self.data_wait,
         }
@@ -62,14 +66,23 @@ class StepMetrics:
     prior: float = 0.0
     batches: int = 0
     tiers: dict[str, list[float]] = field(default_factory=dict)
+    extras: dict[str, list[float]] = field(default_factory=dict)
 
-    def add(self, loss: float, prior: float, tiers: dict[str, float | None]) -> None:
+    def add(
+        self,
+        loss: float,
+        prior: float,
+        tiers: dict[str, float | None],
+        extras: dict[str, float] | None = None,
+    ) -> None:
         self.loss += loss
         self.prior += prior
         self.batches += 1
         for name, value in tiers.items():
             if value is not None:
                 self.tiers.setdefault(name, []).append(value)
+        for name, value in (extras or {}).items():
+            self.extras.setdefault(name, []).append(value)
 
     def record(self, step: int, epoch: int, lr: float, *, step_time: float, data_wait: float) -> StepRecord:
         n = max(self.batches, 1)
@@ -82,6 +95,7 @@ class StepMetrics:
             tiers={name: sum(values) / len(values) for name, values in self.tiers.items()},
             step_time=step_time,
             data_wait=data_wait,
+            extras={name: sum(values) / len(values) for name, values in self.extras.items()},
         )
 
 
