@@ -188,25 +188,40 @@ def _area_scale(raw: torch.Tensor, settings: MaskLossSettings, per_sample: bool)
     return means.clamp(0.0, 1.0) ** beta
 
 
-def _regions(raw: torch.Tensor, settings: MaskLossSettings) -> tuple[torch.Tensor, torch.Tensor]:
+def _regions(
+    raw: torch.Tensor, settings: MaskLossSettings, gate: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(target weights, prior region) of a clamped compact mask: blur, gamma and floor; the prior
     region continuous ``1 - w``, or in threshold mode ``raw < threshold`` (unblurred), which the
-    target then leaves out (only when the prior term is on)."""
-    weights = transform_weights(
-        blur_mask(raw, settings.mask_blur_kernel_size), settings.mask_gamma, settings.mask_min_weight
-    )
+    target then leaves out (only when the prior term is on). A per-sample `gate` ((B,) bool:
+    teacher gating) empties the prior region of the samples it turns off, before that overlap
+    removal, so their target keeps every cell (the reference's order)."""
+    blurred = blur_mask(raw, settings.mask_blur_kernel_size)
+    weights = transform_weights(blurred, settings.mask_gamma, settings.mask_min_weight)
     threshold = settings.prior_mask_threshold
+    prior_region = (raw < threshold).float() if threshold is not None else 1.0 - weights
+    if gate is not None:
+        prior_region = prior_region * gate.to(prior_region.dtype).view(-1, *([1] * (raw.ndim - 1)))
     if settings.prior_preservation_weight > 0 and threshold is not None:
-        prior_region = (raw < threshold).float()
         return weights * (1.0 - prior_region), prior_region
-    return weights, 1.0 - weights
+    return weights, prior_region
 
 
-def mask_regions(mask_weights: torch.Tensor, settings: MaskLossSettings) -> tuple[torch.Tensor, torch.Tensor]:
+def mask_regions(
+    mask_weights: torch.Tensor, settings: MaskLossSettings, gate: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The reducer's (target weights, prior region) of a (B, F, H, W) or (B, 1, F, H, W) mask, each
     (B, 1, F, H, W) float32: for metrics that weight by region (Huber's linear share)."""
     mask = mask_weights.unsqueeze(1) if mask_weights.ndim == 4 else mask_weights
-    return _regions(mask.float().clamp(0.0, 1.0), settings)
+    return _regions(mask.float().clamp(0.0, 1.0), settings, gate)
+
+
+def samples_with_prior_region(mask_weights: torch.Tensor, settings: MaskLossSettings) -> torch.Tensor:
+    """(B,) bool: which samples have a prior region (their raw minimum below the threshold, or
+    below 1 in continuous mode), on the mask as cached (the reference's rule)."""
+    threshold = settings.prior_mask_threshold
+    minimum = mask_weights.reshape(mask_weights.shape[0], -1).amin(dim=1)
+    return minimum < (threshold if threshold is not None else _CONTINUOUS_FULL)
 
 
 def unreduced_loss(difference: torch.Tensor, loss_type: str, delta: float) -> torch.Tensor:
@@ -238,8 +253,10 @@ def masked_loss_terms(
     prior_loss: torch.Tensor | None = None,
     layout: Layout = "video",
     drop_base_frame: bool = False,
+    prior_gate: torch.Tensor | None = None,
 ) -> MaskedLossTerms:
-    """:func:`masked_loss` split into its target and prior terms (for metrics)."""
+    """:func:`masked_loss` split into its target and prior terms (for metrics); `prior_gate` ((B,)
+    bool) keeps the prior term to the samples it is on for (teacher gating)."""
     if mask_weights is None or not settings.use_mask_loss:
         return MaskedLossTerms(loss.float().mean(), torch.zeros((), dtype=torch.float32, device=loss.device))
     if prior_loss is not None and prior_loss.shape != loss.shape:
@@ -248,7 +265,7 @@ def masked_loss_terms(
         )
     values, mask, channels = _prepare(loss, mask_weights, layout, drop_base_frame)
     raw = mask.clamp(0.0, 1.0)
-    weights, prior_region = _regions(raw, settings)
+    weights, prior_region = _regions(raw, settings, prior_gate)
     prior_on = settings.prior_preservation_weight > 0
     per_sample = settings.normalize_per_sample
     target = _region_mean(values, weights, channels, per_sample, _area_scale(raw, settings, per_sample))
@@ -271,6 +288,7 @@ def masked_loss(
     prior_loss: torch.Tensor | None = None,
     layout: Layout = "video",
     drop_base_frame: bool = False,
+    prior_gate: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Reduce the unreduced ``loss`` to a float32 0-dim tensor with the mask weights.
 
@@ -279,7 +297,13 @@ def masked_loss(
     not fit the layout (the settings were checked when they were built).
     """
     terms = masked_loss_terms(
-        loss, mask_weights, settings, prior_loss=prior_loss, layout=layout, drop_base_frame=drop_base_frame
+        loss,
+        mask_weights,
+        settings,
+        prior_loss=prior_loss,
+        layout=layout,
+        drop_base_frame=drop_base_frame,
+        prior_gate=prior_gate,
     )
     return terms.target + terms.prior
 

@@ -230,6 +230,12 @@ _OPTIONS: list[Callable[[F], F]] = [
         help="Threshold mode: the prior region is raw weight < this (e.g. 0.1).",
     ),
     flag("normalize_per_sample", "Normalise the masked loss per sample."),
+    option(
+        "prior_preservation_timestep_threshold",
+        type=click.FloatRange(0, 1000),
+        default=None,
+        help="Run the teacher only for samples above this timestep (0-1000; e.g. 300).",
+    ),
     click.option(
         "--mask_blur_kernel_size",
         "--mask-blur-kernel-size",

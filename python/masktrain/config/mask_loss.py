@@ -60,6 +60,9 @@ class MaskLossSettings:
     """Gaussian blur of the latent-grid mask before gamma and floor (odd kernel size in cells; 0
     or 1: off; sigma as torchvision's default for the size). The threshold-mode prior region and
     the area scale read the unblurred mask."""
+    prior_preservation_timestep_threshold: float | None = None
+    """Teacher gating (timesteps 0..1000, ``sigma * 1000``): the prior term, and the teacher pass,
+    only for samples whose timestep is above it; None: every sample with a prior region."""
     mask_area_scale_beta: float = 0.0
     """Scale the target term by ``mean(raw mask) ** beta`` (per sample under
     --normalize_per_sample): small subjects weigh less. 0: off."""
@@ -91,6 +94,9 @@ def check(settings: MaskLossSettings) -> None:
         raise MaskOptionError(f"--mask_blur_kernel_size must be >= 0, got {blur}")
     if blur > 1 and blur % 2 == 0:
         raise MaskOptionError(f"--mask_blur_kernel_size must be odd (or 0 to disable), got {blur}")
+    gate = settings.prior_preservation_timestep_threshold
+    if gate is not None and not 0.0 <= gate <= 1000.0:
+        raise MaskOptionError(f"--prior_preservation_timestep_threshold must be in [0, 1000], got {gate}")
     beta = settings.mask_area_scale_beta
     if not 0.0 <= beta < math.inf:
         raise MaskOptionError(f"--mask_area_scale_beta must be >= 0, got {beta}")
@@ -142,6 +148,10 @@ def validate(settings: MaskLossSettings) -> list[str]:
             "the area scale shrinks the target term of small subjects but not the prior term, so the prior "
             "weighs relatively more on them"
         )
+    if settings.prior_preservation_timestep_threshold is not None and weight == 0:
+        warnings.append(
+            "--prior_preservation_timestep_threshold has no effect without --prior_preservation_weight > 0"
+        )
     if threshold is not None and weight == 0:
         warnings.append(
             f"--prior_mask_threshold={threshold} has no effect without --prior_preservation_weight > 0"
@@ -175,6 +185,10 @@ def banner(settings: MaskLossSettings, cache_hint: str = DEFAULT_CACHE_HINT) -> 
             f"  prior_mask_threshold: {threshold} ({mode})",
         ]
     lines.append(f"  normalize_per_sample: {settings.normalize_per_sample}")
+    if prior and settings.prior_preservation_timestep_threshold is not None:
+        lines.append(
+            f"  prior_preservation_timestep_threshold: {settings.prior_preservation_timestep_threshold}"
+        )
     if settings.mask_blur_kernel_size > 1:
         lines.append(f"  mask_blur_kernel_size: {settings.mask_blur_kernel_size}")
     if settings.mask_area_scale_beta > 0:

@@ -54,6 +54,7 @@ from masktrain.loss import (
     mask_regions,
     masked_loss_terms,
     region_losses,
+    samples_with_prior_region,
     unreduced_loss,
 )
 from masktrain.models import get_family
@@ -88,6 +89,9 @@ class StepResult:
     extras: dict[str, float]
     """``teacher_ran`` (with prior preservation), ``prior_mass`` (the mean prior region), Huber's
     ``huber_target_linear`` / ``huber_prior_linear`` shares: a silent no-op shows in the first lines."""
+    gate: tuple[int, int] | None = None
+    """Teacher gating: (samples with a prior region whose teacher pass was skipped, samples with a
+    prior region)."""
 
 
 def compute_loss(
@@ -134,6 +138,15 @@ def compute_loss(
         and mask is not None
         and has_prior_region(mask, settings)
     )
+    gate, gate_counts = None, None
+    if need_prior and mask is not None and settings.prior_preservation_timestep_threshold is not None:
+        # teacher gating: only samples above the threshold that have a prior region
+        with_region = samples_with_prior_region(mask, settings)
+        gate = (
+            timesteps.model_timesteps(sigmas) > settings.prior_preservation_timestep_threshold
+        ) & with_region
+        gate_counts = (int((with_region & ~gate).sum()), int(with_region.sum()))
+        need_prior = bool(gate.any())
     if need_prior:
         experts.mark("before the teacher")
         try:
@@ -156,12 +169,12 @@ def compute_loss(
     if weighting is not None:
         per_element = per_element * weighting
         prior_element = None if prior_element is None else prior_element * weighting
-    terms = masked_loss_terms(per_element, mask, settings, prior_loss=prior_element)
+    terms = masked_loss_terms(per_element, mask, settings, prior_loss=prior_element, prior_gate=gate)
     tiers = region_losses(per_element.detach(), mask) if mask is not None else {}
     extras: dict[str, float] = {}
     if settings.use_mask_loss and mask is not None:
         with torch.no_grad():
-            weights, prior_region = mask_regions(mask, settings)
+            weights, prior_region = mask_regions(mask, settings, gate)
             if settings.prior_preservation_weight > 0:
                 extras["teacher_ran"] = float(teacher is not None)
                 extras["prior_mass"] = float(prior_region.mean())
@@ -172,7 +185,7 @@ def compute_loss(
                     extras["huber_prior_linear"] = linear_fraction(
                         teacher_difference.abs() > delta, prior_region
                     )
-    return StepResult(terms.target + terms.prior, float(terms.prior.detach()), tiers, extras)
+    return StepResult(terms.target + terms.prior, float(terms.prior.detach()), tiers, extras, gate_counts)
 
 
 def _all_reduce_grads(params: list[torch.nn.Parameter], shard: Shard) -> None:
@@ -293,6 +306,7 @@ def _train_locked(
         log.info("resumed from %s at step %d", config.resume, position.step)
 
     atomic.set_run_id(shard.gather(atomic.RUN_ID)[0])  # every process's temporaries carry rank 0's id
+    expected_skip = None
     if shard.is_main:
         run_lock.enter_context(atomic.run_lock(config.output_dir))
         atomic.remove_stale_temporaries(config.output_dir)
@@ -302,6 +316,7 @@ def _train_locked(
         atomic.write_text(config.output_dir / "config.json", config.to_json())
         if config.mask.use_mask_loss:
             print(mask_loss.banner(config.mask, CACHE_HINT), flush=True)
+        expected_skip = _expected_skip_rate(config, plan)
         log.info(
             "training %s on %s: %d items, %d batches per epoch and process, %d steps, %d process(es)",
             family.name,
@@ -329,6 +344,7 @@ def _train_locked(
         if config.sample.sample_at_first:
             _sample(sampler, experts, step, shard, metrics)
         prefetch = Prefetcher(_schedule(plan.items, config.seed, shard, batches_per_epoch, epoch, done))
+        gated = (0, 0)  # teacher gating: (skipped, samples with a prior region)
         try:
             window, in_window, started, waited = StepMetrics(), 0, time.perf_counter(), 0.0
             window_items: list[CachedItem] = []
@@ -345,6 +361,8 @@ def _train_locked(
                     experts.mark("after backward")
                     experts.restore_layout("after backward")
                 window.add(float(result.loss.detach()), result.prior, result.tiers, result.extras)
+                if result.gate is not None:
+                    gated = (gated[0] + result.gate[0], gated[1] + result.gate[1])
                 window_items.extend(batch.items)
                 in_window += 1
                 if in_window < window_size:
@@ -366,6 +384,8 @@ def _train_locked(
                         step_time=time.perf_counter() - started,
                         data_wait=prefetch.waited - waited,
                     )
+                    if gated[1]:  # measured so far in this run (this process's samples)
+                        record.extras["prior_skip_rate"] = gated[0] / gated[1]
                     metrics.write(record)
                     bar.set_postfix(progress_postfix(record), refresh=False)
                 bar.update(1)
@@ -390,6 +410,13 @@ def _train_locked(
         finally:
             prefetch.close()
     if shard.is_main:
+        if gated[1]:
+            log.info(
+                "teacher gating: skipped %.1f%% of %d samples with a prior region (expected %.1f%%)",
+                100 * gated[0] / gated[1],
+                gated[1],
+                100 * (expected_skip or 0.0),
+            )
         log.info("wrote %s", lora_path)
     return lora_path
 
@@ -410,6 +437,29 @@ def _validate(
             metrics.write_validation(step, results)
         log.info("%s", describe(step, results))
     shard.barrier()
+
+
+def _expected_skip_rate(config: TrainConfig, plan: TrainPlan) -> float | None:
+    """``--prior_preservation_timestep_threshold``'s expected skip rate, logged once at start-up
+    (``timesteps.estimate_skip_rate`` over the dataset's latent sizes); None without gating."""
+    settings = config.mask
+    threshold = settings.prior_preservation_timestep_threshold
+    if threshold is None or not settings.use_mask_loss or settings.prior_preservation_weight <= 0:
+        return None
+    sizes: dict[tuple[int, int], int] = {}
+    for item in plan.items:
+        hw = (int(item.latent_shape[-2]), int(item.latent_shape[-1]))
+        sizes[hw] = sizes.get(hw, 0) + item.num_repeats
+    rate = timesteps.estimate_skip_rate(config.timesteps, threshold, sorted(sizes.items()))
+    log.info(
+        "teacher gating at timestep %g: expected to skip %.1f%% of the teacher passes (--timestep_sampling "
+        "%s over the dataset's latent sizes, 20000 draws); the measured rate is prior_skip_rate in "
+        "metrics.jsonl",
+        threshold,
+        100 * rate,
+        config.timesteps.timestep_sampling,
+    )
+    return rate
 
 
 def _sample(

@@ -139,3 +139,26 @@ def model_timesteps(sigmas: torch.Tensor) -> torch.Tensor:
     ``FlowMatchEulerDiscreteScheduler`` and of the pipelines that will load the LoRA. musubi
     passes ``t * 1000 + 1`` (1..1000) to WAN; masktrain trains with what inference uses."""
     return sigmas.float() * NUM_TRAIN_TIMESTEPS
+
+
+def estimate_skip_rate(
+    settings: TimestepSettings,
+    threshold: float,
+    latent_hws: list[tuple[tuple[int, int], int]],
+    draws: int = 20_000,
+    seed: int = 0,
+) -> float:
+    """The share of samples whose timestep (``sigma * 1000``) is at or below `threshold`: the
+    teacher passes ``--prior_preservation_timestep_threshold`` skips. Monte Carlo through
+    :func:`sample_sigmas` itself (so it follows every sampler, ``qwen_shift``'s resolution
+    dependence included) over the dataset's latent sizes ``((h, w), count)``, with its own
+    generator, never the training one."""
+    generator = torch.Generator().manual_seed(seed)
+    total = sum(count for _, count in latent_hws)
+    skipped, drawn = 0, 0
+    for hw, count in latent_hws:
+        n = max(1, round(draws * count / total))
+        timesteps = model_timesteps(sample_sigmas(settings, n, hw, generator, "cpu"))
+        skipped += int((timesteps <= threshold).sum())
+        drawn += n
+    return skipped / drawn
