@@ -254,9 +254,12 @@ def masked_loss_terms(
     layout: Layout = "video",
     drop_base_frame: bool = False,
     prior_gate: torch.Tensor | None = None,
+    prior_weights: torch.Tensor | None = None,
 ) -> MaskedLossTerms:
     """:func:`masked_loss` split into its target and prior terms (for metrics); `prior_gate` ((B,)
-    bool) keeps the prior term to the samples it is on for (teacher gating)."""
+    bool) keeps the prior term to the samples it is on for (teacher gating); `prior_weights` ((B,),
+    ``train.prior_schedule``) replaces the one prior weight: ``L_p = mean_b(q_b · w_b)``, per
+    sample (the schedule needs ``normalize_per_sample``)."""
     if mask_weights is None or not settings.use_mask_loss:
         return MaskedLossTerms(loss.float().mean(), torch.zeros((), dtype=torch.float32, device=loss.device))
     if prior_loss is not None and prior_loss.shape != loss.shape:
@@ -274,6 +277,9 @@ def masked_loss_terms(
     prior_values = prior_loss.float()
     if prior_values.ndim == 4:
         prior_values = prior_values.unsqueeze(2)
+    if prior_weights is not None:
+        scale = prior_weights.to(device=prior_values.device, dtype=torch.float32)
+        return MaskedLossTerms(target, _region_mean(prior_values, prior_region, channels, True, scale))
     prior = (
         _region_mean(prior_values, prior_region, channels, per_sample) * settings.prior_preservation_weight
     )
@@ -289,6 +295,7 @@ def masked_loss(
     layout: Layout = "video",
     drop_base_frame: bool = False,
     prior_gate: torch.Tensor | None = None,
+    prior_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Reduce the unreduced ``loss`` to a float32 0-dim tensor with the mask weights.
 
@@ -304,6 +311,7 @@ def masked_loss(
         layout=layout,
         drop_base_frame=drop_base_frame,
         prior_gate=prior_gate,
+        prior_weights=prior_weights,
     )
     return terms.target + terms.prior
 

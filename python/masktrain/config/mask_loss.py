@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 from masktrain.errors import MaskOptionError, MissingMaskWeightsError
 
+PRIOR_DECAY_SCHEDULES = ("constant", "linear", "cosine")
 RULE = "=" * 60
 THIN_RULE = "-" * 60
 
@@ -63,6 +64,12 @@ class MaskLossSettings:
     prior_preservation_timestep_threshold: float | None = None
     """Teacher gating (timesteps 0..1000, ``sigma * 1000``): the prior term, and the teacher pass,
     only for samples whose timestep is above it; None: every sample with a prior region."""
+    prior_decay_schedule: str = "constant"
+    """How the prior weight falls off below --prior_decay_timestep_start: constant, linear, cosine."""
+    prior_decay_timestep_start: float = 300.0
+    """The timestep (0..1000) at and above which the prior weight is full."""
+    prior_decay_warmup_ratio: float = 0.0
+    """The share of the run over which the prior weight ramps up from 0."""
     mask_area_scale_beta: float = 0.0
     """Scale the target term by ``mean(raw mask) ** beta`` (per sample under
     --normalize_per_sample): small subjects weigh less. 0: off."""
@@ -97,6 +104,21 @@ def check(settings: MaskLossSettings) -> None:
     gate = settings.prior_preservation_timestep_threshold
     if gate is not None and not 0.0 <= gate <= 1000.0:
         raise MaskOptionError(f"--prior_preservation_timestep_threshold must be in [0, 1000], got {gate}")
+    if settings.prior_decay_schedule not in PRIOR_DECAY_SCHEDULES:
+        raise MaskOptionError(
+            f"--prior_decay_schedule must be one of {', '.join(PRIOR_DECAY_SCHEDULES)}, "
+            f"not {settings.prior_decay_schedule!r}"
+        )
+    if not 0.0 < settings.prior_decay_timestep_start <= 1000.0:
+        raise MaskOptionError("--prior_decay_timestep_start must be in (0, 1000]")
+    if not 0.0 <= settings.prior_decay_warmup_ratio <= 1.0:
+        raise MaskOptionError("--prior_decay_warmup_ratio must be in [0, 1]")
+    scheduled = settings.prior_decay_schedule != "constant" or settings.prior_decay_warmup_ratio > 0
+    if scheduled and not settings.normalize_per_sample:
+        raise MaskOptionError(
+            "Timestep-adaptive prior scheduling requires --normalize_per_sample for correctness "
+            "(--prior_decay_schedule / --prior_decay_warmup_ratio weight each sample's prior term)"
+        )
     beta = settings.mask_area_scale_beta
     if not 0.0 <= beta < math.inf:
         raise MaskOptionError(f"--mask_area_scale_beta must be >= 0, got {beta}")
@@ -147,6 +169,10 @@ def validate(settings: MaskLossSettings) -> list[str]:
             f"--prior_preservation_weight={weight}: "
             "the area scale shrinks the target term of small subjects but not the prior term, so the prior "
             "weighs relatively more on them"
+        )
+    if (settings.prior_decay_schedule != "constant" or settings.prior_decay_warmup_ratio > 0) and weight == 0:
+        warnings.append(
+            "--prior_decay_schedule / --prior_decay_warmup_ratio have no effect without a prior term"
         )
     if settings.prior_preservation_timestep_threshold is not None and weight == 0:
         warnings.append(

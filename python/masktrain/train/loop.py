@@ -68,6 +68,7 @@ from masktrain.train.flow_matching import noised
 from masktrain.train.metrics import MetricsLog, StepMetrics, progress_postfix
 from masktrain.train.optim import build_optimizer, build_scheduler, param_groups
 from masktrain.train.preflight import TrainPlan, preflight
+from masktrain.train.prior_schedule import prior_weights, schedule_enabled
 from masktrain.train.trackers import Trackers
 from masktrain.train.validation import Validator, describe
 
@@ -103,8 +104,10 @@ def compute_loss(
     device: torch.device,
     weight_dtype: torch.dtype,
     autocast: torch.dtype | None,
+    progress: tuple[int, int] = (0, 1),
 ) -> StepResult:
-    """The loss of one batch (not yet backpropagated)."""
+    """The loss of one batch (not yet backpropagated); `progress` is (optimizer steps done, the
+    run's total), for the prior schedule's warm-up."""
     settings = config.mask
     if settings.use_mask_loss:
         mask_loss.require_mask_weights(batch.mask_weights is not None, CACHE_HINT)
@@ -138,13 +141,17 @@ def compute_loss(
         and mask is not None
         and has_prior_region(mask, settings)
     )
-    gate, gate_counts = None, None
-    if need_prior and mask is not None and settings.prior_preservation_timestep_threshold is not None:
-        # teacher gating: only samples above the threshold that have a prior region
+    gate, gate_counts, weights_b = None, None, None
+    threshold = settings.prior_preservation_timestep_threshold
+    if need_prior and mask is not None and (threshold is not None or schedule_enabled(settings)):
+        # per-sample gating: samples with a prior region, above the threshold, with a prior weight
+        model_t = timesteps.model_timesteps(sigmas)
         with_region = samples_with_prior_region(mask, settings)
-        gate = (
-            timesteps.model_timesteps(sigmas) > settings.prior_preservation_timestep_threshold
-        ) & with_region
+        gate = with_region if threshold is None else with_region & (model_t > threshold)
+        if schedule_enabled(settings):
+            step, total = progress
+            weights_b = prior_weights(settings, model_t, step, total)
+            gate = gate & (weights_b > 0)
         gate_counts = (int((with_region & ~gate).sum()), int(with_region.sum()))
         need_prior = bool(gate.any())
     if need_prior:
@@ -169,7 +176,9 @@ def compute_loss(
     if weighting is not None:
         per_element = per_element * weighting
         prior_element = None if prior_element is None else prior_element * weighting
-    terms = masked_loss_terms(per_element, mask, settings, prior_loss=prior_element, prior_gate=gate)
+    terms = masked_loss_terms(
+        per_element, mask, settings, prior_loss=prior_element, prior_gate=gate, prior_weights=weights_b
+    )
     tiers = region_losses(per_element.detach(), mask) if mask is not None else {}
     extras: dict[str, float] = {}
     if settings.use_mask_loss and mask is not None:
@@ -354,7 +363,15 @@ def _train_locked(
                 window_size = min(optim.gradient_accumulation_steps, batches_per_epoch - window_start)
                 try:
                     result = compute_loss(
-                        config, family, experts, batch, epoch, device, weight_dtype, autocast
+                        config,
+                        family,
+                        experts,
+                        batch,
+                        epoch,
+                        device,
+                        weight_dtype,
+                        autocast,
+                        (step, total_steps),
                     )
                     (result.loss / window_size).backward()  # type: ignore[no-untyped-call]  # torch leaves it unannotated
                 finally:
