@@ -21,7 +21,7 @@ from masktrain import catalog
 from masktrain.cli import musubi
 from masktrain.cli.options import F, existing_file, flag, option, text_encoder_options
 from masktrain.cli.outcome import run_job
-from masktrain.config.mask_loss import MaskLossSettings
+from masktrain.config.mask_loss import PRIOR_DECAY_SCHEDULES, MaskLossSettings
 from masktrain.config.memory import MemorySettings, attention_flag
 from masktrain.config.sample import SampleSettings
 from masktrain.config.text_encoder import TextEncoderChoice, choose, split_flags
@@ -236,6 +236,21 @@ _OPTIONS: list[Callable[[F], F]] = [
         default=None,
         help="Run the teacher only for samples above this timestep (0-1000; e.g. 300).",
     ),
+    _shown(
+        "prior_teacher_mode",
+        _MASK.prior_teacher_mode,
+        type=click.Choice(("base", "ema")),
+        help="The prior term's teacher: the base model, or an EMA of the LoRA (from step 100).",
+    ),
+    _shown("prior_teacher_ema_decay", _MASK.prior_teacher_ema_decay, type=float),
+    _shown(
+        "prior_decay_schedule",
+        _MASK.prior_decay_schedule,
+        type=click.Choice(PRIOR_DECAY_SCHEDULES),
+        help="Prior weight below --prior_decay_timestep_start (needs --normalize_per_sample).",
+    ),
+    _shown("prior_decay_timestep_start", _MASK.prior_decay_timestep_start, type=float),
+    _shown("prior_decay_warmup_ratio", _MASK.prior_decay_warmup_ratio, type=float),
     click.option(
         "--mask_blur_kernel_size",
         "--mask-blur-kernel-size",

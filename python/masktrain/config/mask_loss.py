@@ -64,6 +64,10 @@ class MaskLossSettings:
     prior_preservation_timestep_threshold: float | None = None
     """Teacher gating (timesteps 0..1000, ``sigma * 1000``): the prior term, and the teacher pass,
     only for samples whose timestep is above it; None: every sample with a prior region."""
+    prior_teacher_mode: str = "base"
+    """The prior term's teacher: base (the model with adapters off) or ema (an EMA of the LoRA)."""
+    prior_teacher_ema_decay: float = 0.999
+    """The EMA teacher's decay per optimizer step."""
     prior_decay_schedule: str = "constant"
     """How the prior weight falls off below --prior_decay_timestep_start: constant, linear, cosine."""
     prior_decay_timestep_start: float = 300.0
@@ -104,6 +108,14 @@ def check(settings: MaskLossSettings) -> None:
     gate = settings.prior_preservation_timestep_threshold
     if gate is not None and not 0.0 <= gate <= 1000.0:
         raise MaskOptionError(f"--prior_preservation_timestep_threshold must be in [0, 1000], got {gate}")
+    if settings.prior_teacher_mode not in ("base", "ema"):
+        raise MaskOptionError(
+            f"--prior_teacher_mode must be base or ema, not {settings.prior_teacher_mode!r}"
+        )
+    if not 0.0 < settings.prior_teacher_ema_decay < 1.0:
+        raise MaskOptionError(
+            f"--prior_teacher_ema_decay must be in (0, 1), got {settings.prior_teacher_ema_decay}"
+        )
     if settings.prior_decay_schedule not in PRIOR_DECAY_SCHEDULES:
         raise MaskOptionError(
             f"--prior_decay_schedule must be one of {', '.join(PRIOR_DECAY_SCHEDULES)}, "

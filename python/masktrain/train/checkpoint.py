@@ -113,9 +113,11 @@ def save_checkpoint(
     config_json: str,
     lora_name: str,
     lora_bytes: bytes,
+    ema: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write the checkpoint folder of ``position.step`` atomically, then the top-level LoRA file
-    `lora_name` (a copy of the one in the folder); returns the folder."""
+    `lora_name` (a copy of the one in the folder); returns the folder. `ema`: the EMA teacher's
+    weights (``ema.safetensors``), once it has started."""
     target = checkpoint_dir(output_dir, position.step)
     float32 = {name: tensor.detach().float().cpu().contiguous() for name, tensor in adapter.items()}
     files = {
@@ -127,6 +129,8 @@ def save_checkpoint(
         "config.json": config_json.encode(),
         lora_name: lora_bytes,
     }
+    if ema:
+        files[EMA_FILE] = safetensors.torch.save(ema)
     with atomic.directory(target) as temp:
         for name, data in files.items():
             path = temp / name
@@ -136,6 +140,15 @@ def save_checkpoint(
                 raise atomic.write_error(error, target / name) from error
     atomic.write_bytes(output_dir / lora_name, lora_bytes)
     return target
+
+
+EMA_FILE = "ema.safetensors"
+
+
+def load_ema(folder: Path) -> dict[str, torch.Tensor]:
+    """The EMA teacher's weights of a checkpoint ({} when it had not started)."""
+    path = folder / EMA_FILE
+    return safetensors.torch.load_file(path) if path.is_file() else {}
 
 
 def prune(output_dir: Path, latest: Position, *, last_n_steps: int | None, last_n_epochs: int | None) -> None:

@@ -54,7 +54,6 @@ from masktrain.loss import (
     mask_regions,
     masked_loss_terms,
     region_losses,
-    samples_with_prior_region,
     unreduced_loss,
 )
 from masktrain.models import get_family
@@ -63,12 +62,13 @@ from masktrain.sample.sampler import Sampler
 from masktrain.train import checkpoint as ckpt
 from masktrain.train import lora, timesteps
 from masktrain.train.device import precision, resolve_device
+from masktrain.train.ema_teacher import EmaTeacher
 from masktrain.train.experts import Experts, build_experts
 from masktrain.train.flow_matching import noised
 from masktrain.train.metrics import MetricsLog, StepMetrics, progress_postfix
 from masktrain.train.optim import build_optimizer, build_scheduler, param_groups
 from masktrain.train.preflight import TrainPlan, preflight
-from masktrain.train.prior_schedule import prior_weights, schedule_enabled
+from masktrain.train.prior_teacher import ema_teacher, expected_skip_rate, gate_samples
 from masktrain.train.trackers import Trackers
 from masktrain.train.validation import Validator, describe
 
@@ -105,6 +105,7 @@ def compute_loss(
     weight_dtype: torch.dtype,
     autocast: torch.dtype | None,
     progress: tuple[int, int] = (0, 1),
+    ema: EmaTeacher | None = None,
 ) -> StepResult:
     """The loss of one batch (not yet backpropagated); `progress` is (optimizer steps done, the
     run's total), for the prior schedule's warm-up."""
@@ -141,23 +142,19 @@ def compute_loss(
         and mask is not None
         and has_prior_region(mask, settings)
     )
-    gate, gate_counts, weights_b = None, None, None
-    threshold = settings.prior_preservation_timestep_threshold
-    if need_prior and mask is not None and (threshold is not None or schedule_enabled(settings)):
-        # per-sample gating: samples with a prior region, above the threshold, with a prior weight
-        model_t = timesteps.model_timesteps(sigmas)
-        with_region = samples_with_prior_region(mask, settings)
-        gate = with_region if threshold is None else with_region & (model_t > threshold)
-        if schedule_enabled(settings):
-            step, total = progress
-            weights_b = prior_weights(settings, model_t, step, total)
-            gate = gate & (weights_b > 0)
-        gate_counts = (int((with_region & ~gate).sum()), int(with_region.sum()))
-        need_prior = bool(gate.any())
+    gating = gate_samples(settings, mask, sigmas, progress) if need_prior and mask is not None else None
+    gate = None if gating is None else gating.gate
+    weights_b = None if gating is None else gating.weights
+    gate_counts = None if gating is None else gating.counts
+    if gating is not None:
+        need_prior = bool(gating.gate.any())
+    ema_used = ema is not None and ema.started
     if need_prior:
         experts.mark("before the teacher")
+        # the teacher: the base model (adapters off), or the EMA of the LoRA swapped in (adapters on)
+        model = ema.swapped() if ema is not None and ema.started else experts.adapters_disabled()
         try:
-            with torch.no_grad(), experts.adapters_disabled(), autocast_context:
+            with torch.no_grad(), model, autocast_context:
                 teacher = experts.predict(family, noisy, sigmas, text).float()
         finally:  # the teacher's blocks were never backpropagated: put swapped ones back
             experts.mark("after the teacher")
@@ -186,6 +183,8 @@ def compute_loss(
             weights, prior_region = mask_regions(mask, settings, gate)
             if settings.prior_preservation_weight > 0:
                 extras["teacher_ran"] = float(teacher is not None)
+                if settings.prior_teacher_mode == "ema":
+                    extras["teacher_ema"] = float(teacher is not None and ema_used)
                 extras["prior_mass"] = float(prior_region.mean())
             if config.loss_type == "huber":
                 delta = config.loss_delta
@@ -313,6 +312,7 @@ def _train_locked(
     if config.resume is not None:
         position = ckpt.restore(config.resume, named, optimizer, scheduler)
         log.info("resumed from %s at step %d", config.resume, position.step)
+    ema = ema_teacher(config, named, total_steps)
 
     atomic.set_run_id(shard.gather(atomic.RUN_ID)[0])  # every process's temporaries carry rank 0's id
     expected_skip = None
@@ -325,7 +325,7 @@ def _train_locked(
         atomic.write_text(config.output_dir / "config.json", config.to_json())
         if config.mask.use_mask_loss:
             print(mask_loss.banner(config.mask, CACHE_HINT), flush=True)
-        expected_skip = _expected_skip_rate(config, plan)
+        expected_skip = expected_skip_rate(config, plan.items)
         log.info(
             "training %s on %s: %d items, %d batches per epoch and process, %d steps, %d process(es)",
             family.name,
@@ -372,6 +372,7 @@ def _train_locked(
                         weight_dtype,
                         autocast,
                         (step, total_steps),
+                        ema,
                     )
                     (result.loss / window_size).backward()  # type: ignore[no-untyped-call]  # torch leaves it unannotated
                 finally:
@@ -393,6 +394,8 @@ def _train_locked(
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
+                if ema is not None:
+                    ema.after_step(step)
                 if metrics is not None:
                     record = window.record(
                         step,
@@ -415,7 +418,7 @@ def _train_locked(
                     after = (
                         ckpt.Position(step, epoch + 1, 0) if epoch_end else ckpt.Position(step, epoch, done)
                     )
-                    _save(config, family, experts, named, optimizer, scheduler, after, shard)
+                    _save(config, family, experts, named, optimizer, scheduler, after, shard, ema)
                 if not stop and _sample_due(config, step, epoch, epoch_end, finished):
                     _sample(sampler, experts, step, shard, metrics)
                 if stop and not finished:
@@ -454,29 +457,6 @@ def _validate(
             metrics.write_validation(step, results)
         log.info("%s", describe(step, results))
     shard.barrier()
-
-
-def _expected_skip_rate(config: TrainConfig, plan: TrainPlan) -> float | None:
-    """``--prior_preservation_timestep_threshold``'s expected skip rate, logged once at start-up
-    (``timesteps.estimate_skip_rate`` over the dataset's latent sizes); None without gating."""
-    settings = config.mask
-    threshold = settings.prior_preservation_timestep_threshold
-    if threshold is None or not settings.use_mask_loss or settings.prior_preservation_weight <= 0:
-        return None
-    sizes: dict[tuple[int, int], int] = {}
-    for item in plan.items:
-        hw = (int(item.latent_shape[-2]), int(item.latent_shape[-1]))
-        sizes[hw] = sizes.get(hw, 0) + item.num_repeats
-    rate = timesteps.estimate_skip_rate(config.timesteps, threshold, sorted(sizes.items()))
-    log.info(
-        "teacher gating at timestep %g: expected to skip %.1f%% of the teacher passes (--timestep_sampling "
-        "%s over the dataset's latent sizes, 20000 draws); the measured rate is prior_skip_rate in "
-        "metrics.jsonl",
-        threshold,
-        100 * rate,
-        config.timesteps.timestep_sampling,
-    )
-    return rate
 
 
 def _sample(
@@ -564,6 +544,7 @@ def _save(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     position: ckpt.Position,
     shard: Shard,
+    ema: EmaTeacher | None = None,
 ) -> None:
     """Rank 0 writes the checkpoint folder and the LoRA file (the latest copy at the top level)."""
     if shard.is_main:
@@ -584,6 +565,7 @@ def _save(
             config_json=config.to_json(),
             lora_name=f"{config.output_name}.safetensors",
             lora_bytes=lora_bytes,
+            ema=None if ema is None else ema.state(),
         )
         ckpt.prune(
             config.output_dir,

@@ -1,0 +1,94 @@
+"""The prior term's teacher beyond the base model: which samples run it (per-sample gating by
+``--prior_preservation_timestep_threshold`` and by the prior schedule's weights), the start-up
+estimate of how many teacher passes the threshold skips, and the EMA teacher's set-up."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from masktrain.config.mask_loss import MaskLossSettings
+from masktrain.config.train import TrainConfig
+from masktrain.data.cached_items import CachedItem
+from masktrain.loss import samples_with_prior_region
+from masktrain.train import checkpoint as ckpt
+from masktrain.train import timesteps
+from masktrain.train.ema_teacher import START_STEP, EmaTeacher
+from masktrain.train.prior_schedule import prior_weights, schedule_enabled
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Gating:
+    gate: torch.Tensor
+    """(B,) bool: the samples whose prior term (and teacher pass) is on."""
+    weights: torch.Tensor | None
+    """(B,) prior weights of the schedule, or None (the one --prior_preservation_weight)."""
+    counts: tuple[int, int]
+    """(samples with a prior region that were gated off, samples with a prior region)."""
+
+
+def gate_samples(
+    settings: MaskLossSettings, mask: torch.Tensor, sigmas: torch.Tensor, progress: tuple[int, int]
+) -> Gating | None:
+    """Per-sample gating when a threshold or a schedule asks for it (None otherwise): samples with a
+    prior region, above the threshold, with a prior weight > 0."""
+    threshold = settings.prior_preservation_timestep_threshold
+    if threshold is None and not schedule_enabled(settings):
+        return None
+    model_t = timesteps.model_timesteps(sigmas)
+    with_region = samples_with_prior_region(mask, settings)
+    gate = with_region if threshold is None else with_region & (model_t > threshold)
+    weights = None
+    if schedule_enabled(settings):
+        step, total = progress
+        weights = prior_weights(settings, model_t, step, total)
+        gate = gate & (weights > 0)
+    return Gating(gate, weights, (int((with_region & ~gate).sum()), int(with_region.sum())))
+
+
+def ema_teacher(
+    config: TrainConfig, named: list[tuple[str, torch.nn.Parameter]], total_steps: int
+) -> EmaTeacher | None:
+    """``--prior_teacher_mode ema``: the EMA teacher (restored from ``--resume``), or None."""
+    settings = config.mask
+    if settings.prior_teacher_mode != "ema" or settings.prior_preservation_weight <= 0:
+        return None
+    start = max(START_STEP, int(total_steps * settings.prior_decay_warmup_ratio))
+    if start >= total_steps:
+        log.warning(
+            "EMA teacher is enabled, but it will not initialize within this run: ema_init_step=%d >= "
+            "max_train_steps=%d. Teacher will remain in base mode for the entire run.",
+            start,
+            total_steps,
+        )
+    ema = EmaTeacher(named, settings.prior_teacher_ema_decay, start)
+    if config.resume is not None:
+        ema.load(ckpt.load_ema(config.resume))
+    return ema
+
+
+def expected_skip_rate(config: TrainConfig, items: list[CachedItem]) -> float | None:
+    """``--prior_preservation_timestep_threshold``'s expected skip rate, logged once at start-up
+    (``timesteps.estimate_skip_rate`` over the dataset's latent sizes); None without gating."""
+    settings = config.mask
+    threshold = settings.prior_preservation_timestep_threshold
+    if threshold is None or not settings.use_mask_loss or settings.prior_preservation_weight <= 0:
+        return None
+    sizes: dict[tuple[int, int], int] = {}
+    for item in items:
+        hw = (int(item.latent_shape[-2]), int(item.latent_shape[-1]))
+        sizes[hw] = sizes.get(hw, 0) + item.num_repeats
+    rate = timesteps.estimate_skip_rate(config.timesteps, threshold, sorted(sizes.items()))
+    log.info(
+        "teacher gating at timestep %g: expected to skip %.1f%% of the teacher passes (--timestep_sampling "
+        "%s over the dataset's latent sizes, 20000 draws); the measured rate is prior_skip_rate in "
+        "metrics.jsonl",
+        threshold,
+        100 * rate,
+        config.timesteps.timestep_sampling,
+    )
+    return rate
