@@ -84,6 +84,8 @@ def prepare_mask(
     source: _StrPath | None = None,
     media: Literal["image", "video"] = "image",
     pixel_limit: int = ...,
+    cache_mask_gamma: float = 1.0,
+    cache_mask_min_weight: float = 0.0,
 ) -> tuple[npt.NDArray[np.uint8] | npt.NDArray[np.uint16], npt.NDArray[np.float32]]: ...
 def resize_image_to_bucket(rgb: npt.NDArray[np.uint8], bucket: tuple[int, int]) -> npt.NDArray[np.uint8]: ...
 def resize_mask_to_bucket(
@@ -105,6 +107,8 @@ def prepare_batch(
     require_mask: bool = False,
     latent_factor: int = 8,
     pixel_limit: int = ...,
+    cache_mask_gamma: float = 1.0,
+    cache_mask_min_weight: float = 0.0,
 ) -> list[PreparedItem | MaskTrainError | OSError]: ...
 def convert_alpha_batch(
     jobs: Sequence[tuple[_StrPath, _StrPath, _StrPath, _StrPath | None, _StrPath | None]],

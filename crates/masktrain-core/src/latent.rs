@@ -45,16 +45,77 @@ pub fn area_downsample(src: &Plane<f32>, out: (u32, u32)) -> Plane<f32> {
     Plane::new(out.0, out.1, 1, data)
 }
 
+/// A cache-time mask transform (`masktrain cache --cache_mask_gamma G --cache_mask_min_weight W`,
+/// the reference's `apply_cache_mask_transforms`): per pixel of the unit mask, before pooling,
+/// `clamp(clamp(m, 0, 1)^G * (1 - W) + W, 0, 1)`, in f32.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct MaskTransform {
+    pub gamma: f32,
+    pub min_weight: f32,
+}
+
+impl MaskTransform {
+    pub const IDENTITY: MaskTransform = MaskTransform { gamma: 1.0, min_weight: 0.0 };
+
+    pub fn is_identity(&self) -> bool {
+        *self == Self::IDENTITY
+    }
+
+    pub fn apply(&self, value: f32) -> f32 {
+        let mut m = value.clamp(0.0, 1.0);
+        if self.gamma != 1.0 {
+            m = m.powf(self.gamma);
+        }
+        if self.min_weight > 0.0 {
+            m = m * (1.0 - self.min_weight) + self.min_weight;
+        }
+        m.clamp(0.0, 1.0)
+    }
+}
+
+impl Default for MaskTransform {
+    fn default() -> Self {
+        Self::IDENTITY
+    }
+}
+
 /// The latent-grid weights of a bucket-sized mask for a VAE with `factor`x spatial
 /// compression (8 for WAN 2.1 / Qwen-Image, 16 for WAN 2.2 TI2V-5B).
 pub fn latent_mask(mask: &Mask, factor: u32) -> Plane<f32> {
+    latent_mask_with(mask, factor, MaskTransform::IDENTITY)
+}
+
+/// [`latent_mask`] with a cache-time `transform` applied at pixel resolution, before pooling.
+pub fn latent_mask_with(mask: &Mask, factor: u32, transform: MaskTransform) -> Plane<f32> {
     let (w, h) = mask.size();
-    area_downsample(&mask.to_unit_f32(), ((w / factor).max(1), (h / factor).max(1)))
+    let mut unit = mask.to_unit_f32();
+    if !transform.is_identity() {
+        for value in unit.data.iter_mut() {
+            *value = transform.apply(*value);
+        }
+    }
+    area_downsample(&unit, ((w / factor).max(1), (h / factor).max(1)))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cache_transform_pins_the_references_values() {
+        // apply_cache_mask_transforms([0, .5, 1], gamma .5, min .2) = [0.2, 0.7656854, 1.0]
+        let t = MaskTransform { gamma: 0.5, min_weight: 0.2 };
+        let got: Vec<f32> = [0.0f32, 0.5, 1.0].iter().map(|&v| t.apply(v)).collect();
+        assert!((got[0] - 0.2).abs() < 1e-7 && (got[1] - 0.7656854).abs() < 1e-6 && got[2] == 1.0);
+        // before pooling: an 8x8 alpha of 80 on the top half, 0 below, gamma .7 -> one cell
+        // (80/255)^0.7 * 0.5 = 0.2221032 (pooling first would give (80/255 * 0.5)^0.7 = 0.2734411)
+        let mut data = vec![80u8; 32];
+        data.extend(vec![0u8; 32]);
+        let mask = Mask::Eight(Plane::new(8, 8, 1, data));
+        let cell = latent_mask_with(&mask, 8, MaskTransform { gamma: 0.7, min_weight: 0.0 });
+        assert!((cell.data[0] - 0.2221032).abs() < 1e-6, "{}", cell.data[0]);
+        assert_eq!(latent_mask_with(&mask, 8, MaskTransform::IDENTITY), latent_mask(&mask, 8));
+    }
 
     #[test]
     fn block_mean_for_multiples() {

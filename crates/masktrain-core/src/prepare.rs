@@ -11,7 +11,7 @@ use crate::decode::{decode_image, DEFAULT_PIXEL_LIMIT};
 use crate::error::{Error, Result};
 use crate::geometry::{check_aspect, choose_bucket, Source};
 use crate::index::{stem_of, MaskIndex};
-use crate::latent::latent_mask;
+use crate::latent::{latent_mask_with, MaskTransform};
 use crate::luma::load_mask;
 use crate::plane::{Mask, Plane};
 use crate::pool::pool;
@@ -29,6 +29,8 @@ pub struct PrepareOptions<'a> {
     pub require_mask: bool,
     pub mask_index: Option<&'a MaskIndex>,
     pub pixel_limit: u64,
+    /// The cache-time transform of every mask, at pixel resolution before pooling.
+    pub mask_transform: MaskTransform,
 }
 
 impl Default for PrepareOptions<'_> {
@@ -40,6 +42,7 @@ impl Default for PrepareOptions<'_> {
             require_mask: false,
             mask_index: None,
             pixel_limit: DEFAULT_PIXEL_LIMIT,
+            mask_transform: MaskTransform::IDENTITY,
         }
     }
 }
@@ -92,19 +95,21 @@ pub fn prepare_item(path: &Path, options: &PrepareOptions) -> Result<PreparedIte
     let bucket = choose_bucket(original_size.0, original_size.1, &options.buckets)
         .ok_or_else(|| Error::InvalidArgument("the bucket list is empty".into()))?;
     let factor = options.latent_factor;
+    let transform = options.mask_transform;
 
     let (mask, mask_source, mask_path) = match (options.alpha_mask, decoded.alpha) {
-        (true, Some(alpha)) => (Some(fit_mask(&alpha, bucket, factor)), MaskSource::Alpha, None),
+        (true, Some(alpha)) => (Some(fit_mask(&alpha, bucket, factor, transform)), MaskSource::Alpha, None),
         _ => match mask_file(path, options)? {
             Some(mask_path) => {
                 let source = Source::image(path, original_size);
-                let mask = prepare_mask(&mask_path, &source, bucket, factor, options.pixel_limit)?;
+                let mask =
+                    prepare_mask_with(&mask_path, &source, bucket, factor, transform, options.pixel_limit)?;
                 (Some(mask), MaskSource::File, Some(mask_path))
             }
             None if options.require_mask => return Err(Error::MissingMask { path: path.to_path_buf() }),
             None if options.masking_enabled() => {
                 let full = Mask::Eight(Plane::filled(bucket.0, bucket.1, 1, 255));
-                (Some(fit_mask(&full, bucket, factor)), MaskSource::None, None)
+                (Some(fit_mask(&full, bucket, factor, transform)), MaskSource::None, None)
             }
             None => (None, MaskSource::None, None),
         },
@@ -142,10 +147,22 @@ pub fn prepare_mask(
     latent_factor: u32,
     pixel_limit: u64,
 ) -> Result<PreparedMask> {
+    prepare_mask_with(mask_path, source, bucket, latent_factor, MaskTransform::IDENTITY, pixel_limit)
+}
+
+/// [`prepare_mask`] with a cache-time `transform` on the latent weights (before pooling).
+pub fn prepare_mask_with(
+    mask_path: &Path,
+    source: &Source,
+    bucket: (u32, u32),
+    latent_factor: u32,
+    transform: MaskTransform,
+    pixel_limit: u64,
+) -> Result<PreparedMask> {
     // Before any I/O, so a bad call fails the same way whether or not the file exists.
     check_mask_arguments(source, bucket, latent_factor)?;
     let mask = load_mask(mask_path, pixel_limit)?;
-    conform_mask(&mask, mask_path, source, bucket, latent_factor)
+    conform_mask(&mask, mask_path, source, bucket, latent_factor, transform)
 }
 
 /// [`prepare_mask`] for a mask already in memory; `mask_name` is what errors call it.
@@ -157,7 +174,7 @@ pub fn prepare_loaded_mask(
     latent_factor: u32,
 ) -> Result<PreparedMask> {
     check_mask_arguments(source, bucket, latent_factor)?;
-    conform_mask(mask, mask_name, source, bucket, latent_factor)
+    conform_mask(mask, mask_name, source, bucket, latent_factor, MaskTransform::IDENTITY)
 }
 
 fn check_mask_arguments(source: &Source, bucket: (u32, u32), latent_factor: u32) -> Result<()> {
@@ -180,15 +197,16 @@ fn conform_mask(
     source: &Source,
     bucket: (u32, u32),
     latent_factor: u32,
+    transform: MaskTransform,
 ) -> Result<PreparedMask> {
     check_aspect(source, mask_name, mask.size())?;
-    Ok(fit_mask(mask, bucket, latent_factor))
+    Ok(fit_mask(mask, bucket, latent_factor, transform))
 }
 
 /// Resize and pool, shared by mask files, alpha channels and the full-weight default.
-fn fit_mask(mask: &Mask, bucket: (u32, u32), latent_factor: u32) -> PreparedMask {
+fn fit_mask(mask: &Mask, bucket: (u32, u32), latent_factor: u32, transform: MaskTransform) -> PreparedMask {
     let mask = resize_mask_to_bucket(mask, bucket);
-    let latent_mask = latent_mask(&mask, latent_factor);
+    let latent_mask = latent_mask_with(&mask, latent_factor, transform);
     PreparedMask { mask, latent_mask }
 }
 

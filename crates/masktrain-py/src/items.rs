@@ -106,7 +106,8 @@ fn to_item(py: Python<'_>, item: prepare::PreparedItem) -> PreparedItem {
 /// exception (a `masktrain.errors.MaskTrainError` subclass or OSError) that item failed with.
 #[pyfunction]
 #[pyo3(signature = (paths, buckets, *, mask_index = None, alpha_mask = false, require_mask = false,
-                    latent_factor = 8, pixel_limit = DEFAULT_PIXEL_LIMIT))]
+                    latent_factor = 8, pixel_limit = DEFAULT_PIXEL_LIMIT, cache_mask_gamma = 1.0,
+                    cache_mask_min_weight = 0.0))]
 #[allow(clippy::too_many_arguments)]
 fn prepare_batch(
     py: Python<'_>,
@@ -117,7 +118,10 @@ fn prepare_batch(
     require_mask: bool,
     latent_factor: u32,
     pixel_limit: u64,
+    cache_mask_gamma: f32,
+    cache_mask_min_weight: f32,
 ) -> PyResult<Vec<Py<PyAny>>> {
+    let mask_transform = crate::mask_transform(cache_mask_gamma, cache_mask_min_weight)?;
     if buckets.is_empty() {
         return Err(pyo3::exceptions::PyValueError::new_err("buckets must not be empty"));
     }
@@ -136,6 +140,7 @@ fn prepare_batch(
             require_mask,
             mask_index: index.as_deref(),
             pixel_limit,
+            mask_transform,
         };
         prepare::prepare_batch(&paths, &options)
     });

@@ -18,6 +18,21 @@ use errors::to_py_err;
 
 /// Decode an image: `(rgb, alpha)`, rgb (H, W, 3) uint8 exact (never composited), alpha (H, W)
 /// uint8 or uint16 (16-bit sources), or None when the image has no alpha. EXIF orientation applied.
+/// The cache-time mask transform of `cache_mask_gamma` (> 0) and `cache_mask_min_weight` ([0, 1)).
+fn mask_transform(gamma: f32, min_weight: f32) -> PyResult<latent::MaskTransform> {
+    if !(gamma > 0.0 && gamma.is_finite()) {
+        return Err(pyo3::exceptions::PyValueError::new_err(format!(
+            "cache_mask_gamma must be > 0, got {gamma}"
+        )));
+    }
+    if !(0.0..1.0).contains(&min_weight) {
+        return Err(pyo3::exceptions::PyValueError::new_err(format!(
+            "cache_mask_min_weight must be in [0, 1), got {min_weight}"
+        )));
+    }
+    Ok(latent::MaskTransform { gamma, min_weight })
+}
+
 #[pyfunction]
 #[pyo3(signature = (path, *, pixel_limit = decode::DEFAULT_PIXEL_LIMIT))]
 fn decode_image(py: Python<'_>, path: PathBuf, pixel_limit: u64) -> PyResult<(Py<PyAny>, Option<Py<PyAny>>)> {
@@ -39,7 +54,8 @@ fn load_mask(py: Python<'_>, path: PathBuf, pixel_limit: u64) -> PyResult<Py<PyA
 /// mismatch names the mask and `media` ("image" or "video"), then `source` when given.
 #[pyfunction]
 #[pyo3(signature = (mask_path, image_size, bucket, latent_factor = 8, *, source = None, media = "image",
-                    pixel_limit = decode::DEFAULT_PIXEL_LIMIT))]
+                    pixel_limit = decode::DEFAULT_PIXEL_LIMIT, cache_mask_gamma = 1.0,
+                    cache_mask_min_weight = 0.0))]
 #[allow(clippy::too_many_arguments)]
 fn prepare_mask(
     py: Python<'_>,
@@ -50,12 +66,15 @@ fn prepare_mask(
     source: Option<PathBuf>,
     media: &str,
     pixel_limit: u64,
+    cache_mask_gamma: f32,
+    cache_mask_min_weight: f32,
 ) -> PyResult<(Py<PyAny>, Py<PyAny>)> {
     let media: Media = media.parse().map_err(to_py_err)?;
+    let transform = mask_transform(cache_mask_gamma, cache_mask_min_weight)?;
     let prepared = py
         .detach(move || {
             let source = Source { media, path: source.as_deref(), size: image_size };
-            prepare::prepare_mask(&mask_path, &source, bucket, latent_factor, pixel_limit)
+            prepare::prepare_mask_with(&mask_path, &source, bucket, latent_factor, transform, pixel_limit)
         })
         .map_err(to_py_err)?;
     Ok((mask_to_py(py, prepared.mask), plane_to_py(py, prepared.latent_mask)))

@@ -70,6 +70,8 @@ class ImageCacher:
             alpha_mask=self.dataset.alpha_mask,
             require_mask=self.dataset.require_mask,
             latent_factor=self.setup.factor,
+            cache_mask_gamma=self.setup.config.cache_mask_gamma,
+            cache_mask_min_weight=self.setup.config.cache_mask_min_weight,
         )
 
     def prepare(self, chunk: list[MediaItem]) -> list[Prepared]:

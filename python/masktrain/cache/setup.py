@@ -18,6 +18,7 @@ from masktrain.data import cache_format as fmt
 from masktrain.data import freshness
 from masktrain.data.buckets import Bucket
 from masktrain.data.discovery import Discovery, MediaItem, bucket_list
+from masktrain.data.freshness import BAKED_GAMMA, BAKED_MIN_WEIGHT
 from masktrain.errors import CacheFileError, DataError
 from masktrain.models.base import ModelFamily
 
@@ -66,14 +67,22 @@ class CacheSetup:
     def fingerprint(self, item: MediaItem) -> str:
         """Everything that shapes an item's tensors: the dataset settings, its source and mask
         files, the VAE."""
-        return fmt.fingerprint(
-            {
-                "settings": self.settings,
-                "inputs": self.inputs(item),
-                "vae": self.vae_identity,
-                "dtype": str(self.vae.dtype),
-            }
-        )
+        parts: dict[str, object] = {
+            "settings": self.settings,
+            "inputs": self.inputs(item),
+            "vae": self.vae_identity,
+            "dtype": str(self.vae.dtype),
+        }
+        if self.config.baked:  # only then, so caches made before the flags stay fresh
+            parts["cache_mask"] = self.baked_metadata()
+        return fmt.fingerprint(parts)
+
+    def baked_metadata(self) -> dict[str, str]:
+        """The cache-time mask transform, as every latent file records it (the reference's keys)."""
+        return {
+            BAKED_GAMMA: format(self.config.cache_mask_gamma, ".6g"),
+            BAKED_MIN_WEIGHT: format(self.config.cache_mask_min_weight, ".6g"),
+        }
 
     def fresh_files(self, item: MediaItem, paths: list[Path], fingerprint: str) -> list[Path]:
         """Those of the item's `paths` that this run can keep as they are (a file of another item
@@ -108,6 +117,7 @@ class CacheSetup:
                 "mask_path": str(mask_path or ""),
                 freshness.SETTINGS_KEY: self.settings,
                 freshness.INPUTS_KEY: self.inputs(item),
+                **self.baked_metadata(),
                 **extra,
             },
         )

@@ -129,6 +129,8 @@ class VideoCacher:
                 setup.factor,
                 source=item.path,
                 media="video",
+                cache_mask_gamma=setup.config.cache_mask_gamma,
+                cache_mask_min_weight=setup.config.cache_mask_min_weight,
             )
         elif self.masking:
             weights = np.ones((height // setup.factor, width // setup.factor), np.float32)

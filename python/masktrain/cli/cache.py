@@ -27,6 +27,20 @@ from masktrain.cli.outcome import run_job
     help="Threads for image preparation [default: one per core].",
 )
 @option(
+    "cache_mask_gamma",
+    type=float,
+    default=1.0,
+    show_default=True,
+    help="Bake mask**gamma into the cached weights (pixel resolution, before pooling).",
+)
+@option(
+    "cache_mask_min_weight",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="Bake the floor m*(1-w)+w into the cached weights, after the gamma.",
+)
+@option(
     "skip_existing",
     switch=True,
     default=True,
@@ -40,6 +54,8 @@ def cache(
     device: str | None,
     batch_size: int,
     num_workers: int | None,
+    cache_mask_gamma: float,
+    cache_mask_min_weight: float,
     skip_existing: bool,
     **text_encoders: str | bool | None,
 ) -> None:
@@ -60,6 +76,8 @@ def cache(
             batch_size=batch_size,
             skip_existing=skip_existing,
             num_workers=num_workers,
+            cache_mask_gamma=cache_mask_gamma,
+            cache_mask_min_weight=cache_mask_min_weight,
         )
         from masktrain.cache import run  # torch: only once the flags are known to be good
 

@@ -32,6 +32,7 @@ from masktrain.cli.outcome import run_job
 )
 @option("mask_gamma", type=float, default=1.0, show_default=True, help="As train's: the weights shown.")
 @option("mask_min_weight", type=float, default=0.0, show_default=True, help="As train's.")
+@option("mask_blur_kernel_size", type=click.IntRange(min=0), default=0, show_default=True, help="As train's.")
 @option("prior_mask_threshold", type=float, default=None, help="As train's: report the prior region.")
 def inspect(
     dataset_config: Path,
@@ -40,6 +41,7 @@ def inspect(
     output_dir: Path,
     mask_gamma: float,
     mask_min_weight: float,
+    mask_blur_kernel_size: int,
     prior_mask_threshold: float | None,
 ) -> None:
     """Per item: mask source, coverage per region, the mask on the latent grid over the image."""
@@ -47,7 +49,14 @@ def inspect(
 
     def job() -> None:
         config = InspectConfig(
-            dataset_config, arch, vae, output_dir, mask_gamma, mask_min_weight, prior_mask_threshold
+            dataset_config,
+            arch,
+            vae,
+            output_dir,
+            mask_gamma,
+            mask_min_weight,
+            mask_blur_kernel_size,
+            prior_mask_threshold,
         )
         from masktrain.inspect.page import run, table  # numpy, the native core: once the flags are good
 

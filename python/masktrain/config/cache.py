@@ -36,6 +36,15 @@ class CacheConfig:
     fp8_text_encoder: bool = False
     """Load the text encoder's block Linear weights as float8 e4m3 (--fp8_t5 / --fp8_vl), so it
     fits beside the VAE on a small card; its embeddings are cached as a separate version."""
+    cache_mask_gamma: float = 1.0
+    """Bake ``mask ** gamma`` into the cached mask weights, at pixel resolution before pooling
+    (the reference's cache-time transform); recorded in each file's metadata."""
+    cache_mask_min_weight: float = 0.0
+    """Bake the floor ``m * (1 - w) + w`` into the cached mask weights, after the gamma."""
+
+    @property
+    def baked(self) -> bool:
+        return (self.cache_mask_gamma, self.cache_mask_min_weight) != (1.0, 0.0)
 
     def __post_init__(self) -> None:
         catalog.arch(self.arch)
@@ -48,6 +57,12 @@ class CacheConfig:
             raise CacheConfigError("--vae needs a value ('tiny', a diffusers folder or a .safetensors file)")
         if not self.text_encoder:
             raise CacheConfigError(f"{catalog.arch(self.arch).text_flag} needs a value")
+        if not 0 < self.cache_mask_gamma < float("inf"):
+            raise CacheConfigError(f"--cache_mask_gamma must be > 0, got {self.cache_mask_gamma}")
+        if not 0 <= self.cache_mask_min_weight < 1:
+            raise CacheConfigError(
+                f"--cache_mask_min_weight must be in [0, 1), got {self.cache_mask_min_weight}"
+            )
 
     @classmethod
     def from_flags(
@@ -63,6 +78,8 @@ class CacheConfig:
         num_workers: int | None = None,
         fp8_text: Mapping[str, bool] | None = None,
         tokenizers: Mapping[str, str | None] | None = None,
+        cache_mask_gamma: float = 1.0,
+        cache_mask_min_weight: float = 0.0,
     ) -> CacheConfig:
         """The config of the command line, where each family names its text encoder with its own
         flag (``catalog``: ``--t5`` for WAN, ``--text_encoder`` for Qwen-Image); `text_encoders`
@@ -86,4 +103,6 @@ class CacheConfig:
             num_workers=num_workers,
             fp8_text_encoder=chosen.fp8,
             text_tokenizer=chosen.tokenizer,
+            cache_mask_gamma=cache_mask_gamma,
+            cache_mask_min_weight=cache_mask_min_weight,
         )

@@ -20,6 +20,7 @@ class InspectConfig:
     output_dir: Path = Path("inspect")
     mask_gamma: float = 1.0
     mask_min_weight: float = 0.0
+    mask_blur_kernel_size: int = 0
     prior_mask_threshold: float | None = None
 
     def __post_init__(self) -> None:
@@ -28,5 +29,8 @@ class InspectConfig:
             raise FlagError(f"--mask_gamma must be > 0, got {self.mask_gamma}")
         if not 0 <= self.mask_min_weight < 1:
             raise FlagError(f"--mask_min_weight must be in [0, 1), got {self.mask_min_weight}")
+        blur = self.mask_blur_kernel_size
+        if blur < 0 or (blur > 1 and blur % 2 == 0):
+            raise FlagError(f"--mask_blur_kernel_size must be odd (or 0 to disable), got {blur}")
         if self.prior_mask_threshold is not None and not 0 < self.prior_mask_threshold <= 1:
             raise FlagError(f"--prior_mask_threshold must be in (0, 1], got {self.prior_mask_threshold}")

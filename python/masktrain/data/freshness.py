@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 
 from masktrain import _native
 from masktrain.catalog import ArchSpec
@@ -77,3 +78,17 @@ def changed(recorded: str | None, now: str, what: str) -> str | None:
     if recorded is None:
         return "cached by an older masktrain (no record of its inputs)"
     return None if recorded == now else f"{what} changed since it was cached"
+
+
+BAKED_GAMMA = "cache_mask_gamma"
+"""The metadata key of a cache file's baked mask gamma (``cache --cache_mask_gamma``; 1 = none)."""
+BAKED_MIN_WEIGHT = "cache_mask_min_weight"
+"""The metadata key of its baked mask floor (``cache --cache_mask_min_weight``; 0 = none)."""
+
+
+def baked_transform(extra: Mapping[str, str]) -> tuple[float, float] | None:
+    """(gamma, min weight) a cache file's metadata records, or None (an older file, or unreadable)."""
+    try:
+        return float(extra[BAKED_GAMMA]), float(extra[BAKED_MIN_WEIGHT])
+    except (KeyError, ValueError):
+        return None

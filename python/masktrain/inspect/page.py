@@ -37,7 +37,9 @@ def overlay(image: np.ndarray, raw: np.ndarray | None, config: InspectConfig) ->
             )
             return np.asarray(resized)[..., None]
 
-        weight = on_picture(loss_weights(raw, config.mask_gamma, config.mask_min_weight))
+        weight = on_picture(
+            loss_weights(raw, config.mask_gamma, config.mask_min_weight, config.mask_blur_kernel_size)
+        )
         dimmed = pixels * (0.35 + 0.65 * np.minimum(weight * 4, 1))  # weight 0: a third as bright
         pixels = dimmed * (1 - 0.45 * weight) + np.array([255.0, 40.0, 40.0]) * 0.45 * weight
         if config.prior_mask_threshold is not None:  # the prior region, kept near the base model: blue
@@ -77,6 +79,8 @@ def _card(item: object) -> str:
     if item.cache != "fresh":
         flags.append(item.cache)
     prior = "" if item.prior_region is None else f"<br>prior region {_percent(item.prior_region)}"
+    if item.baked:
+        prior += f"<br>baked in the cache: {html.escape(item.baked)}"
     return (
         f'<figure><a href="{html.escape(item.overlay)}"><img src="{html.escape(item.overlay)}" '
         f'alt="{html.escape(item.name)}"></a><figcaption><b>{html.escape(item.name)}</b><br>'
@@ -122,6 +126,8 @@ def page(reports: list[DatasetReport], config: InspectConfig) -> str:
             + f'</p>{listed}<div class="grid">{cards}</div></section>'
         )
     settings = f"--mask_gamma {config.mask_gamma} --mask_min_weight {config.mask_min_weight}"
+    if config.mask_blur_kernel_size > 1:
+        settings += f" --mask_blur_kernel_size {config.mask_blur_kernel_size}"
     if config.prior_mask_threshold is not None:
         settings += f" --prior_mask_threshold {config.prior_mask_threshold}"
     return _PAGE.format(

@@ -21,6 +21,7 @@ import numpy as np
 from masktrain import _native, catalog
 from masktrain.config.dataset import ImageDatasetConfig, VideoDatasetConfig, load_dataset_config
 from masktrain.config.inspect import InspectConfig
+from masktrain.data import cache_format as fmt
 from masktrain.data import freshness
 from masktrain.data.cached_items import ItemState, item_states
 from masktrain.data.dataset_paths import check_readable
@@ -51,6 +52,9 @@ class ItemReport:
     """Mean loss weight after gamma and floor (1 without a mask)."""
     prior_region: float | None = None
     small_subject: bool = False
+    baked: str = ""
+    """The cache-time transform the cache file records (``gamma 0.7, floor 0.2``; ``none``), or ""
+    when the mask came from the sources."""
     overlay: str = ""
     """The overlay image's path, relative to the output folder."""
 
@@ -102,10 +106,16 @@ def coverage(raw: np.ndarray) -> dict[str, float]:
     }
 
 
-def loss_weights(raw: np.ndarray, gamma: float, min_weight: float) -> np.ndarray:
-    """``loss.transform_weights`` in numpy: clamp, gamma, then the floor."""
-    weights: np.ndarray = np.clip(raw, 0.0, 1.0) ** gamma
-    return weights * (1.0 - min_weight) + min_weight if min_weight > 0 else weights
+def loss_weights(raw: np.ndarray, gamma: float, min_weight: float, blur: int = 0) -> np.ndarray:
+    """The weights the loss applies to a raw (h, w) mask: ``loss.blur_mask`` (``--mask_blur_kernel_size``),
+    then ``loss.transform_weights`` (gamma, floor)."""
+    import torch
+
+    from masktrain.loss import blur_mask, transform_weights
+
+    tensor = torch.from_numpy(np.ascontiguousarray(raw, dtype=np.float32)).clamp(0.0, 1.0)
+    weights: np.ndarray = transform_weights(blur_mask(tensor, blur), gamma, min_weight).numpy()
+    return weights
 
 
 def latent_factor(config: InspectConfig) -> int:
@@ -125,6 +135,15 @@ def latent_factor(config: InspectConfig) -> int:
         if "temperal_downsample" in values:
             return int(2 ** len(values["temperal_downsample"]))
     return spec.spatial_factor
+
+
+def _baked(state: ItemState) -> str:
+    """What the item's cache file records of the cache-time transform."""
+    metadata = fmt.read_metadata(state.files[0][0])
+    baked = None if metadata is None else freshness.baked_transform(metadata.extra)
+    if baked is None:
+        return "not recorded"
+    return "none" if baked == (1.0, 0.0) else f"gamma {baked[0]:g}, floor {baked[1]:g}"
 
 
 def _cached_raw(state: ItemState) -> np.ndarray | None:
@@ -247,6 +266,8 @@ def inspect_datasets(config: InspectConfig) -> tuple[list[DatasetReport], Pictur
                 bucket=result.bucket,
                 grid=grid,
             )
+            if fresh:
+                item.baked = _baked(state)
             if raw is not None:
                 _measure(item, raw, config)
             report.items.append(item)
@@ -257,7 +278,8 @@ def inspect_datasets(config: InspectConfig) -> tuple[list[DatasetReport], Pictur
 def _measure(item: ItemReport, raw: np.ndarray, config: InspectConfig) -> None:
     regions = coverage(raw)
     item.face, item.body, item.background = regions["face"], regions["body"], regions["background"]
-    item.mean_weight = float(loss_weights(raw, config.mask_gamma, config.mask_min_weight).mean())
+    weights = loss_weights(raw, config.mask_gamma, config.mask_min_weight, config.mask_blur_kernel_size)
+    item.mean_weight = float(weights.mean())
     if config.prior_mask_threshold is not None:
         item.prior_region = float((raw < config.prior_mask_threshold).mean())
     item.small_subject = item.face + item.body < SMALL_SUBJECT

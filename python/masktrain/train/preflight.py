@@ -25,8 +25,10 @@ from pathlib import Path
 from masktrain.config import mask_loss
 from masktrain.config.dataset import DatasetConfig, load_dataset_config
 from masktrain.config.train import TrainConfig, check_schedule
+from masktrain.data import cache_format as fmt
 from masktrain.data.cached_items import CachedItem, epoch_batches, find_cached_items
 from masktrain.data.dataset_paths import check_readable, check_writable
+from masktrain.data.freshness import baked_transform
 from masktrain.errors import CachedDataError, MissingMaskWeightsError, TrainConfigError
 from masktrain.train.resume import checkpoint_step
 
@@ -83,6 +85,7 @@ def preflight(config: TrainConfig, world: int) -> TrainPlan:
     items = find_cached_items(config.dataset_config, config.arch, skip_stale=config.skip_stale)
     if config.mask.use_mask_loss:
         _check_masks(config, datasets, items)
+        _check_baked(config, items)
     else:
         masked = sum(item.has_mask for item in items)
         if masked:
@@ -118,3 +121,66 @@ def _check_masks(config: TrainConfig, datasets: DatasetConfig, items: list[Cache
             f"{config.dataset_config}: [[datasets]] #{number + 1} ({folder}): "
             + mask_loss.missing_mask_message()
         )
+
+
+_BAKED_SAMPLE = 16
+"""Cache files per dataset whose baked mask transform is read (the reference samples 16)."""
+
+
+def _check_baked(config: TrainConfig, items: list[CachedItem]) -> None:
+    """The cache-time mask transform (``cache --cache_mask_gamma / --cache_mask_min_weight``) the
+    files record, against the training flags: gamma or floor applied twice, values that differ
+    across files (warnings), and a baked floor at or above --prior_mask_threshold, which empties
+    the threshold-mode prior region (an error)."""
+    sampled: dict[int, int] = {}
+    pairs: set[tuple[float, float]] = set()
+    checked = recorded = 0
+    for item in items:
+        if sampled.get(item.dataset, 0) >= _BAKED_SAMPLE:
+            continue
+        sampled[item.dataset] = sampled.get(item.dataset, 0) + 1
+        checked += 1
+        metadata = fmt.read_metadata(item.latent_path)
+        baked = None if metadata is None else baked_transform(metadata.extra)
+        if baked is not None:
+            recorded += 1
+            pairs.add(baked)
+    settings = config.mask
+    if not pairs:
+        return
+    if len(pairs) > 1:
+        shown = ", ".join(f"(gamma={g:g}, min_weight={w:g})" for g, w in sorted(pairs))
+        log.warning(
+            "Mixed cache mask metadata detected across sampled cache files: %s; use a fresh "
+            "cache_directory and re-cache with one --cache_mask_gamma / --cache_mask_min_weight",
+            shown,
+        )
+    gamma, floor = max(pairs, key=lambda pair: pair[1])
+    log.info(
+        "cache-time mask transform: %s (%d of %d sampled cache files record it)",
+        sorted(pairs),
+        recorded,
+        checked,
+    )
+    threshold = settings.prior_mask_threshold
+    if settings.prior_preservation_weight > 0 and threshold is not None and floor >= threshold:
+        raise TrainConfigError(
+            f"the cache's baked --cache_mask_min_weight {floor:g} >= --prior_mask_threshold {threshold:g}: "
+            "no cell is below the threshold, so threshold-mode prior preservation would do nothing; "
+            "re-cache with --cache_mask_min_weight 0 or raise --prior_mask_threshold"
+        )
+    if len(pairs) == 1:
+        if gamma != 1.0 and settings.mask_gamma != 1.0:
+            log.warning(
+                "the cache baked --cache_mask_gamma %g and --mask_gamma is %g: This will apply gamma twice "
+                "(once in cache-time pixel space, once at training time in latent space)",
+                gamma,
+                settings.mask_gamma,
+            )
+        if floor != 0.0 and settings.mask_min_weight != 0.0:
+            log.warning(
+                "the cache baked --cache_mask_min_weight %g and --mask_min_weight is %g: This will apply a "
+                "floor twice",
+                floor,
+                settings.mask_min_weight,
+            )
