@@ -77,3 +77,40 @@ def test_it_starts_at_step_100_and_a_resume_equals_an_uninterrupted_run(tmp_path
         got = safetensors.torch.load_file(split / "step-000104" / name)
         assert expected.keys() == got.keys() and expected
         assert all(torch.equal(expected[key], got[key]) for key in expected), name
+
+
+@pytest.mark.slow
+def test_two_processes_hold_the_same_ema_as_one(tmp_path: Path) -> None:
+    """Under torchrun every process updates the EMA from the same all-reduced weights: two
+    processes end with the EMA one process has with the same global batch (gradient
+    accumulation 2), to float rounding."""
+    import dataclasses
+    import os
+    import subprocess
+    import sys
+
+    from helpers import words
+    from masktrain.config import OptimSettings
+
+    toml = cached(tmp_path / "data", "wan")
+    one, two = tmp_path / "one", tmp_path / "two"
+    base = train_config(toml, one, max_train_steps=102, mask=MASK)
+    run_train(
+        dataclasses.replace(base, optim=OptimSettings(learning_rate=1e-3, gradient_accumulation_steps=2))
+    )
+    command = [
+        sys.executable,
+        *words("-m torch.distributed.run --nproc_per_node 2 --master_port 29541 -m masktrain.cli train"),
+        *words("--dataset_config {toml} --arch wan --dit tiny --output_dir {out}", toml=toml, out=two),
+        *words("--device cpu --max_train_steps 102 --network_dim 4 --network_alpha 4 --learning_rate 1e-3"),
+        *words("--use_mask_loss --prior_preservation_weight 1.0 --prior_mask_threshold 0.1"),
+        *words("--prior_teacher_mode ema --prior_teacher_ema_decay 0.9"),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    expected = safetensors.torch.load_file(one / "step-000102" / "ema.safetensors")
+    got = safetensors.torch.load_file(two / "step-000102" / "ema.safetensors")
+    assert expected.keys() == got.keys() and expected
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], atol=1e-6, rtol=1e-5)
