@@ -432,10 +432,11 @@ def _train_locked(
     if shard.is_main:
         if gated[1]:
             log.info(
-                "teacher gating: skipped %.1f%% of %d samples with a prior region (expected %.1f%%)",
+                "teacher gating: skipped %.1f%% of %d samples with a prior region (expected %.1f%%)%s",
                 100 * gated[0] / gated[1],
                 gated[1],
                 100 * (expected_skip or 0.0),
+                f"; rank 0's samples of {shard.world} processes" if shard.world > 1 else "",
             )
         log.info("wrote %s", lora_path)
     return lora_path
