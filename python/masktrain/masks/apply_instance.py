@@ -15,7 +15,6 @@ atomically.
 
 from __future__ import annotations
 
-import io
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,9 +22,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from masktrain import atomic
 from masktrain.config.masks import ApplyInstanceConfig
 from masktrain.errors import AspectMismatchError, DataError
+from masktrain.masks.files import write_mask
 
 log = logging.getLogger(__name__)
 
@@ -91,14 +90,6 @@ def _fit(instance: np.ndarray, weighted: np.ndarray, instance_path: Path, weight
     return np.asarray(Image.fromarray(instance).resize((ww, wh), Image.Resampling.NEAREST))
 
 
-def _png(mask: np.ndarray) -> bytes:
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    Image.fromarray(mask, mode="L").save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 def run(config: ApplyInstanceConfig) -> ApplySummary:
     """Apply every instance mask; returns what was done."""
     weighted = sorted(
@@ -129,7 +120,7 @@ def run(config: ApplyInstanceConfig) -> ApplySummary:
         else:
             summary.copied.append(path.name)
             result = mask
-        atomic.write_bytes(target, _png(result))
+        write_mask(target, result)
         summary.written += 1
     for kind, names in (
         ("copied unchanged", summary.copied),

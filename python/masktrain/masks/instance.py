@@ -13,23 +13,19 @@ the box most; none overlapping is "no person" (the reference tool's rules).
 
 from __future__ import annotations
 
-import io
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from tqdm import tqdm
 
-from masktrain import atomic
 from masktrain.config.masks import InstanceConfig
 from masktrain.errors import DataError, FlagError
 from masktrain.masks.face_id import Face, FaceIdentity, distance
+from masktrain.masks.files import IMAGE_SUFFIXES, open_upright, write_mask
 from masktrain.masks.people import Person, PersonSegmenter
-from masktrain.masks.tiers import IMAGE_SUFFIXES
 
 log = logging.getLogger(__name__)
 
@@ -86,21 +82,6 @@ class InstanceSummary:
         )
 
 
-def _open(path: Path) -> Image.Image:
-    from PIL import ImageOps
-
-    with Image.open(path) as image:
-        return ImageOps.exif_transpose(image).convert("RGB")
-
-
-def _png(mask: np.ndarray) -> bytes:
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    Image.fromarray(np.where(mask, 255, 0).astype(np.uint8), mode="L").save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 def run(config: InstanceConfig) -> InstanceSummary:
     photos = sorted(p for p in config.input.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if config.files is not None:
@@ -111,7 +92,7 @@ def run(config: InstanceConfig) -> InstanceSummary:
     if not photos:
         raise DataError(f"--input {config.input}: no images (.png, .jpg, .jpeg, .webp, .bmp) there")
     identity = FaceIdentity()
-    reference_faces = identity.faces(np.asarray(_open(config.reference)))
+    reference_faces = identity.faces(np.asarray(open_upright(config.reference)))
     if not reference_faces:
         raise FlagError(
             f"--reference {config.reference}: no face found; use a clear, frontal photo of the subject"
@@ -125,7 +106,7 @@ def run(config: InstanceConfig) -> InstanceSummary:
         if config.skip_existing and target.exists():
             summary.skipped += 1
             continue
-        image = _open(path)
+        image = open_upright(path)
         matched = match_face(identity.faces(np.asarray(image)), reference, config.id_threshold)
         people = segmenter.people(image)
         person: Person | None = None
@@ -152,6 +133,6 @@ def run(config: InstanceConfig) -> InstanceSummary:
             summary.empty += 1
         else:
             mask = person.mask
-        atomic.write_bytes(target, _png(mask))
+        write_mask(target, np.where(mask, 255, 0).astype(np.uint8))
         summary.written += 1
     return summary

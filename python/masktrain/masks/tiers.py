@@ -10,7 +10,6 @@ the model in batches, on the GPU when there is one.
 
 from __future__ import annotations
 
-import io
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,15 +18,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from masktrain import atomic
 from masktrain.config.masks import TiersConfig
 from masktrain.errors import DataError, FlagError
+from masktrain.masks.files import IMAGE_SUFFIXES, open_upright, write_mask
 from masktrain.masks.label_tables import BUILT_IN, LabelTable, load_table
 from masktrain.masks.segmenters import load_segmenter
 
 log = logging.getLogger(__name__)
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
 @dataclass
@@ -106,21 +103,6 @@ def _images(folder: Path) -> list[Path]:
     return images
 
 
-def _open(path: Path) -> object:
-    from PIL import Image, ImageOps
-
-    with Image.open(path) as image:
-        return ImageOps.exif_transpose(image).convert("RGB")
-
-
-def _png(mask: np.ndarray) -> bytes:
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    Image.fromarray(mask, mode="L").save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 def run(config: TiersConfig) -> TiersSummary:
     images = _images(config.input)
     device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -136,12 +118,12 @@ def run(config: TiersConfig) -> TiersSummary:
             batch, opened = [], []
             for path in todo[start : start + config.batch_size]:
                 try:
-                    opened.append(_open(path))
+                    opened.append(open_upright(path))
                     batch.append(path)
                 except OSError as error:
                     summary.failed.append((path, str(error)))
             for path, labels in zip(batch, segmenter.label_maps(opened) if opened else [], strict=True):
-                atomic.write_bytes(config.output / f"{path.stem}.png", _png(grey[labels]))
+                write_mask(config.output / f"{path.stem}.png", grey[labels])
                 summary.written += 1
             bar.update(len(todo[start : start + config.batch_size]))
     for path, why in summary.failed:
