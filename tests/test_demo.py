@@ -1,6 +1,7 @@
 """`masktrain demo`: a short run shows what the design promises (every LoRA learns the subject;
 masked prior preservation keeps the background near the base model, the mask loss alone does
-not), writes the output tree, and prints commands that reproduce each run exactly."""
+not; in the bleed scenario it paints less of the training room into other photos), writes the
+output tree, and prints commands that reproduce each run exactly."""
 
 import json
 import shlex
@@ -17,14 +18,16 @@ from PIL import Image
 
 from masktrain.cli.train import config_from_args as train_config
 from masktrain.config import DemoConfig
-from masktrain.demo import RUNS
+from masktrain.demo import RUNS, bleed
 from masktrain.demo import run as run_demo
 from masktrain.demo.dataset import FACE, HAIR, SKIN, make_item
 from masktrain.models import get_family
 
-pytestmark = pytest.mark.slow  # the demo trains three LoRAs
+pytestmark = pytest.mark.slow  # the demo trains 3 + 12 LoRAs
 
 NAMES = [spec.name for spec in RUNS]
+BLEED_NAMES = [spec.name for spec in bleed.REPORTED_RUNS]
+SEEDS = ["42", "43", "44"]
 
 
 def check_promises(report: dict) -> None:
@@ -38,6 +41,29 @@ def check_promises(report: dict) -> None:
     assert drift["masked"] > 0.5 * drift["unmasked"], drift
     assert drift["masked_prior"] < 0.5 * drift["masked"], drift
     assert drift["masked_prior"] < 0.5 * drift["unmasked"], drift
+
+
+def check_bleed(report: dict) -> None:
+    section = report["bleed"]
+    assert section["seeds"] == [int(seed) for seed in SEEDS] and list(section["runs"]) == BLEED_NAMES
+    assert section["fourth_run"]["name"] == BLEED_NAMES[-1] == "masked_prior_ema"
+    runs = section["runs"]
+    for name in BLEED_NAMES:
+        assert list(runs[name]["seeds"]) == SEEDS
+        bleeds = [runs[name]["seeds"][seed]["bleed"] for seed in SEEDS]
+        assert runs[name]["mean"]["bleed"] == pytest.approx(np.mean(bleeds))
+        assert runs[name]["spread"]["bleed"] == pytest.approx(np.std(bleeds, ddof=1))
+        assert len(runs[name]["seeds"]["42"]["bleed_by_noise"]) == 5
+    for seed in SEEDS:
+        # Every seed: trained in one room, the unmasked LoRA paints it into other photos; masked
+        # prior preservation paints less of it and drifts less.
+        score = {name: runs[name]["seeds"][seed] for name in BLEED_NAMES}
+        assert score["unmasked"]["bleed"] > 0.03, score
+        assert score["masked_prior"]["bleed"] < 0.8 * score["unmasked"]["bleed"], score
+        assert score["masked_prior"]["background_drift"] < 0.5 * score["masked"]["background_drift"], score
+    assert section["ratios"]["masked_prior_bleed_over_unmasked"] == pytest.approx(
+        runs["masked_prior"]["mean"]["bleed"] / runs["unmasked"]["mean"]["bleed"]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -57,11 +83,18 @@ def test_demo_shows_the_effect(wan_demo: tuple[Path, subprocess.CompletedProcess
     out, result = wan_demo
     report = json.loads((out / "report.json").read_text())
     check_promises(report)
+    check_bleed(report)
     assert report["arch"] == "wan" and report["steps"] == 60
-    # The table is printed, one row per run.
-    assert "subject_improvement" in result.stdout and "background_drift" in result.stdout
-    for name in NAMES:
-        assert any(line.startswith(name + " ") for line in result.stdout.splitlines()), result.stdout
+    # The tables are printed, one row per run: the random-background one first, as before.
+    lines = result.stdout.splitlines()
+    header = lines.index(f"{'run':<14}{'subject_improvement':>21}{'background_drift':>18}")
+    for offset, name in enumerate(NAMES, start=1):
+        assert lines[header + offset].startswith(name + " "), result.stdout
+    bleed_header = next(i for i, line in enumerate(lines) if line.startswith("bleed scenario"))
+    assert bleed_header > header + len(NAMES)
+    assert "bleed_unseen_room" in lines[bleed_header + 1]
+    for offset, name in enumerate(BLEED_NAMES, start=2):
+        assert lines[bleed_header + offset].split()[0] == name, result.stdout
 
 
 def test_demo_writes_the_output_tree(wan_demo: tuple[Path, subprocess.CompletedProcess]) -> None:
@@ -70,6 +103,20 @@ def test_demo_writes_the_output_tree(wan_demo: tuple[Path, subprocess.CompletedP
     markdown = (out / "report.md").read_text()
     with Image.open(out / "report.png") as picture:
         assert picture.format == "PNG" and picture.width > 800 and picture.height > 400
+    with Image.open(out / "bleed.png") as picture:
+        assert picture.format == "PNG" and picture.width > 800 and picture.height > 400
+    assert (
+        "## Bleed: every training photo in one room" in markdown
+        and "![bleed scenario](bleed.png)" in markdown
+    )
+    for name in BLEED_NAMES:
+        assert f"| `{name}` |" in markdown
+        for seed in SEEDS:
+            run = report["bleed"]["runs"][name]["seeds"][seed]
+            assert Path(run["lora"]) == out / "bleed" / f"seed_{seed}" / "runs" / name / f"{name}.safetensors"
+            assert len(Path(run["metrics"]).read_text().splitlines()) == 60
+    for split in ("train", "heldout", "twin", "control"):
+        assert (out / "bleed" / "seed_43" / "data" / f"{split}.toml").is_file()
     for name in NAMES:
         run = report["runs"][name]
         lora = Path(run["lora"])
@@ -109,6 +156,13 @@ def test_demo_commands_reproduce_the_runs(wan_demo: tuple[Path, subprocess.Compl
         # What the command parses to is exactly what the run saved as its resolved config.
         saved = (out / "runs" / name / "config.json").read_text()
         assert train_config(tuple(flags)).to_json() == saved
+    for name, run in report["bleed"]["runs"].items():
+        for seed, scores in run["seeds"].items():
+            flags = shlex.split(scores["command"])[2:]
+            assert flags[flags.index("--seed") + 1] == seed
+            assert flags[len(flags) - len(run["flags"]) :] == run["flags"]
+            saved = (out / "bleed" / f"seed_{seed}" / "runs" / name / "config.json").read_text()
+            assert train_config(tuple(flags)).to_json() == saved
 
 
 def test_a_printed_command_trains_the_same_lora(
@@ -133,6 +187,22 @@ def test_demo_on_qwen_image(tmp_path: Path) -> None:
     report = run_demo(DemoConfig(output_dir=tmp_path / "out", arch="qwen_image", steps=100), train_config)
     check_promises(json.loads(report.json_path.read_text()))
     assert "masked_prior" in report.table()
+
+
+@pytest.mark.parametrize("scenario", ["random", "bleed"])
+def test_one_scenario(tmp_path: Path, scenario: str) -> None:
+    """`--scenario` runs one scenario and writes only its parts of the report."""
+    config = DemoConfig(
+        output_dir=tmp_path / "out", steps=3, train_items=4, heldout_items=2, eval_draws=2, scenario=scenario
+    )
+    report = run_demo(config, train_config)
+    document = json.loads(report.json_path.read_text())
+    markdown = (tmp_path / "out" / "report.md").read_text()
+    assert markdown.startswith("# masktrain demo")
+    assert ("bleed" in document) == (scenario == "bleed") == (tmp_path / "out" / "bleed.png").is_file()
+    assert ("runs" in document) == (scenario == "random") == (tmp_path / "out" / "report.png").is_file()
+    assert ("## Bleed" in markdown) == (scenario == "bleed")
+    assert ("bleed scenario" in report.table()) == (scenario == "bleed")
 
 
 @pytest.mark.parametrize("arch", ["wan", "qwen_image"])

@@ -9,10 +9,15 @@
    ``train.loop.run``, so the command in the report reproduces the run exactly.
 4. Scores each LoRA on the held-out items against the base model (``demo/evaluate.py``) and
    writes ``report.json``, ``report.md`` and ``report.png`` (``demo/report.py``).
+5. The bleed scenario (``demo/bleed.py``) does 1-4 again for three seeds with every training
+   photo in one room, adds a fourth run, and scores how far each LoRA paints that room into
+   other photos (its part of the report: ``demo/bleed_report.py``, ``bleed.png``).
+   ``--scenario`` runs one of the two.
 
 The expected outcome: every run learns the subject; the LoRA trained with the mask loss alone
 changes the background about as much as (or more than) the unmasked one, because nothing holds
-it there; masked prior preservation keeps the background close to the base model.
+it there; masked prior preservation keeps the background close to the base model and paints
+less of the training room elsewhere.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from masktrain.config.demo import DemoConfig
+from masktrain.demo import dataset
 
 if TYPE_CHECKING:
     from masktrain.config.train import TrainConfig
@@ -80,16 +86,18 @@ class Run:
         return shlex.join(["masktrain", "train", *self.args])
 
 
-def train_args(config: DemoConfig, spec: RunSpec, train_toml: Path) -> tuple[str, ...]:
-    """The full ``masktrain train`` argument list of one run."""
+def train_args(
+    config: DemoConfig, spec: RunSpec, train_toml: Path, runs_dir: Path, seed: int
+) -> tuple[str, ...]:
+    """The full ``masktrain train`` argument list of one run (output under ``runs_dir/NAME``)."""
     options = {
         "--dataset_config": str(train_toml),
         "--arch": config.arch,
         "--dit": "tiny",
-        "--output_dir": str(config.output_dir / "runs" / spec.name),
+        "--output_dir": str(runs_dir / spec.name),
         "--output_name": spec.name,
         "--device": "cpu",
-        "--seed": str(config.seed),
+        "--seed": str(seed),
         "--max_train_steps": str(config.steps),
         "--network_dim": str(NETWORK_DIM),
         "--network_alpha": str(NETWORK_ALPHA),
@@ -98,49 +106,79 @@ def train_args(config: DemoConfig, spec: RunSpec, train_toml: Path) -> tuple[str
     return (*(part for option in options.items() for part in option), *spec.flags)
 
 
+def write_and_cache(config: DemoConfig, data: Path, splits: dict[str, list[dataset.Item]]) -> dict[str, Path]:
+    """Write each split's items and dataset TOML under `data` and cache them with the tiny VAE and
+    text encoder; returns the TOMLs by split."""
+    from masktrain.cache import run as run_cache
+    from masktrain.config.cache import CacheConfig
+
+    tomls = {}
+    for split, items in splits.items():
+        toml = dataset.write_split(data, split, items, config.size, config.batch_size)
+        run_cache(
+            CacheConfig(dataset_config=toml, arch=config.arch, vae="tiny", text_encoder="tiny", device="cpu")
+        )
+        tomls[split] = toml
+    return tomls
+
+
+def train_runs(
+    config: DemoConfig,
+    specs: Sequence[RunSpec],
+    train_toml: Path,
+    runs_dir: Path,
+    seed: int,
+    parse_train_args: Callable[[Sequence[str]], TrainConfig],
+) -> list[Run]:
+    """Train one LoRA per spec from the same base and `seed` through the real ``train`` path."""
+    from masktrain.train.loop import run as run_train
+
+    runs = []
+    for spec in specs:
+        args = train_args(config, spec, train_toml, runs_dir, seed)
+        train = parse_train_args(args)
+        if train.output_dir.exists():  # a previous demo's run: its checkpoints would linger
+            shutil.rmtree(train.output_dir)
+        log.info("demo: training %s (%s), seed %d", spec.name, spec.description, seed)
+        runs.append(Run(spec, args, train.output_dir, run_train(train)))
+    return runs
+
+
 def run(config: DemoConfig, parse_train_args: Callable[[Sequence[str]], TrainConfig]) -> DemoReport:
     """Run the whole demo; returns the report (also written to OUTPUT_DIR). `parse_train_args`
     turns a ``masktrain train`` argument list into its config exactly as the command line does
     (the CLI passes ``cli.train.config_from_args``), so each printed command is what ran."""
-    from masktrain.cache import run as run_cache
-    from masktrain.config.cache import CacheConfig
-    from masktrain.demo import dataset, report
+    from masktrain.demo import bleed, report
     from masktrain.demo.evaluate import evaluate
-    from masktrain.train.loop import run as run_train
 
     out = config.output_dir.resolve()
     config = dataclasses.replace(config, output_dir=out)
-    data = out / "data"
-    log.info(
-        "demo: writing %d training and %d held-out images under %s",
-        config.train_items,
-        config.heldout_items,
-        data,
-    )
-    tomls = {
-        split: dataset.write_split(data, split, count, config.size, config.batch_size, config.seed)
-        for split, count in (("train", config.train_items), ("heldout", config.heldout_items))
-    }
-    for toml in tomls.values():
-        run_cache(
-            CacheConfig(dataset_config=toml, arch=config.arch, vae="tiny", text_encoder="tiny", device="cpu")
+    random = None
+    if config.scenario in ("all", "random"):
+        data = out / "data"
+        log.info(
+            "demo: writing %d training and %d held-out images under %s",
+            config.train_items,
+            config.heldout_items,
+            data,
         )
-
-    runs = []
-    for spec in RUNS:
-        args = train_args(config, spec, tomls["train"])
-        train = parse_train_args(args)
-        if train.output_dir.exists():  # a previous demo's run: its checkpoints would linger
-            shutil.rmtree(train.output_dir)
-        log.info("demo: training %s (%s)", spec.name, spec.description)
-        lora = run_train(train)
-        runs.append(Run(spec, args, train.output_dir, lora))
-
-    scores = evaluate(
-        config.arch,
-        tomls["heldout"],
-        {r.spec.name: r.lora for r in runs},
-        draws=config.eval_draws,
-        seed=config.seed + 1,
-    )
-    return report.write(config, runs, scores, tomls)
+        splits = {
+            split: dataset.random_items(split, count, config.size, config.seed)
+            for split, count in (("train", config.train_items), ("heldout", config.heldout_items))
+        }
+        tomls = write_and_cache(config, data, splits)
+        runs = train_runs(config, RUNS, tomls["train"], out / "runs", config.seed, parse_train_args)
+        scores = evaluate(
+            config.arch,
+            tomls["heldout"],
+            {r.spec.name: r.lora for r in runs},
+            draws=config.eval_draws,
+            seed=config.seed + 1,
+        )
+        random = report.RandomResult(runs, scores, tomls)
+    bleed_result = None
+    if config.scenario in ("all", "bleed"):
+        bleed_result = bleed.run(
+            config, bleed.REPORTED_RUNS, bleed.reported_seeds(config), out / "bleed", parse_train_args
+        )
+    return report.write(config, random, bleed_result)

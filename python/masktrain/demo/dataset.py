@@ -1,5 +1,7 @@
 """The demo's synthetic dataset: one subject with tiered masks (face 255, body 128, hair 80,
-background 0) over a different background in every image, with captions and a dataset TOML.
+background 0) over a background, with captions and a dataset TOML. The random-background
+scenario draws a different background for every image (:func:`random_items`); the bleed
+scenario shoots every training image in one room (:func:`bleed_items`).
 
 The subject looks the same in every item (skin-coloured face with eyes and mouth, dark red hair,
 a blue and yellow striped body) and stands near the centre with a small jitter, so a LoRA has
@@ -93,20 +95,20 @@ def paint_subject(image: np.ndarray, mask: np.ndarray, cx: float, cy: float) -> 
     image[face & mouth] = MOUTH
 
 
-def background(size: int, rng: np.random.Generator) -> tuple[np.ndarray, str]:
-    """A random background and its words for the caption."""
+def texture(size: int, rng: np.random.Generator) -> tuple[np.ndarray, str]:
+    """A random background without pixel noise, (H, W, 3) float32 0..255, and its words."""
     names = rng.choice(list(COLOURS), size=2, replace=False)
     first, second = (np.array(COLOURS[name], np.float32) for name in names)
-    texture = TEXTURES[int(rng.integers(len(TEXTURES)))]
+    kind = TEXTURES[int(rng.integers(len(TEXTURES)))]
     y, x = np.mgrid[0:size, 0:size].astype(np.float32) / size
-    if texture == "striped":
+    if kind == "striped":
         angle = rng.uniform(0, np.pi)
         period = rng.uniform(0.08, 0.3)
         t = (np.sin(2 * np.pi * (x * np.cos(angle) + y * np.sin(angle)) / period) > 0).astype(np.float32)
-    elif texture == "checked":
+    elif kind == "checked":
         cells = int(rng.integers(3, 9))
         t = ((np.floor(x * cells) + np.floor(y * cells)) % 2).astype(np.float32)
-    elif texture == "gradient":
+    elif kind == "gradient":
         angle = rng.uniform(0, 2 * np.pi)
         t = x * np.cos(angle) + y * np.sin(angle)
         t = (t - t.min()) / max(float(t.max() - t.min()), 1e-6)
@@ -115,9 +117,18 @@ def background(size: int, rng: np.random.Generator) -> tuple[np.ndarray, str]:
         for _ in range(6):
             bx, by, radius = rng.uniform(0, 1), rng.uniform(0, 1), rng.uniform(0.08, 0.25)
             t = np.maximum(t, np.exp(-((x - bx) ** 2 + (y - by) ** 2) / radius**2))
-    image = first + t[..., None] * (second - first)
-    image += rng.normal(0, 6, image.shape)
-    return image.clip(0, 255).astype(np.uint8), f"a {names[0]} and {names[1]} {texture} background"
+    return first + t[..., None] * (second - first), f"a {names[0]} and {names[1]} {kind} background"
+
+
+def with_noise(pixels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """`pixels` with the camera's per-image noise, as uint8."""
+    return (pixels + rng.normal(0, 6, pixels.shape)).clip(0, 255).astype(np.uint8)
+
+
+def background(size: int, rng: np.random.Generator) -> tuple[np.ndarray, str]:
+    """A random background and its words for the caption."""
+    pixels, words = texture(size, rng)
+    return with_noise(pixels, rng), words
 
 
 def make_item(size: int, rng: np.random.Generator) -> Item:
@@ -127,16 +138,63 @@ def make_item(size: int, rng: np.random.Generator) -> Item:
     return Item(image, mask, f"a photo of sks person in front of {words}")
 
 
-def write_split(root: Path, split: str, count: int, size: int, batch_size: int, seed: int) -> Path:
-    """Write `count` items (images, masks, captions) and the split's dataset TOML; returns it."""
+def random_items(split: str, count: int, size: int, seed: int) -> list[Item]:
+    """The random-background scenario: a new background per item, train and held-out drawn from
+    separate streams."""
+    rng = np.random.default_rng([seed, {"train": 0, "heldout": 1}[split]])
+    return [make_item(size, rng) for _ in range(count)]
+
+
+def bleed_items(train: int, heldout: int, size: int, seed: int) -> dict[str, list[Item]]:
+    """The bleed scenario, by split:
+
+    - ``train``: every photo in the same room (one background drawn from `seed`, new camera noise
+      per photo); the captions do not mention it, as users' captions rarely do.
+    - ``heldout``: photos in other rooms (never the training room), captioned with them.
+    - ``twin``: each held-out photo again, the same subject, pose and caption, in the training
+      room: the "room painted everywhere" reference of the bleed score. Never trained on.
+    - ``control``: each held-out photo again in a room neither split has seen (one per seed): the
+      same score against it tells how much of the bleed is the training room and how much is a
+      LoRA moving toward backgrounds in general.
+    """
+    room, room_words = texture(size, np.random.default_rng([seed, 2]))
+    unseen, unseen_words = room, room_words
+    attempt = 0
+    while unseen_words == room_words:
+        unseen, unseen_words = texture(size, np.random.default_rng([seed, 4, attempt]))
+        attempt += 1
+    rng = np.random.default_rng([seed, 3])
+    items: dict[str, list[Item]] = {"train": [], "heldout": [], "twin": [], "control": []}
+    for _ in range(train):
+        image = with_noise(room, rng)
+        mask, cx, cy = subject_mask(size, rng)
+        paint_subject(image, mask, cx, cy)
+        items["train"].append(Item(image, mask, "a photo of sks person"))
+    while len(items["heldout"]) < heldout:
+        other, words = texture(size, rng)
+        if words in (room_words, unseen_words):  # held-out photos are in rooms of their own
+            continue
+        pictures = {
+            "heldout": with_noise(other, rng),
+            "twin": with_noise(room, rng),
+            "control": with_noise(unseen, rng),
+        }
+        mask, cx, cy = subject_mask(size, rng)
+        for split, picture in pictures.items():
+            paint_subject(picture, mask, cx, cy)
+            items[split].append(Item(picture, mask, f"a photo of sks person in front of {words}"))
+    return items
+
+
+def write_split(root: Path, split: str, items: list[Item], size: int, batch_size: int) -> Path:
+    """Write the items (images, masks, captions) under ``root/split`` and the split's dataset
+    TOML; returns it. Items are named ``{split}_{index:03d}``."""
     from PIL import Image
 
-    rng = np.random.default_rng([seed, {"train": 0, "heldout": 1}[split]])
     images, masks = root / split / "images", root / split / "masks"
     images.mkdir(parents=True, exist_ok=True)
     masks.mkdir(parents=True, exist_ok=True)
-    for index in range(count):
-        item = make_item(size, rng)
+    for index, item in enumerate(items):
         name = f"{split}_{index:03d}"
         Image.fromarray(item.image).save(images / f"{name}.png")
         Image.fromarray(item.mask).save(masks / f"{name}.png")

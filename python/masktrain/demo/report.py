@@ -1,7 +1,9 @@
 """The demo's outputs: ``report.json`` (the scores and the command line of every run),
-``report.md`` (the table and the commands) and ``report.png`` (the per-region training curves
-of the three runs from their ``metrics.jsonl`` and a row of mask overlays at latent resolution,
-as the loss sees them). The picture is drawn with Pillow alone (no plotting library).
+``report.md`` (the tables and the commands) and, for the random-background scenario,
+``report.png`` (the per-region training curves of the three runs from their ``metrics.jsonl`` and
+a row of mask overlays at latent resolution, as the loss sees them). The bleed scenario's part
+(its section, its JSON and ``bleed.png``) is written by ``demo/bleed_report.py``. Pictures are
+drawn with Pillow alone (no plotting library).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ if TYPE_CHECKING:
     from PIL import ImageDraw, ImageFont
 
     from masktrain.demo import Run
+    from masktrain.demo.bleed import BleedResult
     from masktrain.demo.evaluate import Score
 
 CURVES = (  # metrics.jsonl key, legend, colour
@@ -36,47 +39,85 @@ MARGIN = 56
 
 
 @dataclass(frozen=True)
+class RandomResult:
+    """The random-background scenario: its three runs, their scores and the split TOMLs."""
+
+    runs: list[Run]
+    scores: dict[str, Score]
+    tomls: dict[str, Path]
+
+
+@dataclass(frozen=True)
 class DemoReport:
     output_dir: Path
     scores: dict[str, Score]
+    """The random-background scenario's scores per run (empty when it did not run)."""
     commands: dict[str, str]
-    """``masktrain train ...`` per run."""
+    """``masktrain train ...`` per run of the random-background scenario."""
     cache_commands: list[str]
     loras: dict[str, Path]
+    bleed: BleedResult | None = None
+    """The bleed scenario (None when it did not run)."""
 
     @property
     def json_path(self) -> Path:
         return self.output_dir / "report.json"
 
     def table(self) -> str:
-        """The scores as a plain-text table."""
-        lines = [f"{'run':<14}{'subject_improvement':>21}{'background_drift':>18}"]
-        for name, score in self.scores.items():
-            lines.append(f"{name:<14}{score.subject_improvement:>+21.3f}{score.background_drift:>18.4f}")
-        return "\n".join(lines)
+        """The scores as plain-text tables: the random-background scenario's, then the bleed
+        scenario's."""
+        tables = []
+        if self.scores:
+            lines = [f"{'run':<14}{'subject_improvement':>21}{'background_drift':>18}"]
+            for name, score in self.scores.items():
+                lines.append(f"{name:<14}{score.subject_improvement:>+21.3f}{score.background_drift:>18.4f}")
+            tables.append("\n".join(lines))
+        if self.bleed is not None:
+            from masktrain.demo import bleed_report
+
+            tables.append(bleed_report.table(self.bleed))
+        return "\n\n".join(tables)
 
 
-def write(
-    config: DemoConfig, runs: list[Run], scores: dict[str, Score], tomls: dict[str, Path]
-) -> DemoReport:
-    """Write report.json, report.md and report.png under the demo's output folder."""
+def write(config: DemoConfig, random: RandomResult | None, bleed: BleedResult | None) -> DemoReport:
+    """Write report.json, report.md and the pictures (report.png, bleed.png) of the scenarios
+    that ran under the demo's output folder."""
+    from masktrain.demo import bleed_report
+
     out = config.output_dir
+    runs = [] if random is None else random.runs
     report = DemoReport(
         output_dir=out,
-        scores=scores,
+        scores={} if random is None else random.scores,
         commands={run.spec.name: run.command for run in runs},
-        cache_commands=[_cache_command(toml, config.arch) for toml in tomls.values()],
+        cache_commands=[]
+        if random is None
+        else [cache_command(t, config.arch) for t in random.tomls.values()],
         loras={run.spec.name: run.lora for run in runs},
+        bleed=bleed,
     )
-    atomic.write_text(report.json_path, json.dumps(_json(config, runs, report), indent=2) + "\n")
-    atomic.write_text(out / "report.md", _markdown(config, runs, report))
-    png = io.BytesIO()
-    _picture(runs, tomls["train"], config.arch).save(png, format="PNG")
-    atomic.write_bytes(out / "report.png", png.getvalue())
+    document: dict[str, Any] = {"arch": config.arch, "steps": config.steps, "seed": config.seed}
+    sections = [] if random is not None else ["# masktrain demo\n"]
+    if random is not None:
+        document = _json(config, runs, report)
+        sections.append(_markdown(config, runs, report))
+        write_png(_picture(runs, random.tomls["train"], config.arch), out / "report.png")
+    if bleed is not None:
+        document["bleed"] = bleed_report.json_section(config, bleed)
+        sections.append(bleed_report.markdown(config, bleed))
+        write_png(bleed_report.picture(config, bleed), out / "bleed.png")
+    atomic.write_text(report.json_path, json.dumps(document, indent=2) + "\n")
+    atomic.write_text(out / "report.md", "\n".join(sections))
     return report
 
 
-def _cache_command(toml: Path, arch: str) -> str:
+def write_png(picture: Any, path: Path) -> None:
+    png = io.BytesIO()
+    picture.save(png, format="PNG")
+    atomic.write_bytes(path, png.getvalue())
+
+
+def cache_command(toml: Path, arch: str) -> str:
     text_flag = catalog.arch(arch).text_flag
     command = ["masktrain", "cache", "--dataset_config", str(toml), "--arch", arch, "--vae", "tiny"]
     return shlex.join([*command, text_flag, "tiny", "--device", "cpu"])
@@ -152,7 +193,7 @@ Cache:
 """
 
 
-def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+def load_font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
     from PIL import ImageFont
 
     try:
@@ -191,7 +232,7 @@ def _curves(runs: list[Run]) -> dict[str, dict[str, tuple[np.ndarray, np.ndarray
     return curves
 
 
-def _ticks(low: float, high: float, count: int = 4) -> list[float]:
+def ticks(low: float, high: float, count: int = 4) -> list[float]:
     step = (high - low) / count
     magnitude = 10 ** np.floor(np.log10(step)) if step > 0 else 1.0
     step = min((m * magnitude for m in (1, 2, 2.5, 5, 10) if m * magnitude >= step), default=step)
@@ -209,19 +250,19 @@ def _panel(
 ) -> None:
     left, top = origin
     right, bottom = left + PANEL_W, top + PANEL_H
-    font = _font(13)
-    draw.text((left + PANEL_W // 2, top - 22), title, fill="black", font=_font(15), anchor="mm")
+    font = load_font(13)
+    draw.text((left + PANEL_W // 2, top - 22), title, fill="black", font=load_font(15), anchor="mm")
     draw.rectangle((left, top, right, bottom), outline=(90, 90, 90))
     low, high = y_range
 
     def to_xy(x: float, y: float) -> tuple[float, float]:
         return (left + (x / max(x_max, 1)) * PANEL_W, bottom - (y - low) / (high - low) * PANEL_H)
 
-    for tick in _ticks(low, high):
+    for tick in ticks(low, high):
         _, y = to_xy(0, tick)
         draw.line((left, y, right, y), fill=(230, 230, 230))
         draw.text((left - 6, y), f"{tick:g}", fill="black", font=font, anchor="rm")
-    for tick in _ticks(0, x_max):
+    for tick in ticks(0, x_max):
         x, _ = to_xy(tick, low)
         draw.line((x, bottom, x, bottom + 4), fill=(90, 90, 90))
         draw.text((x, bottom + 6), f"{tick:g}", fill="black", font=font, anchor="mt")
@@ -282,7 +323,7 @@ def _picture(runs: list[Run], train_toml: Path, arch: str) -> Any:
     height = 40 + 30 + PANEL_H + 60 + 40 + tile_height + 40
     canvas = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(canvas)
-    font = _font(13)
+    font = load_font(13)
 
     # Legend across the top.
     x = MARGIN
@@ -301,7 +342,7 @@ def _picture(runs: list[Run], train_toml: Path, arch: str) -> Any:
 
     row = top + PANEL_H + 60
     caption = "mask weight on the latent grid, as the loss sees it (red = weight 1)"
-    draw.text((MARGIN, row + 10), caption, fill="black", font=_font(15), anchor="lm")
+    draw.text((MARGIN, row + 10), caption, fill="black", font=load_font(15), anchor="lm")
     x = MARGIN
     for tile, label in tiles:
         canvas.paste(Image.fromarray(tile), (x, row + 30))
