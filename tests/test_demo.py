@@ -119,6 +119,7 @@ def test_demo_writes_the_output_tree(wan_demo: tuple[Path, subprocess.CompletedP
         assert (out / "bleed" / "seed_43" / "data" / f"{split}.toml").is_file()
     for name in NAMES:
         run = report["runs"][name]
+        assert not any(key.startswith("bleed") for key in run)  # the random scenario's runs: as before
         lora = Path(run["lora"])
         assert lora == out / "runs" / name / f"{name}.safetensors" and lora.is_file()
         with safetensors.safe_open(lora, "pt") as handle:

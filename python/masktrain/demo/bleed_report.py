@@ -88,25 +88,27 @@ def json_section(config: DemoConfig, result: bleed.BleedResult) -> dict[str, Any
             "spread": "sample standard deviation over the seeds",
         },
         "ratios": ratios(result),
-        "runs": {
-            name: {
-                "description": run.spec.description,
-                "flags": list(run.spec.flags),
-                "mean": {field: result.mean(name, field) for field in FIELDS},
-                "spread": {field: result.spread(name, field) for field in FIELDS},
-                "seeds": {
-                    str(seed.seed): {
-                        **asdict(seed.scores[name]),
-                        "command": seed_run.command,
-                        "lora": str(seed_run.lora),
-                        "metrics": str(seed_run.output_dir / "metrics.jsonl"),
-                    }
-                    for seed in result.seeds
-                    for seed_run in seed.runs
-                    if seed_run.spec.name == name
-                },
+        "runs": {name: _run_json(result, name) for name in result.names},
+    }
+
+
+def _run_json(result: bleed.BleedResult, name: str) -> dict[str, Any]:
+    """One run: its settings, mean and spread over the seeds, and each seed's scores and files."""
+    per_seed = {seed.seed: next(run for run in seed.runs if run.spec.name == name) for seed in result.seeds}
+    spec = per_seed[result.seeds[0].seed].spec
+    return {
+        "description": spec.description,
+        "flags": list(spec.flags),
+        "mean": {field: result.mean(name, field) for field in FIELDS},
+        "spread": {field: result.spread(name, field) for field in FIELDS},
+        "seeds": {
+            str(seed.seed): {
+                **asdict(seed.scores[name]),
+                "command": per_seed[seed.seed].command,
+                "lora": str(per_seed[seed.seed].lora),
+                "metrics": str(per_seed[seed.seed].output_dir / "metrics.jsonl"),
             }
-            for name, run in zip(result.names, result.seeds[0].runs, strict=True)
+            for seed in result.seeds
         },
     }
 

@@ -139,7 +139,7 @@ def _json(config: DemoConfig, runs: list[Run], report: DemoReport) -> dict[str, 
         "cache_commands": report.cache_commands,
         "runs": {
             run.spec.name: {
-                **asdict(report.scores[run.spec.name]),
+                **{k: v for k, v in asdict(report.scores[run.spec.name]).items() if v is not None},
                 "description": run.spec.description,
                 "command": run.command,
                 "lora": str(run.lora),
