@@ -196,8 +196,17 @@ def test_one_scenario(tmp_path: Path, scenario: str) -> None:
     config = DemoConfig(
         output_dir=tmp_path / "out", steps=3, train_items=4, heldout_items=2, eval_draws=2, scenario=scenario
     )
+    # A picture of the other scenario from an earlier demo in the same folder does not linger.
+    (tmp_path / "out").mkdir()
+    stale = tmp_path / "out" / ("bleed.png" if scenario == "random" else "report.png")
+    stale.write_bytes(b"an earlier demo's picture")
     report = run_demo(config, train_config)
-    document = json.loads(report.json_path.read_text())
+
+    def not_json(constant: str) -> None:
+        raise AssertionError(f"report.json holds {constant}, which is not JSON")
+
+    document = json.loads(report.json_path.read_text(), parse_constant=not_json)
+    assert not stale.exists()
     markdown = (tmp_path / "out" / "report.md").read_text()
     assert markdown.startswith("# masktrain demo")
     assert ("bleed" in document) == (scenario == "bleed") == (tmp_path / "out" / "bleed.png").is_file()

@@ -4,6 +4,7 @@ and subject improvement per run with every seed shown, and bleed by noise level)
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -92,6 +93,11 @@ def json_section(config: DemoConfig, result: bleed.BleedResult) -> dict[str, Any
     }
 
 
+def _json_floats(values: tuple[float, ...] | None) -> list[float | None] | None:
+    """`values` with NaN (a noise bin no draw fell in) as null: NaN is not JSON."""
+    return None if values is None else [None if math.isnan(v) else v for v in values]
+
+
 def _run_json(result: bleed.BleedResult, name: str) -> dict[str, Any]:
     """One run: its settings, mean and spread over the seeds, and each seed's scores and files."""
     per_seed = {seed.seed: next(run for run in seed.runs if run.spec.name == name) for seed in result.seeds}
@@ -104,6 +110,7 @@ def _run_json(result: bleed.BleedResult, name: str) -> dict[str, Any]:
         "seeds": {
             str(seed.seed): {
                 **asdict(seed.scores[name]),
+                "bleed_by_noise": _json_floats(seed.scores[name].bleed_by_noise),
                 "command": per_seed[seed.seed].command,
                 "lora": str(per_seed[seed.seed].lora),
                 "metrics": str(per_seed[seed.seed].output_dir / "metrics.jsonl"),

@@ -102,10 +102,14 @@ def write(config: DemoConfig, random: RandomResult | None, bleed: BleedResult | 
         document = _json(config, runs, report)
         sections.append(_markdown(config, runs, report))
         write_png(_picture(runs, random.tomls["train"], config.arch), out / "report.png")
+    else:
+        (out / "report.png").unlink(missing_ok=True)  # an earlier demo's, of runs not redone
     if bleed is not None:
         document["bleed"] = bleed_report.json_section(config, bleed)
         sections.append(bleed_report.markdown(config, bleed))
         write_png(bleed_report.picture(config, bleed), out / "bleed.png")
+    else:
+        (out / "bleed.png").unlink(missing_ok=True)
     atomic.write_text(report.json_path, json.dumps(document, indent=2) + "\n")
     atomic.write_text(out / "report.md", "\n".join(sections))
     return report
