@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 from masktrain.errors import ModelLoadError
-from masktrain.models.single_file import text_encoder_file_error
+from masktrain.models.weights_file import text_encoder_file_error
 
 
 def save(path: Path, state: dict[str, torch.Tensor]) -> Path:

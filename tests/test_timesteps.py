@@ -15,7 +15,7 @@ import torch
 from masktrain import MaskTrainError
 from masktrain.config.timesteps import TIMESTEP_SAMPLINGS, TimestepSettings, validate
 from masktrain.errors import TimestepOptionError
-from masktrain.models.wan import model_timesteps
+from masktrain.models.base import model_timesteps
 from masktrain.train.timesteps import loss_weighting, qwen_shift, sample_sigmas, shift_sigmas, sigma_table
 
 N = 20_000

@@ -83,6 +83,17 @@ class ModelLoadError(SettingError):
     """A weights flag points at something we cannot load; the message names the flag and path."""
 
 
+class ShapeRuleError(ModelLoadError):
+    """A weights file's tensor shapes do not determine the model's config; the message says what
+    to pass. Raised by a family's config rule, which does not know the file: reading a file
+    (``models.weights_file``) re-raises it as a ``ModelLoadError`` naming the flag and path."""
+
+
+class MissingTensor(ShapeRuleError):
+    """A tensor a config rule needs is absent (its name is the first argument): the file is not a
+    complete model."""
+
+
 class LoraFileError(SettingError):
     """A LoRA file that masktrain cannot load back (not one of its files, or another model's)."""
 

@@ -7,8 +7,10 @@ and their ComfyUI key names (for `train`). Weights come from the value of a flag
 built-in tiny model, random weights from a fixed seed), a local diffusers folder, or a single
 ``.safetensors`` file. Nothing is ever downloaded.
 
-The loaders that turn a flag's value into a model live in ``loading.py`` (and ``single_file.py``
-for one-file checkpoints); the families call them.
+The loaders that turn a flag's value into a model live in ``loading.py`` (and, for one-file
+checkpoints, ``weights_file.py`` for what a file holds and ``single_file.py`` for building from
+it); the families call them. :func:`model_timesteps` is diffusers' 0..1000 timestep scale
+(``t * 1000``): what WAN is conditioned on, and the scale of training's timestep thresholds.
 
 Gradient checkpointing is diffusers' own: ``transformer.enable_gradient_checkpointing(func)``
 works for both families (it checkpoints each transformer block, and only while grad is enabled,
@@ -25,6 +27,7 @@ import torch
 
 from masktrain.catalog import ArchSpec
 from masktrain.config.memory import Fp8Mode
+from masktrain.config.timesteps import NUM_TRAIN_TIMESTEPS
 
 if TYPE_CHECKING:
     from peft import LoraConfig
@@ -84,6 +87,13 @@ class LoraTargets:
     """Regexes for where LoRA may go (the transformer blocks)."""
     exclude: tuple[str, ...]
     """Regexes for Linear layers inside those blocks that stay untouched."""
+
+
+def model_timesteps(sigmas: torch.Tensor) -> torch.Tensor:
+    """The timestep the transformer is conditioned on: ``t * 1000``, the convention of diffusers'
+    ``FlowMatchEulerDiscreteScheduler`` and of the pipelines that will load the LoRA. musubi
+    passes ``t * 1000 + 1`` (1..1000) to WAN; masktrain trains with what inference uses."""
+    return sigmas.float() * NUM_TRAIN_TIMESTEPS
 
 
 class ModelFamily(Protocol):

@@ -1,11 +1,16 @@
 """Loading a model from the value of a weights flag: ``tiny`` (the built-in tiny model, random
 weights from a fixed seed), a local diffusers folder (the component, or a pipeline folder holding
-it), or one ``.safetensors`` file (the families read those through ``single_file``). Nothing is
-ever downloaded. Also the latent normalisation every family's VAE uses."""
+it), or one ``.safetensors`` file (the families read those through ``weights_file`` and
+``single_file``). Nothing is ever downloaded. Also the latent normalisation every family's VAE uses.
+
+Every family loads in one order, written once here: :func:`vae`, :func:`text_encoder` and
+:func:`transformer` try the tiny model, then one file (a text encoder's tokenizer folder first, so
+a missing one costs no read of the file), then a folder, and quantise to fp8 last. A family passes
+its pieces (classes, tiny configs, file readers, fp8 targets) and keeps nothing of the order."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -13,13 +18,18 @@ import torch
 
 from masktrain.config.memory import Fp8Mode
 from masktrain.errors import ModelLoadError
+from masktrain.models.base import TextEncoder
 from masktrain.models.fp8 import FP8_DTYPES, Fp8Targets, quantize_model
-from masktrain.models.single_file import Fp8Load, build, open_folder, text_encoder_file_error
+from masktrain.models.single_file import Fp8Load, build
+from masktrain.models.tokenizer import tiny_tokenizer
+from masktrain.models.weights_file import open_folder, text_encoder_file_error
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKLQwenImage, AutoencoderKLWan
     from diffusers.models.modeling_utils import ModelMixin
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from masktrain.catalog import ArchSpec
 
 TINY = "tiny"
 """The flag value that selects a family's built-in tiny model."""
@@ -84,7 +94,91 @@ def _single_file(spec: str, flag: str) -> Path | None:
     return path
 
 
-def pretrained_transformer(
+# --- the order every family loads in ---------------------------------------------------------------
+
+
+def vae(
+    model_class: type[ModelMixin],
+    spec: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    *,
+    tiny: Mapping[str, Mapping[str, Any]],
+    from_file: VaeFileLoader,
+) -> torch.nn.Module:
+    """A family's VAE for the value of ``--vae``: one of its `tiny` configs by name (seeded),
+    else one ``.safetensors`` file (read by `from_file`) or a diffusers folder; frozen, on
+    `device` in `dtype`."""
+    model: torch.nn.Module
+    if spec in tiny:
+        config = tiny[spec]
+        model = seeded(lambda: model_class(**config))
+    else:
+        model = _pretrained_vae(model_class, spec, from_file)
+    return to_device(model, device, dtype)
+
+
+def text_encoder(
+    arch: ArchSpec,
+    spec: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    *,
+    tiny: Callable[[int], torch.nn.Module],
+    from_file: Callable[[Path, str], torch.nn.Module],
+    folder_class: type[PreTrainedModel],
+    max_length: int,
+    fp8: bool,
+    to_fp8: Callable[[torch.nn.Module], None],
+    tokenizer: str | None,
+) -> TextEncoder:
+    """A family's text encoder and its tokenizer for the value of ``arch.text_flag``: ``tiny``
+    (`tiny` of the tiny tokenizer's vocabulary size, seeded), one ``.safetensors`` file (read by
+    `from_file`) with the tokenizer folder `tokenizer` (``arch.tokenizer_flag``), or a folder
+    holding both (`folder_class`). With `fp8`, `to_fp8` quantises it on the CPU. Frozen, on
+    `device` in `dtype`."""
+    model: torch.nn.Module
+    tokens: PreTrainedTokenizerBase
+    if spec == TINY:
+        tokens = tiny_tokenizer()
+        model = seeded(lambda: tiny(len(tokens)))
+    elif is_single_file(spec):  # ComfyUI's text encoder files, with a tokenizer folder
+        # the tokenizer first: a missing one costs no read of the file
+        tokens = _local_tokenizer(tokenizer, arch.tokenizer_flag, arch.tokenizer_hub_id, arch.text_flag, spec)
+        model = from_file(Path(spec).expanduser(), arch.text_flag)
+    else:
+        model, tokens = _pretrained_text_encoder(folder_class, spec, arch.text_flag)
+    if fp8:
+        model = to_device(model, torch.device("cpu"), dtype)
+        to_fp8(model)
+    model = to_device(model, device, dtype)
+    return TextEncoder(tokenizer=tokens, model=model, max_length=max_length)
+
+
+def transformer(
+    model_class: type[ModelMixin],
+    spec: str,
+    flag: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    *,
+    tiny: Callable[[], torch.nn.Module],
+    from_file: FileLoader,
+    fp8: Fp8Mode | None,
+    fp8_targets: Fp8Targets,
+) -> torch.nn.Module:
+    """A family's denoiser for the value of `flag`: ``tiny`` (`tiny()`), else one ``.safetensors``
+    file (read by `from_file`) or a diffusers folder, read in `dtype`; with `fp8`, its
+    `fp8_targets` in fp8 (quantised while reading). Frozen, on `device`."""
+    if spec == TINY:
+        model = tiny()
+    else:
+        load = None if fp8 is None else Fp8Load(fp8, fp8_targets, dtype)
+        model = _pretrained_transformer(model_class, spec, flag, dtype, from_file, load)
+    return _finish_transformer(model, device, dtype, fp8, fp8_targets)
+
+
+def _pretrained_transformer(
     model_class: type[ModelMixin],
     spec: str,
     flag: str,
@@ -125,7 +219,7 @@ def _folder_in_fp8(
     return build(model_class, dict(init), file, {key: key for key in file.shapes}, dtype, fp8)
 
 
-def finish_transformer(
+def _finish_transformer(
     model: torch.nn.Module,
     device: torch.device,
     dtype: torch.dtype,
@@ -141,7 +235,7 @@ def finish_transformer(
     return to_device(model, device, dtype)
 
 
-def pretrained_vae(model_class: type[ModelMixin], spec: str, from_file: VaeFileLoader) -> torch.nn.Module:
+def _pretrained_vae(model_class: type[ModelMixin], spec: str, from_file: VaeFileLoader) -> torch.nn.Module:
     """A non-tiny VAE: a single ``.safetensors`` file (read by the family's `from_file`) or a
     local diffusers folder."""
     path = _single_file(spec, "--vae")
@@ -154,7 +248,7 @@ def pretrained_vae(model_class: type[ModelMixin], spec: str, from_file: VaeFileL
     return model
 
 
-def pretrained_text_encoder(
+def _pretrained_text_encoder(
     model_class: type[PreTrainedModel], spec: str, flag: str
 ) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
     """A transformers encoder and its tokenizer from a component folder (both inside) or a
@@ -173,7 +267,7 @@ def pretrained_text_encoder(
     return model, tokenizer
 
 
-def local_tokenizer(
+def _local_tokenizer(
     folder: str | None, flag: str, hub_id: str, encoder_flag: str, encoder: str
 ) -> PreTrainedTokenizerBase:
     """The tokenizer in `folder` (for the single-file text encoder `encoder` of `encoder_flag`,

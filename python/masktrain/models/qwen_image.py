@@ -13,36 +13,17 @@ musubi-tuner's ``lora_qwen_image`` does; ComfyUI uses the diffusers module names
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from masktrain import catalog
 from masktrain.config.memory import Fp8Mode
 from masktrain.errors import DataError
-from masktrain.models import qwen_image_checkpoint
+from masktrain.models import loading, qwen_image_checkpoint
 from masktrain.models.base import LoraTargets, SampleRequest, TextBatch, TextEncoder
 from masktrain.models.fp8 import Fp8Targets, quantize_model
-from masktrain.models.loading import (
-    TINY,
-    diffusers_config,
-    encode_posterior_mean,
-    finish_transformer,
-    is_single_file,
-    local_tokenizer,
-    pretrained_text_encoder,
-    pretrained_transformer,
-    pretrained_vae,
-    seeded,
-    to_device,
-    to_uint8,
-)
-from masktrain.models.single_file import Fp8Load
-from masktrain.models.tokenizer import tiny_tokenizer
-
-if TYPE_CHECKING:
-    from transformers import PreTrainedTokenizerBase
+from masktrain.models.loading import TINY, diffusers_config, encode_posterior_mean, seeded, to_uint8
 
 PROMPT_TEMPLATE = (
     "<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, quantity, text, "
@@ -161,11 +142,14 @@ class QwenImageFamily:
     def load_vae(self, spec: str, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
         from diffusers import AutoencoderKLQwenImage
 
-        if spec == TINY:
-            vae = seeded(lambda: AutoencoderKLQwenImage(**TINY_VAE))
-        else:
-            vae = pretrained_vae(AutoencoderKLQwenImage, spec, qwen_image_checkpoint.load_vae_file)
-        return to_device(vae, device, dtype)
+        return loading.vae(
+            AutoencoderKLQwenImage,
+            spec,
+            device,
+            dtype,
+            tiny={TINY: TINY_VAE},
+            from_file=qwen_image_checkpoint.load_vae_file,
+        )
 
     def load_text_encoder(
         self,
@@ -177,24 +161,19 @@ class QwenImageFamily:
     ) -> TextEncoder:
         from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLTextConfig, Qwen2_5_VLTextModel
 
-        model: torch.nn.Module
-        tokens: PreTrainedTokenizerBase
-        if spec == TINY:
-            tokens = tiny_tokenizer()
-            config = Qwen2_5_VLTextConfig(vocab_size=len(tokens), **TINY_TEXT)
-            model = seeded(lambda: Qwen2_5_VLTextModel(config))
-        elif is_single_file(spec):  # ComfyUI's qwen_2.5_vl_7b*.safetensors, with a tokenizer folder
-            # the tokenizer first: a missing one costs no read of the file
-            flag, hub_id = self.spec.tokenizer_flag, self.spec.tokenizer_hub_id
-            tokens = local_tokenizer(tokenizer, flag, hub_id, self.text_flag, spec)
-            model = qwen_image_checkpoint.load_text_encoder_file(Path(spec).expanduser(), self.text_flag)
-        else:
-            model, tokens = pretrained_text_encoder(Qwen2_5_VLForConditionalGeneration, spec, self.text_flag)
-        if fp8:
-            model = to_device(model, torch.device("cpu"), dtype)
-            quantize_model(model, FP8_VL_TARGETS, "e4m3")
-        model = to_device(model, device, dtype)
-        return TextEncoder(tokenizer=tokens, model=model, max_length=MAX_LENGTH)
+        return loading.text_encoder(
+            self.spec,
+            spec,
+            device,
+            dtype,
+            tiny=lambda vocab: Qwen2_5_VLTextModel(Qwen2_5_VLTextConfig(vocab_size=vocab, **TINY_TEXT)),
+            from_file=qwen_image_checkpoint.load_text_encoder_file,  # ComfyUI's qwen_2.5_vl_7b*.safetensors
+            folder_class=Qwen2_5_VLForConditionalGeneration,
+            max_length=MAX_LENGTH,
+            fp8=fp8,
+            to_fp8=_vl_in_fp8,
+            tokenizer=tokenizer,
+        )
 
     def spatial_factor(self, vae: torch.nn.Module) -> int:
         return int(2 ** len(diffusers_config(vae).temperal_downsample))
@@ -228,19 +207,17 @@ class QwenImageFamily:
     ) -> torch.nn.Module:
         from diffusers import QwenImageTransformer2DModel
 
-        if spec == TINY:
-            transformer = tiny_transformer()
-        else:
-            load = None if fp8 is None else Fp8Load(fp8, FP8_TARGETS, dtype)
-            transformer = pretrained_transformer(
-                QwenImageTransformer2DModel,
-                spec,
-                flag,
-                dtype,
-                qwen_image_checkpoint.load_transformer_file,
-                load,
-            )
-        return finish_transformer(transformer, device, dtype, fp8, FP8_TARGETS)
+        return loading.transformer(
+            QwenImageTransformer2DModel,
+            spec,
+            flag,
+            device,
+            dtype,
+            tiny=tiny_transformer,
+            from_file=qwen_image_checkpoint.load_transformer_file,
+            fp8=fp8,
+            fp8_targets=FP8_TARGETS,
+        )
 
     def blocks(self, transformer: torch.nn.Module) -> torch.nn.ModuleList:
         blocks = transformer.transformer_blocks
@@ -317,3 +294,8 @@ def _mask(text: TextBatch) -> torch.Tensor:
     if text.mask is not None:
         return text.mask
     return torch.ones(text.hidden.shape[:2], dtype=torch.long, device=text.hidden.device)
+
+
+def _vl_in_fp8(model: torch.nn.Module) -> None:
+    """Qwen2.5-VL's decoder Linear layers as plain e4m3 (musubi's ``--fp8_vl``)."""
+    quantize_model(model, FP8_VL_TARGETS, "e4m3")

@@ -23,20 +23,19 @@ from typing import Any
 
 import torch
 
-from masktrain.models.single_file import (
+from masktrain.errors import ShapeRuleError
+from masktrain.models.single_file import Fp8Load, build, load_component
+from masktrain.models.wan_checkpoint import WAN_VAE, read_vae_file
+from masktrain.models.weights_file import (
     DIT_PREFIXES,
     CheckpointFile,
     CheckpointKind,
-    Fp8Load,
-    ShapeRuleError,
     Shapes,
-    build,
     count,
     open_component,
     register_kinds,
     shape,
 )
-from masktrain.models.wan_checkpoint import WAN_VAE, read_vae_file
 
 #: Qwen-Image's RoPE axes for its 128-dim heads.
 QWEN_AXES_DIMS_ROPE = (16, 56, 56)
@@ -75,12 +74,18 @@ def load_transformer_file(
     """A ``QwenImageTransformer2DModel`` from one ``.safetensors`` file."""
     from diffusers import QwenImageTransformer2DModel
 
-    file, names = open_component(path, flag, DIT_PREFIXES, QWEN_DIT)
-    to_file = {name.removeprefix(file.prefix): name for name in names}
-    marker = to_file.pop(QWEN_ZERO_COND_MARKER, None)
-    config = file.infer(qwen_transformer_config, file.renamed_shapes(to_file), overrides)
-    config.setdefault("zero_cond_t", marker is not None)
-    return build(QwenImageTransformer2DModel, config, file, to_file, dtype, fp8)
+    return load_component(
+        QwenImageTransformer2DModel,
+        path,
+        flag,
+        DIT_PREFIXES,
+        QWEN_DIT,
+        qwen_transformer_config,
+        markers={QWEN_ZERO_COND_MARKER: "zero_cond_t"},
+        overrides=overrides,
+        dtype=dtype,
+        fp8=fp8,
+    )
 
 
 def load_vae_file(

@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import re
 import types
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
@@ -21,29 +20,17 @@ from masktrain import catalog
 from masktrain.config.memory import Fp8Mode
 from masktrain.config.timesteps import NUM_TRAIN_TIMESTEPS
 from masktrain.errors import DataError
-from masktrain.models import wan_checkpoint
-from masktrain.models.base import LoraTargets, SampleRequest, TextBatch, TextEncoder
+from masktrain.models import loading, wan_checkpoint
+from masktrain.models.base import LoraTargets, SampleRequest, TextBatch, TextEncoder, model_timesteps
 from masktrain.models.fp8 import Fp8Targets, quantize_model
 from masktrain.models.loading import (
     TINY,
     diffusers_config,
     encode_posterior_mean,
-    finish_transformer,
     float_list,
-    is_single_file,
-    local_tokenizer,
-    pretrained_text_encoder,
-    pretrained_transformer,
-    pretrained_vae,
     seeded,
-    to_device,
     to_uint8,
 )
-from masktrain.models.single_file import Fp8Load
-from masktrain.models.tokenizer import tiny_tokenizer
-
-if TYPE_CHECKING:
-    from transformers import PreTrainedTokenizerBase
 
 #: The TI2V-5B VAE's tiny variant (16x spatial, 48 channels): ``--vae tiny-ti2v``.
 TINY_TI2V = "tiny-ti2v"
@@ -187,13 +174,6 @@ def tiny_transformer(width_mult: int = 1, layers: int = 2) -> torch.nn.Module:
     return model
 
 
-def model_timesteps(sigmas: torch.Tensor) -> torch.Tensor:
-    """The timestep WAN is conditioned on: ``t * 1000``, the convention of diffusers'
-    ``FlowMatchEulerDiscreteScheduler`` and of the pipelines that will load the LoRA. musubi
-    passes ``t * 1000 + 1`` (1..1000) to WAN; masktrain trains with what inference uses."""
-    return sigmas.float() * NUM_TRAIN_TIMESTEPS
-
-
 class WanFamily:
     spec = catalog.WAN
     name = spec.name
@@ -204,12 +184,10 @@ class WanFamily:
     def load_vae(self, spec: str, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
         from diffusers import AutoencoderKLWan
 
-        if spec in (TINY, TINY_TI2V):
-            config = TINY_VAE if spec == TINY else TINY_TI2V_VAE
-            vae = seeded(lambda: AutoencoderKLWan(**config))
-        else:
-            vae = pretrained_vae(AutoencoderKLWan, spec, wan_checkpoint.load_vae_file)
-        return to_device(vae, device, dtype)
+        tiny = {TINY: TINY_VAE, TINY_TI2V: TINY_TI2V_VAE}
+        return loading.vae(
+            AutoencoderKLWan, spec, device, dtype, tiny=tiny, from_file=wan_checkpoint.load_vae_file
+        )
 
     def load_text_encoder(
         self,
@@ -221,23 +199,19 @@ class WanFamily:
     ) -> TextEncoder:
         from transformers import UMT5Config, UMT5EncoderModel
 
-        model: torch.nn.Module
-        tokens: PreTrainedTokenizerBase
-        if spec == TINY:
-            tokens = tiny_tokenizer()
-            model = seeded(lambda: UMT5EncoderModel(UMT5Config(vocab_size=len(tokens), **TINY_T5)))
-        elif is_single_file(spec):  # ComfyUI's umt5_xxl_*.safetensors, with a tokenizer folder
-            # the tokenizer first: a missing one costs no read of the file
-            flag, hub_id = self.spec.tokenizer_flag, self.spec.tokenizer_hub_id
-            tokens = local_tokenizer(tokenizer, flag, hub_id, self.text_flag, spec)
-            model = wan_checkpoint.load_t5_file(Path(spec).expanduser(), self.text_flag)
-        else:
-            model, tokens = pretrained_text_encoder(UMT5EncoderModel, spec, self.text_flag)
-        if fp8:
-            model = to_device(model, torch.device("cpu"), dtype)
-            _t5_in_fp8(model)
-        model = to_device(model, device, dtype)
-        return TextEncoder(tokenizer=tokens, model=model, max_length=MAX_LENGTH)
+        return loading.text_encoder(
+            self.spec,
+            spec,
+            device,
+            dtype,
+            tiny=lambda vocab: UMT5EncoderModel(UMT5Config(vocab_size=vocab, **TINY_T5)),
+            from_file=wan_checkpoint.load_t5_file,  # ComfyUI's umt5_xxl_*.safetensors
+            folder_class=UMT5EncoderModel,
+            max_length=MAX_LENGTH,
+            fp8=fp8,
+            to_fp8=_t5_in_fp8,
+            tokenizer=tokenizer,
+        )
 
     def spatial_factor(self, vae: torch.nn.Module) -> int:
         return int(diffusers_config(vae).scale_factor_spatial)
@@ -262,14 +236,17 @@ class WanFamily:
     ) -> torch.nn.Module:
         from diffusers import WanTransformer3DModel
 
-        if spec == TINY:
-            transformer = tiny_transformer()
-        else:
-            load = None if fp8 is None else Fp8Load(fp8, FP8_TARGETS, dtype)
-            transformer = pretrained_transformer(
-                WanTransformer3DModel, spec, flag, dtype, wan_checkpoint.load_transformer_file, load
-            )
-        return finish_transformer(transformer, device, dtype, fp8, FP8_TARGETS)
+        return loading.transformer(
+            WanTransformer3DModel,
+            spec,
+            flag,
+            device,
+            dtype,
+            tiny=tiny_transformer,
+            from_file=wan_checkpoint.load_transformer_file,
+            fp8=fp8,
+            fp8_targets=FP8_TARGETS,
+        )
 
     def blocks(self, transformer: torch.nn.Module) -> torch.nn.ModuleList:
         blocks = transformer.blocks

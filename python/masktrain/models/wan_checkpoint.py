@@ -29,16 +29,15 @@ from typing import Any
 
 import torch
 
+from masktrain.errors import ShapeRuleError
 from masktrain.models.loading import float_list
-from masktrain.models.single_file import (
+from masktrain.models.single_file import Fp8Load, build, load_component
+from masktrain.models.weights_file import (
     DIT_PREFIXES,
     VAE_PREFIXES,
     CheckpointFile,
     CheckpointKind,
-    Fp8Load,
-    ShapeRuleError,
     Shapes,
-    build,
     count,
     open_component,
     register_kinds,
@@ -115,10 +114,18 @@ def load_transformer_file(
     """A ``WanTransformer3DModel`` from one ``.safetensors`` file, original/ComfyUI or diffusers names."""
     from diffusers import WanTransformer3DModel
 
-    file, names = open_component(path, flag, DIT_PREFIXES, WAN_DIT)
-    to_file = wan_transformer_names({name.removeprefix(file.prefix): name for name in names})
-    config = file.infer(wan_transformer_config, file.renamed_shapes(to_file), overrides)
-    return build(WanTransformer3DModel, config, file, to_file, dtype, fp8)
+    return load_component(
+        WanTransformer3DModel,
+        path,
+        flag,
+        DIT_PREFIXES,
+        WAN_DIT,
+        wan_transformer_config,
+        rename=wan_transformer_names,
+        overrides=overrides,
+        dtype=dtype,
+        fp8=fp8,
+    )
 
 
 def load_t5_file(path: Path, flag: str, dtype: torch.dtype | None = None) -> torch.nn.Module:
