@@ -1,5 +1,6 @@
 """``masktrain masks apply-instance``: the subject-only tiered mask against numpy and OpenCV (the
-reference tool's ``cv2.dilate`` with a square kernel), the --missing policies, the aspect check."""
+reference tool's ``cv2.dilate`` with a square kernel), the --missing policies, the aspect check (the
+rule ``cache`` applies, at both edges), masks read as ``cache`` reads them (16-bit, EXIF)."""
 
 from pathlib import Path
 
@@ -9,7 +10,8 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from helpers import tiered
+from helpers import photo, tiered
+from masktrain import _native
 from masktrain.cli import main
 from masktrain.config.masks import ApplyInstanceConfig
 from masktrain.errors import AspectMismatchError, DataError
@@ -116,3 +118,103 @@ def test_an_instance_mask_of_another_aspect_is_an_error_naming_both(tmp_path: Pa
         ],
     )
     assert result.exit_code == 2 and "--output is --weighted-masks" in result.output
+
+
+# (photo = weighted mask size, instance mask size, same aspect): exactly 1% of the photo's aspect apart
+# passes and one pixel more fails, on a tall 2:3 and a wide 3:2 photo. The old absolute rule
+# (|ww/wh - iw/ih| > 0.01) passed 405x600 (1.25% apart) and refused 606x400 (1%).
+ASPECT_EDGES = [
+    ((400, 600), (404, 600), True),
+    ((400, 600), (405, 600), False),
+    ((600, 400), (606, 400), True),
+    ((600, 400), (607, 400), False),
+]
+
+
+@pytest.mark.parametrize(("photo_size", "instance_size", "same"), ASPECT_EDGES, ids=str)
+def test_the_aspect_rule_is_caches_at_both_edges(
+    tmp_path: Path, photo_size: tuple[int, int], instance_size: tuple[int, int], same: bool
+) -> None:
+    (pw, ph), (iw, ih) = photo_size, instance_size
+    image = _save(tmp_path / "images" / "a.png", photo(ph, pw, 0))
+    _save(tmp_path / "w" / "a.png", tiered(ph, pw, 0))
+    _save(tmp_path / "i" / "a.png", np.full((ih, iw), 255, np.uint8))
+    # cache's decision for the photo with a mask file of the instance mask's size
+    (cached,) = _native.prepare_batch(
+        [image], [(64, 96), (96, 64)], mask_index=_native.MaskIndex(tmp_path / "i")
+    )
+    assert isinstance(cached, _native.PreparedItem if same else AspectMismatchError), cached
+    config = ApplyInstanceConfig(tmp_path / "w", tmp_path / "i", tmp_path / "o")
+    if same:
+        assert run(config).written == 1
+        assert np.array_equal(_read(tmp_path / "o" / "a.png"), tiered(ph, pw, 0))  # all subject: kept whole
+    else:
+        with pytest.raises(AspectMismatchError, match=rf"\({iw}x{ih}\) does not have the aspect ratio"):
+            run(config)
+
+
+def test_a_larger_instance_mask_is_shrunk_as_convert_alpha_shrinks_a_mask(tmp_path: Path) -> None:
+    """Twice the weighted mask's size: OpenCV's INTER_AREA (2x2 means), then the cut at 127."""
+    instance = _instance(96, 128, 4)
+    _save(tmp_path / "w" / "a.png", tiered(48, 64, 4))
+    _save(tmp_path / "i" / "a.png", instance)
+    run(ApplyInstanceConfig(tmp_path / "w", tmp_path / "i", tmp_path / "o"))
+    shrunk = cv2.resize(instance, (64, 48), interpolation=cv2.INTER_AREA)
+    assert np.array_equal(_read(tmp_path / "o" / "a.png"), subject_only(tiered(48, 64, 4), shrunk))
+
+
+def test_16_bit_weighted_masks_keep_their_tiers(tmp_path: Path) -> None:
+    """Red team N1: PIL's convert("L") turned hair (80) and body (128) of a 16-bit mask into 255."""
+    weighted = np.zeros((32, 64), np.uint16)
+    weighted[:, 16:32], weighted[:, 32:48], weighted[:, 48:] = 80 * 257, 128 * 257, 65535
+    instance = np.full((32, 64), 255, np.uint8)
+    instance[:, 56:] = 0  # a bystander's face on the right
+    _save(tmp_path / "w" / "a.png", weighted)
+    _save(tmp_path / "w" / "b.png", weighted)  # no instance mask: copied (--missing copy)
+    _save(tmp_path / "i" / "a.png", instance)
+    run(ApplyInstanceConfig(tmp_path / "w", tmp_path / "i", tmp_path / "o"))
+    expected = weighted.copy()
+    expected[:, 56:] = 0
+    with Image.open(tmp_path / "o" / "a.png") as out:
+        assert out.mode == "I;16" and np.array_equal(np.asarray(out), expected)
+    assert np.array_equal(_native.load_mask(tmp_path / "o" / "b.png"), weighted)
+    # cache reads the copy's weights as the original's: 0, 80/255, 128/255, 1 by band
+    _, original = _native.prepare_mask(tmp_path / "w" / "b.png", (64, 32), (64, 32), latent_factor=16)
+    _, copied = _native.prepare_mask(tmp_path / "o" / "b.png", (64, 32), (64, 32), latent_factor=16)
+    assert np.array_equal(copied, original)
+    assert copied[0].tolist() == pytest.approx([0.0, 80 / 255, 128 / 255, 1.0], abs=1e-6)  # float32
+
+
+def test_a_16_bit_instance_mask_is_cut_at_half_its_scale() -> None:
+    weighted = tiered(48, 64, 5)
+    instance = np.random.default_rng(5).integers(0, 256, (48, 64)).astype(np.uint8)
+    wide = instance.astype(np.uint16) * 257  # the same mask at 16 bits
+    assert np.array_equal(subject_only(weighted, wide, 1), subject_only(weighted, instance, 1))
+    edge = np.array([[32767, 32768]], np.uint16)
+    assert subject_only(np.array([[200, 200]], np.uint8), edge).tolist() == [[0, 200]]
+
+
+def test_a_weighted_mask_is_read_upright(tmp_path: Path) -> None:
+    """Red team N2: the EXIF orientation of a weighted mask was dropped, so the output lay rotated
+    against the photo cache decodes (and a portrait instance mask was refused as another aspect)."""
+    stored = np.zeros((32, 64), np.uint8)
+    stored[:16, :32] = 255  # stored top-left, 64 wide; EXIF 6: upright 32 wide, top-right
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    (tmp_path / "w").mkdir()
+    Image.fromarray(stored).save(tmp_path / "w" / "a.jpg", exif=exif.tobytes(), quality=100)
+    _save(tmp_path / "i" / "a.png", np.full((64, 32), 255, np.uint8))  # upright, as tiers writes it
+    assert run(ApplyInstanceConfig(tmp_path / "w", tmp_path / "i", tmp_path / "o")).written == 1
+    out = _read(tmp_path / "o" / "a.png")
+    assert out.shape == (64, 32) and np.array_equal(out, _native.load_mask(tmp_path / "w" / "a.jpg"))
+    assert out[:32, 16:].mean() > 250 and out[:32, :16].mean() < 5 and out[32:].mean() < 5
+
+
+def test_two_weighted_masks_with_one_basename_are_refused(tmp_path: Path) -> None:
+    """Red team N20: a.jpg and a.png were both written to out/a.png, and the summary said 2 written."""
+    _save(tmp_path / "w" / "a.png", tiered(8, 8, 0))
+    _save(tmp_path / "w" / "a.jpg", tiered(8, 8, 1))
+    _save(tmp_path / "i" / "a.png", np.full((8, 8), 255, np.uint8))
+    with pytest.raises(DataError, match=r"--weighted-masks .*: a\.jpg and a\.png would both make a\.png"):
+        run(ApplyInstanceConfig(tmp_path / "w", tmp_path / "i", tmp_path / "o"))
+    assert not (tmp_path / "o").exists()

@@ -1,6 +1,6 @@
 """The binding's contract: the GIL is released while the core works, the thread pool survives
-fork() (PyTorch DataLoader workers), the stubs match the module, and importing the CLI stays
-free of torch."""
+fork() (PyTorch DataLoader workers), the stubs match the module, every function, class and
+attribute says what it does (``__doc__``), and importing the CLI stays free of torch."""
 
 import multiprocessing
 import os
@@ -116,6 +116,17 @@ def test_stubs_match_the_module() -> None:
         check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_everything_the_module_offers_has_a_docstring() -> None:
+    """A doc comment placed above the wrong item leaves the function without one (it happened to
+    ``decode_image``); ``help(_native)`` is the binding's reference."""
+    offered = {name: getattr(_native, name) for name in dir(_native) if not name.startswith("_")}
+    offered = {name: thing for name, thing in offered.items() if callable(thing)}
+    for cls in [thing for thing in offered.values() if isinstance(thing, type)]:
+        offered |= {f"{cls.__name__}.{name}": v for name, v in vars(cls).items() if not name.startswith("_")}
+    assert {"decode_image", "load_mask", "same_aspect", "MaskIndex.get", "PreparedItem.path"} <= set(offered)
+    assert [name for name, thing in offered.items() if not thing.__doc__] == []
 
 
 def test_cli_import_leaves_torch_out() -> None:

@@ -134,6 +134,23 @@ def test_bad_flags_are_named(tmp_path: Path) -> None:
         InstanceConfig(**common, backend="sam3")
 
 
+def test_the_device_is_the_commands_one_choice(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``masktrain.device.resolve_device``: a --device this machine lacks stops before any model loads."""
+    import torch
+
+    from masktrain.masks import instance
+
+    (tmp_path / "photos").mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "photos" / "a.png")
+    config = InstanceConfig(
+        tmp_path / "photos", tmp_path / "out", tmp_path / "reference.png", Path("tiny"), device="cuda"
+    )
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(instance, "FaceIdentity", lambda: pytest.fail("a model loaded"))
+    with pytest.raises(FlagError, match="--device cuda: no CUDA device is available"):
+        instance.run(config)
+
+
 @pytest.mark.slow
 def test_the_readme_chain_tiers_instance_apply_cache_train(tmp_path: Path) -> None:
     """The README's "Make your masks" commands, as written, from make_sample's group photos to a

@@ -1,7 +1,8 @@
 """``masktrain masks tiers``: every class of each built-in label table against hand-made label maps;
 a tiny SegFormer (transformers' own post-processing as the reference) and a tiny TorchScript model
 standing in for Sapiens (its demo's OpenCV preprocessing as the reference), end to end through the
-CLI; EXIF rotation; what is refused (pickles, TorchScript without --trust_torchscript)."""
+CLI; EXIF rotation; images the native core refuses (one failed item each); what is refused (pickles,
+TorchScript without --trust_torchscript, a --device this machine lacks)."""
 
 import warnings
 from pathlib import Path
@@ -14,9 +15,10 @@ from click.testing import CliRunner
 from PIL import Image
 
 from helpers import photo
+from masktrain import _native
 from masktrain.cli import main
 from masktrain.config.masks import TiersConfig
-from masktrain.errors import FlagError
+from masktrain.errors import DataError, FlagError
 from masktrain.masks.label_tables import ATR, LIP, SAPIENS
 from masktrain.masks.tiers import choose_table, lookup
 from masktrain.masks.tiny import tiny_segformer
@@ -118,7 +120,6 @@ def _images(folder: Path) -> None:
 
 @pytest.mark.slow
 def test_tiers_from_a_segformer_folder_match_transformers_post_processing(tmp_path: Path) -> None:
-    from PIL import ImageOps
     from transformers import AutoImageProcessor, AutoModelForSemanticSegmentation
 
     _segformer(tmp_path / "segformer")
@@ -145,8 +146,8 @@ def test_tiers_from_a_segformer_folder_match_transformers_post_processing(tmp_pa
     model = AutoModelForSemanticSegmentation.from_pretrained(tmp_path / "segformer").eval()
     values = {"face": 255, "hair": 80, "body": 128, "background": 0}
     for name in ("a.png", "b.jpg"):
-        with Image.open(tmp_path / "images" / name) as image:
-            rgb = ImageOps.exif_transpose(image).convert("RGB")
+        # the pixels cache trains on: the native decoder, EXIF applied (JPEG decoders differ by a few levels)
+        rgb = Image.fromarray(_native.decode_image(tmp_path / "images" / name)[0])
         with torch.no_grad():
             outputs = model(**processor(images=[rgb], return_tensors="pt"))
         labels = processor.post_process_semantic_segmentation(
@@ -214,3 +215,58 @@ def test_a_torchscript_model_needs_trust_and_matches_sapiens_preprocessing(tmp_p
         got = np.asarray(mask)
     # OpenCV resizes in 8-bit fixed point, masktrain in float: a label may flip where two are near-equal
     assert (got == expected).mean() > 0.98 and len(np.unique(got)) >= 2
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG that claims `width` x `height` grey pixels (a decompression bomb's header)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 16))
+        + chunk(b"IEND", b"")
+    )
+
+
+def test_images_the_core_refuses_are_failed_items_and_the_rest_go_on(tmp_path: Path) -> None:
+    """Red team N6: a decompression bomb was a PIL traceback that stopped the run."""
+    (tmp_path / "images").mkdir()
+    config = TiersConfig(
+        input=tmp_path / "images", output=tmp_path / "masks", model=Path("tiny"), device="cpu"
+    )
+    Image.fromarray(photo(48, 64, 1)).save(config.input / "good.png")
+    (config.input / "bomb.png").write_bytes(_png_header_only(100_000, 100_000))
+    (config.input / "notes.png").write_text("not an image")
+    from masktrain.masks.tiers import run
+
+    summary = run(config)
+    assert summary.written == 1 and (tmp_path / "masks" / "good.png").is_file()
+    why = {path.name: reason for path, reason in summary.failed}
+    assert sorted(why) == ["bomb.png", "notes.png"]
+    assert "100000x100000 = 10000000000 pixels, over the limit" in why["bomb.png"]
+    assert "not a supported image" in why["notes.png"]
+
+
+def test_the_device_is_the_commands_one_choice(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``masktrain.device.resolve_device``: a --device this machine lacks is a flag error before any
+    model loads; two images with one basename are refused first."""
+    (tmp_path / "images").mkdir()
+    config = TiersConfig(
+        input=tmp_path / "images", output=tmp_path / "masks", model=Path("tiny"), device="cuda"
+    )
+    Image.fromarray(photo(8, 8, 1)).save(config.input / "a.png")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    from masktrain.masks import tiers
+
+    monkeypatch.setattr(tiers, "load_segmenter", lambda *_: pytest.fail("a model loaded"))
+    with pytest.raises(FlagError, match="--device cuda: no CUDA device is available"):
+        tiers.run(config)
+    Image.fromarray(photo(8, 8, 1)).save(config.input / "a.jpg")
+    with pytest.raises(DataError, match=r"--input .*: a\.jpg and a\.png would both make a\.png"):
+        tiers.run(config)

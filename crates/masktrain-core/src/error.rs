@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::geometry::Media;
+use crate::media::{Media, UnknownMedia};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -83,6 +83,12 @@ impl Error {
             std::io::ErrorKind::PermissionDenied => Error::PermissionDenied { path },
             _ => Error::Io { path, source },
         }
+    }
+}
+
+impl From<UnknownMedia> for Error {
+    fn from(error: UnknownMedia) -> Self {
+        Error::InvalidArgument(error.to_string())
     }
 }
 

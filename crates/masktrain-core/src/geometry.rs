@@ -4,6 +4,7 @@
 use std::path::Path;
 
 use crate::error::{Error, Result};
+use crate::media::Media;
 
 /// One over the largest relative aspect-ratio difference (1%) between an image and its mask
 /// that is still "the same aspect" (rounding when a mask was saved at another size).
@@ -50,40 +51,6 @@ pub fn cover_crop(width: u32, height: u32, bucket: (u32, u32)) -> CoverCrop {
     }
 }
 
-/// The kind of file a mask belongs to; it only names the file in errors ("video clip.mp4").
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Media {
-    Image,
-    Video,
-}
-
-impl Media {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Media::Image => "image",
-            Media::Video => "video",
-        }
-    }
-}
-
-impl std::fmt::Display for Media {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl std::str::FromStr for Media {
-    type Err = Error;
-
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "image" => Ok(Media::Image),
-            "video" => Ok(Media::Video),
-            _ => Err(Error::InvalidArgument(format!("media must be \"image\" or \"video\", got {s:?}"))),
-        }
-    }
-}
-
 /// What a mask is checked against and laid onto: an image, or a video (its first frame).
 #[derive(Clone, Copy, Debug)]
 pub struct Source<'a> {
@@ -100,26 +67,33 @@ impl<'a> Source<'a> {
     }
 }
 
+/// Whether `other` has the aspect ratio of `reference` (both (width, height)): the two differ
+/// by at most 1% of `reference`'s aspect. The one aspect rule: `cache` applies it to an image and
+/// its mask, `masks apply-instance` to a weighted mask and its instance mask.
+pub fn same_aspect(reference: (u32, u32), other: (u32, u32)) -> bool {
+    // |rw/rh - ow/oh| / (rw/rh) <= 1%, in integers so that exactly 1% passes.
+    let cross_reference = reference.0 as u64 * other.1 as u64;
+    let cross_other = other.0 as u64 * reference.1 as u64;
+    cross_reference.abs_diff(cross_other) * ASPECT_TOLERANCE_INVERSE <= cross_reference
+}
+
 /// An error when the mask's aspect ratio differs from its source's by more than 1% (relative).
 pub fn check_aspect(source: &Source, mask: &Path, mask_size: (u32, u32)) -> Result<()> {
-    let (source_w, source_h) = source.size;
-    // |sw/sh - mw/mh| / (sw/sh) > 1%, in integers so that exactly 1% passes.
-    let cross_source = source_w as u64 * mask_size.1 as u64;
-    let cross_mask = mask_size.0 as u64 * source_h as u64;
-    if cross_source.abs_diff(cross_mask) * ASPECT_TOLERANCE_INVERSE > cross_source {
-        return Err(Error::AspectMismatch {
-            media: source.media,
-            source_path: source.path.map(Path::to_path_buf),
-            mask: mask.to_path_buf(),
-            source_w,
-            source_h,
-            mask_w: mask_size.0,
-            mask_h: mask_size.1,
-            source_aspect: source_w as f64 / source_h as f64,
-            mask_aspect: mask_size.0 as f64 / mask_size.1 as f64,
-        });
+    if same_aspect(source.size, mask_size) {
+        return Ok(());
     }
-    Ok(())
+    let (source_w, source_h) = source.size;
+    Err(Error::AspectMismatch {
+        media: source.media,
+        source_path: source.path.map(Path::to_path_buf),
+        mask: mask.to_path_buf(),
+        source_w,
+        source_h,
+        mask_w: mask_size.0,
+        mask_h: mask_size.1,
+        source_aspect: source_w as f64 / source_h as f64,
+        mask_aspect: mask_size.0 as f64 / mask_size.1 as f64,
+    })
 }
 
 #[cfg(test)]
@@ -168,6 +142,16 @@ mod tests {
     }
 
     #[test]
+    fn same_aspect_is_relative_to_the_reference_on_tall_and_wide_photos() {
+        // 2:3 and 3:2: 1% of the reference's aspect passes, one pixel more does not.
+        assert!(same_aspect((400, 600), (404, 600)));
+        assert!(!same_aspect((400, 600), (405, 600)));
+        assert!(same_aspect((600, 400), (606, 400)));
+        assert!(!same_aspect((600, 400), (607, 400)));
+        assert!(same_aspect((600, 400), (300, 200)), "another size, the same aspect");
+    }
+
+    #[test]
     fn aspect_error_names_the_media() {
         let m = Path::new("clip.png");
         let video = Source { media: Media::Video, path: Some(Path::new("v/clip.mp4")), size: (96, 48) };
@@ -179,12 +163,5 @@ mod tests {
         let unnamed = Source { path: None, ..video };
         let err = check_aspect(&unnamed, m, (48, 48)).unwrap_err().to_string();
         assert!(err.starts_with("clip.png: aspect ratio mismatch: video is 96x48"), "{err}");
-    }
-
-    #[test]
-    fn media_parses_its_two_words_only() {
-        assert_eq!("image".parse::<Media>().unwrap(), Media::Image);
-        assert_eq!("video".parse::<Media>().unwrap(), Media::Video);
-        assert!(matches!("Video".parse::<Media>(), Err(Error::InvalidArgument(_))));
     }
 }

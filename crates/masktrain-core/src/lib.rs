@@ -15,6 +15,7 @@ pub mod index;
 mod jpeg_end;
 pub mod latent;
 pub mod luma;
+pub mod media;
 pub mod plane;
 pub mod pool;
 pub mod prepare;

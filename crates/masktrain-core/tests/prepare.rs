@@ -5,9 +5,10 @@ use std::path::{Path, PathBuf};
 use image::{GrayImage, ImageBuffer, Luma, Rgb, RgbImage, Rgba, RgbaImage};
 use masktrain_core::convert::{convert_batch, ConvertJob};
 use masktrain_core::decode::{decode_image, DEFAULT_PIXEL_LIMIT};
-use masktrain_core::geometry::{Media, Source};
+use masktrain_core::geometry::Source;
 use masktrain_core::index::MaskIndex;
 use masktrain_core::luma::load_mask;
+use masktrain_core::media::Media;
 use masktrain_core::prepare::{
     prepare_batch, prepare_loaded_mask, prepare_mask, MaskSource, PrepareOptions, PreparedMask,
 };

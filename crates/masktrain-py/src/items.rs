@@ -17,6 +17,7 @@ use crate::errors::{to_py_err, to_py_exception};
 #[pyclass(frozen, module = "masktrain._native")]
 pub struct MaskIndex {
     inner: Arc<CoreMaskIndex>,
+    /// The directory the index lists.
     #[pyo3(get)]
     directory: PathBuf,
 }
@@ -53,6 +54,7 @@ impl MaskIndex {
 /// One prepared image: arrays at the bucket size and the mask on the latent grid.
 #[pyclass(frozen, module = "masktrain._native")]
 pub struct PreparedItem {
+    /// The image file.
     #[pyo3(get)]
     path: PathBuf,
     /// (H, W, 3) uint8 RGB at the bucket size.
@@ -67,6 +69,7 @@ pub struct PreparedItem {
     /// "alpha", "file" or "none".
     #[pyo3(get)]
     mask_source: &'static str,
+    /// The mask file when `mask_source` is "file", else None.
     #[pyo3(get)]
     mask_path: Option<PathBuf>,
     /// (width, height).

@@ -7,8 +7,9 @@ mod items;
 
 use std::path::PathBuf;
 
-use masktrain_core::geometry::{Media, Source};
-use masktrain_core::{decode, geometry, index, latent, luma, pool, prepare, resize};
+use masktrain_core::geometry::Source;
+use masktrain_core::media::Media;
+use masktrain_core::{decode, geometry, index, latent, luma, pool, prepare, resize, Error};
 use numpy::PyReadonlyArray2;
 use numpy::PyReadonlyArray3;
 use pyo3::prelude::*;
@@ -16,8 +17,6 @@ use pyo3::prelude::*;
 use arrays::{check_size, f32_plane_from_py, mask_from_py, mask_to_py, plane_to_py, rgb_from_py};
 use errors::to_py_err;
 
-/// Decode an image: `(rgb, alpha)`, rgb (H, W, 3) uint8 exact (never composited), alpha (H, W)
-/// uint8 or uint16 (16-bit sources), or None when the image has no alpha. EXIF orientation applied.
 /// The cache-time mask transform of `cache_mask_gamma` (> 0) and `cache_mask_min_weight` ([0, 1)).
 fn mask_transform(gamma: f32, min_weight: f32) -> PyResult<latent::MaskTransform> {
     if !(gamma > 0.0 && gamma.is_finite()) {
@@ -33,6 +32,8 @@ fn mask_transform(gamma: f32, min_weight: f32) -> PyResult<latent::MaskTransform
     Ok(latent::MaskTransform { gamma, min_weight })
 }
 
+/// Decode an image: `(rgb, alpha)`, rgb (H, W, 3) uint8 exact (never composited), alpha (H, W)
+/// uint8 or uint16 (16-bit sources), or None when the image has no alpha. EXIF orientation applied.
 #[pyfunction]
 #[pyo3(signature = (path, *, pixel_limit = decode::DEFAULT_PIXEL_LIMIT))]
 fn decode_image(py: Python<'_>, path: PathBuf, pixel_limit: u64) -> PyResult<(Py<PyAny>, Option<Py<PyAny>>)> {
@@ -40,7 +41,8 @@ fn decode_image(py: Python<'_>, path: PathBuf, pixel_limit: u64) -> PyResult<(Py
     Ok((plane_to_py(py, decoded.rgb), decoded.alpha.map(|a| mask_to_py(py, a))))
 }
 
-/// Load a mask file as (H, W) uint8, or uint16 for 16-bit files; colour through PIL's Rec.601 luma.
+/// Load a mask file upright (EXIF orientation applied) as (H, W) uint8, or uint16 for 16-bit
+/// files; colour through PIL's Rec.601 luma, any alpha channel ignored.
 #[pyfunction]
 #[pyo3(signature = (path, *, pixel_limit = decode::DEFAULT_PIXEL_LIMIT))]
 fn load_mask(py: Python<'_>, path: PathBuf, pixel_limit: u64) -> PyResult<Py<PyAny>> {
@@ -69,7 +71,7 @@ fn prepare_mask(
     cache_mask_gamma: f32,
     cache_mask_min_weight: f32,
 ) -> PyResult<(Py<PyAny>, Py<PyAny>)> {
-    let media: Media = media.parse().map_err(to_py_err)?;
+    let media: Media = media.parse().map_err(|e| to_py_err(Error::from(e)))?;
     let transform = mask_transform(cache_mask_gamma, cache_mask_min_weight)?;
     let prepared = py
         .detach(move || {
@@ -132,6 +134,13 @@ fn choose_bucket(width: u32, height: u32, buckets: Vec<(u32, u32)>) -> PyResult<
         .ok_or_else(|| pyo3::exceptions::PyValueError::new_err("the bucket list is empty"))
 }
 
+/// Whether `other` has the aspect ratio of `reference` (both (width, height)): within 1% of
+/// `reference`'s aspect, the rule `cache` applies to an image (`reference`) and its mask.
+#[pyfunction]
+fn same_aspect(reference: (u32, u32), other: (u32, u32)) -> PyResult<bool> {
+    Ok(geometry::same_aspect(check_size("reference", reference)?, check_size("other", other)?))
+}
+
 /// Image files directly inside `directory`, sorted (extensions matched case-insensitively).
 #[pyfunction]
 fn list_images(py: Python<'_>, directory: PathBuf) -> PyResult<Vec<PathBuf>> {
@@ -158,6 +167,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(resize_mask_to_size, m)?)?;
     m.add_function(wrap_pyfunction!(area_downsample, m)?)?;
     m.add_function(wrap_pyfunction!(choose_bucket, m)?)?;
+    m.add_function(wrap_pyfunction!(same_aspect, m)?)?;
     m.add_function(wrap_pyfunction!(list_images, m)?)?;
     m.add_function(wrap_pyfunction!(thread_count, m)?)?;
     items::register(m)?;

@@ -19,7 +19,6 @@ import contextlib
 import logging
 import os
 
-import torch
 from tqdm import tqdm
 
 from masktrain import atomic, catalog, distributed
@@ -32,6 +31,7 @@ from masktrain.config.cache import CacheConfig
 from masktrain.config.dataset import ImageDatasetConfig, VideoDatasetConfig, load_dataset_config
 from masktrain.data.dataset_paths import check_readable, check_writable
 from masktrain.data.discovery import Discovery, discover
+from masktrain.device import precision, resolve_device
 from masktrain.distributed import Shard
 from masktrain.errors import ConfigError
 from masktrain.models import get_family
@@ -74,9 +74,8 @@ def run(config: CacheConfig) -> list[DatasetSummary]:
 def _run(
     config: CacheConfig, datasets: list[tuple[Dataset, Discovery]], family: ModelFamily, shard: Shard
 ) -> list[DatasetSummary]:
-    default = f"cuda:{shard.local_rank}" if torch.cuda.is_available() else "cpu"
-    device = torch.device(config.device or default)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    device = resolve_device(config.device, shard.local_rank)
+    dtype, _ = precision("auto", device)  # bf16 weights on a GPU, float32 on the CPU
     vae = family.load_vae(config.vae, device, dtype)
     text = TextCacher(
         config,

@@ -6,11 +6,16 @@ weight. ``--dilate N`` first grows the instance mask by a (2N+1)-pixel square, a
 an instance mask (``copy`` it, ``zero`` it, ``skip`` it, or stop with an ``error``, checked for
 every file before anything is written).
 
-Differences from the reference, on purpose: an instance mask of another aspect ratio than its
-weighted mask (more than 1% apart) is an error naming both files instead of a silent stretch; one
-of the same aspect and another size is resized with pixel-centre nearest neighbour (PIL's
-``NEAREST``; OpenCV's ``INTER_NEAREST`` is shifted by half a pixel); outputs are written
-atomically.
+Differences from the reference, on purpose: masks are read as ``cache`` reads them (the native
+core: upright, EXIF orientation applied; 16-bit weighted masks keep their 16 bits, and a 16-bit
+instance mask is cut at half its scale, above 32767); two weighted masks with one basename are an
+error; an instance mask of another aspect ratio than its weighted mask is an error naming both
+files instead of a silent stretch, by the rule ``cache`` applies to an image and its mask (more
+than 1% of the weighted mask's aspect apart, ``_native.same_aspect``); one of the same aspect and
+another size is laid onto the weighted mask as ``convert-alpha`` lays a mask onto its image
+(``_native.resize_mask_to_size``: pixel-centre nearest neighbour when enlarging, PIL's
+``NEAREST``, where OpenCV's ``INTER_NEAREST`` is shifted by half a pixel; ``INTER_AREA`` when
+shrinking); outputs are written atomically.
 """
 
 from __future__ import annotations
@@ -22,14 +27,12 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from masktrain import _native
 from masktrain.config.masks import ApplyInstanceConfig
 from masktrain.errors import AspectMismatchError, DataError
-from masktrain.masks.files import write_mask
+from masktrain.masks.files import list_inputs, write_mask
 
 log = logging.getLogger(__name__)
-
-WEIGHTED_SUFFIXES = (".png", ".jpg", ".jpeg")
-ASPECT_TOLERANCE = 0.01
 
 
 @dataclass
@@ -47,16 +50,6 @@ class ApplySummary:
         )
 
 
-def _grey(path: Path) -> np.ndarray:
-    from PIL import Image
-
-    try:
-        with Image.open(path) as image:
-            return np.asarray(image.convert("L"))
-    except OSError as error:
-        raise DataError(f"{path}: cannot read it as an image ({error})") from None
-
-
 def dilate(binary: np.ndarray, pixels: int) -> np.ndarray:
     """`binary` (0 / 255) grown by a (2·pixels+1)-square maximum, as ``cv2.dilate`` with a square
     kernel (PIL's ``MaxFilter``; the border does not grow the mask)."""
@@ -69,34 +62,27 @@ def dilate(binary: np.ndarray, pixels: int) -> np.ndarray:
 
 
 def subject_only(weighted: np.ndarray, instance: np.ndarray, pixels: int = 0) -> np.ndarray:
-    """The weighted mask with 0 wherever the (dilated) instance mask is not the subject."""
-    binary = np.where(instance > 127, 255, 0).astype(np.uint8)
+    """The weighted mask (uint8 or uint16, kept) with 0 wherever the (dilated) instance mask is not
+    the subject: above half its scale (127 of 255, 32767 of 65535)."""
+    binary = np.where(instance > np.iinfo(instance.dtype).max // 2, 255, 0).astype(np.uint8)
     keep = dilate(binary, pixels) > 127
-    return np.where(keep, weighted, 0).astype(np.uint8)
+    return np.where(keep, weighted, 0).astype(weighted.dtype)
 
 
 def _fit(instance: np.ndarray, weighted: np.ndarray, instance_path: Path, weighted_path: Path) -> np.ndarray:
     """The instance mask at the weighted mask's size; another aspect ratio is an error."""
-    if instance.shape == weighted.shape:
-        return instance
     (wh, ww), (ih, iw) = weighted.shape, instance.shape
-    if abs(ww / wh - iw / ih) > ASPECT_TOLERANCE:
+    if not _native.same_aspect((ww, wh), (iw, ih)):
         raise AspectMismatchError(
             f"{instance_path} ({iw}x{ih}) does not have the aspect ratio of {weighted_path} ({ww}x{wh}); "
             "make the instance mask from the same image"
         )
-    from PIL import Image
-
-    return np.asarray(Image.fromarray(instance).resize((ww, wh), Image.Resampling.NEAREST))
+    return _native.resize_mask_to_size(instance, (ww, wh))
 
 
 def run(config: ApplyInstanceConfig) -> ApplySummary:
     """Apply every instance mask; returns what was done."""
-    weighted = sorted(
-        p for p in config.weighted_masks.iterdir() if p.is_file() and p.suffix.lower() in WEIGHTED_SUFFIXES
-    )
-    if not weighted:
-        raise DataError(f"--weighted-masks {config.weighted_masks}: no .png / .jpg masks there")
+    weighted = list_inputs(config.weighted_masks, "--weighted-masks")
     pairs = [(path, config.instance_masks / f"{path.stem}.png") for path in weighted]
     missing = [path.name for path, instance in pairs if not instance.is_file()]
     if missing and config.missing == "error":
@@ -107,9 +93,9 @@ def run(config: ApplyInstanceConfig) -> ApplySummary:
     summary = ApplySummary()
     for path, instance_path in tqdm(pairs, desc="apply-instance", unit="mask"):
         target = config.output / f"{path.stem}.png"
-        mask = _grey(path)
+        mask = _native.load_mask(path)
         if instance_path.is_file():
-            instance = _fit(_grey(instance_path), mask, instance_path, path)
+            instance = _fit(_native.load_mask(instance_path), mask, instance_path, path)
             result = subject_only(mask, instance, config.dilate)
         elif config.missing == "skip":
             summary.skipped.append(path.name)

@@ -18,13 +18,13 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from masktrain.config.masks import InstanceConfig
+from masktrain.device import resolve_device
 from masktrain.errors import DataError, FlagError
 from masktrain.masks.face_id import Face, FaceIdentity, distance
-from masktrain.masks.files import IMAGE_SUFFIXES, open_upright, write_mask
+from masktrain.masks.files import list_inputs, open_upright, write_mask
 from masktrain.masks.people import Person, PersonSegmenter
 
 log = logging.getLogger(__name__)
@@ -83,14 +83,13 @@ class InstanceSummary:
 
 
 def run(config: InstanceConfig) -> InstanceSummary:
-    photos = sorted(p for p in config.input.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    photos = list_inputs(config.input, "--input")
     if config.files is not None:
         unknown = sorted(set(config.files) - {p.stem for p in photos})
         if unknown:
             raise DataError(f"--files: no photo named {', '.join(unknown)} in {config.input}")
         photos = [p for p in photos if p.stem in config.files]
-    if not photos:
-        raise DataError(f"--input {config.input}: no images (.png, .jpg, .jpeg, .webp, .bmp) there")
+    device = resolve_device(config.device)  # a --device this machine lacks stops before any model loads
     identity = FaceIdentity()
     reference_faces = identity.faces(np.asarray(open_upright(config.reference)))
     if not reference_faces:
@@ -98,7 +97,6 @@ def run(config: InstanceConfig) -> InstanceSummary:
             f"--reference {config.reference}: no face found; use a clear, frontal photo of the subject"
         )
     reference = max(reference_faces, key=lambda face: face.area).embedding
-    device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     segmenter = PersonSegmenter(config.model, device, config.person_threshold)
     summary = InstanceSummary()
     for path in tqdm(photos, desc="instance", unit="photo"):

@@ -35,7 +35,7 @@ class PersonSegmenter:
             if str(folder) == TINY:
                 self.processor, model = tiny_mask2former()
             else:
-                self.processor = AutoImageProcessor.from_pretrained(folder, local_files_only=True)  # type: ignore[no-untyped-call]  # transformers leaves it unannotated
+                self.processor = AutoImageProcessor.from_pretrained(folder, local_files_only=True)  # type: ignore[no-untyped-call,unused-ignore]  # unannotated before transformers 5.2x
                 model = AutoModelForUniversalSegmentation.from_pretrained(
                     folder, local_files_only=True, use_safetensors=True
                 )

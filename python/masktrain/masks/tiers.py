@@ -2,10 +2,12 @@
 from a human-parsing segmentation model (``masks.segmenters``), its classes mapped to regions by a
 label table (``masks.label_tables``).
 
-Images are read with their EXIF orientation applied (as the cache reads them), so each mask has the
-size of the image as it is trained on; masks are single-channel PNGs named by the image's
-basename, written atomically; ``--skip_existing`` leaves masks that exist alone. Images go through
-the model in batches, on the GPU when there is one.
+Images are listed and decoded by the native core, as the cache reads them (EXIF orientation
+applied, the same pixel limit), so each mask has the size of the image as it is trained on; an
+image the core refuses is reported as failed and the others go on. Masks are single-channel PNGs
+named by the image's basename, written atomically; ``--skip_existing`` leaves masks that exist
+alone. Images go through the model in batches, on the device of ``--device``
+(``masktrain.device``: the GPU when there is one).
 """
 
 from __future__ import annotations
@@ -15,12 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from masktrain.config.masks import TiersConfig
+from masktrain.device import resolve_device
 from masktrain.errors import DataError, FlagError
-from masktrain.masks.files import IMAGE_SUFFIXES, open_upright, write_mask
+from masktrain.masks.files import list_inputs, open_upright, write_mask
 from masktrain.masks.label_tables import BUILT_IN, LabelTable, load_table
 from masktrain.masks.segmenters import load_segmenter
 
@@ -89,23 +91,9 @@ def lookup(classes: list[str], table: LabelTable, config: TiersConfig) -> np.nda
     return np.array(grey, dtype=np.uint8)
 
 
-def _images(folder: Path) -> list[Path]:
-    images = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    if not images:
-        raise DataError(f"--input {folder}: no images (.png, .jpg, .jpeg, .webp, .bmp) there")
-    stems: dict[str, Path] = {}
-    for path in images:
-        if path.stem in stems:
-            raise DataError(
-                f"--input: {stems[path.stem].name} and {path.name} would both make {path.stem}.png"
-            )
-        stems[path.stem] = path
-    return images
-
-
 def run(config: TiersConfig) -> TiersSummary:
-    images = _images(config.input)
-    device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    images = list_inputs(config.input, "--input")
+    device = resolve_device(config.device)
     segmenter = load_segmenter(config.model, device)
     table = choose_table(segmenter.classes, config.labels)
     grey = lookup(segmenter.classes, table, config)
@@ -120,7 +108,7 @@ def run(config: TiersConfig) -> TiersSummary:
                 try:
                     opened.append(open_upright(path))
                     batch.append(path)
-                except OSError as error:
+                except (OSError, DataError) as error:  # unreadable, corrupt, too large: one failed item
                     summary.failed.append((path, str(error)))
             for path, labels in zip(batch, segmenter.label_maps(opened) if opened else [], strict=True):
                 write_mask(config.output / f"{path.stem}.png", grey[labels])
