@@ -97,7 +97,7 @@ def build(spec: ModelSpec, row: Row, device: Any, dtype: Any, rank: int) -> tupl
     from masktrain.models.block_swap import BlockSwap
     from masktrain.models.fp8 import Fp8Linear, replace_module, target_linears
     from masktrain.models.placement import move_module
-    from masktrain.train import lora
+    from masktrain.denoiser import lora
 
     family = get_family(spec.arch)
     model_class = WanTransformer3DModel if spec.arch == "wan" else QwenImageTransformer2DModel
@@ -139,7 +139,7 @@ def train_step(
     import torch
 
     from masktrain.loss import masked_loss_terms
-    from masktrain.train import lora
+    from masktrain.denoiser import lora
 
     device = batch["noisy"].device
     autocast = torch.autocast(device.type, dtype=torch.bfloat16)
@@ -196,7 +196,7 @@ def run_row(row: Row, spec: ModelSpec, steps: int, warmup: int, rank: int) -> di
 
     from masktrain.loss import MaskLossSettings
     from masktrain.models.single_file import release_freed_memory
-    from masktrain.train import lora
+    from masktrain.denoiser import lora
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")

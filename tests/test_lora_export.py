@@ -13,10 +13,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, QwenImagePipeline, WanPipeline
 
 from masktrain import __version__, atomic
-from masktrain.errors import LoraFileError, LoraTargetError
-from masktrain.models import get_family
-from masktrain.models.base import TextBatch
-from masktrain.train.lora import (
+from masktrain.denoiser.lora import (
     adapters_disabled,
     add_lora,
     load_lora_into,
@@ -24,6 +21,9 @@ from masktrain.train.lora import (
     lora_state_dict,
     save_lora,
 )
+from masktrain.errors import LoraFileError, LoraTargetError
+from masktrain.models import get_family
+from masktrain.models.base import TextBatch
 
 CPU, F32 = torch.device("cpu"), torch.float32
 ARCHES = ["wan", "qwen_image"]
@@ -306,7 +306,7 @@ def test_load_lora_into_round_trip(tmp_path: Path, arch: str, layout: str) -> No
     path = tmp_path / "lora.safetensors"
     save_lora(path, transformer, get_family(arch), layout=layout, metadata={})
     fresh = base(arch)
-    metadata = load_lora_into(fresh, path)
+    metadata = load_lora_into(fresh, path, get_family(arch))
     assert metadata["masktrain.layout"] == layout
     assert sorted(adapted_modules(fresh)) == sorted(DEFAULT_TARGETS[arch])
     assert torch.equal(predict(arch, fresh), predict(arch, transformer))
@@ -392,7 +392,7 @@ def test_convert_lora_goes_through_every_layout_and_back_unchanged(tmp_path: Pat
         )
         assert result.exit_code == 0, result.output
         fresh = base(arch)
-        metadata = load_lora_into(fresh, converted)
+        metadata = load_lora_into(fresh, converted, get_family(arch))
         assert metadata["masktrain.layout"] == layout and metadata["masktrain.mask_gamma"] == "0.7"
         assert torch.equal(predict(arch, fresh), predict(arch, transformer))
         previous = converted
@@ -500,32 +500,46 @@ def test_a_failed_save_keeps_the_previous_file(tmp_path: Path, monkeypatch: pyte
 def test_load_lora_into_rejects_foreign_files(tmp_path: Path) -> None:
     foreign = tmp_path / "foreign.safetensors"
     safetensors.torch.save_file({"diffusion_model.x.lora_A.weight": torch.zeros(1, 1)}, foreign)
-    with pytest.raises(LoraFileError, match="no known layer names; pass --arch"):
-        load_lora_into(base("wan"), foreign)
     with pytest.raises(LoraFileError, match=r"diffusion_model\.x\.lora_A\.weight names no Linear layer"):
-        load_lora_into(base("wan"), foreign, "wan")
+        load_lora_into(base("wan"), foreign, get_family("wan"))
     not_safetensors = tmp_path / "junk.safetensors"
     not_safetensors.write_bytes(b"junk")
     with pytest.raises(LoraFileError, match="not a readable safetensors file"):
-        load_lora_into(base("wan"), not_safetensors)
+        load_lora_into(base("wan"), not_safetensors, get_family("wan"))
     wan_file = tmp_path / "wan.safetensors"
     save_lora(wan_file, trained("wan"), get_family("wan"), layout="comfyui", metadata={})
     with pytest.raises(LoraFileError, match="already has a LoRA adapter"):
-        load_lora_into(trained("wan"), wan_file)
-    with pytest.raises(LoraFileError, match=r"blocks.0.cross_attn.k.lora_A.weight names no Linear layer"):
-        load_lora_into(base("qwen_image"), wan_file)
+        load_lora_into(trained("wan"), wan_file, get_family("wan"))
+    # a LoRA trained for another family is named as such, not as layers that do not fit
+    with pytest.raises(LoraFileError, match="this LoRA was trained for wan; --arch is qwen_image"):
+        load_lora_into(base("qwen_image"), wan_file, get_family("qwen_image"))
+    musubi_wan = musubi_written(tmp_path / "musubi-wan.safetensors", save_musubi(tmp_path, "wan"), "wan")
+    with pytest.raises(LoraFileError, match="this LoRA was trained for wan; --arch is qwen_image"):
+        load_lora_into(base("qwen_image"), musubi_wan, get_family("qwen_image"))
+    bare = tmp_path / "bare-qwen.safetensors"
+    tensors, _ = read(save_musubi(tmp_path, "qwen_image"))
+    safetensors.torch.save_file(tensors, str(bare))  # no metadata: the layer names tell
+    with pytest.raises(LoraFileError, match="this LoRA was trained for qwen_image; --arch is wan"):
+        load_lora_into(base("wan"), bare, get_family("wan"))
 
 
 def test_convert_lora_names_layers_of_a_model_larger_than_the_tiny_one() -> None:
-    from masktrain.tools.convert_lora import _resolver
+    from masktrain.denoiser.lora_convert import resolver
 
-    wan, qwen = _resolver(get_family("wan")), _resolver(get_family("qwen_image"))
+    wan, qwen = resolver(get_family("wan")), resolver(get_family("qwen_image"))
     assert wan("blocks.17.self_attn.q") == "blocks.17.attn1.to_q"
     assert wan("blocks_39_ffn_0") == "blocks.39.ffn.net.0.proj"
     assert wan("blocks.39.cross_attn.o") == "blocks.39.attn2.to_out.0"
     assert qwen("transformer_blocks.59.attn.to_add_out") == "transformer_blocks.59.attn.to_add_out"
     assert qwen("transformer_blocks_59_img_mlp_net_2") == "transformer_blocks.59.img_mlp.net.2"
     assert wan("blocks.3.no_such_layer") is None
+
+
+def save_musubi(folder: Path, arch: str) -> Path:
+    """A trained LoRA in masktrain's musubi layout (with masktrain's metadata)."""
+    path = folder / f"masktrain-musubi-{arch}.safetensors"
+    save_lora(path, trained(arch), get_family(arch), layout="musubi", metadata={})
+    return path
 
 
 def musubi_written(path: Path, source: Path, arch: str) -> Path:
@@ -545,7 +559,7 @@ def test_a_musubi_written_lora_converts_and_loads_through_diffusers(tmp_path: Pa
     """A LoRA musubi-tuner wrote (no masktrain metadata) converts to the ComfyUI and diffusers
     layouts with its rank and alpha read off the file, and diffusers' loader gives the trained
     output (to bf16's rounding of the matrices)."""
-    from masktrain.tools.convert_lora import convert
+    from masktrain.denoiser.lora_convert import convert
 
     transformer = trained(arch)
     expected = predict(arch, transformer)
@@ -562,12 +576,12 @@ def test_a_musubi_written_lora_converts_and_loads_through_diffusers(tmp_path: Pa
         pipe.load_lora_weights(str(target))
         assert (predict(arch, pipe.transformer) - expected).abs().max() <= 2e-3
     fresh = base(arch)
-    load_lora_into(fresh, theirs)  # masktrain sample --lora reads it as it is
+    load_lora_into(fresh, theirs, get_family(arch))  # masktrain sample --lora reads it as it is
     assert (predict(arch, fresh) - expected).abs().max() <= 2e-3
 
 
 def test_a_lora_with_per_layer_alphas_that_differ_is_refused(tmp_path: Path) -> None:
-    from masktrain.tools.convert_lora import convert
+    from masktrain.denoiser.lora_convert import convert
 
     source = tmp_path / "m.safetensors"
     save_lora(source, trained("wan"), get_family("wan"), layout="musubi", metadata={})

@@ -17,14 +17,16 @@ from hypothesis.extra.numpy import arrays
 
 from masktrain.errors import MaskOptionError
 from masktrain.loss import (
-    TIER_EDGES,
     MaskLossSettings,
     has_prior_region,
+    mask_regions,
     masked_loss,
     masked_loss_terms,
     region_losses,
+    region_means,
     transform_weights,
 )
+from masktrain.tiers import TIER_EDGES
 
 MASK_ON = MaskLossSettings(use_mask_loss=True)
 
@@ -323,6 +325,31 @@ def test_terms_split_the_loss_and_the_target_does_not_depend_on_prior_loss() -> 
     terms = masked_loss_terms(loss, mask, cfg, prior_loss=prior)
     assert (float(terms.target), float(terms.prior)) == (1.0, 2.0)
     assert float(masked_loss(loss, mask, cfg)) == float(terms.target)
+
+
+def test_terms_carry_what_the_reducer_prepared() -> None:
+    """The weights, the prior region and the region sums the reducer hands back are what a step
+    would otherwise prepare again: hand-computed here for a threshold-mode case with a floor."""
+    cfg = MaskLossSettings(
+        use_mask_loss=True, mask_min_weight=0.2, prior_preservation_weight=1.0, prior_mask_threshold=0.1
+    )
+    loss, mask, prior = (
+        row([1, 2, 4, 8], [3, 3, 3, 3]),
+        row([1, 0.5, 0, 0], [1, 1, 1, 0]),
+        row([2] * 4, [1] * 4),
+    )
+    gate = torch.tensor([True, False])  # the second sample's prior term gated off
+    terms = masked_loss_terms(loss, mask, cfg, prior_loss=prior, prior_gate=gate)
+    assert terms.weights is not None and terms.prior_region is not None and terms.region_sums is not None
+    # w = raw * 0.8 + 0.2 (0.5 -> 0.6), prior cells (raw < 0.1) out of the target of sample 0 only
+    expected_weights = [[1.0, 0.6, 0.0, 0.0], [1.0, 1.0, 1.0, 0.2]]
+    assert torch.allclose(terms.weights.flatten(1), torch.tensor(expected_weights))
+    assert terms.prior_region.flatten(1).tolist() == [[0, 0, 1, 1], [0, 0, 0, 0]]
+    # regions of the raw mask: face {1, 3, 3, 3}, body {2}, background {4, 8, 3}
+    assert region_means(terms.region_sums) == {"background": 5.0, "body": 2.0, "face": 2.5}
+    assert region_means(terms.region_sums) == region_losses(loss, mask)
+    weights, prior_region = mask_regions(mask, cfg, gate)
+    assert torch.equal(terms.weights, weights) and torch.equal(terms.prior_region, prior_region)
 
 
 def test_gradient_reaches_weighted_cells_only() -> None:

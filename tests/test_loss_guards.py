@@ -7,6 +7,7 @@ linear-share telemetry; the metrics say whether the teacher ran."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from masktrain.errors import TrainConfigError
 from masktrain.loss import MaskLossSettings, linear_fraction, mask_regions, unreduced_loss
 from masktrain.models import get_family
 from masktrain.models.base import TextBatch
-from masktrain.train.experts import build_experts
+from masktrain.train.build import build_experts
 from masktrain.train.loop import run as run_train
 
 CPU, F32 = torch.device("cpu"), torch.float32
@@ -106,3 +107,34 @@ def test_the_metrics_say_whether_the_teacher_ran_and_huber_shares(tmp_path: Path
         assert 0 <= record["huber_target_linear"] <= 1 and 0 <= record["huber_prior_linear"] <= 1
     with pytest.raises(TrainConfigError, match="--loss_delta must be > 0 when --loss_type huber is used"):
         train_config(toml, out, loss_type="huber", loss_delta=0.0)
+
+
+def test_a_step_prepares_the_mask_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Blur, gamma, floor and threshold run once per step: the reducer hands the step its weights,
+    prior region and region sums, which the metrics (Huber shares, prior mass, per-region losses)
+    read instead of preparing the mask again."""
+    import masktrain.loss
+    from masktrain.data.cached_items import find_cached_items
+    from masktrain.data.loader import load_batch
+    from masktrain.train.step import compute_loss
+
+    toml = cached(tmp_path / "data", "wan")
+    config = train_config(toml, tmp_path / "out", loss_type="huber", loss_delta=0.5)
+    config = dataclasses.replace(
+        config, mask=dataclasses.replace(config.mask, mask_blur_kernel_size=3, mask_gamma=0.7)
+    )
+    family = get_family("wan")
+    experts = build_experts(config, family, CPU, F32)
+    calls: list[int] = []
+    real = masktrain.loss.blur_mask
+
+    def counted(mask: torch.Tensor, kernel_size: int) -> torch.Tensor:
+        calls.append(kernel_size)
+        return real(mask, kernel_size)
+
+    monkeypatch.setattr(masktrain.loss, "blur_mask", counted)
+    batch = load_batch(0, find_cached_items(toml, "wan")[:2])
+    result = compute_loss(config, family, experts, batch, 0, CPU, F32, None)
+    assert calls == [3]
+    assert {"teacher_ran", "prior_mass", "huber_target_linear", "huber_prior_linear"} <= result.extras.keys()
+    assert set(result.tiers) == {"background", "body", "face"}

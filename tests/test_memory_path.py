@@ -21,15 +21,15 @@ from masktrain.cli.train import config_from_args
 from masktrain.config import MemorySettings
 from masktrain.data.cached_items import find_cached_items
 from masktrain.data.loader import load_batch
+from masktrain.denoiser import lora
 from masktrain.errors import ModelLoadError, SettingError, TrainConfigError
 from masktrain.models import get_family, qwen_image, wan
 from masktrain.models.fp8 import FP8, FP8_MAX, Fp8Linear, dequantize, error_bound, quantize, quantize_model
 from masktrain.models.placement import is_lora
 from masktrain.models.single_file import Fp8Load
-from masktrain.train import lora
-from masktrain.train.experts import build_experts
-from masktrain.train.loop import compute_loss
+from masktrain.train.build import build_experts
 from masktrain.train.loop import run as run_train
+from masktrain.train.step import compute_loss
 
 CPU = torch.device("cpu")
 TINY_FAMILIES = {"wan": wan, "qwen_image": qwen_image}

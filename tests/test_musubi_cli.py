@@ -298,9 +298,9 @@ def test_validation_of_an_untrained_lora_equals_the_base_and_matches_a_hand_comp
     from helpers import train_config
     from masktrain.data.cached_items import find_cached_items
     from masktrain.data.loader import load_batch
-    from masktrain.loss import TIER_EDGES
     from masktrain.models import get_family
-    from masktrain.train.experts import build_experts
+    from masktrain.tiers import TIER_EDGES
+    from masktrain.train.build import build_experts
     from masktrain.train.flow_matching import noised
     from masktrain.train.validation import SIGMAS, Validator
 

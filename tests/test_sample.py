@@ -21,11 +21,11 @@ from masktrain.config import OptimSettings
 from masktrain.config.memory import MemorySettings
 from masktrain.config.sample import SampleSettings
 from masktrain.config.sample_prompts import load_prompts
+from masktrain.denoiser.experts import load_for_sampling
 from masktrain.errors import SamplePromptError, TrainConfigError
 from masktrain.models import get_family, wan
 from masktrain.models.loading import seeded
 from masktrain.sample.sampler import Sampler
-from masktrain.train.experts import load_for_sampling
 from masktrain.train.loop import run as run_train
 
 CPU, F32 = torch.device("cpu"), torch.float32

@@ -26,7 +26,7 @@ from helpers import (
 )
 from masktrain.config import MaskLossSettings, MemorySettings, OptimSettings
 from masktrain.models import get_family
-from masktrain.train.experts import build_experts
+from masktrain.train.build import build_experts
 from masktrain.train.loop import run as run_train
 
 MASKED_PRIOR = MaskLossSettings(**MASKED_PRIOR_SETTINGS_KWARGS)

@@ -236,7 +236,7 @@ def test_comfy_key_of_unknown_wan_modules_and_qwen_identity() -> None:
 def test_every_lora_target_has_a_comfy_key(arch: str) -> None:
     family = get_family(arch)
     transformer = family.load_transformer("tiny", "--dit", CPU, F32)
-    from masktrain.train.lora import select_targets
+    from masktrain.denoiser.lora import select_targets
 
     keys = [family.comfy_key(name) for name in select_targets(transformer, family)]
     assert len(set(keys)) == len(keys)

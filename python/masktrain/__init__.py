@@ -20,7 +20,12 @@ from masktrain.errors import (
 
 __version__ = "0.1.0"
 
+ANNOUNCEMENT = {"masktrain_announcement": True}
+"""The ``extra`` of a log record meant for the user's screen as it is, such as the mask-loss banner:
+the command line prints it on stdout without a level (``cli._configure_logging``)."""
+
 __all__ = [
+    "ANNOUNCEMENT",
     "AspectMismatchError",
     "DataError",
     "DuplicateMaskError",

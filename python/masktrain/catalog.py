@@ -100,6 +100,12 @@ class ArchSpec:
     """musubi-tuner's flag naming the model variant (``--task`` or ``--model_version``)."""
     tasks: Mapping[str, Task] = field(default_factory=dict)
     """Its values."""
+    lora_layer_hints: tuple[str, ...] = ()
+    """Words in a LoRA file's layer names that only this family's transformer has: a file without
+    masktrain's metadata or musubi's module name is this family's when its names hold one of them
+    and no other family's."""
+    musubi_network_module: str | None = None
+    """musubi-tuner's ``ss_network_module`` for this family's LoRA files (``networks.lora_wan``)."""
 
     @property
     def takes_video(self) -> bool:
@@ -122,6 +128,8 @@ WAN = ArchSpec(
     tiny_vaes=MappingProxyType({"tiny": 8, "tiny-ti2v": 16}),
     task_flag="--task",
     tasks=WAN_TASKS,
+    lora_layer_hints=("self_attn", "cross_attn"),
+    musubi_network_module="networks.lora_wan",
 )
 
 QWEN_IMAGE = ArchSpec(
@@ -140,6 +148,8 @@ QWEN_IMAGE = ArchSpec(
     tiny_vaes=MappingProxyType({"tiny": 4}),
     task_flag="--model_version",
     tasks=QWEN_MODEL_VERSIONS,
+    lora_layer_hints=("transformer_blocks",),
+    musubi_network_module="networks.lora_qwen_image",
 )
 
 ARCHES: Mapping[str, ArchSpec] = MappingProxyType({spec.name: spec for spec in (WAN, QWEN_IMAGE)})

@@ -1,6 +1,7 @@
 """One process per GPU under ``torchrun``: which share of the items this process owns, and the
-few collective steps (barrier, gather) the commands need. Without ``torchrun`` (no
-``WORLD_SIZE``) this is a world of one and no process group is created."""
+few collective steps the commands need (barrier, gather, agreeing to stop, averaging the LoRA's
+gradients as DDP does). Without ``torchrun`` (no ``WORLD_SIZE``) this is a world of one and no
+process group is created."""
 
 from __future__ import annotations
 
@@ -44,6 +45,29 @@ class Shard:
         values: list[T] = [value] * self.world
         dist.all_gather_object(values, value)
         return values
+
+    def any(self, flag: bool) -> bool:
+        """Whether `flag` is set on any process (so all stop at the same step)."""
+        if self.world == 1:
+            return flag
+        value = torch.tensor([1.0 if flag else 0.0])
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return bool(value.item())
+
+    def average_gradients(self, params: list[torch.nn.Parameter]) -> None:
+        """Replace each parameter's gradient by its mean over the processes (one all-reduce of
+        them all; a parameter without a gradient counts as zeros)."""
+        if self.world == 1:
+            return
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        flat /= self.world
+        offset = 0
+        for param, grad in zip(params, grads, strict=True):
+            count = grad.numel()
+            param.grad = flat[offset : offset + count].view_as(param).clone()
+            offset += count
 
 
 @contextlib.contextmanager

@@ -42,10 +42,9 @@ from typing import Literal, NamedTuple
 import torch
 
 from masktrain.config.mask_loss import MaskLossSettings
-from masktrain.tiers import TIER_EDGES
+from masktrain.tiers import REGIONS, regions
 
 __all__ = [
-    "TIER_EDGES",
     "MaskLossSettings",
     "MaskedLossTerms",
     "has_prior_region",
@@ -60,17 +59,27 @@ Layout = Literal["video", "layered"]
 EPS = 1e-8
 """Weight sums at or below this count as an empty region (contribute 0)."""
 
-# The raw-weight edges of the metric tiers (``masktrain.tiers``, their one definition).
-
 _CONTINUOUS_FULL = 1.0 - 1e-6
 """Continuous mode: a mask whose raw minimum reaches this has no prior region."""
 
 
 class MaskedLossTerms(NamedTuple):
-    """The two terms of the reduced loss (float32, 0-dim); the loss is their sum."""
+    """The two terms of the reduced loss (float32, 0-dim; the loss is their sum) and what the
+    reducer prepared on the way, so a training step reads its metrics off them instead of
+    preparing the mask again."""
 
     target: torch.Tensor
     prior: torch.Tensor
+    weights: torch.Tensor | None = None
+    """The target weights as reduced: blur, gamma, floor, and in threshold mode without the prior
+    cells; (B, 1, F, H, W) float32 (the layered layout: (B, L, 1, H, W)). None without a mask or
+    with the mask loss off."""
+    prior_region: torch.Tensor | None = None
+    """The prior region as reduced (after teacher gating), shaped like `weights`."""
+    region_sums: torch.Tensor | None = None
+    """(2, 3) detached: the loss summed over each raw-weight region (``tiers.REGIONS`` order) and
+    the cells times channels summed over; :func:`region_means` turns them into
+    :func:`region_losses`' numbers. None without a mask."""
 
 
 def transform_weights(raw: torch.Tensor, gamma: float, min_weight: float) -> torch.Tensor:
@@ -256,34 +265,44 @@ def masked_loss_terms(
     prior_gate: torch.Tensor | None = None,
     prior_weights: torch.Tensor | None = None,
 ) -> MaskedLossTerms:
-    """:func:`masked_loss` split into its target and prior terms (for metrics); `prior_gate` ((B,)
+    """:func:`masked_loss` split into its target and prior terms, with the weights, the prior
+    region and the per-region sums it prepared (:class:`MaskedLossTerms`); `prior_gate` ((B,)
     bool) keeps the prior term to the samples it is on for (teacher gating); `prior_weights` ((B,),
     ``train.prior_schedule``) replaces the one prior weight: ``L_p = mean_b(q_b · w_b)``, per
     sample (the schedule needs ``normalize_per_sample``)."""
-    if mask_weights is None or not settings.use_mask_loss:
-        return MaskedLossTerms(loss.float().mean(), torch.zeros((), dtype=torch.float32, device=loss.device))
+    if mask_weights is None:
+        return MaskedLossTerms(loss.float().mean(), _zero(loss))
+    values, mask, channels = _prepare(loss, mask_weights, layout, drop_base_frame)
+    region_sums = _region_sums(values.detach(), mask, channels)
+    if not settings.use_mask_loss:
+        return MaskedLossTerms(loss.float().mean(), _zero(loss), region_sums=region_sums)
     if prior_loss is not None and prior_loss.shape != loss.shape:
         raise ValueError(
             f"prior_loss shape {tuple(prior_loss.shape)} does not match loss shape {tuple(loss.shape)}"
         )
-    values, mask, channels = _prepare(loss, mask_weights, layout, drop_base_frame)
     raw = mask.clamp(0.0, 1.0)
     weights, prior_region = _regions(raw, settings, prior_gate)
-    prior_on = settings.prior_preservation_weight > 0
     per_sample = settings.normalize_per_sample
     target = _region_mean(values, weights, channels, per_sample, _area_scale(raw, settings, per_sample))
-    if not prior_on or prior_loss is None:
-        return MaskedLossTerms(target, torch.zeros((), dtype=torch.float32, device=target.device))
+    prepared = {"weights": weights, "prior_region": prior_region, "region_sums": region_sums}
+    if settings.prior_preservation_weight <= 0 or prior_loss is None:
+        return MaskedLossTerms(target, _zero(target), **prepared)
     prior_values = prior_loss.float()
     if prior_values.ndim == 4:
         prior_values = prior_values.unsqueeze(2)
     if prior_weights is not None:
         scale = prior_weights.to(device=prior_values.device, dtype=torch.float32)
-        return MaskedLossTerms(target, _region_mean(prior_values, prior_region, channels, True, scale))
-    prior = (
-        _region_mean(prior_values, prior_region, channels, per_sample) * settings.prior_preservation_weight
-    )
-    return MaskedLossTerms(target, prior)
+        prior = _region_mean(prior_values, prior_region, channels, True, scale)
+    else:
+        prior = (
+            _region_mean(prior_values, prior_region, channels, per_sample)
+            * settings.prior_preservation_weight
+        )
+    return MaskedLossTerms(target, prior, **prepared)
+
+
+def _zero(like: torch.Tensor) -> torch.Tensor:
+    return torch.zeros((), dtype=torch.float32, device=like.device)
 
 
 def masked_loss(
@@ -344,16 +363,27 @@ def region_losses(
     *,
     drop_base_frame: bool = False,
 ) -> dict[str, float | None]:
-    """Mean loss per tier of RAW mask weight, for metrics: ``background`` (raw < 0.05), ``body``
-    (0.05 <= raw < 0.75: hair and body) and ``face`` (raw >= 0.75); None for an empty tier.
-    Every channel of a cell counts. One host sync."""
+    """Mean loss per tier of RAW mask weight (``tiers.regions``), for metrics: ``background`` (raw
+    < 0.05), ``body`` (0.05 <= raw < 0.75: hair and body) and ``face`` (raw >= 0.75); None for an
+    empty tier. Every channel of a cell counts. One host sync."""
     values, mask, channels = _prepare(loss.detach(), mask_weights, layout, drop_base_frame)
-    low, high = TIER_EDGES
+    return region_means(_region_sums(values, mask, channels))
+
+
+def _region_sums(values: torch.Tensor, raw: torch.Tensor, channels: int) -> torch.Tensor:
+    """(2, 3): per region of `raw`, the sum of `values` over its cells and its cells times channels."""
     sums, counts = [], []
-    for in_tier in (mask < low, (mask >= low) & (mask < high), mask >= high):
-        indicator = in_tier.float()
+    for in_region in regions(raw).values():
+        indicator = in_region.float()
         sums.append((values * indicator).sum())
         counts.append(indicator.sum() * channels)
-    totals = torch.stack(sums + counts).tolist()
-    names = ("background", "body", "face")
-    return {name: (totals[i] / totals[i + 3] if totals[i + 3] > 0 else None) for i, name in enumerate(names)}
+    return torch.stack([torch.stack(sums), torch.stack(counts)])
+
+
+def region_means(region_sums: torch.Tensor) -> dict[str, float | None]:
+    """Region -> mean loss (None for an empty region) of :attr:`MaskedLossTerms.region_sums`, in
+    the order background, body, face. One host sync."""
+    sums, counts = region_sums.tolist()
+    rows = zip(REGIONS, sums, counts, strict=True)
+    means = {name: (total / count if count > 0 else None) for name, total, count in rows}
+    return {name: means[name] for name in ("background", "body", "face")}

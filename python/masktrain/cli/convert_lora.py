@@ -26,7 +26,7 @@ def convert_lora(input: Path, output: Path, to: str, arch: str | None) -> None:
     """Rewrite a LoRA file in the comfyui, diffusers or musubi layout (tensors and alpha unchanged)."""
 
     def job() -> None:
-        from masktrain.tools.convert_lora import convert
+        from masktrain.denoiser.lora_convert import convert
 
         source_layout = convert(input, output, to, arch)  # type: ignore[arg-type]  # click checked the choice
         click.echo(f"{input} ({source_layout}) -> {output} ({to})")

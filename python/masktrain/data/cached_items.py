@@ -21,12 +21,18 @@ from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from masktrain import catalog
 from masktrain.catalog import ArchSpec
-from masktrain.config.dataset import ImageDatasetConfig, VideoDatasetConfig, load_dataset_config
+from masktrain.config.dataset import (
+    DatasetConfig,
+    ImageDatasetConfig,
+    VideoDatasetConfig,
+    load_dataset_config,
+)
 from masktrain.data import cache_format as fmt
 from masktrain.data import freshness
 from masktrain.data.discovery import MediaItem, discover
@@ -65,11 +71,14 @@ class _NotCached(_Stale):
     """The item has no cache file at all."""
 
 
-def find_cached_items(dataset_config: Path, arch: str, *, skip_stale: bool = False) -> list[CachedItem]:
-    """Every trainable item of the TOML's datasets, or a :class:`CachedDataError` naming the items
-    that are not cached or stale and the command to run (with `skip_stale`: a warning, and those
-    items are left out)."""
-    config = load_dataset_config(dataset_config)
+def find_cached_items(
+    datasets: DatasetConfig | Path, arch: str, *, skip_stale: bool = False
+) -> list[CachedItem]:
+    """Every trainable item of the datasets (a TOML already read, or its path), or a
+    :class:`CachedDataError` naming the items that are not cached or stale and the command to run
+    (with `skip_stale`: a warning, and those items are left out)."""
+    config = datasets if isinstance(datasets, DatasetConfig) else load_dataset_config(datasets)
+    dataset_config = config.source
     spec = catalog.arch(arch)
     items: list[CachedItem] = []
     problems: list[str] = []
@@ -224,3 +233,18 @@ def epoch_batches(items: list[CachedItem], seed: int, epoch: int) -> list[list[C
         batches.extend(group[start : start + size] for start in range(0, len(group), size))
     rng.shuffle(batches)
     return batches
+
+
+def process_batches(
+    items: list[CachedItem], seed: int, rank: int, world: int, batches_per_epoch: int, epoch: int, done: int
+) -> Iterator[tuple[tuple[int, int], int, list[CachedItem]]]:
+    """Process `rank`'s batches (of `world`) from (epoch, done) on, endlessly: ``((epoch, batches
+    done after this one), index in the epoch's global order, items)``. Every process takes the
+    same number of batches per epoch, so all reach each optimizer step together."""
+    while True:
+        order = epoch_batches(items, seed, epoch)
+        mine = list(enumerate(order))[rank::world][:batches_per_epoch]
+        for position in range(done, len(mine)):
+            index, batch_items = mine[position]
+            yield (epoch, position + 1), index, batch_items
+        epoch, done = epoch + 1, 0

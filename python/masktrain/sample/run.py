@@ -11,13 +11,13 @@ from pathlib import Path
 import safetensors
 
 from masktrain.config.sample import SampleConfig
+from masktrain.denoiser.experts import load_for_sampling
+from masktrain.denoiser.lora_file import META_STEP
+from masktrain.device import precision, resolve_device
 from masktrain.errors import LoraFileError
 from masktrain.models import get_family
 from masktrain.sample.outputs import sample_dir
 from masktrain.sample.sampler import Sampler
-from masktrain.train.device import precision, resolve_device
-from masktrain.train.experts import load_for_sampling
-from masktrain.train.lora import META_STEP
 
 log = logging.getLogger(__name__)
 

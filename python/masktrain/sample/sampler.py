@@ -14,7 +14,6 @@ what the pipeline takes (multiples of 2x the VAE's factor; WAN frames to 4k+1), 
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import logging
 import time
@@ -24,9 +23,10 @@ import torch
 
 from masktrain.config.sample import SampleSettings
 from masktrain.config.sample_prompts import SamplePrompt, load_prompts
+from masktrain.denoiser.experts import Experts
+from masktrain.device import autocast
 from masktrain.models.base import ModelFamily, SampleRequest, TextBatch
 from masktrain.sample.outputs import sample_path, write_contact_sheet, write_sample
-from masktrain.train.experts import Experts
 
 log = logging.getLogger(__name__)
 
@@ -138,17 +138,12 @@ class Sampler:
         by `step`) and the contact sheet. Returns the sample files."""
         started = time.perf_counter()
         written = []
-        autocast = (
-            torch.autocast(self.device.type, dtype=self.autocast)
-            if self.autocast is not None
-            else contextlib.nullcontext()
-        )
         self.vae.to(self.device)
         try:
             with experts.sampling():
                 for prompt in self.prompts:
                     request, seed = self.request(prompt)
-                    with autocast:
+                    with autocast(self.device, self.autocast):
                         frames = self.family.generate(
                             experts.low, experts.high, experts.boundary, self.vae, request
                         )

@@ -8,10 +8,13 @@
 - ``config.json``: the resolved configuration of the run that wrote it;
 - the run's LoRA file, as it was at that step.
 
-The latest LoRA file is also at the top of ``OUTPUT_DIR``. A checkpoint is filled under a
-temporary name and renamed into place, and the top-level LoRA is replaced atomically
-(``masktrain.atomic``), so a run killed while saving leaves the previous checkpoints and LoRA
-intact and nothing half-written; the next run removes the temporaries.
+The latest LoRA file is also at the top of ``OUTPUT_DIR``. :func:`save` writes both when
+``--save_every_n_steps`` / ``--save_every_n_epochs`` say so (:func:`save_due`), at the last step
+and when the run is stopped, then prunes what ``--save_last_n_*`` no longer keeps.
+
+A checkpoint is filled under a temporary name and renamed into place, and the top-level LoRA is
+replaced atomically (``masktrain.atomic``), so a run killed while saving leaves the previous
+checkpoints and LoRA intact and nothing half-written; the next run removes the temporaries.
 """
 
 from __future__ import annotations
@@ -30,7 +33,13 @@ import safetensors.torch
 import torch
 
 from masktrain import atomic
+from masktrain.config.train import TrainConfig
+from masktrain.denoiser.experts import Experts
+from masktrain.denoiser.lora import lora_file_bytes
+from masktrain.denoiser.lora_file import META_STEP
+from masktrain.distributed import Shard
 from masktrain.errors import TrainConfigError
+from masktrain.models.base import ModelFamily
 
 
 @dataclass(frozen=True)
@@ -216,3 +225,65 @@ def restore(
             f"--resume {folder}: damaged checkpoint ({type(error).__name__}: {error})"
         ) from None
     return state.position
+
+
+def save_due(config: TrainConfig, step: int, epoch: int, epoch_end: bool) -> bool:
+    """Whether --save_every_n_steps or --save_every_n_epochs asks for a checkpoint now."""
+    if config.save_every_n_steps and step % config.save_every_n_steps == 0:
+        return True
+    return bool(epoch_end and config.save_every_n_epochs and (epoch + 1) % config.save_every_n_epochs == 0)
+
+
+def lora_metadata(config: TrainConfig) -> dict[str, str]:
+    """The training flags a LoRA file carries (``lora_file`` adds arch, rank, alpha and version)."""
+    mask = config.mask
+    return {
+        "masktrain.use_mask_loss": str(mask.use_mask_loss).lower(),
+        "masktrain.mask_gamma": str(mask.mask_gamma),
+        "masktrain.mask_min_weight": str(mask.mask_min_weight),
+        "masktrain.prior_preservation_weight": str(mask.prior_preservation_weight),
+        "masktrain.prior_mask_threshold": str(mask.prior_mask_threshold),
+        "masktrain.normalize_per_sample": str(mask.normalize_per_sample).lower(),
+    }
+
+
+def save(
+    config: TrainConfig,
+    family: ModelFamily,
+    experts: Experts,
+    named: list[tuple[str, torch.nn.Parameter]],
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    position: Position,
+    shard: Shard,
+    ema: dict[str, torch.Tensor] | None = None,
+) -> None:
+    """Rank 0 writes the checkpoint folder and the LoRA file (the latest copy at the top level) and
+    prunes old checkpoints; every process waits for it."""
+    if shard.is_main:
+        dtype = {"float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[config.save_precision]
+        lora_bytes = lora_file_bytes(
+            experts.low,
+            family,
+            layout=config.lora_format,
+            metadata=lora_metadata(config) | {META_STEP: str(position.step)},
+            dtype=dtype,
+        )
+        save_checkpoint(
+            config.output_dir,
+            adapter={n: p.detach() for n, p in named},
+            optimizer=optimizer,
+            scheduler=scheduler,
+            position=position,
+            config_json=config.to_json(),
+            lora_name=f"{config.output_name}.safetensors",
+            lora_bytes=lora_bytes,
+            ema=ema,
+        )
+        prune(
+            config.output_dir,
+            position,
+            last_n_steps=config.save_last_n_steps,
+            last_n_epochs=config.save_last_n_epochs,
+        )
+    shard.barrier()

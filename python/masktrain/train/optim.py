@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from masktrain.config.train import check_optimizer, check_schedule, optimizer_name
+from masktrain.config.train import OptimSettings, check_optimizer, check_schedule, optimizer_name
 from masktrain.errors import OptimConfigError
 
 log = logging.getLogger(__name__)
@@ -139,3 +139,32 @@ def build_scheduler(
         name, warmup_steps=warmup_steps, total_steps=total_steps, min_lr_ratio=min_lr_ratio, power=power
     )
     return torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
+
+
+def optimizer_and_schedule(
+    named: list[tuple[str, torch.nn.Parameter]],
+    optim: OptimSettings,
+    loraplus_lr_ratio: float | None,
+    total_steps: int,
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """The optimizer of a run's LoRA parameters (LoRA+ groups when asked for) and its schedule over
+    `total_steps`, as ``--optimizer_type`` and the schedule flags say."""
+    optimizer = build_optimizer(
+        param_groups(named, optim.learning_rate, loraplus_lr_ratio),
+        optimizer_type=optim.optimizer_type,
+        learning_rate=optim.learning_rate,
+        weight_decay=optim.weight_decay,
+        betas=optim.betas,
+        eps=optim.eps,
+        adafactor_args=optim.adafactor_args,
+        prodigy_args=optim.prodigy_args,
+    )
+    scheduler = build_scheduler(
+        optimizer,
+        name=optim.lr_scheduler,
+        warmup_steps=optim.lr_warmup_steps,
+        total_steps=total_steps,
+        min_lr_ratio=optim.lr_scheduler_min_lr_ratio,
+        power=optim.lr_scheduler_power,
+    )
+    return optimizer, scheduler

@@ -20,7 +20,6 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 from masktrain.config import mask_loss
 from masktrain.config.dataset import DatasetConfig, load_dataset_config
@@ -35,13 +34,13 @@ from masktrain.train.resume import checkpoint_step
 log = logging.getLogger(__name__)
 
 
-def validation_items(toml: Path, arch: str) -> list[CachedItem]:
+def validation_items(datasets: DatasetConfig, arch: str) -> list[CachedItem]:
     """The validation dataset's cached items; each must hold mask weights (the regions)."""
-    items = find_cached_items(toml, arch)
+    items = find_cached_items(datasets, arch)
     unmasked = [item.latent_path.name for item in items if not item.has_mask]
     if unmasked:
         raise CachedDataError(
-            f"--validation_dataset_config {toml}: {len(unmasked)} item(s) have no mask weights "
+            f"--validation_dataset_config {datasets.source}: {len(unmasked)} item(s) have no mask weights "
             f"(first: {unmasked[0]}); validation by region needs masks: cache the dataset with its masks"
         )
     return items
@@ -82,7 +81,7 @@ def preflight(config: TrainConfig, world: int) -> TrainPlan:
     check_writable(config.output_dir, "--output_dir", TrainConfigError)
     datasets = load_dataset_config(config.dataset_config)
     check_readable(datasets)
-    items = find_cached_items(config.dataset_config, config.arch, skip_stale=config.skip_stale)
+    items = find_cached_items(datasets, config.arch, skip_stale=config.skip_stale)
     if config.mask.use_mask_loss:
         _check_masks(config, datasets, items)
         _check_baked(config, items)
@@ -106,8 +105,9 @@ def preflight(config: TrainConfig, world: int) -> TrainPlan:
     check_schedule(config.optim.lr_scheduler, config.optim.lr_warmup_steps, total_steps)
     validation = []
     if config.validation_dataset_config is not None:
-        check_readable(load_dataset_config(config.validation_dataset_config))
-        validation = validation_items(config.validation_dataset_config, config.arch)
+        validation_datasets = load_dataset_config(config.validation_dataset_config)
+        check_readable(validation_datasets)
+        validation = validation_items(validation_datasets, config.arch)
     return TrainPlan(items, batches_per_epoch, steps_per_epoch, total_steps, resume_step, validation)
 
 

@@ -13,6 +13,7 @@ from masktrain.config.mask_loss import MaskLossSettings
 from masktrain.config.train import TrainConfig
 from masktrain.data.cached_items import CachedItem
 from masktrain.loss import samples_with_prior_region
+from masktrain.models.base import model_timesteps
 from masktrain.train import checkpoint as ckpt
 from masktrain.train import timesteps
 from masktrain.train.ema_teacher import START_STEP, EmaTeacher
@@ -39,7 +40,7 @@ def gate_samples(
     threshold = settings.prior_preservation_timestep_threshold
     if threshold is None and not schedule_enabled(settings):
         return None
-    model_t = timesteps.model_timesteps(sigmas)
+    model_t = model_timesteps(sigmas)
     with_region = samples_with_prior_region(mask, settings)
     gate = with_region if threshold is None else with_region & (model_t > threshold)
     weights = None

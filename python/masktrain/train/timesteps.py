@@ -40,6 +40,7 @@ import math
 import torch
 
 from masktrain.config.timesteps import NUM_TRAIN_TIMESTEPS, TimestepSettings, validate
+from masktrain.models.base import model_timesteps
 
 _MIN_WEIGHTING_SIGMA = 1.0 / NUM_TRAIN_TIMESTEPS
 """``sigma_sqrt`` is evaluated at no less than the smallest sigma of the discrete schedule, so a
@@ -132,13 +133,6 @@ def loss_weighting(settings: TimestepSettings, sigmas: torch.Tensor) -> torch.Te
     if scheme == "cosmap":
         return 2.0 / (math.pi * (1.0 - 2.0 * sigmas + 2.0 * sigmas**2))
     return None
-
-
-def model_timesteps(sigmas: torch.Tensor) -> torch.Tensor:
-    """The timestep the transformer is conditioned on: ``t * 1000``, the convention of diffusers'
-    ``FlowMatchEulerDiscreteScheduler`` and of the pipelines that will load the LoRA. musubi
-    passes ``t * 1000 + 1`` (1..1000) to WAN; masktrain trains with what inference uses."""
-    return sigmas.float() * NUM_TRAIN_TIMESTEPS
 
 
 def estimate_skip_rate(

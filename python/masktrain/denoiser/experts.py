@@ -1,5 +1,7 @@
-"""The transformer(s) a run trains, with the LoRA on them: one denoiser, or WAN 2.2 A14B's two
-experts (high-noise and low-noise) sharing one LoRA; and where their weights live.
+"""The transformer(s) being trained or sampled, with the LoRA on them: one denoiser, or WAN 2.2
+A14B's two experts (high-noise and low-noise) sharing one LoRA; and where their weights live
+(:func:`place`, for training and sampling alike; ``train.build`` builds them for a run,
+:func:`load_for_sampling` with a saved LoRA for ``masktrain sample``).
 
 With block swap or ``--offload_inactive_dit`` each transformer is read into host memory, the LoRA
 is added there, and then everything but the swapped blocks' Linear weights (block swap) or the
@@ -17,15 +19,14 @@ from pathlib import Path
 
 import torch
 
-from masktrain import catalog
 from masktrain.config.memory import ATTENTION_BACKENDS, MemorySettings
-from masktrain.config.train import TrainConfig
-from masktrain.errors import TrainConfigError
+from masktrain.denoiser import lora
+from masktrain.device import indexed
+from masktrain.errors import FlagError
 from masktrain.models import checkpointing
 from masktrain.models.base import ModelFamily, TextBatch
 from masktrain.models.block_swap import BlockSwap
 from masktrain.models.placement import Slot, frozen_slots, is_lora, move_module
-from masktrain.train import lora
 
 log = logging.getLogger(__name__)
 
@@ -138,58 +139,6 @@ class Experts:
         return params
 
 
-def _share_lora(low: torch.nn.Module, high: torch.nn.Module) -> None:
-    """Make `high`'s LoRA layers use `low`'s A and B modules: one LoRA across both experts."""
-    low_modules = dict(low.named_modules())
-    for name, module in high.named_modules():
-        lora_a = getattr(module, "lora_A", None)
-        if isinstance(lora_a, torch.nn.ModuleDict) and name in low_modules:
-            module.lora_A = low_modules[name].lora_A
-            module.lora_B = low_modules[name].lora_B
-
-
-def build_experts(
-    config: TrainConfig, family: ModelFamily, device: torch.device, dtype: torch.dtype
-) -> Experts:
-    """Load the transformer(s), add the LoRA (seeded by ``--seed``), place the weights, set up
-    checkpointing and the attention backend."""
-    network, memory = config.network, config.memory
-    device = _indexed(device)
-    _check_backend(memory, device)
-    load_device = torch.device("cpu") if memory.on_host else device
-    low = family.load_transformer(config.dit, "--dit", load_device, dtype, fp8=memory.fp8_mode)
-    high = None
-    if config.dit_high_noise is not None:
-        high = family.load_transformer(
-            config.dit_high_noise, "--dit_high_noise", load_device, dtype, fp8=memory.fp8_mode
-        )
-    torch.manual_seed(config.seed)  # the LoRA initialisation
-
-    def add(model: torch.nn.Module) -> list[str]:
-        return lora.add_lora(
-            model,
-            family,
-            rank=network.network_dim,
-            alpha=network.network_alpha,
-            include=list(network.include_patterns) if network.include_patterns else None,
-            exclude=list(network.exclude_patterns) if network.exclude_patterns else None,
-            dropout=network.network_dropout,
-        )
-
-    check_task(config, low)
-    names = add(low)
-    if network.verbose:
-        for name in names:
-            log.info("LoRA on %s", name)
-    if high is not None:
-        add(high)
-        _share_lora(low, high)
-    experts = Experts(low, high, config.timestep_boundary, device=device)  # LoRA weights in float32
-    place(experts, family, memory, config.gradient_checkpointing)
-    log.info("LoRA rank %d alpha %g on %d modules", network.network_dim, network.network_alpha, len(names))
-    return experts
-
-
 def place(
     experts: Experts, family: ModelFamily, memory: MemorySettings, gradient_checkpointing: bool
 ) -> None:
@@ -242,8 +191,8 @@ def load_for_sampling(
 ) -> Experts:
     """The transformer(s) with a saved LoRA (``masktrain sample``; none: the base model), placed as
     for training (fp8, block swap), for no-grad sampling."""
-    device = _indexed(device)
-    _check_backend(memory, device)
+    device = indexed(device)
+    check_backend(memory, device)
     load_device = torch.device("cpu") if memory.on_host else device
     low = family.load_transformer(dit, "--dit", load_device, dtype, fp8=memory.fp8_mode)
     high = None
@@ -254,41 +203,14 @@ def load_for_sampling(
     experts = Experts(low, high, boundary, device=device)
     if lora_file is not None:
         for model in experts.modules():
-            lora.load_lora_into(model, lora_file, family.name)
+            lora.load_lora_into(model, lora_file, family)
     place(experts, family, memory, gradient_checkpointing=False)
     return experts
 
 
-def _indexed(device: torch.device) -> torch.device:
-    """``cuda`` -> ``cuda:N`` (tensors report an index)."""
-    if device == torch.device("cuda"):
-        return torch.device("cuda", torch.cuda.current_device())
-    return device
-
-
-def _check_backend(memory: MemorySettings, device: torch.device) -> None:
+def check_backend(memory: MemorySettings, device: torch.device) -> None:
     if ATTENTION_BACKENDS[memory.attention][0] != "native" and device.type != "cuda":  # before loading
-        raise TrainConfigError(f"--{memory.attention} needs a CUDA device; on {device.type} use --sdpa")
-
-
-def check_task(config: TrainConfig, transformer: torch.nn.Module) -> None:
-    """musubi's ``--task`` names a transformer: `transformer` (what ``--dit`` loaded) must be it.
-    The built-in tiny model stands for every task of its arch."""
-    spec = catalog.arch(config.arch)
-    task = spec.tasks.get(config.task or config.model_version or "")
-    if task is None or task.width is None or config.dit == "tiny":
-        return
-    model_config = getattr(transformer, "config", None)
-    heads = getattr(model_config, "num_attention_heads", 0)
-    width = heads * getattr(model_config, "attention_head_dim", 0)
-    blocks = getattr(model_config, "num_layers", 0)
-    if (width, blocks) != (task.width, task.blocks):
-        named = [name for name, t in spec.tasks.items() if (t.width, t.blocks) == (width, blocks)]
-        what = f" ({' / '.join(named)})" if named else ""
-        raise TrainConfigError(
-            f"--task {config.task} is a {task.width}-wide, {task.blocks}-block transformer, but --dit "
-            f"{config.dit} is {width} wide with {blocks} blocks{what}; pass the matching --task or --dit"
-        )
+        raise FlagError(f"--{memory.attention} needs a CUDA device; on {device.type} use --sdpa")
 
 
 def _describe(model: torch.nn.Module, fp8: str | None, swap: BlockSwap | None) -> str:

@@ -1,0 +1,243 @@
+"""The LoRA file: what ``train`` writes, ``sample`` and ``convert-lora`` read, and ComfyUI,
+diffusers and musubi-tuner load. It is to LoRAs what ``data/cache_format.py`` is to caches.
+
+A ``.safetensors`` file in one of three layouts, from peft-named tensors
+(``blocks.0.attn1.to_q.lora_A.weight``):
+
+- ``comfyui``: ``diffusion_model.<original module path>.lora_A.weight`` / ``.lora_B.weight`` and
+  ``.alpha`` (a float32 scalar; ComfyUI scales by alpha / rank and assumes 1.0 without it);
+- ``diffusers``: what ``WanPipeline.save_lora_weights`` / ``QwenImagePipeline.save_lora_weights``
+  write (``transformer.<name>.lora_A.weight`` plus the peft config under
+  ``lora_adapter_metadata``), so ``pipe.load_lora_weights(path)`` rebuilds the same adapter;
+- ``musubi``: ``lora_unet_<original module path, dots as _>.lora_down.weight`` /
+  ``.lora_up.weight`` / ``.alpha``, what musubi-tuner's and blissful-tuner's scripts load.
+
+Every file masktrain writes carries ``masktrain.arch`` / ``.rank`` / ``.alpha`` / ``.version`` /
+``.layout`` and the caller's string metadata (the training flags, the step). A file another
+trainer wrote is read off its keys (:func:`file_header`): the family from musubi's
+``ss_network_module`` or the layer names the catalog lists for each family
+(``ArchSpec.lora_layer_hints``), the rank from the down matrices, alpha from the ``.alpha``
+tensors.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import safetensors
+import safetensors.torch
+import torch
+
+from masktrain import catalog
+from masktrain.config.train import LORA_FORMATS, LoraLayout
+from masktrain.errors import LoraFileError
+from masktrain.models.base import ModelFamily
+
+LAYOUTS = LORA_FORMATS
+COMFY_PREFIX = "diffusion_model."
+MUSUBI_PREFIX = "lora_unet_"
+#: musubi-tuner's names of the two LoRA matrices (peft's lora_A / lora_B).
+MUSUBI_MATRICES = {"A": "lora_down", "B": "lora_up"}
+DIFFUSERS_PREFIX = "transformer."
+#: diffusers' ``LORA_ADAPTER_METADATA_KEY``: the peft config that ``load_lora_weights`` rebuilds.
+DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"
+META_ARCH = "masktrain.arch"
+META_RANK = "masktrain.rank"
+META_ALPHA = "masktrain.alpha"
+META_VERSION = "masktrain.version"
+META_LAYOUT = "masktrain.layout"
+META_STEP = "masktrain.step"
+"""The optimizer step a training run saved the file at (``masktrain sample`` names samples by it)."""
+RESERVED = frozenset({META_ARCH, META_RANK, META_ALPHA, META_VERSION, META_LAYOUT, "format"})
+"""Metadata keys masktrain writes itself; a caller's metadata may not set them."""
+
+
+def read_lora_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of a LoRA file, or a :class:`LoraFileError` naming it."""
+    try:
+        tensors = safetensors.torch.load_file(path)
+        with safetensors.safe_open(path, "pt") as handle:
+            metadata = handle.metadata() or {}
+    except (safetensors.SafetensorError, OSError) as error:
+        raise LoraFileError(f"{path}: not a readable safetensors file ({error})") from error
+    return tensors, dict(metadata)
+
+
+def state_file_bytes(
+    state: Mapping[str, torch.Tensor],
+    family: ModelFamily,
+    *,
+    rank: int,
+    alpha: float,
+    layout: LoraLayout,
+    metadata: Mapping[str, str] | None = None,
+    adapter: dict[str, object] | None = None,
+) -> bytes:
+    """A LoRA file's bytes from peft-named tensors (``blocks.0.attn1.to_q.lora_A.weight``) in
+    `layout` (see the module docstring); `adapter` is the peft config for the diffusers layout
+    (built from rank and alpha when None)."""
+    from masktrain import __version__
+
+    if layout not in LAYOUTS:
+        raise ValueError(f"LoRA layout {layout!r} is not one of {', '.join(LAYOUTS)}")
+    header = {
+        "format": "pt",
+        META_ARCH: family.name,
+        META_RANK: str(rank),
+        META_ALPHA: repr(float(alpha)),
+        META_VERSION: __version__,
+        META_LAYOUT: layout,
+    }
+    extra = dict(metadata or {})
+    clash = sorted(set(extra) & set(header))
+    if clash:
+        raise ValueError(f"LoRA metadata keys {clash} are reserved for masktrain")
+    bad = sorted(k for k, v in extra.items() if not isinstance(k, str) or not isinstance(v, str))
+    if bad:
+        raise TypeError(f"LoRA metadata must map str to str; not so for {bad}")
+    header.update(extra)
+    if layout in ("comfyui", "musubi"):
+        tensors = _per_layer(state, family, alpha, layout)
+    else:
+        tensors = {DIFFUSERS_PREFIX + key: value for key, value in state.items()}
+        if adapter is None:
+            from peft import LoraConfig
+
+            adapter = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=True).to_dict()  # type: ignore[arg-type,no-untyped-call]
+        adapter = dict(adapter)
+        # The exact module names, not the suffix set peft compresses them to: a suffix such as
+        # "2" would also put (empty) LoRA on other layers when loaded into a larger variant.
+        adapter["target_modules"] = sorted({key.rpartition(".lora_")[0] for key in state})
+        header[DIFFUSERS_METADATA_KEY] = _diffusers_adapter_metadata(adapter)
+    return safetensors.torch.save(dict(tensors), metadata=header)
+
+
+def file_arch(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> str | None:
+    """The family a LoRA file says it is for: masktrain's metadata, musubi's ``ss_network_module``,
+    or the layer names of exactly one family (``ArchSpec.lora_layer_hints``); None when it does
+    not tell."""
+    if META_ARCH in metadata:
+        return metadata[META_ARCH]
+    module = metadata.get("ss_network_module")
+    for spec in catalog.ARCHES.values():
+        if module is not None and module == spec.musubi_network_module:
+            return spec.name
+    named = [
+        spec.name
+        for spec in catalog.ARCHES.values()
+        if any(hint in key for key in tensors for hint in spec.lora_layer_hints)
+    ]
+    return named[0] if len(named) == 1 else None
+
+
+def file_header(
+    tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str], path: Path, arch: str | None = None
+) -> tuple[str, int, float]:
+    """(arch, rank, alpha) of a LoRA file: masktrain's metadata, else read off the file as musubi-
+    tuner and ComfyUI read it: the arch from :func:`file_arch`, else `arch` (the caller's
+    ``--arch``); the rank from the down matrices; alpha from the per-layer ``.alpha`` tensors, or
+    the rank when there are none (a scale of 1, as ComfyUI assumes). Per-layer ranks or alphas
+    that differ are refused: masktrain's adapters have one of each."""
+    if all(key in metadata for key in (META_ARCH, META_RANK, META_ALPHA)):
+        return metadata[META_ARCH], int(metadata[META_RANK]), float(metadata[META_ALPHA])
+    found = file_arch(tensors, metadata) or arch
+    if found is None:
+        raise LoraFileError(f"{path}: no masktrain metadata and no known layer names; pass --arch")
+    down = {
+        int(v.shape[0]) for k, v in tensors.items() if k.endswith((".lora_A.weight", ".lora_down.weight"))
+    }
+    if len(down) != 1:
+        raise LoraFileError(
+            f"{path}: {'no LoRA matrices' if not down else f'layers of different ranks {sorted(down)}'}; "
+            "masktrain reads LoRAs of one rank"
+        )
+    rank = down.pop()
+    alphas = {round(float(v), 6) for k, v in tensors.items() if k.endswith(".alpha")}
+    if len(alphas) > 1:
+        raise LoraFileError(
+            f"{path}: layers with different alphas {sorted(alphas)}; masktrain reads one alpha"
+        )
+    return found, rank, alphas.pop() if alphas else float(rank)
+
+
+def check_family(arch: str, family: ModelFamily, path: Path) -> None:
+    """A file trained for another family is named as such (not as layers that do not fit)."""
+    if arch != family.name:
+        raise LoraFileError(f"{path}: this LoRA was trained for {arch}; --arch is {family.name}")
+
+
+def layout_of(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> str:
+    """The layout of a file: masktrain's metadata, else by its keys."""
+    if META_LAYOUT in metadata:
+        return metadata[META_LAYOUT]
+    if all(key.startswith(MUSUBI_PREFIX) for key in tensors):
+        return "musubi"
+    if all(key.startswith(DIFFUSERS_PREFIX) for key in tensors):
+        return "diffusers"
+    return "comfyui"
+
+
+def peft_state(
+    tensors: Mapping[str, torch.Tensor],
+    resolve: Callable[[str], str | None],
+    family: ModelFamily,
+    path: Path,
+) -> dict[str, torch.Tensor]:
+    """A LoRA file's tensors in any of the three layouts under peft's names
+    (``blocks.0.attn1.to_q.lora_A.weight``); `resolve` maps a ComfyUI path or a musubi name to
+    the diffusers module name. Per-layer ``.alpha`` tensors are skipped: masktrain's files hold
+    one alpha, in their metadata."""
+    if all(key.startswith(DIFFUSERS_PREFIX) for key in tensors):
+        return {key.removeprefix(DIFFUSERS_PREFIX): value for key, value in tensors.items()}
+    matrices = {musubi: peft for peft, musubi in MUSUBI_MATRICES.items()}
+    state = {}
+    for key, value in tensors.items():
+        if key.endswith(".alpha"):
+            continue
+        if key.startswith(COMFY_PREFIX):
+            base, _, suffix = key.removeprefix(COMFY_PREFIX).rpartition(".lora_")  # "A.weight"
+        elif key.startswith(MUSUBI_PREFIX):
+            base, matrix, rest = key.removeprefix(MUSUBI_PREFIX).split(".", 2)
+            suffix = f"{matrices.get(matrix, matrix)}.{rest}"
+        else:
+            raise LoraFileError(
+                f"{path}: {key} is not in the {COMFY_PREFIX}..., {DIFFUSERS_PREFIX}... or "
+                f"{MUSUBI_PREFIX}... layout"
+            )
+        name = resolve(base)
+        if name is None or suffix.split(".")[0] not in MUSUBI_MATRICES:
+            raise LoraFileError(f"{path}: {key} names no Linear layer of a {family.name} transformer")
+        state[f"{name}.lora_{suffix}"] = value
+    return state
+
+
+def _per_layer(
+    state: Mapping[str, torch.Tensor], family: ModelFamily, alpha: float, layout: LoraLayout
+) -> dict[str, torch.Tensor]:
+    """peft-named tensors in a per-layer layout, each layer with its ``.alpha``: ComfyUI's
+    (``diffusion_model.<original path>.lora_A.weight``) or musubi's
+    (``lora_unet_<original path, dots as _>.lora_down.weight``)."""
+    tensors: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        module, _, suffix = key.rpartition(".lora_")  # "blocks.0.attn1.to_q", "A.weight"
+        original = family.comfy_key(module)
+        if layout == "musubi":
+            matrix, _, rest = suffix.partition(".")
+            base, name = MUSUBI_PREFIX + original.replace(".", "_"), f"{MUSUBI_MATRICES[matrix]}.{rest}"
+        else:
+            base, name = COMFY_PREFIX + original, f"lora_{suffix}"
+        tensors[f"{base}.{name}"] = value
+        tensors[f"{base}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
+    return tensors
+
+
+def _diffusers_adapter_metadata(config: dict[str, object]) -> str:
+    """The peft config as diffusers' ``_save_lora_weights`` stores it: keys prefixed with
+    ``transformer.``, sets as lists, JSON with indent 2 and sorted keys."""
+    packed = {
+        DIFFUSERS_PREFIX + key: sorted(value) if isinstance(value, set) else value
+        for key, value in config.items()
+    }
+    return json.dumps(packed, indent=2, sort_keys=True)
