@@ -29,6 +29,7 @@ from masktrain.cache.summary import DatasetSummary
 from masktrain.config.dataset import VideoDatasetConfig
 from masktrain.data import cache_format as fmt
 from masktrain.data import video
+from masktrain.data.buckets import Bucket
 from masktrain.data.discovery import MediaItem, choose_bucket
 from masktrain.distributed import Shard
 from masktrain.errors import DataError, VideoDecodeError
@@ -49,6 +50,49 @@ class PreparedVideo:
     @property
     def mask_source(self) -> fmt.MaskSource:
         return "file" if self.mask_path is not None else "none"
+
+
+def decode_with_mask(
+    path: Path,
+    dataset: VideoDatasetConfig,
+    buckets: list[Bucket],
+    factor: int,
+    mask_path: Path | None,
+    *,
+    limit: int | None,
+    source_fps: float | None = None,
+    target_fps: float | None = None,
+    cache_mask_gamma: float = 1.0,
+    cache_mask_min_weight: float = 0.0,
+) -> tuple[video.DecodedVideo, np.ndarray | None]:
+    """A video's frames decoded into its bucket (``data.video``), and its static mask file prepared
+    by the native core onto the bucket's latent grid (None without one): the preparation ``cache``
+    gives every video, and ``inspect`` its first frame (``limit=1``)."""
+    decoded = video.decode_video(
+        path,
+        lambda size: choose_bucket(size, dataset.buckets, buckets),
+        limit=limit,
+        source_fps=source_fps,
+        target_fps=target_fps,
+    )
+    width, height = decoded.bucket
+    if width % factor or height % factor:
+        raise DataError(
+            f"{path}: bucket {width}x{height} is not a multiple of the VAE's {factor}x compression"
+        )
+    weights = None
+    if mask_path is not None:
+        _, weights = _native.prepare_mask(
+            mask_path,
+            decoded.original_size,
+            decoded.bucket,
+            factor,
+            source=path,
+            media="video",
+            cache_mask_gamma=cache_mask_gamma,
+            cache_mask_min_weight=cache_mask_min_weight,
+        )
+    return decoded, weights
 
 
 class VideoCacher:
@@ -96,19 +140,18 @@ class VideoCacher:
 
     def _prepare(self, item: MediaItem) -> PreparedVideo:
         settings, setup = self.settings, self.setup
-        decoded = video.decode_video(
+        decoded, weights = decode_with_mask(
             item.path,
-            lambda size: choose_bucket(size, self.dataset.buckets, setup.buckets),
+            self.dataset,
+            setup.buckets,
+            setup.factor,
+            setup.mask_path(item),
             limit=settings.decode_limit,
             source_fps=settings.source_fps,
             target_fps=settings.target_fps,
+            cache_mask_gamma=setup.config.cache_mask_gamma,
+            cache_mask_min_weight=setup.config.cache_mask_min_weight,
         )
-        width, height = decoded.bucket
-        if width % setup.factor or height % setup.factor:
-            raise DataError(
-                f"{item.path}: bucket {width}x{height} is not a multiple of the VAE's "
-                f"{setup.factor}x compression"
-            )
         count = len(decoded.frames)
         spans = settings.spans(count)
         if not spans:
@@ -120,19 +163,8 @@ class VideoCacher:
         if settings.extraction != "full" and any(t > count for t in settings.target_frames):
             self.short += 1
         mask_path = setup.mask_path(item)
-        weights = None
-        if mask_path is not None:
-            _, weights = _native.prepare_mask(
-                mask_path,
-                decoded.original_size,
-                decoded.bucket,
-                setup.factor,
-                source=item.path,
-                media="video",
-                cache_mask_gamma=setup.config.cache_mask_gamma,
-                cache_mask_min_weight=setup.config.cache_mask_min_weight,
-            )
-        elif self.masking:
+        if weights is None and self.masking:
+            width, height = decoded.bucket
             weights = np.ones((height // setup.factor, width // setup.factor), np.float32)
         return PreparedVideo(decoded, spans, weights, mask_path)
 

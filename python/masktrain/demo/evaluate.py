@@ -3,11 +3,12 @@
 Every model sees the same held-out latents, noise and noise levels (drawn once from a seeded
 generator, with the training run's timestep distribution), so the differences between runs are
 the LoRAs' alone. Regions are the tiers of the RAW cached mask weight the loss and the metrics
-use (``loss.TIER_EDGES``): the subject is raw >= 0.75 (the face), the background raw < 0.05.
+use (``tiers.regions``): the subject is raw >= 0.75 (the face), the background raw < 0.05.
 
-- ``subject_improvement``: ``(L_base - L_lora) / L_base`` of the flow-matching loss on subject cells.
-- ``background_drift``: the mean squared difference between the LoRA's and the base model's
-  predictions on background cells (what masked prior preservation is meant to keep near zero).
+- ``subject_improvement`` and ``background_drift``: as validation computes them
+  (``region_scores``): ``(L_base - L_lora) / L_base`` of the flow-matching loss on subject cells,
+  and the mean squared difference between the LoRA's and the base model's predictions on
+  background cells (what masked prior preservation is meant to keep near zero).
 - ``bleed`` (the bleed scenario, given the held-out items' twins rendered in the training room):
   ``1 - |x_lora - z_twin|^2 / |x_base - z_twin|^2`` summed over held-out background cells, where
   ``x = noisy - sigma * v`` is a model's estimate of the clean latents and ``z_twin`` the twin's
@@ -31,12 +32,15 @@ from tqdm import tqdm
 from masktrain.config.timesteps import TimestepSettings
 from masktrain.data.cached_items import find_cached_items
 from masktrain.data.loader import load_batch
+from masktrain.denoiser.lora import load_lora_into
+from masktrain.device import resolve_device
 from masktrain.errors import CachedDataError, DataError
 from masktrain.models import get_family
 from masktrain.models.base import ModelFamily, TextBatch
 from masktrain.models.loading import TINY
-from masktrain.tiers import TIER_EDGES
-from masktrain.train import lora, timesteps
+from masktrain.region_scores import RegionSums
+from masktrain.tiers import regions
+from masktrain.train import timesteps
 from masktrain.train.flow_matching import noised
 
 log = logging.getLogger(__name__)
@@ -73,8 +77,10 @@ class _Inputs:
     sigmas: torch.Tensor
     target: torch.Tensor
     text: TextBatch
-    subject: torch.Tensor
+    raw: torch.Tensor
+    """The held-out items' raw mask weights (B, 1, F, h, w), repeated like ``noisy``."""
     background: torch.Tensor
+    """1 on the background cells of `raw`, else 0."""
     twin: torch.Tensor | None
     """The twins' latents (held-out items in the training room), repeated like ``noisy``."""
     control: torch.Tensor | None
@@ -112,7 +118,6 @@ def _inputs(
     settings = TimestepSettings()  # the training runs' defaults
     sigmas = timesteps.sample_sigmas(settings, latents.shape[0], (height, width), generator, "cpu")
     noisy, target = noised(latents, noise, sigmas)
-    low, high = TIER_EDGES
     heldout = [item.latent_path.name.split("_", 1)[1] for item in items]
     twin, control = (
         (None, None)
@@ -124,19 +129,11 @@ def _inputs(
         sigmas=sigmas.to(device),
         target=target.to(device),
         text=family.collate_text(texts).to(device, torch.float32),
-        subject=(mask >= high).float().to(device),
-        background=(mask < low).float().to(device),
+        raw=mask.to(device),
+        background=regions(mask)["background"].float().to(device),
         twin=twin,
         control=control,
     )
-
-
-def _region_mean(values: torch.Tensor, region: torch.Tensor) -> float:
-    """Mean of ``values`` (B, C, F, h, w) over the cells where ``region`` (B, 1, F, h, w) is 1."""
-    count = region.sum() * values.shape[1]
-    if count == 0:
-        raise DataError("the held-out items have no cells in one of the evaluation regions")
-    return float((values * region).sum() / count)
 
 
 def bleed_distances(
@@ -203,29 +200,42 @@ def evaluate(
     `references`, the TOMLs of the held-out items rendered in the training room and in an unseen
     room (cached), also the bleed."""
     family = get_family(arch)
-    target_device = torch.device(device)
+    target_device = resolve_device(device)
     inputs = _inputs(family, heldout_toml, references, draws, seed, target_device)
     base_model = family.load_transformer(TINY, "--dit", target_device, torch.float32)
     base = _predict(family, base_model, inputs)
-    base_error = (base - inputs.target) ** 2
-    base_subject = _region_mean(base_error, inputs.subject)
-    base_background = _region_mean(base_error, inputs.background)
     scores = {}
     for name, path in tqdm(loras.items(), desc="evaluate", unit="run"):
         model = family.load_transformer(TINY, "--dit", target_device, torch.float32)
-        lora.load_lora_into(model, path)
+        load_lora_into(model, path, family)
         prediction = _predict(family, model.eval(), inputs)
-        error = (prediction - inputs.target) ** 2
-        subject = _region_mean(error, inputs.subject)
+        sums = RegionSums()
+        sums.add(prediction, base, inputs.target, inputs.raw)
         bleed = {} if inputs.twin is None else _bleed(inputs, base, prediction)
-        scores[name] = Score(
-            subject_improvement=(base_subject - subject) / base_subject,
-            background_drift=_region_mean((prediction - base) ** 2, inputs.background),
-            subject_loss=subject,
-            base_subject_loss=base_subject,
-            background_loss=_region_mean(error, inputs.background),
-            base_background_loss=base_background,
-            **bleed,
-        )
+        scores[name] = _score(sums, bleed)
         log.debug("%s: %s", name, scores[name])
     return scores
+
+
+def _score(sums: RegionSums, bleed: dict[str, Any]) -> Score:
+    subject, base_subject = sums.loss("face"), sums.loss("face", base=True)
+    background, base_background = sums.loss("background"), sums.loss("background", base=True)
+    improvement, drift = sums.subject_improvement, sums.background_drift
+    if (
+        subject is None
+        or base_subject is None
+        or background is None
+        or base_background is None
+        or improvement is None
+        or drift is None
+    ):
+        raise DataError("the held-out items have no cells in one of the evaluation regions")
+    return Score(
+        subject_improvement=improvement,
+        background_drift=drift,
+        subject_loss=subject,
+        base_subject_loss=base_subject,
+        background_loss=background,
+        base_background_loss=base_background,
+        **bleed,
+    )

@@ -25,9 +25,9 @@ from masktrain.data import cache_format as fmt
 from masktrain.data import freshness
 from masktrain.data.cached_items import ItemState, item_states
 from masktrain.data.dataset_paths import check_readable
-from masktrain.data.discovery import bucket_list, choose_bucket
+from masktrain.data.discovery import bucket_list
 from masktrain.errors import MaskTrainError
-from masktrain.tiers import TIER_EDGES
+from masktrain.tiers import regions
 
 SMALL_SUBJECT = 0.01
 """An item whose subject (raw >= 0.05) covers less than this fraction of the cells is flagged."""
@@ -96,14 +96,8 @@ class DatasetReport:
 
 
 def coverage(raw: np.ndarray) -> dict[str, float]:
-    """Fractions of cells per region of a raw (h, w) mask."""
-    low, high = TIER_EDGES
-    cells = raw.size
-    return {
-        "face": float((raw >= high).sum() / cells),
-        "body": float(((raw >= low) & (raw < high)).sum() / cells),
-        "background": float((raw < low).sum() / cells),
-    }
+    """Fractions of cells per region (``tiers.regions``) of a raw (h, w) mask."""
+    return {name: float(cells.sum() / raw.size) for name, cells in regions(raw).items()}
 
 
 def loss_weights(raw: np.ndarray, gamma: float, min_weight: float, blur: int = 0) -> np.ndarray:
@@ -198,26 +192,14 @@ def _video_sources(
     dataset: VideoDatasetConfig, states: list[ItemState], factor: int
 ) -> list[_FromSources | Exception]:
     """Each video's first kept frame and its mask, as ``cache.videos`` prepares them."""
-    from masktrain.data import video
+    from masktrain.cache.videos import decode_with_mask
 
     buckets, masks = bucket_list(dataset.buckets), freshness.mask_index(dataset)
     results: list[_FromSources | Exception] = []
     for state in states:
         try:
-            decoded = video.decode_video(
-                state.item.path, lambda size: choose_bucket(size, dataset.buckets, buckets), limit=1
-            )
             mask_path = masks.get(state.item.stem) if masks is not None else None
-            raw = None
-            if mask_path is not None:
-                _, raw = _native.prepare_mask(
-                    mask_path,
-                    decoded.original_size,
-                    decoded.bucket,
-                    factor,
-                    source=state.item.path,
-                    media="video",
-                )
+            decoded, raw = decode_with_mask(state.item.path, dataset, buckets, factor, mask_path, limit=1)
             results.append(
                 _FromSources(decoded.frames[0], raw, "file" if raw is not None else "none", decoded.bucket)
             )

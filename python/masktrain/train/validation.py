@@ -4,8 +4,8 @@ a user sees masking work on their own data, without sampling.
 Every validation sees the same inputs: each cached item at a fixed grid of noise levels
 (:data:`SIGMAS`) with fixed noise (seeded by ``--seed`` and the item's position), so two
 validations differ only by the LoRA. Regions are the tiers of the RAW cached mask weight the loss
-metrics use (``loss.TIER_EDGES``): subject (the face, raw >= 0.75), body (hair and body) and
-background (raw < 0.05). Reported, as the demo reports its runs:
+metrics use (``tiers.regions``): subject (the face, raw >= 0.75), body (hair and body) and
+background (raw < 0.05). Reported, as the demo reports its runs (``region_scores``):
 
 - ``val_loss_face`` / ``val_loss_body`` / ``val_loss_background``: the flow-matching loss per
   region (mean squared error against ``noise - x``, every channel of a cell);
@@ -21,36 +21,23 @@ validates while the others wait.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from dataclasses import dataclass
 
 import torch
 
 from masktrain.data.cached_items import CachedItem
 from masktrain.data.loader import load_batch
+from masktrain.denoiser.experts import Experts
+from masktrain.device import autocast as autocast_to
 from masktrain.models.base import ModelFamily
-from masktrain.tiers import REGIONS, TIER_EDGES
-from masktrain.train.experts import Experts
+from masktrain.region_scores import RegionSums
+from masktrain.tiers import REGIONS
 from masktrain.train.flow_matching import noised
 
 log = logging.getLogger(__name__)
 
 SIGMAS = (0.2, 0.4, 0.6, 0.8)
 """The fixed grid of noise levels every item is validated at."""
-
-
-@dataclass
-class _Sums:
-    error: dict[str, float]
-    base_error: dict[str, float]
-    drift: float
-    cells: dict[str, float]
-
-    @classmethod
-    def empty(cls) -> _Sums:
-        zero = dict.fromkeys(REGIONS, 0.0)
-        return cls(dict(zero), dict(zero), 0.0, dict(zero))
 
 
 class Validator:
@@ -73,7 +60,7 @@ class Validator:
 
     @torch.no_grad()
     def _run(self, experts: Experts, dtype: torch.dtype, autocast: torch.dtype | None) -> dict[str, float]:
-        sums = _Sums.empty()
+        sums = RegionSums()
         base: list[torch.Tensor] = []
         for index, item in enumerate(self.items):
             batch = load_batch(index, [item])
@@ -86,11 +73,8 @@ class Validator:
             noisy, target = noised(latents, noise, sigmas)
             text = self.family.collate_text(batch.text * count).to(self.device, dtype)
             noisy, sigmas, target = noisy.to(self.device), sigmas.to(self.device), target.to(self.device)
-            context = (
-                torch.autocast(self.device.type, dtype=autocast) if autocast else contextlib.nullcontext()
-            )
             try:
-                with context:
+                with autocast_to(self.device, autocast):
                     prediction = experts.predict(self.family, noisy, sigmas, text).float()
                     if self._base is None:
                         with experts.adapters_disabled():
@@ -99,44 +83,22 @@ class Validator:
                 experts.restore_layout("after validation")
             reference = (self._base[index] if self._base is not None else base[-1]).to(self.device)
             mask = batch.mask_weights.to(self.device).repeat_interleave(count, dim=0)
-            _add(
-                sums,
-                (prediction - target) ** 2,
-                (reference - target) ** 2,
-                (prediction - reference) ** 2,
-                mask,
-            )
+            sums.add(prediction, reference, target, mask)
         if self._base is None:
             self._base = base
         return _metrics(sums)
 
 
-def _add(
-    sums: _Sums, error: torch.Tensor, base_error: torch.Tensor, drift: torch.Tensor, mask: torch.Tensor
-) -> None:
-    low, high = TIER_EDGES
-    channels = error.shape[1]
-    regions = {"background": mask < low, "body": (mask >= low) & (mask < high), "face": mask >= high}
-    for name, in_region in regions.items():
-        indicator = in_region.float()
-        sums.error[name] += float((error * indicator).sum())
-        sums.base_error[name] += float((base_error * indicator).sum())
-        sums.cells[name] += float(indicator.sum()) * channels
-        if name == "background":
-            sums.drift += float((drift * indicator).sum())
-
-
-def _metrics(sums: _Sums) -> dict[str, float]:
+def _metrics(sums: RegionSums) -> dict[str, float]:
     metrics: dict[str, float] = {}
     for name in REGIONS:
-        if sums.cells[name]:
-            metrics[f"val_loss_{name}"] = sums.error[name] / sums.cells[name]
-    if sums.cells["face"] and sums.base_error["face"]:
-        metrics["val_subject_improvement"] = (sums.base_error["face"] - sums.error["face"]) / sums.base_error[
-            "face"
-        ]
-    if sums.cells["background"]:
-        metrics["val_background_drift"] = sums.drift / sums.cells["background"]
+        loss = sums.loss(name)
+        if loss is not None:
+            metrics[f"val_loss_{name}"] = loss
+    if sums.subject_improvement is not None:
+        metrics["val_subject_improvement"] = sums.subject_improvement
+    if sums.background_drift is not None:
+        metrics["val_background_drift"] = sums.background_drift
     return metrics
 
 
