@@ -158,3 +158,120 @@ def wait_for_steps(process: Any, metrics: Path, steps: int, timeout: float = 120
         assert process.poll() is None, process.communicate()
         assert time.monotonic() < deadline
         time.sleep(0.2)
+
+
+# --- tiny denoisers with a LoRA (test_lora_export.py, test_lora_file.py) ---------------------------
+
+LORA_ARCHES = ["wan", "qwen_image"]
+LORA_RANK, LORA_ALPHA = 4, 2.0  # alpha != rank, so a lost alpha shows; alpha / rank is exact in binary
+
+WAN_BLOCK = [
+    *(f"attn{i}.{p}" for i in (1, 2) for p in ("to_q", "to_k", "to_v", "to_out.0")),
+    "ffn.net.0.proj",
+    "ffn.net.2",
+]
+QWEN_BLOCK = [
+    *(f"attn.{p}" for p in ("to_q", "to_k", "to_v", "add_k_proj", "add_v_proj", "add_q_proj", "to_out.0")),
+    "attn.to_add_out",
+    "img_mlp.net.0.proj",
+    "img_mlp.net.2",
+    "txt_mlp.net.0.proj",
+    "txt_mlp.net.2",
+]
+DEFAULT_TARGETS = {
+    "wan": [f"blocks.{b}.{m}" for b in range(2) for m in WAN_BLOCK],
+    "qwen_image": [f"transformer_blocks.{b}.{m}" for b in range(2) for m in QWEN_BLOCK],
+}
+
+
+def randn(*shape: int, seed: int = 0) -> Any:
+    import torch
+
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def tiny_denoiser(arch: str) -> Any:
+    """The built-in tiny transformer of `arch`, without an adapter."""
+    import torch
+
+    from masktrain.models import get_family
+
+    return get_family(arch).load_transformer("tiny", "--dit", torch.device("cpu"), torch.float32)
+
+
+def denoiser_inputs(arch: str) -> tuple[Any, Any, Any]:
+    """(noisy latents, sigmas, text) of two samples for `arch`'s tiny transformer."""
+    import torch
+
+    from masktrain.models import get_family
+
+    family = get_family(arch)
+    if arch == "wan":
+        noisy, text = randn(2, 16, 3, 4, 4), [randn(5, 32, seed=1), randn(9, 32, seed=2)]
+    else:
+        noisy, text = randn(2, 4, 1, 4, 6), [randn(3, 16, seed=1), randn(6, 16, seed=2)]
+    return noisy, torch.tensor([0.3, 0.85]), family.collate_text(text)
+
+
+def denoiser_output(arch: str, transformer: Any) -> Any:
+    """`transformer`'s prediction on :func:`denoiser_inputs`."""
+    import torch
+
+    from masktrain.models import get_family
+
+    with torch.no_grad():
+        return get_family(arch).predict(transformer, *denoiser_inputs(arch))
+
+
+def trained_lora(arch: str, seed: int = 0) -> Any:
+    """A tiny denoiser with an adapter whose weights are all nonzero (seeded, reproducible)."""
+    import torch
+
+    from masktrain.denoiser.lora import add_lora
+    from masktrain.models import get_family
+
+    transformer = tiny_denoiser(arch)
+    torch.manual_seed(seed)  # peft's Kaiming init of lora_A draws from the global generator
+    add_lora(transformer, get_family(arch), rank=LORA_RANK, alpha=LORA_ALPHA)
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, param in transformer.named_parameters():
+            if ".lora_B." in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
+    return transformer
+
+
+def adapted_modules(transformer: Any) -> list[str]:
+    from peft.tuners.lora import LoraLayer
+
+    return [name for name, module in transformer.named_modules() if isinstance(module, LoraLayer)]
+
+
+def pipeline_with_fresh_base(arch: str) -> Any:
+    """diffusers' pipeline of `arch` on the tiny models, its transformer without an adapter."""
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler, QwenImagePipeline, WanPipeline
+
+    from masktrain.models import get_family
+
+    family = get_family(arch)
+    cpu, f32 = torch.device("cpu"), torch.float32
+    encoder = family.load_text_encoder("tiny", cpu, f32)
+    components = dict(
+        transformer=tiny_denoiser(arch),
+        vae=family.load_vae("tiny", cpu, f32),
+        text_encoder=encoder.model,
+        tokenizer=encoder.tokenizer,
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+    )
+    return WanPipeline(**components) if arch == "wan" else QwenImagePipeline(**components)
+
+
+def read_safetensors(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
+    """(tensors, metadata) of a safetensors file."""
+    import safetensors
+    import safetensors.torch
+
+    with safetensors.safe_open(path, "pt") as handle:
+        metadata = handle.metadata()
+    return safetensors.torch.load_file(path), metadata

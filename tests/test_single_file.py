@@ -1,11 +1,10 @@
 """Single-file weights (ComfyUI / original layout): tiny diffusers models are written out under
-their original key names (the inverse mappings below are written independently of the loader),
-loaded back, and must reproduce every tensor and the forward pass exactly. The released models'
+their original key names (``reference.py``'s inverse mappings, written independently of the
+loader), loaded back, and must reproduce every tensor and the forward pass exactly. The released models'
 configs are checked on the meta device (key names and shapes only, no weights)."""
 
 import re
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
@@ -30,17 +29,10 @@ from masktrain.models.wan_checkpoint import (
     wan_vae_config,
     wan_vae_names,
 )
+from reference import wan_dit_original, wan_vae_original
 
-# Each family reads its own files; these pick the family's reader by --arch.
-_CHECKPOINTS = {"wan": wan_checkpoint, "qwen_image": qwen_image_checkpoint}
-
-
-def load_transformer_file(arch: str, path: Path, flag: str, **kwargs: Any) -> torch.nn.Module:
-    return _CHECKPOINTS[arch].load_transformer_file(path, flag, **kwargs)
-
-
-def load_vae_file(arch: str, path: Path, flag: str, **kwargs: Any) -> torch.nn.Module:
-    return _CHECKPOINTS[arch].load_vae_file(path, flag, **kwargs)
+# Each family reads its own files.
+READERS = {"wan": wan_checkpoint, "qwen_image": qwen_image_checkpoint}
 
 
 COMFY = "model.diffusion_model."
@@ -152,92 +144,6 @@ def seeded(build):
     return model.eval()
 
 
-# --- independent inverse mappings: diffusers name -> original / ComfyUI name ----------------------
-
-_WAN_DIT_INVERSE = [
-    ("condition_embedder.time_embedder.linear_1", "time_embedding.0"),
-    ("condition_embedder.time_embedder.linear_2", "time_embedding.2"),
-    ("condition_embedder.text_embedder.linear_1", "text_embedding.0"),
-    ("condition_embedder.text_embedder.linear_2", "text_embedding.2"),
-    ("condition_embedder.time_proj", "time_projection.1"),
-    ("condition_embedder.image_embedder.norm1", "img_emb.proj.0"),
-    ("condition_embedder.image_embedder.ff.net.0.proj", "img_emb.proj.1"),
-    ("condition_embedder.image_embedder.ff.net.2", "img_emb.proj.3"),
-    ("condition_embedder.image_embedder.norm2", "img_emb.proj.4"),
-    ("condition_embedder.image_embedder.pos_embed", "img_emb.emb_pos"),
-    (".attn1.", ".self_attn."),
-    (".attn2.", ".cross_attn."),
-    (".to_q.", ".q."),
-    (".to_k.", ".k."),
-    (".to_v.", ".v."),
-    (".to_out.0.", ".o."),
-    (".add_k_proj.", ".k_img."),
-    (".add_v_proj.", ".v_img."),
-    (".norm_added_k.", ".norm_k_img."),
-    (".ffn.net.0.proj.", ".ffn.0."),
-    (".ffn.net.2.", ".ffn.2."),
-    (".scale_shift_table", ".modulation"),
-]
-
-
-def wan_dit_original(name: str) -> str:
-    top = {"scale_shift_table": "head.modulation", "proj_out.weight": "head.head.weight"}
-    if name in top or name == "proj_out.bias":
-        return top.get(name, "head.head.bias")
-    for new, old in _WAN_DIT_INVERSE:
-        name = name.replace(new, old)
-    # The original calls the cross-attention norm norm3 and the FFN norm norm2.
-    return re.sub(r"\.norm([23])\.", lambda m: f".norm{5 - int(m.group(1))}.", name)
-
-
-_VAE_FIXED_INVERSE = {
-    "quant_conv": "conv1",
-    "post_quant_conv": "conv2",
-    "encoder.conv_in": "encoder.conv1",
-    "decoder.conv_in": "decoder.conv1",
-    "encoder.norm_out": "encoder.head.0",
-    "encoder.conv_out": "encoder.head.2",
-    "decoder.norm_out": "decoder.head.0",
-    "decoder.conv_out": "decoder.head.2",
-}
-_RESNET_INVERSE = {"norm1": "residual.0", "conv1": "residual.2", "norm2": "residual.3", "conv2": "residual.6"}
-
-
-def _resnet_original(rest: str) -> str:
-    head, _, tail = rest.partition(".")
-    if head == "conv_shortcut":
-        return f"shortcut.{tail}"
-    return f"{_RESNET_INVERSE[head]}.{tail}" if head in _RESNET_INVERSE else rest
-
-
-def wan_vae_original(name: str, num_res_blocks: int, residual: bool) -> str:
-    module, _, param = name.rpartition(".")
-    if module in _VAE_FIXED_INVERSE:
-        return f"{_VAE_FIXED_INVERSE[module]}.{param}"
-    if m := re.fullmatch(r"(encoder|decoder)\.mid_block\.(resnets|attentions)\.(\d)\.(.+)", name):
-        index = {"resnets": {"0": 0, "1": 2}, "attentions": {"0": 1}}[m.group(2)][m.group(3)]
-        rest = _resnet_original(m.group(4)) if m.group(2) == "resnets" else m.group(4)
-        return f"{m.group(1)}.middle.{index}.{rest}"
-    group = num_res_blocks + 2  # decoder: resnets + 1, then a resample
-    if residual:
-        if m := re.fullmatch(r"(encoder|decoder)\.(down|up)_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", name):
-            side, kind, level, j, rest = m.groups()
-            return f"{side}.{kind}samples.{level}.{kind}samples.{j}.{_resnet_original(rest)}"
-        if m := re.fullmatch(r"(encoder|decoder)\.(down|up)_blocks\.(\d+)\.(?:down|up)sampler\.(.+)", name):
-            side, kind, level, rest = m.groups()
-            j = num_res_blocks if side == "encoder" else num_res_blocks + 1
-            return f"{side}.{kind}samples.{level}.{kind}samples.{j}.{rest}"
-    else:
-        if m := re.fullmatch(r"encoder\.down_blocks\.(\d+)\.(.+)", name):
-            return f"encoder.downsamples.{m.group(1)}.{_resnet_original(m.group(2))}"
-        if m := re.fullmatch(r"decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", name):
-            level, j, rest = m.groups()
-            return f"decoder.upsamples.{int(level) * group + int(j)}.{_resnet_original(rest)}"
-        if m := re.fullmatch(r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.(.+)", name):
-            return f"decoder.upsamples.{int(m.group(1)) * group + num_res_blocks + 1}.{m.group(2)}"
-    raise AssertionError(f"no original name for {name}")
-
-
 def save(path: Path, state: dict[str, torch.Tensor], rename=lambda n: n, prefix: str = "") -> Path:
     save_file({prefix + rename(k): v.detach().clone().contiguous() for k, v in state.items()}, str(path))
     return path
@@ -280,7 +186,7 @@ def test_wan_transformer_round_trip(tmp_path, prefix, dtype) -> None:
     for param in original.parameters():  # a bf16 file holds the weights; RoPE tables stay float32
         param.data = param.data.to(dtype)
     path = save(tmp_path / "wan.safetensors", original.state_dict(), wan_dit_original, prefix)
-    loaded = load_transformer_file("wan", path, "--dit", overrides={"attention_head_dim": 12})
+    loaded = wan_checkpoint.load_transformer_file(path, "--dit", overrides={"attention_head_dim": 12})
     assert isinstance(loaded, WanTransformer3DModel)
     # rope_max_seq_len only sizes a buffer of positions: the released 1024 serves as well.
     assert {k: loaded.config[k] for k in TINY_WAN} == TINY_WAN | {"rope_max_seq_len": 1024}
@@ -291,7 +197,7 @@ def test_wan_transformer_round_trip(tmp_path, prefix, dtype) -> None:
 def test_wan_i2v_transformer_round_trip(tmp_path) -> None:
     original = seeded(lambda: WanTransformer3DModel(**TINY_WAN_I2V))
     path = save(tmp_path / "i2v.safetensors", original.state_dict(), wan_dit_original, COMFY)
-    loaded = load_transformer_file("wan", path, "--dit", overrides={"attention_head_dim": 12})
+    loaded = wan_checkpoint.load_transformer_file(path, "--dit", overrides={"attention_head_dim": 12})
     for key in ("in_channels", "image_dim", "added_kv_proj_dim", "pos_embed_seq_len"):
         assert loaded.config[key] == TINY_WAN_I2V[key]
     assert_same_tensors(loaded, original)
@@ -306,15 +212,15 @@ def test_wan_i2v_transformer_round_trip(tmp_path) -> None:
 def test_wan_transformer_in_diffusers_names_loads_too(tmp_path) -> None:
     original = seeded(lambda: WanTransformer3DModel(**TINY_WAN))
     path = save(tmp_path / "diffusion_pytorch_model.safetensors", original.state_dict())
-    loaded = load_transformer_file("wan", path, "--dit", overrides={"attention_head_dim": 12})
+    loaded = wan_checkpoint.load_transformer_file(path, "--dit", overrides={"attention_head_dim": 12})
     assert_same_tensors(loaded, original)
 
 
 def test_dtype_argument_casts_while_loading(tmp_path) -> None:
     original = seeded(lambda: WanTransformer3DModel(**TINY_WAN))
     path = save(tmp_path / "wan.safetensors", original.state_dict(), wan_dit_original, COMFY)
-    loaded = load_transformer_file(
-        "wan", path, "--dit", dtype=torch.bfloat16, overrides={"attention_head_dim": 12}
+    loaded = wan_checkpoint.load_transformer_file(
+        path, "--dit", dtype=torch.bfloat16, overrides={"attention_head_dim": 12}
     )
     assert_same_tensors(loaded, original.to(torch.bfloat16))
 
@@ -342,7 +248,9 @@ def test_released_wan_transformer_configs_are_inferred(variant) -> None:
 def test_qwen_transformer_round_trip(tmp_path, prefix) -> None:
     original = seeded(lambda: QwenImageTransformer2DModel(**TINY_QWEN))
     path = save(tmp_path / "qwen.safetensors", original.state_dict(), prefix=prefix)
-    loaded = load_transformer_file("qwen_image", path, "--dit", overrides={"axes_dims_rope": (8, 4, 4)})
+    loaded = qwen_image_checkpoint.load_transformer_file(
+        path, "--dit", overrides={"axes_dims_rope": (8, 4, 4)}
+    )
     assert isinstance(loaded, QwenImageTransformer2DModel)
     assert {k: loaded.config[k] for k in TINY_QWEN} == TINY_QWEN
     assert_same_tensors(loaded, original)
@@ -353,7 +261,9 @@ def test_qwen_edit_marker_sets_zero_cond_t(tmp_path) -> None:
     original = seeded(lambda: QwenImageTransformer2DModel(**TINY_QWEN))
     state = original.state_dict() | {"__index_timestep_zero__": torch.empty(0)}
     path = save(tmp_path / "edit.safetensors", state, prefix=COMFY)
-    loaded = load_transformer_file("qwen_image", path, "--dit", overrides={"axes_dims_rope": (8, 4, 4)})
+    loaded = qwen_image_checkpoint.load_transformer_file(
+        path, "--dit", overrides={"axes_dims_rope": (8, 4, 4)}
+    )
     assert loaded.config.zero_cond_t is True
     assert_same_tensors(loaded, original)
 
@@ -377,7 +287,7 @@ def vae_round_trip(tmp_path, arch, model_class, config, prefix="", overrides=Non
     original = seeded(lambda: model_class(**config))
     rename = lambda n: wan_vae_original(n, config["num_res_blocks"], config.get("is_residual", False))  # noqa: E731
     path = save(tmp_path / "vae.safetensors", original.state_dict(), rename, prefix)
-    loaded = load_vae_file(arch, path, "--vae", overrides=overrides)
+    loaded = READERS[arch].load_vae_file(path, "--vae", overrides=overrides)
     assert isinstance(loaded, model_class)
     assert_same_tensors(loaded, original)
     x = torch.rand(1, 3, 1, 32, 32, generator=torch.Generator().manual_seed(3)) * 2 - 1
@@ -447,7 +357,7 @@ def test_unscaled_fp8_loads_as_bfloat16(tmp_path) -> None:
     original = seeded(lambda: AutoencoderKLWan(**TINY_WAN_VAE))
     state = {k: v.to(torch.float8_e4m3fn) for k, v in original.state_dict().items()}
     rename = lambda n: wan_vae_original(n, 1, False)  # noqa: E731
-    loaded = load_vae_file("wan", save(tmp_path / "fp8.safetensors", state, rename), "--vae")
+    loaded = wan_checkpoint.load_vae_file(save(tmp_path / "fp8.safetensors", state, rename), "--vae")
     for name, tensor in loaded.state_dict().items():
         assert tensor.dtype == torch.bfloat16
         assert torch.equal(tensor, state[name].to(torch.bfloat16))
@@ -565,9 +475,9 @@ HEAD = {"attention_head_dim": 12}
 def test_errors_name_the_flag_the_file_and_what_was_expected(files, case, overrides, message):
     loader, arch, name = case.split()
     flag = "--dit" if loader == "dit" else "--vae"
-    load = load_transformer_file if loader == "dit" else load_vae_file
+    load = READERS[arch].load_transformer_file if loader == "dit" else READERS[arch].load_vae_file
     with pytest.raises(ModelLoadError, match=rf"^{flag} {re.escape(str(files[name]))}: .*{message}"):
-        load(arch, files[name], flag, overrides=overrides)
+        load(files[name], flag, overrides=overrides)
 
 
 def test_a_mismatched_shape_is_an_error_before_any_tensor_is_read(tmp_path) -> None:
@@ -577,11 +487,11 @@ def test_a_mismatched_shape_is_an_error_before_any_tensor_is_read(tmp_path) -> N
     with pytest.raises(
         ModelLoadError, match=r"tensor 'decoder\.upsamples\.0\.residual\.6\.bias' has shape \[5\]"
     ):
-        load_vae_file("wan", path, "--vae")
+        wan_checkpoint.load_vae_file(path, "--vae")
 
 
 def test_a_vae_with_unknown_latent_statistics_is_an_error(tmp_path) -> None:
     state = seeded(lambda: AutoencoderKLQwenImage(**TINY_QWEN_VAE)).state_dict()
     path = save(tmp_path / "vae.safetensors", state, lambda n: wan_vae_original(n, 1, False))
     with pytest.raises(ModelLoadError, match=r"no known latent statistics for a 4-channel VAE"):
-        load_vae_file("qwen_image", path, "--vae")
+        qwen_image_checkpoint.load_vae_file(path, "--vae")
