@@ -17,7 +17,8 @@ from pathlib import Path
 
 from masktrain.cli.train import config_from_args
 from masktrain.config.demo import DEFAULT_STEPS, DemoConfig
-from masktrain.demo import RUNS, bleed
+from masktrain.demo import bleed
+from masktrain.demo.runs import RUNS
 
 
 def main() -> None:

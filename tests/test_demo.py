@@ -18,9 +18,10 @@ from PIL import Image
 
 from masktrain.cli.train import config_from_args as train_config
 from masktrain.config import DemoConfig
-from masktrain.demo import RUNS, bleed
+from masktrain.demo import bleed
 from masktrain.demo import run as run_demo
 from masktrain.demo.dataset import FACE, HAIR, SKIN, make_item
+from masktrain.demo.runs import RUNS
 from masktrain.models import get_family
 
 pytestmark = pytest.mark.slow  # the demo trains 3 + 12 LoRAs
@@ -28,6 +29,18 @@ pytestmark = pytest.mark.slow  # the demo trains 3 + 12 LoRAs
 NAMES = [spec.name for spec in RUNS]
 BLEED_NAMES = [spec.name for spec in bleed.REPORTED_RUNS]
 SEEDS = ["42", "43", "44"]
+
+
+def check_picture(path: Path, aspect: tuple[float, float]) -> None:
+    """A PNG of a readable size, its width / height within `aspect`, with a picture in it: many
+    colours, and ink across most of its rows and columns."""
+    with Image.open(path) as picture:
+        assert picture.format == "PNG" and picture.width > 800 and picture.height > 400
+        assert aspect[0] < picture.width / picture.height < aspect[1], picture.size
+        pixels = np.asarray(picture.convert("RGB")).astype(np.int16)
+    assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 500
+    ink = (pixels < 200).any(axis=-1)
+    assert ink.any(axis=1).mean() > 0.6 and ink.any(axis=0).mean() > 0.6
 
 
 def check_promises(report: dict) -> None:
@@ -101,10 +114,8 @@ def test_demo_writes_the_output_tree(wan_demo: tuple[Path, subprocess.CompletedP
     out, _ = wan_demo
     report = json.loads((out / "report.json").read_text())
     markdown = (out / "report.md").read_text()
-    with Image.open(out / "report.png") as picture:
-        assert picture.format == "PNG" and picture.width > 800 and picture.height > 400
-    with Image.open(out / "bleed.png") as picture:
-        assert picture.format == "PNG" and picture.width > 800 and picture.height > 400
+    check_picture(out / "report.png", aspect=(1.5, 2.0))  # three curve panels over four masks
+    check_picture(out / "bleed.png", aspect=(1.5, 2.0))  # four photos over three panels
     assert (
         "## Bleed: every training photo in one room" in markdown
         and "![bleed scenario](bleed.png)" in markdown

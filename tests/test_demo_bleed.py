@@ -14,12 +14,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from masktrain.config.demo import DemoConfig
-from masktrain.demo import bleed
+from masktrain.demo import bleed, drawing
 from masktrain.demo.bleed import BleedResult, SeedResult
-from masktrain.demo.dataset import FACE, bleed_items
+from masktrain.demo.dataset import FACE, SKIN, bleed_items, write_split
 from masktrain.demo.evaluate import NOISE_BINS, Score, _bleed, _Inputs, bleed_distances
+from masktrain.demo.runs import Run, RunSpec
 
 
 def test_distances_by_hand() -> None:
@@ -43,7 +45,7 @@ def _inputs(sigmas: list[float]) -> _Inputs:
         sigmas=torch.tensor(sigmas),
         target=torch.zeros(shape),
         text=None,  # type: ignore[arg-type]  # unused by the score
-        subject=1 - background,
+        raw=1 - background,  # raw weight 1 (face) on the subject cell, 0 elsewhere
         background=background,
         twin=torch.randn(shape, generator=generator),
         control=torch.randn(shape, generator=generator),
@@ -70,7 +72,7 @@ def test_bleed_by_hand_and_by_noise_level() -> None:
         sigmas=torch.tensor([0.1, 0.9]),
         target=torch.zeros(cells),
         text=None,  # type: ignore[arg-type]
-        subject=torch.zeros(cells),
+        raw=torch.zeros(cells),
         background=torch.ones(cells),
         twin=torch.tensor([0.0, 0.0]).view(cells),
         control=torch.tensor([2.0, 2.0]).view(cells),
@@ -135,12 +137,12 @@ def _score(subject: float, bleed_value: float) -> Score:
 
 
 def _result(values: dict[str, tuple[float, float]]) -> BleedResult:
-    runs = [bleed.RunSpec(name, "", ()) for name in values]
+    runs = [RunSpec(name, "", ()) for name in values]
     return BleedResult(
         [
             SeedResult(
                 seed,
-                [bleed.Run(spec, (), None, None) for spec in runs],  # type: ignore[arg-type]
+                [Run(spec, (), None, None) for spec in runs],  # type: ignore[arg-type]
                 {name: _score(*pair) for name, pair in values.items()},
                 {},
             )
@@ -168,6 +170,39 @@ def test_mean_and_spread_over_seeds() -> None:
     assert result.spread("masked", "bleed") == 0.0
     reported = bleed.reported_seeds(DemoConfig(output_dir=Path("demo")))
     assert reported == (42, 43, 44) and not set(bleed.SELECTION_SEEDS) & set(reported)
+
+
+def test_the_bleed_picture_shows_the_photos_the_bars_and_the_curves(tmp_path: Path) -> None:
+    """bleed.png is drawn from the scenario's first seed's photos and every seed's scores: a bar
+    per run in its colour (the fourth run purple), the photos pasted in."""
+    data = tmp_path / "data"
+    for split, items in bleed_items(train=1, heldout=1, size=64, seed=3).items():
+        write_split(data, split, items, 64, 1)
+    names = [spec.name for spec in bleed.REPORTED_RUNS]
+    by_noise = (0.01, float("nan"), 0.05, 0.08, 0.1)  # a bin no draw fell in
+
+    def score(index: int, seed: int) -> Score:
+        value = 0.02 * (index + 1) + 0.01 * seed
+        return Score(0.25, 0.1, 1.0, 1.3, 1.0, 1.0, value, by_noise, value / 2)
+
+    result = BleedResult(
+        [
+            SeedResult(
+                seed,
+                [Run(spec, (), tmp_path, tmp_path) for spec in bleed.REPORTED_RUNS],
+                {name: score(index, seed) for index, name in enumerate(names)},
+                {"train": data / "train.toml"},
+            )
+            for seed in (1, 2, 3)
+        ]
+    )
+    drawing.write_png(drawing.bleed_figure(result), tmp_path / "bleed.png")
+    with Image.open(tmp_path / "bleed.png") as picture:
+        assert picture.format == "PNG" and picture.width > 800 and 1.5 < picture.width / picture.height < 2
+        colours = {tuple(c) for c in np.asarray(picture.convert("RGB")).reshape(-1, 3).tolist()}
+    bars = {"unmasked": (127, 127, 127), "masked": (255, 127, 14), "masked_prior": (44, 160, 44)}
+    assert set(bars.values()) | {(148, 103, 189)} <= colours  # tab: grey, orange, green, purple
+    assert SKIN in colours  # the photos' faces
 
 
 @pytest.mark.slow

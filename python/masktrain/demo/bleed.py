@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from masktrain.config.demo import DemoConfig
-from masktrain.demo import RUNS, Run, RunSpec, dataset, train_runs, write_and_cache
+from masktrain.demo import dataset
+from masktrain.demo.runs import RUNS, Run, RunSpec, train_runs, write_and_cache
 
 if TYPE_CHECKING:
     from masktrain.config.train import TrainConfig

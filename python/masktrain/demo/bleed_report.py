@@ -1,37 +1,19 @@
 """The bleed scenario's part of the demo report: its plain-text table, its section of
-``report.md``, its entry in ``report.json`` and ``bleed.png`` (the scenario's photos, then bleed
-and subject improvement per run with every seed shown, and bleed by noise level)."""
+``report.md`` and its entry in ``report.json`` (its picture, ``bleed.png``, is drawn by
+``demo/drawing.py``)."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import asdict
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-import numpy as np
+from typing import Any
 
 from masktrain.config.demo import DemoConfig
 from masktrain.demo import bleed
 from masktrain.demo.evaluate import NOISE_BINS
-from masktrain.demo.report import cache_command, load_font, ticks
-
-if TYPE_CHECKING:
-    from PIL import Image, ImageDraw
+from masktrain.demo.runs import cache_command
 
 FIELDS = ("subject_improvement", "background_drift", "bleed", "bleed_unseen_room")
-COLOURS = {  # run name -> bar colour
-    "unmasked": (127, 127, 127),
-    "masked": (255, 127, 14),
-    "masked_prior": (44, 160, 44),
-}
-OTHER_COLOUR = (148, 103, 189)
-PANEL_W, PANEL_H, MARGIN = 300, 220, 64
-TILE = 128
-
-
-def _colour(name: str) -> tuple[int, int, int]:
-    return COLOURS.get(name, OTHER_COLOUR)
 
 
 def ratios(result: bleed.BleedResult) -> dict[str, float]:
@@ -172,134 +154,3 @@ Cache:
 
 {commands}
 """
-
-
-def _photos(result: bleed.BleedResult) -> list[tuple[Path, str]]:
-    data = result.seeds[0].tomls["train"].parent
-    return [
-        (data / "train" / "images" / "train_000.png", "a training photo (the room)"),
-        (data / "heldout" / "images" / "heldout_000.png", "a held-out photo"),
-        (data / "twin" / "images" / "twin_000.png", "its twin: the training room"),
-        (data / "control" / "images" / "control_000.png", "in an unseen room"),
-    ]
-
-
-def _bars(
-    draw: ImageDraw.ImageDraw,
-    origin: tuple[int, int],
-    title: str,
-    values: dict[str, list[float]],
-    hollow: dict[str, float] | None = None,
-) -> None:
-    """A bar per run at its mean, a dot per seed, and (`hollow`) an open marker per run."""
-    left, top = origin
-    right, bottom = left + PANEL_W, top + PANEL_H
-    small = load_font(12)
-    everything = [v for vs in values.values() for v in vs] + list((hollow or {}).values()) + [0.0]
-    low, high = min(everything), max(everything)
-    pad = max(high - low, 1e-6) * 0.08
-    low, high = low - (pad if low < 0 else 0), high + pad
-    draw.text((left + PANEL_W // 2, top - 22), title, fill="black", font=load_font(15), anchor="mm")
-    draw.rectangle((left, top, right, bottom), outline=(90, 90, 90))
-
-    def y_of(value: float) -> float:
-        return bottom - (value - low) / (high - low) * PANEL_H
-
-    for tick in ticks(low, high):
-        y = y_of(tick)
-        draw.line((left, y, right, y), fill=(230, 230, 230))
-        draw.text((left - 6, y), f"{tick:g}", fill="black", font=small, anchor="rm")
-    draw.line((left, y_of(0), right, y_of(0)), fill=(60, 60, 60))
-    slot = PANEL_W / len(values)
-    for index, (name, seeds) in enumerate(values.items()):
-        centre = left + slot * (index + 0.5)
-        mean = float(np.mean(seeds))
-        box = (centre - slot * 0.3, min(y_of(mean), y_of(0)), centre + slot * 0.3, max(y_of(mean), y_of(0)))
-        draw.rectangle(box, fill=_colour(name))
-        for value in seeds:
-            y = y_of(value)
-            draw.ellipse((centre - 3, y - 3, centre + 3, y + 3), fill="black")
-        if hollow is not None:
-            y = y_of(hollow[name])
-            draw.ellipse(
-                (centre + slot * 0.15 - 5, y - 5, centre + slot * 0.15 + 5, y + 5), outline="black", width=2
-            )
-        label = name.replace("masked_prior", "m+prior")
-        draw.text((centre, bottom + 6), label, fill="black", font=small, anchor="mt")
-
-
-def _noise_curves(draw: ImageDraw.ImageDraw, origin: tuple[int, int], result: bleed.BleedResult) -> None:
-    left, top = origin
-    right, bottom = left + PANEL_W, top + PANEL_H
-    small = load_font(12)
-    curves = {
-        name: np.nanmean(np.array([seed.scores[name].bleed_by_noise for seed in result.seeds], float), axis=0)
-        for name in result.names
-    }
-    values = np.concatenate([*curves.values(), np.zeros(1)])
-    low, high = float(np.nanmin(values)), float(np.nanmax(values))
-    pad = max(high - low, 1e-6) * 0.08
-    low, high = low - (pad if low < 0 else 0), high + pad
-    draw.text(
-        (left + PANEL_W // 2, top - 22), "bleed by noise level", fill="black", font=load_font(15), anchor="mm"
-    )
-    draw.rectangle((left, top, right, bottom), outline=(90, 90, 90))
-
-    def xy(bin_index: float, value: float) -> tuple[float, float]:
-        return left + (bin_index + 0.5) / NOISE_BINS * PANEL_W, bottom - (value - low) / (
-            high - low
-        ) * PANEL_H
-
-    for tick in ticks(low, high):
-        _, y = xy(0, tick)
-        draw.line((left, y, right, y), fill=(230, 230, 230))
-        draw.text((left - 6, y), f"{tick:g}", fill="black", font=small, anchor="rm")
-    for index in range(NOISE_BINS):
-        x, _ = xy(index, low)
-        draw.text(
-            (x, bottom + 6),
-            f"{index / NOISE_BINS:.1f}-{(index + 1) / NOISE_BINS:.1f}",
-            fill="black",
-            font=small,
-            anchor="mt",
-        )
-    draw.text(
-        (left + PANEL_W // 2, bottom + 24), "noise level (sigma)", fill="black", font=small, anchor="mt"
-    )
-    for index, (name, curve) in enumerate(curves.items()):
-        points = [xy(i, float(v)) for i, v in enumerate(curve) if np.isfinite(v)]
-        if len(points) > 1:
-            draw.line(points, fill=_colour(name), width=3)
-        legend_y = top + 12 + 16 * index  # top left: bleed grows with the noise level
-        draw.line((left + 10, legend_y, left + 30, legend_y), fill=_colour(name), width=3)
-        draw.text((left + 36, legend_y), name, fill="black", font=small, anchor="lm")
-
-
-def picture(config: DemoConfig, result: bleed.BleedResult) -> Image.Image:
-    from PIL import Image, ImageDraw
-
-    width = MARGIN + 3 * (PANEL_W + MARGIN)
-    photos_top, panels_top = 40, 40 + TILE + 70
-    canvas = Image.new("RGB", (width, panels_top + PANEL_H + 70), "white")
-    draw = ImageDraw.Draw(canvas)
-    small = load_font(13)
-    draw.text(
-        (MARGIN, 20),
-        f"bleed scenario, seed {result.seeds[0].seed}:",
-        fill="black",
-        font=load_font(15),
-        anchor="lm",
-    )
-    x = MARGIN
-    for path, label in _photos(result):
-        with Image.open(path) as photo:
-            canvas.paste(photo.convert("RGB").resize((TILE, TILE)), (x, photos_top))
-        draw.text((x + TILE // 2, photos_top + TILE + 6), label, fill="black", font=small, anchor="mt")
-        x += TILE + 90
-    bleeds = {name: result.values(name, "bleed") for name in result.names}
-    unseen = {name: result.mean(name, "bleed_unseen_room") for name in result.names}
-    subject = {name: result.values(name, "subject_improvement") for name in result.names}
-    _bars(draw, (MARGIN, panels_top), "bleed (dots: seeds; ring: unseen room)", bleeds, unseen)
-    _bars(draw, (MARGIN + PANEL_W + MARGIN, panels_top), "subject improvement", subject)
-    _noise_curves(draw, (MARGIN + 2 * (PANEL_W + MARGIN), panels_top), result)
-    return canvas
