@@ -93,11 +93,11 @@ def build(spec: ModelSpec, row: Row, device: Any, dtype: Any, rank: int) -> tupl
     from accelerate import init_empty_weights
     from diffusers import QwenImageTransformer2DModel, WanTransformer3DModel
 
+    from masktrain.denoiser import lora
     from masktrain.models import checkpointing, get_family, qwen_image, wan
     from masktrain.models.block_swap import BlockSwap
     from masktrain.models.fp8 import Fp8Linear, replace_module, target_linears
     from masktrain.models.placement import move_module
-    from masktrain.denoiser import lora
 
     family = get_family(spec.arch)
     model_class = WanTransformer3DModel if spec.arch == "wan" else QwenImageTransformer2DModel
@@ -138,8 +138,8 @@ def train_step(
     """One optimizer step of ``train.loop`` (simplified: one batch, no timestep weighting)."""
     import torch
 
-    from masktrain.loss import masked_loss_terms
     from masktrain.denoiser import lora
+    from masktrain.loss import masked_loss_terms
 
     device = batch["noisy"].device
     autocast = torch.autocast(device.type, dtype=torch.bfloat16)
@@ -194,9 +194,9 @@ def run_row(row: Row, spec: ModelSpec, steps: int, warmup: int, rank: int) -> di
     import peft  # noqa: F401
     import torch
 
+    from masktrain.denoiser import lora
     from masktrain.loss import MaskLossSettings
     from masktrain.models.single_file import release_freed_memory
-    from masktrain.denoiser import lora
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
