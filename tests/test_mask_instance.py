@@ -152,16 +152,16 @@ def test_the_device_is_the_commands_one_choice(tmp_path: Path, monkeypatch: pyte
 
 
 @pytest.mark.slow
-def test_the_readme_chain_tiers_instance_apply_cache_train(tmp_path: Path) -> None:
-    """The README's "Make your masks" commands, as written, from make_sample's group photos to a
-    trained LoRA (tiny models)."""
+def test_the_docs_chain_tiers_instance_apply_cache_train(tmp_path: Path) -> None:
+    """The "Make your masks" commands of docs/masks.md, as written, from make_sample's group photos
+    to a trained LoRA (tiny models)."""
     import subprocess
     import sys
 
     from helpers import masktrain_command
 
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    section = readme.split("## Make your masks", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "masks.md").read_text()
+    section = doc.split("## Make your masks", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
     lines = section.replace("\\\n", " ").splitlines()
     script = Path(__file__).resolve().parent.parent / "scripts" / "make_sample.py"
     ran = 0

@@ -3,8 +3,11 @@
 Per image the native core decodes it, picks its mask (alpha -> mask file -> full weight, or an
 error under ``require_mask``), resizes both onto the bucket and pools the mask onto the latent
 grid; the VAE encodes the pixels; the file holds ``latents_1xHxW_<dtype>`` and, when masking is
-on, ``mask_weights_1xHxW_float32`` (raw weights in [0, 1]; gamma and floor are applied at
-training time).
+on, ``mask_weights_1xHxW_float32``: weights in [0, 1], raw unless ``--cache_mask_gamma`` /
+``--cache_mask_min_weight`` are given, in which case the core bakes
+``clamp(m ** G * (1 - W) + W)`` into them at pixel resolution, before pooling (the file's metadata
+records both values). ``train``'s ``--mask_gamma`` / ``--mask_min_weight`` apply on top at
+training time (it warns when a value is applied twice).
 
 With ``bucket_no_upscale`` an image whose area is at most the resolution's keeps its own size
 rounded down to the bucket step: the native core prepares it a second time with that one bucket

@@ -125,7 +125,7 @@ def instance_command(**flags: Any) -> None:
 
 
 @masks.command("apply-instance")
-@option("weighted_masks", type=directory(True), required=True, help="Tiered masks (PNG / JPEG).")
+@option("weighted_masks", type=directory(True), required=True, help="Tiered masks (PNG, JPEG, WebP, BMP).")
 @option("instance_masks", type=directory(True), required=True, help="Binary subject masks, {stem}.png.")
 @option("output", type=directory(False), required=True, help="Where the subject-only masks go.")
 @option(

@@ -2,7 +2,7 @@
 them (and why), the flags it does not implement (each a one-line error naming what to use
 instead), and musubi's habit of several values after one flag (``--network_args "a=1" "b=2"``).
 
-This is the one table of musubi flags; the README lists it too. Flags masktrain implements are
+This is the one table of musubi flags; docs/musubi.md lists it too. Flags masktrain implements are
 ordinary options of ``cli/train.py`` (their spelling is musubi's).
 """
 

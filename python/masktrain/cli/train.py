@@ -1,6 +1,9 @@
 """``masktrain train``'s flags: the guide's spellings (musubi-tuner's) and dashed aliases, parsed
-into a ``TrainConfig``; defaults and choices come from the config dataclasses, so the two cannot
-drift. torch is imported only once the config is built (and so checked).
+into a ``TrainConfig``. A flag that fills a config field (:func:`_field`) takes its default and
+its ``--help`` from that field, the help being the field's docstring (``options.FieldOption``),
+so flag and field cannot drift; ``help=`` is written only for flags without a field of their
+own. Choices come from the config modules. torch is imported only once the config is built (and
+so checked).
 
 ``--network_args`` and ``--optimizer_args`` take several ``key=value`` after one use, as
 musubi-tuner does (``cli/musubi.py``); the musubi flags masktrain accepts without acting on them,
@@ -46,244 +49,138 @@ from masktrain.errors import TrainConfigError
 
 log = logging.getLogger(__name__)
 
-_TRAIN = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
-_NETWORK, _OPTIM, _MASK, _STEPS = NetworkSettings(), OptimSettings(), MaskLossSettings(), TimestepSettings()
-_MEMORY = MemorySettings()
+FIELD_OWNERS: tuple[type, ...] = (
+    TrackerSettings,
+    MemorySettings,
+    NetworkSettings,
+    OptimSettings,
+    MaskLossSettings,
+    TimestepSettings,
+    SampleSettings,
+    TrainConfig,
+)
+"""The settings dataclasses whose fields ``build_config`` fills from flags of the same name."""
 
 
-def _shown(name: str, default: object, **kwargs: Any) -> Callable[[F], F]:
-    """An option with its default shown in ``--help``."""
-    return option(name, default=default, show_default=True, **kwargs)
+def _field(name: str, **kwargs: Any) -> Callable[[F], F]:
+    """The flag of the config field `name`: its help is the field's docstring and its default the
+    field's (shown in ``--help`` unless None or a switch); a field without a default is required."""
+    owner = next(c for c in FIELD_OWNERS if name in {f.name for f in dataclasses.fields(c)})
+    (field,) = [f for f in dataclasses.fields(owner) if f.name == name]
+    if field.default is dataclasses.MISSING:
+        kwargs["required"] = True
+    else:
+        kwargs["default"] = field.default
+        kwargs["show_default"] = field.default is not None and not isinstance(field.default, bool)
+    return option(name, documented_by=owner, **kwargs)
+
+
+def _switch(name: str) -> Callable[[F], F]:
+    """The on flag of the boolean config field `name`."""
+    return _field(name, is_flag=True)
 
 
 _OPTIONS: list[Callable[[F], F]] = [
-    option(
-        "dataset_config",
-        type=existing_file(),
-        required=True,
-        help="The dataset TOML (cached with masktrain cache).",
-    ),
-    option(
-        "arch",
-        type=click.Choice(catalog.ARCH_NAMES),
-        required=True,
-        help=f"Model family: {catalog.described()}.",
-    ),
-    option("dit", required=True, help="Transformer: 'tiny', a diffusers folder or a .safetensors file."),
-    option("dit_high_noise", default=None, help="WAN 2.2 A14B high-noise expert (one LoRA across both)."),
-    _shown(
-        "timestep_boundary",
-        _TRAIN["timestep_boundary"],
-        type=float,
-        help="WAN 2.2 A14B: expert switch sigma.",
-    ),
-    option(
-        "output_dir", type=click.Path(file_okay=False, path_type=Path), required=True, help="Output folder."
-    ),
-    _shown("output_name", _TRAIN["output_name"], help="LoRA file name without .safetensors."),
-    option("device", default=None, help="Training device [default: cuda when available, else cpu]."),
-    _shown(
-        "mixed_precision",
-        _TRAIN["mixed_precision"],
-        type=click.Choice(MIXED_PRECISION),
-        help="auto: bf16 on GPU.",
-    ),
-    flag("gradient_checkpointing", "Recompute activations in backward to save memory."),
-    flag(
-        "gradient_checkpointing_cpu_offload",
-        "Keep checkpointed block inputs in host memory (needs --gradient_checkpointing).",
-    ),
-    flag("fp8_base", "Transformer block Linear weights in fp8 e4m3 (fp8 checkpoints load as stored)."),
-    flag("fp8_scaled", "With --fp8_base: block-wise scales (per row and 64 inputs)."),
-    _shown(
-        "blocks_to_swap",
-        _MEMORY.blocks_to_swap,
-        type=click.IntRange(min=0),
-        help="Transformer blocks kept in host memory and streamed in (needs --gradient_checkpointing).",
-    ),
-    flag("use_pinned_memory_for_block_swap", "Page-locked host memory for block swap (faster copies)."),
-    flag("offload_inactive_dit", "WAN 2.2 A14B: keep the idle expert in host memory."),
+    _field("dataset_config", type=existing_file()),
+    _field("arch", type=click.Choice(catalog.ARCH_NAMES)),
+    _field("dit"),
+    _field("dit_high_noise"),
+    _field("timestep_boundary", type=float),
+    _field("output_dir", type=click.Path(file_okay=False, path_type=Path)),
+    _field("output_name"),
+    _field("device"),
+    _field("mixed_precision", type=click.Choice(MIXED_PRECISION)),
+    _switch("gradient_checkpointing"),
+    _switch("gradient_checkpointing_cpu_offload"),
+    _switch("fp8_base"),
+    _switch("fp8_scaled"),
+    _field("blocks_to_swap", type=click.IntRange(min=0)),
+    _switch("use_pinned_memory_for_block_swap"),
+    _switch("offload_inactive_dit"),
+    # One field (MemorySettings.attention), four musubi switches.
     flag("sdpa", "Attention: PyTorch scaled_dot_product_attention (the default)."),
     flag("flash_attn", "Attention: FlashAttention (needs flash-attn)."),
     flag("sage_attn", "Attention: SageAttention (needs sageattention)."),
     flag("xformers", "Attention: xformers (needs xformers)."),
-    _shown("seed", _TRAIN["seed"], type=int, help="Seeds init, batch order, noise, timesteps."),
-    _shown("max_train_steps", _TRAIN["max_train_steps"], type=click.IntRange(min=1), help="Optimizer steps."),
-    option("max_train_epochs", type=click.IntRange(min=1), default=None, help="Epochs (overrides steps)."),
-    option("save_every_n_steps", type=click.IntRange(min=1), default=None, help="Checkpoint every N steps."),
-    option(
-        "save_every_n_epochs", type=click.IntRange(min=1), default=None, help="Checkpoint every N epochs."
-    ),
-    option(
-        "save_last_n_steps",
-        type=click.IntRange(min=1),
-        default=None,
-        help="Keep only the checkpoints of the last N steps.",
-    ),
-    option(
-        "save_last_n_epochs",
-        type=click.IntRange(min=1),
-        default=None,
-        help="Keep only the checkpoints of the last N epochs.",
-    ),
-    option(
-        "validation_dataset_config",
-        type=existing_file(),
-        default=None,
-        help="A cached dataset TOML (with masks) to report the loss by region on.",
-    ),
-    option(
-        "validate_every_n_steps", type=click.IntRange(min=1), default=None, help="Validate every N steps."
-    ),
-    option(
-        "sample_prompts",
-        type=existing_file(),
-        default=None,
-        help="musubi's prompt file (.txt with --w --h --f --d --s --l --fs --n, .toml or .json): samples under OUTPUT_DIR/sample.",
-    ),
-    option("sample_every_n_steps", type=click.IntRange(min=1), default=None, help="Sample every N steps."),
-    option("sample_every_n_epochs", type=click.IntRange(min=1), default=None, help="Sample every N epochs."),
-    flag("sample_at_first", "Sample before training (the base model)."),
-    option(
-        "vae", default=None, help="VAE that decodes the samples ('tiny', a folder or a .safetensors file)."
-    ),
-    option(
-        "log_with",
-        type=click.Choice(LOG_WITH),
-        default=None,
-        help="Trackers besides metrics.jsonl [default: TensorBoard in OUTPUT_DIR/tensorboard when installed].",
-    ),
-    option(
-        "logging_dir",
-        type=click.Path(file_okay=False, path_type=Path),
-        default=None,
-        help="Trackers' folder (TensorBoard: DIR/PREFIX+timestamp, as musubi).",
-    ),
-    option("log_prefix", default=None, help="Prefix of the run's TensorBoard folder."),
-    option("log_tracker_name", default=None, help="wandb project [default: masktrain]."),
-    option("wandb_run_name", default=None, help="wandb run name [default: --output_name]."),
-    option("wandb_api_key", default=None, help="wandb API key (else wandb's own login)."),
-    _shown(
-        "ddp_timeout",
-        _TRAIN["ddp_timeout"],
-        type=click.IntRange(min=1),
-        help="torchrun: minutes a process waits for the others (rank 0 samples and validates alone).",
-    ),
-    option("task", default=None, help="musubi-tuner's WAN --task, checked against --dit (e.g. t2v-14B)."),
-    option("model_version", default=None, help="musubi-tuner's Qwen-Image --model_version (original)."),
-    _shown(
-        "lora_format", _TRAIN["lora_format"], type=click.Choice(LORA_FORMATS), help="Layout of the LoRA file."
-    ),
-    _shown("save_precision", _TRAIN["save_precision"], type=click.Choice(SAVE_PRECISION)),
-    flag("overwrite", "Start over in an --output_dir that holds checkpoints (deletes them)."),
-    flag("skip_stale", "Leave out, with a warning, items whose cache is missing or out of date."),
-    option(
-        "resume",
-        type=click.Path(exists=True, file_okay=False, path_type=Path),
-        default=None,
-        help="Checkpoint folder (OUTPUT_DIR/step-NNNNNN) to continue from.",
-    ),
-    _shown("network_dim", _NETWORK.network_dim, type=click.IntRange(min=1), help="LoRA rank."),
-    _shown("network_alpha", _NETWORK.network_alpha, type=float, help="LoRA alpha (scale alpha/rank)."),
+    _field("seed", type=int),
+    _field("max_train_steps", type=click.IntRange(min=1)),
+    _field("max_train_epochs", type=click.IntRange(min=1)),
+    _field("save_every_n_steps", type=click.IntRange(min=1)),
+    _field("save_every_n_epochs", type=click.IntRange(min=1)),
+    _field("save_last_n_steps", type=click.IntRange(min=1)),
+    _field("save_last_n_epochs", type=click.IntRange(min=1)),
+    _field("validation_dataset_config", type=existing_file()),
+    _field("validate_every_n_steps", type=click.IntRange(min=1)),
+    _field("sample_prompts", type=existing_file()),
+    _field("sample_every_n_steps", type=click.IntRange(min=1)),
+    _field("sample_every_n_epochs", type=click.IntRange(min=1)),
+    _switch("sample_at_first"),
+    _field("vae"),
+    _field("log_with", type=click.Choice(LOG_WITH)),
+    _field("logging_dir", type=click.Path(file_okay=False, path_type=Path)),
+    _field("log_prefix"),
+    _field("log_tracker_name"),
+    _field("wandb_run_name"),
+    _field("wandb_api_key"),
+    _field("ddp_timeout", type=click.IntRange(min=1)),
+    _field("task"),
+    _field("model_version"),
+    _field("lora_format", type=click.Choice(LORA_FORMATS)),
+    _field("save_precision", type=click.Choice(SAVE_PRECISION)),
+    _switch("overwrite"),
+    _switch("skip_stale"),
+    _field("resume", type=click.Path(exists=True, file_okay=False, path_type=Path)),
+    _field("network_dim", type=click.IntRange(min=1)),
+    _field("network_alpha", type=float),
+    # Parsed into several NetworkSettings fields (parse_network_args).
     option(
         "network_args",
         multiple=True,
-        help="key=value ... (include_patterns=[...], exclude_patterns=[...], verbose=True).",
+        help="key=value ... (include_patterns=[...], exclude_patterns=[...], loraplus_lr_ratio=, verbose=True).",
     ),
-    _shown("network_dropout", _NETWORK.network_dropout, type=float, help="Dropout on the LoRA input."),
-    _shown("learning_rate", _OPTIM.learning_rate, type=float),
-    _shown(
+    _field("network_dropout", type=float),
+    _field("learning_rate", type=float),
+    _field(
         "optimizer_type",
-        _OPTIM.optimizer_type,
         type=click.Choice([*OPTIMIZER_TYPES, *OPTIMIZER_ALIASES], case_sensitive=False),
-        help="adamw8bit needs bitsandbytes; adafactor is transformers'; prodigy needs prodigyopt.",
     ),
-    _shown("lr_scheduler", _OPTIM.lr_scheduler, type=click.Choice(LR_SCHEDULERS)),
-    _shown("lr_warmup_steps", _OPTIM.lr_warmup_steps, type=click.IntRange(min=0)),
-    _shown(
-        "lr_scheduler_min_lr_ratio",
-        _OPTIM.lr_scheduler_min_lr_ratio,
-        type=float,
-        help="Floor of linear / cosine decay (fraction of the learning rate).",
-    ),
-    _shown("lr_scheduler_power", _OPTIM.lr_scheduler_power, type=float, help="Power of polynomial decay."),
+    _field("lr_scheduler", type=click.Choice(LR_SCHEDULERS)),
+    _field("lr_warmup_steps", type=click.IntRange(min=0)),
+    _field("lr_scheduler_min_lr_ratio", type=float),
+    _field("lr_scheduler_power", type=float),
+    # Parsed into several OptimSettings fields (parse_optimizer_args).
     option(
         "optimizer_args",
         multiple=True,
         help="key=value ... (weight_decay=, betas=(b1,b2), eps=; Adafactor: scale_parameter=, ...).",
     ),
-    _shown("gradient_accumulation_steps", _OPTIM.gradient_accumulation_steps, type=click.IntRange(min=1)),
-    _shown("max_grad_norm", _OPTIM.max_grad_norm, type=float, help="0 disables clipping."),
-    flag("use_mask_loss", "Weight the loss by the cached mask weights."),
-    _shown("mask_gamma", _MASK.mask_gamma, type=float, help="< 1 softer, > 1 sharper masks."),
-    _shown("mask_min_weight", _MASK.mask_min_weight, type=float, help="Weight floor (affine remap)."),
-    _shown(
-        "prior_preservation_weight",
-        _MASK.prior_preservation_weight,
-        type=float,
-        help="Keep the unmasked region close to the base model (0 disables).",
-    ),
-    option(
-        "prior_mask_threshold",
-        type=float,
-        default=_MASK.prior_mask_threshold,
-        help="Threshold mode: the prior region is raw weight < this (e.g. 0.1).",
-    ),
-    flag("normalize_per_sample", "Normalise the masked loss per sample."),
-    option(
-        "prior_preservation_timestep_threshold",
-        type=click.FloatRange(0, 1000),
-        default=None,
-        help="Run the teacher only for samples above this timestep (0-1000; e.g. 300).",
-    ),
-    _shown(
-        "prior_teacher_mode",
-        _MASK.prior_teacher_mode,
-        type=click.Choice(("base", "ema")),
-        help="The prior term's teacher: the base model, or an EMA of the LoRA (from step 100).",
-    ),
-    _shown("prior_teacher_ema_decay", _MASK.prior_teacher_ema_decay, type=float),
-    _shown(
-        "prior_decay_schedule",
-        _MASK.prior_decay_schedule,
-        type=click.Choice(PRIOR_DECAY_SCHEDULES),
-        help="Prior weight below --prior_decay_timestep_start (needs --normalize_per_sample).",
-    ),
-    _shown("prior_decay_timestep_start", _MASK.prior_decay_timestep_start, type=float),
-    _shown("prior_decay_warmup_ratio", _MASK.prior_decay_warmup_ratio, type=float),
-    click.option(
-        "--mask_blur_kernel_size",
-        "--mask-blur-kernel-size",
-        "--mask_blur_radius",
-        "--mask-blur-radius",
-        "mask_blur_kernel_size",
-        type=click.IntRange(min=0),
-        default=_MASK.mask_blur_kernel_size,
-        show_default=True,
-        help="Gaussian blur of the latent mask (odd kernel, in cells; 3 or 5); 0 disables.",
-    ),
-    _shown(
-        "mask_area_scale_beta",
-        _MASK.mask_area_scale_beta,
-        type=float,
-        help="Scale the target term by mean(raw mask)^beta (try 0.5); 0 disables.",
-    ),
-    _shown(
-        "loss_type",
-        _TRAIN["loss_type"],
-        type=click.Choice(LOSS_TYPES),
-        help="mse, or huber (quadratic up to --loss_delta, linear beyond; half the MSE below it).",
-    ),
-    _shown("loss_delta", _TRAIN["loss_delta"], type=float, help="Huber's delta."),
-    _shown("timestep_sampling", _STEPS.timestep_sampling, type=click.Choice(TIMESTEP_SAMPLINGS)),
-    _shown("discrete_flow_shift", _STEPS.discrete_flow_shift, type=float),
-    _shown("sigmoid_scale", _STEPS.sigmoid_scale, type=float),
-    _shown("weighting_scheme", _STEPS.weighting_scheme, type=click.Choice(WEIGHTING_SCHEMES)),
-    _shown("logit_mean", _STEPS.logit_mean, type=float),
-    _shown("logit_std", _STEPS.logit_std, type=float),
-    _shown("mode_scale", _STEPS.mode_scale, type=float),
-    _shown("min_timestep", _STEPS.min_timestep, type=click.IntRange(0, 1000)),
-    _shown("max_timestep", _STEPS.max_timestep, type=click.IntRange(0, 1000)),
+    _field("gradient_accumulation_steps", type=click.IntRange(min=1)),
+    _field("max_grad_norm", type=float),
+    _switch("use_mask_loss"),
+    _field("mask_gamma", type=float),
+    _field("mask_min_weight", type=float),
+    _field("prior_preservation_weight", type=float),
+    _field("prior_mask_threshold", type=float),
+    _switch("normalize_per_sample"),
+    _field("prior_preservation_timestep_threshold", type=click.FloatRange(0, 1000)),
+    _field("prior_teacher_mode", type=click.Choice(("base", "ema"))),
+    _field("prior_teacher_ema_decay", type=float),
+    _field("prior_decay_schedule", type=click.Choice(PRIOR_DECAY_SCHEDULES)),
+    _field("prior_decay_timestep_start", type=float),
+    _field("prior_decay_warmup_ratio", type=float),
+    _field("mask_blur_kernel_size", aliases=("mask_blur_radius",), type=click.IntRange(min=0)),
+    _field("mask_area_scale_beta", type=float),
+    _field("loss_type", type=click.Choice(LOSS_TYPES)),
+    _field("loss_delta", type=float),
+    _field("timestep_sampling", type=click.Choice(TIMESTEP_SAMPLINGS)),
+    _field("discrete_flow_shift", type=float),
+    _field("sigmoid_scale", type=float),
+    _field("weighting_scheme", type=click.Choice(WEIGHTING_SCHEMES)),
+    _field("logit_mean", type=float),
+    _field("logit_std", type=float),
+    _field("mode_scale", type=float),
+    _field("min_timestep", type=click.IntRange(0, 1000)),
+    _field("max_timestep", type=click.IntRange(0, 1000)),
 ]
 
 

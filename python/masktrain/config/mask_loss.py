@@ -52,31 +52,36 @@ class MaskLossSettings:
     prior_preservation_weight: float = 0.0
     """Weight of the masked prior term (student vs base model outside the mask); 0 disables it."""
     prior_mask_threshold: float | None = None
-    """None: continuous prior region ``1 - w``. A value in (0, 1): the prior region is the cells
-    whose raw (latent-resolution) weight is below it, and the target ignores those cells."""
+    """Threshold mode, a value in (0, 1) such as 0.1: the prior region is the cells whose raw
+    (latent-resolution) weight is below it, and the target ignores those cells. Unset: the
+    continuous prior region ``1 - w``."""
     normalize_per_sample: bool = False
     """Weighted mean per sample, then the batch mean (zero-weight samples count as 0), instead of
     one weighted mean over the whole batch."""
     mask_blur_kernel_size: int = 0
-    """Gaussian blur of the latent-grid mask before gamma and floor (odd kernel size in cells; 0
-    or 1: off; sigma as torchvision's default for the size). The threshold-mode prior region and
-    the area scale read the unblurred mask."""
+    """Gaussian blur of the latent-grid mask before gamma and floor (an odd kernel size in cells,
+    3 or 5; 0 or 1: off; sigma as torchvision's default for the size). The threshold-mode prior
+    region and the area scale read the unblurred mask."""
     prior_preservation_timestep_threshold: float | None = None
-    """Teacher gating (timesteps 0..1000, ``sigma * 1000``): the prior term, and the teacher pass,
-    only for samples whose timestep is above it; None: every sample with a prior region."""
+    """Teacher gating (timesteps 0..1000, ``sigma * 1000``; 300, say): the prior term, and the
+    teacher pass, only for samples whose timestep is above it. Unset: every sample with a prior
+    region."""
     prior_teacher_mode: str = "base"
-    """The prior term's teacher: base (the model with adapters off) or ema (an EMA of the LoRA)."""
+    """The prior term's teacher: base (the model with adapters off) or ema (an EMA of the LoRA,
+    from step 100, or the end of the prior's warm-up when that is later)."""
     prior_teacher_ema_decay: float = 0.999
     """The EMA teacher's decay per optimizer step."""
     prior_decay_schedule: str = "constant"
-    """How the prior weight falls off below --prior_decay_timestep_start: constant, linear, cosine."""
+    """How the prior weight falls off below --prior_decay_timestep_start: constant, linear or
+    cosine (needs --normalize_per_sample)."""
     prior_decay_timestep_start: float = 300.0
     """The timestep (0..1000) at and above which the prior weight is full."""
     prior_decay_warmup_ratio: float = 0.0
-    """The share of the run over which the prior weight ramps up from 0."""
+    """The share of the run over which the prior weight ramps up from 0 (needs
+    --normalize_per_sample)."""
     mask_area_scale_beta: float = 0.0
     """Scale the target term by ``mean(raw mask) ** beta`` (per sample under
-    --normalize_per_sample): small subjects weigh less. 0: off."""
+    --normalize_per_sample; try 0.5): small subjects weigh less. 0: off."""
 
     def __post_init__(self) -> None:
         check(self)

@@ -17,7 +17,7 @@ tool's ``--missing``)."""
 @dataclass(frozen=True)
 class ApplyInstanceConfig:
     weighted_masks: Path
-    """Tiered masks (PNG / JPEG), named by their image's basename."""
+    """Tiered masks (PNG, JPEG, WebP, BMP), named by their image's basename."""
     instance_masks: Path
     """Binary subject masks, ``{stem}.png``."""
     output: Path

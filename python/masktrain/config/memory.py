@@ -33,16 +33,18 @@ class MemorySettings:
     fp8_scaled: bool = False
     """With --fp8_base: block-wise scales (one per output row and 64 inputs)."""
     blocks_to_swap: int = 0
-    """Keep this many transformer blocks in host memory, streamed to the device when used."""
+    """Keep this many transformer blocks in host memory, streamed to the device when used (needs
+    --gradient_checkpointing)."""
     use_pinned_memory_for_block_swap: bool = False
     """Page-locked host copies for block swap and --offload_inactive_dit (faster copies, more
     locked RAM)."""
     offload_inactive_dit: bool = False
     """WAN 2.2 A14B: keep the expert that is not in use in host memory."""
     gradient_checkpointing_cpu_offload: bool = False
-    """Keep the checkpointed block inputs in host memory between forward and backward."""
+    """Keep the checkpointed block inputs in host memory between forward and backward (needs
+    --gradient_checkpointing)."""
     attention: str = "sdpa"
-    """Attention backend: sdpa (PyTorch), flash_attn, sage_attn or xformers."""
+    """Attention backend: sdpa (PyTorch), flash_attn, sage_attn or xformers (one switch each)."""
 
     def __post_init__(self) -> None:
         if self.fp8_scaled and not self.fp8_base:

@@ -23,7 +23,8 @@ from masktrain.errors import FlagError, TrainConfigError
 @dataclass(frozen=True)
 class SampleSettings:
     sample_prompts: Path | None = None
-    """musubi's prompt file (.txt, .toml or .json); None: no sampling."""
+    """musubi's prompt file (.txt with --w --h --f --d --s --l --fs --n after each prompt, .toml or
+    .json); samples go to OUTPUT_DIR/sample. Unset: no sampling."""
     sample_every_n_steps: int | None = None
     """Sample every N optimizer steps."""
     sample_every_n_epochs: int | None = None

@@ -22,19 +22,21 @@ class TimestepSettings:
     """The timestep flags (musubi-tuner's names and defaults)."""
 
     timestep_sampling: str = "sigma"
-    """How ``t`` is drawn: sigma, uniform, sigmoid, shift, qwen_shift or logsnr."""
+    """How the timestep is drawn: sigma, uniform, sigmoid, shift, qwen_shift or logsnr."""
     discrete_flow_shift: float = 1.0
-    """Shift ``s`` of ``shift`` and of the ``sigma`` table (WAN examples use 3.0, Qwen 2.2)."""
+    """The shift of --timestep_sampling shift and of the sigma table (musubi's WAN examples use
+    3.0, its Qwen-Image ones 2.2)."""
     sigmoid_scale: float = 1.0
     """Scale of the normal sample before the sigmoid (sigmoid, shift, qwen_shift)."""
     weighting_scheme: str = "none"
-    """none, logit_normal, mode (density of the sigma sampler), cosmap or sigma_sqrt (loss weights)."""
+    """none; logit_normal or mode (how the sigma sampler draws); cosmap or sigma_sqrt (loss
+    weights by sigma)."""
     logit_mean: float = 0.0
     """Mean of the normal draw of logit_normal and of logsnr."""
     logit_std: float = 1.0
     """Standard deviation of the normal draw of logit_normal and of logsnr."""
     mode_scale: float = 1.29
-    """Scale of the ``mode`` density."""
+    """Scale of the mode density (at most 1.75)."""
     min_timestep: int = 0
     """Lower end of the timestep range (0-999): ``t >= min_timestep / 1000``."""
     max_timestep: int = 1000

@@ -30,15 +30,16 @@ _PACKAGES = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "
 @dataclass(frozen=True)
 class TrackerSettings:
     log_with: str | None = None
-    """tensorboard, wandb or all; None: TensorBoard when --logging_dir is given or it is installed."""
+    """Trackers besides metrics.jsonl: tensorboard, wandb or all. Unset: TensorBoard when
+    --logging_dir is given or TensorBoard is installed (then in OUTPUT_DIR/tensorboard)."""
     logging_dir: Path | None = None
     """The folder of the trackers' logs (a timestamped folder per run for TensorBoard)."""
     log_prefix: str | None = None
     """Prefix of that timestamped folder."""
     log_tracker_name: str | None = None
-    """wandb's project."""
+    """wandb's project (default: masktrain)."""
     wandb_run_name: str | None = None
-    """wandb's run name."""
+    """wandb's run name (default: --output_name)."""
     wandb_api_key: str | None = None
     """Logs wandb in with this key (else wandb's own login or WANDB_API_KEY)."""
 

@@ -102,13 +102,16 @@ class OptimSettings:
     learning_rate: float = 1e-4
     """Peak learning rate."""
     optimizer_type: str = "adamw"
-    """adamw, or adamw8bit (needs bitsandbytes)."""
+    """adamw, adamw8bit (needs bitsandbytes), adafactor (transformers') or prodigy (needs
+    prodigyopt; adapts its own step, so a learning rate of 1 is usual); musubi's class paths,
+    such as ``prodigyopt.Prodigy``, name the same optimizers."""
     weight_decay: float = 0.01
-    """AdamW weight decay."""
+    """Weight decay (--optimizer_args weight_decay=0.05)."""
     lr_scheduler: str = "constant"
-    """constant, constant_with_warmup, linear or cosine."""
+    """constant, constant_with_warmup, linear, cosine, cosine_with_min_lr or polynomial
+    (transformers' formulas)."""
     lr_warmup_steps: int = 0
-    """Optimizer steps of linear warm-up."""
+    """Optimizer steps of linear warm-up (not with constant: use constant_with_warmup)."""
     gradient_accumulation_steps: int = 1
     """Batches per optimizer step."""
     max_grad_norm: float = 1.0
@@ -208,9 +211,9 @@ def check_schedule(
 @dataclass(frozen=True)
 class TrainConfig:
     dataset_config: Path
-    """The dataset TOML that `masktrain cache` was run with."""
+    """The dataset TOML, cached with ``masktrain cache``."""
     arch: str
-    """Model family: wan or qwen_image."""
+    """The model family (docs/models.md lists what each trains)."""
     dit: str
     """Transformer: 'tiny', a diffusers folder or a .safetensors file (WAN 2.2: the low-noise expert)."""
     output_dir: Path
@@ -230,9 +233,9 @@ class TrainConfig:
     seed: int = 42
     """Seeds the LoRA initialisation, the batch order, the noise and the timesteps."""
     max_train_steps: int = 1600
-    """Optimizer steps to train for (max_train_epochs, when set, takes precedence)."""
+    """Optimizer steps to train for (--max_train_epochs, when set, takes precedence)."""
     max_train_epochs: int | None = None
-    """Epochs to train for; overrides max_train_steps."""
+    """Epochs to train for; overrides --max_train_steps."""
     save_every_n_steps: int | None = None
     """Write a checkpoint every N optimizer steps (one is always written at the end)."""
     save_every_n_epochs: int | None = None
@@ -246,13 +249,14 @@ class TrainConfig:
     validate_every_n_steps: int | None = None
     """Validate every N optimizer steps (and at the end)."""
     task: str | None = None
-    """musubi-tuner's --task (WAN): checked against the transformer --dit loads."""
+    """musubi-tuner's --task (WAN, such as t2v-14B): checked against the transformer --dit loads."""
     model_version: str | None = None
     """musubi-tuner's --model_version (Qwen-Image): only ``original`` is trained."""
     lora_format: LoraLayout = "comfyui"
-    """Layout of OUTPUT_NAME.safetensors: comfyui or diffusers."""
+    """Layout of OUTPUT_NAME.safetensors: comfyui (``diffusion_model.`` names), diffusers (what
+    ``load_lora_weights`` reads) or musubi (musubi-tuner's ``lora_unet_`` names)."""
     save_precision: str = "float"
-    """dtype of the saved LoRA tensors: float, fp16 or bf16."""
+    """The dtype of the saved LoRA tensors: float, fp16 or bf16."""
     resume: Path | None = None
     """A checkpoint folder (OUTPUT_DIR/step-000100) to continue from."""
     overwrite: bool = False
@@ -262,9 +266,8 @@ class TrainConfig:
     loss_delta: float = 1.0
     """Huber's delta."""
     ddp_timeout: int = 120
-    """Minutes a process waits for the others at a collective under torchrun (musubi's
-    --ddp_timeout): long, since the others wait while rank 0 samples or validates (torch's nccl
-    default, 10 minutes, would abort a long sampling)."""
+    """Minutes a process waits for the others under torchrun: long, since they wait while rank 0
+    samples or validates (torch's NCCL default, 10 minutes, would abort a long sampling)."""
     skip_stale: bool = False
     """Train on the items whose cache is up to date and leave out, with a warning, those not
     cached or cached from older inputs (default: such items are an error)."""
