@@ -15,7 +15,7 @@ It also writes `prompts.txt`, a sample prompt file in musubi-tuner's format. Wit
 (needs scikit-image) it writes `group/`, photos of two people side by side, NASA's astronaut (a
 public-domain photo shipped in scikit-image) and its cameraman, with their captions and a
 dataset TOML reading masks from `masks_subject/`, and `reference.png`, the astronaut's face: the
-inputs of the README's "Make your masks" section.
+inputs of the "Make your masks" section of docs/masks.md.
 """
 
 import argparse
