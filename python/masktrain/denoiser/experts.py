@@ -7,13 +7,18 @@ With block swap or ``--offload_inactive_dit`` each transformer is read into host
 is added there, and then everything but the swapped blocks' Linear weights (block swap) or the
 idle expert's frozen weights (``--offload_inactive_dit``) moves to the device. The expert a pass
 needs is brought in before it runs; the LoRA (shared, trained) never moves.
+
+Transformers load through :func:`load_transformers`: checked against what the run feeds them
+(``models.fit``: the cache, the sampling VAE and text encoder) from their headers before any
+loads and from their configs after, and logged when a depth is none of the released models' of its
+width.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,7 +28,7 @@ from masktrain.config.memory import ATTENTION_BACKENDS, MemorySettings
 from masktrain.denoiser import lora
 from masktrain.device import indexed
 from masktrain.errors import FlagError
-from masktrain.models import checkpointing
+from masktrain.models import checkpointing, fit
 from masktrain.models.base import ModelFamily, TextBatch
 from masktrain.models.block_swap import BlockSwap
 from masktrain.models.placement import Slot, frozen_slots, is_lora, move_module
@@ -179,6 +184,34 @@ def place(
         experts.mark("placed")
 
 
+def load_transformers(
+    family: ModelFamily,
+    named: Sequence[tuple[str, str]],
+    device: torch.device,
+    dtype: torch.dtype,
+    memory: MemorySettings,
+    feeds: Sequence[fit.Feed] = (),
+) -> list[torch.nn.Module]:
+    """The transformers of `named` (flag, value), fp8 as `memory` says, on `device`; each checked
+    against `feeds` from its headers before any loads, and from its config once it has."""
+    for flag, spec in named:
+        fit.check_before_loading(family, spec, flag, feeds)
+    models = []
+    for flag, spec in named:
+        model = family.load_transformer(spec, flag, device, dtype, fp8=memory.fp8_mode)
+        fit.check_loaded(family, model, flag, spec, feeds)
+        depth = fit.unreleased_depth(family.spec, model)
+        if depth is not None:
+            log.warning("%s %s %s", flag, spec, depth)
+        models.append(model)
+    return models
+
+
+def transformer_flags(dit: str, dit_high_noise: str | None) -> list[tuple[str, str]]:
+    """(flag, value) of the transformer(s) to load."""
+    return [("--dit", dit)] + ([] if dit_high_noise is None else [("--dit_high_noise", dit_high_noise)])
+
+
 def load_for_sampling(
     family: ModelFamily,
     dit: str,
@@ -188,19 +221,18 @@ def load_for_sampling(
     memory: MemorySettings,
     device: torch.device,
     dtype: torch.dtype,
+    feeds: Sequence[fit.Feed] = (),
 ) -> Experts:
     """The transformer(s) with a saved LoRA (``masktrain sample``; none: the base model), placed as
-    for training (fp8, block swap), for no-grad sampling."""
+    for training (fp8, block swap), for no-grad sampling; each must fit `feeds` (the sampling VAE
+    and text encoder: ``models.fit.sampling_feed``)."""
     device = indexed(device)
     check_backend(memory, device)
     load_device = torch.device("cpu") if memory.on_host else device
-    low = family.load_transformer(dit, "--dit", load_device, dtype, fp8=memory.fp8_mode)
-    high = None
-    if dit_high_noise is not None:
-        high = family.load_transformer(
-            dit_high_noise, "--dit_high_noise", load_device, dtype, fp8=memory.fp8_mode
-        )
-    experts = Experts(low, high, boundary, device=device)
+    low, *high = load_transformers(
+        family, transformer_flags(dit, dit_high_noise), load_device, dtype, memory, feeds
+    )
+    experts = Experts(low, high[0] if high else None, boundary, device=device)
     if lora_file is not None:
         for model in experts.modules():
             lora.load_lora_into(model, lora_file, family)

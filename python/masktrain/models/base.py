@@ -19,7 +19,7 @@ so a ``no_grad`` teacher pass never checkpoints); ``models.checkpointing`` suppl
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
@@ -76,6 +76,18 @@ class SampleRequest:
     text: TextBatch
     negative: TextBatch | None
     generator: torch.Generator
+
+
+@dataclass(frozen=True)
+class DenoiserInputs:
+    """What a denoiser takes, from its config: the channels of the noisy latents it denoises (the
+    VAE's latent channels) and the width of its text embeddings (the text encoder's)."""
+
+    latent_channels: int
+    text_dim: int
+    conditioning_channels: int = 0
+    """Input channels beside the latents (WAN image-to-video: 20 of image conditioning), which
+    masktrain never feeds."""
 
 
 @dataclass(frozen=True)
@@ -142,6 +154,20 @@ class ModelFamily(Protocol):
         or a pipeline with ``transformer/``) or a single ``.safetensors`` file; `flag` names the
         value in errors. With `fp8` the blocks' Linear weights are float8 (``models.fp8``),
         quantised while the weights are read."""
+        ...
+
+    def transformer_config(self, spec: str, flag: str) -> Mapping[str, Any] | None:
+        """The denoiser's diffusers config without loading it (``loading.transformer_config``:
+        the tiny model's, a file's from its header, a folder's ``config.json``; None when the
+        folder holds another class)."""
+        ...
+
+    def denoiser_inputs(self, config: Mapping[str, Any]) -> DenoiserInputs:
+        """What a denoiser of `config` (a loaded one's ``config`` too) takes."""
+        ...
+
+    def latent_channels(self, vae: torch.nn.Module) -> int:
+        """The channels of the VAE's latents."""
         ...
 
     def blocks(self, transformer: torch.nn.Module) -> torch.nn.ModuleList:

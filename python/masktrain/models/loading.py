@@ -6,10 +6,16 @@ it), or one ``.safetensors`` file (the families read those through ``weights_fil
 Every family loads in one order, written once here: :func:`vae`, :func:`text_encoder` and
 :func:`transformer` try the tiny model, then one file (a text encoder's tokenizer folder first, so
 a missing one costs no read of the file), then a folder, and quantise to fp8 last. A family passes
-its pieces (classes, tiny configs, file readers, fp8 targets) and keeps nothing of the order."""
+its pieces (classes, tiny configs, file readers, fp8 targets) and keeps nothing of the order.
+:func:`transformer_config` reads a denoiser's config in the same order without loading it (the
+tiny config, a file's header, a folder's ``config.json``), so what it takes is known first.
+
+A denoiser whose weights hold NaN or infinity is refused naming the tensor: a file's as each
+tensor is read (``single_file.build``), a folder's right after it loads."""
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -42,11 +48,21 @@ FileLoader = Callable[[Path, str, "torch.dtype | None", "Fp8Load | None"], torch
 VaeFileLoader = Callable[[Path, str, "torch.dtype | None"], torch.nn.Module]
 
 
+def model_path(spec: str, flag: str) -> Path:
+    """The path `spec` names (``~`` expanded); a ``~user`` this machine lacks is one line."""
+    try:
+        return Path(spec).expanduser()
+    except RuntimeError:  # ~user of a user this machine does not have, or no home folder
+        raise ModelLoadError(
+            f"{flag} {spec}: {spec.split('/')[0]} names no home folder on this machine; write the full path"
+        ) from None
+
+
 def diffusers_folder(spec: str, flag: str, subfolder: str) -> tuple[Path, str | None]:
     """A diffusers model folder, either the component itself (``config.json`` inside) or a
     pipeline folder holding it as ``subfolder``, with its weights in safetensors: pickled
     weights (``.bin``, ``.pt``) are never loaded, since loading one runs code."""
-    path = Path(spec).expanduser()
+    path = model_path(spec, flag)
     if not path.exists():
         raise ModelLoadError(f"{flag} {spec}: no such file or directory")
     if not path.is_dir():
@@ -81,14 +97,19 @@ def seeded(build: Callable[[], T]) -> T:
 
 
 def is_single_file(spec: str) -> bool:
-    return spec.lower().endswith(".safetensors") and not Path(spec).expanduser().is_dir()
+    if not spec.lower().endswith(".safetensors"):
+        return False
+    try:
+        return not Path(spec).expanduser().is_dir()
+    except RuntimeError:  # an unknown ~user: the file's reader says so (model_path)
+        return True
 
 
 def _single_file(spec: str, flag: str) -> Path | None:
     """The path when `spec` names one ``.safetensors`` file (None when it is something else)."""
     if not is_single_file(spec):
         return None
-    path = Path(spec).expanduser()
+    path = model_path(spec, flag)
     if not path.is_file():
         raise ModelLoadError(f"{flag} {spec}: no such file")
     return path
@@ -145,7 +166,7 @@ def text_encoder(
     elif is_single_file(spec):  # ComfyUI's text encoder files, with a tokenizer folder
         # the tokenizer first: a missing one costs no read of the file
         tokens = _local_tokenizer(tokenizer, arch.tokenizer_flag, arch.tokenizer_hub_id, arch.text_flag, spec)
-        model = from_file(Path(spec).expanduser(), arch.text_flag)
+        model = from_file(model_path(spec, arch.text_flag), arch.text_flag)
     else:
         model, tokens = _pretrained_text_encoder(folder_class, spec, arch.text_flag)
     if fp8:
@@ -178,6 +199,32 @@ def transformer(
     return _finish_transformer(model, device, dtype, fp8, fp8_targets)
 
 
+def transformer_config(
+    model_class: type[ModelMixin],
+    spec: str,
+    flag: str,
+    *,
+    tiny: Mapping[str, Any],
+    from_file: Callable[[Path, str], Mapping[str, Any]],
+) -> dict[str, Any] | None:
+    """The config of the denoiser `flag` names, without loading it: `tiny` for ``tiny``, else
+    what one ``.safetensors`` file's header implies (`from_file`) or a diffusers folder's
+    ``config.json`` (the class's defaults where it is silent; None when it names another class:
+    loading says what is wrong). A path that cannot load is the error loading would give."""
+    if spec == TINY:
+        return dict(tiny)
+    path = _single_file(spec, flag)
+    if path is not None:
+        return dict(from_file(path, flag))
+    folder, subfolder = diffusers_folder(spec, flag, "transformer")
+    stored = model_class.load_config(folder / (subfolder or ""))
+    if stored.get("_class_name", model_class.__name__) != model_class.__name__:
+        return None
+    parameters = inspect.signature(model_class.__init__).parameters
+    defaults = {k: p.default for k, p in parameters.items() if p.default is not inspect.Parameter.empty}
+    return defaults | {k: v for k, v in stored.items() if k in parameters}
+
+
 def _pretrained_transformer(
     model_class: type[ModelMixin],
     spec: str,
@@ -199,7 +246,19 @@ def _pretrained_transformer(
     model: torch.nn.Module = model_class.from_pretrained(
         folder, subfolder=subfolder, local_files_only=True, torch_dtype=dtype, use_safetensors=True
     )
+    check_finite(model, f"{flag} {spec}")
     return model
+
+
+def check_finite(model: torch.nn.Module, where: str) -> None:
+    """Every floating tensor of `model` finite; otherwise an error naming `where` (the flag and
+    path) and the first tensor that is not (a damaged model: it cannot train)."""
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ModelLoadError(
+                f"{where}: tensor {name!r} holds NaN or infinity: the model is damaged; download or "
+                "convert it again"
+            )
 
 
 def _folder_in_fp8(
@@ -277,7 +336,7 @@ def _local_tokenizer(
 
     if folder is None:
         raise text_encoder_file_error(encoder_flag, encoder, flag, hub_id)
-    path = Path(folder).expanduser()
+    path = model_path(folder, flag)
     if not path.is_dir():
         raise ModelLoadError(f"{flag} {folder}: no such folder")
     try:

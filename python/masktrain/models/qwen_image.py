@@ -13,6 +13,7 @@ musubi-tuner's ``lora_qwen_image`` does; ComfyUI uses the diffusers module names
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -21,7 +22,7 @@ from masktrain import catalog
 from masktrain.config.memory import Fp8Mode
 from masktrain.errors import DataError
 from masktrain.models import loading, qwen_image_checkpoint
-from masktrain.models.base import LoraTargets, SampleRequest, TextBatch, TextEncoder
+from masktrain.models.base import DenoiserInputs, LoraTargets, SampleRequest, TextBatch, TextEncoder
 from masktrain.models.fp8 import Fp8Targets, quantize_model
 from masktrain.models.loading import TINY, diffusers_config, encode_posterior_mean, seeded, to_uint8
 
@@ -218,6 +219,25 @@ class QwenImageFamily:
             fp8=fp8,
             fp8_targets=FP8_TARGETS,
         )
+
+    def transformer_config(self, spec: str, flag: str) -> Mapping[str, Any] | None:
+        from diffusers import QwenImageTransformer2DModel
+
+        return loading.transformer_config(
+            QwenImageTransformer2DModel,
+            spec,
+            flag,
+            tiny=TINY_TRANSFORMER,
+            from_file=qwen_image_checkpoint.transformer_file_config,
+        )
+
+    def denoiser_inputs(self, config: Mapping[str, Any]) -> DenoiserInputs:
+        # 2x2 patches of the latents are packed into one token (pack_latents).
+        patch = int(config["patch_size"])
+        return DenoiserInputs(int(config["in_channels"]) // patch**2, int(config["joint_attention_dim"]))
+
+    def latent_channels(self, vae: torch.nn.Module) -> int:
+        return int(diffusers_config(vae).z_dim)
 
     def blocks(self, transformer: torch.nn.Module) -> torch.nn.ModuleList:
         blocks = transformer.transformer_blocks

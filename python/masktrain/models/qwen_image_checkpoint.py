@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from masktrain.errors import ShapeRuleError
-from masktrain.models.single_file import Fp8Load, build, load_component
+from masktrain.models.single_file import Fp8Load, build, load_component, read_component
 from masktrain.models.wan_checkpoint import WAN_VAE, read_vae_file
 from masktrain.models.weights_file import (
     DIT_PREFIXES,
@@ -86,6 +86,19 @@ def load_transformer_file(
         dtype=dtype,
         fp8=fp8,
     )
+
+
+def transformer_file_config(path: Path, flag: str) -> dict[str, Any]:
+    """The ``QwenImageTransformer2DModel`` config one ``.safetensors`` file's header implies."""
+    _, config, _ = read_component(
+        path,
+        flag,
+        DIT_PREFIXES,
+        QWEN_DIT,
+        qwen_transformer_config,
+        markers={QWEN_ZERO_COND_MARKER: "zero_cond_t"},
+    )
+    return config
 
 
 def load_vae_file(

@@ -9,10 +9,15 @@ only need renaming.
 diffusers' ``from_single_file`` fetches a config from the Hub unless it is given a local folder, so
 masktrain reads the file itself. :func:`build` makes the model on the meta device and assigns the
 file's tensors to it, strictly: a missing, unexpected or misshapen tensor is an error naming the
-file, never a random weight. Tensors keep the file's dtype unless one is given (unscaled fp8
-becomes bfloat16); buffers that are not in the file (RoPE tables) are computed in float32, as the
-model builds them. With :class:`Fp8Load` the targeted Linear weights are quantised (or kept, when
-the file stores them in fp8) as they are read, so host memory never holds the bf16 model.
+file, never a random weight. So is a weight stored in a dtype masktrain does not read (int8,
+bool, ...) or an fp8 scale of the wrong shape, from the header, before any tensor is read; and,
+as each tensor is read, a weight holding NaN or infinity or an fp8 scale of 0 (a damaged file,
+named with the tensor: such a model cannot train, and with ``--fp8_base`` quantising would
+otherwise clamp an infinity to 448 without a word). Tensors keep the file's dtype unless one is
+given (unscaled fp8 becomes bfloat16); buffers that are not in the file (RoPE tables) are
+computed in float32, as the model builds them. With :class:`Fp8Load` the targeted Linear weights
+are quantised (or kept, when the file stores them in fp8) as they are read, so host memory never
+holds the bf16 model.
 """
 
 from __future__ import annotations
@@ -76,6 +81,26 @@ def load_component(
     ``markers`` names keys that are not weights but say something of the config (marker key ->
     config key): the config key is True when the file has the marker, False otherwise, unless
     ``overrides`` set it."""
+    file, config, to_file = read_component(
+        path, flag, prefixes, kind, rule, rename=rename, markers=markers, overrides=overrides
+    )
+    return build(model_class, config, file, to_file, dtype, fp8)
+
+
+def read_component(
+    path: Path,
+    flag: str,
+    prefixes: tuple[str, ...],
+    kind: CheckpointKind,
+    rule: ConfigRule,
+    *,
+    rename: Rename | None = None,
+    markers: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> tuple[CheckpointFile, dict[str, Any], dict[str, str]]:
+    """(the open file, the config its shapes imply, diffusers name -> file key) of the component
+    :func:`load_component` builds, from the header alone (what a model takes is known before it
+    loads)."""
     file, names = open_component(path, flag, prefixes, kind)
     unprefixed = {name.removeprefix(file.prefix): name for name in names}
     marked = {key: unprefixed.pop(marker, None) is not None for marker, key in (markers or {}).items()}
@@ -83,7 +108,7 @@ def load_component(
     config = file.infer(rule, file.renamed_shapes(to_file), overrides)
     for key, value in marked.items():
         config.setdefault(key, value)
-    return build(model_class, config, file, to_file, dtype, fp8)
+    return file, config, to_file
 
 
 def build(
@@ -125,6 +150,11 @@ def build(
                 f"tensor {to_file[name]!r} has shape {list(file.shapes[to_file[name]])}, "
                 f"{model_class.__name__} expects {list(expected_shape)}"
             )
+    floats = {name for name, tensor in model.state_dict().items() if tensor.is_floating_point()}
+    file.check_dtypes([to_file[name] for name in expected if name in floats])
+    for key in to_file.values():
+        if key in file.scales:
+            file.scale_shape(key)
     quantized = _swap_in_fp8_linears(model, file, to_file, fp8, dtype) if fp8 is not None else set()
     kept = sum(1 for name in quantized if file.is_fp8(to_file[f"{name}.weight"]))
     if quantized:
@@ -203,43 +233,56 @@ def _mode_scale_shape(linear: torch.nn.Linear, mode: Fp8Mode) -> tuple[int, ...]
 
 
 def _file_scale_shape(file: CheckpointFile, weight_key: str, linear: torch.nn.Linear) -> tuple[int, ...]:
-    """ComfyUI stores one scale per tensor (``[]`` or ``[1]``) or per output row (``[out]``)."""
-    shape = file.scale_shapes[weight_key]
-    if len(shape) <= 1 and math.prod(shape) == 1:
-        return ()
-    if shape in ((linear.out_features,), (linear.out_features, 1)):
-        return (linear.out_features, 1)
-    raise file.error(
-        f"the fp8 scale {file.scales[weight_key]!r} has shape {list(shape)}; "
-        "expected one per tensor or per row"
-    )
+    """ComfyUI stores one scale per tensor (``[]`` or ``[1]``) or per output row (``[out]``);
+    build() checked the weight's shape, so its rows are `linear`'s outputs."""
+    return file.scale_shape(weight_key)
+
+
+def _read(f: Any, file: CheckpointFile, key: str) -> torch.Tensor:
+    """Tensor `key`, or an error naming it when it holds NaN or infinity (a damaged model file: no
+    learning rate trains on it, and quantising would hide an infinity)."""
+    tensor: torch.Tensor = f.get_tensor(key)
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        raise file.error(
+            f"tensor {key!r} holds NaN or infinity: the model file is damaged; download or convert it again"
+        )
+    return tensor
+
+
+def _read_scale(f: Any, file: CheckpointFile, weight_key: str) -> torch.Tensor:
+    """The float32 fp8 scale of `weight_key`, shaped to multiply the weight's rows (``()`` or
+    ``(rows, 1, ...)``); a scale of 0 (the weight would be all zeros) is an error naming it."""
+    scale_key = file.scales[weight_key]
+    scale = _read(f, file, scale_key).float()
+    if not bool(scale.ne(0).any()):
+        raise file.error(
+            f"the fp8 scale {scale_key!r} is 0, which makes {weight_key!r} all zeros: the model file is "
+            "damaged; download or convert it again"
+        )
+    if file.scale_shape(weight_key) == ():
+        return scale.reshape(())
+    return scale.reshape(-1, *([1] * (len(file.shapes[weight_key]) - 1)))
 
 
 def _fp8_weight(
     f: Any, file: CheckpointFile, key: str, fp8: Fp8Load | None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     assert fp8 is not None
-    tensor = f.get_tensor(key)
+    tensor = _read(f, file, key)
     if not file.is_fp8(key):
         return quantize(tensor, fp8.mode)
-    scale_key = file.scales.get(key)
     if tensor.dtype != FP8:  # e5m2: its 2 mantissa bits fit e4m3's 3; out-of-range values clamp or flush
         tensor = tensor.float().clamp(-FP8_MAX, FP8_MAX).to(FP8)
-    if scale_key is None:
+    if key not in file.scales:
         return _aligned(tensor), None
-    scale = f.get_tensor(scale_key).float()
-    scale = scale.reshape(()) if scale.numel() == 1 else scale.reshape(-1, 1)
-    return _aligned(tensor), scale
+    return _aligned(tensor), _read_scale(f, file, key)
 
 
 def _plain_tensor(f: Any, file: CheckpointFile, key: str, dtype: torch.dtype | None) -> torch.Tensor:
-    tensor = f.get_tensor(key)
+    tensor = _read(f, file, key)
     if tensor.is_floating_point():
         if file.is_fp8(key):
-            scale_key = file.scales.get(key)
-            scale = None if scale_key is None else f.get_tensor(scale_key).float()
-            if scale is not None and scale.numel() > 1:
-                scale = scale.reshape(-1, *([1] * (tensor.ndim - 1)))
+            scale = _read_scale(f, file, key) if key in file.scales else None
             # fp8 cannot run as is; bf16 holds an unscaled fp8 value exactly
             tensor = dequantize(tensor, scale, dtype or torch.bfloat16)
         elif dtype is not None:

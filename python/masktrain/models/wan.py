@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 import types
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -21,7 +22,14 @@ from masktrain.config.memory import Fp8Mode
 from masktrain.config.timesteps import NUM_TRAIN_TIMESTEPS
 from masktrain.errors import DataError
 from masktrain.models import loading, wan_checkpoint
-from masktrain.models.base import LoraTargets, SampleRequest, TextBatch, TextEncoder, model_timesteps
+from masktrain.models.base import (
+    DenoiserInputs,
+    LoraTargets,
+    SampleRequest,
+    TextBatch,
+    TextEncoder,
+    model_timesteps,
+)
 from masktrain.models.fp8 import Fp8Targets, quantize_model
 from masktrain.models.loading import (
     TINY,
@@ -247,6 +255,26 @@ class WanFamily:
             fp8=fp8,
             fp8_targets=FP8_TARGETS,
         )
+
+    def transformer_config(self, spec: str, flag: str) -> Mapping[str, Any] | None:
+        from diffusers import WanTransformer3DModel
+
+        return loading.transformer_config(
+            WanTransformer3DModel,
+            spec,
+            flag,
+            tiny=TINY_TRANSFORMER,
+            from_file=wan_checkpoint.transformer_file_config,
+        )
+
+    def denoiser_inputs(self, config: Mapping[str, Any]) -> DenoiserInputs:
+        # The noisy latents go straight into the patch embedding; image-to-video models take
+        # image conditioning beside them (in_channels 36 for 16 latent channels).
+        latents = int(config.get("out_channels") or config["in_channels"])
+        return DenoiserInputs(latents, int(config["text_dim"]), int(config["in_channels"]) - latents)
+
+    def latent_channels(self, vae: torch.nn.Module) -> int:
+        return int(diffusers_config(vae).z_dim)
 
     def blocks(self, transformer: torch.nn.Module) -> torch.nn.ModuleList:
         blocks = transformer.blocks

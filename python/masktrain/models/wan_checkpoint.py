@@ -31,7 +31,7 @@ import torch
 
 from masktrain.errors import ShapeRuleError
 from masktrain.models.loading import float_list
-from masktrain.models.single_file import Fp8Load, build, load_component
+from masktrain.models.single_file import Fp8Load, build, load_component, read_component
 from masktrain.models.weights_file import (
     DIT_PREFIXES,
     VAE_PREFIXES,
@@ -126,6 +126,15 @@ def load_transformer_file(
         dtype=dtype,
         fp8=fp8,
     )
+
+
+def transformer_file_config(path: Path, flag: str) -> dict[str, Any]:
+    """The ``WanTransformer3DModel`` config one ``.safetensors`` file's header implies (no tensor
+    is read)."""
+    _, config, _ = read_component(
+        path, flag, DIT_PREFIXES, WAN_DIT, wan_transformer_config, rename=wan_transformer_names
+    )
+    return config
 
 
 def load_t5_file(path: Path, flag: str, dtype: torch.dtype | None = None) -> torch.nn.Module:

@@ -18,7 +18,9 @@ What a file holds is told by :class:`CheckpointKind` records, which each family 
 ComfyUI's fp8 files carry a scale per weight (``.scale_weight``, or ``.weight_scale`` with a
 ``.comfy_quant`` record) and markers; they are taken out of the tensor list when the header is
 read (``CheckpointFile.scales`` maps a weight's key to its scale's key). Other quantisations are
-refused by name.
+refused by name: a ``comfy_quant`` format other than fp8 here, and weights stored as integers or
+booleans (int8, ...) by :meth:`CheckpointFile.check_dtypes`, before any tensor is read; so is an fp8
+scale of a shape that is neither per tensor nor per row (:meth:`CheckpointFile.scale_shape`).
 
 Text encoders are never single files on their own: ComfyUI's carry no tokenizer, and tokenizers
 cannot be downloaded (:func:`text_encoder_file_error`).
@@ -26,6 +28,7 @@ cannot be downloaded (:func:`text_encoder_file_error`).
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -46,6 +49,19 @@ DIT_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 VAE_PREFIXES = ("first_stage_model.", "vae.")
 _ANY_PREFIX = re.compile(r"^(model\.diffusion_model\.|diffusion_model\.|first_stage_model\.|vae\.)")
 _FP8 = {"F8_E4M3", "F8_E5M2"}  # safetensors' names of the fp8 dtypes
+_FLOAT = {"F16", "BF16", "F32", "F64"}
+#: safetensors' dtype names, as messages spell them.
+_DTYPE_WORDS = {
+    "BOOL": "bool",
+    "U8": "uint8",
+    "I8": "int8",
+    "U16": "uint16",
+    "I16": "int16",
+    "U32": "uint32",
+    "I32": "int32",
+    "U64": "uint64",
+    "I64": "int64",
+}
 _ROLE_HINT: dict[Role, str] = {
     "dit": "pass it to --dit",
     "vae": "pass it to --vae",
@@ -131,8 +147,8 @@ def text_encoder_file_error(
 class CheckpointFile:
     """A safetensors checkpoint's header: key -> shape and dtype, and the prefix `select` chose.
     A diffusers folder's shards read as one checkpoint (``files`` says which shard holds a key).
-    ComfyUI's fp8 scales are not listed among the tensors: ``scales`` maps a weight's key to its
-    scale's key."""
+    ComfyUI's fp8 scales are not listed among the tensors (``dtypes`` keeps theirs): ``scales``
+    maps a weight's key to its scale's key."""
 
     path: Path
     flag: str
@@ -151,8 +167,43 @@ class CheckpointFile:
         """Whether tensor `key` is stored in an fp8 dtype."""
         return self.dtypes.get(key) in _FP8
 
+    def is_float(self, key: str) -> bool:
+        """Whether tensor `key` is stored as floats masktrain reads (16/32/64-bit or fp8)."""
+        return self.dtypes.get(key) in _FLOAT | _FP8
+
     def error(self, what: str) -> ModelLoadError:
         return ModelLoadError(f"{self.flag} {self.path}: {what}")
+
+    def check_dtypes(self, keys: list[str]) -> None:
+        """Tensors `keys` (those a model reads as floats) must be stored as floats or fp8; integer
+        or boolean weights (int8 quantisations, ...) are refused by name, from the header alone."""
+        refused = [key for key in keys if not self.is_float(key)]
+        if refused:
+            kinds = sorted({_DTYPE_WORDS.get(self.dtypes[key], self.dtypes[key]) for key in refused})
+            raise self.error(
+                f"holds {' and '.join(kinds)} weights ({abbreviated(refused, 3)}); masktrain reads float and "
+                "fp8 checkpoints (float32, bf16, fp16, float8_e4m3fn, float8_e5m2): use such a file"
+            )
+
+    def scale_shape(self, weight_key: str) -> tuple[int, ...]:
+        """The shape the fp8 scale of `weight_key` is used in: ``()`` for one per tensor (``[]`` or
+        ``[1]`` in ComfyUI's files), ``(rows, 1)`` for one per output row (``[rows]`` or ``[rows,
+        1]``); any other shape, or a scale not stored as floats, is an error naming it."""
+        scale_key = self.scales[weight_key]
+        shape = self.scale_shapes[weight_key]
+        if self.dtypes.get(scale_key) not in _FLOAT:
+            kind = _DTYPE_WORDS.get(self.dtypes.get(scale_key, ""), self.dtypes.get(scale_key))
+            raise self.error(
+                f"the fp8 scale {scale_key!r} is stored as {kind}; expected float32, bf16 or fp16"
+            )
+        if len(shape) <= 1 and math.prod(shape) == 1:
+            return ()
+        rows = self.shapes[weight_key][0] if self.shapes[weight_key] else 0
+        if shape in ((rows,), (rows, 1)):
+            return (rows, 1)
+        raise self.error(
+            f"the fp8 scale {scale_key!r} has shape {list(shape)}; expected one per tensor or per row"
+        )
 
     def select(self, prefixes: tuple[str, ...]) -> list[str]:
         """The keys of one component: those under the first prefix present, else all of them."""
@@ -263,7 +314,7 @@ def _split_fp8_scales(file: CheckpointFile) -> None:
         if weight not in file.shapes or not file.is_fp8(weight):
             raise file.error(f"holds the fp8 scale {scale!r} but no fp8 weight {weight!r}")
         file.scale_shapes[weight] = file.shapes[scale]
-        _drop(file, scale)
+        file.shapes.pop(scale)  # its dtype stays, for scale_shape's check
 
 
 def _drop(file: CheckpointFile, key: str) -> None:

@@ -25,6 +25,7 @@ from masktrain.config.sample import SampleSettings
 from masktrain.config.sample_prompts import SamplePrompt, load_prompts
 from masktrain.denoiser.experts import Experts
 from masktrain.device import autocast
+from masktrain.models import fit
 from masktrain.models.base import ModelFamily, SampleRequest, TextBatch
 from masktrain.sample.outputs import sample_path, write_contact_sheet, write_sample
 
@@ -60,6 +61,9 @@ class Sampler:
         self.vae = family.load_vae(settings.vae, torch.device("cpu"), dtype)
         self._spatial = family.spatial_factor(self.vae) * 2  # the VAE's factor times the 2x2 patches
         self._temporal = family.temporal_factor(self.vae)
+        self.feed = fit.sampling_feed(
+            family, self.vae, settings.vae, self._embeddings.values(), settings.text_encoder
+        )
         log.info(
             "sampling: %d prompt(s) from %s encoded in %.1f s; the text encoder is freed, the VAE waits "
             "in host memory",

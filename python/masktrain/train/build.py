@@ -1,19 +1,29 @@
 """The transformer(s) of one training run: loaded from ``--dit`` (and ``--dit_high_noise``), checked
 against ``--task``, with the LoRA added (seeded by ``--seed``) and shared by both experts, then
-placed as the memory flags say (``denoiser.experts.place``)."""
+placed as the memory flags say (``denoiser.experts.place``).
+
+What the cache feeds them (:func:`cache_feeds`: each cache folder's latent channels and text
+width, from the headers) must be what they take: :func:`check_cache_fits` compares from their
+headers before any model loads (the sampler's too), :func:`build_experts` again before and after
+they load, with the sampler's VAE and text encoder among its feeds (``models.fit``)."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
 from masktrain import catalog
 from masktrain.config.train import TrainConfig
+from masktrain.data import cache_format as fmt
+from masktrain.data.cached_items import CachedItem
 from masktrain.denoiser import lora
-from masktrain.denoiser.experts import Experts, check_backend, place
+from masktrain.denoiser.experts import Experts, check_backend, load_transformers, place, transformer_flags
 from masktrain.device import indexed
 from masktrain.errors import TrainConfigError
+from masktrain.models import fit
 from masktrain.models.base import ModelFamily
 
 log = logging.getLogger(__name__)
@@ -29,21 +39,48 @@ def _share_lora(low: torch.nn.Module, high: torch.nn.Module) -> None:
             module.lora_B = low_modules[name].lora_B
 
 
+def cache_feeds(family: ModelFamily, items: Sequence[CachedItem]) -> list[fit.Feed]:
+    """What the cache feeds the transformer: per cache folder, its latents' channel counts (from
+    the items' recorded shapes) and its text embeddings' width (one text file's header)."""
+    folders: dict[Path, tuple[set[int], Path]] = {}
+    for item in items:
+        channels, _ = folders.setdefault(item.latent_path.parent, (set(), item.text_path))
+        channels.add(item.latent_shape[0])
+    feeds = []
+    for folder, (channels, text_path) in folders.items():
+        _, shapes = fmt.read_header(text_path)
+        width = next((shape[-1] for shape in shapes.values() if shape), None)
+        feeds += [fit.cache_feed(folder, count, width, family.text_flag) for count in sorted(channels)]
+    return feeds
+
+
+def check_cache_fits(config: TrainConfig, family: ModelFamily, items: Sequence[CachedItem]) -> list[fit.Feed]:
+    """The cache's feeds (the training and validation `items`), checked against ``--dit`` and
+    ``--dit_high_noise`` from their headers: a mismatch is one line before any model loads. The
+    feeds go to :func:`build_experts`."""
+    feeds = cache_feeds(family, items)
+    for flag, spec in transformer_flags(config.dit, config.dit_high_noise):
+        fit.check_before_loading(family, spec, flag, feeds)
+    return feeds
+
+
 def build_experts(
-    config: TrainConfig, family: ModelFamily, device: torch.device, dtype: torch.dtype
+    config: TrainConfig,
+    family: ModelFamily,
+    device: torch.device,
+    dtype: torch.dtype,
+    feeds: Sequence[fit.Feed] = (),
 ) -> Experts:
-    """Load the transformer(s), add the LoRA (seeded by ``--seed``), place the weights, set up
-    checkpointing and the attention backend."""
+    """Load the transformer(s), checked against `feeds` (the cache's, the sampler's), add the LoRA
+    (seeded by ``--seed``), place the weights, set up checkpointing and the attention backend."""
     network, memory = config.network, config.memory
     device = indexed(device)
     check_backend(memory, device)
     load_device = torch.device("cpu") if memory.on_host else device
-    low = family.load_transformer(config.dit, "--dit", load_device, dtype, fp8=memory.fp8_mode)
-    high = None
-    if config.dit_high_noise is not None:
-        high = family.load_transformer(
-            config.dit_high_noise, "--dit_high_noise", load_device, dtype, fp8=memory.fp8_mode
-        )
+    low, *others = load_transformers(
+        family, transformer_flags(config.dit, config.dit_high_noise), load_device, dtype, memory, feeds
+    )
+    high = others[0] if others else None
     torch.manual_seed(config.seed)  # the LoRA initialisation
 
     def add(model: torch.nn.Module) -> list[str]:
