@@ -14,22 +14,38 @@ Tables use musubi's keys: ``prompt``, ``width``, ``height``, ``frame_count``, ``
 Conditioning options (``--i``, ``--ei``, ``--cn``, ``--ci``, ``--of``) are for model variants
 masktrain does not train yet: each is a one-line error. Torch-free: the file is checked with the
 other flags, before any model loads.
+
+Bounds, so that a typo is an error naming its line, not gigabytes allocated or a long run ended
+at its first sampling: sizes as in the dataset TOML, ``--w`` / ``--h`` in [1, 4096] and ``--f`` in
+[1, 1025] (well inside the models' position tables: WAN's RoPE holds 1024 positions per
+axis, 16384 pixels or 4093 frames; Qwen-Image's 4096); ``--s`` in [1, 1000] (musubi clamps to
+1000). Every number must be finite, ``--l`` in (0, 100] and ``--fs`` in [0.01, 100]: real values
+are 1 to 10 and 1 to 20; at ``--fs 1e-30`` or ``1e30``, or ``--l inf``, the schedulers' sigmas or
+the guided prediction overflow and the sample comes out black.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from masktrain.config.dataset import MAX_FRAMES, MAX_SIDE
 from masktrain.errors import SamplePromptError
 
 DEFAULT_SIZE = 256
 """musubi's default width and height."""
 DEFAULT_STEPS = 20
 """musubi's default number of denoising steps."""
+MAX_STEPS = 1000
+"""musubi clamps ``--s`` to 1000."""
+MAX_CFG_SCALE = 100.0
+"""``--l``: real values are 1 to 10; far above, the guided prediction overflows."""
+FLOW_SHIFT_RANGE = (0.01, 100.0)
+"""``--fs``: real values are 1 to 20; far outside, the schedulers' sigmas collapse to 0 or 1."""
 
 # line option -> table key (musubi's names); values are parsed by the key's type below.
 _LINE_OPTIONS = {
@@ -152,7 +168,12 @@ def _value(key: str, raw: Any, where: str) -> Any:
         if key in _NUMBERS:
             if isinstance(raw, bool):
                 raise ValueError
-            return float(raw)
+            number = float(raw)
+            if not math.isfinite(number):  # inf passes "> 0" and turns every sample black
+                raise OverflowError
+            return number
+    except OverflowError:
+        raise SamplePromptError(f"{where}: expected a finite number, got {raw!r}") from None
     except (TypeError, ValueError):
         kind = "an integer" if key in _INTEGERS else "a number"
         raise SamplePromptError(f"{where}: expected {kind}, got {raw!r}") from None
@@ -214,13 +235,26 @@ def _prompt(index: int, table: dict[str, Any], where: str) -> SamplePrompt:
     for key in ("width", "height", "frame_count", "sample_steps"):
         if key in table and table[key] < 1:
             raise SamplePromptError(f"{where}: {key} must be >= 1, got {table[key]}")
-    if table.get("sample_steps", 1) > 1000:  # musubi clamps to 1000
-        raise SamplePromptError(f"{where}: sample_steps must be <= 1000, got {table['sample_steps']}")
+    for key, most in (
+        ("width", MAX_SIDE),
+        ("height", MAX_SIDE),
+        ("frame_count", MAX_FRAMES),
+        ("sample_steps", MAX_STEPS),
+    ):
+        if table.get(key, 1) > most:
+            raise SamplePromptError(f"{where}: {key} must be <= {most}, got {table[key]}")
     if not 0 <= table.get("seed", 0) < 2**63:
         raise SamplePromptError(f"{where}: seed must be in [0, 2**63), got {table['seed']}")
     for key in ("cfg_scale", "discrete_flow_shift"):
         if key in table and not table[key] > 0:
             raise SamplePromptError(f"{where}: {key} must be > 0, got {table[key]}")
+    if table.get("cfg_scale", 1) > MAX_CFG_SCALE:
+        raise SamplePromptError(f"{where}: cfg_scale must be <= {MAX_CFG_SCALE:g}, got {table['cfg_scale']}")
+    low, high = FLOW_SHIFT_RANGE
+    if not low <= table.get("discrete_flow_shift", 1) <= high:
+        raise SamplePromptError(
+            f"{where}: discrete_flow_shift must be in [{low:g}, {high:g}], got {table['discrete_flow_shift']}"
+        )
     return SamplePrompt(
         index=index,
         prompt=prompt.strip(),

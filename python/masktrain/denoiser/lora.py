@@ -211,6 +211,7 @@ def load_lora_into(
     lora_file.check_family(arch, family, path)
     state = lora_file.peft_state(tensors, layer_resolver(transformer, family), family, path)
 
+    check_shapes(transformer, state, family, path)
     modules = sorted({key.rpartition(".lora_")[0] for key in state})
     config = LoraConfig(
         r=rank,
@@ -222,8 +223,13 @@ def load_lora_into(
         adapter_host(transformer).add_adapter(config, adapter_name=ADAPTER)
     except ValueError as error:  # peft: a target module that does not exist in this model
         raise LoraFileError(f"{path}: does not fit this {family.name} transformer ({error})") from error
-    # peft annotates the result as `namedtuple`; it is torch's load_state_dict result.
-    result = cast("_IncompatibleKeys", set_peft_model_state_dict(transformer, state, adapter_name=ADAPTER))
+    try:  # peft annotates the result as `namedtuple`; it is torch's load_state_dict result.
+        result = cast(
+            "_IncompatibleKeys", set_peft_model_state_dict(transformer, state, adapter_name=ADAPTER)
+        )
+    except RuntimeError as error:  # what check_shapes cannot foresee, in one line
+        first = str(error).strip().splitlines()[-1].strip()
+        raise LoraFileError(f"{path}: does not fit this {family.name} transformer ({first})") from error
     unloaded = [k for k in result.missing_keys if ".lora_" in k]
     if result.unexpected_keys or unloaded:
         raise LoraFileError(
@@ -231,6 +237,31 @@ def load_lora_into(
             f"missing {unloaded[:3]})"
         )
     return metadata
+
+
+def check_shapes(
+    transformer: torch.nn.Module, state: Mapping[str, torch.Tensor], family: ModelFamily, path: Path
+) -> None:
+    """Refuse, before peft builds the adapter, LoRA matrices that do not fit the Linear layers they
+    name (``state``: peft names): a LoRA of another model size, say a 14B LoRA on a 1.3B ``--dit``.
+    A's columns must be the layer's inputs, B's rows its outputs."""
+    for key in sorted(state):
+        module, _, matrix = key.rpartition(".lora_")  # "blocks.0.attn1.to_q", "A.weight"
+        try:
+            layer = transformer.get_submodule(module)
+        except AttributeError:
+            continue  # named by add_adapter's own check
+        if not isinstance(layer, torch.nn.Linear):
+            continue
+        shape = list(state[key].shape)
+        side, size = (-1, layer.in_features) if matrix.startswith("A") else (0, layer.out_features)
+        if len(shape) != 2 or shape[side] != size:
+            expected = [shape[0], size] if side == -1 else [size, shape[-1]]
+            raise LoraFileError(
+                f"{path}: {key} has shape {shape}, but this {family.name} transformer's layer takes "
+                f"{expected} ({layer.in_features} in, {layer.out_features} out): the LoRA was made for a "
+                "model of another size; pass the --dit it was trained on"
+            )
 
 
 def layer_resolver(transformer: torch.nn.Module, family: ModelFamily) -> Callable[[str], str | None]:

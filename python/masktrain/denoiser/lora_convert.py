@@ -1,7 +1,8 @@
 """A LoRA file in another layout (``comfyui``, ``diffusers``, ``musubi``; see ``lora_file``),
 tensors and alpha unchanged: what ``masktrain convert-lora`` does. Files musubi-tuner wrote (and
 other trainers' files in these layouts) convert too: their arch, rank and alpha are read off the
-file (``lora_file.file_header``).
+file (``lora_file.file_header``), which also refuses, before anything is written, a file with a
+NaN or an infinity or whose metadata disagrees with its matrices.
 
 The three layouts name each layer differently: ComfyUI by the original module path, musubi by
 that path with dots as underscores, diffusers by diffusers' module name. The mapping comes from

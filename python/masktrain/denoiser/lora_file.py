@@ -17,12 +17,15 @@ Every file masktrain writes carries ``masktrain.arch`` / ``.rank`` / ``.alpha`` 
 trainer wrote is read off its keys (:func:`file_header`): the family from musubi's
 ``ss_network_module`` or the layer names the catalog lists for each family
 (``ArchSpec.lora_layer_hints``), the rank from the down matrices, alpha from the ``.alpha``
-tensors.
+tensors. Every file is checked before it is used or converted: finite values (a LoRA that diverged
+gives black samples), one rank that agrees with the metadata, metadata that parses, one alpha;
+each refusal is one line naming the file and the key.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -135,25 +138,29 @@ def file_arch(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) 
 def file_header(
     tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str], path: Path, arch: str | None = None
 ) -> tuple[str, int, float]:
-    """(arch, rank, alpha) of a LoRA file: masktrain's metadata, else read off the file as musubi-
-    tuner and ComfyUI read it: the arch from :func:`file_arch`, else `arch` (the caller's
+    """(arch, rank, alpha) of a LoRA file, checked: masktrain's metadata, else read off the file as
+    musubi-tuner and ComfyUI read it: the arch from :func:`file_arch`, else `arch` (the caller's
     ``--arch``); the rank from the down matrices; alpha from the per-layer ``.alpha`` tensors, or
-    the rank when there are none (a scale of 1, as ComfyUI assumes). Per-layer ranks or alphas
-    that differ are refused: masktrain's adapters have one of each."""
+    the rank when there are none (a scale of 1, as ComfyUI assumes). Refused with a
+    :class:`LoraFileError` naming the file and the layer or key: a tensor with a NaN or an
+    infinity (a LoRA that diverged: its samples come out black), metadata that is not a number or
+    whose rank disagrees with the matrices, and per-layer ranks or alphas that differ (masktrain's
+    adapters have one of each)."""
+    check_values(tensors, path)
+    rank = _matrix_rank(tensors, path)
     if all(key in metadata for key in (META_ARCH, META_RANK, META_ALPHA)):
-        return metadata[META_ARCH], int(metadata[META_RANK]), float(metadata[META_ALPHA])
+        stated = _metadata_rank(metadata, path)
+        if stated != rank:
+            key = next(k for k in sorted(tensors) if k.endswith(_DOWN))
+            raise LoraFileError(
+                f"{path}: its metadata says {META_RANK} = {stated}, but {key} has rank {rank} (shape "
+                f"{list(tensors[key].shape)}); the metadata disagrees with the matrices: a damaged or "
+                "edited file"
+            )
+        return metadata[META_ARCH], rank, _metadata_alpha(metadata, path)
     found = file_arch(tensors, metadata) or arch
     if found is None:
         raise LoraFileError(f"{path}: no masktrain metadata and no known layer names; pass --arch")
-    down = {
-        int(v.shape[0]) for k, v in tensors.items() if k.endswith((".lora_A.weight", ".lora_down.weight"))
-    }
-    if len(down) != 1:
-        raise LoraFileError(
-            f"{path}: {'no LoRA matrices' if not down else f'layers of different ranks {sorted(down)}'}; "
-            "masktrain reads LoRAs of one rank"
-        )
-    rank = down.pop()
     alphas = {round(float(v), 6) for k, v in tensors.items() if k.endswith(".alpha")}
     if len(alphas) > 1:
         raise LoraFileError(
@@ -162,10 +169,78 @@ def file_header(
     return found, rank, alphas.pop() if alphas else float(rank)
 
 
+_DOWN = (".lora_A.weight", ".lora_down.weight")
+_UP = (".lora_B.weight", ".lora_up.weight")
+
+
+def check_values(tensors: Mapping[str, torch.Tensor], path: Path) -> None:
+    """Refuse a file with a NaN or an infinity in a matrix or an ``.alpha``, naming the key."""
+    for key in sorted(tensors):
+        value = tensors[key]
+        if value.is_floating_point() and not bool(torch.isfinite(value.to(torch.float32)).all()):
+            raise LoraFileError(
+                f"{path}: {key} holds non-finite values (NaN or infinity); the LoRA is damaged or its "
+                "training diverged: use an earlier checkpoint"
+            )
+
+
+def _matrix_rank(tensors: Mapping[str, torch.Tensor], path: Path) -> int:
+    """The one rank of the file's matrices: the rows of every down (A) matrix, the columns of every
+    up (B) matrix."""
+    down = {int(v.shape[0]) for k, v in tensors.items() if k.endswith(_DOWN) and v.dim() == 2}
+    if len(down) != 1:
+        raise LoraFileError(
+            f"{path}: {'no LoRA matrices' if not down else f'layers of different ranks {sorted(down)}'}; "
+            "masktrain reads LoRAs of one rank"
+        )
+    rank = next(iter(down))
+    for key in sorted(tensors):
+        value = tensors[key]
+        side = 0 if key.endswith(_DOWN) else 1
+        if key.endswith(_DOWN + _UP) and (value.dim() != 2 or value.shape[side] != rank):
+            raise LoraFileError(
+                f"{path}: {key} has shape {list(value.shape)}, not a rank-{rank} LoRA matrix like the "
+                "file's others; masktrain reads LoRAs of one rank"
+            )
+    return rank
+
+
+def _metadata_rank(metadata: Mapping[str, str], path: Path) -> int:
+    raw = metadata[META_RANK]
+    if not (raw.isascii() and raw.strip().isdigit() and int(raw) >= 1):
+        raise LoraFileError(
+            f"{path}: its metadata {META_RANK} = {raw!r} is not a whole number >= 1; a damaged file"
+        )
+    return int(raw)
+
+
+def _metadata_alpha(metadata: Mapping[str, str], path: Path) -> float:
+    raw = metadata[META_ALPHA]
+    try:
+        alpha = float(raw)
+    except ValueError:
+        alpha = math.nan
+    if not math.isfinite(alpha):
+        raise LoraFileError(
+            f"{path}: its metadata {META_ALPHA} = {raw!r} is not a finite number; a damaged file"
+        )
+    return alpha
+
+
 def check_family(arch: str, family: ModelFamily, path: Path) -> None:
     """A file trained for another family is named as such (not as layers that do not fit)."""
     if arch != family.name:
         raise LoraFileError(f"{path}: this LoRA was trained for {arch}; --arch is {family.name}")
+
+
+def check_file(path: Path, family: ModelFamily) -> None:
+    """What a LoRA file's own bytes tell, checked before any model loads (``masktrain sample``):
+    readable, finite, one rank and alpha that agree with its metadata (:func:`file_header`), and
+    trained for `family` (:func:`check_family`). Whether its matrices fit the transformer is known
+    once that loads (``denoiser.lora.load_lora_into``)."""
+    tensors, metadata = read_lora_file(path)
+    arch, _, _ = file_header(tensors, metadata, path, family.name)
+    check_family(arch, family, path)
 
 
 def layout_of(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> str:
