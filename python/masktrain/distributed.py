@@ -1,13 +1,26 @@
 """One process per GPU under ``torchrun``: which share of the items this process owns, and the
 few collective steps the commands need (barrier, gather, agreeing to stop, averaging the LoRA's
 gradients as DDP does). Without ``torchrun`` (no ``WORLD_SIZE``) this is a world of one and no
-process group is created."""
+process group is created.
+
+A torchrun worker ends with its launcher: torchrun starts each worker in a session of its own, so
+a launcher killed with SIGKILL (or by the OOM killer) would leave them training on, writing the
+run's folder beside the next run. Each worker asks the kernel for :data:`LAUNCHER_DIED` when its
+parent dies (``prctl(PR_SET_PDEATHSIG)`` on Linux; elsewhere a thread watches the parent pid),
+which stops it as torchrun's own forwarded SIGTERM does: ``train`` saves a checkpoint after the step
+and exits. A signal of its own, not SIGTERM: the kernel sends it again each time the worker passes
+from one dying launcher thread to the next, and a repeated SIGTERM means "abort now"."""
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import datetime
 import os
+import signal
+import sys
+import threading
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
@@ -97,6 +110,8 @@ def start(timeout_minutes: float | None = None) -> Shard:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return Shard()
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # started by torchrun (not by a script of the user's)
+        stop_with_launcher()
     if not dist.is_initialized():
         timeout = None if timeout_minutes is None else datetime.timedelta(minutes=timeout_minutes)
         dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo", timeout=timeout)
@@ -108,3 +123,27 @@ def _leave(shard: Shard, together: bool) -> None:
         if together:
             dist.barrier()
         dist.destroy_process_group()
+
+
+_PR_SET_PDEATHSIG = 1
+
+#: The signal a torchrun worker gets when its launcher dies (SIGTERM where there is no SIGUSR2).
+LAUNCHER_DIED: signal.Signals = getattr(signal, "SIGUSR2", signal.SIGTERM)
+
+
+def stop_with_launcher(sig: signal.Signals = LAUNCHER_DIED) -> None:
+    """Have `sig` sent to this process when its parent (torchrun) dies."""
+    launcher = os.getppid()
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) == 0:
+            if os.getppid() != launcher:  # it died before the request: nobody will send the signal
+                os.kill(os.getpid(), sig)
+            return
+    threading.Thread(target=_watch_parent, args=(launcher, sig), daemon=True, name="launcher-watch").start()
+
+
+def _watch_parent(launcher: int, sig: signal.Signals) -> None:
+    while os.getppid() == launcher:
+        time.sleep(1.0)
+    os.kill(os.getpid(), sig)

@@ -18,6 +18,8 @@ where the reference implementation (the musubi-tuner fork, PR #901) differs or i
   "phantom limb" problem: cells of weight 0 get no gradient at all.
 - ``--prior_mask_threshold`` without prior preservation warns that it has no effect; the
   reducer honours that (PR #901 still zeroed the target weight below the threshold).
+- A ``--prior_preservation_timestep_threshold`` of 1000 (the largest timestep) warns: the gate lets
+  no sample through, so prior preservation does nothing (the reference logs its skip rate only).
 - The banner does not promise "~1.3-1.7x training time"; it says what the teacher pass costs.
 - The FATAL message no longer asks for a fresh ``cache_directory``: masktrain's cache fingerprints
   each item and rebuilds the ones whose mask settings changed.
@@ -32,6 +34,8 @@ from dataclasses import dataclass
 from masktrain.errors import MaskOptionError, MissingMaskWeightsError
 
 PRIOR_DECAY_SCHEDULES = ("constant", "linear", "cosine")
+NEVER_GATED = 1000.0
+"""The largest timestep (``sigma * 1000``): a teacher-gating threshold there leaves no sample above it."""
 RULE = "=" * 60
 THIN_RULE = "-" * 60
 
@@ -190,6 +194,13 @@ def validate(settings: MaskLossSettings) -> list[str]:
     if (settings.prior_decay_schedule != "constant" or settings.prior_decay_warmup_ratio > 0) and weight == 0:
         warnings.append(
             "--prior_decay_schedule / --prior_decay_warmup_ratio have no effect without a prior term"
+        )
+    gate = settings.prior_preservation_timestep_threshold
+    if gate is not None and weight > 0 and gate >= NEVER_GATED:
+        warnings.append(
+            f"--prior_preservation_timestep_threshold {gate:g}: no timestep is above it (timesteps run "
+            f"0..{NEVER_GATED:g}), so the teacher never runs and prior preservation does nothing; "
+            "lower it (300, say) or leave it unset"
         )
     if settings.prior_preservation_timestep_threshold is not None and weight == 0:
         warnings.append(

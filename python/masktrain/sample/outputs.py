@@ -39,6 +39,12 @@ def middle_frame_path(video: Path) -> Path:
     return video.with_name(f"{video.stem}{MIDDLE}.png")
 
 
+def sample_drawn(output_dir: Path, output_name: str, step: int, index: int, seed: int) -> bool:
+    """Whether prompt `index`'s sample of `step` is on disk: its PNG, or its MP4 and middle frame."""
+    image, video = (sample_path(output_dir, output_name, step, index, seed, v) for v in (False, True))
+    return image.is_file() or (video.is_file() and middle_frame_path(video).is_file())
+
+
 def write_sample(path: Path, frames: torch.Tensor, fps: float | None) -> None:
     """(F, H, W, 3) uint8 frames: a PNG of the one frame, or an MP4 and its middle frame."""
     if path.suffix == ".png":

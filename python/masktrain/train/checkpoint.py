@@ -15,24 +15,39 @@ and when the run is stopped, then prunes what ``--save_last_n_*`` no longer keep
 A checkpoint is filled under a temporary name and renamed into place, and the top-level LoRA is
 replaced atomically (``masktrain.atomic``), so a run killed while saving leaves the previous
 checkpoints and LoRA intact and nothing half-written; the next run removes the temporaries.
+
+The folder comes first and the top-level copy second, so the newest LoRA is always in a checkpoint:
+a run killed between the two leaves the top-level file one save behind, and a ``--resume`` of that
+checkpoint (also one that finds nothing left to train) puts the checkpoint's copy in its place
+(:func:`repair_top_level`) before anything else.
+
+While a run writes OUTPUT_DIR it holds it (:func:`hold_output_dir`): a second ``train`` into the
+same folder is refused in one line naming the first (its pid and host), before any model loads.
 """
 
 from __future__ import annotations
 
+import contextlib
+import filecmp
 import io
 import json
+import logging
 import pickle
 import random
+import re
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NotRequired, TypedDict
 
 import numpy as np
+import safetensors
 import safetensors.torch
 import torch
 
-from masktrain import atomic
+from masktrain import atomic, catalog
+from masktrain.config.sample_prompts import load_prompts
 from masktrain.config.train import TrainConfig
 from masktrain.denoiser.experts import Experts
 from masktrain.denoiser.lora import lora_file_bytes
@@ -40,6 +55,10 @@ from masktrain.denoiser.lora_file import META_STEP
 from masktrain.distributed import Shard
 from masktrain.errors import TrainConfigError
 from masktrain.models.base import ModelFamily
+from masktrain.sample.outputs import sample_dir, sample_drawn
+from masktrain.train.preflight import output_dir_busy
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -200,6 +219,10 @@ def load_checkpoint(folder: Path) -> LoadedCheckpoint:
     )
 
 
+_DAMAGED = (OSError, EOFError, RuntimeError, ValueError, KeyError, TypeError, pickle.UnpicklingError)
+"""What reading a damaged checkpoint raises (TypeError: a ``state.json`` without a field)."""
+
+
 def restore(
     folder: Path,
     named: list[tuple[str, torch.nn.Parameter]],
@@ -220,7 +243,7 @@ def restore(
         optimizer.load_state_dict(state.optimizer)
         scheduler.load_state_dict(state.scheduler)
         restore_rng(state.rng)
-    except (OSError, EOFError, RuntimeError, ValueError, KeyError, pickle.UnpicklingError) as error:
+    except _DAMAGED as error:
         raise TrainConfigError(
             f"--resume {folder}: damaged checkpoint ({type(error).__name__}: {error})"
         ) from None
@@ -287,3 +310,126 @@ def save(
             last_n_epochs=config.save_last_n_epochs,
         )
     shard.barrier()
+
+
+@contextlib.contextmanager
+def hold_output_dir(config: TrainConfig, shard: Shard) -> Iterator[None]:
+    """OUTPUT_DIR is this run's while the block runs. Every process's temporaries carry rank 0's
+    run id; rank 0 takes the folder's owner lock (a live run holding it: a
+    :class:`TrainConfigError` naming that run, on every process) and the run lock of
+    ``OUTPUT_DIR/sample`` when this run samples, removes the temporaries killed runs left in both,
+    and repairs the top-level LoRA of a resumed run (:func:`repair_top_level`)."""
+    atomic.set_run_id(shard.gather(atomic.RUN_ID)[0])
+    with contextlib.ExitStack() as held:
+        refusal = None
+        if shard.is_main:
+            try:
+                held.enter_context(atomic.run_lock(config.output_dir, owner="train"))
+            except BlockingIOError as busy:
+                refusal = output_dir_busy(config.output_dir, busy.strerror or "another masktrain run")
+            except OSError as error:
+                refusal = f"--output_dir {config.output_dir}: cannot take its run lock ({error})"
+        refusal = shard.gather(refusal)[0]
+        if refusal is not None:
+            raise TrainConfigError(refusal)
+        if shard.is_main:
+            samples = sample_dir(config.output_dir)
+            if config.sample.enabled:
+                held.enter_context(atomic.run_lock(samples))
+            atomic.remove_stale_temporaries(config.output_dir)
+            atomic.remove_stale_temporaries(samples)
+            if config.resume is not None:
+                repair_top_level(config.output_dir, config.resume, f"{config.output_name}.safetensors")
+        yield
+
+
+_STEP_FOLDER = re.compile(r"step-(\d+)")
+
+
+def repair_top_level(output_dir: Path, folder: Path, lora_name: str) -> bool:
+    """Make the top-level LoRA file `lora_name` the copy in `folder`, the checkpoint a run resumes
+    from, when that is the newest checkpoint of `output_dir` and the two differ (a run stopped
+    between writing the checkpoint and the top-level copy); returns whether it did."""
+    source, target = folder / lora_name, output_dir / lora_name
+    if not source.is_file() or folder.resolve().parent != output_dir.resolve():
+        return False
+    steps = {
+        int(match[1]): path
+        for path in output_dir.glob("step-[0-9]*")
+        if (match := _STEP_FOLDER.fullmatch(path.name)) and path.is_dir()
+    }
+    if not steps or steps[max(steps)].resolve() != folder.resolve():
+        return False  # an older checkpoint: the run rewrites the top-level file at its next save
+    if target.is_file() and filecmp.cmp(source, target, shallow=False):
+        return False
+    before = _saved_step(target)
+    atomic.write_bytes(target, source.read_bytes())
+    log.warning(
+        "%s was %s, not the LoRA of the newest checkpoint %s (a run stopped between writing the two): "
+        "replaced it with %s",
+        target,
+        "missing" if before is None else f"the LoRA of step {before}",
+        folder.name,
+        source,
+    )
+    return True
+
+
+def _saved_step(path: Path) -> str | None:
+    """The step a LoRA file records (``masktrain.step``), "?" without one, None without the file."""
+    if not path.is_file():
+        return None
+    try:
+        with safetensors.safe_open(path, "pt") as handle:
+            return str((handle.metadata() or {}).get(META_STEP, "?"))
+    except (OSError, safetensors.SafetensorError):
+        return "?"
+
+
+def report_complete(config: TrainConfig, step: int, total_steps: int) -> None:
+    """A ``--resume`` of a checkpoint that reached the run's last step: nothing to train; and the
+    command that draws the last samples when a run stopped while drawing them left some missing."""
+    log.info(
+        "%s is already complete at step %d (--max_train_steps %d): nothing to train; raise "
+        "--max_train_steps to continue it",
+        config.resume,
+        step,
+        total_steps,
+    )
+    prompts_file = config.sample.sample_prompts
+    if prompts_file is None or config.resume is None:
+        return
+    prompts = load_prompts(prompts_file)
+    missing = [
+        prompt.index
+        for prompt in prompts
+        if not sample_drawn(
+            config.output_dir,
+            config.output_name,
+            step,
+            prompt.index,
+            config.seed + prompt.index if prompt.seed is None else prompt.seed,
+        )
+    ]
+    if not missing:
+        return
+    spec = catalog.arch(config.arch)
+    high = f" --dit_high_noise {config.dit_high_noise}" if config.dit_high_noise else ""
+    log.warning(
+        "the samples of step %d are missing for %d of %d prompt(s) (a run stopped while drawing them); "
+        "draw them with: masktrain sample --arch %s --dit %s%s --vae %s %s %s --sample_prompts %s --lora %s "
+        "--output_dir %s --seed %d",
+        step,
+        len(missing),
+        len(prompts),
+        config.arch,
+        config.dit,
+        high,
+        config.sample.vae,
+        spec.text_flag,
+        config.sample.text_encoder,
+        prompts_file,
+        config.resume / f"{config.output_name}.safetensors",
+        config.output_dir,
+        config.seed,
+    )

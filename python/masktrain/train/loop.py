@@ -1,16 +1,17 @@
 """``masktrain train``: the run and its loop, top to bottom.
 
 Before any model loads, ``preflight`` lists the cached items and plans the run (the flags were
-checked when the config was built). :func:`_setup` then builds what the run trains with: the
-sampler (its text encoder comes and goes before the transformer), the transformer(s) with the
-LoRA (``train.build``), the optimizer and schedule, a ``--resume`` checkpoint, the EMA teacher,
-the metrics log and the validator. :func:`_fit` is the loop.
+checked when the config was built), and the run takes OUTPUT_DIR for itself
+(``checkpoint.hold_output_dir``: a second run into it is refused). :func:`_setup` then builds
+what the run trains with: the sampler (its text encoder comes and goes before the transformer),
+the transformer(s) with the LoRA (``train.build``), the optimizer and schedule, a ``--resume``
+checkpoint, the EMA teacher, the metrics log and the validator. :func:`_fit` is the loop.
 
 One optimizer step = ``gradient_accumulation_steps`` batches. Per batch, ``train.step`` computes
 the loss (noise, the teacher pass, the student pass, the masked reducer); backward; after the last
 batch of the window the gradients are averaged over processes, clipped, and the optimizer and
-scheduler step. After the step: validation, the checkpoint, then samples, each when due. Ctrl-C or
-SIGTERM saves a checkpoint after the current step and stops (``train.interrupt``).
+scheduler step. After the step: validation, the checkpoint, then samples, each when due. Ctrl-C,
+SIGTERM or SIGHUP saves a checkpoint after the current step and stops (``train.interrupt``).
 
 Multi-GPU: one process per device under ``torchrun``; process ``rank`` takes every ``world``-th
 batch of the epoch's order, and the LoRA gradients are all-reduced (averaged) before each
@@ -45,7 +46,7 @@ from masktrain.models import get_family
 from masktrain.models.base import ModelFamily
 from masktrain.sample.sampler import Sampler
 from masktrain.train import checkpoint as ckpt
-from masktrain.train.build import build_experts
+from masktrain.train.build import build_experts, check_cache_fits
 from masktrain.train.ema_teacher import EmaTeacher
 from masktrain.train.interrupt import Interrupt
 from masktrain.train.metrics import MetricsLog, StepMetrics, progress_postfix
@@ -65,21 +66,14 @@ def run(config: TrainConfig) -> Path:
         log.warning("%s", warning)
     with distributed.process_group(config.ddp_timeout) as shard:
         plan = preflight(config, shard.world)
-        lora_path = config.output_dir / f"{config.output_name}.safetensors"
-        if plan.complete:
-            log.info(
-                "%s is already complete at step %d (--max_train_steps %d): nothing to train; raise "
-                "--max_train_steps to continue it",
-                config.resume,
-                plan.resume_step,
-                plan.total_steps,
-            )
-            return lora_path
-        with contextlib.ExitStack() as run_lock:  # held by rank 0 while this run writes OUTPUT_DIR
-            trained = _setup(config, get_family(config.arch), shard, plan, run_lock)
-            with contextlib.closing(trained.metrics) if trained.metrics else contextlib.nullcontext():
-                _fit(trained)
-        return lora_path
+        with ckpt.hold_output_dir(config, shard):  # this run's alone (rank 0 holds its lock); before any load
+            if plan.complete:
+                ckpt.report_complete(config, plan.resume_step or 0, plan.total_steps)
+            else:
+                trained = _setup(config, get_family(config.arch), shard, plan)
+                with contextlib.closing(trained.metrics) if trained.metrics else contextlib.nullcontext():
+                    _fit(trained)
+        return config.output_dir / f"{config.output_name}.safetensors"
 
 
 @dataclass
@@ -105,9 +99,8 @@ class Run:
     expected_skip: float | None
 
 
-def _setup(
-    config: TrainConfig, family: ModelFamily, shard: Shard, plan: TrainPlan, run_lock: contextlib.ExitStack
-) -> Run:
+def _setup(config: TrainConfig, family: ModelFamily, shard: Shard, plan: TrainPlan) -> Run:
+    feeds = check_cache_fits(config, family, plan.items + plan.validation_items)  # before any load
     device = resolve_device(config.device, shard.local_rank)
     weight_dtype, autocast = precision(config.mixed_precision, device)
     sampler = None
@@ -122,7 +115,7 @@ def _setup(
             config.output_dir,
             config.output_name,
         )
-    experts = build_experts(config, family, device, weight_dtype)
+    experts = build_experts(config, family, device, weight_dtype, feeds + ([sampler.feed] if sampler else []))
     named = experts.trainable()
     if shard.world > 1:  # identical start on every process
         for _, param in named:
@@ -136,11 +129,8 @@ def _setup(
         log.info("resumed from %s at step %d", config.resume, position.step)
     ema = ema_teacher(config, named, plan.total_steps)
 
-    atomic.set_run_id(shard.gather(atomic.RUN_ID)[0])  # every process's temporaries carry rank 0's id
     expected_skip, metrics = None, None
     if shard.is_main:
-        run_lock.enter_context(atomic.run_lock(config.output_dir))
-        atomic.remove_stale_temporaries(config.output_dir)
         if config.overwrite and config.resume is None:  # start over: no old step mixes with this run
             for old in config.output_dir.glob("step-*"):
                 shutil.rmtree(old)

@@ -1,6 +1,8 @@
 """What ``masktrain train`` checks after its flags and before any model loads: the things that
 need the file system or the process group. Torch-free (cache headers only).
 
+- no live run writes ``--output_dir`` (``train.checkpoint.hold_output_dir`` takes it for this run
+  after these checks; this look names the other run before anything else);
 - ``--resume`` names a complete checkpoint of the same LoRA (``resume.py``), and a run whose
   checkpoint already reached ``--max_train_steps`` is complete: nothing to train;
 - without ``--resume``, ``--output_dir`` holds no other run's checkpoints (``--overwrite``
@@ -20,7 +22,9 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
+from masktrain import atomic
 from masktrain.config import mask_loss
 from masktrain.config.dataset import DatasetConfig, load_dataset_config
 from masktrain.config.train import TrainConfig, check_schedule
@@ -67,8 +71,19 @@ class TrainPlan:
         return self.resume_step is not None and self.resume_step >= self.total_steps
 
 
+def output_dir_busy(folder: Path, holder: str) -> str:
+    """The refusal of a run whose ``--output_dir`` a live run (`holder`) is writing."""
+    return (
+        f"--output_dir {folder} is being written by {holder}: one run per output folder; wait for it to "
+        "end (or stop it), or choose another --output_dir"
+    )
+
+
 def preflight(config: TrainConfig, world: int) -> TrainPlan:
     """The run's plan for `world` processes, or the error that would otherwise stop it later."""
+    holder = atomic.owner(config.output_dir)
+    if holder is not None:
+        raise TrainConfigError(output_dir_busy(config.output_dir, holder))
     resume_step = checkpoint_step(config)
     if config.resume is None and not config.overwrite:
         previous = sorted(config.output_dir.glob("step-*")) if config.output_dir.is_dir() else []

@@ -4,11 +4,14 @@ estimate of how many teacher passes the threshold skips, and the EMA teacher's s
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
+from masktrain.config import mask_loss
 from masktrain.config.mask_loss import MaskLossSettings
 from masktrain.config.train import TrainConfig
 from masktrain.data.cached_items import CachedItem
@@ -20,6 +23,9 @@ from masktrain.train.ema_teacher import START_STEP, EmaTeacher
 from masktrain.train.prior_schedule import prior_weights, schedule_enabled
 
 log = logging.getLogger(__name__)
+
+NEARLY_ALL = 0.99
+"""An expected skip rate of the teacher gate at or above which the start-up line is a warning."""
 
 
 @dataclass(frozen=True)
@@ -54,11 +60,17 @@ def gate_samples(
 def ema_teacher(
     config: TrainConfig, named: list[tuple[str, torch.nn.Parameter]], total_steps: int
 ) -> EmaTeacher | None:
-    """``--prior_teacher_mode ema``: the EMA teacher (restored from ``--resume``), or None."""
+    """``--prior_teacher_mode ema``: the EMA teacher (restored from ``--resume``), or None. A resume
+    that changes the teacher warns (:func:`_teacher_change`)."""
     settings = config.mask
-    if settings.prior_teacher_mode != "ema" or settings.prior_preservation_weight <= 0:
-        return None
+    wanted = settings.prior_teacher_mode == "ema" and settings.prior_preservation_weight > 0
     start = max(START_STEP, int(total_steps * settings.prior_decay_warmup_ratio))
+    if config.resume is not None:
+        change = _teacher_change(config.resume, wanted, start)
+        if change is not None:
+            log.warning("%s", change)
+    if not wanted:
+        return None
     if start >= total_steps:
         log.warning(
             "EMA teacher is enabled, but it will not initialize within this run: ema_init_step=%d >= "
@@ -70,6 +82,48 @@ def ema_teacher(
     if config.resume is not None:
         ema.load(ckpt.load_ema(config.resume))
     return ema
+
+
+def _teacher_change(folder: Path, wanted: bool, start: int) -> str | None:
+    """The warning for a resume whose prior teacher is not its checkpoint's run's (the EMA teacher
+    dropped, or created): one line saying what happens to the EMA, or None.
+
+    A warning, not a refusal: the resume itself is sound (the LoRA is the same; the teacher only
+    shapes the prior term from here on) and the new mode is what the command line asks for, so a
+    deliberate switch stays possible; the line says what the switch does, as Lightning warns of a
+    checkpoint's callback state no callback takes and the Hugging Face Trainer of arguments that
+    differ from the checkpoint's. Settings that would change the LoRA itself are refused
+    (``train.resume``)."""
+    try:
+        mask = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("mask", {})
+        step = int(json.loads((folder / "state.json").read_text(encoding="utf-8"))["step"])
+        had = mask.get("prior_teacher_mode") == "ema" and float(mask.get("prior_preservation_weight", 0)) > 0
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None  # preflight checked both files; nothing to compare against
+    if had == wanted:
+        return None
+    started = (folder / ckpt.EMA_FILE).is_file()
+    if had:
+        what = (
+            f"its EMA weights ({ckpt.EMA_FILE}) are not used and later checkpoints will not hold them"
+            if started
+            else "the EMA had not started yet"
+        )
+        return (
+            f"--resume {folder}: that run's prior teacher was the EMA of the LoRA (--prior_teacher_mode "
+            f"ema), this run's is the base model: {what}; pass --prior_teacher_mode ema with the prior "
+            "flags it had to keep the EMA teacher"
+        )
+    what = (
+        f"the EMA starts as a copy of the LoRA of step {step}, not as an average since step {start}, so "
+        "this run will differ from one that had the EMA teacher from the start"
+        if step >= start
+        else f"the EMA starts at step {start}, as in a run that had it from the start"
+    )
+    return (
+        f"--resume {folder}: that run's prior teacher was the base model, this run's is the EMA of the "
+        f"LoRA (--prior_teacher_mode ema): {what}"
+    )
 
 
 def expected_skip_rate(config: TrainConfig, items: list[CachedItem]) -> float | None:
@@ -84,12 +138,18 @@ def expected_skip_rate(config: TrainConfig, items: list[CachedItem]) -> float | 
         hw = (int(item.latent_shape[-2]), int(item.latent_shape[-1]))
         sizes[hw] = sizes.get(hw, 0) + item.num_repeats
     rate = timesteps.estimate_skip_rate(config.timesteps, threshold, sorted(sizes.items()))
-    log.info(
+    # Near 100% the prior term is all but off: a warning (a threshold of 1000 has one from the flags).
+    nothing = rate >= NEARLY_ALL and threshold < mask_loss.NEVER_GATED
+    log.log(
+        logging.WARNING if nothing else logging.INFO,
         "teacher gating at timestep %g: expected to skip %.1f%% of the teacher passes (--timestep_sampling "
         "%s over the dataset's latent sizes, 20000 draws); the measured rate is prior_skip_rate in "
-        "metrics.jsonl",
+        "metrics.jsonl%s",
         threshold,
         100 * rate,
         config.timesteps.timestep_sampling,
+        "; prior preservation does almost nothing: lower --prior_preservation_timestep_threshold"
+        if nothing
+        else "",
     )
     return rate

@@ -23,6 +23,9 @@ CHECKPOINT_FILES = (
     "config.json",
 )
 
+#: What ``state.json`` holds: a ``checkpoint.Position``, each a whole number >= 0.
+STATE_FIELDS = ("step", "epoch", "batches_done")
+
 # (where in config.json, the name users know) of the settings that shape the LoRA's tensors.
 _MUST_MATCH = (
     (("arch",), "arch"),
@@ -51,7 +54,7 @@ def checkpoint_step(config: TrainConfig) -> int | None:
     try:
         state = json.loads((folder / "state.json").read_text(encoding="utf-8"))
         saved = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-        step = int(state["step"])
+        step = _check_state(state)
         with safetensors.safe_open(folder / "adapter.safetensors", "numpy") as adapter:
             if not list(adapter.keys()):
                 raise ValueError("adapter.safetensors holds no tensors")
@@ -67,6 +70,23 @@ def checkpoint_step(config: TrainConfig) -> int | None:
                 "start a new run instead"
             )
     return step
+
+
+def _check_state(state: Any) -> int:
+    """The step of a ``state.json``; a ValueError saying what is wrong with it otherwise."""
+    if not isinstance(state, dict):
+        raise ValueError(f"state.json holds {type(state).__name__}, not an object")
+    missing = [name for name in STATE_FIELDS if name not in state]
+    if missing:
+        raise ValueError(f"state.json has no {', '.join(map(repr, missing))}")
+    unknown = sorted(set(state) - set(STATE_FIELDS))
+    if unknown:
+        raise ValueError(f"state.json has unknown keys {', '.join(map(repr, unknown))}")
+    for name in STATE_FIELDS:
+        value = state[name]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"state.json: {name!r} is {value!r}, not a whole number >= 0")
+    return int(state["step"])
 
 
 def _get(document: Any, path: tuple[str, ...]) -> Any:
