@@ -10,10 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner
 from PIL import Image
 
 import reference
 from helpers import cache_tiny, masktrain_command, photo, tiered, words
+from masktrain.cli import main
 from masktrain.config import CacheConfig
 from masktrain.data import cache_format as fmt
 from masktrain.data.buckets import musubi_buckets
@@ -344,3 +346,20 @@ def test_bucket_no_upscale_keeps_small_images_at_their_own_size(dataset: Path) -
     assert fmt.read_metadata(item_file(dataset, "small")).bucket == reference.nearest_aspect_bucket(
         (100, 70), buckets
     )
+
+
+@pytest.mark.parametrize("device, kind", [("cuda", "CUDA"), ("mps", "MPS")])
+def test_a_device_this_machine_lacks_is_one_line_before_any_model_loads(
+    dataset: Path, device: str, kind: str
+) -> None:
+    """`cache --device cuda` (or mps) without that device: exit 2 and one line, nothing cached."""
+    if torch.cuda.is_available() if device == "cuda" else torch.backends.mps.is_available():
+        pytest.skip(f"this machine has a {kind} device")
+    line = "cache --dataset_config {toml} --arch wan --vae tiny --t5 tiny --device " + device
+    result = CliRunner().invoke(main, words(line, toml=dataset / "dataset.toml"))
+    assert result.exit_code == 2, result.output
+    assert (
+        result.output.splitlines()[-1]
+        == f"Error: --device {device}: no {kind} device is available on this machine"
+    )
+    assert not (dataset / "cache").exists()

@@ -3,6 +3,7 @@ with safetensors; the native mask preparation for items not cached), a partly st
 without masks or with a tiny subject, the page's references, the summary, the printed table; and
 ``train``'s warning when cached masks go unused."""
 
+import html
 import json
 import re
 from pathlib import Path
@@ -143,3 +144,81 @@ def test_a_video_dataset_from_its_sources_then_from_its_cache(tmp_path: Path) ->
     assert (first.face, first.body, first.background) == pytest.approx(
         (item.face, item.body, item.background)
     )
+
+
+def _overwrite_floats(path: Path, key: str, count: int) -> None:
+    """Overwrite the first `count` float32 of tensor `key` with 0xFF bytes (a NaN each), leaving the
+    header, and so the file's freshness, as it was."""
+    data = bytearray(path.read_bytes())
+    size = int.from_bytes(data[:8], "little")
+    start = 8 + size + json.loads(data[8 : 8 + size])[key]["data_offsets"][0]
+    data[start : start + 4 * count] = b"\xff" * (4 * count)
+    path.write_bytes(bytes(data))
+
+
+def _strict_json(text: str) -> object:
+    def refuse(constant: str) -> None:
+        raise ValueError(f"{constant} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_nan_mask_weights_in_a_fresh_looking_file_are_named_damaged(dataset: Path, tmp_path: Path) -> None:
+    root = dataset.parent
+    (path,) = (root / "cache").glob("item1_*_wan.safetensors")
+    _overwrite_floats(path, "mask_weights_1x8x8_float32", 64)
+    out = tmp_path / "inspect"
+    (report,) = run(InspectConfig(dataset, output_dir=out))
+    damage = (
+        f"{path}: holds non-finite values (NaN or infinity) in mask_weights_1x8x8_float32; delete the file "
+        "and run masktrain cache again"
+    )
+    assert report.damaged == [f"item1.png ({damage})"] and report.cache == "partly fresh"
+    by_name = {item.name: item for item in report.items}
+    item = by_name["item1.png"]
+    assert (item.cache, item.read_from) == ("damaged", "sources")
+    _, raw = _native.prepare_mask(root / "masks" / "item1.png", (64, 64), (64, 64), 8)
+    assert (item.face, item.body, item.background) == pytest.approx(_count(raw))
+    assert np.isfinite(item.mean_weight) and by_name["item0.png"].cache == "fresh"
+    summary = _strict_json((out / "summary.json").read_text())
+    assert summary["datasets"][0]["damaged"] == report.damaged
+    assert "1 damaged in the cache: item1.png" in (out / "index.html").read_text()
+
+
+def test_summary_json_writes_null_for_a_value_that_is_not_finite() -> None:
+    from masktrain.inspect.report import DatasetReport, ItemReport, summary_json
+
+    item = ItemReport("a.png", "file", "cache", "fresh", (64, 64), (8, 8), mean_weight=float("nan"))
+    item.prior_region = float("inf")
+    text = json.dumps(summary_json([DatasetReport(0, "images", items=[item])]), allow_nan=False)
+    (written,) = _strict_json(text)["datasets"][0]["items"]
+    assert (written["mean_weight"], written["prior_region"], written["face"]) == (None, None, 0.0)
+
+
+def test_overlays_of_names_with_url_characters_are_referenced_by_their_url(tmp_path: Path) -> None:
+    """Names with '#', '?', '%' and a backslash: each src / href, read as a browser reads it (HTML
+    unescaped, then URL-decoded), is the overlay on disk; no tag of a name reaches the page."""
+    from urllib.parse import unquote
+
+    names = ["a#1", "b?x", "c%41", "<script>alert(2)<\\script>", "plain"]
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    for index, stem in enumerate(names):
+        Image.fromarray(photo(64, 64, index)).save(tmp_path / "images" / f"{stem}.png")
+        Image.fromarray(tiered(64, 64, index)).save(tmp_path / "masks" / f"{stem}.png")
+    toml = tmp_path / "dataset.toml"
+    toml.write_text(
+        '[general]\nresolution = 64\n[[datasets]]\nimage_directory = "images"\nmask_directory = "masks"\n'
+        'cache_directory = "cache"\n'
+    )
+    out = tmp_path / "inspect"
+    run(InspectConfig(toml, output_dir=out))
+    page = (out / "index.html").read_text()
+    references = re.findall(r'(?:src|href)="([^"]+)"', page)
+    assert len(references) == 2 * len(names)
+    for reference in references:
+        assert not set("#?\\<>") & set(reference)
+        assert (out / unquote(html.unescape(reference))).is_file(), reference
+    shown = {unquote(html.unescape(reference)) for reference in references}
+    assert shown == {f"overlays/0_{stem}.png" for stem in names}
+    assert "<script>" not in page and "&lt;script&gt;alert(2)&lt;\\script&gt;.png" in page

@@ -21,7 +21,12 @@ from masktrain.errors import FlagError
 def resolve_device(flag: str | None, local_rank: int = 0) -> torch.device:
     """The device of ``--device`` (checked to exist), or ``cuda:LOCAL_RANK`` when there is one."""
     if flag:
-        device = torch.device(flag)
+        try:  # the ``masks`` commands hand --device here unchecked
+            device: torch.device | None = torch.device(flag)
+        except RuntimeError:  # a name torch does not know (tpu)
+            device = None
+        if device is None or device.type not in ("cpu", "cuda", "mps"):
+            raise FlagError(f"--device must be cpu, cuda, cuda:N or mps, not {flag!r}")
         if device.type == "cuda" and not torch.cuda.is_available():
             raise FlagError(f"--device {flag}: no CUDA device is available on this machine")
         if device.type == "mps" and not torch.backends.mps.is_available():

@@ -207,7 +207,13 @@ class _Table:
             return None
         if not isinstance(value, str) or not value:
             raise self.error(key, f"must be a path string, not {value!r}")
-        path = Path(value).expanduser()
+        try:
+            path = Path(value).expanduser()
+        except RuntimeError:  # ~user of a user this machine does not have, or no home folder
+            home = value.split("/")[0]
+            raise self.error(
+                key, f"{value}: {home} names no home folder on this machine; write the full path"
+            ) from None
         return path if path.is_absolute() else self.base / path
 
 

@@ -1,13 +1,16 @@
 """The folders and files a dataset TOML names, checked before any model loads: each that is read
 must exist and be readable (a folder also searchable: one that can be listed but not searched
-loses every item in it silently), each that is written must be writable. Every problem is one
-line naming the TOML key or flag (exit 2)."""
+loses every item in it silently), an ``image_directory`` must hold an image masktrain reads (a
+folder of GIF or TIFF files would cache 0 items), each that is written must be writable. Every
+problem is one line naming the TOML key or flag (exit 2)."""
 
 from __future__ import annotations
 
 import os
+from collections import Counter
 from pathlib import Path
 
+from masktrain import _native
 from masktrain.config.dataset import DatasetConfig, ImageDatasetConfig
 from masktrain.errors import ConfigError, SettingError
 
@@ -30,6 +33,8 @@ def check_readable(config: DatasetConfig) -> None:
         for key, path in sources.items():
             if path is not None:
                 problem = _unreadable(path, folder=not key.endswith("_file"))
+                if problem is None and key == "image_directory":
+                    problem = _without_images(path)
                 if problem:
                     raise ConfigError(f"{where}: '{key}' {path}: {problem}")
 
@@ -61,3 +66,21 @@ def _unreadable(path: Path, folder: bool) -> str | None:
             "fix its permissions (chmod +x)"
         )
     return None
+
+
+def _without_images(folder: Path) -> str | None:
+    """Why `folder` gives no image to cache (the formats read, and what it holds), or None."""
+    if _native.list_images(folder):
+        return None
+    kinds = Counter(
+        "sub-folder(s)" if entry.is_dir() else (Path(entry.name).suffix.lower() or "without an extension")
+        for entry in os.scandir(folder)
+        if not entry.name.startswith(".")
+    )
+    most = sorted(kinds.items(), key=lambda kind_count: (-kind_count[1], kind_count[0]))[:6]
+    found = ", ".join(f"{count} {kind}" for kind, count in most) or "nothing"
+    reads = ", ".join(f".{extension}" for extension in _native.IMAGE_EXTENSIONS)
+    return (
+        f"no supported image was found there (masktrain reads {reads} files directly in the folder; "
+        f"found {found}); convert the images to PNG or point the key at the folder that holds them"
+    )

@@ -5,7 +5,9 @@ Captions are ``{stem}{caption_extension}`` in ``caption_directory`` (default: be
 video), stripped; an item without one trains with an empty caption and is counted in a warning.
 JSONL sources hold ``{"image_path": ..., "caption": ...}`` (``"video_path"`` for videos) per
 line, relative paths resolved against the JSONL file's directory. Two items with one stem would
-write one cache file, so both fail.
+write one cache file, so both fail. An item whose path is not valid UTF-8 (Linux allows any bytes
+in a name: an archive unpacked from Windows holds Latin-1 names) fails too: masks, cache files
+and their metadata are keyed by the name as text.
 """
 
 from __future__ import annotations
@@ -128,17 +130,38 @@ def _from_jsonl(path: Path, key: str) -> list[tuple[Path, str | None]]:
                 raise ValueError(f"no '{key}'")
         except (ValueError, AttributeError) as error:
             raise ConfigError(f"{path}:{number}: not a record with '{key}' ({error})") from error
-        media_path = Path(media).expanduser()
+        try:
+            media_path = Path(media).expanduser()
+        except RuntimeError:  # ~user of a user this machine does not have, or no home folder
+            raise ConfigError(
+                f"{path}:{number}: '{key}' {media}: {media.split('/')[0]} names no home folder on this "
+                "machine; write the full path"
+            ) from None
         caption = record.get("caption")
         entries.append((media_path if media_path.is_absolute() else path.parent / media_path, caption))
     return entries
+
+
+def _not_utf8(path: Path) -> str | None:
+    """Why `path` cannot be an item (its name, or a folder's above it, is not valid UTF-8), or None."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:  # os.fsdecode's surrogate escapes of the bytes that are not UTF-8
+        try:
+            path.name.encode("utf-8")
+        except UnicodeEncodeError:
+            return "the file name is not valid UTF-8; rename it"
+        return "the name of a folder above it is not valid UTF-8; rename that folder"
+    return None
 
 
 def _discovery(entries: list[tuple[Path, str | None]], kind: str, caption_extension: str) -> Discovery:
     stems = Counter(path.stem for path, _ in entries)
     items, failed = [], []
     for path, caption in entries:
-        if stems[path.stem] > 1:
+        if (problem := _not_utf8(path)) is not None:
+            failed.append((path, problem))
+        elif stems[path.stem] > 1:
             reason = f"another {kind} has the same basename '{path.stem}'; their cache files would collide"
             failed.append((path, f"{reason}, rename one"))
         else:

@@ -37,7 +37,7 @@ class Batch:
     items: list[CachedItem]
 
 
-def _finite(tensors: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
+def check_finite(tensors: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
     """`tensors`, or a :class:`CachedDataError` naming the file when one holds NaN or infinity (a
     damaged file whose header still reads fresh: training on it would poison every step)."""
     for key, tensor in tensors.items():
@@ -52,11 +52,11 @@ def _finite(tensors: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Ten
 def load_batch(index: int, items: list[CachedItem]) -> Batch:
     latents, masks, texts = [], [], []
     for item in items:
-        tensors = _finite(fmt.load_cache_file(item.latent_path)[0], item.latent_path)
+        tensors = check_finite(fmt.load_cache_file(item.latent_path)[0], item.latent_path)
         keys = fmt.item_tensor_keys(tensors, item.latent_path)
         latents.append(tensors[keys.latents].float())
         masks.append(None if keys.mask_weights is None else tensors[keys.mask_weights].float())
-        text_tensors = _finite(fmt.load_cache_file(item.text_path)[0], item.text_path)
+        text_tensors = check_finite(fmt.load_cache_file(item.text_path)[0], item.text_path)
         texts.append(next(iter(text_tensors.values())))
     mask_weights = None
     template = next((m for m in masks if m is not None), None)

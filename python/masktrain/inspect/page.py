@@ -9,6 +9,7 @@ from __future__ import annotations
 import html
 import io
 import json
+import urllib.parse
 from pathlib import Path
 
 import numpy as np
@@ -81,8 +82,10 @@ def _card(item: object) -> str:
     prior = "" if item.prior_region is None else f"<br>prior region {_percent(item.prior_region)}"
     if item.baked:
         prior += f"<br>baked in the cache: {html.escape(item.baked)}"
+    # The path as a URL ('#', '?', '%' or a backslash in a name would cut or change it), then as HTML.
+    url = html.escape(urllib.parse.quote(item.overlay))
     return (
-        f'<figure><a href="{html.escape(item.overlay)}"><img src="{html.escape(item.overlay)}" '
+        f'<figure><a href="{url}"><img src="{url}" '
         f'alt="{html.escape(item.name)}"></a><figcaption><b>{html.escape(item.name)}</b><br>'
         f"mask: {item.source} (from {item.read_from}); {item.bucket[0]}x{item.bucket[1]}, "
         f"{item.grid[0]}x{item.grid[1]} cells<br>face {_percent(item.face)}, body {_percent(item.body)}, "
@@ -102,6 +105,7 @@ def page(reports: list[DatasetReport], config: InspectConfig) -> str:
                 ("without a mask", report.without_mask),
                 ("with a subject under 1% of the cells", report.small_subject),
                 ("stale in the cache", report.stale),
+                ("damaged in the cache", report.damaged),
                 ("not cached", report.not_cached),
                 ("that cannot be read", report.failed),
             )
@@ -130,11 +134,13 @@ def page(reports: list[DatasetReport], config: InspectConfig) -> str:
         settings += f" --mask_blur_kernel_size {config.mask_blur_kernel_size}"
     if config.prior_mask_threshold is not None:
         settings += f" --prior_mask_threshold {config.prior_mask_threshold}"
-    return _PAGE.format(
+    text = _PAGE.format(
         title=html.escape(f"masktrain inspect: {config.dataset_config}"),
         settings=html.escape(settings),
         sections="\n".join(sections),
     )
+    # A name that is not UTF-8 (listed as failed) is shown as the log shows it: bad\udcff.jpg.
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def run(config: InspectConfig) -> list[DatasetReport]:

@@ -13,6 +13,7 @@ video's numbers are its first clip's (the mask is one per video).
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from masktrain.data import freshness
 from masktrain.data.cached_items import ItemState, item_states
 from masktrain.data.dataset_paths import check_readable
 from masktrain.data.discovery import bucket_list
-from masktrain.errors import MaskTrainError
+from masktrain.errors import DataError, FlagError, MaskTrainError
 from masktrain.tiers import regions
 
 SMALL_SUBJECT = 0.01
@@ -41,7 +42,8 @@ class ItemReport:
     read_from: str
     """cache (fresh) or sources."""
     cache: str
-    """fresh, stale (why) or not cached."""
+    """fresh, stale, damaged (a cache file whose header reads fresh but whose tensors cannot be
+    trained on: NaN or infinity, unreadable) or not cached."""
     bucket: tuple[int, int]
     grid: tuple[int, int]
     """Latent cells (width, height)."""
@@ -66,6 +68,7 @@ class DatasetReport:
     items: list[ItemReport] = field(default_factory=list)
     stale: list[str] = field(default_factory=list)
     not_cached: list[str] = field(default_factory=list)
+    damaged: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
     note: str = ""
 
@@ -90,7 +93,7 @@ class DatasetReport:
     def cache(self) -> str:
         if not self.items:
             return "empty"
-        if not self.stale and not self.not_cached:
+        if not self.stale and not self.not_cached and not self.damaged:
             return "fresh"
         return "not cached" if len(self.not_cached) == len(self.items) else "partly fresh"
 
@@ -118,7 +121,13 @@ def latent_factor(config: InspectConfig) -> int:
         return spec.spatial_factor
     if config.vae in spec.tiny_vaes:
         return spec.tiny_vaes[config.vae]
-    folder = Path(config.vae).expanduser()
+    try:
+        folder = Path(config.vae).expanduser()
+    except RuntimeError:  # ~user of a user this machine does not have, or no home folder
+        raise FlagError(
+            f"--vae {config.vae}: {config.vae.split('/')[0]} names no home folder on this machine; "
+            "write the full path"
+        ) from None
     settings = folder / "config.json" if folder.is_dir() else folder.with_suffix(".json")
     if (folder / "vae" / "config.json").is_file():
         settings = folder / "vae" / "config.json"
@@ -141,17 +150,18 @@ def _baked(state: ItemState) -> str:
 
 
 def _cached_raw(state: ItemState) -> np.ndarray | None:
-    """The first latent frame's raw mask weights of a fresh cache file (None without a mask)."""
-    from safetensors.numpy import load_file
+    """The first latent frame's raw mask weights of a fresh cache file (None without a mask); a
+    :class:`DataError` naming the file, as train's loader words it, when its tensors hold NaN or
+    infinity (its header still reads fresh) or cannot be read."""
+    from masktrain.data.loader import check_finite
 
-    path, _, has_mask = state.files[0]
-    if not has_mask:
+    path = state.files[0][0]
+    tensors = check_finite(fmt.load_cache_file(path)[0], path)
+    key = fmt.item_tensor_keys(tensors, path).mask_weights
+    if key is None:
         return None
-    for key, value in load_file(str(path)).items():
-        if key.startswith("mask_weights"):
-            frame: np.ndarray = np.asarray(value, dtype=np.float32)[0, 0]
-            return frame
-    return None
+    frame: np.ndarray = tensors[key][0, 0].float().numpy()
+    return frame
 
 
 Pictures = dict[str, tuple[np.ndarray, np.ndarray | None]]
@@ -229,8 +239,14 @@ def inspect_datasets(config: InspectConfig) -> tuple[list[DatasetReport], Pictur
             if isinstance(result, Exception):
                 report.failed.append(f"{state.item.path} ({result})")
                 continue
-            fresh = state.problem is None
-            raw = _cached_raw(state) if fresh else result.raw
+            fresh, raw = state.problem is None, result.raw
+            cache = "fresh" if fresh else "stale" if state.cached else "not cached"
+            if fresh:
+                try:
+                    raw = _cached_raw(state)
+                except DataError as error:  # read from the sources, as for a stale item
+                    fresh, cache = False, "damaged"
+                    report.damaged.append(f"{state.item.path.name} ({error})")
             if state.problem is not None:
                 (report.stale if state.cached else report.not_cached).append(
                     f"{state.item.path.name}" + (f" ({state.problem})" if state.cached else "")
@@ -244,7 +260,7 @@ def inspect_datasets(config: InspectConfig) -> tuple[list[DatasetReport], Pictur
                 name=state.item.path.name,
                 source=result.source,
                 read_from="cache" if fresh else "sources",
-                cache="fresh" if fresh else ("stale" if state.cached else "not cached"),
+                cache=cache,
                 bucket=result.bucket,
                 grid=grid,
             )
@@ -267,8 +283,19 @@ def _measure(item: ItemReport, raw: np.ndarray, config: InspectConfig) -> None:
     item.small_subject = item.face + item.body < SMALL_SUBJECT
 
 
+def _json_ready(value: object) -> object:
+    """`value` with every NaN or infinity as None: ``summary.json`` is JSON (null), not Python's NaN."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _json_ready(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_ready(item) for item in value]
+    return value
+
+
 def summary_json(reports: list[DatasetReport]) -> dict[str, object]:
-    return {
+    summary = {
         "datasets": [
             {
                 "index": report.index,
@@ -280,9 +307,11 @@ def summary_json(reports: list[DatasetReport]) -> dict[str, object]:
                 "small_subject": report.small_subject,
                 "stale": report.stale,
                 "not_cached": report.not_cached,
+                "damaged": report.damaged,
                 "failed": report.failed,
                 "items": [asdict(item) for item in report.items],
             }
             for report in reports
         ]
     }
+    return {"datasets": _json_ready(summary["datasets"])}
