@@ -118,10 +118,12 @@ def instance_command(**flags: Any) -> None:
     files = flags.pop("files")
     stems = None if files is None else tuple(s.strip() for s in files.split(",") if s.strip())
 
-    def job() -> None:
-        click.echo(run(InstanceConfig(**flags, files=stems)).line())
+    def job() -> bool:
+        summary = run(InstanceConfig(**flags, files=stems))
+        click.echo(summary.line())
+        return bool(summary.failed)
 
-    run_job(job)
+    raise SystemExit(1 if run_job(job) else 0)
 
 
 @masks.command("apply-instance")
@@ -145,8 +147,10 @@ def apply_instance(
     from masktrain.config.masks import ApplyInstanceConfig
     from masktrain.masks.apply_instance import run
 
-    def job() -> None:
+    def job() -> bool:
         config = ApplyInstanceConfig(weighted_masks, instance_masks, output, dilate=dilate, missing=missing)
-        click.echo(run(config).line())
+        summary = run(config)
+        click.echo(summary.line())
+        return bool(summary.failed)
 
-    run_job(job)
+    raise SystemExit(1 if run_job(job) else 0)

@@ -32,6 +32,11 @@ class ApplyInstanceConfig:
             raise FlagError(f"--dilate must be >= 0 pixels, got {self.dilate}")
         if self.missing not in MISSING_POLICIES:
             raise FlagError(f"--missing must be one of {', '.join(MISSING_POLICIES)}, not {self.missing!r}")
+        if self.instance_masks.resolve() == self.weighted_masks.resolve():
+            raise FlagError(
+                f"--instance-masks is --weighted-masks ({self.weighted_masks}): every mask would be cut by "
+                "itself; point it at the subject masks (the --output of masktrain masks instance)"
+            )
         output = self.output.resolve()
         for flag, source in (
             ("--weighted-masks", self.weighted_masks),

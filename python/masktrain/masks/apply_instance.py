@@ -4,7 +4,9 @@
 weight. ``--dilate N`` first grows the instance mask by a (2N+1)-pixel square, as OpenCV's
 ``dilate`` with a square kernel does; ``--missing`` says what happens to a weighted mask without
 an instance mask (``copy`` it, ``zero`` it, ``skip`` it, or stop with an ``error``, checked for
-every file before anything is written).
+every file before anything is written). A weighted or instance mask that cannot be read (not an
+image, truncated, a decompression bomb over the pixel limit) fails that one mask, named with why;
+the others go on.
 
 Differences from the reference, on purpose: masks are read as ``cache`` reads them (the native
 core: upright, EXIF orientation applied; 16-bit weighted masks keep their 16 bits, and a 16-bit
@@ -30,7 +32,7 @@ from tqdm import tqdm
 from masktrain import _native
 from masktrain.config.masks import ApplyInstanceConfig
 from masktrain.errors import AspectMismatchError, DataError
-from masktrain.masks.files import list_inputs, write_mask
+from masktrain.masks.files import UNREADABLE, list_inputs, output_folder, write_mask
 
 log = logging.getLogger(__name__)
 
@@ -42,23 +44,36 @@ class ApplySummary:
     """Weighted masks without an instance mask, copied as they are (--missing copy)."""
     zeroed: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    failed: list[tuple[Path, str]] = field(default_factory=list)
+    """Masks that could not be read, with why; nothing was written for them."""
 
     def line(self) -> str:
         return (
             f"{self.written} written ({len(self.copied)} copied and {len(self.zeroed)} zeroed without an "
-            f"instance mask), {len(self.skipped)} skipped"
+            f"instance mask), {len(self.skipped)} skipped, {len(self.failed)} failed"
         )
+
+
+def _grow(keep: np.ndarray, pixels: int, axis: int) -> np.ndarray:
+    """`keep` (bool) grown by `pixels` both ways along `axis`, the window clipped at the border: a
+    pixel is kept when its window holds a kept pixel (a running count, O(1) per pixel)."""
+    length = keep.shape[axis]
+    counts = np.cumsum(keep, axis=axis, dtype=np.int32)  # a count per row or column: < 2**31
+    counts = np.concatenate([np.zeros_like(counts.take([0], axis=axis)), counts], axis=axis)
+    index = np.arange(length)
+    upper = np.minimum(index + pixels + 1, length)
+    lower = np.maximum(index - pixels, 0)
+    return np.asarray(counts.take(upper, axis=axis) > counts.take(lower, axis=axis))
 
 
 def dilate(binary: np.ndarray, pixels: int) -> np.ndarray:
     """`binary` (0 / 255) grown by a (2·pixels+1)-square maximum, as ``cv2.dilate`` with a square
-    kernel (PIL's ``MaxFilter``; the border does not grow the mask)."""
+    kernel (the border does not grow the mask): a maximum along the rows, then along the columns,
+    each O(1) per pixel whatever `pixels` is."""
     if pixels == 0:
         return binary
-    from PIL import Image, ImageFilter
-
-    grown = Image.fromarray(binary).filter(ImageFilter.MaxFilter(2 * pixels + 1))
-    return np.asarray(grown)
+    grown = _grow(_grow(binary > 127, pixels, axis=1), pixels, axis=0)
+    return np.where(grown, 255, 0).astype(np.uint8)
 
 
 def subject_only(weighted: np.ndarray, instance: np.ndarray, pixels: int = 0) -> np.ndarray:
@@ -80,6 +95,25 @@ def _fit(instance: np.ndarray, weighted: np.ndarray, instance_path: Path, weight
     return _native.resize_mask_to_size(instance, (ww, wh))
 
 
+def _apply(
+    path: Path, instance_path: Path, config: ApplyInstanceConfig, summary: ApplySummary
+) -> np.ndarray | None:
+    """The subject-only mask of the weighted mask `path` (None: skipped), its --missing case noted in
+    `summary`."""
+    mask = _native.load_mask(path)
+    if instance_path.is_file():
+        instance = _fit(_native.load_mask(instance_path), mask, instance_path, path)
+        return subject_only(mask, instance, config.dilate)
+    if config.missing == "skip":
+        summary.skipped.append(path.name)
+        return None
+    if config.missing == "zero":
+        summary.zeroed.append(path.name)
+        return np.zeros_like(mask)
+    summary.copied.append(path.name)
+    return mask
+
+
 def run(config: ApplyInstanceConfig) -> ApplySummary:
     """Apply every instance mask; returns what was done."""
     weighted = list_inputs(config.weighted_masks, "--weighted-masks")
@@ -91,23 +125,16 @@ def run(config: ApplyInstanceConfig) -> ApplySummary:
             f"(first: {missing[0]}); add them or pass --missing copy|zero|skip"
         )
     summary = ApplySummary()
-    for path, instance_path in tqdm(pairs, desc="apply-instance", unit="mask"):
-        target = config.output / f"{path.stem}.png"
-        mask = _native.load_mask(path)
-        if instance_path.is_file():
-            instance = _fit(_native.load_mask(instance_path), mask, instance_path, path)
-            result = subject_only(mask, instance, config.dilate)
-        elif config.missing == "skip":
-            summary.skipped.append(path.name)
-            continue
-        elif config.missing == "zero":
-            summary.zeroed.append(path.name)
-            result = np.zeros_like(mask)
-        else:
-            summary.copied.append(path.name)
-            result = mask
-        write_mask(target, result)
-        summary.written += 1
+    with output_folder(config.output):
+        for path, instance_path in tqdm(pairs, desc="apply-instance", unit="mask"):
+            try:
+                result = _apply(path, instance_path, config, summary)
+            except UNREADABLE as error:  # not an image, truncated, a decompression bomb: this mask fails
+                summary.failed.append((path, str(error)))
+                continue
+            if result is not None:
+                write_mask(config.output / f"{path.stem}.png", result)
+                summary.written += 1
     for kind, names in (
         ("copied unchanged", summary.copied),
         ("zeroed", summary.zeroed),
@@ -117,4 +144,6 @@ def run(config: ApplyInstanceConfig) -> ApplySummary:
             log.warning(
                 "no instance mask for %d weighted mask(s), %s (first: %s)", len(names), kind, names[0]
             )
+    for _path, why in summary.failed:
+        log.error("failed: %s", why)  # why names the file: the weighted mask or its instance mask
     return summary

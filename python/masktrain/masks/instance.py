@@ -9,6 +9,10 @@ Matching never guesses: a photo where no face is within ``--id-threshold`` of th
 ``--write-empty-on-fail`` a photo without a result gets an all-zero mask). The person: among the
 instances that contain the face box's centre, the best (score, area); else the one that overlaps
 the box most; none overlapping is "no person" (the reference tool's rules).
+
+A photo that cannot be read (not an image, truncated, a decompression bomb over the pixel limit)
+is "failed", named with why, and the others go on; a --reference that cannot be read is a flag
+error before any model loads.
 """
 
 from __future__ import annotations
@@ -16,15 +20,17 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
+from PIL import Image
 from tqdm import tqdm
 
 from masktrain.config.masks import InstanceConfig
 from masktrain.device import resolve_device
 from masktrain.errors import DataError, FlagError
 from masktrain.masks.face_id import Face, FaceIdentity, distance
-from masktrain.masks.files import list_inputs, open_upright, write_mask
+from masktrain.masks.files import UNREADABLE, list_inputs, open_upright, output_folder, write_mask
 from masktrain.masks.people import Person, PersonSegmenter
 
 log = logging.getLogger(__name__)
@@ -68,7 +74,9 @@ def pick_person(people: list[Person], box: tuple[int, int, int, int]) -> Person 
 @dataclass
 class InstanceSummary:
     results: dict[str, str] = field(default_factory=dict)
-    """Photo name -> matched / no face / no match / ambiguous / no person / largest person."""
+    """Photo name -> matched / no face / no match / ambiguous / no person / largest person / failed."""
+    failed: list[tuple[Path, str]] = field(default_factory=list)
+    """Photos that could not be read, with why."""
     written: int = 0
     empty: int = 0
     skipped: int = 0
@@ -90,8 +98,12 @@ def run(config: InstanceConfig) -> InstanceSummary:
             raise DataError(f"--files: no photo named {', '.join(unknown)} in {config.input}")
         photos = [p for p in photos if p.stem in config.files]
     device = resolve_device(config.device)  # a --device this machine lacks stops before any model loads
+    try:
+        reference_image = np.asarray(open_upright(config.reference))
+    except UNREADABLE as error:
+        raise FlagError(f"--reference {error}; pass a photo of the subject's face") from None
     identity = FaceIdentity()
-    reference_faces = identity.faces(np.asarray(open_upright(config.reference)))
+    reference_faces = identity.faces(reference_image)
     if not reference_faces:
         raise FlagError(
             f"--reference {config.reference}: no face found; use a clear, frontal photo of the subject"
@@ -99,38 +111,55 @@ def run(config: InstanceConfig) -> InstanceSummary:
     reference = max(reference_faces, key=lambda face: face.area).embedding
     segmenter = PersonSegmenter(config.model, device, config.person_threshold)
     summary = InstanceSummary()
-    for path in tqdm(photos, desc="instance", unit="photo"):
-        target = config.output / f"{path.stem}.png"
-        if config.skip_existing and target.exists():
-            summary.skipped += 1
-            continue
-        image = open_upright(path)
-        matched = match_face(identity.faces(np.asarray(image)), reference, config.id_threshold)
-        people = segmenter.people(image)
-        person: Person | None = None
-        status = matched.status
-        if matched.face is not None:
-            person = pick_person(people, matched.face.box)
-            status = "matched" if person is not None else "no person"
-        elif config.fallback_largest and status in ("no face", "no match") and people:
-            person = max(people, key=lambda p: p.area)
-            status = "largest person"
-        summary.results[path.name] = status
-        if person is None:
-            where = f" (nearest face distance {matched.distance:.3f})" if matched.distance is not None else ""
-            log.warning(
-                "%s: %s%s; %s",
-                path.name,
-                status,
-                where,
-                "empty mask" if config.write_empty_on_fail else "no mask",
-            )
-            if not config.write_empty_on_fail:
+    with output_folder(config.output):
+        for path in tqdm(photos, desc="instance", unit="photo"):
+            target = config.output / f"{path.stem}.png"
+            if config.skip_existing and target.exists():
+                summary.skipped += 1
                 continue
-            mask = np.zeros((image.height, image.width), dtype=np.bool_)
-            summary.empty += 1
-        else:
-            mask = person.mask
-        write_mask(target, np.where(mask, 255, 0).astype(np.uint8))
-        summary.written += 1
+            try:
+                image = open_upright(path)
+            except UNREADABLE as error:  # not an image, truncated, a decompression bomb: this photo fails
+                summary.results[path.name] = "failed"
+                summary.failed.append((path, str(error)))
+                log.error("failed: %s", error)
+                continue
+            mask = _subject_mask(image, path.name, identity, reference, segmenter, config, summary)
+            if mask is not None:
+                write_mask(target, np.where(mask, 255, 0).astype(np.uint8))
+                summary.written += 1
     return summary
+
+
+def _subject_mask(
+    image: Image.Image,
+    name: str,
+    identity: FaceIdentity,
+    reference: np.ndarray,
+    segmenter: PersonSegmenter,
+    config: InstanceConfig,
+    summary: InstanceSummary,
+) -> np.ndarray | None:
+    """The (H, W) bool mask of the subject in the photo `image` (an all-False one with
+    --write-empty-on-fail, else None when there is no result), its status noted in `summary`."""
+    matched = match_face(identity.faces(np.asarray(image)), reference, config.id_threshold)
+    people = segmenter.people(image)
+    person: Person | None = None
+    status = matched.status
+    if matched.face is not None:
+        person = pick_person(people, matched.face.box)
+        status = "matched" if person is not None else "no person"
+    elif config.fallback_largest and status in ("no face", "no match") and people:
+        person = max(people, key=lambda p: p.area)
+        status = "largest person"
+    summary.results[name] = status
+    if person is not None:
+        return person.mask
+    where = f" (nearest face distance {matched.distance:.3f})" if matched.distance is not None else ""
+    log.warning(
+        "%s: %s%s; %s", name, status, where, "empty mask" if config.write_empty_on_fail else "no mask"
+    )
+    if not config.write_empty_on_fail:
+        return None
+    summary.empty += 1
+    return np.zeros((image.height, image.width), dtype=np.bool_)

@@ -35,16 +35,55 @@ class Segmenter(Protocol):
     """Class names by id."""
 
     def label_maps(self, images: list[Any]) -> list[np.ndarray]:
-        """One (H, W) int64 label map per PIL image, at its size."""
+        """One (H, W) label map (integer class ids) per PIL image, at its size."""
         ...
 
 
-def _upsampled_argmax(logits: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
-    """(C, h, w) logits -> (H, W) class ids, the logits resized bilinearly to `size` (H, W)."""
-    resized = torch.nn.functional.interpolate(
-        logits[None].float(), size=size, mode="bilinear", align_corners=False
+def _class_by_class(logits: torch.Tensor, size: tuple[int, int]) -> bool:
+    """Whether the classes are resized one at a time. torch picks its bilinear kernel by channel
+    count, output size and layout (ATen's ``upsample_bilinear2d_kernel_impl_float``). For
+    channels-first logits of more than 3 classes and an output with H + W > 128, the CPU kernel
+    computes each pixel of each class on its own, as CUDA's does, so one class at a time gives the
+    values of the whole call bit for bit. Smaller outputs, 3 classes or fewer, and 1x1 logits (which
+    are channels-last too) are resized whole, as before: they are small."""
+    return (
+        logits.device.type in ("cpu", "cuda")
+        and logits.shape[0] > 3
+        and size[0] + size[1] > 128
+        and logits.shape[1] * logits.shape[2] > 1
     )
-    return resized[0].argmax(dim=0).cpu().numpy()
+
+
+def _upsampled_argmax(logits: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
+    """(C, h, w) logits -> (H, W) class ids: the argmax of the logits resized bilinearly to `size`
+    (H, W), in float32. Where :func:`_class_by_class`, one class is resized at a time and a running
+    maximum kept (ties go to the lower class, as ``argmax`` gives them): two float planes of the
+    image's size and its labels are held, not C float planes and int64 labels (about 11 bytes a
+    pixel instead of 80 for 18 classes). The logits are made channels-first for it: a batch's may
+    come back channels-last (oneDNN's convolutions on the CPU), which torch would resize whole with
+    a kernel vectorised across classes, a few units in the last place away (an exact near-tie there
+    can fall to the other class: about one pixel in millions)."""
+    if not _class_by_class(logits, size):
+        resized = torch.nn.functional.interpolate(
+            logits[None].float(), size=size, mode="bilinear", align_corners=False
+        )
+        return resized[0].argmax(dim=0).cpu().numpy()
+    logits = logits.contiguous()
+    labels = torch.zeros(
+        size, dtype=torch.uint8 if logits.shape[0] <= 256 else torch.int64, device=logits.device
+    )
+    best = torch.empty(0)
+    for index in range(logits.shape[0]):
+        plane = torch.nn.functional.interpolate(
+            logits[None, index : index + 1].float(), size=size, mode="bilinear", align_corners=False
+        )[0, 0]
+        if index == 0:
+            best = plane
+            continue
+        labels.masked_fill_(plane > best, index)
+        torch.maximum(best, plane, out=best)
+        del plane  # freed before the next class is resized
+    return labels.cpu().numpy()
 
 
 class TransformersSegmenter:

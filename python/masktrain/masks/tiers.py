@@ -5,9 +5,9 @@ label table (``masks.label_tables``).
 Images are listed and decoded by the native core, as the cache reads them (EXIF orientation
 applied, the same pixel limit), so each mask has the size of the image as it is trained on; an
 image the core refuses is reported as failed and the others go on. Masks are single-channel PNGs
-named by the image's basename, written atomically; ``--skip_existing`` leaves masks that exist
-alone. Images go through the model in batches, on the device of ``--device``
-(``masktrain.device``: the GPU when there is one).
+named by the image's basename, written atomically (a killed run's temporaries are removed by the
+next run); ``--skip_existing`` leaves masks that exist alone. Images go through the model in
+batches, on the device of ``--device`` (``masktrain.device``: the GPU when there is one).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from tqdm import tqdm
 from masktrain.config.masks import TiersConfig
 from masktrain.device import resolve_device
 from masktrain.errors import DataError, FlagError
-from masktrain.masks.files import list_inputs, open_upright, write_mask
+from masktrain.masks.files import list_inputs, open_upright, output_folder, write_mask
 from masktrain.masks.label_tables import BUILT_IN, LabelTable, load_table
 from masktrain.masks.segmenters import load_segmenter
 
@@ -101,7 +101,7 @@ def run(config: TiersConfig) -> TiersSummary:
     todo = [p for p in images if not (config.skip_existing and (config.output / f"{p.stem}.png").exists())]
     summary.skipped = len(images) - len(todo)
     log.info("masks tiers: %d image(s) on %s, label table %s", len(todo), device, table.name)
-    with tqdm(total=len(todo), desc="tiers", unit="image") as bar:
+    with output_folder(config.output), tqdm(total=len(todo), desc="tiers", unit="image") as bar:
         for start in range(0, len(todo), config.batch_size):
             batch, opened = [], []
             for path in todo[start : start + config.batch_size]:
