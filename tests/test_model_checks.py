@@ -40,19 +40,9 @@ from reference import wan_dit_original
 CPU, F32 = torch.device("cpu"), torch.float32
 COMFY = "model.diffusion_model."
 Q1 = COMFY + "blocks.1.self_attn.q.weight"  # the tensor the report spoils
-SMALL_WAN: dict[str, Any] = {
-    "patch_size": (1, 2, 2),
-    "num_attention_heads": 1,
-    "attention_head_dim": 128,
-    "in_channels": 16,
-    "out_channels": 16,
-    "text_dim": 32,
-    "freq_dim": 256,
-    "ffn_dim": 32,
-    "num_layers": 2,
-    "cross_attn_norm": True,
-    "qk_norm": "rms_norm_across_heads",
-}
+SMALL_WAN: dict[str, Any] = {  # the tiny transformer with one released-size head
+    key: value for key, value in wan.TINY_TRANSFORMER.items() if key != "rope_max_seq_len"
+} | {"num_attention_heads": 1, "attention_head_dim": 128}
 FLOAT_ONLY = (
     "masktrain reads float and fp8 checkpoints (float32, bf16, fp16, float8_e4m3fn, float8_e5m2): "
     "use such a file"
