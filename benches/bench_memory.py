@@ -359,6 +359,31 @@ def cell(value: float | None, fmt: str, width: int, unit: str = "") -> str:
     return text.rjust(width)
 
 
+def planned_gib(row: Row, spec: ModelSpec, rank: int) -> float:
+    """What ``masktrain plan`` predicts for the row: its tensors on the device (no CUDA context,
+    no allocator margin), the number to put beside ``max_memory_allocated``."""
+    from masktrain.models import get_family
+    from masktrain.plan.activations import StepShape
+    from masktrain.plan.estimate import Planner, PlanSettings
+
+    family = get_family(spec.arch)
+    shape = SHAPES[row.shape]
+    frames, height, width = shape.latent
+    tokens = 512 if spec.arch == "wan" else shape.text_tokens  # WAN pads every caption to 512
+    settings = PlanSettings(
+        fp8="scaled" if row.fp8 else None,
+        blocks_to_swap=row.swap,
+        pinned=row.pin,
+        offload_activations=row.offload,
+        prior=row.prior,
+        rank=rank,
+    )
+    step = StepShape(
+        spec.latent_channels if spec.arch == "wan" else 16, frames, height, width, tokens, spec.text_dim
+    )
+    return Planner(family, spec.config, step, settings).plan().tensors / GIB
+
+
 def print_table(
     rows: list[Row], results: dict[str, dict[str, Any]], models: dict[str, ModelSpec], cuda: bool
 ) -> None:
@@ -372,6 +397,7 @@ def print_table(
         )
         columns = {"load GiB": "load_gib", "step GiB": "peak_gib", "live load": "live_load_gib"}
         columns["live step"] = "live_peak_gib"
+    columns["plan GiB"] = "plan_gib"
     titles = " ".join(f"{title:>9}" for title in columns)
     print(
         f"{'model':<22} {'shape':<16} {'mode':<38} {titles} {'step s':>8} {'swap ovh':>8} {'prior/mask':>10}"
@@ -464,6 +490,9 @@ def main() -> None:
         summary = {k: v for k, v in results[row.id].items() if k != "step_times"}
         print(f"[{number_}/{len(rows)}] {row.id}: {summary}", file=sys.stderr, flush=True)
     derive(rows, results)
+    for row in rows:  # the planner's prediction beside each measured row (meta device: seconds)
+        if results[row.id].get("status") == "ok":
+            results[row.id]["plan_gib"] = planned_gib(row, models[row.model], args.rank)
 
     wanted = not args.only or any(fnmatch.fnmatch(LOAD_ID, p) for p in args.only)
     loaded = load_test(args, models) if wanted and not cuda else None

@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from masktrain import catalog
+
 
 @dataclass(frozen=True)
 class ModelSpec:
@@ -26,42 +28,12 @@ class ModelSpec:
         return int(self.config["text_dim" if self.arch == "wan" else "joint_attention_dim"])
 
 
-WAN_1_3B = {
-    "patch_size": (1, 2, 2),
-    "num_attention_heads": 12,
-    "attention_head_dim": 128,
-    "in_channels": 16,
-    "out_channels": 16,
-    "text_dim": 4096,
-    "freq_dim": 256,
-    "ffn_dim": 8960,
-    "num_layers": 30,
-    "cross_attn_norm": True,
-    "qk_norm": "rms_norm_across_heads",
-    "eps": 1e-6,
-    "rope_max_seq_len": 1024,
-}
-MODELS = {
+WAN_1_3B = dict(catalog.WAN.released["wan2.1-1.3b"].config)
+MODELS = {  # the released configs, from the catalog (what masktrain plan --dit NAME plans)
     "wan1.3b": ModelSpec("WAN 2.1 1.3B", "wan", WAN_1_3B),
-    "wan14b": ModelSpec(
-        "WAN 14B / 2.2 expert",
-        "wan",
-        WAN_1_3B | {"num_attention_heads": 40, "ffn_dim": 13824, "num_layers": 40},
-    ),
+    "wan14b": ModelSpec("WAN 14B / 2.2 expert", "wan", dict(catalog.WAN.released["wan2.1-14b"].config)),
     "qwen20b": ModelSpec(
-        "Qwen-Image 20B",
-        "qwen_image",
-        {
-            "patch_size": 2,
-            "in_channels": 64,
-            "out_channels": 16,
-            "num_layers": 60,
-            "attention_head_dim": 128,
-            "num_attention_heads": 24,
-            "joint_attention_dim": 3584,
-            "guidance_embeds": False,
-            "axes_dims_rope": (16, 56, 56),
-        },
+        "Qwen-Image 20B", "qwen_image", dict(catalog.QWEN_IMAGE.released["qwen-image-20b"].config)
     ),
 }
 

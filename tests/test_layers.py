@@ -45,6 +45,7 @@ FLOORS: dict[str, int] = {
     "denoiser": 5,
     "sample": 6,
     "tools": 6,
+    "plan": 6,
     "train": 7,
     "demo": 8,
     "cli": 9,

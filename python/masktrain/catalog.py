@@ -15,6 +15,7 @@ import difflib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import Any
 
 from masktrain.errors import SettingError
 
@@ -65,6 +66,17 @@ QWEN_MODEL_VERSIONS: Mapping[str, Task] = MappingProxyType(
 
 
 @dataclass(frozen=True)
+class Released:
+    """A released transformer, by the name ``masktrain plan --dit`` takes: its diffusers config."""
+
+    title: str
+    config: Mapping[str, Any]
+    """The diffusers constructor arguments of its transformer."""
+    experts: int = 1
+    """Transformers of this config it runs (2 for WAN 2.2 A14B: a high- and a low-noise expert)."""
+
+
+@dataclass(frozen=True)
 class ArchSpec:
     """What the rest of masktrain needs to know about one family without loading it."""
 
@@ -106,11 +118,50 @@ class ArchSpec:
     and no other family's."""
     musubi_network_module: str | None = None
     """musubi-tuner's ``ss_network_module`` for this family's LoRA files (``networks.lora_wan``)."""
+    released: Mapping[str, Released] = field(default_factory=dict)
+    """Its released transformers, by the name ``masktrain plan --dit`` takes (configs from the
+    models' ``config.json``)."""
 
     @property
     def takes_video(self) -> bool:
         return self.video_fps is not None
 
+
+_WAN_1_3B: Mapping[str, Any] = MappingProxyType(
+    {
+        "patch_size": (1, 2, 2),
+        "num_attention_heads": 12,
+        "attention_head_dim": 128,
+        "in_channels": 16,
+        "out_channels": 16,
+        "text_dim": 4096,
+        "freq_dim": 256,
+        "ffn_dim": 8960,
+        "num_layers": 30,
+        "cross_attn_norm": True,
+        "qk_norm": "rms_norm_across_heads",
+        "eps": 1e-6,
+        "rope_max_seq_len": 1024,
+    }
+)
+_WAN_14B = MappingProxyType(dict(_WAN_1_3B) | {"num_attention_heads": 40, "ffn_dim": 13824, "num_layers": 40})
+_WAN_TI2V_5B = MappingProxyType(
+    dict(_WAN_1_3B)
+    | {"num_attention_heads": 24, "ffn_dim": 14336, "num_layers": 30, "in_channels": 48, "out_channels": 48}
+)
+_QWEN_IMAGE_20B: Mapping[str, Any] = MappingProxyType(
+    {
+        "patch_size": 2,
+        "in_channels": 64,
+        "out_channels": 16,
+        "num_layers": 60,
+        "attention_head_dim": 128,
+        "num_attention_heads": 24,
+        "joint_attention_dim": 3584,
+        "guidance_embeds": False,
+        "axes_dims_rope": (16, 56, 56),
+    }
+)
 
 WAN = ArchSpec(
     name="wan",
@@ -130,6 +181,14 @@ WAN = ArchSpec(
     tasks=WAN_TASKS,
     lora_layer_hints=("self_attn", "cross_attn"),
     musubi_network_module="networks.lora_wan",
+    released=MappingProxyType(
+        {
+            "wan2.1-1.3b": Released("WAN 2.1 T2V 1.3B", _WAN_1_3B),
+            "wan2.1-14b": Released("WAN 2.1 T2V 14B", _WAN_14B),
+            "wan2.2-a14b": Released("WAN 2.2 T2V A14B (two 14B experts)", _WAN_14B, experts=2),
+            "wan2.2-ti2v-5b": Released("WAN 2.2 TI2V 5B", _WAN_TI2V_5B),
+        }
+    ),
 )
 
 QWEN_IMAGE = ArchSpec(
@@ -150,6 +209,7 @@ QWEN_IMAGE = ArchSpec(
     tasks=QWEN_MODEL_VERSIONS,
     lora_layer_hints=("transformer_blocks",),
     musubi_network_module="networks.lora_qwen_image",
+    released=MappingProxyType({"qwen-image-20b": Released("Qwen-Image 20B", _QWEN_IMAGE_20B)}),
 )
 
 ARCHES: Mapping[str, ArchSpec] = MappingProxyType({spec.name: spec for spec in (WAN, QWEN_IMAGE)})

@@ -16,7 +16,7 @@ import logging
 import click
 
 from masktrain import ANNOUNCEMENT, __version__
-from masktrain.cli import cache, convert_alpha, convert_lora, demo, inspect, masks, sample, train
+from masktrain.cli import cache, convert_alpha, convert_lora, demo, inspect, masks, plan, sample, train
 
 
 def _announcement(record: logging.LogRecord) -> bool:
@@ -60,6 +60,7 @@ for _command in (
     convert_lora.convert_lora,
     cache.cache,
     train.train,
+    plan.plan,
     sample.sample,
     masks.masks,
     inspect.inspect,

@@ -16,7 +16,7 @@ import dataclasses
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -62,6 +62,32 @@ FIELD_OWNERS: tuple[type, ...] = (
 """The settings dataclasses whose fields ``build_config`` fills from flags of the same name."""
 
 
+if TYPE_CHECKING:  # generic in click >= 8.2 only: subscripted for mypy, not at run time
+    _CountOrAuto = click.ParamType[int | str, Any]
+else:
+    _CountOrAuto = click.ParamType
+
+
+class SwapCount(_CountOrAuto):
+    """``--blocks_to_swap``: a count >= 0, or ``auto``."""
+
+    name = "N|auto"
+    AUTO = "auto"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int | str:
+        if isinstance(value, int):
+            return value
+        if value == self.AUTO:
+            return self.AUTO
+        try:
+            count = int(value)
+        except ValueError:
+            count = -1
+        if count < 0:
+            self.fail(f"{value!r} is not a count >= 0 or auto", param, ctx)
+        return count
+
+
 def _field(name: str, **kwargs: Any) -> Callable[[F], F]:
     """The flag of the config field `name`: its help is the field's docstring and its default the
     field's (shown in ``--help`` unless None or a switch); a field without a default is required."""
@@ -94,7 +120,8 @@ _OPTIONS: list[Callable[[F], F]] = [
     _switch("gradient_checkpointing_cpu_offload"),
     _switch("fp8_base"),
     _switch("fp8_scaled"),
-    _field("blocks_to_swap", type=click.IntRange(min=0)),
+    _field("blocks_to_swap", type=SwapCount()),
+    _field("vram", type=click.FloatRange(min=0, min_open=True)),
     _switch("use_pinned_memory_for_block_swap"),
     _switch("offload_inactive_dit"),
     # One field (MemorySettings.attention), four musubi switches.
@@ -223,6 +250,9 @@ def config_from_args(args: Sequence[str]) -> TrainConfig:
 def build_config(flags: dict[str, Any]) -> TrainConfig:
     """The ``TrainConfig`` of the parsed flags (click's parameter names and values)."""
     flags = dict(flags)
+    flags["swap_auto"] = flags["blocks_to_swap"] == SwapCount.AUTO
+    if flags["swap_auto"]:
+        flags["blocks_to_swap"] = 0  # chosen by the plan before the model loads
     musubi.note_accepted(flags)
     network_args = parse_network_args(flags.pop("network_args"))
     optimizer_args = parse_optimizer_args(flags.pop("optimizer_args"), flags["optimizer_type"])

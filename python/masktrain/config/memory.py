@@ -34,7 +34,12 @@ class MemorySettings:
     """With --fp8_base: block-wise scales (one per output row and 64 inputs)."""
     blocks_to_swap: int = 0
     """Keep this many transformer blocks in host memory, streamed to the device when used (needs
-    --gradient_checkpointing)."""
+    --gradient_checkpointing); auto: the fewest that fit the card (masktrain plan's answer)."""
+    swap_auto: bool = False
+    """``--blocks_to_swap auto``: ``blocks_to_swap`` is chosen by the plan before the model loads."""
+    vram: float | None = None
+    """The card's memory in GiB that --blocks_to_swap auto and the fit check plan for (default: the
+    CUDA card's total)."""
     use_pinned_memory_for_block_swap: bool = False
     """Page-locked host copies for block swap and --offload_inactive_dit (faster copies, more
     locked RAM)."""
@@ -51,6 +56,8 @@ class MemorySettings:
             raise TrainConfigError("--fp8_scaled needs --fp8_base")
         if self.blocks_to_swap < 0:
             raise TrainConfigError(f"--blocks_to_swap must be >= 0, got {self.blocks_to_swap}")
+        if self.vram is not None and not self.vram > 0:
+            raise TrainConfigError(f"--vram must be a size in GiB > 0, got {self.vram}")
         if self.attention not in ATTENTION_BACKENDS:
             choices = ", --".join(ATTENTION_BACKENDS)
             raise TrainConfigError(f"unknown attention backend {self.attention!r}; use one of --{choices}")

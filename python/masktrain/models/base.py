@@ -33,6 +33,8 @@ if TYPE_CHECKING:
     from peft import LoraConfig
     from transformers import PreTrainedTokenizerBase
 
+    from masktrain.models.fp8 import Fp8Targets
+
 
 @dataclass
 class TextEncoder:
@@ -115,6 +117,8 @@ class ModelFamily(Protocol):
     """The ``--arch`` value and the suffix of cache file names (``spec.name``)."""
     text_flag: str
     """The flag that names the text encoder (``spec.text_flag``)."""
+    fp8_targets: Fp8Targets
+    """The Linear layers ``--fp8_base`` stores in fp8."""
 
     def load_vae(self, spec: str, device: torch.device, dtype: torch.dtype) -> torch.nn.Module: ...
 
@@ -154,6 +158,11 @@ class ModelFamily(Protocol):
         or a pipeline with ``transformer/``) or a single ``.safetensors`` file; `flag` names the
         value in errors. With `fp8` the blocks' Linear weights are float8 (``models.fp8``),
         quantised while the weights are read."""
+        ...
+
+    def empty_transformer(self, config: Mapping[str, Any]) -> torch.nn.Module:
+        """The denoiser of diffusers config `config` on the meta device: shapes and dtypes, no
+        memory (``masktrain plan``)."""
         ...
 
     def transformer_config(self, spec: str, flag: str) -> Mapping[str, Any] | None:

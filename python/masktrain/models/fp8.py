@@ -165,9 +165,12 @@ class Fp8Linear(torch.nn.Linear):
         return module
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = (
-            torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-        )
+        if x.device.type == "meta":  # the planner's step (no autocast there): a bf16 run's dtype
+            dtype = self.compute_dtype
+        elif torch.is_autocast_enabled(x.device.type):
+            dtype = torch.get_autocast_dtype(x.device.type)
+        else:
+            dtype = x.dtype
         bias = None if self.bias is None else self.bias.to(dtype)
         out: torch.Tensor = _Fp8LinearFunction.apply(x.to(dtype), self.weight, self.scale, bias)
         return out

@@ -199,6 +199,15 @@ def transformer(
     return _finish_transformer(model, device, dtype, fp8, fp8_targets)
 
 
+def empty_transformer(model_class: type[ModelMixin], config: Mapping[str, Any]) -> torch.nn.Module:
+    """`model_class` of `config` on the meta device, buffers included: shapes and dtypes only."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=True):
+        model: torch.nn.Module = model_class(**config)
+    return model
+
+
 def transformer_config(
     model_class: type[ModelMixin],
     spec: str,

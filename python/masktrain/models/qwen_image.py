@@ -136,6 +136,7 @@ def unpack_latents(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
 class QwenImageFamily:
     spec = catalog.QWEN_IMAGE
     name = spec.name
+    fp8_targets = FP8_TARGETS
     text_flag = spec.text_flag
     default_cfg_scale = 4.0  # musubi's and QwenImagePipeline's true_cfg_scale
     default_negative_prompt = " "  # musubi's; QwenImagePipeline's docs suggest it too
@@ -219,6 +220,11 @@ class QwenImageFamily:
             fp8=fp8,
             fp8_targets=FP8_TARGETS,
         )
+
+    def empty_transformer(self, config: Mapping[str, Any]) -> torch.nn.Module:
+        from diffusers import QwenImageTransformer2DModel
+
+        return loading.empty_transformer(QwenImageTransformer2DModel, config)
 
     def transformer_config(self, spec: str, flag: str) -> Mapping[str, Any] | None:
         from diffusers import QwenImageTransformer2DModel

@@ -185,6 +185,7 @@ def tiny_transformer(width_mult: int = 1, layers: int = 2) -> torch.nn.Module:
 class WanFamily:
     spec = catalog.WAN
     name = spec.name
+    fp8_targets = FP8_TARGETS
     text_flag = spec.text_flag
     default_cfg_scale = 5.0  # musubi's and WanPipeline's
     default_negative_prompt = NEGATIVE_PROMPT
@@ -255,6 +256,11 @@ class WanFamily:
             fp8=fp8,
             fp8_targets=FP8_TARGETS,
         )
+
+    def empty_transformer(self, config: Mapping[str, Any]) -> torch.nn.Module:
+        from diffusers import WanTransformer3DModel
+
+        return loading.empty_transformer(WanTransformer3DModel, config)
 
     def transformer_config(self, spec: str, flag: str) -> Mapping[str, Any] | None:
         from diffusers import WanTransformer3DModel

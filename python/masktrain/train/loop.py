@@ -49,10 +49,12 @@ from masktrain.train import checkpoint as ckpt
 from masktrain.train.build import build_experts, check_cache_fits
 from masktrain.train.ema_teacher import EmaTeacher
 from masktrain.train.interrupt import Interrupt
+from masktrain.train.memory_fit import fit_to_card
 from masktrain.train.metrics import MetricsLog, StepMetrics, progress_postfix
 from masktrain.train.optim import optimizer_and_schedule
 from masktrain.train.preflight import TrainPlan, preflight
 from masktrain.train.prior_teacher import ema_teacher, expected_skip_rate
+from masktrain.train.spill import SpillWatch
 from masktrain.train.step import CACHE_HINT, compute_loss
 from masktrain.train.trackers import Trackers
 from masktrain.train.validation import Validator, describe
@@ -97,10 +99,13 @@ class Run:
     metrics: MetricsLog | None
     validator: Validator | None
     expected_skip: float | None
+    spill: SpillWatch | None
 
 
 def _setup(config: TrainConfig, family: ModelFamily, shard: Shard, plan: TrainPlan) -> Run:
     feeds = check_cache_fits(config, family, plan.items + plan.validation_items)  # before any load
+    fit = fit_to_card(config, plan.items)  # the plan; --blocks_to_swap auto becomes a count
+    config = fit.config
     device = resolve_device(config.device, shard.local_rank)
     weight_dtype, autocast = precision(config.mixed_precision, device)
     sampler = None
@@ -170,6 +175,9 @@ def _setup(config: TrainConfig, family: ModelFamily, shard: Shard, plan: TrainPl
         metrics=metrics,
         validator=validator,
         expected_skip=expected_skip,
+        spill=SpillWatch.on(device, fit.fitting_swap, config.memory.blocks_to_swap)
+        if shard.is_main
+        else None,
     )
 
 
@@ -229,6 +237,8 @@ def _fit(run: Run) -> None:
                 run.scheduler.step()
                 run.optimizer.zero_grad(set_to_none=True)
                 step += 1
+                if run.spill is not None:
+                    run.spill.observe(time.perf_counter() - started)
                 if run.ema is not None:
                     run.ema.after_step(step)
                 if run.metrics is not None:

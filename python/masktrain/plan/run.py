@@ -1,0 +1,135 @@
+"""``masktrain plan``'s job: from ``train``'s flags to the plan's lines. The transformer's config
+comes from ``--dit`` (a released model's name, or its file's header or folder: no weight is
+read), the largest bucket from ``--resolution`` or the dataset (``plan.largest_bucket``), the
+budget from ``--vram`` or the CUDA card."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from masktrain.config.train import TrainConfig
+from masktrain.errors import ModelLoadError
+from masktrain.models import get_family
+from masktrain.models.base import ModelFamily
+from masktrain.models.block_swap import check_blocks_to_swap
+from masktrain.plan import largest_bucket
+from masktrain.plan.activations import StepShape
+from masktrain.plan.estimate import GIB, Planner, PlanSettings
+from masktrain.plan.report import fit_line, settings_line, table
+
+TEXT_TOKENS = {"wan": 512, "qwen_image": 512}
+"""Text tokens a batch holds when the cache does not say: WAN pads every caption to 512; for
+Qwen-Image 512 covers a long caption (the encoder takes up to 1024)."""
+TI2V_CHANNELS = 48
+"""The WAN 2.2 TI2V-5B transformer's latent channels: its VAE is 16x, not 8x."""
+
+
+@dataclass(frozen=True)
+class Denoiser:
+    """The transformer a plan is for."""
+
+    config: Mapping[str, Any]
+    words: str
+    experts: int
+
+
+def planner_for(config: TrainConfig, bucket: largest_bucket.Bucket) -> tuple[Planner, Denoiser]:
+    """The planner of a ``train`` run's `config` for its largest `bucket`."""
+    family = get_family(config.arch)
+    denoiser = _denoiser(family, config.dit, config.dit_high_noise)
+    inputs = family.denoiser_inputs(denoiser.config)
+    spatial = (
+        16 if inputs.latent_channels == TI2V_CHANNELS and family.name == "wan" else family.spec.spatial_factor
+    )
+    shape = StepShape(
+        channels=inputs.latent_channels,
+        frames=(bucket.frames - 1) // family.spec.temporal_factor + 1,
+        height=bucket.height // spatial,
+        width=bucket.width // spatial,
+        text_tokens=_text_tokens(family, bucket),
+        text_dim=inputs.text_dim,
+    )
+    return Planner(family, denoiser.config, shape, settings_for(config, denoiser.experts)), denoiser
+
+
+def settings_for(config: TrainConfig, experts: int) -> PlanSettings:
+    """What of a ``train`` run's `config` changes its memory."""
+    memory, network = config.memory, config.network
+    return PlanSettings(
+        dtype=torch.float32 if config.mixed_precision == "no" else torch.bfloat16,
+        fp8=memory.fp8_mode,
+        blocks_to_swap=memory.blocks_to_swap,
+        pinned=memory.use_pinned_memory_for_block_swap,
+        checkpointing=config.gradient_checkpointing,
+        offload_activations=memory.gradient_checkpointing_cpu_offload,
+        offload_inactive_dit=memory.offload_inactive_dit,
+        attention=memory.attention,
+        optimizer=config.optim.optimizer_type,
+        rank=network.network_dim,
+        include=network.include_patterns,
+        exclude=network.exclude_patterns,
+        prior=config.mask.prior_preservation_weight > 0,
+        ema_teacher=config.mask.prior_teacher_mode == "ema",
+        experts=experts,
+    )
+
+
+def plan_lines(config: TrainConfig, bucket: largest_bucket.Bucket) -> list[str]:
+    """What ``masktrain plan`` prints for a ``train`` run's `config` and its largest `bucket`."""
+    planner, denoiser = planner_for(config, bucket)
+    settings = planner.settings
+    check_blocks_to_swap(settings.blocks_to_swap, planner.blocks)
+    shape = planner.shape
+    frames = f", {bucket.frames} frames" if bucket.frames > 1 else ""
+    lines = [
+        f"masktrain plan: {denoiser.words}, {planner.blocks} blocks",
+        f"largest bucket: {bucket.width}x{bucket.height}{frames} from {bucket.source} (latents "
+        f"{shape.channels}x{shape.frames}x{shape.height}x{shape.width}, {shape.text_tokens} text tokens)",
+        f"settings: {settings_line(settings, planner.blocks)}",
+        "",
+        table(planner.plan()),
+        "",
+    ]
+    budget = card_budget(config.memory.vram)
+    if budget is None:
+        lines.append(
+            "no --vram and no CUDA card: pass --vram GiB for the smallest --blocks_to_swap that fits"
+        )
+    else:
+        chosen = planner.smallest_swap(budget)
+        lines.append(fit_line(budget, chosen, planner.blocks - 1, settings.checkpointing))
+    return lines
+
+
+def _text_tokens(family: ModelFamily, bucket: largest_bucket.Bucket) -> int:
+    """WAN pads every caption to 512 tokens; Qwen-Image batches are as long as their longest
+    caption, which the cache tells (512 when it does not)."""
+    if family.name == "wan" or bucket.text_tokens is None:
+        return TEXT_TOKENS[family.name]
+    return bucket.text_tokens
+
+
+def card_budget(vram: float | None) -> int | None:
+    """The bytes a plan must fit: ``--vram`` GiB, else the CUDA card's total, else None."""
+    if vram is not None:
+        return int(vram * GIB)
+    if torch.cuda.is_available():
+        return int(torch.cuda.get_device_properties(0).total_memory)
+    return None
+
+
+def _denoiser(family: ModelFamily, dit: str, dit_high_noise: str | None) -> Denoiser:
+    released = family.spec.released.get(dit)
+    experts = 2 if dit_high_noise else 1
+    if released is not None:
+        return Denoiser(
+            dict(released.config), f"{released.title} (--dit {dit})", max(experts, released.experts)
+        )
+    config = family.transformer_config(dit, "--dit")
+    if config is None:
+        raise ModelLoadError(f"--dit {dit}: not a {family.spec.title} transformer")
+    return Denoiser(config, f"--dit {dit}", experts)
