@@ -182,3 +182,14 @@ def test_models_has_a_row_per_arch_and_variant() -> None:
             ]
             status = row.split("|")[3].strip()
             assert status == ("refused" if task.refused else "trained"), (spec.name, name)
+
+
+@pytest.mark.slow
+def test_the_will_it_fit_table_is_what_the_planner_says() -> None:
+    """docs/memory.md's table, regenerated (``python -m masktrain.plan.fit_table docs/memory.md``
+    rewrites it after a change to the planner)."""
+    from masktrain.plan.fit_table import END, START, table
+
+    text = (ROOT / "docs" / "memory.md").read_text(encoding="utf-8")
+    shown = START + text.split(START, 1)[1].split(END, 1)[0] + END
+    assert shown == table(), "run: python -m masktrain.plan.fit_table docs/memory.md"

@@ -30,6 +30,11 @@ def test_plan_answers_for_every_released_model(arch: str, name: str) -> None:
     assert "device peak" in result.output and "24 GiB: fits with --blocks_to_swap" in result.output
 
 
+def test_plan_help_names_every_released_model() -> None:
+    result = CliRunner().invoke(main, ["plan", "--help"])
+    assert all(name in " ".join(result.output.split()) for _, name in RELEASED)
+
+
 def test_plan_reads_the_largest_bucket_from_the_cache(tmp_path: Path) -> None:
     toml = cached(tmp_path)
     result = CliRunner().invoke(

@@ -2,8 +2,9 @@
 
 This is the only place an architecture name is spelled. The CLI takes its ``--arch`` choices from
 here, the video reader its frame rate, the train config its two-expert rule, the demo its tiny
-models' latent factor, and the model registry the module that implements each family (imported
-only when a family is used, so reading the catalog never imports torch).
+models' latent factor, the model registry the module that implements each family (imported
+only when a family is used, so reading the catalog never imports torch), and ``masktrain plan``
+the released transformers' configs (``--dit wan2.1-14b``).
 
 Adding a family is its module under ``masktrain/models/`` (a class that satisfies
 ``models.base.ModelFamily``) plus one record below; ``ARCHITECTURE.md`` lists the steps.
@@ -70,10 +71,14 @@ class Released:
     """A released transformer, by the name ``masktrain plan --dit`` takes: its diffusers config."""
 
     title: str
+    """The model's name, for messages (``masktrain plan``'s first line)."""
     config: Mapping[str, Any]
-    """The diffusers constructor arguments of its transformer."""
+    """The diffusers constructor arguments of its transformer (its ``transformer/config.json``)."""
     experts: int = 1
     """Transformers of this config it runs (2 for WAN 2.2 A14B: a high- and a low-noise expert)."""
+    task: str | None = None
+    """musubi-tuner's ``--task`` / ``--model_version`` naming the same transformer (None: it has
+    none)."""
 
 
 @dataclass(frozen=True)
@@ -127,6 +132,9 @@ class ArchSpec:
         return self.video_fps is not None
 
 
+# The released transformers' configs (``transformer/config.json`` of the ``-Diffusers`` repositories,
+# as diffusers' scripts/convert_wan_to_diffusers.py writes them; keys at the class default may be
+# left out). tests/test_released_configs.py counts their parameters against the published sizes.
 _WAN_1_3B: Mapping[str, Any] = MappingProxyType(
     {
         "patch_size": (1, 2, 2),
@@ -183,9 +191,11 @@ WAN = ArchSpec(
     musubi_network_module="networks.lora_wan",
     released=MappingProxyType(
         {
-            "wan2.1-1.3b": Released("WAN 2.1 T2V 1.3B", _WAN_1_3B),
-            "wan2.1-14b": Released("WAN 2.1 T2V 14B", _WAN_14B),
-            "wan2.2-a14b": Released("WAN 2.2 T2V A14B (two 14B experts)", _WAN_14B, experts=2),
+            "wan2.1-1.3b": Released("WAN 2.1 T2V 1.3B", _WAN_1_3B, task="t2v-1.3B"),
+            "wan2.1-14b": Released("WAN 2.1 T2V 14B", _WAN_14B, task="t2v-14B"),
+            "wan2.2-a14b": Released(
+                "WAN 2.2 T2V A14B (two 14B experts)", _WAN_14B, experts=2, task="t2v-A14B"
+            ),
             "wan2.2-ti2v-5b": Released("WAN 2.2 TI2V 5B", _WAN_TI2V_5B),
         }
     ),
@@ -209,7 +219,9 @@ QWEN_IMAGE = ArchSpec(
     tasks=QWEN_MODEL_VERSIONS,
     lora_layer_hints=("transformer_blocks",),
     musubi_network_module="networks.lora_qwen_image",
-    released=MappingProxyType({"qwen-image-20b": Released("Qwen-Image 20B", _QWEN_IMAGE_20B)}),
+    released=MappingProxyType(
+        {"qwen-image-20b": Released("Qwen-Image 20B", _QWEN_IMAGE_20B, task="original")}
+    ),
 )
 
 ARCHES: Mapping[str, ArchSpec] = MappingProxyType({spec.name: spec for spec in (WAN, QWEN_IMAGE)})
@@ -228,6 +240,23 @@ def arch(name: str) -> ArchSpec:
         raise SettingError(
             f"--arch {name!r} is not supported; choose one of {', '.join(ARCH_NAMES)}{hint}"
         ) from None
+
+
+def released(name: str) -> tuple[ArchSpec, Released]:
+    """The family and record of the released model `name` (``masktrain plan --dit NAME``); a
+    one-line :class:`SettingError` naming every released model otherwise."""
+    for spec in ARCHES.values():
+        if name in spec.released:
+            return spec, spec.released[name]
+    names = released_names()
+    close = difflib.get_close_matches(name, names, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise SettingError(f"{name!r} is not a released model; choose one of {', '.join(names)}{hint}")
+
+
+def released_names() -> tuple[str, ...]:
+    """Every released model's name, family by family."""
+    return tuple(name for spec in ARCHES.values() for name in spec.released)
 
 
 def check_task(spec: ArchSpec, flag: str, value: str | None) -> None:

@@ -33,6 +33,8 @@ class Row:
     width: int
     height: int
     frames: int = 1
+    offload: bool = False
+    """With ``--gradient_checkpointing_cpu_offload`` (beyond the table's settings)."""
     musubi: str = ""
     """musubi-tuner's published figure for this row, where it has one."""
 
@@ -41,9 +43,11 @@ ROWS = (
     Row("wan2.1-14b", 1024, 1024),
     Row("wan2.1-14b", 1280, 720, musubi="1280x720 images fit 24 GB with fp8 and block swap"),
     Row("wan2.1-14b", 832, 480, 81),
+    Row("wan2.1-14b", 832, 480, 81, offload=True),
     Row("wan2.2-a14b", 1024, 1024),
     Row("wan2.2-a14b", 1280, 720),
     Row("wan2.2-a14b", 832, 480, 81),
+    Row("wan2.2-a14b", 832, 480, 81, offload=True),
     Row(
         "qwen-image-20b",
         1024,
@@ -63,6 +67,7 @@ def table() -> str:
     for row in ROWS:
         cells = [_cell(planner, card) for planner in [_planner(row)] for card in CARDS]
         size = f"{row.width}x{row.height}" + (f", {row.frames} frames" if row.frames > 1 else "")
+        size += ", activation offload" if row.offload else ""
         lines.append(f"| {row.model} | {size} | " + " | ".join(cells) + f" | {row.musubi} |")
     lines.append(END)
     return "\n".join(lines)
@@ -85,7 +90,11 @@ def _planner(row: Row) -> Planner:
         text_dim=inputs.text_dim,
     )
     settings = PlanSettings(
-        fp8="scaled", experts=released.experts, offload_inactive_dit=released.experts > 1, prior=True
+        fp8="scaled",
+        experts=released.experts,
+        offload_inactive_dit=released.experts > 1,
+        prior=True,
+        offload_activations=row.offload,
     )
     return Planner(family, config, shape, settings)
 
@@ -93,7 +102,7 @@ def _planner(row: Row) -> Planner:
 def _cell(planner: Planner, card: int) -> str:
     plan = planner.smallest_swap(card * GIB)
     if plan is None:
-        return f"does not fit ({planner.plan(planner.blocks - 1).device_peak / GIB:.1f} at most swap)"
+        return f"no ({planner.plan(planner.blocks - 1).device_peak / GIB:.1f} at {planner.blocks - 1})"
     return f"{plan.settings.blocks_to_swap}, {plan.device_peak / GIB:.1f}"
 
 

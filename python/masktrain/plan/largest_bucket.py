@@ -15,6 +15,7 @@ from masktrain.catalog import arch as arch_spec
 from masktrain.config.dataset import DatasetConfig, VideoDatasetConfig, load_dataset_config
 from masktrain.data import cache_format
 from masktrain.data.cached_items import CachedItem, find_cached_items
+from masktrain.data.dataset_paths import check_readable
 from masktrain.data.discovery import bucket_list, choose_bucket, discover
 from masktrain.errors import CachedDataError, DataError, MaskTrainError
 
@@ -60,6 +61,7 @@ def from_dataset(path: Path, arch: str) -> Bucket:
     """The largest bucket of the dataset TOML at `path`: from its cache when every item is cached
     and fresh, else from its sources as ``cache`` would bucket them."""
     datasets = load_dataset_config(path)
+    check_readable(datasets)  # a missing folder is one line, as cache says it
     try:
         return from_cached_items(find_cached_items(datasets, arch), arch)
     except CachedDataError:

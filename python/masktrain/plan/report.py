@@ -66,4 +66,6 @@ def fit_line(budget: int, chosen: Plan | None, most: int, checkpointing: bool) -
 
 
 def _gib(size: int) -> str:
-    return f"{size / GIB:.2f}" if size else "-"
+    if not size:
+        return "-"
+    return f"{size / GIB:.2f}" if size >= 0.01 * GIB else "<0.01"

@@ -1,0 +1,1 @@
+"""``masktrain plan``: the memory a training run needs, from configs and shapes alone."""
