@@ -28,13 +28,14 @@ class ModelSpec:
         return int(self.config["text_dim" if self.arch == "wan" else "joint_attention_dim"])
 
 
-WAN_1_3B = dict(catalog.WAN.released["wan2.1-1.3b"].config)
+def _released(name: str) -> dict[str, Any]:
+    return dict(catalog.released(name)[1].config)
+
+
 MODELS = {  # the released configs, from the catalog (what masktrain plan --dit NAME plans)
-    "wan1.3b": ModelSpec("WAN 2.1 1.3B", "wan", WAN_1_3B),
-    "wan14b": ModelSpec("WAN 14B / 2.2 expert", "wan", dict(catalog.WAN.released["wan2.1-14b"].config)),
-    "qwen20b": ModelSpec(
-        "Qwen-Image 20B", "qwen_image", dict(catalog.QWEN_IMAGE.released["qwen-image-20b"].config)
-    ),
+    "wan1.3b": ModelSpec("WAN 2.1 1.3B", "wan", _released("wan2.1-1.3b")),
+    "wan14b": ModelSpec("WAN 14B / 2.2 expert", "wan", _released("wan2.1-14b")),
+    "qwen20b": ModelSpec("Qwen-Image 20B", "qwen_image", _released("qwen-image-20b")),
 }
 
 

@@ -106,3 +106,32 @@ def test_an_explicit_swap_that_does_not_fit_warns_and_trains(
     result = CliRunner().invoke(main, train_line(toml, tmp_path / "out", "--blocks_to_swap 1 --vram 0.5"))
     assert result.exit_code == 0, result.output
     assert "more than the 0.50 GiB card: no --blocks_to_swap fits" in caplog.text
+
+
+def test_musubis_optimizer_class_paths_are_planned(tmp_path: Path) -> None:
+    toml = cached(tmp_path)
+    line = f"plan --dataset_config {{t}} --arch wan --dit tiny --optimizer_type prodigyopt.Prodigy {MEMORY}"
+    result = CliRunner().invoke(main, words(line, t=toml))
+    assert result.exit_code == 0, result.output
+    assert "prodigy" in result.output.split("settings: ", 1)[1].splitlines()[0]
+
+
+def test_a_plan_that_cannot_be_made_warns_and_the_run_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from masktrain.train import memory_fit
+
+    def broken(*args: object) -> None:
+        raise RuntimeError("no meta kernel for this op")
+
+    monkeypatch.setattr(memory_fit, "planner_for", broken)
+    toml = cached(tmp_path)
+    result = CliRunner().invoke(main, train_line(toml, tmp_path / "out", "--blocks_to_swap 1"))
+    assert result.exit_code == 0, result.output
+    assert "no memory plan for this run (no meta kernel for this op); training goes on" in caplog.text
+    refused = CliRunner().invoke(main, train_line(toml, tmp_path / "auto", "--blocks_to_swap auto --vram 8"))
+    assert refused.exit_code == 2
+    assert refused.output.splitlines()[-1] == (
+        "Error: --blocks_to_swap auto needs a memory plan, and none could be made "
+        "(no meta kernel for this op)"
+    )

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from masktrain import atomic
-from masktrain.catalog import ARCHES
+from masktrain.catalog import released as released_model
 from masktrain.models import get_family
 from masktrain.plan.activations import StepShape
 from masktrain.plan.estimate import GIB, Planner, PlanSettings
@@ -74,9 +74,8 @@ def table() -> str:
 
 
 def _planner(row: Row) -> Planner:
-    arch, released = next(
-        (spec.name, spec.released[row.model]) for spec in ARCHES.values() if row.model in spec.released
-    )
+    spec, released = released_model(row.model)
+    arch = spec.name
     family = get_family(arch)
     config = dict(released.config)
     inputs = family.denoiser_inputs(config)

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from masktrain.config.train import TrainConfig
+from masktrain.config.train import OPTIMIZER_ALIASES, TrainConfig
 from masktrain.errors import ModelLoadError
 from masktrain.models import get_family
 from masktrain.models.base import ModelFamily
@@ -45,13 +45,13 @@ def planner_for(config: TrainConfig, bucket: largest_bucket.Bucket) -> tuple[Pla
     spatial = (
         16 if inputs.latent_channels == TI2V_CHANNELS and family.name == "wan" else family.spec.spatial_factor
     )
+    frames, height, width = bucket.latent or (
+        (bucket.frames - 1) // family.spec.temporal_factor + 1,
+        bucket.height // spatial,
+        bucket.width // spatial,
+    )
     shape = StepShape(
-        channels=inputs.latent_channels,
-        frames=(bucket.frames - 1) // family.spec.temporal_factor + 1,
-        height=bucket.height // spatial,
-        width=bucket.width // spatial,
-        text_tokens=_text_tokens(family, bucket),
-        text_dim=inputs.text_dim,
+        inputs.latent_channels, frames, height, width, _text_tokens(family, bucket), inputs.text_dim
     )
     return Planner(family, denoiser.config, shape, settings_for(config, denoiser.experts)), denoiser
 
@@ -59,6 +59,7 @@ def planner_for(config: TrainConfig, bucket: largest_bucket.Bucket) -> tuple[Pla
 def settings_for(config: TrainConfig, experts: int) -> PlanSettings:
     """What of a ``train`` run's `config` changes its memory."""
     memory, network = config.memory, config.network
+    optimizer = config.optim.optimizer_type.lower()
     return PlanSettings(
         dtype=torch.float32 if config.mixed_precision == "no" else torch.bfloat16,
         fp8=memory.fp8_mode,
@@ -68,7 +69,7 @@ def settings_for(config: TrainConfig, experts: int) -> PlanSettings:
         offload_activations=memory.gradient_checkpointing_cpu_offload,
         offload_inactive_dit=memory.offload_inactive_dit,
         attention=memory.attention,
-        optimizer=config.optim.optimizer_type,
+        optimizer=OPTIMIZER_ALIASES.get(optimizer, optimizer),  # musubi's class paths too
         rank=network.network_dim,
         include=network.include_patterns,
         exclude=network.exclude_patterns,

@@ -43,10 +43,13 @@ def fit_to_card(config: TrainConfig, items: Sequence[CachedItem]) -> MemoryFit:
     """The plan of the run before it loads (see the module docstring)."""
     memory = config.memory
     budget = card_budget(memory.vram)
+    requested = 0 if memory.swap_auto else memory.blocks_to_swap
     try:
         bucket = largest_bucket.from_cached_items(items, config.arch)
         planner, _ = planner_for(config, bucket)
-    except (MaskTrainError, RuntimeError, ValueError, KeyError) as error:
+        plan = planner.plan(requested)
+        chosen = None if budget is None else planner.smallest_swap(budget)
+    except (MaskTrainError, RuntimeError, ValueError, KeyError, TypeError) as error:
         if memory.swap_auto and budget is not None:
             raise TrainConfigError(
                 f"--blocks_to_swap auto needs a memory plan, and none could be made ({error})"
@@ -56,10 +59,8 @@ def fit_to_card(config: TrainConfig, items: Sequence[CachedItem]) -> MemoryFit:
     if budget is None:
         if memory.swap_auto:
             log.info("--blocks_to_swap auto: no --vram and no CUDA card, so 0 blocks are swapped")
-        plan = planner.plan(0 if memory.swap_auto else memory.blocks_to_swap)
         _log_summary(plan, bucket, None)
         return MemoryFit(_with_swap(config, plan.settings.blocks_to_swap), plan, None)
-    chosen = planner.smallest_swap(budget)
     if memory.swap_auto:
         if chosen is None:
             raise TrainConfigError(_does_not_fit(planner, bucket, budget))
@@ -67,7 +68,6 @@ def fit_to_card(config: TrainConfig, items: Sequence[CachedItem]) -> MemoryFit:
         warn_if_card_busy(chosen)
         swap = chosen.settings.blocks_to_swap
         return MemoryFit(_with_swap(config, swap), chosen, swap)
-    plan = planner.plan(memory.blocks_to_swap)
     _log_summary(plan, bucket, budget)
     if plan.device_peak > budget:
         fewest = (

@@ -1,0 +1,82 @@
+"""The released transformers' configs on the catalog (``masktrain plan --dit NAME``, the memory
+benches): each builds on the meta device and has the published model's parameter count, names the
+musubi-tuner task of the same transformer, and an unknown name is one line listing them all."""
+
+from __future__ import annotations
+
+import pytest
+
+from masktrain import catalog
+from masktrain.errors import SettingError
+from masktrain.models import get_family
+
+# name -> (exact count of the config built by diffusers, published size, where that figure is from).
+# WAN 2.1 1.3B is named for 1.3B but holds 9% more: its fp32 transformer file is 5.68 GB, 1.42e9
+# parameters. WAN 2.2 A14B is two transformers of the 14B config (its card's "27B total" rounds
+# 2 x 14.29e9 down by 6%); the count is one expert's.
+SIZES = {
+    "wan2.1-1.3b": (1_418_996_800, 1.42e9, "Wan2.1-T2V-1.3B's fp32 diffusion_pytorch_model, 5.68 GB"),
+    "wan2.1-14b": (14_288_491_584, 14e9, "the name Wan2.1-T2V-14B"),
+    "wan2.2-a14b": (14_288_491_584, 14e9, "the name Wan2.2-T2V-A14B: 14B active"),
+    "wan2.2-ti2v-5b": (4_999_787_712, 5e9, "the name Wan2.2-TI2V-5B"),
+    "qwen-image-20b": (20_430_401_088, 20e9, "Qwen-Image's card: a 20B MMDiT"),
+}
+TOLERANCE = 0.03
+
+
+def test_the_released_names_are_the_ones_plan_takes() -> None:
+    assert catalog.released_names() == tuple(SIZES)
+    assert {name: catalog.released(name)[0].name for name in SIZES} == {
+        "wan2.1-1.3b": "wan",
+        "wan2.1-14b": "wan",
+        "wan2.2-a14b": "wan",
+        "wan2.2-ti2v-5b": "wan",
+        "qwen-image-20b": "qwen_image",
+    }
+
+
+@pytest.mark.parametrize("name", list(SIZES))
+def test_a_released_config_has_the_published_parameter_count(name: str) -> None:
+    spec, released = catalog.released(name)
+    model = get_family(spec.name).empty_transformer(released.config)  # accelerate's init_empty_weights
+    assert {parameter.device.type for parameter in model.parameters()} == {"meta"}
+    count = sum(parameter.numel() for parameter in model.parameters())
+    exact, published, _ = SIZES[name]
+    assert count == exact
+    assert abs(count / published - 1) < TOLERANCE, f"{count:,} vs {published:.3g}"
+
+
+def test_only_wan_2_2_a14b_runs_two_experts() -> None:
+    experts = {name: catalog.released(name)[1].experts for name in SIZES}
+    assert experts == {name: 2 if name == "wan2.2-a14b" else 1 for name in SIZES}
+    assert catalog.released("wan2.2-a14b")[1].config == catalog.released("wan2.1-14b")[1].config
+
+
+@pytest.mark.parametrize("name", list(SIZES))
+def test_a_released_config_is_the_transformer_of_its_musubi_task(name: str) -> None:
+    """The catalog's musubi tasks check a file's width and depth: a released config must pass."""
+    spec, released = catalog.released(name)
+    if released.task is None:  # TI2V-5B: not among the musubi tasks the catalog lists
+        assert name == "wan2.2-ti2v-5b"
+        return
+    task = spec.tasks[released.task]
+    assert task.refused is None
+    config = released.config
+    if task.width is not None:
+        assert task.width == config["num_attention_heads"] * config["attention_head_dim"]
+        assert task.blocks == config["num_layers"]
+
+
+def test_the_ti2v_5b_config_takes_its_vaes_48_channels() -> None:
+    config = catalog.released("wan2.2-ti2v-5b")[1].config
+    inputs = get_family("wan").denoiser_inputs(config)
+    assert (inputs.latent_channels, config["out_channels"], inputs.text_dim) == (48, 48, 4096)
+
+
+def test_an_unknown_name_is_one_line_naming_every_released_model() -> None:
+    with pytest.raises(SettingError) as error:
+        catalog.released("wan-1.3b")
+    assert str(error.value) == (
+        "'wan-1.3b' is not a released model; choose one of wan2.1-1.3b, wan2.1-14b, wan2.2-a14b, "
+        "wan2.2-ti2v-5b, qwen-image-20b (did you mean 'wan2.1-1.3b'?)"
+    )
