@@ -275,3 +275,21 @@ def read_safetensors(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
     with safetensors.safe_open(path, "pt") as handle:
         metadata = handle.metadata()
     return safetensors.torch.load_file(path), metadata
+
+
+def save_array(path: Path, array: Any) -> Path:
+    """`array` written as an image (PNG by the suffix), its folder made."""
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+    return path
+
+
+def read_array(path: Path) -> Any:
+    """The pixels of the image at `path` as a numpy array."""
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return np.asarray(image)

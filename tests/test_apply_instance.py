@@ -10,23 +10,12 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from helpers import photo, tiered
+from helpers import photo, read_array, save_array, tiered
 from masktrain import _native
 from masktrain.cli import main
 from masktrain.config.masks import ApplyInstanceConfig
 from masktrain.errors import AspectMismatchError, DataError
 from masktrain.masks.apply_instance import run, subject_only
-
-
-def _save(path: Path, array: np.ndarray) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(array).save(path)
-    return path
-
-
-def _read(path: Path) -> np.ndarray:
-    with Image.open(path) as image:
-        return np.asarray(image)
 
 
 def _instance(h: int, w: int, seed: int) -> np.ndarray:
@@ -54,11 +43,11 @@ def test_subject_only_is_the_reference_tools_arithmetic(pixels: int) -> None:
 def test_the_command_writes_subject_only_masks_and_applies_the_missing_policy(tmp_path: Path) -> None:
     weighted_dir, instance_dir, out = tmp_path / "weighted", tmp_path / "instance", tmp_path / "out"
     for index in range(3):
-        _save(weighted_dir / f"img{index}.png", tiered(48, 64, index))
-    _save(weighted_dir / "photo.jpg", tiered(48, 64, 9))  # JPEG weighted masks are read too
-    _save(instance_dir / "img0.png", _instance(48, 64, 0))
-    _save(instance_dir / "img1.png", _instance(24, 32, 1))  # half size: same aspect, resized
-    _save(instance_dir / "photo.png", _instance(48, 64, 3))
+        save_array(weighted_dir / f"img{index}.png", tiered(48, 64, index))
+    save_array(weighted_dir / "photo.jpg", tiered(48, 64, 9))  # JPEG weighted masks are read too
+    save_array(instance_dir / "img0.png", _instance(48, 64, 0))
+    save_array(instance_dir / "img1.png", _instance(24, 32, 1))  # half size: same aspect, resized
+    save_array(instance_dir / "photo.png", _instance(48, 64, 3))
     result = CliRunner().invoke(
         main,
         [
@@ -79,15 +68,17 @@ def test_the_command_writes_subject_only_masks_and_applies_the_missing_policy(tm
     assert result.exit_code == 0, result.output
     assert "4 written (0 copied and 1 zeroed without an instance mask), 0 skipped" in result.output
     assert sorted(p.name for p in out.iterdir()) == ["img0.png", "img1.png", "img2.png", "photo.png"]
-    assert np.array_equal(_read(out / "img0.png"), subject_only(tiered(48, 64, 0), _instance(48, 64, 0), 1))
+    assert np.array_equal(
+        read_array(out / "img0.png"), subject_only(tiered(48, 64, 0), _instance(48, 64, 0), 1)
+    )
     upsized = cv2.resize(_instance(24, 32, 1), (64, 48), interpolation=cv2.INTER_NEAREST_EXACT)
-    assert np.array_equal(_read(out / "img1.png"), subject_only(tiered(48, 64, 1), upsized, 1))
-    assert not _read(out / "img2.png").any()
-    assert _read(out / "photo.png").shape == (48, 64)
+    assert np.array_equal(read_array(out / "img1.png"), subject_only(tiered(48, 64, 1), upsized, 1))
+    assert not read_array(out / "img2.png").any()
+    assert read_array(out / "photo.png").shape == (48, 64)
 
     copy = run(ApplyInstanceConfig(weighted_dir, instance_dir, tmp_path / "copy"))
     assert copy.copied == ["img2.png"] and np.array_equal(
-        _read(tmp_path / "copy" / "img2.png"), tiered(48, 64, 2)
+        read_array(tmp_path / "copy" / "img2.png"), tiered(48, 64, 2)
     )
     skip = run(ApplyInstanceConfig(weighted_dir, instance_dir, tmp_path / "skip", missing="skip"))
     assert skip.skipped == ["img2.png"] and not (tmp_path / "skip" / "img2.png").exists()
@@ -97,8 +88,8 @@ def test_the_command_writes_subject_only_masks_and_applies_the_missing_policy(tm
 
 
 def test_an_instance_mask_of_another_aspect_is_an_error_naming_both(tmp_path: Path) -> None:
-    _save(tmp_path / "w" / "a.png", tiered(48, 64, 0))
-    _save(tmp_path / "i" / "a.png", _instance(64, 64, 0))
+    save_array(tmp_path / "w" / "a.png", tiered(48, 64, 0))
+    save_array(tmp_path / "i" / "a.png", _instance(64, 64, 0))
     with pytest.raises(
         AspectMismatchError,
         match=r"i/a\.png \(64x64\) does not have the aspect ratio of .*w/a\.png \(64x48\)",
@@ -136,9 +127,9 @@ def test_the_aspect_rule_is_caches_at_both_edges(
     tmp_path: Path, photo_size: tuple[int, int], instance_size: tuple[int, int], same: bool
 ) -> None:
     (pw, ph), (iw, ih) = photo_size, instance_size
-    image = _save(tmp_path / "images" / "a.png", photo(ph, pw, 0))
-    _save(tmp_path / "w" / "a.png", tiered(ph, pw, 0))
-    _save(tmp_path / "i" / "a.png", np.full((ih, iw), 255, np.uint8))
+    image = save_array(tmp_path / "images" / "a.png", photo(ph, pw, 0))
+    save_array(tmp_path / "w" / "a.png", tiered(ph, pw, 0))
+    save_array(tmp_path / "i" / "a.png", np.full((ih, iw), 255, np.uint8))
     # cache's decision for the photo with a mask file of the instance mask's size
     (cached,) = _native.prepare_batch(
         [image], [(64, 96), (96, 64)], mask_index=_native.MaskIndex(tmp_path / "i")
@@ -147,7 +138,9 @@ def test_the_aspect_rule_is_caches_at_both_edges(
     config = ApplyInstanceConfig(tmp_path / "w", tmp_path / "i", tmp_path / "o")
     if same:
         assert run(config).written == 1
-        assert np.array_equal(_read(tmp_path / "o" / "a.png"), tiered(ph, pw, 0))  # all subject: kept whole
+        assert np.array_equal(
+            read_array(tmp_path / "o" / "a.png"), tiered(ph, pw, 0)
+        )  # all subject: kept whole
     else:
         with pytest.raises(AspectMismatchError, match=rf"\({iw}x{ih}\) does not have the aspect ratio"):
             run(config)
@@ -156,11 +149,11 @@ def test_the_aspect_rule_is_caches_at_both_edges(
 def test_a_larger_instance_mask_is_shrunk_as_convert_alpha_shrinks_a_mask(tmp_path: Path) -> None:
     """Twice the weighted mask's size: OpenCV's INTER_AREA (2x2 means), then the cut at 127."""
     instance = _instance(96, 128, 4)
-    _save(tmp_path / "w" / "a.png", tiered(48, 64, 4))
-    _save(tmp_path / "i" / "a.png", instance)
+    save_array(tmp_path / "w" / "a.png", tiered(48, 64, 4))
+    save_array(tmp_path / "i" / "a.png", instance)
     run(ApplyInstanceConfig(tmp_path / "w", tmp_path / "i", tmp_path / "o"))
     shrunk = cv2.resize(instance, (64, 48), interpolation=cv2.INTER_AREA)
-    assert np.array_equal(_read(tmp_path / "o" / "a.png"), subject_only(tiered(48, 64, 4), shrunk))
+    assert np.array_equal(read_array(tmp_path / "o" / "a.png"), subject_only(tiered(48, 64, 4), shrunk))
 
 
 def test_16_bit_weighted_masks_keep_their_tiers(tmp_path: Path) -> None:
@@ -169,9 +162,9 @@ def test_16_bit_weighted_masks_keep_their_tiers(tmp_path: Path) -> None:
     weighted[:, 16:32], weighted[:, 32:48], weighted[:, 48:] = 80 * 257, 128 * 257, 65535
     instance = np.full((32, 64), 255, np.uint8)
     instance[:, 56:] = 0  # a bystander's face on the right
-    _save(tmp_path / "w" / "a.png", weighted)
-    _save(tmp_path / "w" / "b.png", weighted)  # no instance mask: copied (--missing copy)
-    _save(tmp_path / "i" / "a.png", instance)
+    save_array(tmp_path / "w" / "a.png", weighted)
+    save_array(tmp_path / "w" / "b.png", weighted)  # no instance mask: copied (--missing copy)
+    save_array(tmp_path / "i" / "a.png", instance)
     run(ApplyInstanceConfig(tmp_path / "w", tmp_path / "i", tmp_path / "o"))
     expected = weighted.copy()
     expected[:, 56:] = 0
@@ -203,18 +196,18 @@ def test_a_weighted_mask_is_read_upright(tmp_path: Path) -> None:
     exif[0x0112] = 6
     (tmp_path / "w").mkdir()
     Image.fromarray(stored).save(tmp_path / "w" / "a.jpg", exif=exif.tobytes(), quality=100)
-    _save(tmp_path / "i" / "a.png", np.full((64, 32), 255, np.uint8))  # upright, as tiers writes it
+    save_array(tmp_path / "i" / "a.png", np.full((64, 32), 255, np.uint8))  # upright, as tiers writes it
     assert run(ApplyInstanceConfig(tmp_path / "w", tmp_path / "i", tmp_path / "o")).written == 1
-    out = _read(tmp_path / "o" / "a.png")
+    out = read_array(tmp_path / "o" / "a.png")
     assert out.shape == (64, 32) and np.array_equal(out, _native.load_mask(tmp_path / "w" / "a.jpg"))
     assert out[:32, 16:].mean() > 250 and out[:32, :16].mean() < 5 and out[32:].mean() < 5
 
 
 def test_two_weighted_masks_with_one_basename_are_refused(tmp_path: Path) -> None:
     """Red team N20: a.jpg and a.png were both written to out/a.png, and the summary said 2 written."""
-    _save(tmp_path / "w" / "a.png", tiered(8, 8, 0))
-    _save(tmp_path / "w" / "a.jpg", tiered(8, 8, 1))
-    _save(tmp_path / "i" / "a.png", np.full((8, 8), 255, np.uint8))
+    save_array(tmp_path / "w" / "a.png", tiered(8, 8, 0))
+    save_array(tmp_path / "w" / "a.jpg", tiered(8, 8, 1))
+    save_array(tmp_path / "i" / "a.png", np.full((8, 8), 255, np.uint8))
     with pytest.raises(DataError, match=r"--weighted-masks .*: a\.jpg and a\.png would both make a\.png"):
         run(ApplyInstanceConfig(tmp_path / "w", tmp_path / "i", tmp_path / "o"))
     assert not (tmp_path / "o").exists()

@@ -20,7 +20,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from helpers import photo, tiered
+from helpers import photo, read_array, save_array, tiered
 from masktrain import atomic
 from masktrain.cli import main
 
@@ -42,17 +42,6 @@ def _bomb(path: Path) -> Path:
         + chunk(b"IEND", b"")
     )
     return path
-
-
-def _save(path: Path, array: np.ndarray) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(array).save(path)
-    return path
-
-
-def _read(path: Path) -> np.ndarray:
-    with Image.open(path) as image:
-        return np.asarray(image)
 
 
 def _apply(weighted: Path, instance: Path | str, output: Path, *extra: str) -> list[str]:
@@ -77,7 +66,7 @@ def test_one_folder_for_both_inputs_is_refused_before_anything_is_written(
     tmp_path: Path, spelling: str
 ) -> None:
     """Red team N5: --weighted-masks X --instance-masks X cut every mask by itself (hair zeroed), exit 0."""
-    _save(tmp_path / "tiers" / "group_0.png", tiered(32, 48, 0))
+    save_array(tmp_path / "tiers" / "group_0.png", tiered(32, 48, 0))
     instance = {
         "same": str(tmp_path / "tiers"),
         "trailing slash": f"{tmp_path / 'tiers'}/",
@@ -104,11 +93,11 @@ def test_apply_instance_fails_a_bomb_mask_alone_and_goes_on(
     Now a bomb weighted mask, a bomb instance mask and a text file are three failed items, each named
     in one line, and the good mask is written; exit 1."""
     weighted, instance, out = tmp_path / "wm", tmp_path / "inst", tmp_path / "out"
-    _save(weighted / "a.png", tiered(32, 48, 1))
-    _save(weighted / "b.png", tiered(32, 48, 2))
+    save_array(weighted / "a.png", tiered(32, 48, 1))
+    save_array(weighted / "b.png", tiered(32, 48, 2))
     _bomb(weighted / "bomb.png")
     (weighted / "notes.png").write_text("not an image")
-    _save(instance / "a.png", np.full((32, 48), 255, np.uint8))
+    save_array(instance / "a.png", np.full((32, 48), 255, np.uint8))
     _bomb(instance / "b.png")
     with caplog.at_level(logging.ERROR):
         result = CliRunner().invoke(main, _apply(weighted, instance, out))
@@ -116,7 +105,7 @@ def test_apply_instance_fails_a_bomb_mask_alone_and_goes_on(
     assert "1 written (0 copied and 0 zeroed without an instance mask), 0 skipped, 3 failed" in result.output
     assert "Traceback" not in result.output
     assert sorted(p.name for p in out.iterdir()) == ["a.png"]
-    assert np.array_equal(_read(out / "a.png"), tiered(32, 48, 1))
+    assert np.array_equal(read_array(out / "a.png"), tiered(32, 48, 1))
     errors = sorted(r.getMessage() for r in caplog.records if r.levelno == logging.ERROR)
     assert errors[0].startswith(f"failed: {instance / 'b.png'}: {BOMB_LINE}")
     assert errors[1].startswith(f"failed: {weighted / 'bomb.png'}: {BOMB_LINE}")
@@ -133,7 +122,7 @@ def test_apply_instance_fails_a_bomb_mask_alone_and_goes_on(
 def test_a_bomb_reference_is_a_one_line_flag_error(tmp_path: Path) -> None:
     """Red team N6: --reference bomb.png was a traceback; now exit 2 with one line naming the flag and
     the file, before any model loads or anything is written."""
-    _save(tmp_path / "photos" / "a.png", photo(32, 32, 0))
+    save_array(tmp_path / "photos" / "a.png", photo(32, 32, 0))
     reference = _bomb(tmp_path / "reference.png")
     args = ["masks", "instance", "--input", str(tmp_path / "photos"), "--output", str(tmp_path / "out")]
     args += ["--reference", str(reference), "--model", "tiny", "--device", "cpu"]
@@ -235,8 +224,8 @@ def test_apply_instance_removes_a_killed_runs_temporaries_and_holds_its_lock(
     from masktrain.masks import apply_instance
 
     out, live_temp = live_run
-    _save(tmp_path / "wm" / "a.png", tiered(16, 16, 0))
-    _save(tmp_path / "inst" / "a.png", np.full((16, 16), 255, np.uint8))
+    save_array(tmp_path / "wm" / "a.png", tiered(16, 16, 0))
+    save_array(tmp_path / "inst" / "a.png", np.full((16, 16), 255, np.uint8))
     live = _hidden(out)
     dead = _killed_mid_write(out / "a.png")
     probe = _LockProbe(apply_instance.write_mask)
@@ -257,11 +246,11 @@ def test_tiers_removes_a_killed_runs_temporaries_and_holds_its_lock(
     """Red team N14, for ``masks tiers``: the report's case, a kill mid-write then `--skip_existing`."""
     from masktrain.masks import tiers
 
-    _save(tmp_path / "images" / "p01.png", photo(32, 48, 0))
-    _save(tmp_path / "images" / "p02.png", photo(32, 48, 1))
+    save_array(tmp_path / "images" / "p01.png", photo(32, 48, 0))
+    save_array(tmp_path / "images" / "p02.png", photo(32, 48, 1))
     out = tmp_path / "out"
     out.mkdir()
-    _save(out / "p01.png", np.zeros((32, 48), np.uint8))  # done before the kill
+    save_array(out / "p01.png", np.zeros((32, 48), np.uint8))  # done before the kill
     dead = _killed_mid_write(out / "p02.png")
     probe = _LockProbe(tiers.write_mask)
     monkeypatch.setattr(tiers, "write_mask", probe)
@@ -288,13 +277,13 @@ def test_instance_fails_unreadable_photos_alone_and_goes_on(
 
     astronaut, camera = skimage_data.astronaut(), np.stack([skimage_data.camera()] * 3, -1)
     photos, out = tmp_path / "photos", tmp_path / "out"
-    _save(photos / "group.jpg", np.concatenate([astronaut, camera], axis=1))
+    save_array(photos / "group.jpg", np.concatenate([astronaut, camera], axis=1))
     (photos / "a_text.png").write_text("notes, not a photo")
     jpeg = io.BytesIO()
     Image.fromarray(astronaut).save(jpeg, format="JPEG")
     (photos / "cut.jpg").write_bytes(jpeg.getvalue()[: len(jpeg.getvalue()) // 2])
     _bomb(photos / "bomb.png")
-    _save(tmp_path / "reference.png", astronaut[40:240, 120:320])
+    save_array(tmp_path / "reference.png", astronaut[40:240, 120:320])
     out.mkdir()
     dead = _killed_mid_write(out / "group.png")
     probe = _LockProbe(instance.write_mask)
@@ -308,7 +297,7 @@ def test_instance_fails_unreadable_photos_alone_and_goes_on(
     assert "Traceback" not in result.output
     assert sorted(p.name for p in out.iterdir()) == ["group.png"] and probe.held == [True]
     assert not set(dead) & set(probe.seen[0])
-    assert set(np.unique(_read(out / "group.png"))) == {0, 255}
+    assert set(np.unique(read_array(out / "group.png"))) == {0, 255}
     errors = sorted(r.getMessage() for r in caplog.records if r.levelno == logging.ERROR)
     assert (
         errors[0]
@@ -328,8 +317,8 @@ def test_a_read_only_output_folder_is_still_one_line(tmp_path: Path) -> None:
     written stays one line naming it (it was the first mask's), exit 1, no traceback."""
     if subprocess.run([*_NO_CAPS, "true"], capture_output=True).returncode != 0:
         pytest.skip("cannot drop capabilities here (setpriv)")
-    _save(tmp_path / "wm" / "a.png", tiered(16, 16, 0))
-    _save(tmp_path / "inst" / "a.png", np.full((16, 16), 255, np.uint8))
+    save_array(tmp_path / "wm" / "a.png", tiered(16, 16, 0))
+    save_array(tmp_path / "inst" / "a.png", np.full((16, 16), 255, np.uint8))
     out = tmp_path / "out"
     out.mkdir()
     out.chmod(0o555)
