@@ -81,3 +81,33 @@ def test_without_checkpointing_only_no_swap_is_possible() -> None:
         WAN, tiny(4), StepShape(16, 1, 4, 4, 8, 32), PlanSettings(rank=RANK, checkpointing=False)
     )
     assert planner.smallest_swap(planner.plan(3).device_peak) is None
+
+
+def test_live_bytes_counts_new_storage_once_and_not_views_of_older_tensors() -> None:
+    from masktrain.plan.trace import LiveBytes
+
+    weight = torch.zeros(256, 256)  # 256 KiB, made before the mode
+    counter = LiveBytes()
+    with counter:
+        view = weight.t()  # autograd keeps such views of the weights: no new memory
+        weight.add_(1.0)  # an in-place update (the optimizer's): none either
+        made = torch.ones(256, 256)
+        same = made.view(-1)  # a view of counted memory: the same storage, once
+    assert counter.now == counter.peak == 256 * 256 * 4
+    del view, made, same
+    assert counter.now == 0
+
+
+def test_a_freed_forgotten_storage_does_not_hide_the_next_one_at_its_address() -> None:
+    from masktrain.plan.trace import LiveBytes
+
+    counter = LiveBytes()
+    with counter:
+        for _ in range(20):  # the allocator hands the freed address back
+            gone = torch.ones(1024)
+            counter.forget(gone)
+            del gone
+            kept = torch.ones(1024)
+            assert counter.now == 4096
+            del kept
+    assert counter.now == 0

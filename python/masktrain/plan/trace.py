@@ -2,7 +2,9 @@
 training step without running it, and how its tests measure a real one.
 
 :class:`LiveBytes` is a ``TorchDispatchMode``: every tensor an op returns is counted once per
-storage (views share theirs) until the last tensor on that storage is freed, and the peak is kept.
+storage (views share theirs) until the last tensor on that storage is freed, and the peak is kept;
+a view or in-place result of a tensor made before the mode (a weight's transpose that autograd
+keeps, an optimizer's update of a LoRA weight) holds no new memory and is not counted.
 It works alike on real CPU tensors and on the meta device, where ops only compute shapes: the plan
 runs the step on a meta model in a second, the check runs it on a real one on the CPU. Tensors
 made before the mode (the weights, the batch) are not counted: the plan adds them by their shapes.
@@ -53,6 +55,8 @@ class LiveBytes(TorchDispatchMode):  # type: ignore[no-untyped-call]  # torch le
         if entry is not None:
             self.now -= entry[0]
         self._skipped.add(key)
+        # once it is freed, a new storage may take its address: that one counts
+        weakref.finalize(tensor, self._skipped.discard, key)
 
     def forget_grad(self, parameter: torch.Tensor) -> None:
         """:meth:`forget` a parameter's gradient (a ``register_post_accumulate_grad_hook``)."""
@@ -65,8 +69,16 @@ class LiveBytes(TorchDispatchMode):  # type: ignore[no-untyped-call]  # torch le
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         out = func(*args, **(kwargs or {}))
+        inputs = {
+            t.untyped_storage()._cdata for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)
+        }
         for value in tree_flatten(out)[0]:
             if isinstance(value, torch.Tensor):
+                key = value.untyped_storage()._cdata
+                # a view or in-place result of a tensor made before the mode (a weight's
+                # transpose, an optimizer's update of a LoRA weight) holds no new memory
+                if key in inputs and key not in self._live:
+                    continue
                 self._track(value)
         return out
 
