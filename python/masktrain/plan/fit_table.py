@@ -17,9 +17,9 @@ from pathlib import Path
 from masktrain import atomic
 from masktrain.catalog import released as released_model
 from masktrain.models import get_family
-from masktrain.plan.activations import StepShape
+from masktrain.plan import largest_bucket
 from masktrain.plan.estimate import GIB, Planner, PlanSettings
-from masktrain.plan.run import TEXT_TOKENS
+from masktrain.plan.run import step_shape
 
 CARDS = (24, 16, 12)
 """Card sizes, GiB."""
@@ -75,19 +75,9 @@ def table() -> str:
 
 def _planner(row: Row) -> Planner:
     spec, released = released_model(row.model)
-    arch = spec.name
-    family = get_family(arch)
+    family = get_family(spec.name)
     config = dict(released.config)
-    inputs = family.denoiser_inputs(config)
-    spatial, temporal = family.spec.spatial_factor, family.spec.temporal_factor
-    shape = StepShape(
-        channels=inputs.latent_channels,
-        frames=(row.frames - 1) // temporal + 1,
-        height=row.height // spatial,
-        width=row.width // spatial,
-        text_tokens=TEXT_TOKENS[arch],
-        text_dim=inputs.text_dim,
-    )
+    shape = step_shape(family, config, largest_bucket.from_resolution(row.width, row.height, row.frames))
     settings = PlanSettings(
         fp8="scaled",
         experts=released.experts,

@@ -41,19 +41,25 @@ def planner_for(config: TrainConfig, bucket: largest_bucket.Bucket) -> tuple[Pla
     """The planner of a ``train`` run's `config` for its largest `bucket`."""
     family = get_family(config.arch)
     denoiser = _denoiser(family, config.dit, config.dit_high_noise)
-    inputs = family.denoiser_inputs(denoiser.config)
-    spatial = (
-        16 if inputs.latent_channels == TI2V_CHANNELS and family.name == "wan" else family.spec.spatial_factor
-    )
+    shape = step_shape(family, denoiser.config, bucket)
+    return Planner(family, denoiser.config, shape, settings_for(config, denoiser.experts)), denoiser
+
+
+def step_shape(family: ModelFamily, config: Mapping[str, Any], bucket: largest_bucket.Bucket) -> StepShape:
+    """The batch a denoiser of `config` trains on for `bucket`: the cache's own latent grid when it
+    has one, else the pixels at the VAE's factors (16x for WAN 2.2 TI2V-5B's 48 channels)."""
+    inputs = family.denoiser_inputs(config)
+    spatial = family.spec.spatial_factor
+    if family.name == "wan" and inputs.latent_channels == TI2V_CHANNELS:
+        spatial = 16
     frames, height, width = bucket.latent or (
         (bucket.frames - 1) // family.spec.temporal_factor + 1,
         bucket.height // spatial,
         bucket.width // spatial,
     )
-    shape = StepShape(
+    return StepShape(
         inputs.latent_channels, frames, height, width, _text_tokens(family, bucket), inputs.text_dim
     )
-    return Planner(family, denoiser.config, shape, settings_for(config, denoiser.experts)), denoiser
 
 
 def settings_for(config: TrainConfig, experts: int) -> PlanSettings:
