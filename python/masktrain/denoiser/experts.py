@@ -29,7 +29,7 @@ from masktrain.denoiser import lora
 from masktrain.device import indexed
 from masktrain.errors import FlagError
 from masktrain.models import checkpointing, fit
-from masktrain.models.base import ModelFamily, TextBatch
+from masktrain.models.base import Conditioning, ModelFamily, TextBatch
 from masktrain.models.block_swap import BlockSwap
 from masktrain.models.placement import Slot, frozen_slots, is_lora, move_module
 
@@ -60,9 +60,10 @@ class Experts:
         noisy: torch.Tensor,
         sigmas: torch.Tensor,
         text: TextBatch,
+        condition: Conditioning | None,
     ) -> torch.Tensor:
         self._activate(model)
-        return family.predict(model, noisy, sigmas, text)
+        return family.predict(model, noisy, sigmas, text, condition)
 
     def _activate(self, model: torch.nn.Module) -> None:
         """--offload_inactive_dit: `model`'s frozen weights on the device, the other expert's on the host."""
@@ -86,13 +87,19 @@ class Experts:
             swap.mark(event)
 
     def predict(
-        self, family: ModelFamily, noisy: torch.Tensor, sigmas: torch.Tensor, text: TextBatch
+        self,
+        family: ModelFamily,
+        noisy: torch.Tensor,
+        sigmas: torch.Tensor,
+        text: TextBatch,
+        condition: Conditioning | None = None,
     ) -> torch.Tensor:
         if self.high is None:
-            return self._run(family, self.low, noisy, sigmas, text)
+            return self._run(family, self.low, noisy, sigmas, text, condition)
         high = sigmas >= self.boundary
         if bool(high.all()) or not bool(high.any()):
-            return self._run(family, self.high if bool(high.all()) else self.low, noisy, sigmas, text)
+            model = self.high if bool(high.all()) else self.low
+            return self._run(family, model, noisy, sigmas, text, condition)
         out = torch.empty_like(noisy)
         for model, rows in ((self.high, high), (self.low, ~high)):
             out[rows] = self._run(
@@ -101,6 +108,7 @@ class Experts:
                 noisy[rows],
                 sigmas[rows],
                 TextBatch(text.hidden[rows], None if text.mask is None else text.mask[rows]),
+                None if condition is None else condition.rows(rows),
             ).to(out.dtype)
         return out
 

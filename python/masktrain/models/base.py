@@ -62,6 +62,46 @@ class TextBatch:
 
 
 @dataclass(frozen=True)
+class Conditioning:
+    """What a conditioned mode feeds the denoiser beside the noisy latents and the text, batched
+    (B first) the way the family's pipeline passes it; a field a mode does not use is None. The
+    cache stores each item's rows (``data.cache_format`` keys), the loader stacks them."""
+
+    image_latents: torch.Tensor | None = None
+    """WAN image-to-video (I2V, FLF2V, one-frame): (B, 4 + C, F, h, w), the 4 mask channels
+    ("pixel frame given") and the VAE latents of the given frames, concatenated to the noisy
+    latents on the channel axis (``WanImageToVideoPipeline.prepare_latents``)."""
+    image_embeds: torch.Tensor | None = None
+    """WAN 2.1 I2V / FLF2V: (B, N, 1280) CLIP vision hidden states (penultimate layer) of the
+    given frame(s); FLF2V's two images are (B, 2 x 257, 1280)."""
+    frame_indices: torch.Tensor | None = None
+    """WAN one-frame: (B, F) long, the RoPE frame position of each latent frame (the control
+    images' ``fp_1f_clean_indices`` and the target's ``fp_1f_target_index``, sorted)."""
+    control_latents: torch.Tensor | None = None
+    """Qwen-Image-Edit / Layered: (B, C, K, h, w) clean latents of the control image(s), packed
+    after the target tokens; the loss never sees them."""
+
+    def rows(self, rows: torch.Tensor) -> Conditioning:
+        """The conditioning of the samples `rows` (a boolean or index tensor over B)."""
+        picked = {name: None if value is None else value[rows] for name, value in self._fields()}
+        return Conditioning(**picked)
+
+    def to(self, device: torch.device | str, dtype: torch.dtype) -> Conditioning:
+        """Floating tensors to `device` and `dtype`; integer ones (frame indices) keep theirs."""
+        return Conditioning(
+            **{
+                name: None
+                if value is None
+                else value.to(device=device, dtype=dtype if value.is_floating_point() else value.dtype)
+                for name, value in self._fields()
+            }
+        )
+
+    def _fields(self) -> list[tuple[str, torch.Tensor | None]]:
+        return [(name, getattr(self, name)) for name in self.__dataclass_fields__]
+
+
+@dataclass(frozen=True)
 class SampleRequest:
     """One sample to generate (``masktrain.sample``): the size, the denoising settings, the encoded
     prompt (and negative prompt, when guidance is on) laid out by ``collate_text`` and already on
@@ -188,11 +228,17 @@ class ModelFamily(Protocol):
         ...
 
     def predict(
-        self, transformer: torch.nn.Module, noisy: torch.Tensor, sigmas: torch.Tensor, text: TextBatch
+        self,
+        transformer: torch.nn.Module,
+        noisy: torch.Tensor,
+        sigmas: torch.Tensor,
+        text: TextBatch,
+        condition: Conditioning | None = None,
     ) -> torch.Tensor:
         """The flow-matching prediction (velocity) for noisy latents (B, C, F, h, w) at noise levels
-        `sigmas` (B,) in [0, 1]; same shape as `noisy`. Inputs must already be on the model's
-        device; dtypes are the caller's (autocast or a matching cast)."""
+        `sigmas` (B,) in [0, 1]; same shape as `noisy` (a conditioned mode's extra inputs,
+        `condition`, never appear in the output). Inputs must already be on the model's device;
+        dtypes are the caller's (autocast or a matching cast)."""
         ...
 
     def lora_targets(self) -> LoraTargets:

@@ -22,7 +22,14 @@ from masktrain import catalog
 from masktrain.config.memory import Fp8Mode
 from masktrain.errors import DataError
 from masktrain.models import loading, qwen_image_checkpoint
-from masktrain.models.base import DenoiserInputs, LoraTargets, SampleRequest, TextBatch, TextEncoder
+from masktrain.models.base import (
+    Conditioning,
+    DenoiserInputs,
+    LoraTargets,
+    SampleRequest,
+    TextBatch,
+    TextEncoder,
+)
 from masktrain.models.fp8 import Fp8Targets, quantize_model
 from masktrain.models.loading import TINY, diffusers_config, encode_posterior_mean, seeded, to_uint8
 
@@ -260,8 +267,15 @@ class QwenImageFamily:
         return TextBatch(hidden=hidden, mask=None if bool(mask.all()) else mask)
 
     def predict(
-        self, transformer: torch.nn.Module, noisy: torch.Tensor, sigmas: torch.Tensor, text: TextBatch
+        self,
+        transformer: torch.nn.Module,
+        noisy: torch.Tensor,
+        sigmas: torch.Tensor,
+        text: TextBatch,
+        condition: Conditioning | None = None,
     ) -> torch.Tensor:
+        if condition is not None:
+            raise NotImplementedError("Qwen-Image conditioning (edit control images) is not wired yet")
         b, _, _, h, w = noisy.shape
         tokens = transformer(
             hidden_states=pack_latents(noisy),

@@ -23,6 +23,7 @@ from masktrain.config.timesteps import NUM_TRAIN_TIMESTEPS
 from masktrain.errors import DataError
 from masktrain.models import loading, wan_checkpoint
 from masktrain.models.base import (
+    Conditioning,
     DenoiserInputs,
     LoraTargets,
     SampleRequest,
@@ -297,13 +298,27 @@ class WanFamily:
         return TextBatch(hidden=torch.stack(rows), mask=None)
 
     def predict(
-        self, transformer: torch.nn.Module, noisy: torch.Tensor, sigmas: torch.Tensor, text: TextBatch
+        self,
+        transformer: torch.nn.Module,
+        noisy: torch.Tensor,
+        sigmas: torch.Tensor,
+        text: TextBatch,
+        condition: Conditioning | None = None,
     ) -> torch.Tensor:
         # The pipeline passes t = sigma * 1000 (FlowMatch / UniPC timesteps), one per sample.
+        # Image-to-video: the 20 conditioning channels follow the noisy latents on the channel
+        # axis, the CLIP hidden states go in beside the text (WanImageToVideoPipeline).
+        hidden = noisy
+        image_embeds = None
+        if condition is not None:
+            if condition.image_latents is not None:
+                hidden = torch.cat([noisy, condition.image_latents.to(noisy.dtype)], dim=1)
+            image_embeds = condition.image_embeds
         prediction: torch.Tensor = transformer(
-            hidden_states=noisy,
+            hidden_states=hidden,
             timestep=model_timesteps(sigmas),
             encoder_hidden_states=text.hidden,
+            encoder_hidden_states_image=image_embeds,
             return_dict=False,
         )[0]
         return prediction
