@@ -55,7 +55,7 @@ from masktrain.denoiser import lora
 from masktrain.denoiser.experts import Experts, place
 from masktrain.device import precision
 from masktrain.models import checkpointing, get_family
-from masktrain.models.base import ModelFamily
+from masktrain.models.base import Conditioning, ModelFamily
 from masktrain.models.fp8 import Fp8Linear, quantize, replace_module, target_linears
 from masktrain.models.placement import is_lora
 from masktrain.plan.trace import LiveBytes
@@ -129,7 +129,7 @@ def measure(
         model = _random_transformer(family, config, mode.fp8)
         torch.manual_seed(run.seed)
         lora.add_lora(model, family, rank=run.network.network_dim, alpha=run.network.network_alpha)
-    experts = Experts(model, None, run.timestep_boundary, device=CPU)
+    experts = Experts(model, None, run.boundary, device=CPU)
     place(experts, family, run.memory, run.gradient_checkpointing)
     named = experts.trainable()
     optimizer, scheduler = optimizer_and_schedule(named, run.optim, None, steps)
@@ -267,7 +267,16 @@ def _batch(
     mask[..., h // 4 : h * 3 // 4, w // 4 : w * 3 // 4] = 0.5
     mask[..., h // 3 : h // 2, w // 3 : w * 2 // 3] = 1.0
     text = torch.randn(tokens, inputs.text_dim, generator=generator).to(torch.bfloat16)
-    return Batch(index=0, latents=latents, mask_weights=mask, text=[text], items=[])
+    condition = None
+    if inputs.conditioning_channels:  # WAN image-to-video: what its cache holds (plan.run.CLIP_TOKENS)
+        image_latents = torch.randn(1, inputs.conditioning_channels, *grid, generator=generator)
+        embeds = None
+        if inputs.image_dim is not None:
+            pairs = config.get("pos_embed_seq_len")
+            images, tokens_each = (1, 257) if pairs is None else (2, int(pairs) // 2)
+            embeds = torch.randn(1, images, tokens_each, inputs.image_dim, generator=generator)
+        condition = Conditioning(image_latents=image_latents, image_embeds=embeds)
+    return Batch(index=0, latents=latents, mask_weights=mask, text=[text], items=[], condition=condition)
 
 
 # --- what is counted ------------------------------------------------------------------------------
@@ -325,7 +334,9 @@ def _swap_masters(experts: Experts) -> list[torch.Tensor]:
 
 
 def _batch_tensors(batch: Batch) -> list[torch.Tensor]:
-    return [batch.latents, *batch.text] + ([] if batch.mask_weights is None else [batch.mask_weights])
+    condition = [] if batch.condition is None else [t for _, t in batch.condition._fields() if t is not None]
+    masks = [] if batch.mask_weights is None else [batch.mask_weights]
+    return [batch.latents, *batch.text, *condition, *masks]
 
 
 def _storage_bytes(tensors: Iterable[torch.Tensor]) -> int:

@@ -209,7 +209,9 @@ def test_a_transformer_missing_its_last_blocks_gets_a_warning_naming_the_release
         "is 1536 wide with 29 blocks, but the released 1536-wide WAN 2.1 / 2.2 transformers (t2v-1.3B) have "
         "30: a file missing blocks loads as a smaller model; check its download or conversion"
     )
-    assert "(t2v-14B / t2i-14B / t2v-A14B) have 40" in str(fit.unreleased_depth(catalog.WAN, meta(40, 39)))
+    assert "(t2v-14B / t2i-14B / t2v-A14B / i2v-14B / flf2v-14B / i2v-A14B) have 40" in str(
+        fit.unreleased_depth(catalog.WAN, meta(40, 39))
+    )
     assert fit.unreleased_depth(catalog.WAN, meta(12, 30)) is None
     assert fit.unreleased_depth(catalog.WAN, meta(1, 1)) is None
 
@@ -247,9 +249,11 @@ def test_an_image_to_video_dit_is_named_as_such(dataset: Path, tmp_path: Path) -
     run = train_config(dataset, tmp_path / "out", dit="tiny", dit_high_noise=str(dit), timestep_boundary=0.9)
     with pytest.raises(ModelLoadError) as error:
         check_cache_fits(run, get_family("wan"), find_cached_items(dataset, "wan"))
+    cache = dataset.parent / "cache"
     assert str(error.value) == (
         f"--dit_high_noise {dit} takes 36 input channels, 20 of them image conditioning (an image-to-video "
-        "model); masktrain trains text-to-video and text-to-image models: pass one to --dit_high_noise"
+        f"model), but the cache {cache} holds none: train and cache with its --task i2v-14B, flf2v-14B or "
+        "i2v-A14B"
     )
 
 

@@ -203,7 +203,7 @@ def test_accepted_musubi_flags_are_logged_as_ignored(tmp_path: Path, caplog) -> 
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
-        ("--task i2v-14B", "--task i2v-14B: image-to-video training"),
+        ("--task i2v-14B-FC", "--task i2v-14B-FC: Fun-Control training"),
         ("--task t2v-7B", "--task 't2v-7B' is not a WAN 2.1 / 2.2 task; one of t2v-1.3B, t2v-14B"),
         ("--model_version original", "--model_version is not used with --arch wan; use --task"),
         ("--network_args loraplus_lr_ratio=0", "--network_args loraplus_lr_ratio must be > 0, got 0.0"),

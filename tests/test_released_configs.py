@@ -19,6 +19,9 @@ SIZES = {
     "wan2.1-14b": (14_288_491_584, 14e9, "the name Wan2.1-T2V-14B"),
     "wan2.2-a14b": (14_288_491_584, 14e9, "the name Wan2.2-T2V-A14B: 14B active"),
     "wan2.2-ti2v-5b": (4_999_787_712, 5e9, "the name Wan2.2-TI2V-5B"),
+    "wan2.1-i2v-14b": (16_394_878_784, 16.4e9, "the T2V 14B plus its image path, counted below"),
+    "wan2.1-flf2v-14b": (16_395_536_704, 16.4e9, "the I2V 14B plus two images' position table"),
+    "wan2.2-i2v-a14b": (14_288_901_184, 14e9, "the name Wan2.2-I2V-A14B: 14B active"),
     "qwen-image-20b": (20_430_401_088, 20e9, "Qwen-Image's card: a 20B MMDiT"),
 }
 TOLERANCE = 0.03
@@ -31,6 +34,9 @@ def test_the_released_names_are_the_ones_plan_takes() -> None:
         "wan2.1-14b": "wan",
         "wan2.2-a14b": "wan",
         "wan2.2-ti2v-5b": "wan",
+        "wan2.1-i2v-14b": "wan",
+        "wan2.1-flf2v-14b": "wan",
+        "wan2.2-i2v-a14b": "wan",
         "qwen-image-20b": "qwen_image",
     }
 
@@ -48,8 +54,24 @@ def test_a_released_config_has_the_published_parameter_count(name: str) -> None:
 
 def test_only_wan_2_2_a14b_runs_two_experts() -> None:
     experts = {name: catalog.released(name)[1].experts for name in SIZES}
-    assert experts == {name: 2 if name == "wan2.2-a14b" else 1 for name in SIZES}
+    assert experts == {name: 2 if name in ("wan2.2-a14b", "wan2.2-i2v-a14b") else 1 for name in SIZES}
     assert catalog.released("wan2.2-a14b")[1].config == catalog.released("wan2.1-14b")[1].config
+
+
+def test_the_image_to_video_configs_hold_the_image_path_counted_by_hand() -> None:
+    """The I2V 14B is the T2V 14B plus: 20 more input channels of the 1x2x2 patch embedding; per
+    block the image key and value projections (5120 x 5120 + bias) and the image key's RMS norm;
+    the CLIP embedding's projection (LayerNorm 1280, Linear 1280->1280, Linear 1280->5120,
+    LayerNorm 5120). FLF2V adds a (514, 1280) position table; WAN 2.2 I2V only the channels."""
+    t2v = SIZES["wan2.1-14b"][0]
+    patch = 20 * 5120 * 2 * 2
+    per_block = 2 * (5120 * 5120 + 5120) + 5120
+    projection = 2 * 1280 + (1280 * 1280 + 1280) + (1280 * 5120 + 5120) + 2 * 5120
+    assert SIZES["wan2.1-i2v-14b"][0] == t2v + patch + 40 * per_block + projection
+    assert SIZES["wan2.1-flf2v-14b"][0] == SIZES["wan2.1-i2v-14b"][0] + 514 * 1280
+    assert SIZES["wan2.2-i2v-a14b"][0] == t2v + patch
+    inputs = get_family("wan").denoiser_inputs(catalog.released("wan2.1-i2v-14b")[1].config)
+    assert (inputs.latent_channels, inputs.conditioning_channels, inputs.image_dim) == (16, 20, 1280)
 
 
 @pytest.mark.parametrize("name", list(SIZES))
@@ -78,5 +100,6 @@ def test_an_unknown_name_is_one_line_naming_every_released_model() -> None:
         catalog.released("wan-1.3b")
     assert str(error.value) == (
         "'wan-1.3b' is not a released model; choose one of wan2.1-1.3b, wan2.1-14b, wan2.2-a14b, "
-        "wan2.2-ti2v-5b, qwen-image-20b (did you mean 'wan2.1-1.3b'?)"
+        "wan2.2-ti2v-5b, wan2.1-i2v-14b, wan2.1-flf2v-14b, wan2.2-i2v-a14b, qwen-image-20b (did you mean "
+        "'wan2.1-1.3b'?)"
     )

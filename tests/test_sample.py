@@ -111,9 +111,10 @@ negative_prompt = "blurry"
     ("text", "message"),
     [
         (
-            "a cat --i start.png\n",
-            ":1: --i gives an I2V start image, for a model variant masktrain does not train yet; remove it",
+            "a cat --cn control.mp4\n",
+            ":1: --cn gives a Fun-Control video, for a model variant masktrain does not train; remove it",
         ),
+        ("a cat --i start.png\n", ":1: --i start.png: no such file"),
         (
             "# only\n\na cat --zz 3\n",
             ":3: unknown option --zz; the options are --w --h --f --d --s --g --fs --l --n",

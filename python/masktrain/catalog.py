@@ -16,9 +16,35 @@ import difflib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Literal
 
 from masktrain.errors import SettingError
+
+ModeKind = Literal["image_to_video", "edit", "layered"]
+"""How a mode conditions: WAN image-to-video (given frames as input channels, the CLIP
+embedding), Qwen-Image-Edit (control images as tokens after the target's, and in the text
+encoder's prompt), Qwen-Image-Layered (the layers as targets, the base image as control)."""
+
+
+@dataclass(frozen=True)
+class Mode:
+    """A conditioned mode: what the cache stores beside an item's latents and what its denoiser
+    takes beside the noisy latents and the text."""
+
+    kind: ModeKind = "image_to_video"
+    given_frames: int = 1
+    """WAN image-to-video: the clip's pixel frames given as the condition, 1 (the first: I2V) or
+    2 (the first and the last: FLF2V)."""
+    clip: bool = False
+    """WAN 2.1: the denoiser also takes the CLIP image embedding of the given frames (``--clip``
+    at cache time)."""
+    conditioning_channels: int = 0
+    """Input channels beside the latents (WAN image-to-video: 4 mask channels + 16 of the given
+    frames' latents)."""
+    tiny: str = "tiny"
+    """The built-in tiny denoiser ``--dit tiny`` builds for this mode."""
+    timestep_boundary: float | None = None
+    """The two experts' switch when ``--timestep_boundary`` is not given (None: the family's)."""
 
 
 @dataclass(frozen=True)
@@ -32,9 +58,20 @@ class Task:
     """Its transformer's block count."""
     refused: str | None = None
     """Why masktrain does not train it (None: it does)."""
+    mode: Mode | None = None
+    """The conditioned mode it trains (None: text-to-video / text-to-image)."""
 
 
-_I2V = "image-to-video training (the reference image as conditioning) is not supported yet"
+def _image_to_video(
+    given_frames: int, *, tiny: str, clip: bool = False, boundary: float | None = None
+) -> Mode:
+    """A WAN image-to-video mode: 20 channels beside the 16 latent ones."""
+    return Mode("image_to_video", given_frames, clip, 20, tiny, boundary)
+
+
+#: The cache's ``condition`` value of an item made without conditioning.
+NO_CONDITION = "none"
+
 _FUN = "Fun-Control training (control videos as conditioning) is not supported yet"
 _EDIT = "Qwen-Image-Edit training (control images as conditioning) is not supported yet"
 
@@ -44,9 +81,9 @@ WAN_TASKS: Mapping[str, Task] = MappingProxyType(
         "t2v-14B": Task(5120, 40),
         "t2i-14B": Task(5120, 40),
         "t2v-A14B": Task(5120, 40),
-        "i2v-14B": Task(refused=_I2V),
-        "flf2v-14B": Task(refused=_I2V),
-        "i2v-A14B": Task(refused=_I2V),
+        "i2v-14B": Task(5120, 40, mode=_image_to_video(1, clip=True, tiny="tiny-i2v")),
+        "flf2v-14B": Task(5120, 40, mode=_image_to_video(2, clip=True, tiny="tiny-flf2v")),
+        "i2v-A14B": Task(5120, 40, mode=_image_to_video(1, tiny="tiny-i2v-a14b", boundary=0.9)),
         "t2v-1.3B-FC": Task(refused=_FUN),
         "t2v-14B-FC": Task(refused=_FUN),
         "i2v-14B-FC": Task(refused=_FUN),
@@ -157,6 +194,15 @@ _WAN_TI2V_5B = MappingProxyType(
     dict(_WAN_1_3B)
     | {"num_attention_heads": 24, "ffn_dim": 14336, "num_layers": 30, "in_channels": 48, "out_channels": 48}
 )
+# WAN 2.1 I2V (480p and 720p share it): 36 input channels (16 latent + 4 mask + 16 condition), the
+# CLIP ViT-H/14 embedding (1280 wide) projected and attended through each block's image key/value
+# projections; FLF2V adds the position table of its two images' 2 x 257 tokens; WAN 2.2 I2V A14B
+# takes the 36 channels without CLIP (convert_wan_to_diffusers.py's configs).
+_WAN_I2V_14B = MappingProxyType(
+    dict(_WAN_14B) | {"in_channels": 36, "image_dim": 1280, "added_kv_proj_dim": 5120}
+)
+_WAN_FLF2V_14B = MappingProxyType(dict(_WAN_I2V_14B) | {"pos_embed_seq_len": 2 * 257})
+_WAN_22_I2V_14B = MappingProxyType(dict(_WAN_14B) | {"in_channels": 36})
 _QWEN_IMAGE_20B: Mapping[str, Any] = MappingProxyType(
     {
         "patch_size": 2,
@@ -197,6 +243,11 @@ WAN = ArchSpec(
                 "WAN 2.2 T2V A14B (two 14B experts)", _WAN_14B, experts=2, task="t2v-A14B"
             ),
             "wan2.2-ti2v-5b": Released("WAN 2.2 TI2V 5B", _WAN_TI2V_5B),
+            "wan2.1-i2v-14b": Released("WAN 2.1 I2V 14B", _WAN_I2V_14B, task="i2v-14B"),
+            "wan2.1-flf2v-14b": Released("WAN 2.1 FLF2V 14B", _WAN_FLF2V_14B, task="flf2v-14B"),
+            "wan2.2-i2v-a14b": Released(
+                "WAN 2.2 I2V A14B (two 14B experts)", _WAN_22_I2V_14B, experts=2, task="i2v-A14B"
+            ),
         }
     ),
 )
@@ -273,6 +324,59 @@ def check_task(spec: ArchSpec, flag: str, value: str | None) -> None:
         )
     if task.refused is not None:
         raise SettingError(f"{flag} {value}: {task.refused}")
+
+
+def task_of(spec: ArchSpec, value: str | None) -> Task | None:
+    """The record of `spec`'s ``--task`` / ``--model_version`` `value` (None when not given)."""
+    return None if value is None else spec.tasks.get(value)
+
+
+def mode_of(spec: ArchSpec, value: str | None) -> Mode | None:
+    """The conditioned mode `value` (a ``--task`` / ``--model_version``) trains; None for none."""
+    task = task_of(spec, value)
+    return None if task is None else task.mode
+
+
+def condition_name(spec: ArchSpec, value: str | None, one_frame: bool = False) -> str:
+    """What a cache made for `value` records as its ``condition`` (``train`` refuses a cache made
+    for another): the task for a conditioned mode, ``one-frame <task>`` for WAN one-frame, and
+    :data:`NO_CONDITION` for none."""
+    if mode_of(spec, value) is None:
+        return NO_CONDITION
+    return f"one-frame {value}" if one_frame else str(value)
+
+
+def tiny_denoiser(spec: ArchSpec, dit: str, value: str | None) -> str:
+    """The built-in tiny denoiser ``--dit tiny`` names under the task `value` (a conditioned mode
+    builds its own: ``tiny-i2v`` for ``--task i2v-14B``); any other `dit` as it is."""
+    mode = mode_of(spec, value)
+    return mode.tiny if dit == "tiny" and mode is not None else dit
+
+
+def tiny_denoisers(
+    arch_name: str, value: str | None, dit: str, dit_high_noise: str | None
+) -> tuple[str, str | None]:
+    """``--dit`` and ``--dit_high_noise`` as they load under the task `value`
+    (:func:`tiny_denoiser`)."""
+    spec = arch(arch_name)
+    high = None if dit_high_noise is None else tiny_denoiser(spec, dit_high_noise, value)
+    return tiny_denoiser(spec, dit, value), high
+
+
+#: WAN 2.2 A14B text-to-video's expert switch (musubi-tuner's and WAN 2.2's default).
+DEFAULT_TIMESTEP_BOUNDARY = 0.875
+
+
+def timestep_boundary(arch_name: str, value: str | None, given: float | None) -> float:
+    """The two experts' switch: `given` (``--timestep_boundary``), else the task `value`'s mode's
+    default (0.9 for ``--task i2v-A14B``), else :data:`DEFAULT_TIMESTEP_BOUNDARY`."""
+    if given is not None:
+        return given
+    spec = ARCHES.get(arch_name)
+    mode = None if spec is None else mode_of(spec, value)
+    if mode is not None and mode.timestep_boundary is not None:
+        return mode.timestep_boundary
+    return DEFAULT_TIMESTEP_BOUNDARY
 
 
 def described() -> str:

@@ -75,6 +75,10 @@ class LoraTargetError(FlagError):
     """The LoRA target patterns are invalid or select no Linear layer."""
 
 
+class CacheModeMismatch(FlagError):
+    """A cache made for another conditioned mode (``--task`` / ``--one_frame``) than the run's."""
+
+
 class SamplePromptError(SettingError):
     """A ``--sample_prompts`` file that cannot be used; the message names the file and the line."""
 

@@ -22,6 +22,7 @@ import os
 from tqdm import tqdm
 
 from masktrain import atomic, catalog, distributed
+from masktrain.cache.conditioning import ClipConditioning
 from masktrain.cache.images import ImageCacher
 from masktrain.cache.setup import CacheSetup
 from masktrain.cache.summary import DatasetSummary
@@ -56,6 +57,13 @@ def preflight(config: CacheConfig) -> list[tuple[Dataset, Discovery]]:
                 f"and cannot take a video dataset (video_directory / video_jsonl_file); video datasets "
                 f"need --arch {' or '.join(catalog.video_arches())}"
             )
+        video_mode = config.mode is not None and config.mode.kind == "image_to_video"
+        if isinstance(dataset, ImageDatasetConfig) and video_mode and not config.one_frame:
+            raise ConfigError(
+                f"{config.dataset_config}: [[datasets]] #{number}: {spec.task_flag} {config.task} trains "
+                "video clips conditioned on their first frame; an image dataset needs --one_frame (control "
+                "images) or a video dataset"
+            )
         where = f"{config.dataset_config}: [[datasets]] #{number}: 'cache_directory'"
         check_writable(dataset.cache_directory, where)
     return [(dataset, discover(dataset)) for dataset in dataset_config.datasets]
@@ -84,6 +92,7 @@ def _run(
             config.text_encoder, device, dtype, fp8=config.fp8_text_encoder, tokenizer=config.text_tokenizer
         ),
     )
+    conditioning = ClipConditioning.of(config, device, dtype)
     if shard.is_main:
         log.info(
             "caching %d dataset(s) for %s on %s (%s), %d process(es)",
@@ -105,7 +114,7 @@ def _run(
                 locks.enter_context(atomic.run_lock(dataset.cache_directory))
                 atomic.remove_stale_temporaries(dataset.cache_directory)
             shard.barrier()
-            setup = CacheSetup(config, family, vae, dataset, discovery)
+            setup = CacheSetup(config, family, vae, dataset, discovery, conditioning)
             cacher = ImageCacher(setup) if isinstance(dataset, ImageDatasetConfig) else VideoCacher(setup)
             summary = DatasetSummary(name=f"dataset #{number} ({_source(dataset)})")
             cached = cacher.run(summary, progress, shard)

@@ -11,12 +11,14 @@ from pathlib import Path
 import torch
 
 from masktrain import _native
+from masktrain.cache.conditioning import ClipConditioning
 from masktrain.cache.identity import weights_identity
 from masktrain.config.cache import CacheConfig
 from masktrain.config.dataset import ImageDatasetConfig, VideoDatasetConfig
 from masktrain.data import cache_format as fmt
 from masktrain.data import freshness
 from masktrain.data.buckets import Bucket
+from masktrain.data.controls import ControlIndex
 from masktrain.data.discovery import Discovery, MediaItem, bucket_list
 from masktrain.data.freshness import BAKED_GAMMA, BAKED_MIN_WEIGHT
 from masktrain.errors import CacheFileError, DataError
@@ -31,6 +33,8 @@ class CacheSetup:
     dataset: ImageDatasetConfig | VideoDatasetConfig
     discovery: Discovery
     """The dataset's items, listed (captions read) before any model loaded."""
+    conditioning: ClipConditioning | None = None
+    """A conditioned mode's (``cache --task``); None without one."""
     buckets: list[Bucket] = field(init=False)
     """The buckets this dataset's items choose from."""
     factor: int = field(init=False)
@@ -38,6 +42,8 @@ class CacheSetup:
     vae_identity: str = field(init=False)
     masks: _native.MaskIndex | None = field(init=False)
     """Mask files by basename; None without ``mask_directory``."""
+    controls: ControlIndex | None = field(init=False)
+    """Control images by item; None without ``control_directory``."""
     settings: str = field(init=False)
     """Digest of the dataset settings that shape every item (``freshness.settings_digest``)."""
     _inputs: dict[Path, str] = field(init=False, default_factory=dict)
@@ -47,6 +53,7 @@ class CacheSetup:
         self.factor = self.family.spatial_factor(self.vae)
         self.vae_identity = weights_identity(self.config.vae, self.vae)
         self.masks = freshness.mask_index(self.dataset)
+        self.controls = freshness.control_index(self.dataset, self.discovery.items)
         self.settings = freshness.settings_digest(self.dataset, self.family.spec)
 
     @property
@@ -61,7 +68,7 @@ class CacheSetup:
         """The item's input files as they were stat'ed for its fingerprint: the metadata records
         the same stats the fingerprint hashed (one stat per file per run)."""
         if item.path not in self._inputs:
-            self._inputs[item.path] = freshness.item_inputs(item, self.masks)
+            self._inputs[item.path] = freshness.item_inputs(item, self.masks, self.controls)
         return self._inputs[item.path]
 
     def fingerprint(self, item: MediaItem) -> str:
@@ -75,6 +82,8 @@ class CacheSetup:
         }
         if self.config.baked:  # only then, so caches made before the flags stay fresh
             parts["cache_mask"] = self.baked_metadata()
+        if self.conditioning is not None:  # likewise
+            parts["conditioning"] = self.conditioning.fingerprint_part()
         return fmt.fingerprint(parts)
 
     def baked_metadata(self) -> dict[str, str]:
@@ -118,6 +127,7 @@ class CacheSetup:
                 freshness.SETTINGS_KEY: self.settings,
                 freshness.INPUTS_KEY: self.inputs(item),
                 **self.baked_metadata(),
+                fmt.KEY_CONDITION: self.config.condition,
                 **extra,
             },
         )

@@ -46,6 +46,8 @@ class PreparedVideo:
     weights: np.ndarray | None
     """(h, w) raw weights on the latent grid of the bucket; None when masking is off."""
     mask_path: Path | None
+    controls: np.ndarray | None = None
+    """A conditioned mode's given frames from ``control_directory``, (K, H, W, 3) in the bucket."""
 
     @property
     def mask_source(self) -> fmt.MaskSource:
@@ -166,12 +168,25 @@ class VideoCacher:
         if weights is None and self.masking:
             width, height = decoded.bucket
             weights = np.ones((height // setup.factor, width // setup.factor), np.float32)
-        return PreparedVideo(decoded, spans, weights, mask_path)
+        controls = None
+        if setup.conditioning is not None:
+            controls = setup.conditioning.given_controls(item.stem, setup.controls, decoded.bucket)
+        return PreparedVideo(decoded, spans, weights, mask_path, controls)
 
-    def encode(self, frames: np.ndarray, spans: list[tuple[int, int]]) -> torch.Tensor:
+    def encode(
+        self, frames: np.ndarray, spans: list[tuple[int, int]], controls: np.ndarray | None = None
+    ) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
+        """The clips' latents (B, C, F, h, w), and each clip's conditioning tensors (empty without
+        a conditioned mode; its given frames from `controls` when the item has them)."""
         clips = np.stack([frames[start : start + count] for start, count in spans])  # (B, F, H, W, 3)
         pixels = torch.from_numpy(clips).permute(0, 4, 1, 2, 3).float().div(127.5).sub(1.0)
-        return self.setup.family.encode_pixels(self.setup.vae, pixels).cpu()
+        setup = self.setup
+        latents = setup.family.encode_pixels(setup.vae, pixels).cpu()
+        if setup.conditioning is None:
+            return latents, [{} for _ in spans]
+        return latents, setup.conditioning.clip_tensors(
+            setup.family, setup.vae, pixels, latents.dtype, controls
+        )
 
     def write(self, item: MediaItem, prepared: PreparedVideo, fingerprint: str) -> None:
         """Encode and write every clip of `item`, then remove its clips of an old extraction."""
@@ -185,8 +200,8 @@ class VideoCacher:
         for group in by_length.values():
             for first in range(0, len(group), batch_size):
                 batch = group[first : first + batch_size]
-                latents = self.encode(decoded.frames, batch)
-                for (start, count), clip in zip(batch, latents, strict=True):
+                latents, conditions = self.encode(decoded.frames, batch, prepared.controls)
+                for (start, count), clip, condition in zip(batch, latents, conditions, strict=True):
                     if prepared.weights is not None:
                         setup.check_grid(item, decoded.bucket, prepared.weights.shape, tuple(clip.shape[-2:]))
                     name = fmt.item_cache_name(item.stem, decoded.original_size, setup.arch, (start, count))
@@ -203,7 +218,7 @@ class VideoCacher:
                             "frame_count": str(count),
                         },
                     )
-                    tensors = setup.latent_tensors(clip, weights)
+                    tensors = setup.latent_tensors(clip, weights) | condition
                     fmt.write_cache_file(self.dataset.cache_directory / name, tensors, metadata)
                     written.add(name)
         setup.remove_replaced(self.existing.get(item.stem, []), written)

@@ -41,6 +41,20 @@ from masktrain.cli.outcome import run_job
     help="Bake the floor m*(1-w)+w into the cached weights, after the gamma.",
 )
 @option(
+    "task",
+    default=None,
+    help="musubi-tuner's --task (WAN): i2v-14B, flf2v-14B or i2v-A14B cache image-to-video "
+    "conditioning beside each clip (docs/conditioning.md).",
+)
+@option("model_version", default=None, help="musubi-tuner's --model_version (Qwen-Image).")
+@option(
+    "clip",
+    default=None,
+    help="WAN 2.1 I2V / FLF2V: the CLIP vision model ('tiny', a CLIPVisionModelWithProjection folder "
+    "or ComfyUI's clip_vision_h.safetensors).",
+)
+@option("one_frame", is_flag=True, default=False, help="WAN one-frame training (control images).")
+@option(
     "skip_existing",
     switch=True,
     default=True,
@@ -57,6 +71,10 @@ def cache(
     cache_mask_gamma: float,
     cache_mask_min_weight: float,
     skip_existing: bool,
+    task: str | None,
+    model_version: str | None,
+    clip: str | None,
+    one_frame: bool,
     **text_encoders: str | bool | None,
 ) -> None:
     """Cache latents, mask weights and text embeddings for a dataset TOML."""
@@ -78,9 +96,23 @@ def cache(
             num_workers=num_workers,
             cache_mask_gamma=cache_mask_gamma,
             cache_mask_min_weight=cache_mask_min_weight,
+            task=_task(arch, task, model_version),
+            clip=clip,
+            one_frame=one_frame,
         )
         from masktrain.cache import run  # torch: only once the flags are known to be good
 
         return any(summary.failed for summary in run(config))
 
     raise SystemExit(1 if run_job(job) else 0)
+
+
+def _task(arch: str, task: str | None, model_version: str | None) -> str | None:
+    """The one of ``--task`` / ``--model_version`` given: the family's flag (the other is an error)."""
+    from masktrain.errors import CacheConfigError
+
+    spec = catalog.arch(arch)
+    for flag, value in (("--task", task), ("--model_version", model_version)):
+        if value is not None and flag != spec.task_flag:
+            raise CacheConfigError(f"{flag} is not used with --arch {arch}; use {spec.task_flag}")
+    return task if spec.task_flag == "--task" else model_version

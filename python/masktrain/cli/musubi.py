@@ -101,8 +101,6 @@ NOT_IMPLEMENTED: dict[str, str] = {
     "disable_numpy_memmap": "masktrain reads safetensors one tensor at a time already; drop the flag",
     "vae_dtype": "a sampling and caching option; drop the flag",
     "vae_cache_cpu": "a caching option of musubi; drop the flag",
-    "clip": "WAN 2.1 I2V training is not supported yet",
-    "one_frame": "one-frame training is not supported yet",
     "force_v2_1_time_embedding": _NOT_SUPPORTED,
     "remove_first_image_from_target": "Qwen-Image-Layered training is not supported yet",
     "num_layers": _NOT_SUPPORTED,

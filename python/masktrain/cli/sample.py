@@ -21,10 +21,22 @@ from masktrain.cli.outcome import run_job
 @option(
     "timestep_boundary",
     type=float,
-    default=0.875,
-    show_default=True,
-    help="WAN 2.2 A14B: expert switch sigma.",
+    default=None,
+    help="WAN 2.2 A14B: expert switch sigma [default: 0.875; 0.9 with --task i2v-A14B].",
 )
+@option(
+    "task",
+    default=None,
+    help="musubi-tuner's --task (WAN): i2v-14B, flf2v-14B or i2v-A14B sample from each prompt's --i "
+    "(and --ei) image.",
+)
+@option("model_version", default=None, help="musubi-tuner's --model_version (Qwen-Image).")
+@option(
+    "clip",
+    default=None,
+    help="WAN 2.1 I2V / FLF2V: the CLIP vision model that embeds each prompt's images, as for cache.",
+)
+@option("one_frame", is_flag=True, default=False, help="WAN one-frame inference (--ci and --of per prompt).")
 @option(
     "lora", type=existing_file(), default=None, help="A LoRA file masktrain wrote [default: the base model]."
 )
@@ -82,7 +94,10 @@ def sample(**flags: Any) -> None:
             text_encoder=chosen.weights,
             text_tokenizer=chosen.tokenizer,
             fp8_text_encoder=chosen.fp8,
+            clip=flags.pop("clip"),
         )
+        model_version = flags.pop("model_version")
+        flags["task"] = flags["task"] or model_version
         config = SampleConfig(sample=settings, memory=memory, **flags)
         from masktrain.sample.run import run  # torch: only once the flags are known to be good
 

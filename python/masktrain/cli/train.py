@@ -143,6 +143,7 @@ _OPTIONS: list[Callable[[F], F]] = [
     _field("sample_every_n_epochs", type=click.IntRange(min=1)),
     _switch("sample_at_first"),
     _field("vae"),
+    _field("clip"),
     _field("log_with", type=click.Choice(LOG_WITH)),
     _field("logging_dir", type=click.Path(file_okay=False, path_type=Path)),
     _field("log_prefix"),
@@ -152,6 +153,7 @@ _OPTIONS: list[Callable[[F], F]] = [
     _field("ddp_timeout", type=click.IntRange(min=1)),
     _field("task"),
     _field("model_version"),
+    _switch("one_frame"),
     _field("lora_format", type=click.Choice(LORA_FORMATS)),
     _field("save_precision", type=click.Choice(SAVE_PRECISION)),
     _switch("overwrite"),
@@ -275,15 +277,15 @@ def _sample_settings(flags: dict[str, Any]) -> SampleSettings:
     not sample are accepted and ignored, as musubi's commands always carry them."""
     text, tokenizers, fp8 = split_flags({name: flags.pop(name) for name in text_encoder_names()})
     chosen = choose(flags["arch"], text, tokenizers, fp8, TrainConfigError)
-    vae = flags.pop("vae")
+    vae, clip = flags.pop("vae"), flags.pop("clip")
     prompts = flags.pop("sample_prompts")
     if prompts is None:
-        given = [f"--{name}" for name, value in (("vae", vae),) if value] + [
+        given = [f"--{name}" for name, value in (("vae", vae), ("clip", clip)) if value] + [
             flag for flag, value in {**text, **tokenizers, **fp8}.items() if value
         ]
         if given:
             log.info("%s accepted and ignored: %s", ", ".join(given), musubi.SAMPLING_ONLY)
-        vae, chosen = None, TextEncoderChoice(None)
+        vae, clip, chosen = None, None, TextEncoderChoice(None)
     return SampleSettings(
         sample_prompts=prompts,
         sample_every_n_steps=flags.pop("sample_every_n_steps"),
@@ -293,6 +295,7 @@ def _sample_settings(flags: dict[str, Any]) -> SampleSettings:
         text_encoder=chosen.weights,
         text_tokenizer=chosen.tokenizer,
         fp8_text_encoder=chosen.fp8,
+        clip=clip,
     )
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from masktrain import catalog
 from masktrain.config.device import check_device
 from masktrain.config.text_encoder import choose
-from masktrain.errors import CacheConfigError
+from masktrain.errors import CacheConfigError, SettingError
 
 
 @dataclass(frozen=True)
@@ -41,10 +41,29 @@ class CacheConfig:
     (the reference's cache-time transform); recorded in each file's metadata."""
     cache_mask_min_weight: float = 0.0
     """Bake the floor ``m * (1 - w) + w`` into the cached mask weights, after the gamma."""
+    task: str | None = None
+    """musubi-tuner's ``--task`` (WAN) / ``--model_version`` (Qwen-Image): a conditioned mode
+    (``i2v-14B``, ``flf2v-14B``, ``i2v-A14B``) caches its conditioning beside each item."""
+    clip: str | None = None
+    """WAN 2.1 I2V / FLF2V: the CLIP vision model ('tiny', a CLIPVisionModelWithProjection
+    folder or ComfyUI's clip_vision_h.safetensors); its image embedding is cached per item."""
+    one_frame: bool = False
+    """WAN one-frame training (musubi-tuner's ``--one_frame``): control images at their frame
+    positions and one target frame per item."""
 
     @property
     def baked(self) -> bool:
         return (self.cache_mask_gamma, self.cache_mask_min_weight) != (1.0, 0.0)
+
+    @property
+    def mode(self) -> catalog.Mode | None:
+        """The conditioned mode the task trains (None: none)."""
+        return catalog.mode_of(catalog.arch(self.arch), self.task)
+
+    @property
+    def condition(self) -> str:
+        """What each latent file records as its mode (``catalog.condition_name``)."""
+        return catalog.condition_name(catalog.arch(self.arch), self.task, self.one_frame)
 
     def __post_init__(self) -> None:
         catalog.arch(self.arch)
@@ -63,6 +82,31 @@ class CacheConfig:
             raise CacheConfigError(
                 f"--cache_mask_min_weight must be in [0, 1), got {self.cache_mask_min_weight}"
             )
+        self._check_mode()
+
+    def _check_mode(self) -> None:
+        spec = catalog.arch(self.arch)
+        try:
+            catalog.check_task(spec, spec.task_flag, self.task)
+        except SettingError as error:
+            raise CacheConfigError(str(error)) from None
+        mode, task = self.mode, f"{spec.task_flag} {self.task}"
+        if mode is not None and mode.clip and self.clip is None:
+            raise CacheConfigError(
+                f"{task} needs --clip (its CLIP image encoder: 'tiny', a CLIPVisionModelWithProjection "
+                "folder or ComfyUI's clip_vision_h.safetensors)"
+            )
+        if self.clip is not None and (mode is None or not mode.clip):
+            clip_tasks = [name for name, t in spec.tasks.items() if t.mode is not None and t.mode.clip]
+            raise CacheConfigError(
+                f"--clip is for {' / '.join(f'--task {name}' for name in clip_tasks) or 'WAN 2.1 I2V'} "
+                "(WAN 2.1's CLIP image embedding); drop it" + ("" if self.task is None else f" for {task}")
+            )
+        if self.one_frame and (mode is None or mode.kind != "image_to_video"):
+            raise CacheConfigError(
+                "--one_frame needs an image-to-video --task (i2v-14B for one control image, flf2v-14B "
+                "for two)"
+            )
 
     @classmethod
     def from_flags(
@@ -80,6 +124,9 @@ class CacheConfig:
         tokenizers: Mapping[str, str | None] | None = None,
         cache_mask_gamma: float = 1.0,
         cache_mask_min_weight: float = 0.0,
+        task: str | None = None,
+        clip: str | None = None,
+        one_frame: bool = False,
     ) -> CacheConfig:
         """The config of the command line, where each family names its text encoder with its own
         flag (``catalog``: ``--t5`` for WAN, ``--text_encoder`` for Qwen-Image); `text_encoders`
@@ -105,4 +152,7 @@ class CacheConfig:
             text_tokenizer=chosen.tokenizer,
             cache_mask_gamma=cache_mask_gamma,
             cache_mask_min_weight=cache_mask_min_weight,
+            task=task,
+            clip=clip,
+            one_frame=one_frame,
         )

@@ -85,6 +85,9 @@ class _Common:
     buckets: BucketConfig
     mask_directory: Path | None
     """Mask files matched to media by basename."""
+    control_directory: Path | None
+    """Control images matched to media by basename, musubi-tuner's naming (``NAME.png``, or
+    ``NAME_0.png``, ``NAME_1.png``, ... for several): the conditioned modes' given images."""
 
 
 @dataclass(frozen=True)
@@ -97,6 +100,10 @@ class ImageDatasetConfig(_Common):
     """Take the mask from the image's alpha channel when it has one."""
     require_mask: bool
     """Fail caching for an item with no mask instead of giving it full weight."""
+    fp_1f_clean_indices: tuple[int, ...] = ()
+    """WAN one-frame: the frame position of each control image, in control order."""
+    fp_1f_target_index: int | None = None
+    """WAN one-frame: the target image's frame position."""
 
 
 @dataclass(frozen=True)
@@ -139,8 +146,16 @@ _ASCENDABLE = {
     "max_bucket_reso",
     "bucket_reso_steps",
 }
-_COMMON = {"cache_directory", "caption_directory", "mask_directory"}
-_IMAGE = {"image_directory", "image_jsonl_file", "alpha_mask", "require_mask"}
+_COMMON = {"cache_directory", "caption_directory", "mask_directory", "control_directory"}
+_IMAGE = {
+    "image_directory",
+    "image_jsonl_file",
+    "alpha_mask",
+    "require_mask",
+    "fp_1f_clean_indices",
+    "fp_1f_target_index",
+    "fp_1f_no_post",
+}
 _VIDEO = {
     "video_directory",
     "video_jsonl_file",
@@ -296,6 +311,7 @@ def _common(table: _Table, media: Path | None, jsonl_key: str) -> dict[str, Any]
         "num_repeats": table.integer("num_repeats", 1, 1, MAX_REPEATS),
         "buckets": _buckets(table),
         "mask_directory": table.path("mask_directory"),
+        "control_directory": table.path("control_directory"),
     }
 
 
@@ -308,6 +324,7 @@ def _image_dataset(table: _Table) -> ImageDatasetConfig:
         image_jsonl_file=jsonl,
         alpha_mask=table.boolean("alpha_mask", False),
         require_mask=table.boolean("require_mask", False),
+        **_one_frame(table),
     )
     if (
         directory is not None
@@ -324,6 +341,26 @@ def _image_dataset(table: _Table) -> ImageDatasetConfig:
             "Set alpha_mask=true and/or mask_directory in your dataset config."
         )
     return config
+
+
+def _one_frame(table: _Table) -> dict[str, Any]:
+    """musubi-tuner's one-frame keys: the controls' frame positions (a list of distinct integers
+    >= 0) and the target's (an integer >= 0, none of the controls'). ``fp_1f_no_post`` is
+    FramePack's and does nothing for WAN: accepted, as musubi accepts it."""
+    indices = table.get("fp_1f_clean_indices", [])
+    if not isinstance(indices, list) or any(
+        isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in indices
+    ):
+        raise table.error("fp_1f_clean_indices", f"must be a list of integers >= 0, not {indices!r}")
+    if len(set(indices)) != len(indices):
+        raise table.error("fp_1f_clean_indices", f"repeats a frame position: {indices}")
+    target = table.integer("fp_1f_target_index", None, minimum=0)
+    if target is not None and target in indices:
+        raise table.error(
+            "fp_1f_target_index", f"{target} is also a control's position in fp_1f_clean_indices"
+        )
+    table.boolean("fp_1f_no_post", False)
+    return {"fp_1f_clean_indices": tuple(indices), "fp_1f_target_index": target}
 
 
 def _target_frames(table: _Table) -> tuple[int, ...]:

@@ -16,8 +16,8 @@ from pathlib import Path
 from masktrain import catalog
 from masktrain.config.device import check_device
 from masktrain.config.memory import MemorySettings
-from masktrain.config.sample_prompts import load_prompts
-from masktrain.errors import FlagError, TrainConfigError
+from masktrain.config.sample_prompts import SamplePrompt, load_prompts
+from masktrain.errors import FlagError, SettingError, TrainConfigError
 
 
 @dataclass(frozen=True)
@@ -39,13 +39,19 @@ class SampleSettings:
     """A tokenizer folder for a single-file text encoder."""
     fp8_text_encoder: bool = False
     """The text encoder's block Linear weights as float8 e4m3 (--fp8_t5 / --fp8_vl)."""
+    clip: str | None = None
+    """WAN 2.1 I2V / FLF2V: the CLIP vision model that embeds each prompt's --i / --ei image, as
+    for cache."""
 
     @property
     def enabled(self) -> bool:
         return self.sample_prompts is not None
 
-    def check(self, arch: str, error: type[FlagError]) -> None:
-        """Raise `error` naming the flag of a setting that cannot work for `arch`."""
+    def check(
+        self, arch: str, error: type[FlagError], task: str | None = None, one_frame: bool = False
+    ) -> None:
+        """Raise `error` naming the flag of a setting that cannot work for `arch` under the
+        conditioned mode `task` (``--task`` / ``--model_version``)."""
         spec = catalog.arch(arch)
         for value, flag in (
             (self.sample_every_n_steps, "--sample_every_n_steps"),
@@ -66,11 +72,36 @@ class SampleSettings:
                 f"--sample_prompts needs {spec.text_flag} (the {spec.text_encoder} text encoder that "
                 "encodes the prompts, as for cache)"
             )
+        mode = catalog.mode_of(spec, task)
+        if mode is not None and mode.clip and not self.clip:
+            raise error(
+                f"--sample_prompts with {spec.task_flag} {task} needs --clip (its CLIP image encoder)"
+            )
         for prompt in load_prompts(self.sample_prompts):
             if prompt.frames > 1 and not spec.takes_video:
                 raise error(
                     f"{prompt.where}: --f {prompt.frames}: {spec.title} makes images; remove --f or set 1"
                 )
+            if not one_frame:
+                _check_images(prompt, mode, f"{spec.task_flag} {task}", error)
+
+
+def _check_images(prompt: SamplePrompt, mode: catalog.Mode | None, task: str, error: type[FlagError]) -> None:
+    """A WAN image-to-video prompt has its start image (and FLF2V its end image); a prompt of a
+    model without image conditioning has none."""
+    if mode is None or mode.kind != "image_to_video":
+        for given, option in ((prompt.image_path, "--i"), (prompt.end_image_path, "--ei")):
+            if given is not None:
+                raise error(
+                    f"{prompt.where}: {option} is for an image-to-video --task (i2v-14B, flf2v-14B, i2v-A14B)"
+                )
+        return
+    if prompt.image_path is None:
+        raise error(f"{prompt.where}: {task} samples from a start image: add --i IMAGE")
+    if mode.given_frames == 2 and prompt.end_image_path is None:
+        raise error(f"{prompt.where}: {task} samples between two images: add --ei END_IMAGE")
+    if mode.given_frames == 1 and prompt.end_image_path is not None:
+        raise error(f"{prompt.where}: --ei is for --task flf2v-14B; remove it")
 
 
 @dataclass(frozen=True)
@@ -85,7 +116,12 @@ class SampleConfig:
     lora: Path | None = None
     """A LoRA file masktrain wrote (any of its layouts); None: the base model."""
     dit_high_noise: str | None = None
-    timestep_boundary: float = 0.875
+    timestep_boundary: float | None = None
+    """Default 0.875, 0.9 with --task i2v-A14B (``config.train.boundary_of``)."""
+    task: str | None = None
+    """musubi-tuner's --task / --model_version: a conditioned mode samples from each prompt's images."""
+    one_frame: bool = False
+    """WAN one-frame inference (each prompt's --ci control images and --of positions)."""
     output_name: str | None = None
     """The samples' name prefix; default: the LoRA file's name (``base`` without one)."""
     seed: int = 42
@@ -98,11 +134,15 @@ class SampleConfig:
         spec = catalog.arch(self.arch)
         if self.sample.sample_prompts is None:
             raise TrainConfigError("masktrain sample needs --sample_prompts (the prompt file)")
-        self.sample.check(self.arch, TrainConfigError)
+        try:
+            catalog.check_task(spec, spec.task_flag, self.task)
+        except SettingError as error:
+            raise TrainConfigError(str(error)) from None
+        self.sample.check(self.arch, TrainConfigError, self.task, self.one_frame)
         check_device(self.device)
         if self.dit_high_noise is not None and not spec.two_experts:
             raise TrainConfigError(f"--dit_high_noise is not used with --arch {self.arch}")
-        if not 0 < self.timestep_boundary < 1:
+        if not 0 < self.boundary < 1:
             raise TrainConfigError("--timestep_boundary must be in range (0, 1)")
         if self.output_name is not None and (not self.output_name or "/" in self.output_name):
             raise TrainConfigError("--output_name must be a plain file name")
@@ -112,6 +152,16 @@ class SampleConfig:
             raise TrainConfigError(
                 f"--mixed_precision must be auto, no or bf16, not {self.mixed_precision!r}"
             )
+
+    @property
+    def boundary(self) -> float:
+        """The two experts' switch: ``--timestep_boundary``, else the task's default."""
+        return catalog.timestep_boundary(self.arch, self.task, self.timestep_boundary)
+
+    @property
+    def denoisers(self) -> tuple[str, str | None]:
+        """``--dit`` and ``--dit_high_noise`` as they load (``catalog.tiny_denoisers``)."""
+        return catalog.tiny_denoisers(self.arch, self.task, self.dit, self.dit_high_noise)
 
     @property
     def name(self) -> str:

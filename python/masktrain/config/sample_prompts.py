@@ -11,9 +11,14 @@ carries on:
 
 Tables use musubi's keys: ``prompt``, ``width``, ``height``, ``frame_count``, ``seed``,
 ``sample_steps``, ``cfg_scale``, ``discrete_flow_shift``, ``negative_prompt``, ``guidance_scale``.
-Conditioning options (``--i``, ``--ei``, ``--cn``, ``--ci``, ``--of``) are for model variants
-masktrain does not train yet: each is a one-line error. Torch-free: the file is checked with the
-other flags, before any model loads.
+Conditioning options, for the conditioned modes (``docs/conditioning.md``): ``--i`` the start
+image (WAN I2V / FLF2V), ``--ei`` the end image (FLF2V), ``--ci`` a control image (one-frame,
+Qwen-Image-Edit; repeated for several), ``--of`` one-frame inference's settings (musubi's
+``target_index=1,control_index=0``); keys ``image_path``, ``end_image_path``,
+``control_image_path`` (a path or a list), ``one_frame``. Each image must exist (a path relative
+to the working directory, as musubi reads it). ``--cn`` (a Fun-Control video) is for a variant
+masktrain does not train: a one-line error. Torch-free: the file is checked with the other flags,
+before any model loads.
 
 Bounds, so that a typo is an error naming its line, not gigabytes allocated or a long run ended
 at its first sampling: sizes as in the dataset TOML, ``--w`` / ``--h`` in [1, 4096] and ``--f`` in
@@ -59,24 +64,19 @@ _LINE_OPTIONS = {
     "l": "cfg_scale",
     "n": "negative_prompt",
 }
-_CONDITIONING = {
-    "i": "an I2V start image",
-    "ei": "an I2V end image",
-    "cn": "a control video",
-    "ci": "a control image",
-    "of": "one-frame inference",
+_CONDITIONING_OPTIONS = {
+    "i": "image_path",
+    "ei": "end_image_path",
+    "ci": "control_image_path",
+    "of": "one_frame",
 }
+_REFUSED = {"cn": "a Fun-Control video, for a model variant masktrain does not train"}
 _INTEGERS = ("width", "height", "frame_count", "seed", "sample_steps")
 _NUMBERS = ("guidance_scale", "discrete_flow_shift", "cfg_scale")
 _TEXTS = ("prompt", "negative_prompt")
 _TABLE_KEYS = (*_INTEGERS, *_NUMBERS, *_TEXTS)
-_CONDITIONING_KEYS = {
-    "image_path": "i",
-    "end_image_path": "ei",
-    "control_video_path": "cn",
-    "control_image_path": "ci",
-    "one_frame": "of",
-}
+_IMAGE_KEYS = ("image_path", "end_image_path")
+_REFUSED_KEYS = {"control_video_path": "cn"}
 
 
 @dataclass(frozen=True)
@@ -101,6 +101,14 @@ class SamplePrompt:
     """None: the family's default negative prompt."""
     guidance_scale: float | None = None
     """musubi's ``--g`` (embedded guidance): no masktrain model has it, so it is ignored (logged)."""
+    image_path: Path | None = None
+    """``--i``: the start image (WAN I2V / FLF2V)."""
+    end_image_path: Path | None = None
+    """``--ei``: the end image (WAN FLF2V)."""
+    control_image_paths: tuple[Path, ...] = ()
+    """``--ci``: control images (WAN one-frame, Qwen-Image-Edit)."""
+    one_frame: str | None = None
+    """``--of``: one-frame inference's settings, as musubi writes them."""
     where: str = ""
     """``FILE:LINE`` (or ``FILE entry N``), for messages."""
 
@@ -145,11 +153,17 @@ def _line_table(line: str, where: str) -> dict[str, Any]:
     for part in parts[1:]:
         name, _, value = part.strip().partition(" ")
         name, value = name.lower(), value.strip()
-        if name in _CONDITIONING:
-            raise SamplePromptError(
-                f"{where}: --{name} gives {_CONDITIONING[name]}, for a model variant masktrain does not "
-                "train yet; remove it"
-            )
+        if name in _REFUSED:
+            raise SamplePromptError(f"{where}: --{name} gives {_REFUSED[name]}; remove it")
+        if name in _CONDITIONING_OPTIONS:
+            if not value:
+                raise SamplePromptError(f"{where}: --{name} needs a value")
+            key = _CONDITIONING_OPTIONS[name]
+            if key == "control_image_path":  # repeated for several
+                table.setdefault(key, []).append(value)
+            else:
+                table[key] = value
+            continue
         if name not in _LINE_OPTIONS:
             known = " ".join(f"--{option}" for option in _LINE_OPTIONS)
             raise SamplePromptError(f"{where}: unknown option --{name}; the options are {known}")
@@ -185,17 +199,32 @@ def _value(key: str, raw: Any, where: str) -> Any:
 def _check_table(table: Any, where: str) -> dict[str, Any]:
     if not isinstance(table, dict):
         raise SamplePromptError(f"{where}: expected a prompt line or a table, got {table!r}")
-    checked = {}
+    checked: dict[str, Any] = {}
     for key, raw in table.items():
-        if key in _CONDITIONING_KEYS:
-            raise SamplePromptError(
-                f"{where}: {key} gives {_CONDITIONING[_CONDITIONING_KEYS[key]]}, for a model variant "
-                "masktrain does not train yet; remove it"
-            )
+        if key in _REFUSED_KEYS:
+            raise SamplePromptError(f"{where}: {key} gives {_REFUSED[_REFUSED_KEYS[key]]}; remove it")
+        if key in (*_IMAGE_KEYS, "one_frame") and isinstance(raw, str) and raw:
+            checked[key] = raw
+            continue
+        if key == "control_image_path" and (isinstance(raw, str) or _texts(raw)):
+            checked[key] = [raw] if isinstance(raw, str) else list(raw)
+            continue
         if key not in _TABLE_KEYS:
             raise SamplePromptError(f"{where}: unknown key {key!r}; the keys are {', '.join(_TABLE_KEYS)}")
         checked[key] = _value(key, raw, f"{where}: {key}")
     return checked
+
+
+def _texts(raw: Any) -> bool:
+    return isinstance(raw, list) and bool(raw) and all(isinstance(item, str) and item for item in raw)
+
+
+def _image(raw: str, where: str, key: str) -> Path:
+    """An image path of the prompt: it must be a file."""
+    path = Path(raw).expanduser()
+    if not path.is_file():
+        raise SamplePromptError(f"{where}: {key} {raw}: no such file")
+    return path
 
 
 def _toml_entries(path: Path, text: str) -> list[tuple[str, Any]]:
@@ -267,5 +296,11 @@ def _prompt(index: int, table: dict[str, Any], where: str) -> SamplePrompt:
         flow_shift=table.get("discrete_flow_shift"),
         negative_prompt=table.get("negative_prompt"),
         guidance_scale=table.get("guidance_scale"),
+        image_path=None if "image_path" not in table else _image(table["image_path"], where, "--i"),
+        end_image_path=None
+        if "end_image_path" not in table
+        else _image(table["end_image_path"], where, "--ei"),
+        control_image_paths=tuple(_image(raw, where, "--ci") for raw in table.get("control_image_path", [])),
+        one_frame=table.get("one_frame"),
         where=where,
     )

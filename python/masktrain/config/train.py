@@ -222,8 +222,9 @@ class TrainConfig:
     """File name (without .safetensors) of the LoRA."""
     dit_high_noise: str | None = None
     """WAN 2.2 A14B: the high-noise expert; one LoRA is trained across both experts."""
-    timestep_boundary: float = 0.875
-    """WAN 2.2 A14B: sigmas at or above this go to the high-noise expert (0.875 T2V, 0.9 I2V)."""
+    timestep_boundary: float | None = None
+    """WAN 2.2 A14B: sigmas at or above this go to the high-noise expert; default 0.875, and 0.9
+    with --task i2v-A14B (WAN 2.2's own values)."""
     device: str | None = None
     """Training device; default cuda (this process's LOCAL_RANK) when available, else cpu."""
     mixed_precision: str = "auto"
@@ -252,6 +253,9 @@ class TrainConfig:
     """musubi-tuner's --task (WAN, such as t2v-14B): checked against the transformer --dit loads."""
     model_version: str | None = None
     """musubi-tuner's --model_version (Qwen-Image): only ``original`` is trained."""
+    one_frame: bool = False
+    """WAN one-frame training (musubi-tuner's --one_frame): the cache's control images at their
+    frame positions and one target frame per item (cache with --one_frame too)."""
     lora_format: LoraLayout = "comfyui"
     """Layout of OUTPUT_NAME.safetensors: comfyui (``diffusion_model.`` names), diffusers (what
     ``load_lora_weights`` reads) or musubi (musubi-tuner's ``lora_unet_`` names)."""
@@ -305,7 +309,7 @@ class TrainConfig:
                 _choice(self.lora_format, LORA_FORMATS, "--lora_format"),
                 _choice(self.save_precision, SAVE_PRECISION, "--save_precision"),
                 _choice(self.mixed_precision, MIXED_PRECISION, "--mixed_precision"),
-                (0 < self.timestep_boundary < 1, "--timestep_boundary must be in range (0, 1)"),
+                (0 < self.boundary < 1, "--timestep_boundary must be in range (0, 1)"),
                 (
                     self.dit_high_noise is None or self.arch in two_experts,
                     f"--dit_high_noise is only for --arch {' or '.join(two_experts)}",
@@ -329,7 +333,7 @@ class TrainConfig:
                 ),
             ]
         )
-        self.sample.check(self.arch, TrainConfigError)
+        self.sample.check(self.arch, TrainConfigError, self.task or self.model_version, self.one_frame)
         try:
             check_device(self.device)
             spec = catalog.arch(self.arch)
@@ -337,6 +341,25 @@ class TrainConfig:
             catalog.check_task(spec, "--model_version", self.model_version)
         except SettingError as error:
             raise TrainConfigError(str(error)) from None
+
+    @property
+    def condition(self) -> str:
+        """The mode the cache must have been made for (``catalog.condition_name``)."""
+        spec = catalog.arch(self.arch)
+        return catalog.condition_name(spec, self.task or self.model_version, self.one_frame)
+
+    @property
+    def denoisers(self) -> tuple[str, str | None]:
+        """``--dit`` and ``--dit_high_noise`` as they load: ``tiny`` under a conditioned ``--task``
+        is that mode's tiny model (``catalog.tiny_denoisers``)."""
+        return catalog.tiny_denoisers(
+            self.arch, self.task or self.model_version, self.dit, self.dit_high_noise
+        )
+
+    @property
+    def boundary(self) -> float:
+        """The two experts' switch: ``--timestep_boundary``, else the task's default."""
+        return catalog.timestep_boundary(self.arch, self.task or self.model_version, self.timestep_boundary)
 
     def to_json(self) -> str:
         """The settings as ``config.json`` records them (an API key is never written)."""

@@ -83,7 +83,19 @@ _StrPath = str | os.PathLike[str]
 LATENTS = "latents"
 MASK_WEIGHTS = "mask_weights"
 TEXT_EMBEDS = "text_embeds"
-_GRID_KEY = re.compile(r"^(?P<name>latents|mask_weights)_(?P<f>\d+)x(?P<h>\d+)x(?P<w>\d+)_(?P<dtype>\w+)$")
+IMAGE_LATENTS = "latents_image"
+"""WAN image-to-video's conditioning input (4 mask + C latent channels; musubi's key name)."""
+IMAGE_EMBEDS = "clip"
+"""WAN 2.1 I2V / FLF2V: the CLIP hidden states of the given frames, (K, T, D) (musubi's name)."""
+FRAME_INDICES = "f_indices"
+"""WAN one-frame: each latent frame's RoPE frame position, (F,) int32 (musubi's name)."""
+_GRID_KEY = re.compile(
+    r"^(?P<name>latents_image|latents|mask_weights)_(?P<f>\d+)x(?P<h>\d+)x(?P<w>\d+)_(?P<dtype>\w+)$"
+)
+_PLAIN_KEY = re.compile(r"^(?P<name>clip|f_indices)_(?P<dtype>[a-z]+\d*)$")
+KEY_CONDITION = "condition"
+"""Metadata key of the mode a latent file was made for (``catalog.condition_name``: the
+``--task`` of a conditioned mode, ``none`` for none); ``train`` refuses a file of another mode."""
 
 
 def tensor_key(name: str, dtype: torch.dtype, grid: tuple[int, int, int] | None = None) -> str:
@@ -103,23 +115,37 @@ class ItemTensorKeys:
     latents: str
     mask_weights: str | None
     """None when the item was cached without masking."""
+    image_latents: str | None = None
+    """WAN image-to-video's conditioning input; None without one."""
+    image_embeds: str | None = None
+    """The CLIP hidden states of the given frames; None without."""
+    frame_indices: str | None = None
+    """WAN one-frame's frame positions; None without."""
 
 
 def item_tensor_keys(keys: Iterable[str], path: _StrPath) -> ItemTensorKeys:
-    """The latents key (exactly one) and the mask-weights key (at most one) among `keys`; a
-    :class:`CachedDataError` naming the file otherwise."""
-    by_name: dict[str, list[str]] = {LATENTS: [], MASK_WEIGHTS: []}
+    """The latents key (exactly one), and the mask-weights key and each conditioning key (at most
+    one each) among `keys`; a :class:`CachedDataError` naming the file otherwise."""
+    by_name: dict[str, list[str]] = {
+        name: [] for name in (LATENTS, MASK_WEIGHTS, IMAGE_LATENTS, IMAGE_EMBEDS, FRAME_INDICES)
+    }
     for key in keys:
-        match = _GRID_KEY.match(key)
+        match = _GRID_KEY.match(key) or _PLAIN_KEY.match(key)
         if match:
             by_name[match["name"]].append(key)
     latents, masks = by_name[LATENTS], by_name[MASK_WEIGHTS]
-    if len(latents) != 1 or len(masks) > 1:
+    if len(latents) != 1 or any(len(found) > 1 for found in by_name.values()):
         raise CachedDataError(
             f"{path}: expected one latents_* tensor and at most one mask_weights_* tensor, found "
             f"{len(latents)} and {len(masks)}; re-run masktrain cache"
         )
-    return ItemTensorKeys(latents[0], masks[0] if masks else None)
+
+    def one(name: str) -> str | None:
+        return by_name[name][0] if by_name[name] else None
+
+    return ItemTensorKeys(
+        latents[0], one(MASK_WEIGHTS), one(IMAGE_LATENTS), one(IMAGE_EMBEDS), one(FRAME_INDICES)
+    )
 
 
 # --- file names -----------------------------------------------------------------------------------

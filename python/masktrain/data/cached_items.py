@@ -40,6 +40,7 @@ from masktrain.errors import (
     CacheArchMismatch,
     CachedDataError,
     CacheFileError,
+    CacheModeMismatch,
     CacheSourceCollision,
     MaskTrainError,
 )
@@ -72,11 +73,12 @@ class _NotCached(_Stale):
 
 
 def find_cached_items(
-    datasets: DatasetConfig | Path, arch: str, *, skip_stale: bool = False
+    datasets: DatasetConfig | Path, arch: str, *, skip_stale: bool = False, condition: str | None = None
 ) -> list[CachedItem]:
     """Every trainable item of the datasets (a TOML already read, or its path), or a
     :class:`CachedDataError` naming the items that are not cached or stale and the command to run
-    (with `skip_stale`: a warning, and those items are left out)."""
+    (with `skip_stale`: a warning, and those items are left out). With `condition` (the run's
+    ``catalog.condition_name``) a file made for another mode is a :class:`CacheModeMismatch`."""
     config = datasets if isinstance(datasets, DatasetConfig) else load_dataset_config(datasets)
     dataset_config = config.source
     spec = catalog.arch(arch)
@@ -85,6 +87,8 @@ def find_cached_items(
     cached_any = False
     for number, dataset in enumerate(config.datasets):
         found, stale, cached = _dataset_items(number, dataset, spec)
+        if condition is not None:
+            check_condition(found, condition, spec, dataset_config)
         items += found
         problems += stale
         cached_any |= cached
@@ -104,6 +108,33 @@ def find_cached_items(
     if not items:
         raise CachedDataError(f"{dataset_config}: no cache files for --arch {arch}; run {command} first")
     return items
+
+
+def check_condition(items: list[CachedItem], condition: str, spec: ArchSpec, dataset_config: Path) -> None:
+    """Every item's latent file must have been made for the run's mode `condition`: a cache of
+    text-to-video clips cannot train an image-to-video model, nor an I2V cache an FLF2V one."""
+    for item in items:
+        metadata = fmt.read_metadata(item.latent_path)
+        made_for = catalog.NO_CONDITION if metadata is None else metadata.extra.get(fmt.KEY_CONDITION)
+        made_for = made_for or catalog.NO_CONDITION
+        if made_for != condition:
+            raise CacheModeMismatch(
+                f"{item.latent_path}: cached for {_said(made_for, spec)}, but this run trains "
+                f"{_said(condition, spec)}; cache the dataset again with the run's flags (masktrain cache "
+                f"--dataset_config {dataset_config} --arch {spec.name} ... {_flags(condition, spec)})"
+            )
+
+
+def _said(condition: str, spec: ArchSpec) -> str:
+    return "no conditioning" if condition == catalog.NO_CONDITION else _flags(condition, spec)
+
+
+def _flags(condition: str, spec: ArchSpec) -> str:
+    """The cache flags of the mode `condition` (``catalog.condition_name``)."""
+    if condition == catalog.NO_CONDITION:
+        return "without --task"
+    task = condition.removeprefix("one-frame ")
+    return f"{spec.task_flag} {task}" + (" --one_frame" if task != condition else "")
 
 
 @dataclass(frozen=True)
@@ -126,11 +157,12 @@ def item_states(
     video = isinstance(dataset, VideoDatasetConfig)
     existing = fmt.existing_item_files(dataset.cache_directory, spec.name, clips=video)
     masks = freshness.mask_index(dataset)
+    controls = freshness.control_index(dataset, discovery.items)
     settings = freshness.settings_digest(dataset, spec)
     states = []
     for item in discovery.items:
         try:
-            inputs = freshness.item_inputs(item, masks)
+            inputs = freshness.item_inputs(item, masks, controls)
             latents = _latent_files(item, existing.get(item.stem, []), spec.name, settings, inputs, video)
             text = _text_file(item, dataset.cache_directory, spec.name)
         except (_Stale, MaskTrainError, OSError) as error:

@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 from masktrain import _native
 from masktrain.catalog import ArchSpec
 from masktrain.config.dataset import ImageDatasetConfig, VideoDatasetConfig
 from masktrain.data import cache_format as fmt
+from masktrain.data.controls import ControlIndex
 from masktrain.data.discovery import MediaItem, bucket_list
 from masktrain.data.video import ClipSettings
 
@@ -61,11 +62,26 @@ def mask_index(dataset: ImageDatasetConfig | VideoDatasetConfig) -> _native.Mask
     return _native.MaskIndex(dataset.mask_directory) if dataset.mask_directory is not None else None
 
 
-def item_inputs(item: MediaItem, masks: _native.MaskIndex | None) -> str:
-    """The item's input files as they are now: path, size and mtime of its source and its mask
-    file (a ``DuplicateMaskError`` when two masks share its basename)."""
+def control_index(
+    dataset: ImageDatasetConfig | VideoDatasetConfig, items: Iterable[MediaItem]
+) -> ControlIndex | None:
+    return (
+        ControlIndex(dataset.control_directory, (item.stem for item in items))
+        if dataset.control_directory
+        else None
+    )
+
+
+def item_inputs(
+    item: MediaItem, masks: _native.MaskIndex | None, controls: ControlIndex | None = None
+) -> str:
+    """The item's input files as they are now: path, size and mtime of its source, its mask file
+    (a ``DuplicateMaskError`` when two masks share its basename) and, with a ``control_directory``,
+    its control images."""
     mask = masks.get(item.stem) if masks is not None else None
-    inputs = {"source": fmt.source_stat(item.path), "mask": fmt.source_stat(mask)}
+    inputs: dict[str, object] = {"source": fmt.source_stat(item.path), "mask": fmt.source_stat(mask)}
+    if controls is not None:  # only then, so caches made without controls stay fresh
+        inputs["controls"] = [fmt.source_stat(path) for path in controls.get(item.stem)]
     return json.dumps(inputs, sort_keys=True, separators=(",", ":"), default=str)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Generic, TypeVar
@@ -20,6 +20,7 @@ import torch
 from masktrain.data import cache_format as fmt
 from masktrain.data.cached_items import CachedItem
 from masktrain.errors import CachedDataError
+from masktrain.models.base import Conditioning
 
 Tag = TypeVar("Tag")
 
@@ -35,6 +36,8 @@ class Batch:
     text: list[torch.Tensor]
     """One (tokens, dim) embedding per item."""
     items: list[CachedItem]
+    condition: Conditioning | None = None
+    """What a conditioned mode feeds the denoiser beside the latents (None: no conditioning)."""
 
 
 def check_finite(tensors: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
@@ -51,18 +54,57 @@ def check_finite(tensors: dict[str, torch.Tensor], path: Path) -> dict[str, torc
 
 def load_batch(index: int, items: list[CachedItem]) -> Batch:
     latents, masks, texts = [], [], []
+    conditions: dict[str, list[torch.Tensor | None]] = {name: [] for name in _CONDITION_KEYS}
     for item in items:
         tensors = check_finite(fmt.load_cache_file(item.latent_path)[0], item.latent_path)
         keys = fmt.item_tensor_keys(tensors, item.latent_path)
         latents.append(tensors[keys.latents].float())
         masks.append(None if keys.mask_weights is None else tensors[keys.mask_weights].float())
+        for name, key_of in _CONDITION_KEYS.items():
+            key = key_of(keys)
+            conditions[name].append(None if key is None else tensors[key])
         text_tensors = check_finite(fmt.load_cache_file(item.text_path)[0], item.text_path)
         texts.append(next(iter(text_tensors.values())))
     mask_weights = None
     template = next((m for m in masks if m is not None), None)
     if template is not None:
         mask_weights = torch.stack([torch.ones_like(template) if m is None else m for m in masks])
-    return Batch(index, torch.stack(latents), mask_weights, texts, items)
+    return Batch(index, torch.stack(latents), mask_weights, texts, items, _condition(conditions, items))
+
+
+# Conditioning field -> where an item file keeps it.
+_CONDITION_KEYS: dict[str, Callable[[fmt.ItemTensorKeys], str | None]] = {
+    "image_latents": lambda keys: keys.image_latents,
+    "image_embeds": lambda keys: keys.image_embeds,
+    "frame_indices": lambda keys: keys.frame_indices,
+}
+
+
+def _condition(found: dict[str, list[torch.Tensor | None]], items: list[CachedItem]) -> Conditioning | None:
+    """The batch's conditioning, stacked: every item of a batch has the same conditioning keys
+    (``train`` checked each file's mode); a mix is named."""
+    stacked: dict[str, torch.Tensor] = {}
+    for name, tensors in found.items():
+        present = [t for t in tensors if t is not None]
+        if not present:
+            continue
+        if len(present) != len(tensors):
+            names = ", ".join(item.latent_path.name for item in items)
+            raise CachedDataError(
+                f"the batch of {names} mixes items with and without {name}; re-run masktrain cache"
+            )
+        stacked[name] = torch.stack(present)
+        if stacked[name].is_floating_point():
+            stacked[name] = stacked[name].float()
+        else:
+            stacked[name] = stacked[name].long()
+    if not stacked:
+        return None
+    return Conditioning(
+        image_latents=stacked.get("image_latents"),
+        image_embeds=stacked.get("image_embeds"),
+        frame_indices=stacked.get("frame_indices"),
+    )
 
 
 class Prefetcher(Generic[Tag]):

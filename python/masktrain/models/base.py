@@ -72,33 +72,36 @@ class Conditioning:
     ("pixel frame given") and the VAE latents of the given frames, concatenated to the noisy
     latents on the channel axis (``WanImageToVideoPipeline.prepare_latents``)."""
     image_embeds: torch.Tensor | None = None
-    """WAN 2.1 I2V / FLF2V: (B, N, 1280) CLIP vision hidden states (penultimate layer) of the
-    given frame(s); FLF2V's two images are (B, 2 x 257, 1280)."""
+    """WAN 2.1 I2V / FLF2V: (B, K, T, D) CLIP vision hidden states (penultimate layer) of the K
+    given frames (1, or FLF2V's first and last), T tokens each (257 x 1280 for ViT-H/14)."""
     frame_indices: torch.Tensor | None = None
     """WAN one-frame: (B, F) long, the RoPE frame position of each latent frame (the control
     images' ``fp_1f_clean_indices`` and the target's ``fp_1f_target_index``, sorted)."""
-    control_latents: torch.Tensor | None = None
-    """Qwen-Image-Edit / Layered: (B, C, K, h, w) clean latents of the control image(s), packed
-    after the target tokens; the loss never sees them."""
+    control_latents: tuple[torch.Tensor, ...] | None = None
+    """Qwen-Image-Edit: the clean latents of each control image, (B, C, 1, h_i, w_i) each (control
+    images may differ in size; every sample of a batch has the same ones), packed after the target
+    tokens in this order; the loss never sees them."""
 
     def rows(self, rows: torch.Tensor) -> Conditioning:
         """The conditioning of the samples `rows` (a boolean or index tensor over B)."""
-        picked = {name: None if value is None else value[rows] for name, value in self._fields()}
-        return Conditioning(**picked)
+        return self._map(lambda value: value[rows])
 
     def to(self, device: torch.device | str, dtype: torch.dtype) -> Conditioning:
         """Floating tensors to `device` and `dtype`; integer ones (frame indices) keep theirs."""
-        return Conditioning(
-            **{
-                name: None
-                if value is None
-                else value.to(device=device, dtype=dtype if value.is_floating_point() else value.dtype)
-                for name, value in self._fields()
-            }
+        return self._map(
+            lambda value: value.to(device=device, dtype=dtype if value.is_floating_point() else value.dtype)
         )
 
-    def _fields(self) -> list[tuple[str, torch.Tensor | None]]:
-        return [(name, getattr(self, name)) for name in self.__dataclass_fields__]
+    def _map(self, change: Callable[[torch.Tensor], torch.Tensor]) -> Conditioning:
+        """`change` applied to every tensor, those of a tuple field (control latents) one by one."""
+        changed: dict[str, torch.Tensor | tuple[torch.Tensor, ...] | None] = {}
+        for name in self.__dataclass_fields__:
+            value = getattr(self, name)
+            if isinstance(value, tuple):
+                changed[name] = tuple(change(tensor) for tensor in value)
+            else:
+                changed[name] = None if value is None else change(value)
+        return Conditioning(**changed)  # type: ignore[arg-type]  # each field keeps its own type
 
 
 @dataclass(frozen=True)
@@ -118,6 +121,15 @@ class SampleRequest:
     text: TextBatch
     negative: TextBatch | None
     generator: torch.Generator
+    start_image: Any = None
+    """WAN I2V / FLF2V: the start image (a PIL image; the pipeline resizes it), else None."""
+    end_image: Any = None
+    """WAN FLF2V: the end image."""
+    image_embeds: torch.Tensor | None = None
+    """WAN 2.1 I2V / FLF2V: the CLIP hidden states of the given image(s), (K, T, D) on the device."""
+    control_images: tuple[Any, ...] = ()
+    """Qwen-Image-Edit: the control images (PIL images, in order; the pipeline resizes each), whose
+    reading is in `text` and `negative` already (``encode_edit_text``)."""
 
 
 @dataclass(frozen=True)
@@ -128,8 +140,9 @@ class DenoiserInputs:
     latent_channels: int
     text_dim: int
     conditioning_channels: int = 0
-    """Input channels beside the latents (WAN image-to-video: 20 of image conditioning), which
-    masktrain never feeds."""
+    """Input channels beside the latents (WAN image-to-video: 20 of image conditioning)."""
+    image_dim: int | None = None
+    """The width of the CLIP image embedding it takes (WAN 2.1 I2V / FLF2V); None: none."""
 
 
 @dataclass(frozen=True)

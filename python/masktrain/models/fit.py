@@ -43,10 +43,22 @@ class Feed:
     text_from: str
     latents_fix: str
     text_fix: str
+    conditioning_channels: int | None = 0
+    """Channels of image conditioning it feeds beside the latents (None: not known)."""
+    image_dim: int | None = None
+    """The width of the CLIP image embedding it feeds (None: none)."""
 
 
-def cache_feed(directory: Path, latent_channels: int, text_dim: int | None, text_flag: str) -> Feed:
-    """What the cache in `directory` feeds: its latents' channels and its text embeddings' width."""
+def cache_feed(
+    directory: Path,
+    latent_channels: int,
+    text_dim: int | None,
+    text_flag: str,
+    conditioning_channels: int = 0,
+    image_dim: int | None = None,
+) -> Feed:
+    """What the cache in `directory` feeds: its latents' channels, its text embeddings' width and
+    a conditioned mode's inputs."""
     return Feed(
         latent_channels,
         text_dim,
@@ -54,6 +66,8 @@ def cache_feed(directory: Path, latent_channels: int, text_dim: int | None, text
         f"the cache {directory} holds",
         "re-cache the dataset with this model's VAE (masktrain cache --vae)",
         f"re-cache the dataset with this model's text encoder (masktrain cache {text_flag})",
+        conditioning_channels,
+        image_dim,
     )
 
 
@@ -63,9 +77,12 @@ def sampling_feed(
     vae_spec: str,
     embeddings: Iterable[torch.Tensor],
     text_spec: str,
+    conditioning_channels: int | None = 0,
+    image_dim: int | None = None,
 ) -> Feed:
     """What sampling feeds: the loaded `vae`'s latent channels and the width of the prompts'
-    `embeddings`, made by ``--vae vae_spec`` and the family's text flag ``text_spec``."""
+    `embeddings`, made by ``--vae vae_spec`` and the family's text flag ``text_spec``, and its
+    mode's conditioning (channels, CLIP width)."""
     widths = {int(embedding.shape[-1]) for embedding in embeddings}
     return Feed(
         family.latent_channels(vae),
@@ -74,6 +91,8 @@ def sampling_feed(
         f"{family.text_flag} {text_spec} makes",
         "pass this model's VAE to --vae",
         f"pass this model's text encoder to {family.text_flag}",
+        conditioning_channels,
+        image_dim,
     )
 
 
@@ -81,13 +100,7 @@ def check_fits(takes: DenoiserInputs, flag: str, spec: str, feeds: Iterable[Feed
     """What the denoiser of ``flag spec`` takes against every feed: one line for the first mismatch."""
     dit = f"{flag} {spec}"
     for feed in feeds:
-        if takes.conditioning_channels:
-            total = takes.latent_channels + takes.conditioning_channels
-            raise ModelLoadError(
-                f"{dit} takes {total} input channels, {takes.conditioning_channels} of them image "
-                "conditioning (an image-to-video model); masktrain trains text-to-video and text-to-image "
-                f"models: pass one to {flag}"
-            )
+        _check_conditioning(takes, dit, feed)
         if feed.latent_channels != takes.latent_channels:
             raise ModelLoadError(
                 f"{feed.latents_from} {feed.latent_channels}-channel latents, but {dit} takes "
@@ -98,6 +111,46 @@ def check_fits(takes: DenoiserInputs, flag: str, spec: str, feeds: Iterable[Feed
                 f"{feed.text_from} {feed.text_dim}-wide text embeddings, but {dit} takes "
                 f"{takes.text_dim}-wide ones: {feed.text_fix}"
             )
+
+
+_I2V_TASKS = "--task i2v-14B, flf2v-14B or i2v-A14B"
+
+
+def _check_conditioning(takes: DenoiserInputs, dit: str, feed: Feed) -> None:
+    """The image conditioning a feed gives must be what the denoiser takes: an image-to-video
+    model fed none would see zeros where its reference image goes, a text-to-video model cannot
+    take the extra channels, and a WAN 2.1 I2V model needs its CLIP embedding."""
+    feeds, takes_channels = feed.conditioning_channels, takes.conditioning_channels
+    if feeds is not None and feeds != takes_channels:
+        if not feeds:
+            raise ModelLoadError(
+                f"{dit} takes {takes.latent_channels + takes_channels} input channels, {takes_channels} of "
+                f"them image conditioning (an image-to-video model), but {feed.latents_from} none: train "
+                f"and cache with its {_I2V_TASKS}"
+            )
+        if not takes_channels:
+            raise ModelLoadError(
+                f"{feed.latents_from} {feeds} channels of image conditioning, but {dit} takes none (a "
+                "text-to-video model): pass an image-to-video model, or cache and train without --task"
+            )
+        raise ModelLoadError(
+            f"{feed.latents_from} {feeds} channels of image conditioning, but {dit} takes {takes_channels}"
+        )
+    if feeds is not None and takes.image_dim != feed.image_dim:
+        if feed.image_dim is None:
+            raise ModelLoadError(
+                f"{dit} takes a {takes.image_dim}-wide CLIP image embedding (WAN 2.1 I2V / FLF2V), but "
+                f"{feed.latents_from} none: use --task i2v-14B or flf2v-14B with --clip"
+            )
+        if takes.image_dim is None:
+            raise ModelLoadError(
+                f"{feed.latents_from} a CLIP image embedding, but {dit} takes none (WAN 2.2 I2V A14B "
+                "has no CLIP): use --task i2v-A14B, without --clip"
+            )
+        raise ModelLoadError(
+            f"{feed.latents_from} {feed.image_dim}-wide CLIP embeddings, but {dit} takes "
+            f"{takes.image_dim}-wide ones: cache with this model's CLIP (--clip)"
+        )
 
 
 def check_before_loading(family: ModelFamily, spec: str, flag: str, feeds: Sequence[Feed]) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
@@ -39,6 +40,7 @@ if TYPE_CHECKING:
 
 TINY = "tiny"
 """The flag value that selects a family's built-in tiny model."""
+_NONE: Mapping[str, Any] = MappingProxyType({})
 
 T = TypeVar("T")
 
@@ -187,12 +189,16 @@ def transformer(
     from_file: FileLoader,
     fp8: Fp8Mode | None,
     fp8_targets: Fp8Targets,
+    variants: Mapping[str, Callable[[], torch.nn.Module]] = _NONE,
 ) -> torch.nn.Module:
-    """A family's denoiser for the value of `flag`: ``tiny`` (`tiny()`), else one ``.safetensors``
-    file (read by `from_file`) or a diffusers folder, read in `dtype`; with `fp8`, its
-    `fp8_targets` in fp8 (quantised while reading). Frozen, on `device`."""
+    """A family's denoiser for the value of `flag`: ``tiny`` (`tiny()`) or one of the tiny
+    `variants` by name (a conditioned mode's: ``catalog.tiny_denoiser``), else one
+    ``.safetensors`` file (read by `from_file`) or a diffusers folder, read in `dtype`; with
+    `fp8`, its `fp8_targets` in fp8 (quantised while reading). Frozen, on `device`."""
     if spec == TINY:
         model = tiny()
+    elif spec in variants:
+        model = variants[spec]()
     else:
         load = None if fp8 is None else Fp8Load(fp8, fp8_targets, dtype)
         model = _pretrained_transformer(model_class, spec, flag, dtype, from_file, load)
@@ -215,6 +221,7 @@ def transformer_config(
     *,
     tiny: Mapping[str, Any],
     from_file: Callable[[Path, str], Mapping[str, Any]],
+    variants: Mapping[str, Mapping[str, Any]] = _NONE,
 ) -> dict[str, Any] | None:
     """The config of the denoiser `flag` names, without loading it: `tiny` for ``tiny``, else
     what one ``.safetensors`` file's header implies (`from_file`) or a diffusers folder's
@@ -222,6 +229,8 @@ def transformer_config(
     loading says what is wrong). A path that cannot load is the error loading would give."""
     if spec == TINY:
         return dict(tiny)
+    if spec in variants:
+        return dict(variants[spec])
     path = _single_file(spec, flag)
     if path is not None:
         return dict(from_file(path, flag))

@@ -6,22 +6,29 @@ the tokenizer here, so the tiny tokenizer drops exactly its own prefix), and
 
 The denoiser sees single images only: latents (B, C, 1, h, w) are packed into 2x2 patch tokens
 (``QwenImagePipeline._pack_latents``), the timestep is sigma on the 0..1 scale (t / 1000) and text
-is padded to the batch's longest embedding with a 0/1 mask. LoRA goes on the attention and the
-image / text MLPs of every block, not on the modulation layers (``img_mod`` / ``txt_mod``), as
-musubi-tuner's ``lora_qwen_image`` does; ComfyUI uses the diffusers module names.
+is padded to the batch's longest embedding with a 0/1 mask. Qwen-Image-Edit (``--model_version
+edit``, ``edit-2509``, ``edit-2511``) appends each control image's clean latents, packed at its own
+size, after the target's tokens, and keeps the prediction of the target tokens only
+(``QwenImageEditPlusPipeline``); its text encoder also reads the control images (``qwen_vl``).
+Edit-2511's transformer has ``zero_cond_t``: it runs the control tokens at timestep 0 itself.
+
+LoRA goes on the attention and the image / text MLPs of every block, not on the modulation layers
+(``img_mod`` / ``txt_mod``), as musubi-tuner's ``lora_qwen_image`` does; ComfyUI uses the diffusers
+module names.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+import functools
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from masktrain import catalog
 from masktrain.config.memory import Fp8Mode
 from masktrain.errors import DataError
-from masktrain.models import loading, qwen_image_checkpoint
+from masktrain.models import loading, qwen_image_checkpoint, qwen_vl
 from masktrain.models.base import (
     Conditioning,
     DenoiserInputs,
@@ -32,6 +39,10 @@ from masktrain.models.base import (
 )
 from masktrain.models.fp8 import Fp8Targets, quantize_model
 from masktrain.models.loading import TINY, diffusers_config, encode_posterior_mean, seeded, to_uint8
+from masktrain.models.qwen_vl import TINY_TEXT
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 PROMPT_TEMPLATE = (
     "<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, quantity, text, "
@@ -64,19 +75,6 @@ TINY_VAE: dict[str, Any] = {
     "latents_mean": [0.115, -0.0957, 0.216, -0.193],
     "latents_std": [0.054, 0.0604, 0.0576, 0.0846],
 }
-TINY_TEXT: dict[str, Any] = {
-    "hidden_size": 16,
-    "intermediate_size": 16,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 2,
-    "num_key_value_heads": 2,
-    "rope_theta": 1e6,
-    "rope_scaling": {"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"},
-    "pad_token_id": 0,
-    "bos_token_id": 1,
-    "eos_token_id": 1,
-}
-
 # diffusers' model test config (tests/models/transformers/test_models_transformer_qwenimage.py): the
 # tiny VAE's 4 latent channels pack to 16, and joint_attention_dim is the tiny encoder's width.
 TINY_TRANSFORMER: dict[str, Any] = {
@@ -100,11 +98,18 @@ FP8_TARGETS = Fp8Targets(include=(r"transformer_blocks\.\d+\..+",), exclude=(r".
 FP8_VL_TARGETS = Fp8Targets(include=(r"(model\.)?(language_model\.)?layers\.\d+\..+",))
 
 
-def tiny_transformer(width_mult: int = 1, layers: int = 2) -> torch.nn.Module:
+#: ``--dit tiny`` under ``--model_version edit-2511`` (``catalog.Mode.tiny``): control tokens at
+#: timestep 0. Edit and Edit-2509 are the plain tiny transformer, as their released ones are
+#: Qwen-Image's architecture.
+TINY_EDIT_2511 = "tiny-edit-2511"
+TINY_VARIANTS: dict[str, dict[str, Any]] = {TINY_EDIT_2511: {**TINY_TRANSFORMER, "zero_cond_t": True}}
+
+
+def tiny_transformer(width_mult: int = 1, layers: int = 2, zero_cond_t: bool = False) -> torch.nn.Module:
     """The built-in tiny denoiser (seeded, float32, CPU); ``width_mult`` multiplies the heads (head
-    size stays 16, so RoPE is unchanged), ``layers`` sets the depth. The defaults give the
-    ``--dit tiny`` model; larger values give benchmark-sized variants that still fit the tiny VAE
-    and text encoder."""
+    size stays 16, so RoPE is unchanged), ``layers`` sets the depth, ``zero_cond_t`` makes it an
+    Edit-2511 one. The defaults give the ``--dit tiny`` model; larger values give benchmark-sized
+    variants that still fit the tiny VAE and text encoder."""
     from diffusers import QwenImageTransformer2DModel
 
     if width_mult < 1 or layers < 1:
@@ -113,6 +118,7 @@ def tiny_transformer(width_mult: int = 1, layers: int = 2) -> torch.nn.Module:
         **TINY_TRANSFORMER,
         "num_attention_heads": TINY_TRANSFORMER["num_attention_heads"] * width_mult,
         "num_layers": layers,
+        "zero_cond_t": zero_cond_t,
     }
     model: torch.nn.Module = seeded(lambda: QwenImageTransformer2DModel(**config))
     return model
@@ -130,6 +136,20 @@ def pack_latents(latents: torch.Tensor) -> torch.Tensor:
         raise DataError(f"Qwen-Image latents need an even height and width (2x2 patches), got {h}x{w}")
     x = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
     return x.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def edit_version_mismatch(config: Mapping[str, Any], version: str | None) -> str | None:
+    """What is wrong with a transformer of `config` for ``--model_version version`` (None: nothing
+    its config shows). Only Edit-2511 differs in its config (``zero_cond_t``); the original, Edit
+    and Edit-2509 transformers have the same architecture and config."""
+    zero_cond_t = bool(config.get("zero_cond_t", False))
+    if version == "edit-2511" and not zero_cond_t:
+        return (
+            "is not a Qwen-Image-Edit-2511 transformer (no zero_cond_t: its control tokens would be noised)"
+        )
+    if version != "edit-2511" and zero_cond_t:
+        return "is a Qwen-Image-Edit-2511 transformer (zero_cond_t): pass --model_version edit-2511"
+    return None
 
 
 def unpack_latents(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
@@ -167,9 +187,14 @@ class QwenImageFamily:
         dtype: torch.dtype,
         fp8: bool = False,
         tokenizer: str | None = None,
+        vision: bool = False,
     ) -> TextEncoder:
+        """With `vision`, Qwen2.5-VL with its vision tower and processor, for the edit modes'
+        :meth:`encode_edit_text` (``qwen_vl.load``); otherwise the text model for ``encode_text``."""
         from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLTextConfig, Qwen2_5_VLTextModel
 
+        if vision:
+            return qwen_vl.load(spec, device, dtype, fp8, _vl_in_fp8, tokenizer, MAX_LENGTH)
         return loading.text_encoder(
             self.spec,
             spec,
@@ -211,6 +236,17 @@ class QwenImageFamily:
         lengths = batch.attention_mask.sum(dim=1)
         return [h[drop : int(n)].cpu() for h, n in zip(hidden, lengths, strict=True)]
 
+    def encode_edit_text(
+        self,
+        encoder: TextEncoder,
+        captions: list[str],
+        control_images: Sequence[Sequence[Image.Image]],
+        version: str,
+    ) -> list[torch.Tensor]:
+        """``encode_text`` for the edit modes: each caption read with its item's control images
+        (``qwen_vl.encode_edit_text``); `encoder` from ``load_text_encoder(..., vision=True)``."""
+        return qwen_vl.encode_edit_text(encoder, captions, control_images, version)
+
     def load_transformer(
         self, spec: str, flag: str, device: torch.device, dtype: torch.dtype, fp8: Fp8Mode | None = None
     ) -> torch.nn.Module:
@@ -226,6 +262,7 @@ class QwenImageFamily:
             from_file=qwen_image_checkpoint.load_transformer_file,
             fp8=fp8,
             fp8_targets=FP8_TARGETS,
+            variants={TINY_EDIT_2511: functools.partial(tiny_transformer, zero_cond_t=True)},
         )
 
     def empty_transformer(self, config: Mapping[str, Any]) -> torch.nn.Module:
@@ -242,6 +279,7 @@ class QwenImageFamily:
             flag,
             tiny=TINY_TRANSFORMER,
             from_file=qwen_image_checkpoint.transformer_file_config,
+            variants=TINY_VARIANTS,
         )
 
     def denoiser_inputs(self, config: Mapping[str, Any]) -> DenoiserInputs:
@@ -274,18 +312,22 @@ class QwenImageFamily:
         text: TextBatch,
         condition: Conditioning | None = None,
     ) -> torch.Tensor:
-        if condition is not None:
-            raise NotImplementedError("Qwen-Image conditioning (edit control images) is not wired yet")
         b, _, _, h, w = noisy.shape
-        tokens = transformer(
-            hidden_states=pack_latents(noisy),
+        controls = _control_latents(condition)
+        target = pack_latents(noisy)
+        # QwenImageEditPlusPipeline: [target | control 1 | control 2 ...], each packed at its own
+        # size, one (frames, h/2, w/2) entry per image for RoPE; the prediction of the target only.
+        tokens = torch.cat([target, *(pack_latents(c.to(noisy.dtype)) for c in controls)], dim=1)
+        shapes = [(1, h // 2, w // 2), *((1, c.shape[-2] // 2, c.shape[-1] // 2) for c in controls)]
+        prediction = transformer(
+            hidden_states=tokens,
             encoder_hidden_states=text.hidden,
             encoder_hidden_states_mask=text.mask,
-            timestep=sigmas,  # the pipeline passes t / 1000
-            img_shapes=[[(1, h // 2, w // 2)]] * b,
+            timestep=sigmas,  # the pipeline passes t / 1000; zero_cond_t models add the controls' 0
+            img_shapes=[shapes] * b,
             return_dict=False,
         )[0]
-        return unpack_latents(tokens, h, w)
+        return unpack_latents(prediction[:, : target.shape[1]], h, w)
 
     def generate(
         self,
@@ -295,31 +337,46 @@ class QwenImageFamily:
         vae: torch.nn.Module,
         request: SampleRequest,
     ) -> torch.Tensor:
-        from diffusers import FlowMatchEulerDiscreteScheduler, QwenImagePipeline
+        from diffusers import FlowMatchEulerDiscreteScheduler, QwenImageEditPlusPipeline, QwenImagePipeline
 
         shift = request.flow_shift
         scheduler = FlowMatchEulerDiscreteScheduler(
             **SCHEDULER, use_dynamic_shifting=shift is None, shift=1.0 if shift is None else shift
         )
-        pipeline = QwenImagePipeline(
-            scheduler=scheduler, vae=vae, text_encoder=None, tokenizer=None, transformer=transformer
-        )
-        pipeline.set_progress_bar_config(disable=True)
         text, negative = request.text, request.negative
-        images = pipeline(
-            prompt_embeds=text.hidden,
-            prompt_embeds_mask=_mask(text),
-            negative_prompt_embeds=None if negative is None else negative.hidden,
-            negative_prompt_embeds_mask=None if negative is None else _mask(negative),
-            true_cfg_scale=request.cfg_scale,
-            height=request.height,
-            width=request.width,
-            num_inference_steps=request.steps,
-            generator=request.generator,
-            output_type="np",
-            max_sequence_length=MAX_LENGTH,
-        ).images
-        return to_uint8(images)
+        settings: dict[str, Any] = {
+            "prompt_embeds": text.hidden,
+            "prompt_embeds_mask": _mask(text),
+            "negative_prompt_embeds": None if negative is None else negative.hidden,
+            "negative_prompt_embeds_mask": None if negative is None else _mask(negative),
+            "true_cfg_scale": request.cfg_scale,
+            "height": request.height,
+            "width": request.width,
+            "num_inference_steps": request.steps,
+            "generator": request.generator,
+            "output_type": "np",
+            "max_sequence_length": MAX_LENGTH,
+        }
+        pipeline: QwenImagePipeline | QwenImageEditPlusPipeline
+        if request.control_images:
+            # The prompt embeddings already read the control images (encode_edit_text); the
+            # pipeline VAE-encodes each at a ~1024² area and packs it after the target (one image
+            # goes the same way through QwenImageEditPipeline, so Edit samples here too).
+            pipeline = QwenImageEditPlusPipeline(
+                scheduler=scheduler,
+                vae=vae,
+                text_encoder=None,
+                tokenizer=None,
+                processor=None,
+                transformer=transformer,
+            )
+            settings["image"] = list(request.control_images)
+        else:
+            pipeline = QwenImagePipeline(
+                scheduler=scheduler, vae=vae, text_encoder=None, tokenizer=None, transformer=transformer
+            )
+        pipeline.set_progress_bar_config(disable=True)
+        return to_uint8(pipeline(**settings).images)
 
     def lora_targets(self) -> LoraTargets:
         return LORA_TARGETS
@@ -327,6 +384,17 @@ class QwenImageFamily:
     def comfy_key(self, module_name: str) -> str:
         # ComfyUI's comfy/ldm/qwen_image/model.py uses the diffusers module names.
         return module_name
+
+
+def _control_latents(condition: Conditioning | None) -> tuple[torch.Tensor, ...]:
+    """The control latents of `condition` (none without one); WAN's fields are refused."""
+    if condition is None:
+        return ()
+    if condition.image_latents is not None or condition.image_embeds is not None:
+        raise ValueError("Qwen-Image takes control latents, not WAN's image latents or CLIP embeddings")
+    if condition.frame_indices is not None:
+        raise ValueError("Qwen-Image takes control latents, not WAN one-frame indices")
+    return condition.control_latents or ()
 
 
 def _mask(text: TextBatch) -> torch.Tensor:

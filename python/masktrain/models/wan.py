@@ -10,6 +10,7 @@ blocks (self- and cross-attention q/k/v/o, the I2V image k/v, both FFN layers), 
 
 from __future__ import annotations
 
+import functools
 import re
 import types
 from collections.abc import Mapping
@@ -40,6 +41,11 @@ from masktrain.models.loading import (
     seeded,
     to_uint8,
 )
+
+# The tiny CLIP vision model's width and token count (``models.clip_vision``), which the tiny
+# image-conditioned denoisers take.
+TINY_CLIP_WIDTH = 4
+TINY_CLIP_TOKENS = 17
 
 #: The TI2V-5B VAE's tiny variant (16x spatial, 48 channels): ``--vae tiny-ti2v``.
 TINY_TI2V = "tiny-ti2v"
@@ -115,6 +121,29 @@ TINY_TRANSFORMER: dict[str, Any] = {
     "qk_norm": "rms_norm_across_heads",
     "rope_max_seq_len": 1024,
 }
+# The image-conditioned tiny denoisers (``--dit tiny`` with ``--task i2v-14B`` / ``flf2v-14B`` /
+# ``i2v-A14B``: ``catalog.Mode.tiny``): diffusers' tiny I2V test config (tests/pipelines/wan/
+# test_wan_image_to_video.py: in_channels 36, image_dim the tiny CLIP's width) plus what that test
+# leaves out and the released 2.1 models have: the image key/value projections
+# (``added_kv_proj_dim`` = heads x head dim), so image tokens take the real path (their own
+# attention beside the text's) and get LoRA. FLF2V adds the learned position table of its two
+# images' tokens; WAN 2.2 I2V A14B has no CLIP.
+TINY_I2V_TRANSFORMERS: dict[str, dict[str, Any]] = {
+    "tiny-i2v": {
+        **TINY_TRANSFORMER,
+        "in_channels": 36,
+        "image_dim": TINY_CLIP_WIDTH,
+        "added_kv_proj_dim": 24,
+    },
+    "tiny-flf2v": {
+        **TINY_TRANSFORMER,
+        "in_channels": 36,
+        "image_dim": TINY_CLIP_WIDTH,
+        "added_kv_proj_dim": 24,
+        "pos_embed_seq_len": 2 * TINY_CLIP_TOKENS,
+    },
+    "tiny-i2v-a14b": {**TINY_TRANSFORMER, "in_channels": 36},
+}
 #: WanPipeline's default prompt length.
 MAX_LENGTH = 512
 #: Sampling's flow shift when the prompt file sets no --fs: WAN's own text-to-video default
@@ -180,6 +209,14 @@ def tiny_transformer(width_mult: int = 1, layers: int = 2) -> torch.nn.Module:
         "num_layers": layers,
     }
     model: torch.nn.Module = seeded(lambda: WanTransformer3DModel(**config))
+    return model
+
+
+def _tiny_variant(name: str) -> torch.nn.Module:
+    """The built-in tiny denoiser of an image-conditioned mode (seeded, float32, CPU)."""
+    from diffusers import WanTransformer3DModel
+
+    model: torch.nn.Module = seeded(lambda: WanTransformer3DModel(**TINY_I2V_TRANSFORMERS[name]))
     return model
 
 
@@ -256,6 +293,7 @@ class WanFamily:
             from_file=wan_checkpoint.load_transformer_file,
             fp8=fp8,
             fp8_targets=FP8_TARGETS,
+            variants={name: functools.partial(_tiny_variant, name) for name in TINY_I2V_TRANSFORMERS},
         )
 
     def empty_transformer(self, config: Mapping[str, Any]) -> torch.nn.Module:
@@ -272,13 +310,20 @@ class WanFamily:
             flag,
             tiny=TINY_TRANSFORMER,
             from_file=wan_checkpoint.transformer_file_config,
+            variants=TINY_I2V_TRANSFORMERS,
         )
 
     def denoiser_inputs(self, config: Mapping[str, Any]) -> DenoiserInputs:
         # The noisy latents go straight into the patch embedding; image-to-video models take
         # image conditioning beside them (in_channels 36 for 16 latent channels).
         latents = int(config.get("out_channels") or config["in_channels"])
-        return DenoiserInputs(latents, int(config["text_dim"]), int(config["in_channels"]) - latents)
+        image_dim = config.get("image_dim")
+        return DenoiserInputs(
+            latents,
+            int(config["text_dim"]),
+            int(config["in_channels"]) - latents,
+            None if image_dim is None else int(image_dim),
+        )
 
     def latent_channels(self, vae: torch.nn.Module) -> int:
         return int(diffusers_config(vae).z_dim)
@@ -313,7 +358,8 @@ class WanFamily:
         if condition is not None:
             if condition.image_latents is not None:
                 hidden = torch.cat([noisy, condition.image_latents.to(noisy.dtype)], dim=1)
-            image_embeds = condition.image_embeds
+            if condition.image_embeds is not None:  # (B, K, T, D): FLF2V's pairs as the pipeline stacks them
+                image_embeds = condition.image_embeds.flatten(0, 1).to(text.hidden.dtype)
         prediction: torch.Tensor = transformer(
             hidden_states=hidden,
             timestep=model_timesteps(sigmas),
@@ -333,7 +379,9 @@ class WanFamily:
     ) -> torch.Tensor:
         # diffusers' WAN recipe: UniPC on flow sigmas; the pipeline's `transformer` is the expert
         # above the boundary, `transformer_2` the one below (the boundary on the 0..1 scale).
-        from diffusers import UniPCMultistepScheduler, WanPipeline
+        # Image-to-video (a start image): WanImageToVideoPipeline, with the CLIP embedding the
+        # sampler computed (WAN 2.1) instead of its own image encoder.
+        from diffusers import UniPCMultistepScheduler, WanImageToVideoPipeline, WanPipeline
 
         scheduler = UniPCMultistepScheduler(
             prediction_type="flow_prediction",
@@ -341,15 +389,23 @@ class WanFamily:
             num_train_timesteps=NUM_TRAIN_TIMESTEPS,
             flow_shift=request.flow_shift or DEFAULT_FLOW_SHIFT,
         )
-        pipeline = WanPipeline(
-            tokenizer=None,
-            text_encoder=None,
-            vae=vae,
-            scheduler=scheduler,
-            transformer=transformer if high_noise is None else high_noise,
-            transformer_2=None if high_noise is None else transformer,
-            boundary_ratio=None if high_noise is None else boundary,
-        )
+        components: dict[str, Any] = {
+            "tokenizer": None,
+            "text_encoder": None,
+            "vae": vae,
+            "scheduler": scheduler,
+            "transformer": transformer if high_noise is None else high_noise,
+            "transformer_2": None if high_noise is None else transformer,
+            "boundary_ratio": None if high_noise is None else boundary,
+        }
+        images: dict[str, Any] = {}
+        if request.start_image is not None:
+            pipeline: Any = WanImageToVideoPipeline(image_encoder=None, image_processor=None, **components)
+            images = {"image": request.start_image, "last_image": request.end_image}
+            if request.image_embeds is not None:
+                images["image_embeds"] = request.image_embeds
+        else:
+            pipeline = WanPipeline(**components)
         pipeline.set_progress_bar_config(disable=True)
         negative = request.negative
         frames = pipeline(
@@ -362,6 +418,7 @@ class WanFamily:
             guidance_scale=request.cfg_scale,
             generator=request.generator,
             output_type="np",
+            **images,
         ).frames[0]
         return to_uint8(frames)
 

@@ -26,7 +26,7 @@ from torch.utils.checkpoint import checkpoint
 from masktrain.config.mask_loss import MaskLossSettings
 from masktrain.denoiser import lora
 from masktrain.loss import masked_loss_terms
-from masktrain.models.base import AdapterHost, ModelFamily, TextBatch, adapter_host
+from masktrain.models.base import AdapterHost, Conditioning, ModelFamily, TextBatch, adapter_host
 from masktrain.plan.trace import LiveBytes, MetaAutocast
 
 META = torch.device("meta")
@@ -44,6 +44,27 @@ class StepShape:
     text_tokens: int
     text_dim: int
     batch: int = 1
+    conditioning_channels: int = 0
+    """Image conditioning beside the latents (WAN image-to-video: 20 channels)."""
+    images: int = 0
+    """CLIP-embedded images per sample (WAN 2.1 I2V: 1, FLF2V: 2; 0 without CLIP)."""
+    image_tokens: int = 0
+    """Tokens of each image's CLIP embedding (ViT-H/14: 257)."""
+    image_dim: int = 0
+    """The CLIP embedding's width (ViT-H/14: 1280)."""
+
+    def condition(self, dtype: torch.dtype) -> Conditioning | None:
+        """Meta tensors of the batch's conditioning (None without)."""
+        if not self.conditioning_channels and not self.images:
+            return None
+        b, f, h, w = self.batch, self.frames, self.height, self.width
+        latents = None
+        if self.conditioning_channels:
+            latents = torch.empty(b, self.conditioning_channels, f, h, w, device=META, dtype=dtype)
+        embeds = None
+        if self.images:
+            embeds = torch.empty(b, self.images, self.image_tokens, self.image_dim, device=META, dtype=dtype)
+        return Conditioning(image_latents=latents, image_embeds=embeds)
 
 
 @dataclass(frozen=True)
@@ -86,6 +107,7 @@ def trace_step(
     sigmas = torch.empty(shape.batch, device=META)
     hidden = torch.empty(shape.batch, shape.text_tokens, shape.text_dim, device=META, dtype=dtype)
     text = TextBatch(hidden, torch.empty(shape.batch, shape.text_tokens, device=META, dtype=torch.bool))
+    condition = shape.condition(dtype)
     settings = MaskLossSettings(
         use_mask_loss=True,
         prior_preservation_weight=1.0 if prior else 0.0,
@@ -98,10 +120,10 @@ def trace_step(
         teacher = None
         if prior:
             with torch.no_grad(), lora.adapters_disabled(model), MetaAutocast(dtype):
-                teacher = family.predict(model, noisy, sigmas, text).float()
+                teacher = family.predict(model, noisy, sigmas, text, condition).float()
             teacher_peak = counter.peak
         with MetaAutocast(dtype):
-            prediction = family.predict(model, noisy, sigmas, text).float()
+            prediction = family.predict(model, noisy, sigmas, text, condition).float()
         saved = counter.now
         per_element = (prediction - target) ** 2
         prior_element = None if teacher is None else (prediction - teacher) ** 2

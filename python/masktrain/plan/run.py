@@ -26,6 +26,9 @@ TEXT_TOKENS = {"wan": 512, "qwen_image": 512}
 Qwen-Image 512 covers a long caption (the encoder takes up to 1024)."""
 TI2V_CHANNELS = 48
 """The WAN 2.2 TI2V-5B transformer's latent channels: its VAE is 16x, not 8x."""
+CLIP_TOKENS = 257
+"""Tokens of one image's CLIP ViT-H/14 embedding (WAN 2.1 I2V): 16 x 16 patches and the class
+token; FLF2V's position table (``pos_embed_seq_len``) holds two images' worth."""
 
 
 @dataclass(frozen=True)
@@ -40,7 +43,7 @@ class Denoiser:
 def planner_for(config: TrainConfig, bucket: largest_bucket.Bucket) -> tuple[Planner, Denoiser]:
     """The planner of a ``train`` run's `config` for its largest `bucket`."""
     family = get_family(config.arch)
-    denoiser = _denoiser(family, config.dit, config.dit_high_noise)
+    denoiser = _denoiser(family, *config.denoisers)
     shape = step_shape(family, denoiser.config, bucket)
     return Planner(family, denoiser.config, shape, settings_for(config, denoiser.experts)), denoiser
 
@@ -57,8 +60,21 @@ def step_shape(family: ModelFamily, config: Mapping[str, Any], bucket: largest_b
         bucket.height // spatial,
         bucket.width // spatial,
     )
+    images, image_tokens = 0, 0
+    if inputs.image_dim is not None:  # WAN 2.1 I2V / FLF2V: CLIP tokens beside the text's
+        pairs = config.get("pos_embed_seq_len")
+        images, image_tokens = (1, CLIP_TOKENS) if pairs is None else (2, int(pairs) // 2)
     return StepShape(
-        inputs.latent_channels, frames, height, width, _text_tokens(family, bucket), inputs.text_dim
+        inputs.latent_channels,
+        frames,
+        height,
+        width,
+        _text_tokens(family, bucket),
+        inputs.text_dim,
+        conditioning_channels=inputs.conditioning_channels,
+        images=images,
+        image_tokens=image_tokens,
+        image_dim=inputs.image_dim or 0,
     )
 
 

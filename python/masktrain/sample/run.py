@@ -48,13 +48,22 @@ def run(config: SampleConfig) -> list[Path]:
     device = resolve_device(config.device)
     dtype, autocast = precision(config.mixed_precision, device)
     sampler = Sampler(
-        config.sample, family, device, dtype, autocast, config.seed, config.output_dir, config.name
+        config.sample,
+        family,
+        device,
+        dtype,
+        autocast,
+        config.seed,
+        config.output_dir,
+        config.name,
+        config.task,
     )
+    dit, dit_high_noise = config.denoisers
     experts = load_for_sampling(
         family,
-        config.dit,
-        config.dit_high_noise,
-        config.timestep_boundary,
+        dit,
+        dit_high_noise,
+        config.boundary,
         config.lora,
         config.memory,
         device,

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from masktrain import catalog
 from masktrain.config.sample import SampleSettings
 from masktrain.config.sample_prompts import SamplePrompt, load_prompts
 from masktrain.denoiser.experts import Experts
@@ -28,6 +29,7 @@ from masktrain.device import autocast
 from masktrain.models import fit
 from masktrain.models.base import ModelFamily, SampleRequest, TextBatch
 from masktrain.sample.outputs import sample_path, write_contact_sheet, write_sample
+from masktrain.sample.prompt_images import PromptImages
 
 log = logging.getLogger(__name__)
 
@@ -45,11 +47,13 @@ class Sampler:
         seed: int,
         output_dir: Path,
         output_name: str,
+        task: str | None = None,
     ) -> None:
         assert settings.sample_prompts is not None and settings.vae and settings.text_encoder
         self.family, self.device, self.dtype, self.autocast = family, device, dtype, autocast
         self.seed, self.output_dir, self.output_name = seed, output_dir, output_name
         self.prompts = load_prompts(settings.sample_prompts)
+        self.mode = catalog.mode_of(family.spec, task)
         if any(prompt.guidance_scale is not None for prompt in self.prompts):
             log.info(
                 "--g (embedded guidance) in %s is ignored: %s has none; --l sets the CFG scale",
@@ -58,11 +62,18 @@ class Sampler:
             )
         started = time.perf_counter()
         self._embeddings = self._encode(settings)
+        self._images = PromptImages.of(self.prompts, self.mode, settings.clip, device, dtype)
         self.vae = family.load_vae(settings.vae, torch.device("cpu"), dtype)
         self._spatial = family.spatial_factor(self.vae) * 2  # the VAE's factor times the 2x2 patches
         self._temporal = family.temporal_factor(self.vae)
         self.feed = fit.sampling_feed(
-            family, self.vae, settings.vae, self._embeddings.values(), settings.text_encoder
+            family,
+            self.vae,
+            settings.vae,
+            self._embeddings.values(),
+            settings.text_encoder,
+            0 if self.mode is None else self.mode.conditioning_channels,
+            self._images.image_dim,
         )
         log.info(
             "sampling: %d prompt(s) from %s encoded in %.1f s; the text encoder is freed, the VAE waits "
@@ -134,6 +145,7 @@ class Sampler:
             text=self._text(prompt.prompt),
             negative=None if negative is None else self._text(negative),
             generator=torch.Generator().manual_seed(seed),
+            **self._images.request_fields(prompt, width, height),
         )
         return request, seed
 

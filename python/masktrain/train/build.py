@@ -46,12 +46,27 @@ def cache_feeds(family: ModelFamily, items: Sequence[CachedItem]) -> list[fit.Fe
     for item in items:
         channels, _ = folders.setdefault(item.latent_path.parent, (set(), item.text_path))
         channels.add(item.latent_shape[0])
+    first = {item.latent_path.parent: item.latent_path for item in reversed(items)}
     feeds = []
     for folder, (channels, text_path) in folders.items():
         _, shapes = fmt.read_header(text_path)
         width = next((shape[-1] for shape in shapes.values() if shape), None)
-        feeds += [fit.cache_feed(folder, count, width, family.text_flag) for count in sorted(channels)]
+        conditioning, image_dim = _conditioning_of(first[folder])
+        feeds += [
+            fit.cache_feed(folder, count, width, family.text_flag, conditioning, image_dim)
+            for count in sorted(channels)
+        ]
     return feeds
+
+
+def _conditioning_of(latent_path: Path) -> tuple[int, int | None]:
+    """The image-conditioning channels and CLIP width a latent file holds (0 and None: none);
+    every file of a folder was made for one mode (``train`` checked)."""
+    _, shapes = fmt.read_header(latent_path)
+    keys = fmt.item_tensor_keys(shapes, latent_path)
+    channels = 0 if keys.image_latents is None else shapes[keys.image_latents][0]
+    image_dim = None if keys.image_embeds is None else shapes[keys.image_embeds][-1]
+    return channels, image_dim
 
 
 def check_cache_fits(config: TrainConfig, family: ModelFamily, items: Sequence[CachedItem]) -> list[fit.Feed]:
@@ -59,7 +74,7 @@ def check_cache_fits(config: TrainConfig, family: ModelFamily, items: Sequence[C
     ``--dit_high_noise`` from their headers: a mismatch is one line before any model loads. The
     feeds go to :func:`build_experts`."""
     feeds = cache_feeds(family, items)
-    for flag, spec in transformer_flags(config.dit, config.dit_high_noise):
+    for flag, spec in transformer_flags(*config.denoisers):
         fit.check_before_loading(family, spec, flag, feeds)
     return feeds
 
@@ -78,7 +93,7 @@ def build_experts(
     check_backend(memory, device)
     load_device = torch.device("cpu") if memory.on_host else device
     low, *others = load_transformers(
-        family, transformer_flags(config.dit, config.dit_high_noise), load_device, dtype, memory, feeds
+        family, transformer_flags(*config.denoisers), load_device, dtype, memory, feeds
     )
     high = others[0] if others else None
     torch.manual_seed(config.seed)  # the LoRA initialisation
@@ -102,7 +117,7 @@ def build_experts(
     if high is not None:
         add(high)
         _share_lora(low, high)
-    experts = Experts(low, high, config.timestep_boundary, device=device)  # LoRA weights in float32
+    experts = Experts(low, high, config.boundary, device=device)  # LoRA weights in float32
     place(experts, family, memory, config.gradient_checkpointing)
     log.info("LoRA rank %d alpha %g on %d modules", network.network_dim, network.network_alpha, len(names))
     return experts

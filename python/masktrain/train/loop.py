@@ -119,6 +119,7 @@ def _setup(config: TrainConfig, family: ModelFamily, shard: Shard, plan: TrainPl
             config.seed,
             config.output_dir,
             config.output_name,
+            config.task or config.model_version,
         )
     experts = build_experts(config, family, device, weight_dtype, feeds + ([sampler.feed] if sampler else []))
     named = experts.trainable()

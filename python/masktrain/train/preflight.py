@@ -38,9 +38,10 @@ from masktrain.train.resume import checkpoint_step
 log = logging.getLogger(__name__)
 
 
-def validation_items(datasets: DatasetConfig, arch: str) -> list[CachedItem]:
-    """The validation dataset's cached items; each must hold mask weights (the regions)."""
-    items = find_cached_items(datasets, arch)
+def validation_items(datasets: DatasetConfig, arch: str, condition: str | None = None) -> list[CachedItem]:
+    """The validation dataset's cached items (made for the run's mode `condition`); each must hold
+    mask weights (the regions)."""
+    items = find_cached_items(datasets, arch, condition=condition)
     unmasked = [item.latent_path.name for item in items if not item.has_mask]
     if unmasked:
         raise CachedDataError(
@@ -96,7 +97,7 @@ def preflight(config: TrainConfig, world: int) -> TrainPlan:
     check_writable(config.output_dir, "--output_dir", TrainConfigError)
     datasets = load_dataset_config(config.dataset_config)
     check_readable(datasets)
-    items = find_cached_items(datasets, config.arch, skip_stale=config.skip_stale)
+    items = find_cached_items(datasets, config.arch, skip_stale=config.skip_stale, condition=config.condition)
     if config.mask.use_mask_loss:
         _check_masks(config, datasets, items)
         _check_baked(config, items)
@@ -122,7 +123,7 @@ def preflight(config: TrainConfig, world: int) -> TrainPlan:
     if config.validation_dataset_config is not None:
         validation_datasets = load_dataset_config(config.validation_dataset_config)
         check_readable(validation_datasets)
-        validation = validation_items(validation_datasets, config.arch)
+        validation = validation_items(validation_datasets, config.arch, config.condition)
     return TrainPlan(items, batches_per_epoch, steps_per_epoch, total_steps, resume_step, validation)
 
 

@@ -32,7 +32,7 @@ from masktrain.loss import (
     region_means,
     unreduced_loss,
 )
-from masktrain.models.base import ModelFamily, TextBatch
+from masktrain.models.base import Conditioning, ModelFamily, TextBatch
 from masktrain.train import timesteps
 from masktrain.train.ema_teacher import EmaTeacher
 from masktrain.train.flow_matching import noised
@@ -85,6 +85,7 @@ def compute_loss(
     sigmas = sigmas.to(device)
     noisy, target = noised(latents, noise, sigmas)
     text = family.collate_text(batch.text).to(device, weight_dtype)
+    condition = None if batch.condition is None else batch.condition.to(device, weight_dtype)
     weighting = timesteps.loss_weighting(config.timesteps, sigmas)
     weighting = None if weighting is None else weighting.to(device).view(-1, 1, 1, 1, 1)
 
@@ -93,10 +94,12 @@ def compute_loss(
     # teacher gating may leave every sample of the batch out of the teacher pass
     teacher_needed = bool(gating.gate.any()) if gating is not None else prior_on
     teacher = (
-        _teacher(family, experts, noisy, sigmas, text, device, autocast, ema) if teacher_needed else None
+        _teacher(family, experts, noisy, sigmas, text, condition, device, autocast, ema)
+        if teacher_needed
+        else None
     )
     with autocast_to(device, autocast):
-        prediction = experts.predict(family, noisy, sigmas, text)
+        prediction = experts.predict(family, noisy, sigmas, text, condition)
     experts.mark("after the student forward")
     difference = prediction.float() - target
     per_element = unreduced_loss(difference, config.loss_type, config.loss_delta)
@@ -161,6 +164,7 @@ def _teacher(
     noisy: torch.Tensor,
     sigmas: torch.Tensor,
     text: TextBatch,
+    condition: Conditioning | None,
     device: torch.device,
     autocast: torch.dtype | None,
     ema: EmaTeacher | None,
@@ -171,7 +175,7 @@ def _teacher(
     model = ema.swapped() if ema is not None and ema.started else experts.adapters_disabled()
     try:
         with torch.no_grad(), model, autocast_to(device, autocast):
-            return experts.predict(family, noisy, sigmas, text).float()
+            return experts.predict(family, noisy, sigmas, text, condition).float()
     finally:  # the teacher's blocks were never backpropagated: put swapped ones back
         experts.mark("after the teacher")
         experts.restore_layout("after the teacher")

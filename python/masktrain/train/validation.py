@@ -73,12 +73,16 @@ class Validator:
             noisy, target = noised(latents, noise, sigmas)
             text = self.family.collate_text(batch.text * count).to(self.device, dtype)
             noisy, sigmas, target = noisy.to(self.device), sigmas.to(self.device), target.to(self.device)
+            condition = None
+            if batch.condition is not None:  # the item's conditioning, once per noise level
+                condition = batch.condition.rows(torch.zeros(count, dtype=torch.long)).to(self.device, dtype)
             try:
                 with autocast_to(self.device, autocast):
-                    prediction = experts.predict(self.family, noisy, sigmas, text).float()
+                    prediction = experts.predict(self.family, noisy, sigmas, text, condition).float()
                     if self._base is None:
                         with experts.adapters_disabled():
-                            base.append(experts.predict(self.family, noisy, sigmas, text).float().cpu())
+                            base_prediction = experts.predict(self.family, noisy, sigmas, text, condition)
+                            base.append(base_prediction.float().cpu())
             finally:
                 experts.restore_layout("after validation")
             reference = (self._base[index] if self._base is not None else base[-1]).to(self.device)
