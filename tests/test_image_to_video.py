@@ -17,7 +17,7 @@ from helpers import cache_tiny, train_config, write_video
 from masktrain import catalog
 from masktrain.data import cache_format as fmt
 from masktrain.errors import CacheConfigError, CacheModeMismatch, ModelLoadError, TrainConfigError
-from masktrain.models import get_family
+from masktrain.models import get_family, wan
 from masktrain.models.wan_image_condition import given_frame_mask, image_condition
 from masktrain.train.loop import run as train
 
@@ -248,3 +248,86 @@ def test_a_control_image_stands_for_the_given_frame(tmp_path: Path) -> None:
     Image.fromarray(control).save(tmp_path / "controls" / "other.png")
     summaries = cache_tiny(tmp_path, task="i2v-A14B")
     assert "has 0 control image(s); --task i2v-A14B is given 1 (the first frame)" in summaries[0].failed[0][1]
+
+
+def _i2v_output(transformer: torch.nn.Module) -> torch.Tensor:
+    from masktrain.models.base import Conditioning
+
+    family = get_family("wan")
+    generator = torch.Generator().manual_seed(3)
+    noisy = torch.randn(2, 16, 3, 4, 4, generator=generator)
+    condition = Conditioning(
+        image_latents=torch.randn(2, 20, 3, 4, 4, generator=generator),
+        image_embeds=torch.randn(2, 1, wan.TINY_CLIP_TOKENS, wan.TINY_CLIP_WIDTH, generator=generator),
+    )
+    text = family.collate_text(
+        [torch.randn(5, 32, generator=generator), torch.randn(7, 32, generator=generator)]
+    )
+    with torch.no_grad():
+        return family.predict(transformer, noisy, torch.tensor([0.3, 0.8]), text, condition)
+
+
+@pytest.mark.parametrize("layout", ["comfyui", "diffusers", "musubi"])
+def test_an_i2v_lora_loads_back_to_the_same_output(tmp_path: Path, layout: str) -> None:
+    """Every layout of an I2V LoRA (the image key/value projections included) loads back: through
+    diffusers' own WanImageToVideoPipeline.load_lora_weights where diffusers reads the layout, and
+    through masktrain's loader for all three."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanImageToVideoPipeline
+
+    from masktrain.denoiser.lora import add_lora, load_lora_into, save_lora
+
+    family = get_family("wan")
+
+    def fresh() -> torch.nn.Module:
+        return family.load_transformer("tiny-i2v", "--dit", torch.device("cpu"), torch.float32)
+
+    trained = fresh()
+    torch.manual_seed(0)
+    names = add_lora(trained, family, rank=4, alpha=4.0)
+    assert {"blocks.0.attn2.add_k_proj", "blocks.0.attn2.add_v_proj"} <= set(names)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, parameter in trained.named_parameters():
+            if ".lora_B." in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.5)
+    expected = _i2v_output(trained)
+    assert (expected - _i2v_output(fresh())).abs().max() > 1e-3
+    path = tmp_path / f"{layout}.safetensors"
+    save_lora(path, trained, family, layout=layout, metadata={})
+
+    loaded = fresh()
+    load_lora_into(loaded, path, family)
+    assert torch.equal(_i2v_output(loaded), expected)
+    if layout == "musubi":
+        return
+    pipeline = WanImageToVideoPipeline(
+        tokenizer=None,
+        text_encoder=None,
+        vae=family.load_vae("tiny", torch.device("cpu"), torch.float32),
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        transformer=fresh(),
+        image_encoder=None,
+        image_processor=None,
+    )
+    pipeline.load_lora_weights(str(path))
+    assert (_i2v_output(pipeline.transformer) - expected).abs().max() <= 1e-6
+
+
+def test_i2v_trains_with_fp8_base_weights_and_block_swap(tmp_path: Path) -> None:
+    """The memory path under image conditioning: fp8 blocks (the image projections among them),
+    one block streamed from the host, checkpointing, activation offload; the loss stays finite
+    and the LoRA moves."""
+    import json
+
+    from masktrain.config.memory import MemorySettings
+
+    _video_dataset(tmp_path)
+    cache_tiny(tmp_path, task="i2v-14B", clip="tiny")
+    memory = MemorySettings(
+        fp8_base=True, fp8_scaled=True, blocks_to_swap=1, gradient_checkpointing_cpu_offload=True
+    )
+    train(_i2v_config(tmp_path, "out", "i2v-14B", memory=memory, gradient_checkpointing=True))
+    losses = [
+        json.loads(line)["loss"] for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert len(losses) == 2 and all(np.isfinite(losses))

@@ -42,7 +42,7 @@ from masktrain.errors import MissingTensor, ModelLoadError, ShapeRuleError
 Shapes = dict[str, tuple[int, ...]]
 #: A family's rule from (diffusers-named) shapes and caller overrides to a diffusers config.
 ConfigRule = Callable[[Shapes, Mapping[str, Any] | None], dict[str, Any]]
-Role = Literal["dit", "vae", "text"]
+Role = Literal["dit", "vae", "text", "clip"]
 
 # ComfyUI checkpoints prefix each component; a file may bundle several of them.
 DIT_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
@@ -66,6 +66,7 @@ _ROLE_HINT: dict[Role, str] = {
     "dit": "pass it to --dit",
     "vae": "pass it to --vae",
     "text": "text encoders need a local folder that includes their tokenizer",
+    "clip": "pass it to --clip",
 }
 
 
