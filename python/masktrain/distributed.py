@@ -1,7 +1,7 @@
 """One process per GPU under ``torchrun``: which share of the items this process owns, and the
-few collective steps the commands need (barrier, gather, agreeing to stop, averaging the LoRA's
-gradients as DDP does). Without ``torchrun`` (no ``WORLD_SIZE``) this is a world of one and no
-process group is created.
+few collective steps the commands need (barrier, gather, agreeing to stop, summing counts so every
+process agrees on which LoRAs step, averaging the LoRA's gradients as DDP does). Without
+``torchrun`` (no ``WORLD_SIZE``) this is a world of one and no process group is created.
 
 A torchrun worker ends with its launcher: torchrun starts each worker in a session of its own, so
 a launcher killed with SIGKILL (or by the OOM killer) would leave them training on, writing the
@@ -21,7 +21,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -63,9 +63,17 @@ class Shard:
         """Whether `flag` is set on any process (so all stop at the same step)."""
         if self.world == 1:
             return flag
-        value = torch.tensor([1.0 if flag else 0.0])
+        value = torch.tensor([1.0 if flag else 0.0], device=_collective_device())
         dist.all_reduce(value, op=dist.ReduceOp.MAX)
         return bool(value.item())
+
+    def total(self, counts: Mapping[str, int]) -> dict[str, int]:
+        """`counts` summed over the processes (the same keys on every process; one all-reduce)."""
+        if self.world == 1 or not counts:
+            return dict(counts)
+        values = torch.tensor([counts[key] for key in counts], dtype=torch.int64, device=_collective_device())
+        dist.all_reduce(values)
+        return dict(zip(counts, (int(value) for value in values), strict=True))
 
     def average_gradients(self, params: list[torch.nn.Parameter]) -> None:
         """Replace each parameter's gradient by its mean over the processes (one all-reduce of
@@ -81,6 +89,13 @@ class Shard:
             count = grad.numel()
             param.grad = flat[offset : offset + count].view_as(param).clone()
             offset += count
+
+
+def _collective_device() -> torch.device:
+    """Where a collective's own small tensors live: NCCL reduces CUDA tensors only."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))  # this process's GPU
+    return torch.device("cpu")
 
 
 @contextlib.contextmanager

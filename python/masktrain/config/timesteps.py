@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from masktrain.errors import TimestepOptionError
 
 TIMESTEP_SAMPLINGS = ("sigma", "uniform", "sigmoid", "shift", "qwen_shift", "logsnr")
+EXPERT_BALANCES = ("sampled", "alternate")
 WEIGHTING_SCHEMES = ("none", "logit_normal", "mode", "cosmap", "sigma_sqrt")
 NUM_TRAIN_TIMESTEPS = 1000
 
@@ -41,6 +42,10 @@ class TimestepSettings:
     """Lower end of the timestep range (0-999): ``t >= min_timestep / 1000``."""
     max_timestep: int = 1000
     """Upper end of the timestep range (1-1000): ``t <= max_timestep / 1000``."""
+    expert_balance: str = "sampled"
+    """WAN 2.2 A14B: sampled (timesteps drawn freely, so the high-noise expert gets the share
+    --timestep_sampling gives it: about 1 step in 8 by default) or alternate (each step draws its
+    timesteps inside the next expert's range, high and low in turn: half the steps each)."""
 
     def __post_init__(self) -> None:
         validate(self)
@@ -63,6 +68,7 @@ def validate(settings: TimestepSettings) -> None:
     """Raise :class:`TimestepOptionError` (a ``ValueError``) naming the flag of a bad value."""
     _choice(settings.timestep_sampling, TIMESTEP_SAMPLINGS, "--timestep_sampling")
     _choice(settings.weighting_scheme, WEIGHTING_SCHEMES, "--weighting_scheme")
+    _choice(settings.expert_balance, EXPERT_BALANCES, "--expert_balance")
     _positive(settings.discrete_flow_shift, "--discrete_flow_shift")
     _positive(settings.sigmoid_scale, "--sigmoid_scale")
     _positive(settings.logit_std, "--logit_std")
@@ -80,3 +86,21 @@ def validate(settings: TimestepSettings) -> None:
         raise TimestepOptionError(f"--max_timestep must be in range [1, 1000], got {high}")
     if low >= high:
         raise TimestepOptionError(f"--min_timestep ({low}) must be < --max_timestep ({high})")
+
+
+def check_expert_balance(settings: TimestepSettings, two_experts: bool, boundary: float) -> tuple[bool, str]:
+    """(ok, the message naming the flags): ``--expert_balance alternate`` draws inside each of
+    WAN 2.2's two experts' ranges in turn (t >= `boundary`: high noise, below: low noise), so it
+    needs both experts and a timestep range that holds some of each."""
+    if settings.expert_balance != "alternate":
+        return True, ""
+    if not two_experts:
+        return False, "--expert_balance alternate needs two experts (--dit_high_noise)"
+    low, high = settings.min_timestep / NUM_TRAIN_TIMESTEPS, settings.max_timestep / NUM_TRAIN_TIMESTEPS
+    expert = "high-noise" if high <= boundary else "low-noise"
+    return low < boundary < high, (
+        f"--expert_balance alternate: --min_timestep {settings.min_timestep} and --max_timestep "
+        f"{settings.max_timestep} leave the {expert} expert no timesteps (the switch is at timestep "
+        f"{boundary * NUM_TRAIN_TIMESTEPS:g}, --timestep_boundary {boundary:g}); widen the range or use "
+        "--expert_balance sampled"
+    )

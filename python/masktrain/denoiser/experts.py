@@ -1,12 +1,13 @@
 """The transformer(s) being trained or sampled, with the LoRA on them: one denoiser, or WAN 2.2
-A14B's two experts (high-noise and low-noise) sharing one LoRA; and where their weights live
-(:func:`place`, for training and sampling alike; ``train.build`` builds them for a run,
-:func:`load_for_sampling` with a saved LoRA for ``masktrain sample``).
+A14B's two experts (high-noise and low-noise) sharing one LoRA, or each with its own
+(``--lora_per_expert``: :meth:`Experts.loras`); and where their weights live (:func:`place`, for
+training and sampling alike; ``train.build`` builds them for a run, :func:`load_for_sampling` with
+saved LoRAs for ``masktrain sample``).
 
 With block swap or ``--offload_inactive_dit`` each transformer is read into host memory, the LoRA
 is added there, and then everything but the swapped blocks' Linear weights (block swap) or the
 idle expert's frozen weights (``--offload_inactive_dit``) moves to the device. The expert a pass
-needs is brought in before it runs; the LoRA (shared, trained) never moves.
+needs is brought in before it runs; the LoRA (trained) never moves.
 
 Transformers load through :func:`load_transformers`: checked against what the run feeds them
 (``models.fit``: the cache, the sampling VAE and text encoder) from their headers before any
@@ -26,6 +27,7 @@ import torch
 
 from masktrain.config.memory import ATTENTION_BACKENDS, MemorySettings
 from masktrain.denoiser import lora
+from masktrain.denoiser.lora_file import EXPERT_LORAS
 from masktrain.device import indexed
 from masktrain.errors import FlagError
 from masktrain.models import checkpointing, fit
@@ -38,12 +40,14 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Experts:
-    """The transformer(s) being trained. WAN 2.2 A14B has two experts that share one LoRA: the
-    high-noise one takes sigmas at or above the boundary."""
+    """The transformer(s) being trained. WAN 2.2 A14B has two experts that share one LoRA, or each
+    have their own (`lora_per_expert`): the high-noise one takes sigmas at or above the boundary."""
 
     low: torch.nn.Module
     high: torch.nn.Module | None
     boundary: float
+    lora_per_expert: bool = False
+    """Each expert has a LoRA of its own (``--lora_per_expert``), not one shared by both."""
     swaps: dict[int, BlockSwap] = field(default_factory=dict)
     """Block swap schedule per transformer (by id)."""
     idle_slots: dict[int, list[Slot]] | None = None
@@ -141,15 +145,37 @@ class Experts:
                 model.train(was_training)
             self.restore_layout("after sampling")
 
+    def loras(self) -> list[tuple[str, torch.nn.Module]]:
+        """Each LoRA, by its name and the transformer that holds it: ``""`` and `low` for the one
+        LoRA (shared by both experts), or with `lora_per_expert` each expert's (``high_noise``,
+        ``low_noise``: :data:`~masktrain.denoiser.lora_file.EXPERT_LORAS`)."""
+        if self.lora_per_expert and self.high is not None:
+            return list(zip(EXPERT_LORAS, (self.high, self.low), strict=True))
+        return [("", self.low)]
+
     def trainable(self) -> list[tuple[str, torch.nn.Parameter]]:
-        """The LoRA parameters, once each (the experts share them)."""
-        seen: set[int] = set()
+        """The LoRA parameters, once each, under their module names; each expert's own LoRA's under
+        ``high_noise.`` / ``low_noise.`` (:func:`lora_of` reads it back)."""
         params = []
-        for name, param in self.low.named_parameters():
-            if param.requires_grad and id(param) not in seen:
-                seen.add(id(param))
-                params.append((name, param))
+        for expert, model in self.loras():
+            prefix = f"{expert}." if expert else ""
+            params += [(prefix + name, p) for name, p in model.named_parameters() if p.requires_grad]
         return params
+
+    def samples(self, sigmas: torch.Tensor) -> dict[str, int]:
+        """How many of `sigmas` each expert takes, by name (``high_noise``, ``low_noise``, as its
+        own LoRA is named), as :meth:`predict` splits them; {} with one transformer."""
+        if self.high is None:
+            return {}
+        high = int((sigmas >= self.boundary).sum())
+        return dict(zip(EXPERT_LORAS, (high, sigmas.numel() - high), strict=True))
+
+
+def lora_of(name: str) -> str:
+    """The LoRA a parameter of :meth:`Experts.trainable` belongs to: its expert's name, or ``""``
+    (the one LoRA)."""
+    head = name.partition(".")[0]
+    return head if head in EXPERT_LORAS else ""
 
 
 def place(
@@ -230,20 +256,25 @@ def load_for_sampling(
     device: torch.device,
     dtype: torch.dtype,
     feeds: Sequence[fit.Feed] = (),
+    lora_high_noise: Path | None = None,
 ) -> Experts:
     """The transformer(s) with a saved LoRA (``masktrain sample``; none: the base model), placed as
     for training (fp8, block swap), for no-grad sampling; each must fit `feeds` (the sampling VAE
-    and text encoder: ``models.fit.sampling_feed``)."""
+    and text encoder: ``models.fit.sampling_feed``). `lora_file` goes on every expert, unless the
+    high-noise one has its own, `lora_high_noise` (``--lora_per_expert``'s pair)."""
     device = indexed(device)
     check_backend(memory, device)
     load_device = torch.device("cpu") if memory.on_host else device
     low, *high = load_transformers(
         family, transformer_flags(dit, dit_high_noise), load_device, dtype, memory, feeds
     )
-    experts = Experts(low, high[0] if high else None, boundary, device=device)
-    if lora_file is not None:
-        for model in experts.modules():
-            lora.load_lora_into(model, lora_file, family)
+    experts = Experts(
+        low, high[0] if high else None, boundary, lora_per_expert=lora_high_noise is not None, device=device
+    )
+    for model in experts.modules():
+        path = lora_high_noise if model is experts.high and lora_high_noise is not None else lora_file
+        if path is not None:
+            lora.load_lora_into(model, path, family)
     place(experts, family, memory, gradient_checkpointing=False)
     return experts
 

@@ -13,7 +13,9 @@ A ``.safetensors`` file in one of three layouts, from peft-named tensors
   ``.lora_up.weight`` / ``.alpha``, what musubi-tuner's and blissful-tuner's scripts load.
 
 Every file masktrain writes carries ``masktrain.arch`` / ``.rank`` / ``.alpha`` / ``.version`` /
-``.layout`` and the caller's string metadata (the training flags, the step). A file another
+``.layout`` and the caller's string metadata (the training flags, the step; with
+``--lora_per_expert`` the WAN 2.2 expert, ``masktrain.expert``, whose LoRA it is: one file per
+expert, ``NAME_high_noise`` and ``NAME_low_noise``, :func:`lora_file_name`). A file another
 trainer wrote is read off its keys (:func:`file_header`): the family from musubi's
 ``ss_network_module`` or the layer names the catalog lists for each family
 (``ArchSpec.lora_layer_hints``), the rank from the down matrices, alpha from the ``.alpha``
@@ -53,8 +55,29 @@ META_VERSION = "masktrain.version"
 META_LAYOUT = "masktrain.layout"
 META_STEP = "masktrain.step"
 """The optimizer step a training run saved the file at (``masktrain sample`` names samples by it)."""
+META_EXPERT = "masktrain.expert"
+"""``--lora_per_expert``: the WAN 2.2 expert the LoRA was trained for, one of :data:`EXPERT_LORAS`."""
+EXPERT_LORAS = ("high_noise", "low_noise")
+"""The two experts' LoRAs, named as ComfyUI workflows and other trainers name them: the suffix of
+each file (``NAME_high_noise.safetensors``) and its :data:`META_EXPERT`."""
 RESERVED = frozenset({META_ARCH, META_RANK, META_ALPHA, META_VERSION, META_LAYOUT, "format"})
 """Metadata keys masktrain writes itself; a caller's metadata may not set them."""
+
+
+def lora_file_name(output_name: str, expert: str = "") -> str:
+    """``NAME.safetensors``, or one expert's LoRA (`expert` one of :data:`EXPERT_LORAS`):
+    ``NAME_high_noise.safetensors``."""
+    return f"{output_name}_{expert}.safetensors" if expert else f"{output_name}.safetensors"
+
+
+def expert_twin(path: Path) -> tuple[str, Path] | None:
+    """For one of a pair of per-expert LoRA files (``NAME_low_noise.safetensors``): its expert and
+    the other file's path (``NAME_high_noise.safetensors``); None for any other name."""
+    for expert, other in zip(EXPERT_LORAS, reversed(EXPERT_LORAS), strict=True):
+        suffix = f"_{expert}{path.suffix}"
+        if path.name.endswith(suffix):
+            return expert, path.with_name(path.name.removesuffix(suffix) + f"_{other}{path.suffix}")
+    return None
 
 
 def read_lora_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -6,7 +6,9 @@ Each component is counted from what the run would hold, never from a table:
 - frozen weights, from the transformer's config built on the meta device (``plan.holdings``):
   the resident blocks, the swapped blocks' ring of two, the parts outside the blocks;
 - the LoRA's parameters and gradients (float32, as ``denoiser.lora`` makes them) and the
-  optimizer's state, per ``--optimizer_type`` (:data:`OPTIMIZER_STATE`);
+  optimizer's state, per ``--optimizer_type`` (:data:`OPTIMIZER_STATE`); twice with
+  ``--lora_per_expert`` (each WAN 2.2 expert's LoRA, and both have gradients when a step's batch
+  spans the boundary), the EMA teacher's copy likewise;
 - the step's tensors, from the step run on the meta device (``plan.activations``): activations
   with or without checkpointing and offload, the teacher's pass, the loss;
 - the attention kernel's workspace, which no op returns (:data:`ATTENTION_WORKSPACE`);
@@ -70,7 +72,14 @@ class PlanSettings:
     prior: bool = True
     ema_teacher: bool = False
     experts: int = 1
-    """Transformers the run loads (2 for WAN 2.2 A14B); they share one LoRA."""
+    """Transformers the run loads (2 for WAN 2.2 A14B); they share one LoRA unless `lora_per_expert`."""
+    lora_per_expert: bool = False
+    """With two experts: a LoRA each (``--lora_per_expert``), not one shared."""
+
+    @property
+    def loras(self) -> int:
+        """The LoRAs the run trains."""
+        return 2 if self.lora_per_expert and self.experts > 1 else 1
 
 
 @dataclass(frozen=True)
@@ -160,7 +169,8 @@ class Planner:
         s = self.settings
         swap = s.blocks_to_swap if blocks_to_swap is None else blocks_to_swap
         h = self.holdings
-        lora = h.lora_parameters * 4
+        parameters = h.lora_parameters * s.loras
+        lora = parameters * 4
         resident = h.on_device(swap)
         idle_experts = s.experts - 1
         expert_note = ""
@@ -170,7 +180,7 @@ class Planner:
         else:
             expert_host, expert_device = 0, h.on_device(swap) * idle_experts
             expert_note = "both experts on the device" if idle_experts else ""
-        optimizer = _optimizer_bytes(s.optimizer, h.lora_parameters, self._lora_shapes)
+        optimizer = _optimizer_bytes(s.optimizer, parameters, self._lora_shapes * s.loras)
         tensors = (
             resident + expert_device + lora * 2 + optimizer + (lora if s.ema_teacher else 0) + self.step.peak
         )
@@ -186,7 +196,10 @@ class Planner:
             ),
             Component("second expert", expert_device, expert_host, expert_note),
             Component(
-                "LoRA parameters + gradients", lora * 2, 0, f"{h.lora_parameters:,} float32 parameters"
+                "LoRA parameters + gradients",
+                lora * 2,
+                0,
+                f"{parameters:,} float32 parameters" + (", a LoRA per expert" if s.loras > 1 else ""),
             ),
             Component("optimizer state", optimizer, 0, s.optimizer),
             Component("EMA teacher", lora if s.ema_teacher else 0, 0, "a float32 copy of the LoRA"),

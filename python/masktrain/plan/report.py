@@ -42,6 +42,7 @@ def settings_line(settings: PlanSettings, blocks: int) -> str:
         parts.append(
             "two experts, "
             + ("the idle one on the host" if settings.offload_inactive_dit else "both on the device")
+            + (", a LoRA each" if settings.loras > 1 else "")
         )
     return ", ".join(parts)
 

@@ -1,6 +1,8 @@
 """The transformer(s) of one training run: loaded from ``--dit`` (and ``--dit_high_noise``), checked
-against ``--task``, with the LoRA added (seeded by ``--seed``) and shared by both experts, then
-placed as the memory flags say (``denoiser.experts.place``).
+against ``--task``, with the LoRA added (seeded by ``--seed``) and shared by both experts, or one
+LoRA each with ``--lora_per_expert`` (the high-noise expert's initialised after the low-noise
+one's, from the same seeded generator), then placed as the memory flags say
+(``denoiser.experts.place``).
 
 What the cache feeds them (:func:`cache_feeds`: each cache folder's latent channels and text
 width, from the headers) must be what they take: :func:`check_cache_fits` compares from their
@@ -25,6 +27,7 @@ from masktrain.device import indexed
 from masktrain.errors import TrainConfigError
 from masktrain.models import fit
 from masktrain.models.base import ModelFamily
+from masktrain.models.qwen_image import edit_version_mismatch
 
 log = logging.getLogger(__name__)
 
@@ -116,17 +119,29 @@ def build_experts(
             log.info("LoRA on %s", name)
     if high is not None:
         add(high)
-        _share_lora(low, high)
-    experts = Experts(low, high, config.boundary, device=device)  # LoRA weights in float32
+        if not config.lora_per_expert:
+            _share_lora(low, high)
+    experts = Experts(low, high, config.boundary, config.lora_per_expert, device=device)  # LoRA in float32
     place(experts, family, memory, config.gradient_checkpointing)
-    log.info("LoRA rank %d alpha %g on %d modules", network.network_dim, network.network_alpha, len(names))
+    log.info(
+        "LoRA rank %d alpha %g on %d modules%s",
+        network.network_dim,
+        network.network_alpha,
+        len(names),
+        ", one per expert (--lora_per_expert)" if experts.lora_per_expert else "",
+    )
     return experts
 
 
 def check_task(config: TrainConfig, transformer: torch.nn.Module) -> None:
     """musubi's ``--task`` names a transformer: `transformer` (what ``--dit`` loaded) must be it.
-    The built-in tiny model stands for every task of its arch."""
+    The built-in tiny model stands for every task of its arch; a Qwen-Image transformer's config
+    says whether it is Edit-2511's (``zero_cond_t``)."""
     spec = catalog.arch(config.arch)
+    if spec is catalog.QWEN_IMAGE:
+        why = edit_version_mismatch(getattr(transformer, "config", None) or {}, config.model_version)
+        if why is not None:
+            raise TrainConfigError(f"--dit {config.dit} {why}")
     task = spec.tasks.get(config.task or config.model_version or "")
     if task is None or task.width is None or config.dit == "tiny":
         return

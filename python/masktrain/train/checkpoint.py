@@ -6,7 +6,10 @@
   ``weights_only=True`` (plain tensors and numbers, no pickled objects);
 - ``state.json``: optimizer step, epoch and how many of this epoch's batches are done;
 - ``config.json``: the resolved configuration of the run that wrote it;
-- the run's LoRA file, as it was at that step.
+- the run's LoRA file, as it was at that step (with ``--lora_per_expert`` two files,
+  ``OUTPUT_NAME_high_noise`` and ``OUTPUT_NAME_low_noise``: :func:`lora_files`; ``adapter.safetensors``
+  then holds both LoRAs, their names prefixed ``high_noise.`` and ``low_noise.``, and the optimizer
+  state both).
 
 The latest LoRA file is also at the top of ``OUTPUT_DIR``. :func:`save` writes both when
 ``--save_every_n_steps`` / ``--save_every_n_epochs`` say so (:func:`save_due`), at the last step
@@ -36,7 +39,7 @@ import pickle
 import random
 import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NotRequired, TypedDict
@@ -51,7 +54,7 @@ from masktrain.config.sample_prompts import load_prompts
 from masktrain.config.train import TrainConfig
 from masktrain.denoiser.experts import Experts
 from masktrain.denoiser.lora import lora_file_bytes
-from masktrain.denoiser.lora_file import META_STEP
+from masktrain.denoiser.lora_file import EXPERT_LORAS, META_EXPERT, META_STEP, lora_file_name
 from masktrain.distributed import Shard
 from masktrain.errors import TrainConfigError
 from masktrain.models.base import ModelFamily
@@ -139,13 +142,12 @@ def save_checkpoint(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     position: Position,
     config_json: str,
-    lora_name: str,
-    lora_bytes: bytes,
+    loras: Mapping[str, bytes],
     ema: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write the checkpoint folder of ``position.step`` atomically, then the top-level LoRA file
-    `lora_name` (a copy of the one in the folder); returns the folder. `ema`: the EMA teacher's
-    weights (``ema.safetensors``), once it has started."""
+    """Write the checkpoint folder of ``position.step`` atomically, then the top-level LoRA files
+    (`loras`: file name -> bytes; copies of those in the folder); returns the folder. `ema`: the
+    EMA teacher's weights (``ema.safetensors``), once it has started."""
     target = checkpoint_dir(output_dir, position.step)
     float32 = {name: tensor.detach().float().cpu().contiguous() for name, tensor in adapter.items()}
     files = {
@@ -155,7 +157,7 @@ def save_checkpoint(
         "rng.pt": _torch_bytes(rng_state()),
         "state.json": json.dumps(position.__dict__, indent=2).encode(),
         "config.json": config_json.encode(),
-        lora_name: lora_bytes,
+        **loras,
     }
     if ema:
         files[EMA_FILE] = safetensors.torch.save(ema)
@@ -166,7 +168,8 @@ def save_checkpoint(
                 path.write_bytes(data)
             except OSError as error:
                 raise atomic.write_error(error, target / name) from error
-    atomic.write_bytes(output_dir / lora_name, lora_bytes)
+    for lora_name, lora_bytes in loras.items():
+        atomic.write_bytes(output_dir / lora_name, lora_bytes)
     return target
 
 
@@ -250,6 +253,13 @@ def restore(
     return state.position
 
 
+def lora_files(config: TrainConfig) -> dict[str, str]:
+    """The LoRA file(s) a run writes, by LoRA (``Experts.loras``' names): ``{"": NAME.safetensors}``,
+    or with ``--lora_per_expert`` one per expert (``high_noise``: ``NAME_high_noise.safetensors``)."""
+    experts = EXPERT_LORAS if config.lora_per_expert else ("",)
+    return {expert: lora_file_name(config.output_name, expert) for expert in experts}
+
+
 def save_due(config: TrainConfig, step: int, epoch: int, epoch_end: bool) -> bool:
     """Whether --save_every_n_steps or --save_every_n_epochs asks for a checkpoint now."""
     if config.save_every_n_steps and step % config.save_every_n_steps == 0:
@@ -285,13 +295,19 @@ def save(
     prunes old checkpoints; every process waits for it."""
     if shard.is_main:
         dtype = {"float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[config.save_precision]
-        lora_bytes = lora_file_bytes(
-            experts.low,
-            family,
-            layout=config.lora_format,
-            metadata=lora_metadata(config) | {META_STEP: str(position.step)},
-            dtype=dtype,
-        )
+        names = lora_files(config)
+        loras = {
+            names[expert]: lora_file_bytes(
+                model,
+                family,
+                layout=config.lora_format,
+                metadata=lora_metadata(config)
+                | {META_STEP: str(position.step)}
+                | ({META_EXPERT: expert} if expert else {}),
+                dtype=dtype,
+            )
+            for expert, model in experts.loras()
+        }
         save_checkpoint(
             config.output_dir,
             adapter={n: p.detach() for n, p in named},
@@ -299,8 +315,7 @@ def save(
             scheduler=scheduler,
             position=position,
             config_json=config.to_json(),
-            lora_name=f"{config.output_name}.safetensors",
-            lora_bytes=lora_bytes,
+            loras=loras,
             ema=ema,
         )
         prune(
@@ -339,7 +354,8 @@ def hold_output_dir(config: TrainConfig, shard: Shard) -> Iterator[None]:
             atomic.remove_stale_temporaries(config.output_dir)
             atomic.remove_stale_temporaries(samples)
             if config.resume is not None:
-                repair_top_level(config.output_dir, config.resume, f"{config.output_name}.safetensors")
+                for name in lora_files(config).values():
+                    repair_top_level(config.output_dir, config.resume, name)
         yield
 
 
@@ -414,11 +430,18 @@ def report_complete(config: TrainConfig, step: int, total_steps: int) -> None:
     if not missing:
         return
     spec = catalog.arch(config.arch)
-    high = f" --dit_high_noise {config.dit_high_noise}" if config.dit_high_noise else ""
+    high = ""
+    if config.dit_high_noise:
+        high = f" --dit_high_noise {config.dit_high_noise} --timestep_boundary {config.boundary:g}"
+    names = lora_files(config)
+    lora = " ".join(
+        f"--lora{'_high_noise' if expert == 'high_noise' else ''} {config.resume / name}"
+        for expert, name in sorted(names.items(), reverse=True)  # --lora (low noise) first
+    )
     log.warning(
         "the samples of step %d are missing for %d of %d prompt(s) (a run stopped while drawing them); "
-        "draw them with: masktrain sample --arch %s --dit %s%s --vae %s %s %s --sample_prompts %s --lora %s "
-        "--output_dir %s --seed %d",
+        "draw them with: masktrain sample --arch %s --dit %s%s --vae %s %s %s --sample_prompts %s %s "
+        "--output_dir %s --output_name %s --seed %d",
         step,
         len(missing),
         len(prompts),
@@ -429,7 +452,8 @@ def report_complete(config: TrainConfig, step: int, total_steps: int) -> None:
         spec.text_flag,
         config.sample.text_encoder,
         prompts_file,
-        config.resume / f"{config.output_name}.safetensors",
+        lora,
         config.output_dir,
+        config.output_name,
         config.seed,
     )

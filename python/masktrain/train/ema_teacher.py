@@ -7,6 +7,9 @@ and hooks are untouched), is the teacher of the prior term instead of the base m
   of the live weights; before that the teacher is the base model (adapters off).
 - It is updated after every optimizer step: ``ema = d·ema + (1 - d)·param``, in fp32. Every process
   holds the same parameters after the all-reduce, so every process's EMA is the same.
+- With ``--lora_per_expert`` each expert's LoRA has its own EMA (the parameter names tell them
+  apart), updated only after the steps that moved that LoRA: an idle step leaves both the LoRA
+  and its average as they were.
 - It is saved in each checkpoint (``ema.safetensors``) and restored on ``--resume``, so a resumed run
   equals an uninterrupted one.
 - The LoRA weights never leave the device (block swap moves base weights only), so the swap reaches
@@ -16,7 +19,7 @@ and hooks are untouched), is the teacher of the prior term instead of the base m
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 
 import torch
 
@@ -34,14 +37,16 @@ class EmaTeacher:
         return self.shadow is not None
 
     @torch.no_grad()
-    def after_step(self, step: int) -> None:
-        """Start (a copy of the weights) at the start step, or update, after optimizer step `step`."""
+    def after_step(self, step: int, idle: Collection[str] = ()) -> None:
+        """Start (a copy of the weights) at the start step, or update, after optimizer step `step`;
+        the parameters named in `idle` (a LoRA that did not step) keep their average."""
         if self.shadow is None:
             if step >= self.start_step:
                 self.shadow = {name: param.detach().float().clone() for name, param in self.named}
             return
         for name, param in self.named:
-            self.shadow[name].mul_(self.decay).add_(param.detach().float(), alpha=1.0 - self.decay)
+            if name not in idle:
+                self.shadow[name].mul_(self.decay).add_(param.detach().float(), alpha=1.0 - self.decay)
 
     @contextlib.contextmanager
     def swapped(self) -> Iterator[None]:

@@ -51,11 +51,12 @@ from masktrain.train.ema_teacher import EmaTeacher
 from masktrain.train.interrupt import Interrupt
 from masktrain.train.memory_fit import fit_to_card
 from masktrain.train.metrics import MetricsLog, StepMetrics, progress_postfix
-from masktrain.train.optim import optimizer_and_schedule
+from masktrain.train.optim import clip_each, lora_steps, optimizer_and_schedule
 from masktrain.train.preflight import TrainPlan, preflight
 from masktrain.train.prior_teacher import ema_teacher, expected_skip_rate
 from masktrain.train.spill import SpillWatch
 from masktrain.train.step import CACHE_HINT, compute_loss
+from masktrain.train.timesteps import describe_experts
 from masktrain.train.trackers import Trackers
 from masktrain.train.validation import Validator, describe
 
@@ -63,7 +64,8 @@ log = logging.getLogger(__name__)
 
 
 def run(config: TrainConfig) -> Path:
-    """Train; returns the path of the LoRA file."""
+    """Train; returns the path of the LoRA file (with ``--lora_per_expert`` the low-noise expert's,
+    its high-noise twin beside it)."""
     for warning in mask_loss.validate(config.mask):
         log.warning("%s", warning)
     with distributed.process_group(config.ddp_timeout) as shard:
@@ -75,7 +77,7 @@ def run(config: TrainConfig) -> Path:
                 trained = _setup(config, get_family(config.arch), shard, plan)
                 with contextlib.closing(trained.metrics) if trained.metrics else contextlib.nullcontext():
                     _fit(trained)
-        return config.output_dir / f"{config.output_name}.safetensors"
+        return config.output_dir / list(ckpt.lora_files(config).values())[-1]
 
 
 @dataclass
@@ -120,6 +122,7 @@ def _setup(config: TrainConfig, family: ModelFamily, shard: Shard, plan: TrainPl
             config.output_dir,
             config.output_name,
             config.task or config.model_version,
+            config.one_frame,
         )
     experts = build_experts(config, family, device, weight_dtype, feeds + ([sampler.feed] if sampler else []))
     named = experts.trainable()
@@ -144,6 +147,8 @@ def _setup(config: TrainConfig, family: ModelFamily, shard: Shard, plan: TrainPl
         if config.mask.use_mask_loss:
             log.info("%s", mask_loss.banner(config.mask, CACHE_HINT), extra=ANNOUNCEMENT)
         expected_skip = expected_skip_rate(config, plan.items)
+        if experts.high is not None:
+            log.info("%s", describe_experts(config, plan.items))
         log.info(
             "training %s on %s: %d items, %d batches per epoch and process, %d steps, %d process(es)",
             family.name,
@@ -184,7 +189,6 @@ def _setup(config: TrainConfig, family: ModelFamily, shard: Shard, plan: TrainPl
 
 def _fit(run: Run) -> None:
     config, shard, plan, experts = run.config, run.shard, run.plan, run.experts
-    params = [param for _, param in run.named]
     accumulation = config.optim.gradient_accumulation_steps
     step, epoch, done = run.position.step, run.position.epoch, run.position.batches_done
     total_steps, batches_per_epoch = plan.total_steps, plan.batches_per_epoch
@@ -222,16 +226,19 @@ def _fit(run: Run) -> None:
                 finally:
                     experts.mark("after backward")
                     experts.restore_layout("after backward")
-                window.add(float(result.loss.detach()), result.prior, result.tiers, result.extras)
+                loss = float(result.loss.detach())
+                window.add(loss, result.prior, result.tiers, result.extras, result.experts)
                 if result.gate is not None:
                     gated = (gated[0] + result.gate[0], gated[1] + result.gate[1])
                 window_items.extend(batch.items)
                 in_window += 1
                 if in_window < window_size:
                     continue
-                shard.average_gradients(params)
+                samples = shard.total(window.experts)  # every process's, so all agree on which LoRAs step
+                loras = lora_steps(run.named, samples)  # an expert's own LoRA without samples does not
+                shard.average_gradients([param for lora in loras.moving for param in lora])
                 # Clipping off (0) still measures the norm: it multiplies by exactly 1.
-                norm = float(torch.nn.utils.clip_grad_norm_(params, config.optim.max_grad_norm or math.inf))
+                norm = clip_each(loras.moving, config.optim.max_grad_norm)
                 if shard.any(not (math.isfinite(window.loss) and math.isfinite(norm))):
                     raise _diverged(step + 1, window.loss, norm, window_items)
                 run.optimizer.step()
@@ -241,7 +248,7 @@ def _fit(run: Run) -> None:
                 if run.spill is not None:
                     run.spill.observe(time.perf_counter() - started)
                 if run.ema is not None:
-                    run.ema.after_step(step)
+                    run.ema.after_step(step, loras.idle)
                 if run.metrics is not None:
                     record = window.record(
                         step,
@@ -249,6 +256,7 @@ def _fit(run: Run) -> None:
                         float(run.scheduler.get_last_lr()[0]),
                         step_time=time.perf_counter() - started,
                         data_wait=prefetch.waited - waited,
+                        experts=samples,
                     )
                     if gated[1]:  # measured so far in this run (this process's samples)
                         record.extras["prior_skip_rate"] = gated[0] / gated[1]
@@ -297,7 +305,10 @@ def _fit(run: Run) -> None:
                 100 * (run.expected_skip or 0.0),
                 f"; rank 0's samples of {shard.world} processes" if shard.world > 1 else "",
             )
-        log.info("wrote %s", config.output_dir / f"{config.output_name}.safetensors")
+        if run.metrics is not None and (shares := run.metrics.expert_summary()) is not None:
+            log.info("%s", shares)
+        written = [str(config.output_dir / name) for name in ckpt.lora_files(config).values()]
+        log.info("wrote %s", ", ".join(written))
 
 
 def _validate(run: Run, step: int) -> None:

@@ -5,6 +5,11 @@
 Tiers are bins of the RAW cached weight (before gamma and floor): background < 0.05 <= hair and
 body < 0.75 <= face. The tier losses are plain means of the per-element flow-matching loss
 inside each tier, so they show what the model learns where, whatever the weighting does.
+
+With WAN 2.2's two experts each step also records the samples each expert took, over every
+process (``high_noise_samples``, ``low_noise_samples``): with ``--lora_per_expert`` an expert's
+LoRA stepped exactly when its count is above 0. :meth:`MetricsLog.expert_summary` is the run's
+share of steps per expert (the records kept across a resume included), logged at the end.
 """
 
 from __future__ import annotations
@@ -12,6 +17,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +26,9 @@ from masktrain import atomic
 from masktrain.train.trackers import Trackers
 
 log = logging.getLogger(__name__)
+
+SAMPLES = "_samples"
+"""The suffix of an expert's sample count in ``metrics.jsonl`` (``high_noise_samples``)."""
 
 
 @dataclass(frozen=True)
@@ -42,6 +52,9 @@ class StepRecord:
     extras: dict[str, float] = field(default_factory=dict)
     """Means over the step's batches of ``teacher_ran``, ``prior_mass`` and Huber's linear shares
     (``compute_loss``), when they apply."""
+    experts: dict[str, int] = field(default_factory=dict)
+    """WAN 2.2: the samples each expert took in the step, over every process (``high_noise``,
+    ``low_noise``)."""
 
     def to_json(self) -> dict[str, float | int]:
         """The flat JSON object of ``metrics.jsonl`` (``loss_face``, ... for the tiers)."""
@@ -53,6 +66,7 @@ class StepRecord:
             "lr": self.lr,
             **{f"loss_{name}": value for name, value in sorted(self.tiers.items())},
             **dict(sorted(self.extras.items())),
+            **{f"{expert}{SAMPLES}": count for expert, count in self.experts.items()},
             "step_time": self.step_time,
             "data_wait": self.data_wait,
         }
@@ -67,6 +81,8 @@ class StepMetrics:
     batches: int = 0
     tiers: dict[str, list[float]] = field(default_factory=dict)
     extras: dict[str, list[float]] = field(default_factory=dict)
+    experts: dict[str, int] = field(default_factory=dict)
+    """This process's samples per expert (``StepResult.experts``)."""
 
     def add(
         self,
@@ -74,17 +90,31 @@ class StepMetrics:
         prior: float,
         tiers: dict[str, float | None],
         extras: dict[str, float] | None = None,
+        experts: dict[str, int] | None = None,
     ) -> None:
         self.loss += loss
         self.prior += prior
         self.batches += 1
+        for expert, count in (experts or {}).items():
+            self.experts[expert] = self.experts.get(expert, 0) + count
         for name, value in tiers.items():
             if value is not None:
                 self.tiers.setdefault(name, []).append(value)
         for name, value in (extras or {}).items():
             self.extras.setdefault(name, []).append(value)
 
-    def record(self, step: int, epoch: int, lr: float, *, step_time: float, data_wait: float) -> StepRecord:
+    def record(
+        self,
+        step: int,
+        epoch: int,
+        lr: float,
+        *,
+        step_time: float,
+        data_wait: float,
+        experts: dict[str, int] | None = None,
+    ) -> StepRecord:
+        """The step's record; `experts`: the samples per expert over every process (default: this
+        process's)."""
         n = max(self.batches, 1)
         return StepRecord(
             step=step,
@@ -96,6 +126,7 @@ class StepMetrics:
             step_time=step_time,
             data_wait=data_wait,
             extras={name: sum(values) / len(values) for name, values in self.extras.items()},
+            experts=dict(self.experts if experts is None else experts),
         )
 
 
@@ -114,6 +145,11 @@ class MetricsLog:
 
     def __init__(self, output_dir: Path, resume_step: int | None, trackers: Trackers | None = None):
         self.path = output_dir / "metrics.jsonl"
+        self.steps = 0
+        """Step records of the run, those kept from before a resume included."""
+        self.expert_steps: Counter[str] = Counter()
+        """Of those, the steps in which each expert took a sample."""
+        self.expert_samples: Counter[str] = Counter()
         if resume_step is None:
             self.path.unlink(missing_ok=True)
         else:  # drop the records a killed run wrote after its last checkpoint
@@ -135,10 +171,33 @@ class MetricsLog:
                 continue
             if isinstance(record, dict) and record.get("step", step + 1) <= step:
                 kept.append(line)
+                if "loss" in record:  # a step's record, not validation's
+                    self._tally(record)
         atomic.write_text(self.path, "".join(line + "\n" for line in kept))
+
+    def _tally(self, values: Mapping[str, object]) -> None:
+        self.steps += 1
+        for key, count in values.items():
+            if key.endswith(SAMPLES) and isinstance(count, int):
+                expert = key.removesuffix(SAMPLES)
+                self.expert_steps[expert] += int(count > 0)
+                self.expert_samples[expert] += count
+
+    def expert_summary(self) -> str | None:
+        """The run's share of steps per WAN 2.2 expert, in words; None with one transformer."""
+        if not self.expert_samples:
+            return None
+        steps, samples = self.expert_steps, self.expert_samples
+        shares = [
+            f"{expert.replace('_', '-')} {steps[expert]} of {self.steps} steps "
+            f"({100 * steps[expert] / max(self.steps, 1):.1f}%, {samples[expert]} samples)"
+            for expert in sorted(samples)
+        ]
+        return "steps with samples per expert: " + ", ".join(shares)
 
     def write(self, record: StepRecord) -> None:
         values = record.to_json()
+        self._tally(values)
         try:
             with self.path.open("a") as file:
                 file.write(json.dumps(values) + "\n")
@@ -150,7 +209,9 @@ class MetricsLog:
                 {
                     key.replace("loss_", "loss/"): value
                     for key, value in values.items()
-                    if key not in ("step", "epoch") and isinstance(value, float) and math.isfinite(value)
+                    if key not in ("step", "epoch")
+                    and isinstance(value, int | float)
+                    and math.isfinite(value)
                 },
             )
 

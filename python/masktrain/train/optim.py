@@ -14,6 +14,11 @@
   but not the schedule's parameters: resuming with the same flags continues the same curve.
 - The flag checks (``config.train.check_optimizer`` / ``check_schedule``) run when the settings
   are built; the builders run them again for callers that pass plain values.
+- WAN 2.2 with ``--lora_per_expert``: one optimizer holds both experts' LoRAs; a LoRA whose expert
+  took no sample in a step does not step (:func:`lora_steps`: its gradients are dropped, which
+  every optimizer here skips, state and weight decay included), and each LoRA's gradients are
+  clipped on their own (:func:`clip_each`), as two separate runs would. Prodigy's step-size
+  estimate is the optimizer's, so the two LoRAs share it.
 """
 
 from __future__ import annotations
@@ -21,11 +26,13 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from masktrain.config.train import OptimSettings, check_optimizer, check_schedule, optimizer_name
+from masktrain.denoiser.experts import lora_of
 from masktrain.errors import OptimConfigError
 
 log = logging.getLogger(__name__)
@@ -168,3 +175,39 @@ def optimizer_and_schedule(
         power=optim.lr_scheduler_power,
     )
     return optimizer, scheduler
+
+
+@dataclass(frozen=True)
+class LoraSteps:
+    """Which of a run's LoRAs one optimizer step moves (:func:`lora_steps`)."""
+
+    moving: list[list[torch.nn.Parameter]]
+    """Each stepping LoRA's parameters."""
+    idle: frozenset[str]
+    """The names of the parameters of the LoRAs that do not step."""
+
+
+def lora_steps(named: list[tuple[str, torch.nn.Parameter]], samples: Mapping[str, int]) -> LoraSteps:
+    """The one LoRA always steps; an expert's own LoRA (``--lora_per_expert``) only when its expert
+    took a sample in the step, on any process (`samples`: per expert, summed over processes, so
+    every process decides alike). An idle LoRA's gradients are set to None, which the optimizer
+    skips: AdamW's momentum and weight decay would move it otherwise."""
+    loras: dict[str, list[tuple[str, torch.nn.Parameter]]] = {}
+    for name, param in named:
+        loras.setdefault(lora_of(name), []).append((name, param))
+    moving, idle = [], set()
+    for lora, members in loras.items():
+        if lora and samples.get(lora, 0) == 0:
+            for name, param in members:
+                param.grad = None
+                idle.add(name)
+        else:
+            moving.append([param for _, param in members])
+    return LoraSteps(moving, frozenset(idle))
+
+
+def clip_each(moving: list[list[torch.nn.Parameter]], max_grad_norm: float) -> float:
+    """Clip each LoRA's gradients to `max_grad_norm` on its own (0: not clipped, only measured);
+    returns the norm of them all before clipping, which the divergence check reads."""
+    norms = [float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm or math.inf)) for params in moving]
+    return math.hypot(*norms)

@@ -137,7 +137,8 @@ def expected_skip_rate(config: TrainConfig, items: list[CachedItem]) -> float | 
     for item in items:
         hw = (int(item.latent_shape[-2]), int(item.latent_shape[-1]))
         sizes[hw] = sizes.get(hw, 0) + item.num_repeats
-    rate = timesteps.estimate_skip_rate(config.timesteps, threshold, sorted(sizes.items()))
+    boundary = config.boundary if config.dit_high_noise is not None else None  # --expert_balance alternate
+    rate = timesteps.estimate_skip_rate(config.timesteps, threshold, sorted(sizes.items()), boundary=boundary)
     # Near 100% the prior term is all but off: a warning (a threshold of 1000 has one from the flags).
     nothing = rate >= NEARLY_ALL and threshold < mask_loss.NEVER_GATED
     log.log(

@@ -1,6 +1,7 @@
 """What ``--resume`` needs before any model loads (torch-free): a complete checkpoint folder whose
-LoRA is the one these flags would build. The arch, the rank, alpha and the LoRA targets must
-match the checkpoint's ``config.json``; the steps, the save cadence, memory and logging flags may
+LoRA is the one these flags would build. The arch, the rank, alpha, the LoRA targets and one LoRA
+or two (``--lora_per_expert``: both LoRAs and their optimizer state come back) must match the
+checkpoint's ``config.json``; the steps, the save cadence, memory and logging flags may
 change. Every refusal is one line naming the folder and what differs."""
 
 from __future__ import annotations
@@ -35,7 +36,10 @@ _MUST_MATCH = (
     (("network", "exclude_patterns"), "exclude_patterns"),
     # the optimizer's parameter groups (and their learning rates, kept in the scheduler's state)
     (("network", "loraplus_lr_ratio"), "loraplus_lr_ratio"),
+    (("lora_per_expert",), "lora_per_expert"),
 )
+_BEFORE_THE_FLAG = {"lora_per_expert": False}
+"""What a checkpoint written before a setting existed had."""
 
 
 def checkpoint_step(config: TrainConfig) -> int | None:
@@ -63,11 +67,13 @@ def checkpoint_step(config: TrainConfig) -> int | None:
     now = json.loads(config.to_json())
     for path, name in _MUST_MATCH:
         before, after = _get(saved, path), _get(now, path)
+        if before is None:
+            before = _BEFORE_THE_FLAG.get(name)
         if before != after:
             raise refuse(
                 f"{name}: {before!r} in the checkpoint, {after!r} now; a resumed run must build the same "
-                "LoRA (arch, network_dim, network_alpha, include/exclude patterns, loraplus_lr_ratio); "
-                "start a new run instead"
+                "LoRA (arch, network_dim, network_alpha, include/exclude patterns, loraplus_lr_ratio, "
+                "lora_per_expert); start a new run instead"
             )
     return step
 
