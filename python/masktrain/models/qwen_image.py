@@ -11,6 +11,8 @@ edit``, ``edit-2509``, ``edit-2511``) appends each control image's clean latents
 size, after the target's tokens, and keeps the prediction of the target tokens only
 (``QwenImageEditPlusPipeline``); its text encoder also reads the control images (``qwen_vl``).
 Edit-2511's transformer has ``zero_cond_t``: it runs the control tokens at timestep 0 itself.
+Qwen-Image-Layered (``--model_version layered``): ``predict`` and ``generate`` hand a layered
+transformer (``use_layer3d_rope``) to ``qwen_layered``.
 
 LoRA goes on the attention and the image / text MLPs of every block, not on the modulation layers
 (``img_mod`` / ``txt_mod``), as musubi-tuner's ``lora_qwen_image`` does; ComfyUI uses the diffusers
@@ -28,7 +30,7 @@ import torch
 from masktrain import catalog
 from masktrain.config.memory import Fp8Mode
 from masktrain.errors import DataError
-from masktrain.models import loading, qwen_image_checkpoint, qwen_vl
+from masktrain.models import loading, qwen_image_checkpoint, qwen_layered, qwen_vl
 from masktrain.models.base import (
     Conditioning,
     DenoiserInputs,
@@ -102,10 +104,16 @@ FP8_VL_TARGETS = Fp8Targets(include=(r"(model\.)?(language_model\.)?layers\.\d+\
 #: timestep 0. Edit and Edit-2509 are the plain tiny transformer, as their released ones are
 #: Qwen-Image's architecture.
 TINY_EDIT_2511 = "tiny-edit-2511"
-TINY_VARIANTS: dict[str, dict[str, Any]] = {TINY_EDIT_2511: {**TINY_TRANSFORMER, "zero_cond_t": True}}
+TINY_VARIANTS: dict[str, dict[str, Any]] = {
+    TINY_EDIT_2511: {**TINY_TRANSFORMER, "zero_cond_t": True},
+    # --model_version layered: layer RoPE and the "is RGB" timestep embedding (qwen_layered)
+    qwen_layered.TINY_LAYERED: {**TINY_TRANSFORMER, **qwen_layered.LAYERED_FLAGS},
+}
 
 
-def tiny_transformer(width_mult: int = 1, layers: int = 2, zero_cond_t: bool = False) -> torch.nn.Module:
+def tiny_transformer(
+    width_mult: int = 1, layers: int = 2, zero_cond_t: bool = False, layered: bool = False
+) -> torch.nn.Module:
     """The built-in tiny denoiser (seeded, float32, CPU); ``width_mult`` multiplies the heads (head
     size stays 16, so RoPE is unchanged), ``layers`` sets the depth, ``zero_cond_t`` makes it an
     Edit-2511 one. The defaults give the ``--dit tiny`` model; larger values give benchmark-sized
@@ -119,6 +127,7 @@ def tiny_transformer(width_mult: int = 1, layers: int = 2, zero_cond_t: bool = F
         "num_attention_heads": TINY_TRANSFORMER["num_attention_heads"] * width_mult,
         "num_layers": layers,
         "zero_cond_t": zero_cond_t,
+        **(qwen_layered.LAYERED_FLAGS if layered else {}),
     }
     model: torch.nn.Module = seeded(lambda: QwenImageTransformer2DModel(**config))
     return model
@@ -141,7 +150,11 @@ def pack_latents(latents: torch.Tensor) -> torch.Tensor:
 def edit_version_mismatch(config: Mapping[str, Any], version: str | None) -> str | None:
     """What is wrong with a transformer of `config` for ``--model_version version`` (None: nothing
     its config shows). Only Edit-2511 differs in its config (``zero_cond_t``); the original, Edit
-    and Edit-2509 transformers have the same architecture and config."""
+    and Edit-2509 transformers have the same architecture and config; Layered's has its own
+    (``qwen_layered.version_mismatch``)."""
+    layered = qwen_layered.version_mismatch(config, version)
+    if layered is not None:
+        return layered
     zero_cond_t = bool(config.get("zero_cond_t", False))
     if version == "edit-2511" and not zero_cond_t:
         return (
@@ -176,7 +189,7 @@ class QwenImageFamily:
             spec,
             device,
             dtype,
-            tiny={TINY: TINY_VAE},
+            tiny={TINY: TINY_VAE, qwen_layered.TINY_LAYERED: {**TINY_VAE, **qwen_layered.TINY_VAE_CHANGES}},
             from_file=qwen_image_checkpoint.load_vae_file,
         )
 
@@ -262,7 +275,10 @@ class QwenImageFamily:
             from_file=qwen_image_checkpoint.load_transformer_file,
             fp8=fp8,
             fp8_targets=FP8_TARGETS,
-            variants={TINY_EDIT_2511: functools.partial(tiny_transformer, zero_cond_t=True)},
+            variants={
+                TINY_EDIT_2511: functools.partial(tiny_transformer, zero_cond_t=True),
+                qwen_layered.TINY_LAYERED: functools.partial(tiny_transformer, layered=True),
+            },
         )
 
     def empty_transformer(self, config: Mapping[str, Any]) -> torch.nn.Module:
@@ -314,6 +330,8 @@ class QwenImageFamily:
     ) -> torch.Tensor:
         b, _, _, h, w = noisy.shape
         controls = _control_latents(condition)
+        if qwen_layered.is_layered(diffusers_config(transformer)):  # the layers, the image as control
+            return qwen_layered.predict(transformer, noisy, sigmas, text, _layered_control(controls))
         target = pack_latents(noisy)
         # QwenImageEditPlusPipeline: [target | control 1 | control 2 ...], each packed at its own
         # size, one (frames, h/2, w/2) entry per image for RoPE; the prediction of the target only.
@@ -343,6 +361,8 @@ class QwenImageFamily:
         scheduler = FlowMatchEulerDiscreteScheduler(
             **SCHEDULER, use_dynamic_shifting=shift is None, shift=1.0 if shift is None else shift
         )
+        if qwen_layered.is_layered(diffusers_config(transformer)):  # its own loop (qwen_layered says why)
+            return qwen_layered.generate(transformer, vae, request, scheduler)
         text, negative = request.text, request.negative
         settings: dict[str, Any] = {
             "prompt_embeds": text.hidden,
@@ -395,6 +415,16 @@ def _control_latents(condition: Conditioning | None) -> tuple[torch.Tensor, ...]
     if condition.frame_indices is not None:
         raise ValueError("Qwen-Image takes control latents, not WAN one-frame indices")
     return condition.control_latents or ()
+
+
+def _layered_control(controls: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """Qwen-Image-Layered's one control: the clean latents of the image it decomposes."""
+    if len(controls) != 1:
+        raise ValueError(
+            f"Qwen-Image-Layered takes one control (the image to decompose), got {len(controls)}; "
+            "cache the dataset with --model_version layered"
+        )
+    return controls[0]
 
 
 def _mask(text: TextBatch) -> torch.Tensor:

@@ -140,6 +140,9 @@ def qwen_transformer_config(shapes: Shapes, overrides: Mapping[str, Any] | None 
         "guidance_embeds": False,
         "axes_dims_rope": tuple(axes),
         "use_additional_t_cond": "time_text_embed.addition_t_embedding.weight" in shapes,
+        # Qwen-Image-Layered's layer RoPE has no weights; the "is RGB" embedding above is its only
+        # mark, and it comes with the layer RoPE (musubi builds both from is_layered)
+        "use_layer3d_rope": "time_text_embed.addition_t_embedding.weight" in shapes,
     }
     return config | overrides
 

@@ -3,6 +3,8 @@
 - ``{output_name}_{step:06d}_{index:02d}_{seed}.png`` for an image, ``.mp4`` for a video (H.264
   through PyAV, at the family's frame rate), with the video's middle frame beside it as
   ``..._middle.png`` for the contact sheet;
+- Qwen-Image-Layered: ``..._{seed}_layer{i}.png``, each image the model made as RGBA (layer 0 its
+  first: the base, for a model trained on it), and ``..._{seed}.png`` all of them side by side;
 - ``{output_name}_contact_sheet.html``: one row per sampled step (step 0 is the base model), one
   column per prompt, each cell the image (or the video's middle frame) linked to its file. It is
   rebuilt from the files on disk after each sampling, so a resumed run's sheet holds every step.
@@ -52,6 +54,19 @@ def write_sample(path: Path, frames: torch.Tensor, fps: float | None) -> None:
         return
     atomic.write_bytes(path, _mp4(frames, fps or 16.0))
     atomic.write_bytes(middle_frame_path(path), _png(frames[frames.shape[0] // 2]))
+
+
+def layer_path(path: Path, layer: int) -> Path:
+    """Qwen-Image-Layered: image `layer` of the sample `path`."""
+    return path.with_name(f"{path.stem}_layer{layer}.png")
+
+
+def write_layers(path: Path, layers: torch.Tensor) -> None:
+    """(L, H, W, 4) uint8 RGBA images: each as :func:`layer_path`, then all side by side at `path`
+    (the contact sheet's cell; written last, as what says the sample is complete)."""
+    for index, layer in enumerate(layers):
+        atomic.write_bytes(layer_path(path, index), _png(layer))
+    atomic.write_bytes(path, _png(torch.cat(list(layers), dim=1)))
 
 
 def _png(frame: torch.Tensor) -> bytes:
