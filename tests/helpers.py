@@ -225,20 +225,28 @@ def denoiser_output(arch: str, transformer: Any) -> Any:
 
 def trained_lora(arch: str, seed: int = 0) -> Any:
     """A tiny denoiser with an adapter whose weights are all nonzero (seeded, reproducible)."""
-    import torch
-
-    from masktrain.denoiser.lora import add_lora
     from masktrain.models import get_family
 
     transformer = tiny_denoiser(arch)
+    nonzero_lora(transformer, get_family(arch), seed)
+    return transformer
+
+
+def nonzero_lora(transformer: Any, family: Any, seed: int = 0) -> list[str]:
+    """Add the family's default LoRA to `transformer` (rank 4) with every B weight drawn from a
+    seeded normal, so the adapter changes the output; returns the adapted module names."""
+    import torch
+
+    from masktrain.denoiser.lora import add_lora
+
     torch.manual_seed(seed)  # peft's Kaiming init of lora_A draws from the global generator
-    add_lora(transformer, get_family(arch), rank=LORA_RANK, alpha=LORA_ALPHA)
+    names = add_lora(transformer, family, rank=LORA_RANK, alpha=LORA_ALPHA)
     generator = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for name, param in transformer.named_parameters():
             if ".lora_B." in name:
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
-    return transformer
+    return names
 
 
 def adapted_modules(transformer: Any) -> list[str]:
@@ -293,3 +301,28 @@ def read_array(path: Path) -> Any:
 
     with Image.open(path) as image:
         return np.asarray(image)
+
+
+def check_lora_round_trip(
+    tmp_path: Path, layout: str, family: Any, fresh: Any, output: Any, pipeline: Any | None
+) -> list[str]:
+    """A LoRA with nonzero weights on ``fresh()`` saved in `layout` loads back to the same
+    ``output(model)``: through masktrain's loader, and through diffusers' own ``load_lora_weights``
+    of ``pipeline(fresh())`` when given (None: a layout diffusers does not read). Returns the
+    adapted module names."""
+    from masktrain.denoiser.lora import load_lora_into, save_lora
+
+    trained = fresh()
+    names = nonzero_lora(trained, family)
+    expected = output(trained)
+    assert (expected - output(fresh())).abs().max() > 1e-3
+    path = tmp_path / f"{layout}.safetensors"
+    save_lora(path, trained, family, layout=layout, metadata={})
+    loaded = fresh()
+    load_lora_into(loaded, path, family)
+    assert (output(loaded) - expected).abs().max() == 0
+    if pipeline is not None:
+        with_lora = pipeline(fresh())
+        with_lora.load_lora_weights(str(path))
+        assert (output(with_lora.transformer) - expected).abs().max() <= 1e-6
+    return names

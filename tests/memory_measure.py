@@ -81,6 +81,8 @@ class Mode:
     """Masked loss with prior preservation (weight 1, --prior_mask_threshold 0.1); False: masked only."""
     rank: int = 16
     """--network_dim (and --network_alpha)."""
+    controls: int = 0
+    """Qwen-Image-Edit: control images per item, at the target's size."""
 
 
 @dataclass(frozen=True)
@@ -135,7 +137,7 @@ def measure(
     optimizer, scheduler = optimizer_and_schedule(named, run.optim, None, steps)
     for group in optimizer.param_groups:
         group["foreach"] = True  # torch's choice on CUDA (see the module docstring)
-    batch = _batch(family, config, width, height, frames, text_tokens)
+    batch = _batch(family, config, width, height, frames, text_tokens, mode.controls)
     on_device = _MadeOnDevice([*_module_tensors(model), *_swap_masters(experts), *_batch_tensors(batch)])
     counter = LiveBytes(counted=on_device)
     offload = (
@@ -253,7 +255,13 @@ def _pool(size: int) -> torch.Tensor:
 
 
 def _batch(
-    family: ModelFamily, config: Mapping[str, Any], width: int, height: int, frames: int, tokens: int
+    family: ModelFamily,
+    config: Mapping[str, Any],
+    width: int,
+    height: int,
+    frames: int,
+    tokens: int,
+    controls: int = 0,
 ) -> Batch:
     """One item as the cache stores it: float32 latents, mask weights in [0, 1] (a subject at 1
     inside a body at 0.5 on a background at 0), a bf16 text embedding."""
@@ -276,6 +284,11 @@ def _batch(
             images, tokens_each = (1, 257) if pairs is None else (2, int(pairs) // 2)
             embeds = torch.randn(1, images, tokens_each, inputs.image_dim, generator=generator)
         condition = Conditioning(image_latents=image_latents, image_embeds=embeds)
+    if controls:  # Qwen-Image-Edit: clean control latents at the target's size
+        shape = (1, inputs.latent_channels, 1, *grid[1:])
+        condition = Conditioning(
+            control_latents=tuple(torch.randn(shape, generator=generator) for _ in range(controls))
+        )
     return Batch(index=0, latents=latents, mask_weights=mask, text=[text], items=[], condition=condition)
 
 
@@ -334,7 +347,7 @@ def _swap_masters(experts: Experts) -> list[torch.Tensor]:
 
 
 def _batch_tensors(batch: Batch) -> list[torch.Tensor]:
-    condition = [] if batch.condition is None else [t for _, t in batch.condition._fields() if t is not None]
+    condition = [] if batch.condition is None else batch.condition.tensors()
     masks = [] if batch.mask_weights is None else [batch.mask_weights]
     return [batch.latents, *batch.text, *condition, *masks]
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import cache_tiny, train_config, write_video
+from helpers import cache_tiny, check_lora_round_trip, train_config, write_video
 from masktrain import catalog
 from masktrain.data import cache_format as fmt
 from masktrain.errors import CacheConfigError, CacheModeMismatch, ModelLoadError, TrainConfigError
@@ -238,7 +238,8 @@ def test_a_control_image_stands_for_the_given_frame(tmp_path: Path) -> None:
     keys = fmt.item_tensor_keys(tensors, path)
     family = get_family("wan")
     vae = family.load_vae("tiny", torch.device("cpu"), torch.float32)
-    pixels = torch.from_numpy(np.array(Image.open(tmp_path / "controls" / "walk.png"))).permute(2, 0, 1)
+    with Image.open(tmp_path / "controls" / "walk.png") as image:
+        pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1)
     alone = family.encode_pixels(vae, pixels.float().div(127.5).sub(1)[None, :, None])
     torch.testing.assert_close(tensors[keys.image_latents][4:, 0].float(), alone[0, :, 0], rtol=0, atol=1e-4)
     # and the clip's own first frame is not what was given
@@ -274,43 +275,19 @@ def test_an_i2v_lora_loads_back_to_the_same_output(tmp_path: Path, layout: str) 
     through masktrain's loader for all three."""
     from diffusers import FlowMatchEulerDiscreteScheduler, WanImageToVideoPipeline
 
-    from masktrain.denoiser.lora import add_lora, load_lora_into, save_lora
-
-    family = get_family("wan")
+    family, cpu = get_family("wan"), torch.device("cpu")
 
     def fresh() -> torch.nn.Module:
-        return family.load_transformer("tiny-i2v", "--dit", torch.device("cpu"), torch.float32)
+        return family.load_transformer("tiny-i2v", "--dit", cpu, torch.float32)
 
-    trained = fresh()
-    torch.manual_seed(0)
-    names = add_lora(trained, family, rank=4, alpha=4.0)
+    def pipeline(transformer: torch.nn.Module) -> Any:
+        vae = family.load_vae("tiny", cpu, torch.float32)
+        scheduler = FlowMatchEulerDiscreteScheduler()
+        return WanImageToVideoPipeline(None, None, vae, scheduler, None, None, transformer)
+
+    readable = None if layout == "musubi" else pipeline
+    names = check_lora_round_trip(tmp_path, layout, family, fresh, _i2v_output, readable)
     assert {"blocks.0.attn2.add_k_proj", "blocks.0.attn2.add_v_proj"} <= set(names)
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, parameter in trained.named_parameters():
-            if ".lora_B." in name:
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.5)
-    expected = _i2v_output(trained)
-    assert (expected - _i2v_output(fresh())).abs().max() > 1e-3
-    path = tmp_path / f"{layout}.safetensors"
-    save_lora(path, trained, family, layout=layout, metadata={})
-
-    loaded = fresh()
-    load_lora_into(loaded, path, family)
-    assert torch.equal(_i2v_output(loaded), expected)
-    if layout == "musubi":
-        return
-    pipeline = WanImageToVideoPipeline(
-        tokenizer=None,
-        text_encoder=None,
-        vae=family.load_vae("tiny", torch.device("cpu"), torch.float32),
-        scheduler=FlowMatchEulerDiscreteScheduler(),
-        transformer=fresh(),
-        image_encoder=None,
-        image_processor=None,
-    )
-    pipeline.load_lora_weights(str(path))
-    assert (_i2v_output(pipeline.transformer) - expected).abs().max() <= 1e-6
 
 
 def test_i2v_trains_with_fp8_base_weights_and_block_swap(tmp_path: Path) -> None:
@@ -331,3 +308,17 @@ def test_i2v_trains_with_fp8_base_weights_and_block_swap(tmp_path: Path) -> None
         json.loads(line)["loss"] for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()
     ]
     assert len(losses) == 2 and all(np.isfinite(losses))
+
+
+@pytest.mark.parametrize(("flags", "condition"), [("--i2v", "i2v-A14B"), ("--clip tiny", "i2v-14B")])
+def test_musubis_cache_flags_name_the_mode(tmp_path: Path, flags: str, condition: str) -> None:
+    """musubi-tuner's WAN cache takes --i2v (and --clip implies it), not --task."""
+    from click.testing import CliRunner
+
+    from masktrain.cli import main
+
+    toml = _video_dataset(tmp_path)
+    args = f"cache --dataset_config {toml} --arch wan --vae tiny --t5 tiny --device cpu {flags}"
+    result = CliRunner().invoke(main, args.split())
+    assert result.exit_code == 0, result.output
+    assert fmt.read_metadata(_clip_file(tmp_path)).extra[fmt.KEY_CONDITION] == condition  # type: ignore[union-attr]

@@ -41,6 +41,7 @@ ROWS: list[tuple[str, str, dict[str, Any], Mode]] = [
     ("wan 14B 2-block slice prior", "wan", WAN_14B_SLICE, Mode()),
     ("wan I2V 14B 2-block slice prior", "wan", WAN_I2V_SLICE, Mode()),
     ("qwen 20B 2-block slice prior", "qwen_image", QWEN_20B_SLICE, Mode()),
+    ("qwen 20B 2-block slice edit, one control", "qwen_image", QWEN_20B_SLICE, Mode(controls=1)),
 ]
 TINY = [
     ("wan tiny prior", "wan", dict(wan.TINY_TRANSFORMER), Mode(rank=4)),
@@ -54,7 +55,8 @@ def planned(arch: str, config: dict[str, Any], mode: Mode) -> int:
     factor = family.spec.spatial_factor
     # WAN pads every caption to 512 tokens; Qwen-Image batches are as long as the caption.
     tokens = 512 if arch == "wan" else TOKENS
-    shape = step_shape(family, config, largest_bucket.from_resolution(SIZE, SIZE, 1))  # + conditioning
+    bucket = largest_bucket.from_resolution(SIZE, SIZE, 1)
+    shape = step_shape(family, config, bucket, controls=mode.controls)  # + conditioning
     shape = dataclasses.replace(shape, text_tokens=tokens)
     assert (shape.height, shape.width) == (SIZE // factor, SIZE // factor)
     settings = PlanSettings(

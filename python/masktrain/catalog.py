@@ -45,6 +45,10 @@ class Mode:
     """The built-in tiny denoiser ``--dit tiny`` builds for this mode."""
     timestep_boundary: float | None = None
     """The two experts' switch when ``--timestep_boundary`` is not given (None: the family's)."""
+    alpha_is_content: bool = False
+    """The images' alpha channel is part of what the model learns (Qwen-Image-Layered's RGBA
+    layers), so it cannot be the mask: ``alpha_mask = true`` is an error (masks come from
+    ``mask_directory``)."""
 
 
 @dataclass(frozen=True)
@@ -69,11 +73,15 @@ def _image_to_video(
     return Mode("image_to_video", given_frames, clip, 20, tiny, boundary)
 
 
+def _edit(tiny: str = "tiny") -> Mode:
+    """A Qwen-Image-Edit mode: control images as tokens after the target's and in the prompt."""
+    return Mode("edit", given_frames=0, tiny=tiny)
+
+
 #: The cache's ``condition`` value of an item made without conditioning.
 NO_CONDITION = "none"
 
 _FUN = "Fun-Control training (control videos as conditioning) is not supported yet"
-_EDIT = "Qwen-Image-Edit training (control images as conditioning) is not supported yet"
 
 WAN_TASKS: Mapping[str, Task] = MappingProxyType(
     {
@@ -94,13 +102,17 @@ WAN_TASKS: Mapping[str, Task] = MappingProxyType(
 QWEN_MODEL_VERSIONS: Mapping[str, Task] = MappingProxyType(
     {
         "original": Task(),
-        "edit": Task(refused=_EDIT),
-        "edit-2509": Task(refused=_EDIT),
-        "edit-2511": Task(refused=_EDIT),
-        "layered": Task(refused="Qwen-Image-Layered training is not supported yet"),
+        "edit": Task(mode=_edit()),
+        "edit-2509": Task(mode=_edit()),
+        "edit-2511": Task(mode=_edit(tiny="tiny-edit-2511")),
+        "layered": Task(mode=Mode("layered", given_frames=0, tiny="tiny-layered", alpha_is_content=True)),
     }
 )
-"""musubi-tuner's ``--model_version`` values for Qwen-Image."""
+"""musubi-tuner's ``--model_version`` values for Qwen-Image. The Edit models' transformers have
+Qwen-Image's architecture; Edit-2511's also runs the control tokens at timestep 0 (``zero_cond_t``,
+``models.qwen_image.edit_version_mismatch``), so ``--dit tiny`` builds its own tiny model.
+Layered's transformer has its own RoPE and timestep embedding (``tiny-layered``) and its VAE reads
+RGBA (``--vae tiny-layered`` for the tiny one; ``models.qwen_layered``)."""
 
 
 @dataclass(frozen=True)
@@ -265,7 +277,7 @@ QWEN_IMAGE = ArchSpec(
     temporal_factor=1,
     video_fps=None,
     two_experts=False,
-    tiny_vaes=MappingProxyType({"tiny": 4}),
+    tiny_vaes=MappingProxyType({"tiny": 4, "tiny-layered": 4}),  # tiny-layered: Layered's RGBA VAE
     task_flag="--model_version",
     tasks=QWEN_MODEL_VERSIONS,
     lora_layer_hints=("transformer_blocks",),

@@ -12,6 +12,10 @@ training time (it warns when a value is applied twice).
 With ``bucket_no_upscale`` an image whose area is at most the resolution's keeps its own size
 rounded down to the bucket step: the native core prepares it a second time with that one bucket
 (it learns the size, EXIF orientation applied, from the first pass; such images are small).
+
+Conditioned modes add their tensors through one object each: WAN one-frame (``cache.one_frame``),
+Qwen-Image-Edit's control images (``cache.edit``) and Qwen-Image-Layered's RGBA layers, encoded
+image by image, with their mask frames (``cache.layered``).
 """
 
 from __future__ import annotations
@@ -23,6 +27,9 @@ import numpy as np
 import torch
 
 from masktrain import _native
+from masktrain.cache.edit import EditItems
+from masktrain.cache.layered import LayeredItems
+from masktrain.cache.one_frame import OneFrameItems
 from masktrain.cache.setup import CacheSetup
 from masktrain.cache.stages import ProgressBar, chunk_size, prepared_chunks, stale_items
 from masktrain.cache.summary import DatasetSummary
@@ -50,6 +57,12 @@ class ImageCacher:
         assert isinstance(setup.dataset, ImageDatasetConfig)
         self.setup, self.dataset = setup, setup.dataset
         self.existing = fmt.existing_item_files(self.dataset.cache_directory, setup.arch)
+        # WAN one-frame: each item with its control images, laid out in frame slots
+        self.one_frame = OneFrameItems(setup) if setup.config.one_frame else None
+        # Qwen-Image-Edit: each item's control images, encoded beside it
+        self.edit = EditItems.of(setup)
+        # Qwen-Image-Layered: each item's RGBA images (the base and its layers) and mask frames
+        self.layered = LayeredItems.of(setup)
 
     @property
     def missing_files_warning(self) -> bool:
@@ -71,13 +84,18 @@ class ImageCacher:
             buckets,
             mask_index=self.setup.masks,
             alpha_mask=self.dataset.alpha_mask,
-            require_mask=self.dataset.require_mask,
+            # layered: a mask folder (mask_directory/NAME/) the core does not see counts too
+            require_mask=self.dataset.require_mask and self.layered is None,
             latent_factor=self.setup.factor,
             cache_mask_gamma=self.setup.config.cache_mask_gamma,
             cache_mask_min_weight=self.setup.config.cache_mask_min_weight,
         )
 
     def prepare(self, chunk: list[MediaItem]) -> list[Prepared]:
+        results = self._prepare_images(chunk)
+        return results if self.layered is None else self.layered.load(chunk, results)
+
+    def _prepare_images(self, chunk: list[MediaItem]) -> list[Prepared]:
         results = self._prepare([item.path for item in chunk], self.setup.buckets)
         if not self.dataset.buckets.bucket_no_upscale:
             return results
@@ -96,31 +114,39 @@ class ImageCacher:
         return results
 
     def encode(self, batch: list[tuple[MediaItem, _native.PreparedItem, str]]) -> torch.Tensor:
+        if self.layered is not None:  # every image of each item alone, RGBA
+            return self.layered.encode(batch)
         pixels = np.stack([prepared.image for _, prepared, _ in batch])  # (B, H, W, 3) uint8
         tensor = torch.from_numpy(pixels).permute(0, 3, 1, 2).float().div(127.5).sub(1.0).unsqueeze(2)
         return self.setup.family.encode_pixels(self.setup.vae, tensor).cpu()
 
     def write(
         self, item: MediaItem, prepared: _native.PreparedItem, latents: torch.Tensor, fingerprint: str
-    ) -> None:
+    ) -> tuple[fmt.MaskSource, torch.Tensor | None]:
+        """Write the item's file; returns the mask source and weights it holds (for the summary)."""
         setup = self.setup
         weights = None
         if prepared.latent_mask is not None:
             setup.check_grid(item, prepared.bucket, prepared.latent_mask.shape, tuple(latents.shape[-2:]))
             weights = torch.from_numpy(prepared.latent_mask)
+        mask_source, mask_path = prepared.mask_source, prepared.mask_path
+        if self.layered is not None:  # a mask folder gives each image its own frame
+            mask_source, mask_path, weights = self.layered.weights(item, prepared, weights)
         name = fmt.item_cache_name(item.stem, prepared.original_size, setup.arch)
         metadata = setup.metadata(
-            item,
-            prepared.mask_source,
-            prepared.bucket,
-            fingerprint,
-            prepared.original_size,
-            prepared.mask_path,
+            item, mask_source, prepared.bucket, fingerprint, prepared.original_size, mask_path
         )
-        fmt.write_cache_file(
-            self.dataset.cache_directory / name, setup.latent_tensors(latents, weights), metadata
-        )
+        if self.one_frame is not None:
+            tensors = self.one_frame.tensors(item, prepared.bucket, latents, weights)
+        else:
+            tensors = setup.latent_tensors(latents, weights)
+        if self.edit is not None:
+            tensors |= self.edit.tensors(item, latents.dtype)
+        if self.layered is not None:  # the base's latents are the control
+            tensors |= self.layered.tensors(latents)
+        fmt.write_cache_file(self.dataset.cache_directory / name, tensors, metadata)
         setup.remove_replaced(self.existing.get(item.stem, []), {name})
+        return mask_source, weights
 
     def run(self, summary: DatasetSummary, progress: ProgressBar, shard: Shard) -> list[MediaItem]:
         """Latents for every stale item of this process's share; returns the share's items that
@@ -144,11 +170,11 @@ class ImageCacher:
                     latents = self.encode(batch)
                     for (item, prepared, fingerprint), item_latents in zip(batch, latents, strict=True):
                         try:
-                            self.write(item, prepared, item_latents, fingerprint)
+                            mask_source, weights = self.write(item, prepared, item_latents, fingerprint)
                         except (OSError, ValueError) as error:
                             summary.failed.append((item.path, str(error)))
                             continue
-                        summary.add_written(prepared.mask_source, prepared.latent_mask)
+                        summary.add_written(mask_source, None if weights is None else weights.numpy())
                     progress.update(len(batch))
         self.setup.remove_failed(summary.failed, self.existing)
         failed = {path for path, _ in summary.failed}

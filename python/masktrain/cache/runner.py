@@ -23,7 +23,9 @@ from tqdm import tqdm
 
 from masktrain import atomic, catalog, distributed
 from masktrain.cache.conditioning import ClipConditioning
+from masktrain.cache.edit import EditPrompts
 from masktrain.cache.images import ImageCacher
+from masktrain.cache.layered import check_dataset as check_layered
 from masktrain.cache.setup import CacheSetup
 from masktrain.cache.summary import DatasetSummary
 from masktrain.cache.text import TextCacher
@@ -58,12 +60,15 @@ def preflight(config: CacheConfig) -> list[tuple[Dataset, Discovery]]:
                 f"need --arch {' or '.join(catalog.video_arches())}"
             )
         video_mode = config.mode is not None and config.mode.kind == "image_to_video"
-        if isinstance(dataset, ImageDatasetConfig) and video_mode and not config.one_frame:
+        if config.one_frame:
+            _check_one_frame(config, dataset, number)
+        elif isinstance(dataset, ImageDatasetConfig) and video_mode:
             raise ConfigError(
                 f"{config.dataset_config}: [[datasets]] #{number}: {spec.task_flag} {config.task} trains "
                 "video clips conditioned on their first frame; an image dataset needs --one_frame (control "
                 "images) or a video dataset"
             )
+        check_layered(config, dataset, number)  # Qwen-Image-Layered: multiple_target, no alpha_mask
         where = f"{config.dataset_config}: [[datasets]] #{number}: 'cache_directory'"
         check_writable(dataset.cache_directory, where)
     return [(dataset, discover(dataset)) for dataset in dataset_config.datasets]
@@ -85,13 +90,14 @@ def _run(
     device = resolve_device(config.device, shard.local_rank)
     dtype, _ = precision("auto", device)  # bf16 weights on a GPU, float32 on the CPU
     vae = family.load_vae(config.vae, device, dtype)
-    text = TextCacher(
-        config,
-        family,
-        family.load_text_encoder(
+    edit = EditPrompts.of(config)  # Qwen-Image-Edit reads the control images with its vision tower
+    if edit is not None:
+        encoder = edit.load_encoder(config, family, device, dtype)
+    else:
+        encoder = family.load_text_encoder(
             config.text_encoder, device, dtype, fp8=config.fp8_text_encoder, tokenizer=config.text_tokenizer
-        ),
-    )
+        )
+    text = TextCacher(config, family, encoder)
     conditioning = ClipConditioning.of(config, device, dtype)
     if shard.is_main:
         log.info(
@@ -118,12 +124,29 @@ def _run(
             cacher = ImageCacher(setup) if isinstance(dataset, ImageDatasetConfig) else VideoCacher(setup)
             summary = DatasetSummary(name=f"dataset #{number} ({_source(dataset)})")
             cached = cacher.run(summary, progress, shard)
-            text.run(dataset, cached, summary)
+            text.run(dataset, cached, summary, setup.controls)
             summary = DatasetSummary.merged(shard.gather(summary))
             if shard.is_main:
                 summary.report(cacher.missing_files_warning)
             summaries.append(summary)
     return summaries
+
+
+def _check_one_frame(config: CacheConfig, dataset: Dataset, number: int) -> None:
+    """``--one_frame`` trains image datasets with control images and their frame positions."""
+    where = f"{config.dataset_config}: [[datasets]] #{number}"
+    if not isinstance(dataset, ImageDatasetConfig):
+        raise ConfigError(f"{where}: --one_frame trains image datasets (control images and one target image)")
+    for key, value in (
+        ("control_directory", dataset.control_directory),
+        ("fp_1f_clean_indices", dataset.fp_1f_clean_indices or None),
+        ("fp_1f_target_index", dataset.fp_1f_target_index),
+    ):
+        if value is None:
+            raise ConfigError(
+                f"{where}: --one_frame needs '{key}' (control_directory, fp_1f_clean_indices and "
+                "fp_1f_target_index, as musubi-tuner's one-frame datasets set them)"
+            )
 
 
 def _source(dataset: Dataset) -> object:

@@ -84,6 +84,8 @@ class CacheSetup:
             parts["cache_mask"] = self.baked_metadata()
         if self.conditioning is not None:  # likewise
             parts["conditioning"] = self.conditioning.fingerprint_part()
+        elif self.config.mode is not None:  # a mode that loads nothing more (Qwen-Image-Edit)
+            parts["conditioning"] = {"condition": self.config.condition}
         return fmt.fingerprint(parts)
 
     def baked_metadata(self) -> dict[str, str]:

@@ -46,7 +46,13 @@ from masktrain.cli.outcome import run_job
     help="musubi-tuner's --task (WAN): i2v-14B, flf2v-14B or i2v-A14B cache image-to-video "
     "conditioning beside each clip (docs/conditioning.md).",
 )
-@option("model_version", default=None, help="musubi-tuner's --model_version (Qwen-Image).")
+@option(
+    "model_version",
+    default=None,
+    help="musubi-tuner's --model_version (Qwen-Image): edit, edit-2509 or edit-2511 cache each item's "
+    "control images and a text embedding that read them; layered each item's RGBA layers "
+    "(multiple_target, --vae the Layered VAE) (docs/conditioning.md).",
+)
 @option(
     "clip",
     default=None,
@@ -54,6 +60,13 @@ from masktrain.cli.outcome import run_job
     "or ComfyUI's clip_vision_h.safetensors).",
 )
 @option("one_frame", is_flag=True, default=False, help="WAN one-frame training (control images).")
+@option(
+    "i2v",
+    is_flag=True,
+    default=False,
+    help="musubi-tuner's --i2v: image-to-video conditioning without --task (i2v-14B with --clip, "
+    "else i2v-A14B).",
+)
 @option(
     "skip_existing",
     switch=True,
@@ -75,6 +88,7 @@ def cache(
     model_version: str | None,
     clip: str | None,
     one_frame: bool,
+    i2v: bool,
     **text_encoders: str | bool | None,
 ) -> None:
     """Cache latents, mask weights and text embeddings for a dataset TOML."""
@@ -96,7 +110,7 @@ def cache(
             num_workers=num_workers,
             cache_mask_gamma=cache_mask_gamma,
             cache_mask_min_weight=cache_mask_min_weight,
-            task=_task(arch, task, model_version),
+            task=_task(arch, task, model_version, i2v, clip is not None),
             clip=clip,
             one_frame=one_frame,
         )
@@ -107,12 +121,18 @@ def cache(
     raise SystemExit(1 if run_job(job) else 0)
 
 
-def _task(arch: str, task: str | None, model_version: str | None) -> str | None:
-    """The one of ``--task`` / ``--model_version`` given: the family's flag (the other is an error)."""
+def _task(arch: str, task: str | None, model_version: str | None, i2v: bool, clip: bool) -> str | None:
+    """The one of ``--task`` / ``--model_version`` given: the family's flag (the other is an error).
+    musubi-tuner's WAN cache names no task: its ``--i2v`` (or ``--clip``, which implies it) is
+    ``i2v-14B`` with a CLIP model and ``i2v-A14B`` without, unless ``--task`` says otherwise."""
     from masktrain.errors import CacheConfigError
 
     spec = catalog.arch(arch)
     for flag, value in (("--task", task), ("--model_version", model_version)):
         if value is not None and flag != spec.task_flag:
             raise CacheConfigError(f"{flag} is not used with --arch {arch}; use {spec.task_flag}")
-    return task if spec.task_flag == "--task" else model_version
+    if spec.task_flag != "--task":
+        return model_version
+    if task is None and (i2v or clip):
+        return "i2v-14B" if clip else "i2v-A14B"
+    return task

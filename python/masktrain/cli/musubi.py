@@ -102,7 +102,6 @@ NOT_IMPLEMENTED: dict[str, str] = {
     "vae_dtype": "a sampling and caching option; drop the flag",
     "vae_cache_cpu": "a caching option of musubi; drop the flag",
     "force_v2_1_time_embedding": _NOT_SUPPORTED,
-    "remove_first_image_from_target": "Qwen-Image-Layered training is not supported yet",
     "num_layers": _NOT_SUPPORTED,
 }
 

@@ -60,8 +60,12 @@ def _optional(param: click.Parameter) -> click.Parameter:
 def plan(resolution: tuple[int, int] | None, frames: int, **flags: Any) -> None:
     """How much device and host memory a training run needs, component by component, and the
     fewest --blocks_to_swap that fit --vram. Reads no weights: the transformer's config comes from
-    its file's header or folder, or a released model's name given to --dit: wan2.1-1.3b,
-    wan2.1-14b, wan2.2-a14b, wan2.2-ti2v-5b, qwen-image-20b."""
+    its file's header or folder, or a released model's name given to --dit:
+
+    \b
+    wan2.1-1.3b, wan2.1-14b, wan2.2-a14b, wan2.2-ti2v-5b,
+    wan2.1-i2v-14b, wan2.1-flf2v-14b, wan2.2-i2v-a14b,
+    qwen-image-20b."""
 
     def job() -> None:
         if flags["dit"] is None:

@@ -30,7 +30,12 @@ from masktrain.cli.outcome import run_job
     help="musubi-tuner's --task (WAN): i2v-14B, flf2v-14B or i2v-A14B sample from each prompt's --i "
     "(and --ei) image.",
 )
-@option("model_version", default=None, help="musubi-tuner's --model_version (Qwen-Image).")
+@option(
+    "model_version",
+    default=None,
+    help="musubi-tuner's --model_version (Qwen-Image): edit, edit-2509 or edit-2511 sample from each "
+    "prompt's --ci control images; layered decomposes its --ci image into --f layers.",
+)
 @option(
     "clip",
     default=None,
@@ -38,7 +43,17 @@ from masktrain.cli.outcome import run_job
 )
 @option("one_frame", is_flag=True, default=False, help="WAN one-frame inference (--ci and --of per prompt).")
 @option(
-    "lora", type=existing_file(), default=None, help="A LoRA file masktrain wrote [default: the base model]."
+    "lora",
+    type=existing_file(),
+    default=None,
+    help="A LoRA file masktrain wrote [default: the base model]; one of --lora_per_expert's pair "
+    "(NAME_low_noise / NAME_high_noise) with --dit_high_noise loads both, each on its expert.",
+)
+@option(
+    "lora_high_noise",
+    type=existing_file(),
+    default=None,
+    help="WAN 2.2 A14B: the high-noise expert's own LoRA (--lora then goes on the low-noise expert).",
 )
 @option(
     "sample_prompts",

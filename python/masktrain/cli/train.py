@@ -29,7 +29,12 @@ from masktrain.config.memory import MemorySettings, attention_flag
 from masktrain.config.sample import SampleSettings
 from masktrain.config.text_encoder import TextEncoderChoice, choose, split_flags
 from masktrain.config.text_encoder import option_names as text_encoder_names
-from masktrain.config.timesteps import TIMESTEP_SAMPLINGS, WEIGHTING_SCHEMES, TimestepSettings
+from masktrain.config.timesteps import (
+    EXPERT_BALANCES,
+    TIMESTEP_SAMPLINGS,
+    WEIGHTING_SCHEMES,
+    TimestepSettings,
+)
 from masktrain.config.trackers import LOG_WITH, TrackerSettings
 from masktrain.config.train import (
     LORA_FORMATS,
@@ -111,6 +116,7 @@ _OPTIONS: list[Callable[[F], F]] = [
     _field("arch", type=click.Choice(catalog.ARCH_NAMES)),
     _field("dit"),
     _field("dit_high_noise"),
+    _switch("lora_per_expert"),
     _field("timestep_boundary", type=float),
     _field("output_dir", type=click.Path(file_okay=False, path_type=Path)),
     _field("output_name"),
@@ -154,6 +160,7 @@ _OPTIONS: list[Callable[[F], F]] = [
     _field("task"),
     _field("model_version"),
     _switch("one_frame"),
+    _switch("remove_first_image_from_target"),
     _field("lora_format", type=click.Choice(LORA_FORMATS)),
     _field("save_precision", type=click.Choice(SAVE_PRECISION)),
     _switch("overwrite"),
@@ -210,6 +217,7 @@ _OPTIONS: list[Callable[[F], F]] = [
     _field("mode_scale", type=float),
     _field("min_timestep", type=click.IntRange(0, 1000)),
     _field("max_timestep", type=click.IntRange(0, 1000)),
+    _field("expert_balance", type=click.Choice(EXPERT_BALANCES)),
 ]
 
 

@@ -104,6 +104,15 @@ class ImageDatasetConfig(_Common):
     """WAN one-frame: the frame position of each control image, in control order."""
     fp_1f_target_index: int | None = None
     """WAN one-frame: the target image's frame position."""
+    control_resolution: tuple[int, int] | None = None
+    """Qwen-Image-Edit: each control image is resized to this area, its aspect kept (musubi-tuner's
+    key); None: 1024x1024, the area the edit pipelines encode each control at."""
+    no_resize_control: bool = False
+    """Qwen-Image-Edit: each control image keeps its own size, its sides rounded down to multiples
+    of 16 (with ``control_resolution``: only those larger than its area are resized)."""
+    multiple_target: bool = False
+    """Qwen-Image-Layered (musubi-tuner's key): each captioned image ``NAME`` is the base of an item
+    whose RGBA layers are the images ``NAME_0``, ``NAME_1``, ... beside it (``data.layers``)."""
 
 
 @dataclass(frozen=True)
@@ -155,6 +164,9 @@ _IMAGE = {
     "fp_1f_clean_indices",
     "fp_1f_target_index",
     "fp_1f_no_post",
+    "control_resolution",
+    "no_resize_control",
+    "multiple_target",
 }
 _VIDEO = {
     "video_directory",
@@ -325,7 +337,15 @@ def _image_dataset(table: _Table) -> ImageDatasetConfig:
         alpha_mask=table.boolean("alpha_mask", False),
         require_mask=table.boolean("require_mask", False),
         **_one_frame(table),
+        **_control_size(table),
+        multiple_target=table.boolean("multiple_target", False),
     )
+    if config.multiple_target and jsonl is not None:
+        raise table.error(
+            "multiple_target",
+            "reads the layers beside each image of image_directory (NAME_0.png, NAME_1.png, ...); "
+            "image_jsonl_file is not supported with it: use image_directory",
+        )
     if (
         directory is not None
         and config.mask_directory is not None
@@ -354,6 +374,11 @@ def _one_frame(table: _Table) -> dict[str, Any]:
         raise table.error("fp_1f_clean_indices", f"must be a list of integers >= 0, not {indices!r}")
     if len(set(indices)) != len(indices):
         raise table.error("fp_1f_clean_indices", f"repeats a frame position: {indices}")
+    if indices != sorted(indices):  # musubi puts control k at the k-th smallest position, whatever the order
+        raise table.error(
+            "fp_1f_clean_indices",
+            f"must be increasing (control image k takes the k-th position), not {indices}",
+        )
     target = table.integer("fp_1f_target_index", None, minimum=0)
     if target is not None and target in indices:
         raise table.error(
@@ -361,6 +386,26 @@ def _one_frame(table: _Table) -> dict[str, Any]:
         )
     table.boolean("fp_1f_no_post", False)
     return {"fp_1f_clean_indices": tuple(indices), "fp_1f_target_index": target}
+
+
+def _control_size(table: _Table) -> dict[str, Any]:
+    """musubi-tuner's Qwen-Image-Edit control size keys: ``control_resolution`` (one integer or
+    [width, height], an area) and ``no_resize_control``."""
+    value = table.get("control_resolution")
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = [value, value]
+    if value is not None and (
+        not isinstance(value, list)
+        or len(value) != 2
+        or not all(isinstance(v, int) and not isinstance(v, bool) and 0 < v <= MAX_SIDE for v in value)
+    ):
+        raise table.error(
+            "control_resolution", f"must be [width, height] or one integer in [1, {MAX_SIDE}], not {value!r}"
+        )
+    return {
+        "control_resolution": None if value is None else (value[0], value[1]),
+        "no_resize_control": table.boolean("no_resize_control", False),
+    }
 
 
 def _target_frames(table: _Table) -> tuple[int, ...]:

@@ -16,8 +16,8 @@ from pathlib import Path
 from masktrain import catalog
 from masktrain.config.device import check_device
 from masktrain.config.memory import MemorySettings
-from masktrain.config.sample_prompts import SamplePrompt, load_prompts
-from masktrain.errors import FlagError, SettingError, TrainConfigError
+from masktrain.config.sample_prompts import SamplePrompt, load_prompts, one_frame_positions
+from masktrain.errors import FlagError, SamplePromptError, SettingError, TrainConfigError
 
 
 @dataclass(frozen=True)
@@ -77,13 +77,23 @@ class SampleSettings:
             raise error(
                 f"--sample_prompts with {spec.task_flag} {task} needs --clip (its CLIP image encoder)"
             )
+        layered = mode is not None and mode.kind == "layered"
         for prompt in load_prompts(self.sample_prompts):
-            if prompt.frames > 1 and not spec.takes_video:
+            if prompt.frames > 1 and not spec.takes_video and not layered:
                 raise error(
                     f"{prompt.where}: --f {prompt.frames}: {spec.title} makes images; remove --f or set 1"
                 )
-            if not one_frame:
+            if layered:
+                _check_layered_image(prompt, error)
+            elif mode is not None and mode.kind == "edit":
+                _check_edit_images(prompt, str(task), error)
+            elif not one_frame:
                 _check_images(prompt, mode, f"{spec.task_flag} {task}", error)
+            else:
+                try:
+                    one_frame_positions(prompt)
+                except SamplePromptError as bad:
+                    raise error(str(bad)) from None
 
 
 def _check_images(prompt: SamplePrompt, mode: catalog.Mode | None, task: str, error: type[FlagError]) -> None:
@@ -95,6 +105,11 @@ def _check_images(prompt: SamplePrompt, mode: catalog.Mode | None, task: str, er
                 raise error(
                     f"{prompt.where}: {option} is for an image-to-video --task (i2v-14B, flf2v-14B, i2v-A14B)"
                 )
+        if prompt.control_image_paths and mode is None:
+            raise error(
+                f"{prompt.where}: --ci is for one-frame sampling (--one_frame) or Qwen-Image-Edit "
+                "(--model_version edit, edit-2509, edit-2511)"
+            )
         return
     if prompt.image_path is None:
         raise error(f"{prompt.where}: {task} samples from a start image: add --i IMAGE")
@@ -102,6 +117,33 @@ def _check_images(prompt: SamplePrompt, mode: catalog.Mode | None, task: str, er
         raise error(f"{prompt.where}: {task} samples between two images: add --ei END_IMAGE")
     if mode.given_frames == 1 and prompt.end_image_path is not None:
         raise error(f"{prompt.where}: --ei is for --task flf2v-14B; remove it")
+
+
+def _check_edit_images(prompt: SamplePrompt, version: str, error: type[FlagError]) -> None:
+    """A Qwen-Image-Edit prompt's control images are ``--ci`` (none: text-to-image); Edit reads one."""
+    for given, option in ((prompt.image_path, "--i"), (prompt.end_image_path, "--ei")):
+        if given is not None:
+            raise error(
+                f"{prompt.where}: {option} is for WAN image-to-video; Qwen-Image-Edit's images are --ci"
+            )
+    if version == "edit" and len(prompt.control_image_paths) > 1:
+        raise error(
+            f"{prompt.where}: {len(prompt.control_image_paths)} --ci images, but --model_version edit reads "
+            "one; use edit-2509 or edit-2511 for several"
+        )
+
+
+def _check_layered_image(prompt: SamplePrompt, error: type[FlagError]) -> None:
+    """A Qwen-Image-Layered prompt decomposes one image, its ``--ci`` (musubi's training samples);
+    ``--f`` is the number of layers it makes beside the base."""
+    for given, option in ((prompt.image_path, "--i"), (prompt.end_image_path, "--ei")):
+        if given is not None:
+            raise error(f"{prompt.where}: {option} is for WAN image-to-video; the image to decompose is --ci")
+    if len(prompt.control_image_paths) != 1:
+        raise error(
+            f"{prompt.where}: --model_version layered decomposes one image: give it as --ci IMAGE (--f N: "
+            f"N layers), not {len(prompt.control_image_paths)}"
+        )
 
 
 @dataclass(frozen=True)
@@ -115,6 +157,9 @@ class SampleConfig:
     sample: SampleSettings
     lora: Path | None = None
     """A LoRA file masktrain wrote (any of its layouts); None: the base model."""
+    lora_high_noise: Path | None = None
+    """WAN 2.2 A14B: the high-noise expert's own LoRA (``--lora_per_expert``); --lora then goes on
+    the low-noise expert only."""
     dit_high_noise: str | None = None
     timestep_boundary: float | None = None
     """Default 0.875, 0.9 with --task i2v-A14B (``config.train.boundary_of``)."""
@@ -142,6 +187,8 @@ class SampleConfig:
         check_device(self.device)
         if self.dit_high_noise is not None and not spec.two_experts:
             raise TrainConfigError(f"--dit_high_noise is not used with --arch {self.arch}")
+        if self.lora_high_noise is not None and self.dit_high_noise is None:
+            raise TrainConfigError("--lora_high_noise needs --dit_high_noise (the expert it goes on)")
         if not 0 < self.boundary < 1:
             raise TrainConfigError("--timestep_boundary must be in range (0, 1)")
         if self.output_name is not None and (not self.output_name or "/" in self.output_name):

@@ -215,6 +215,40 @@ def _check_table(table: Any, where: str) -> dict[str, Any]:
     return checked
 
 
+#: ``--of`` keys that are FramePack's and do nothing for WAN (musubi accepts them).
+_FRAMEPACK_ONLY = ("no_post", "no_2x", "no_4x")
+
+
+def one_frame_positions(prompt: SamplePrompt) -> tuple[tuple[int, ...], int]:
+    """The control images' positions and the target's from the prompt's ``--of``, written as
+    musubi writes it: ``target_index=1,control_index=0;2`` (FramePack's ``no_post`` / ``no_2x`` /
+    ``no_4x`` are accepted and do nothing for WAN). A :class:`SamplePromptError` names the line."""
+    where = f"{prompt.where}: --of {prompt.one_frame}"
+    if not prompt.one_frame:
+        raise SamplePromptError(
+            f"{prompt.where}: one-frame sampling needs --of target_index=N,control_index=A;B"
+        )
+    settings: dict[str, str] = {}
+    for part in prompt.one_frame.split(","):
+        key, _, value = part.strip().partition("=")
+        if key in _FRAMEPACK_ONLY and not value:
+            continue
+        if key not in ("target_index", "control_index") or not value:
+            raise SamplePromptError(
+                f"{where}: expected target_index=N,control_index=A;B, not {part.strip()!r}"
+            )
+        settings[key] = value
+    try:
+        target = int(settings["target_index"])
+        controls = tuple(int(v) for v in settings["control_index"].split(";"))
+    except (KeyError, ValueError):
+        raise SamplePromptError(f"{where}: expected target_index=N,control_index=A;B (integers)") from None
+    if len(controls) != len(prompt.control_image_paths):
+        given = len(prompt.control_image_paths)
+        raise SamplePromptError(f"{where}: {len(controls)} control position(s) for {given} --ci image(s)")
+    return controls, target
+
+
 def _texts(raw: Any) -> bool:
     return isinstance(raw, list) and bool(raw) and all(isinstance(item, str) and item for item in raw)
 

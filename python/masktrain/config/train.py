@@ -25,7 +25,7 @@ from masktrain.config.device import check_device
 from masktrain.config.mask_loss import MaskLossSettings
 from masktrain.config.memory import MemorySettings
 from masktrain.config.sample import SampleSettings
-from masktrain.config.timesteps import TimestepSettings
+from masktrain.config.timesteps import TimestepSettings, check_expert_balance
 from masktrain.config.trackers import TrackerSettings
 from masktrain.errors import OptimConfigError, SettingError, TrainConfigError
 
@@ -221,7 +221,10 @@ class TrainConfig:
     output_name: str = "lora"
     """File name (without .safetensors) of the LoRA."""
     dit_high_noise: str | None = None
-    """WAN 2.2 A14B: the high-noise expert; one LoRA is trained across both experts."""
+    """WAN 2.2 A14B: the high-noise expert; one LoRA is trained across both (--lora_per_expert: two)."""
+    lora_per_expert: bool = False
+    """WAN 2.2 A14B: one LoRA per expert, each trained only on its expert's samples, saved as
+    OUTPUT_NAME_high_noise and OUTPUT_NAME_low_noise (default: one LoRA shared by both)."""
     timestep_boundary: float | None = None
     """WAN 2.2 A14B: sigmas at or above this go to the high-noise expert; default 0.875, and 0.9
     with --task i2v-A14B (WAN 2.2's own values)."""
@@ -252,10 +255,15 @@ class TrainConfig:
     task: str | None = None
     """musubi-tuner's --task (WAN, such as t2v-14B): checked against the transformer --dit loads."""
     model_version: str | None = None
-    """musubi-tuner's --model_version (Qwen-Image): only ``original`` is trained."""
+    """musubi-tuner's --model_version (Qwen-Image): original, or edit, edit-2509 or edit-2511
+    (Qwen-Image-Edit), or layered (Qwen-Image-Layered): cache with the same version; checked
+    against the transformer --dit loads."""
     one_frame: bool = False
     """WAN one-frame training (musubi-tuner's --one_frame): the cache's control images at their
     frame positions and one target frame per item (cache with --one_frame too)."""
+    remove_first_image_from_target: bool = False
+    """Qwen-Image-Layered (musubi-tuner's flag): train on the layers only; the base image stays the
+    control but is neither predicted nor in the loss (nor its mask frame)."""
     lora_format: LoraLayout = "comfyui"
     """Layout of OUTPUT_NAME.safetensors: comfyui (``diffusion_model.`` names), diffusers (what
     ``load_lora_weights`` reads) or musubi (musubi-tuner's ``lora_unet_`` names)."""
@@ -331,6 +339,11 @@ class TrainConfig:
                     not self.memory.offload_inactive_dit or self.dit_high_noise is not None,
                     "--offload_inactive_dit needs two experts (--dit_high_noise)",
                 ),
+                (
+                    not self.lora_per_expert or self.dit_high_noise is not None,
+                    "--lora_per_expert needs two experts: pass --dit_high_noise beside --dit",
+                ),
+                check_expert_balance(self.timesteps, self.dit_high_noise is not None, self.boundary),
             ]
         )
         self.sample.check(self.arch, TrainConfigError, self.task or self.model_version, self.one_frame)
@@ -341,6 +354,15 @@ class TrainConfig:
             catalog.check_task(spec, "--model_version", self.model_version)
         except SettingError as error:
             raise TrainConfigError(str(error)) from None
+        mode = catalog.mode_of(spec, self.task or self.model_version)
+        if self.one_frame and (mode is None or mode.kind != "image_to_video"):
+            raise TrainConfigError(
+                "--one_frame needs an image-to-video --task (i2v-14B: one control image, flf2v-14B: two)"
+            )
+        if self.remove_first_image_from_target and (mode is None or mode.kind != "layered"):
+            raise TrainConfigError(
+                "--remove_first_image_from_target is for Qwen-Image-Layered: pass --model_version layered"
+            )
 
     @property
     def condition(self) -> str:

@@ -93,6 +93,10 @@ _GRID_KEY = re.compile(
     r"^(?P<name>latents_image|latents|mask_weights)_(?P<f>\d+)x(?P<h>\d+)x(?P<w>\d+)_(?P<dtype>\w+)$"
 )
 _PLAIN_KEY = re.compile(r"^(?P<name>clip|f_indices)_(?P<dtype>[a-z]+\d*)$")
+CONTROL_LATENTS = "latents_control"
+"""Qwen-Image-Edit: control image i's latents, ``latents_control_{i}_1xHxW_<dtype>`` (musubi's
+key), each at its own size (:func:`control_key`)."""
+_CONTROL_KEY = re.compile(r"^latents_control_(?P<index>\d+)_\d+x\d+x\d+_\w+$")
 KEY_CONDITION = "condition"
 """Metadata key of the mode a latent file was made for (``catalog.condition_name``: the
 ``--task`` of a conditioned mode, ``none`` for none); ``train`` refuses a file of another mode."""
@@ -121,6 +125,13 @@ class ItemTensorKeys:
     """The CLIP hidden states of the given frames; None without."""
     frame_indices: str | None = None
     """WAN one-frame's frame positions; None without."""
+    control_latents: tuple[str, ...] = ()
+    """Qwen-Image-Edit: the control images' latents, in control order; empty without."""
+
+
+def control_key(index: int, dtype: torch.dtype, grid: tuple[int, int, int]) -> str:
+    """``latents_control_{index}_FxHxW_<dtype>``: control image `index`'s latents."""
+    return tensor_key(f"{CONTROL_LATENTS}_{index}", dtype, grid)
 
 
 def item_tensor_keys(keys: Iterable[str], path: _StrPath) -> ItemTensorKeys:
@@ -129,10 +140,13 @@ def item_tensor_keys(keys: Iterable[str], path: _StrPath) -> ItemTensorKeys:
     by_name: dict[str, list[str]] = {
         name: [] for name in (LATENTS, MASK_WEIGHTS, IMAGE_LATENTS, IMAGE_EMBEDS, FRAME_INDICES)
     }
+    controls: dict[int, list[str]] = {}
     for key in keys:
         match = _GRID_KEY.match(key) or _PLAIN_KEY.match(key)
         if match:
             by_name[match["name"]].append(key)
+        elif control := _CONTROL_KEY.match(key):
+            controls.setdefault(int(control["index"]), []).append(key)
     latents, masks = by_name[LATENTS], by_name[MASK_WEIGHTS]
     if len(latents) != 1 or any(len(found) > 1 for found in by_name.values()):
         raise CachedDataError(
@@ -140,11 +154,22 @@ def item_tensor_keys(keys: Iterable[str], path: _StrPath) -> ItemTensorKeys:
             f"{len(latents)} and {len(masks)}; re-run masktrain cache"
         )
 
+    if sorted(controls) != list(range(len(controls))) or any(len(found) > 1 for found in controls.values()):
+        raise CachedDataError(
+            f"{path}: its latents_control_* tensors are not numbered 0, 1, ... once each "
+            f"({', '.join(sorted(k for found in controls.values() for k in found))}); re-run masktrain cache"
+        )
+
     def one(name: str) -> str | None:
         return by_name[name][0] if by_name[name] else None
 
     return ItemTensorKeys(
-        latents[0], one(MASK_WEIGHTS), one(IMAGE_LATENTS), one(IMAGE_EMBEDS), one(FRAME_INDICES)
+        latents[0],
+        one(MASK_WEIGHTS),
+        one(IMAGE_LATENTS),
+        one(IMAGE_EMBEDS),
+        one(FRAME_INDICES),
+        tuple(controls[index][0] for index in range(len(controls))),
     )
 
 

@@ -62,6 +62,9 @@ class CachedItem:
     """Index of the [[datasets]] table (batches never mix datasets)."""
     batch_size: int
     num_repeats: int
+    control_shapes: tuple[tuple[int, ...], ...] = ()
+    """Qwen-Image-Edit: (C, F, h, w) of each control image's latents, in order (the denoiser's
+    positions are read off the first sample: a batch shares them)."""
 
 
 class _Stale(CachedDataError):
@@ -143,7 +146,8 @@ class ItemState:
     mask), or why it is not trainable (``cached``: whether it has a cache file at all)."""
 
     item: MediaItem
-    files: list[tuple[Path, tuple[int, ...], bool]]
+    files: list[tuple[Path, tuple[int, ...], bool, tuple[tuple[int, ...], ...]]]
+    """(path, latent shape, has mask, control latents' shapes) of each file."""
     text: Path | None
     problem: str | None
     cached: bool
@@ -164,7 +168,9 @@ def item_states(
         try:
             inputs = freshness.item_inputs(item, masks, controls)
             latents = _latent_files(item, existing.get(item.stem, []), spec.name, settings, inputs, video)
-            text = _text_file(item, dataset.cache_directory, spec.name)
+            text = _text_file(
+                item, dataset.cache_directory, spec.name, freshness.control_inputs(item, controls)
+            )
         except (_Stale, MaskTrainError, OSError) as error:
             states.append(ItemState(item, [], None, str(error), not isinstance(error, _NotCached)))
             continue
@@ -184,17 +190,19 @@ def _dataset_items(
             problems.append(f"{state.item.path} ({state.problem})")
             continue
         items += [
-            CachedItem(path, state.text, shape, has_mask, number, dataset.batch_size, dataset.num_repeats)
-            for path, shape, has_mask in state.files
+            CachedItem(
+                path, state.text, shape, has_mask, number, dataset.batch_size, dataset.num_repeats, controls
+            )
+            for path, shape, has_mask, controls in state.files
         ]
     return items, problems, any(state.cached for state in states)
 
 
 def _latent_files(
     item: MediaItem, paths: list[Path], arch: str, settings: str, inputs: str, video: bool
-) -> list[tuple[Path, tuple[int, ...], bool]]:
-    """(path, latent shape, has mask) of each latent file of `item` (one image, or every clip its
-    files list), checked against the item as it is now."""
+) -> list[tuple[Path, tuple[int, ...], bool, tuple[tuple[int, ...], ...]]]:
+    """(path, latent shape, has mask, control latents' shapes) of each latent file of `item` (one
+    image, or every clip its files list), checked against the item as it is now."""
     headers = {}
     for path in paths:
         metadata, shapes = fmt.read_header(path)
@@ -225,15 +233,18 @@ def _latent_files(
     files = []
     for path, metadata, shapes in headers.values():
         why = freshness.changed(metadata.extra.get(freshness.SETTINGS_KEY), settings, "the dataset settings")
-        why = why or freshness.changed(metadata.extra.get(freshness.INPUTS_KEY), inputs, "its image or mask")
+        why = why or freshness.inputs_changed(metadata.extra.get(freshness.INPUTS_KEY), inputs)
         if why:
             raise _Stale(why)
         keys = fmt.item_tensor_keys(shapes, path)
-        files.append((path, shapes[keys.latents], keys.mask_weights is not None))
+        controls = tuple(shapes[key] for key in keys.control_latents)
+        files.append((path, shapes[keys.latents], keys.mask_weights is not None, controls))
     return files
 
 
-def _text_file(item: MediaItem, folder: Path, arch: str) -> Path:
+def _text_file(item: MediaItem, folder: Path, arch: str, controls: str) -> Path:
+    """The item's text file, checked against its caption and, for an edit prompt (which read the
+    control images), its control images as they are now (`controls`)."""
     path = folder / fmt.text_cache_name(item.stem, arch)
     try:
         metadata = fmt.read_metadata(path)
@@ -245,18 +256,27 @@ def _text_file(item: MediaItem, folder: Path, arch: str) -> Path:
         raise _Stale(f"its text embeddings were made for {metadata.source}")
     recorded = metadata.extra.get(freshness.CAPTION_KEY)
     why = freshness.changed(recorded, freshness.caption_digest(item.caption), "its caption")
+    read_controls = metadata.extra.get(freshness.CONTROLS_KEY)
+    if not why and read_controls is not None:
+        why = freshness.changed(read_controls, controls, "its control images")
     if why:
         raise _Stale(why)
     return path
 
 
+#: What the items of one batch share: dataset, latent shape and control latents' shapes.
+_BatchGroup = tuple[int, tuple[int, ...], tuple[tuple[int, ...], ...]]
+
+
 def epoch_batches(items: list[CachedItem], seed: int, epoch: int) -> list[list[CachedItem]]:
     """The global batch order of one epoch: each item `num_repeats` times, shuffled within its
-    (dataset, latent shape) group, cut into batches of the dataset's batch_size, batches shuffled."""
+    (dataset, latent shape, control shapes) group, cut into batches of the dataset's batch_size,
+    batches shuffled."""
     rng = random.Random(f"masktrain-batches-{seed}-{epoch}")
-    groups: dict[tuple[int, tuple[int, ...]], list[CachedItem]] = {}
+    groups: dict[_BatchGroup, list[CachedItem]] = {}
     for item in items:
-        groups.setdefault((item.dataset, item.latent_shape), []).extend([item] * item.num_repeats)
+        key = (item.dataset, item.latent_shape, item.control_shapes)
+        groups.setdefault(key, []).extend([item] * item.num_repeats)
     batches: list[list[CachedItem]] = []
     for key in sorted(groups):
         group = groups[key]

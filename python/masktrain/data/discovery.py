@@ -7,7 +7,8 @@ JSONL sources hold ``{"image_path": ..., "caption": ...}`` (``"video_path"`` for
 line, relative paths resolved against the JSONL file's directory. Two items with one stem would
 write one cache file, so both fail. An item whose path is not valid UTF-8 (Linux allows any bytes
 in a name: an archive unpacked from Windows holds Latin-1 names) fails too: masks, cache files
-and their metadata are keyed by the name as text.
+and their metadata are keyed by the name as text. With ``multiple_target`` (Qwen-Image-Layered)
+the items are the captioned images, each with its layer images (``data.layers``).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from masktrain import _native
@@ -26,6 +27,7 @@ from masktrain.config.dataset import (
     VideoDatasetConfig,
     read_utf8,
 )
+from masktrain.data import layers
 from masktrain.data.buckets import Bucket, musubi_buckets, no_upscale_bucket, sd_scripts_buckets
 from masktrain.errors import ConfigError
 
@@ -42,6 +44,8 @@ class MediaItem:
 
     path: Path
     caption: str
+    layers: tuple[Path, ...] = ()
+    """Qwen-Image-Layered (``multiple_target``): its layer images, in layer order (``data.layers``)."""
 
     @property
     def stem(self) -> str:
@@ -184,6 +188,11 @@ def discover_images(dataset: ImageDatasetConfig) -> Discovery:
     else:
         assert dataset.image_jsonl_file is not None
         entries = _from_jsonl(dataset.image_jsonl_file, "image_path")
+    if dataset.multiple_target:  # Qwen-Image-Layered: the captioned images, each with its layers
+        split = layers.split_layers(entries)
+        found = _discovery(split.bases, "image", dataset.caption_extension)
+        items = [replace(item, layers=split.layers[item.path]) for item in found.items]
+        return Discovery(items, [*found.failed, *split.failed], found.missing_captions)
     return _discovery(entries, "image", dataset.caption_extension)
 
 

@@ -8,8 +8,9 @@ Each latent file records two things next to its fingerprint:
 - ``inputs``: the size and modification time of the item's source (each frame of a frame
   directory) and of its mask file.
 
-A text-embedding file records ``caption_sha256``, the digest of the caption it encodes. ``train``
-recomputes all three from the dataset as it is now: anything that differs is a stale item, named
+A text-embedding file records ``caption_sha256``, the digest of the caption it encodes (and, for
+Qwen-Image-Edit, whose prompt reads the control images, ``controls``: their stats). ``train``
+recomputes all of them from the dataset as it is now: anything that differs is a stale item, named
 with the ``masktrain cache`` command that rebuilds it.
 """
 
@@ -23,6 +24,7 @@ from masktrain import _native
 from masktrain.catalog import ArchSpec
 from masktrain.config.dataset import ImageDatasetConfig, VideoDatasetConfig
 from masktrain.data import cache_format as fmt
+from masktrain.data import layers
 from masktrain.data.controls import ControlIndex
 from masktrain.data.discovery import MediaItem, bucket_list
 from masktrain.data.video import ClipSettings
@@ -30,6 +32,8 @@ from masktrain.data.video import ClipSettings
 SETTINGS_KEY = "settings"
 INPUTS_KEY = "inputs"
 CAPTION_KEY = "caption_sha256"
+CONTROLS_KEY = "controls"
+"""A Qwen-Image-Edit text file's control images (:func:`control_inputs`): its prompt read them."""
 
 
 def dataset_settings(dataset: ImageDatasetConfig | VideoDatasetConfig, spec: ArchSpec) -> dict[str, object]:
@@ -48,6 +52,11 @@ def dataset_settings(dataset: ImageDatasetConfig | VideoDatasetConfig, spec: Arc
             "alpha_mask": dataset.alpha_mask,
             "require_mask": dataset.require_mask,
         }
+        if dataset.control_resolution is not None or dataset.no_resize_control:  # only then: older
+            # caches stay fresh (Qwen-Image-Edit's control sizes, cache/edit.py)
+            settings["control_size"] = [dataset.control_resolution, dataset.no_resize_control]
+        if dataset.multiple_target:  # likewise: Qwen-Image-Layered's items (data.layers)
+            settings["multiple_target"] = True
     else:
         clips = ClipSettings.of(dataset, spec.video_fps or 0.0, spec.temporal_factor)
         settings |= {"masking": dataset.mask_directory is not None, "clips": clips.fingerprint_part()}
@@ -82,7 +91,17 @@ def item_inputs(
     inputs: dict[str, object] = {"source": fmt.source_stat(item.path), "mask": fmt.source_stat(mask)}
     if controls is not None:  # only then, so caches made without controls stay fresh
         inputs["controls"] = [fmt.source_stat(path) for path in controls.get(item.stem)]
+    if item.layers:  # Qwen-Image-Layered: its layer images and per-image mask frames
+        folder = None if masks is None else masks.directory
+        inputs["layers"] = layers.layer_inputs(item.layers, folder, item.stem)
     return json.dumps(inputs, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def control_inputs(item: MediaItem, controls: ControlIndex | None) -> str:
+    """The item's control images as they are now (path, size, mtime each; ``[]`` without any):
+    what an edit text embedding, which reads them, records under :data:`CONTROLS_KEY`."""
+    paths = [] if controls is None else controls.get(item.stem)
+    return json.dumps([fmt.source_stat(path) for path in paths], separators=(",", ":"), default=str)
 
 
 def caption_digest(caption: str) -> str:
@@ -94,6 +113,24 @@ def changed(recorded: str | None, now: str, what: str) -> str | None:
     if recorded is None:
         return "cached by an older masktrain (no record of its inputs)"
     return None if recorded == now else f"{what} changed since it was cached"
+
+
+def inputs_changed(recorded: str | None, now: str) -> str | None:
+    """:func:`changed` for an item's :func:`item_inputs`, naming its control images when only
+    they changed."""
+    what = "its image or mask"
+    if recorded is not None and recorded != now and _but_controls(recorded) == _but_controls(now):
+        what = "its control images"
+    return changed(recorded, now, what)
+
+
+def _but_controls(inputs: str) -> object:
+    """:func:`item_inputs` without the control images."""
+    try:
+        parsed = json.loads(inputs)
+    except ValueError:
+        return inputs
+    return {k: v for k, v in parsed.items() if k != "controls"} if isinstance(parsed, dict) else inputs
 
 
 BAKED_GAMMA = "cache_mask_gamma"

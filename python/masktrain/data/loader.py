@@ -1,8 +1,9 @@
 """The cached loader: loads bucketed batches of the items ``data.cached_items`` lists, on a
 background thread while the step runs.
 
-A batch holds items of one dataset and one latent shape. If any item in it has mask weights,
-the others get ones (full weight), as the reference does; a batch without any has none.
+A batch holds items of one dataset and one latent shape (Qwen-Image-Edit: and one count and size
+of control images). If any item in it has mask weights, the others get ones (full weight), as the
+reference does; a batch without any has none.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Generic, TypeVar
 
@@ -55,6 +56,7 @@ def check_finite(tensors: dict[str, torch.Tensor], path: Path) -> dict[str, torc
 def load_batch(index: int, items: list[CachedItem]) -> Batch:
     latents, masks, texts = [], [], []
     conditions: dict[str, list[torch.Tensor | None]] = {name: [] for name in _CONDITION_KEYS}
+    controls: list[tuple[torch.Tensor, ...]] = []
     for item in items:
         tensors = check_finite(fmt.load_cache_file(item.latent_path)[0], item.latent_path)
         keys = fmt.item_tensor_keys(tensors, item.latent_path)
@@ -63,13 +65,18 @@ def load_batch(index: int, items: list[CachedItem]) -> Batch:
         for name, key_of in _CONDITION_KEYS.items():
             key = key_of(keys)
             conditions[name].append(None if key is None else tensors[key])
+        controls.append(tuple(tensors[key] for key in keys.control_latents))
         text_tensors = check_finite(fmt.load_cache_file(item.text_path)[0], item.text_path)
         texts.append(next(iter(text_tensors.values())))
     mask_weights = None
     template = next((m for m in masks if m is not None), None)
     if template is not None:
         mask_weights = torch.stack([torch.ones_like(template) if m is None else m for m in masks])
-    return Batch(index, torch.stack(latents), mask_weights, texts, items, _condition(conditions, items))
+    condition = _condition(conditions, items)
+    control_latents = _control_latents(controls, items)
+    if control_latents is not None:
+        condition = replace(condition or Conditioning(), control_latents=control_latents)
+    return Batch(index, torch.stack(latents), mask_weights, texts, items, condition)
 
 
 # Conditioning field -> where an item file keeps it.
@@ -105,6 +112,22 @@ def _condition(found: dict[str, list[torch.Tensor | None]], items: list[CachedIt
         image_embeds=stacked.get("image_embeds"),
         frame_indices=stacked.get("frame_indices"),
     )
+
+
+def _control_latents(
+    found: list[tuple[torch.Tensor, ...]], items: list[CachedItem]
+) -> tuple[torch.Tensor, ...] | None:
+    """Qwen-Image-Edit: each control's latents stacked over the batch, (B, C, 1, h_i, w_i) each;
+    None when the items have none. A batch's items share their control count and sizes
+    (``cached_items.epoch_batches`` groups them so): the denoiser reads them off the first."""
+    if len({tuple(tensor.shape for tensor in controls) for controls in found}) > 1:
+        names = ", ".join(item.latent_path.name for item in items)
+        raise CachedDataError(
+            f"the batch of {names} mixes control images of other counts or sizes; re-run masktrain cache"
+        )
+    if not found[0]:
+        return None
+    return tuple(torch.stack([controls[i] for controls in found]).float() for i in range(len(found[0])))
 
 
 class Prefetcher(Generic[Tag]):

@@ -80,7 +80,7 @@ class Conditioning:
     control_latents: tuple[torch.Tensor, ...] | None = None
     """Qwen-Image-Edit: the clean latents of each control image, (B, C, 1, h_i, w_i) each (control
     images may differ in size; every sample of a batch has the same ones), packed after the target
-    tokens in this order; the loss never sees them."""
+    tokens in this order; the loss never sees them. Qwen-Image-Layered: one, the base image's."""
 
     def rows(self, rows: torch.Tensor) -> Conditioning:
         """The conditioning of the samples `rows` (a boolean or index tensor over B)."""
@@ -91,6 +91,14 @@ class Conditioning:
         return self._map(
             lambda value: value.to(device=device, dtype=dtype if value.is_floating_point() else value.dtype)
         )
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor it holds (each control image's too)."""
+        held: list[torch.Tensor] = []
+        for name in self.__dataclass_fields__:
+            value = getattr(self, name)
+            held += list(value) if isinstance(value, tuple) else [] if value is None else [value]
+        return held
 
     def _map(self, change: Callable[[torch.Tensor], torch.Tensor]) -> Conditioning:
         """`change` applied to every tensor, those of a tuple field (control latents) one by one."""
@@ -113,6 +121,7 @@ class SampleRequest:
     width: int
     height: int
     frames: int
+    """Qwen-Image-Layered: the layers to make beside the base (musubi's ``--f``)."""
     steps: int
     cfg_scale: float
     """Classifier-free guidance; the negative prompt is used when > 1."""
@@ -127,9 +136,13 @@ class SampleRequest:
     """WAN FLF2V: the end image."""
     image_embeds: torch.Tensor | None = None
     """WAN 2.1 I2V / FLF2V: the CLIP hidden states of the given image(s), (K, T, D) on the device."""
+    one_frame: tuple[torch.Tensor, tuple[int, ...], int] | None = None
+    """WAN one-frame: the control images (K, 3, H, W) in [-1, 1] at the request's size, their
+    frame positions and the target's (``--ci``, ``--of``)."""
     control_images: tuple[Any, ...] = ()
     """Qwen-Image-Edit: the control images (PIL images, in order; the pipeline resizes each), whose
-    reading is in `text` and `negative` already (``encode_edit_text``)."""
+    reading is in `text` and `negative` already (``encode_edit_text``). Qwen-Image-Layered: the one
+    image to decompose (RGBA)."""
 
 
 @dataclass(frozen=True)
@@ -277,7 +290,8 @@ class ModelFamily(Protocol):
     ) -> torch.Tensor:
         """One sample through the family's diffusers pipeline with `transformer` as it is (its
         adapters included; WAN 2.2 A14B: `high_noise` above the sigma `boundary`): (F, H, W, 3)
-        uint8 frames on the CPU. The VAE must be on the transformer's device."""
+        uint8 frames on the CPU (Qwen-Image-Layered: (L, H, W, 4) RGBA images, the base and its
+        layers). The VAE must be on the transformer's device."""
         ...
 
 

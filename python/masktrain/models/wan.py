@@ -22,7 +22,7 @@ from masktrain import catalog
 from masktrain.config.memory import Fp8Mode
 from masktrain.config.timesteps import NUM_TRAIN_TIMESTEPS
 from masktrain.errors import DataError
-from masktrain.models import loading, wan_checkpoint
+from masktrain.models import clip_vision, loading, wan_checkpoint, wan_one_frame
 from masktrain.models.base import (
     Conditioning,
     DenoiserInputs,
@@ -42,10 +42,9 @@ from masktrain.models.loading import (
     to_uint8,
 )
 
-# The tiny CLIP vision model's width and token count (``models.clip_vision``), which the tiny
-# image-conditioned denoisers take.
-TINY_CLIP_WIDTH = 4
-TINY_CLIP_TOKENS = 17
+# The tiny CLIP vision model's width and token count, which the tiny image-conditioned denoisers take.
+TINY_CLIP_WIDTH = clip_vision.TINY_CLIP_HIDDEN
+TINY_CLIP_TOKENS = clip_vision.TINY_CLIP_TOKENS
 
 #: The TI2V-5B VAE's tiny variant (16x spatial, 48 channels): ``--vae tiny-ti2v``.
 TINY_TI2V = "tiny-ti2v"
@@ -353,6 +352,13 @@ class WanFamily:
         # The pipeline passes t = sigma * 1000 (FlowMatch / UniPC timesteps), one per sample.
         # Image-to-video: the 20 conditioning channels follow the noisy latents on the channel
         # axis, the CLIP hidden states go in beside the text (WanImageToVideoPipeline).
+        # One-frame: the latent frames sit at their own temporal positions (frame_indices); rows at
+        # different positions run apart, each with its own rotary table.
+        positions = None if condition is None else condition.frame_indices
+        if condition is not None and positions is not None and not wan_one_frame.shared_positions(positions):
+            return wan_one_frame.by_positions(
+                functools.partial(self.predict, transformer), noisy, sigmas, text, condition
+            )
         hidden = noisy
         image_embeds = None
         if condition is not None:
@@ -360,13 +366,14 @@ class WanFamily:
                 hidden = torch.cat([noisy, condition.image_latents.to(noisy.dtype)], dim=1)
             if condition.image_embeds is not None:  # (B, K, T, D): FLF2V's pairs as the pipeline stacks them
                 image_embeds = condition.image_embeds.flatten(0, 1).to(text.hidden.dtype)
-        prediction: torch.Tensor = transformer(
-            hidden_states=hidden,
-            timestep=model_timesteps(sigmas),
-            encoder_hidden_states=text.hidden,
-            encoder_hidden_states_image=image_embeds,
-            return_dict=False,
-        )[0]
+        with wan_one_frame.frame_positions(transformer, positions):
+            prediction: torch.Tensor = transformer(
+                hidden_states=hidden,
+                timestep=model_timesteps(sigmas),
+                encoder_hidden_states=text.hidden,
+                encoder_hidden_states_image=image_embeds,
+                return_dict=False,
+            )[0]
         return prediction
 
     def generate(
@@ -381,7 +388,7 @@ class WanFamily:
         # above the boundary, `transformer_2` the one below (the boundary on the 0..1 scale).
         # Image-to-video (a start image): WanImageToVideoPipeline, with the CLIP embedding the
         # sampler computed (WAN 2.1) instead of its own image encoder.
-        from diffusers import UniPCMultistepScheduler, WanImageToVideoPipeline, WanPipeline
+        from diffusers import UniPCMultistepScheduler, WanPipeline
 
         scheduler = UniPCMultistepScheduler(
             prediction_type="flow_prediction",
@@ -398,9 +405,15 @@ class WanFamily:
             "transformer_2": None if high_noise is None else transformer,
             "boundary_ratio": None if high_noise is None else boundary,
         }
+        if request.one_frame is not None:  # musubi's one-frame inference: the target slot alone
+            controls, clean, target = request.one_frame
+            return wan_one_frame.generate_one_frame(
+                self, transformer, high_noise, boundary, vae, request, scheduler, controls, clean, target
+            )
         images: dict[str, Any] = {}
         if request.start_image is not None:
-            pipeline: Any = WanImageToVideoPipeline(image_encoder=None, image_processor=None, **components)
+            image_to_video = _image_to_video_pipeline()
+            pipeline: Any = image_to_video(image_encoder=None, image_processor=None, **components)
             images = {"image": request.start_image, "last_image": request.end_image}
             if request.image_embeds is not None:
                 images["image_embeds"] = request.image_embeds
@@ -434,6 +447,44 @@ class WanFamily:
         if module_name in _OUTSIDE_BLOCKS:
             return _OUTSIDE_BLOCKS[module_name]
         raise ValueError(f"no ComfyUI (original WAN) name is known for the module {module_name!r}")
+
+
+def _image_to_video_pipeline() -> type:
+    """diffusers' ``WanImageToVideoPipeline`` taking a precomputed CLIP embedding with its image:
+    the pipeline needs the image (its latents) and uses ``image_embeds`` when given, but its
+    ``check_inputs`` refuses the two together (diffusers 0.42). The sampler computes the embedding
+    once per prompt and frees the CLIP model, so it cannot hand the pipeline its encoder."""
+    from diffusers import WanImageToVideoPipeline
+
+    class ImageToVideo(WanImageToVideoPipeline):  # type: ignore[misc]  # diffusers is untyped
+        def check_inputs(
+            self,
+            prompt: Any,
+            negative_prompt: Any,
+            image: Any,
+            height: int,
+            width: int,
+            prompt_embeds: Any = None,
+            negative_prompt_embeds: Any = None,
+            image_embeds: Any = None,
+            *rest: Any,
+            **kwargs: Any,
+        ) -> None:
+            # the image is checked alone; image_embeds is ours, shaped as the pipeline makes it
+            super().check_inputs(
+                prompt,
+                negative_prompt,
+                image,
+                height,
+                width,
+                prompt_embeds,
+                negative_prompt_embeds,
+                None,
+                *rest,
+                **kwargs,
+            )
+
+    return ImageToVideo
 
 
 def _t5_in_fp8(model: torch.nn.Module) -> None:

@@ -52,12 +52,23 @@ class StepShape:
     """Tokens of each image's CLIP embedding (ViT-H/14: 257)."""
     image_dim: int = 0
     """The CLIP embedding's width (ViT-H/14: 1280)."""
+    controls: int = 0
+    """Qwen-Image-Edit: control images per sample (their tokens follow the target's)."""
+    control_grid: tuple[int, int] | None = None
+    """Each control image's latent (height, width); None: the target's."""
 
     def condition(self, dtype: torch.dtype) -> Conditioning | None:
         """Meta tensors of the batch's conditioning (None without)."""
-        if not self.conditioning_channels and not self.images:
+        if not self.conditioning_channels and not self.images and not self.controls:
             return None
         b, f, h, w = self.batch, self.frames, self.height, self.width
+        if self.controls:
+            control = (b, self.channels, 1, *(self.control_grid or (h, w)))
+            return Conditioning(
+                control_latents=tuple(
+                    torch.empty(control, device=META, dtype=dtype) for _ in range(self.controls)
+                )
+            )
         latents = None
         if self.conditioning_channels:
             latents = torch.empty(b, self.conditioning_channels, f, h, w, device=META, dtype=dtype)

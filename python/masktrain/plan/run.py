@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from masktrain import catalog
 from masktrain.config.train import OPTIMIZER_ALIASES, TrainConfig
 from masktrain.errors import ModelLoadError
 from masktrain.models import get_family
@@ -44,13 +45,28 @@ def planner_for(config: TrainConfig, bucket: largest_bucket.Bucket) -> tuple[Pla
     """The planner of a ``train`` run's `config` for its largest `bucket`."""
     family = get_family(config.arch)
     denoiser = _denoiser(family, *config.denoisers)
-    shape = step_shape(family, denoiser.config, bucket)
+    mode = catalog.mode_of(family.spec, config.task or config.model_version)
+    # Qwen-Image-Edit: planned with one control image, as the cache encodes it (items with more
+    # hold more tokens); Layered's one control is its base image, at the target's size
+    if mode is not None and mode.kind == "edit":
+        shape = step_shape(family, denoiser.config, bucket, 1, _edit_control_grid(family, bucket))
+    else:
+        controls = 1 if mode is not None and mode.kind == "layered" else 0
+        shape = step_shape(family, denoiser.config, bucket, controls)
     return Planner(family, denoiser.config, shape, settings_for(config, denoiser.experts)), denoiser
 
 
-def step_shape(family: ModelFamily, config: Mapping[str, Any], bucket: largest_bucket.Bucket) -> StepShape:
+def step_shape(
+    family: ModelFamily,
+    config: Mapping[str, Any],
+    bucket: largest_bucket.Bucket,
+    controls: int = 0,
+    control_grid: tuple[int, int] | None = None,
+) -> StepShape:
     """The batch a denoiser of `config` trains on for `bucket`: the cache's own latent grid when it
-    has one, else the pixels at the VAE's factors (16x for WAN 2.2 TI2V-5B's 48 channels)."""
+    has one, else the pixels at the VAE's factors (16x for WAN 2.2 TI2V-5B's 48 channels); with
+    `controls` control images (Qwen-Image-Edit) of latent size `control_grid` (None: the
+    target's)."""
     inputs = family.denoiser_inputs(config)
     spatial = family.spec.spatial_factor
     if family.name == "wan" and inputs.latent_channels == TI2V_CHANNELS:
@@ -75,6 +91,8 @@ def step_shape(family: ModelFamily, config: Mapping[str, Any], bucket: largest_b
         images=images,
         image_tokens=image_tokens,
         image_dim=inputs.image_dim or 0,
+        controls=controls,
+        control_grid=control_grid,
     )
 
 
@@ -98,6 +116,7 @@ def settings_for(config: TrainConfig, experts: int) -> PlanSettings:
         prior=config.mask.prior_preservation_weight > 0,
         ema_teacher=config.mask.prior_teacher_mode == "ema",
         experts=experts,
+        lora_per_expert=config.lora_per_expert,
     )
 
 
@@ -111,7 +130,7 @@ def plan_lines(config: TrainConfig, bucket: largest_bucket.Bucket) -> list[str]:
     lines = [
         f"masktrain plan: {denoiser.words}, {planner.blocks} blocks",
         f"largest bucket: {bucket.width}x{bucket.height}{frames} from {bucket.source} (latents "
-        f"{shape.channels}x{shape.frames}x{shape.height}x{shape.width}, {shape.text_tokens} text tokens)",
+        f"{shape.channels}x{shape.frames}x{shape.height}x{shape.width}{_conditioning_words(shape)})",
         f"settings: {settings_line(settings, planner.blocks)}",
         "",
         table(planner.plan()),
@@ -126,6 +145,28 @@ def plan_lines(config: TrainConfig, bucket: largest_bucket.Bucket) -> list[str]:
         chosen = planner.smallest_swap(budget)
         lines.append(fit_line(budget, chosen, planner.blocks - 1, settings.checkpointing))
     return lines
+
+
+def _edit_control_grid(family: ModelFamily, bucket: largest_bucket.Bucket) -> tuple[int, int]:
+    """The latent (height, width) of a Qwen-Image-Edit control image: the cache encodes each at
+    about 1024 x 1024 pixels (``cache.edit``; ``control_resolution`` may set another area), taken
+    here at the bucket's aspect."""
+    from masktrain.models.qwen_vl import VAE_IMAGE_SIZE, area_size
+
+    width, height = area_size(bucket.width, bucket.height, VAE_IMAGE_SIZE)
+    factor = family.spec.spatial_factor
+    return height // factor, width // factor
+
+
+def _conditioning_words(shape: StepShape) -> str:
+    """The conditioning of a batch, as the plan's second line says it beside the latents."""
+    extra = shape.conditioning_channels
+    channels = f" + {extra} conditioning channels" if extra else ""
+    clip = f" + {shape.images * shape.image_tokens} CLIP tokens" if shape.images else ""
+    if shape.controls:
+        grid = shape.control_grid or (shape.height, shape.width)
+        channels += f" + {shape.controls} control image(s) of latents {grid[0]}x{grid[1]}"
+    return f"{channels}, {shape.text_tokens} text tokens{clip}"
 
 
 def _text_tokens(family: ModelFamily, bucket: largest_bucket.Bucket) -> int:

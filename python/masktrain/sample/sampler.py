@@ -10,13 +10,22 @@ the transformer(s) being trained, adapters on, in eval mode (``Experts.sampling`
 Noise: a prompt without ``--d`` uses ``--seed`` plus its index, so every sampling of a run starts
 from the same noise and the contact sheet compares steps, not seeds. Sizes are rounded down to
 what the pipeline takes (multiples of 2x the VAE's factor; WAN frames to 4k+1), with a log line.
+
+Qwen-Image-Edit: a prompt and its negative prompt are each read with the prompt's ``--ci`` control
+images by Qwen2.5-VL's vision tower (``qwen_vl.encode_edit_text``, as the edit pipelines read them),
+and the pipeline gets the images; a prompt without ``--ci`` samples text-to-image.
+
+Qwen-Image-Layered: each prompt decomposes its ``--ci`` image (RGBA) into ``--f`` layers and the
+base (``models.qwen_layered.generate``); the prompt is read as text only, as musubi reads it.
 """
 
 from __future__ import annotations
 
+import functools
 import gc
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -26,9 +35,10 @@ from masktrain.config.sample import SampleSettings
 from masktrain.config.sample_prompts import SamplePrompt, load_prompts
 from masktrain.denoiser.experts import Experts
 from masktrain.device import autocast
-from masktrain.models import fit
-from masktrain.models.base import ModelFamily, SampleRequest, TextBatch
-from masktrain.sample.outputs import sample_path, write_contact_sheet, write_sample
+from masktrain.models import fit, qwen_layered, qwen_vl
+from masktrain.models.base import ModelFamily, SampleRequest, TextBatch, TextEncoder
+from masktrain.models.qwen_image import QwenImageFamily
+from masktrain.sample.outputs import sample_path, write_contact_sheet, write_layers, write_sample
 from masktrain.sample.prompt_images import PromptImages
 
 log = logging.getLogger(__name__)
@@ -48,12 +58,13 @@ class Sampler:
         output_dir: Path,
         output_name: str,
         task: str | None = None,
+        one_frame: bool = False,
     ) -> None:
         assert settings.sample_prompts is not None and settings.vae and settings.text_encoder
         self.family, self.device, self.dtype, self.autocast = family, device, dtype, autocast
         self.seed, self.output_dir, self.output_name = seed, output_dir, output_name
         self.prompts = load_prompts(settings.sample_prompts)
-        self.mode = catalog.mode_of(family.spec, task)
+        self.mode, self.task = catalog.mode_of(family.spec, task), task
         if any(prompt.guidance_scale is not None for prompt in self.prompts):
             log.info(
                 "--g (embedded guidance) in %s is ignored: %s has none; --l sets the CFG scale",
@@ -61,9 +72,11 @@ class Sampler:
                 family.spec.title,
             )
         started = time.perf_counter()
+        self._images = PromptImages.of(self.prompts, self.mode, settings.clip, device, dtype, one_frame)
         self._embeddings = self._encode(settings)
-        self._images = PromptImages.of(self.prompts, self.mode, settings.clip, device, dtype)
         self.vae = family.load_vae(settings.vae, torch.device("cpu"), dtype)
+        self.layered = self.mode is not None and self.mode.kind == "layered"
+        qwen_layered.check_vae(self.vae, settings.vae, self.layered)  # Layered's VAE reads RGBA
         self._spatial = family.spatial_factor(self.vae) * 2  # the VAE's factor times the 2x2 patches
         self._temporal = family.temporal_factor(self.vae)
         self.feed = fit.sampling_feed(
@@ -94,26 +107,50 @@ class Sampler:
     def _cfg(self, prompt: SamplePrompt) -> float:
         return prompt.cfg_scale if prompt.cfg_scale is not None else self.family.default_cfg_scale
 
-    def _encode(self, settings: SampleSettings) -> dict[str, torch.Tensor]:
+    def _controls(self, prompt: SamplePrompt) -> tuple[Path, ...]:
+        """The control images an edit prompt's text embeddings read (none in another mode)."""
+        return prompt.control_image_paths if self._images.edit else ()
+
+    def _encode(self, settings: SampleSettings) -> dict[tuple[str, tuple[Path, ...]], torch.Tensor]:
+        """Each prompt's and negative prompt's embedding, by text and the control images it read
+        (Qwen-Image-Edit reads the prompt's ``--ci`` images with both, as its pipeline does)."""
         assert settings.text_encoder is not None
-        encoder = self.family.load_text_encoder(
+        load: Callable[..., TextEncoder] = self.family.load_text_encoder
+        if self._images.edit:  # Qwen2.5-VL with its vision tower
+            assert isinstance(self.family, QwenImageFamily)
+            load = functools.partial(self.family.load_text_encoder, vision=True)
+        encoder = load(
             settings.text_encoder,
             self.device,
             self.dtype,
             fp8=settings.fp8_text_encoder,
             tokenizer=settings.text_tokenizer,
         )
-        texts = {prompt.prompt for prompt in self.prompts}
-        texts |= {negative for prompt in self.prompts if (negative := self._negative(prompt)) is not None}
-        embeddings = {text: self.family.encode_text(encoder, [text])[0] for text in sorted(texts)}
+        images = {
+            self._controls(prompt): self._images.images.get(prompt.index, ()) for prompt in self.prompts
+        }
+        texts = {(prompt.prompt, self._controls(prompt)) for prompt in self.prompts}
+        texts |= {
+            (negative, self._controls(prompt))
+            for prompt in self.prompts
+            if (negative := self._negative(prompt)) is not None
+        }
+        embeddings = {}
+        for text, controls in sorted(texts):
+            if self._images.edit:
+                read = qwen_vl.encode_edit_text(encoder, [text], [images[controls]], str(self.task))
+            else:
+                read = self.family.encode_text(encoder, [text])
+            embeddings[text, controls] = read[0]
         del encoder
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         return embeddings
 
-    def _text(self, text: str) -> TextBatch:
-        return self.family.collate_text([self._embeddings[text]]).to(self.device, self.dtype)
+    def _text(self, text: str, prompt: SamplePrompt) -> TextBatch:
+        embedding = self._embeddings[text, self._controls(prompt)]
+        return self.family.collate_text([embedding]).to(self.device, self.dtype)
 
     def request(self, prompt: SamplePrompt) -> tuple[SampleRequest, int]:
         """The pipeline's inputs for `prompt`, and its seed."""
@@ -142,8 +179,8 @@ class Sampler:
             steps=prompt.steps,
             cfg_scale=self._cfg(prompt),
             flow_shift=prompt.flow_shift,
-            text=self._text(prompt.prompt),
-            negative=None if negative is None else self._text(negative),
+            text=self._text(prompt.prompt, prompt),
+            negative=None if negative is None else self._text(negative, prompt),
             generator=torch.Generator().manual_seed(seed),
             **self._images.request_fields(prompt, width, height),
         )
@@ -163,10 +200,14 @@ class Sampler:
                         frames = self.family.generate(
                             experts.low, experts.high, experts.boundary, self.vae, request
                         )
-                    path = sample_path(
-                        self.output_dir, self.output_name, step, prompt.index, seed, frames.shape[0] > 1
-                    )
-                    write_sample(path, frames, self.family.spec.video_fps)
+                    if self.layered:  # RGBA images: the base and --f layers (sample.outputs)
+                        path = sample_path(self.output_dir, self.output_name, step, prompt.index, seed, False)
+                        write_layers(path, frames)
+                    else:
+                        path = sample_path(
+                            self.output_dir, self.output_name, step, prompt.index, seed, frames.shape[0] > 1
+                        )
+                        write_sample(path, frames, self.family.spec.video_fps)
                     written.append(path)
         finally:
             self.vae.to("cpu")
