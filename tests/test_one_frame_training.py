@@ -148,3 +148,23 @@ def test_one_frame_datasets_are_checked(tmp_path: Path) -> None:
     assert (
         len(summary.failed) == 2 and "2 control image(s), but --task i2v-14B takes 1" in summary.failed[0][1]
     )
+
+
+def test_one_frame_trains_with_fp8_base_weights_and_block_swap(tmp_path: Path) -> None:
+    """The memory path at the dataset's positions: the rotary hook sits outside the blocks, so fp8
+    blocks, a streamed block, checkpointing and activation offload train as for video."""
+    from masktrain.config.memory import MemorySettings
+
+    toml = _dataset(tmp_path, controls=2)
+    cache_tiny(tmp_path, task="flf2v-14B", clip="tiny", one_frame=True)
+    memory = MemorySettings(
+        fp8_base=True, fp8_scaled=True, blocks_to_swap=1, gradient_checkpointing_cpu_offload=True
+    )
+    config = train_config(
+        toml, tmp_path / "out", task="flf2v-14B", one_frame=True, memory=memory, gradient_checkpointing=True
+    )
+    train(config)
+    losses = [
+        json.loads(line)["loss"] for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert len(losses) == 4 and all(np.isfinite(losses))
