@@ -25,6 +25,7 @@ __all__ = [
     "decode_image",
     "list_images",
     "load_mask",
+    "pool_mask_frames",
     "prepare_batch",
     "prepare_mask",
     "resize_image_to_bucket",
@@ -96,6 +97,12 @@ def resize_mask_to_size(
     mask: npt.NDArray[np.uint8] | npt.NDArray[np.uint16], size: tuple[int, int]
 ) -> npt.NDArray[np.uint8] | npt.NDArray[np.uint16]: ...
 def area_downsample(values: npt.NDArray[np.float32], size: tuple[int, int]) -> npt.NDArray[np.float32]: ...
+def pool_mask_frames(
+    frames: npt.NDArray[np.float32],
+    spatial_factor: int,
+    temporal_factor: int,
+    mode: Literal["area", "max", "nearest"],
+) -> npt.NDArray[np.float32]: ...
 def choose_bucket(width: int, height: int, buckets: Sequence[tuple[int, int]]) -> tuple[int, int]: ...
 def same_aspect(reference: tuple[int, int], other: tuple[int, int]) -> bool: ...
 def list_images(directory: _StrPath) -> list[Path]: ...

@@ -58,6 +58,13 @@ pub enum Error {
     )]
     MissingMask { path: PathBuf },
 
+    #[error(
+        "{frames} mask frames cannot be pooled onto latent frames: a VAE that groups \
+         {temporal_factor} frames takes 1 + {temporal_factor}*m of them ({})",
+        nearest_frame_counts(*.frames, *.temporal_factor)
+    )]
+    FrameCount { frames: usize, temporal_factor: u32 },
+
     #[error("{path}: cannot encode PNG ({reason})")]
     Encode { path: PathBuf, reason: String },
 
@@ -71,6 +78,13 @@ fn source_name(media: &Media, path: &Option<PathBuf>) -> String {
         Some(path) => format!("{media} {}", path.display()),
         None => media.to_string(),
     }
+}
+
+/// The valid clip lengths around `frames` for a `temporal_factor`-frame grouping.
+fn nearest_frame_counts(frames: usize, temporal_factor: u32) -> String {
+    let t = temporal_factor.max(1) as usize;
+    let below = 1 + frames.saturating_sub(1) / t * t;
+    format!("{below} or {} would do", below + t)
 }
 
 impl Error {

@@ -4,12 +4,12 @@
 use crate::plane::{Mask, Plane};
 
 /// torch's `start_index`: `floor(i * in / out)`.
-fn start_index(i: u64, out: u64, input: u64) -> usize {
+pub(crate) fn start_index(i: u64, out: u64, input: u64) -> usize {
     ((i * input) / out) as usize
 }
 
 /// torch's `end_index`: `ceil((i + 1) * in / out)`.
-fn end_index(i: u64, out: u64, input: u64) -> usize {
+pub(crate) fn end_index(i: u64, out: u64, input: u64) -> usize {
     ((i + 1) * input).div_ceil(out) as usize
 }
 

@@ -2,7 +2,7 @@
 //! without a copy; inputs are copied once into an owned plane so the GIL can be released.
 
 use masktrain_core::{Mask, Plane};
-use numpy::ndarray::{Array2, Array3};
+use numpy::ndarray::{Array2, Array3, Axis};
 use numpy::{Element, IntoPyArray, PyReadonlyArray2, PyReadonlyArray3, PyUntypedArrayMethods};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
@@ -61,6 +61,21 @@ pub fn mask_from_py(array: &Bound<'_, PyAny>) -> PyResult<Mask> {
 /// An (H, W) float32 array.
 pub fn f32_plane_from_py(array: PyReadonlyArray2<'_, f32>) -> Plane<f32> {
     plane2(array)
+}
+
+/// An (N, H, W) float32 array as N one-channel planes.
+pub fn f32_frames_from_py(array: PyReadonlyArray3<'_, f32>) -> Vec<Plane<f32>> {
+    let array = array.as_array();
+    let (h, w) = (array.shape()[1] as u32, array.shape()[2] as u32);
+    array.axis_iter(Axis(0)).map(|frame| Plane::new(w, h, 1, frame.iter().copied().collect())).collect()
+}
+
+/// One-channel planes of one size as an (N, H, W) array.
+pub fn frames_to_py<T: Element>(py: Python<'_>, frames: Vec<Plane<T>>) -> Py<PyAny> {
+    let (w, h) = frames.first().map_or((0, 0), |p| (p.width as usize, p.height as usize));
+    let n = frames.len();
+    let data: Vec<T> = frames.into_iter().flat_map(|p| p.data).collect();
+    Array3::from_shape_vec((n, h, w), data).expect("frames shape").into_pyarray(py).into_any().unbind()
 }
 
 pub fn check_size(name: &str, size: (u32, u32)) -> PyResult<(u32, u32)> {

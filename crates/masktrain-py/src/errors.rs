@@ -9,6 +9,7 @@ use pyo3::prelude::*;
 
 // Imported on first use, never at module import: `masktrain.errors` needs no extension.
 pyo3::import_exception!(masktrain.errors, MaskTrainError);
+pyo3::import_exception!(masktrain.errors, DataError);
 pyo3::import_exception!(masktrain.errors, ImageDecodeError);
 pyo3::import_exception!(masktrain.errors, UnsupportedFormatError);
 pyo3::import_exception!(masktrain.errors, ImageTooLargeError);
@@ -36,6 +37,7 @@ pub fn to_py_err(error: Error) -> PyErr {
         Error::AspectMismatch { .. } => AspectMismatchError::new_err(message),
         Error::DuplicateMask { .. } => DuplicateMaskError::new_err(message),
         Error::MissingMask { .. } => MissingMaskError::new_err(message),
+        Error::FrameCount { .. } => DataError::new_err(message),
         Error::Encode { .. } => MaskTrainError::new_err(message),
         Error::InvalidArgument(_) => PyValueError::new_err(message),
     }

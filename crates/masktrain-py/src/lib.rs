@@ -9,12 +9,16 @@ use std::path::PathBuf;
 
 use masktrain_core::geometry::Source;
 use masktrain_core::media::Media;
-use masktrain_core::{decode, geometry, index, latent, luma, pool, prepare, resize, Error};
+use masktrain_core::temporal::Pooling;
+use masktrain_core::{decode, geometry, index, latent, luma, pool, prepare, resize, temporal, Error};
 use numpy::PyReadonlyArray2;
 use numpy::PyReadonlyArray3;
 use pyo3::prelude::*;
 
-use arrays::{check_size, f32_plane_from_py, mask_from_py, mask_to_py, plane_to_py, rgb_from_py};
+use arrays::{
+    check_size, f32_frames_from_py, f32_plane_from_py, frames_to_py, mask_from_py, mask_to_py, plane_to_py,
+    rgb_from_py,
+};
 use errors::to_py_err;
 
 /// The cache-time mask transform of `cache_mask_gamma` (> 0) and `cache_mask_min_weight` ([0, 1)).
@@ -127,6 +131,27 @@ fn area_downsample(
     Ok(plane_to_py(py, out))
 }
 
+/// Pool (N, H, W) float32 mask frames at the bucket size onto the latent grid as the causal video
+/// VAE groups frames: (F, H / spatial_factor, W / spatial_factor) float32 with
+/// F = 1 + (N - 1) / temporal_factor; latent frame 0 <- frame 0, latent frame k <- frames
+/// t(k-1)+1 ..= tk. `mode` is "area" (the exact mean), "max" or "nearest" within each cell.
+/// N must be 1 + temporal_factor * m (a DataError names the counts otherwise).
+#[pyfunction]
+fn pool_mask_frames(
+    py: Python<'_>,
+    frames: PyReadonlyArray3<'_, f32>,
+    spatial_factor: u32,
+    temporal_factor: u32,
+    mode: &str,
+) -> PyResult<Py<PyAny>> {
+    let mode: Pooling = mode.parse().map_err(to_py_err)?;
+    let frames = f32_frames_from_py(frames);
+    let out = py
+        .detach(move || temporal::pool_mask_frames(&frames, spatial_factor, temporal_factor, mode))
+        .map_err(to_py_err)?;
+    Ok(frames_to_py(py, out))
+}
+
 /// The bucket (width, height) nearest the image's aspect ratio.
 #[pyfunction]
 fn choose_bucket(width: u32, height: u32, buckets: Vec<(u32, u32)>) -> PyResult<(u32, u32)> {
@@ -166,6 +191,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(resize_mask_to_bucket, m)?)?;
     m.add_function(wrap_pyfunction!(resize_mask_to_size, m)?)?;
     m.add_function(wrap_pyfunction!(area_downsample, m)?)?;
+    m.add_function(wrap_pyfunction!(pool_mask_frames, m)?)?;
     m.add_function(wrap_pyfunction!(choose_bucket, m)?)?;
     m.add_function(wrap_pyfunction!(same_aspect, m)?)?;
     m.add_function(wrap_pyfunction!(list_images, m)?)?;
