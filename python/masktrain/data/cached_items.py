@@ -65,6 +65,8 @@ class CachedItem:
     control_shapes: tuple[tuple[int, ...], ...] = ()
     """Qwen-Image-Edit: (C, F, h, w) of each control image's latents, in order (the denoiser's
     positions are read off the first sample: a batch shares them)."""
+    condition: str = catalog.NO_CONDITION
+    """The mode its latent file was made for (``cache_format.KEY_CONDITION``)."""
 
 
 class _Stale(CachedDataError):
@@ -117,12 +119,9 @@ def check_condition(items: list[CachedItem], condition: str, spec: ArchSpec, dat
     """Every item's latent file must have been made for the run's mode `condition`: a cache of
     text-to-video clips cannot train an image-to-video model, nor an I2V cache an FLF2V one."""
     for item in items:
-        metadata = fmt.read_metadata(item.latent_path)
-        made_for = catalog.NO_CONDITION if metadata is None else metadata.extra.get(fmt.KEY_CONDITION)
-        made_for = made_for or catalog.NO_CONDITION
-        if made_for != condition:
+        if item.condition != condition:
             raise CacheModeMismatch(
-                f"{item.latent_path}: cached for {_said(made_for, spec)}, but this run trains "
+                f"{item.latent_path}: cached for {_said(item.condition, spec)}, but this run trains "
                 f"{_said(condition, spec)}; cache the dataset again with the run's flags (masktrain cache "
                 f"--dataset_config {dataset_config} --arch {spec.name} ... {_flags(condition, spec)})"
             )
@@ -146,7 +145,7 @@ class ItemState:
     mask), or why it is not trainable (``cached``: whether it has a cache file at all)."""
 
     item: MediaItem
-    files: list[tuple[Path, tuple[int, ...], bool, tuple[tuple[int, ...], ...]]]
+    files: list[tuple[Path, tuple[int, ...], bool, tuple[tuple[int, ...], ...], str]]
     """(path, latent shape, has mask, control latents' shapes) of each file."""
     text: Path | None
     problem: str | None
@@ -191,18 +190,27 @@ def _dataset_items(
             continue
         items += [
             CachedItem(
-                path, state.text, shape, has_mask, number, dataset.batch_size, dataset.num_repeats, controls
+                path,
+                state.text,
+                shape,
+                has_mask,
+                number,
+                dataset.batch_size,
+                dataset.num_repeats,
+                controls,
+                condition,
             )
-            for path, shape, has_mask, controls in state.files
+            for path, shape, has_mask, controls, condition in state.files
         ]
     return items, problems, any(state.cached for state in states)
 
 
 def _latent_files(
     item: MediaItem, paths: list[Path], arch: str, settings: str, inputs: str, video: bool
-) -> list[tuple[Path, tuple[int, ...], bool, tuple[tuple[int, ...], ...]]]:
-    """(path, latent shape, has mask, control latents' shapes) of each latent file of `item` (one
-    image, or every clip its files list), checked against the item as it is now."""
+) -> list[tuple[Path, tuple[int, ...], bool, tuple[tuple[int, ...], ...], str]]:
+    """(path, latent shape, has mask, control latents' shapes, the mode it was made for) of each
+    latent file of `item` (one image, or every clip its files list), checked against the item as
+    it is now."""
     headers = {}
     for path in paths:
         metadata, shapes = fmt.read_header(path)
@@ -238,7 +246,8 @@ def _latent_files(
             raise _Stale(why)
         keys = fmt.item_tensor_keys(shapes, path)
         controls = tuple(shapes[key] for key in keys.control_latents)
-        files.append((path, shapes[keys.latents], keys.mask_weights is not None, controls))
+        condition = metadata.extra.get(fmt.KEY_CONDITION) or catalog.NO_CONDITION  # older files: none
+        files.append((path, shapes[keys.latents], keys.mask_weights is not None, controls, condition))
     return files
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Generic, TypeVar
@@ -55,15 +55,15 @@ def check_finite(tensors: dict[str, torch.Tensor], path: Path) -> dict[str, torc
 
 def load_batch(index: int, items: list[CachedItem]) -> Batch:
     latents, masks, texts = [], [], []
-    conditions: dict[str, list[torch.Tensor | None]] = {name: [] for name in _CONDITION_KEYS}
+    conditions: dict[str, list[torch.Tensor | None]] = {name: [] for name in _CONDITION_FIELDS}
     controls: list[tuple[torch.Tensor, ...]] = []
     for item in items:
         tensors = check_finite(fmt.load_cache_file(item.latent_path)[0], item.latent_path)
         keys = fmt.item_tensor_keys(tensors, item.latent_path)
         latents.append(tensors[keys.latents].float())
         masks.append(None if keys.mask_weights is None else tensors[keys.mask_weights].float())
-        for name, key_of in _CONDITION_KEYS.items():
-            key = key_of(keys)
+        for name in _CONDITION_FIELDS:
+            key = getattr(keys, name)
             conditions[name].append(None if key is None else tensors[key])
         controls.append(tuple(tensors[key] for key in keys.control_latents))
         text_tensors = check_finite(fmt.load_cache_file(item.text_path)[0], item.text_path)
@@ -79,12 +79,8 @@ def load_batch(index: int, items: list[CachedItem]) -> Batch:
     return Batch(index, torch.stack(latents), mask_weights, texts, items, condition)
 
 
-# Conditioning field -> where an item file keeps it.
-_CONDITION_KEYS: dict[str, Callable[[fmt.ItemTensorKeys], str | None]] = {
-    "image_latents": lambda keys: keys.image_latents,
-    "image_embeds": lambda keys: keys.image_embeds,
-    "frame_indices": lambda keys: keys.frame_indices,
-}
+# The Conditioning fields stacked per item; `fmt.ItemTensorKeys` names each file's key alike.
+_CONDITION_FIELDS = ("image_latents", "image_embeds", "frame_indices")
 
 
 def _condition(found: dict[str, list[torch.Tensor | None]], items: list[CachedItem]) -> Conditioning | None:
