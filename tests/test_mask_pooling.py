@@ -1,6 +1,7 @@
 """``_native.pool_mask_frames``: mask frames pooled onto the latent grid as the causal video VAE
 groups frames (latent frame 0 <- frame 0, latent frame k <- frames t(k-1)+1 ... tk), checked
-against an independent numpy computation in every mode."""
+against an independent numpy computation in every mode, with the cache-time transform applied per
+pixel before pooling and 8/16-bit frames read as v / 255 and v / 65535."""
 
 from collections.abc import Callable
 from typing import Literal
@@ -50,6 +51,12 @@ def random_frames(n: int, height: int, width: int, seed: int = 0) -> Array:
     return np.random.default_rng(seed).random((n, height, width), dtype=np.float32)
 
 
+def numpy_transform(frames: Array, gamma: float, min_weight: float) -> Array:
+    """The reference's ``apply_cache_mask_transforms`` per pixel, in float32."""
+    m = np.clip(frames, 0.0, 1.0) ** np.float32(gamma)
+    return np.clip(m * np.float32(1 - min_weight) + np.float32(min_weight), 0.0, 1.0).astype(np.float32)
+
+
 @pytest.mark.parametrize("mode", sorted(REFERENCES))
 @pytest.mark.parametrize("s", [8, 16])
 @pytest.mark.parametrize(("n", "t"), [(1, 4), (5, 4), (9, 4), (21, 4), (1, 1), (5, 1)])
@@ -62,6 +69,28 @@ def test_each_mode_matches_numpy(mode: str, s: int, n: int, t: int) -> None:
         np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
     else:
         np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.parametrize("mode", sorted(REFERENCES))
+def test_the_cache_transform_comes_before_pooling(mode: Literal["area", "max", "nearest"]) -> None:
+    frames = random_frames(9, 32, 48, seed=11)
+    got = _native.pool_mask_frames(frames, 8, 4, mode, cache_mask_gamma=0.6, cache_mask_min_weight=0.2)
+    expected = REFERENCES[mode](numpy_transform(frames, 0.6, 0.2), 8, 4)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
+    if mode == "area":  # the mean does not commute with the transform (max and nearest do)
+        assert np.abs(numpy_transform(REFERENCES[mode](frames, 8, 4), 0.6, 0.2) - got).max() > 1e-3
+
+
+@pytest.mark.parametrize("mode", sorted(REFERENCES))
+def test_uint8_and_uint16_frames_pool_as_their_unit_weights(mode: Literal["area", "max", "nearest"]) -> None:
+    rng = np.random.default_rng(5)
+    for dtype, top in [(np.uint8, 255), (np.uint16, 65535)]:
+        ints = rng.integers(0, top + 1, (5, 32, 32)).astype(dtype)
+        unit = ints.astype(np.float32) / np.float32(top)
+        for gamma, floor in [(1.0, 0.0), (0.7, 0.1)]:
+            kwargs = {"cache_mask_gamma": gamma, "cache_mask_min_weight": floor}
+            got = _native.pool_mask_frames(ints, 8, 4, mode, **kwargs)
+            assert np.array_equal(got, _native.pool_mask_frames(unit, 8, 4, mode, **kwargs)), (dtype, gamma)
 
 
 def test_one_frame_area_is_area_downsample_exactly() -> None:
@@ -114,6 +143,10 @@ def test_bad_arguments_are_value_errors() -> None:
         _native.pool_mask_frames(frames, 0, 4, "max")
     with pytest.raises(ValueError, match="temporal_factor must be positive"):
         _native.pool_mask_frames(frames, 8, 0, "max")
+    with pytest.raises(ValueError, match="float32, uint8 or uint16"):
+        _native.pool_mask_frames(frames.astype(np.float64), 8, 4, "max")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="cache_mask_gamma must be > 0"):
+        _native.pool_mask_frames(frames, 8, 4, "max", cache_mask_gamma=0.0)
 
 
 def test_strided_views_pool_like_their_copies() -> None:

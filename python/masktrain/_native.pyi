@@ -11,6 +11,8 @@ import numpy.typing as npt
 from masktrain.errors import MaskTrainError
 
 _StrPath = str | os.PathLike[str]
+_Pooling = Literal["area", "max", "nearest"]
+_MaskArray = npt.NDArray[np.uint8] | npt.NDArray[np.uint16]
 
 __all__ = [
     "DEFAULT_PIXEL_LIMIT",
@@ -27,6 +29,8 @@ __all__ = [
     "load_mask",
     "pool_mask_frames",
     "prepare_batch",
+    "prepare_loaded_mask",
+    "prepare_loaded_mask_frames",
     "prepare_mask",
     "resize_image_to_bucket",
     "resize_mask_to_bucket",
@@ -61,7 +65,7 @@ class PreparedItem:
     @property
     def latent_mask(self) -> npt.NDArray[np.float32] | None: ...
     @property
-    def mask_source(self) -> Literal["alpha", "file", "none"]: ...
+    def mask_source(self) -> Literal["alpha", "file", "default", "none"]: ...
     @property
     def mask_path(self) -> Path | None: ...
     @property
@@ -88,7 +92,30 @@ def prepare_mask(
     pixel_limit: int = ...,
     cache_mask_gamma: float = 1.0,
     cache_mask_min_weight: float = 0.0,
-) -> tuple[npt.NDArray[np.uint8] | npt.NDArray[np.uint16], npt.NDArray[np.float32]]: ...
+    mask_pooling: _Pooling = "area",
+) -> tuple[_MaskArray, npt.NDArray[np.float32]]: ...
+def prepare_loaded_mask(
+    mask: _MaskArray,
+    mask_name: _StrPath,
+    source_size: tuple[int, int],
+    bucket: tuple[int, int],
+    latent_factor: int = 8,
+    *,
+    source: _StrPath | None = None,
+    media: Literal["image", "video"] = "video",
+    cache_mask_gamma: float = 1.0,
+    cache_mask_min_weight: float = 0.0,
+    mask_pooling: _Pooling = "area",
+) -> tuple[_MaskArray, npt.NDArray[np.float32]]: ...
+def prepare_loaded_mask_frames(
+    frames: _MaskArray,
+    mask_name: _StrPath,
+    source_size: tuple[int, int],
+    bucket: tuple[int, int],
+    *,
+    source: _StrPath | None = None,
+    media: Literal["image", "video"] = "video",
+) -> _MaskArray: ...
 def resize_image_to_bucket(rgb: npt.NDArray[np.uint8], bucket: tuple[int, int]) -> npt.NDArray[np.uint8]: ...
 def resize_mask_to_bucket(
     mask: npt.NDArray[np.uint8] | npt.NDArray[np.uint16], bucket: tuple[int, int]
@@ -98,10 +125,13 @@ def resize_mask_to_size(
 ) -> npt.NDArray[np.uint8] | npt.NDArray[np.uint16]: ...
 def area_downsample(values: npt.NDArray[np.float32], size: tuple[int, int]) -> npt.NDArray[np.float32]: ...
 def pool_mask_frames(
-    frames: npt.NDArray[np.float32],
+    frames: npt.NDArray[np.float32] | _MaskArray,
     spatial_factor: int,
     temporal_factor: int,
-    mode: Literal["area", "max", "nearest"],
+    mode: _Pooling,
+    *,
+    cache_mask_gamma: float = 1.0,
+    cache_mask_min_weight: float = 0.0,
 ) -> npt.NDArray[np.float32]: ...
 def choose_bucket(width: int, height: int, buckets: Sequence[tuple[int, int]]) -> tuple[int, int]: ...
 def same_aspect(reference: tuple[int, int], other: tuple[int, int]) -> bool: ...
@@ -118,6 +148,9 @@ def prepare_batch(
     pixel_limit: int = ...,
     cache_mask_gamma: float = 1.0,
     cache_mask_min_weight: float = 0.0,
+    mask_paths: Sequence[_StrPath | None] | None = None,
+    default_mask: _StrPath | None = None,
+    mask_pooling: _Pooling = "area",
 ) -> list[PreparedItem | MaskTrainError | OSError]: ...
 def convert_alpha_batch(
     jobs: Sequence[tuple[_StrPath, _StrPath, _StrPath, _StrPath | None, _StrPath | None]],

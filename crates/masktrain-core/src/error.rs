@@ -32,9 +32,15 @@ pub enum Error {
     TooLarge { path: PathBuf, width: u32, height: u32, pixels: u64, limit: u64 },
 
     #[error(
-        "{mask}: aspect ratio mismatch: {} is {source_w}x{source_h} (aspect {source_aspect:.4}), \
-         mask is {mask_w}x{mask_h} (aspect {mask_aspect:.4}); the mask would be misaligned, fix its size",
-        source_name(.media, .source_path)
+        "{mask}{}: aspect ratio mismatch: {} is {source_w}x{source_h} (aspect {source_aspect:.4}), \
+         mask is {mask_w}x{mask_h} (aspect {mask_aspect:.4}); {}",
+        if *.default_mask { " (the dataset's default_mask)" } else { "" },
+        source_name(.media, .source_path),
+        if *.default_mask {
+            "the mask would be misaligned: give this item its own mask or use a default_mask of its aspect"
+        } else {
+            "the mask would be misaligned, fix its size"
+        }
     )]
     AspectMismatch {
         /// What the mask belongs to, so a video's mask says "video" in the message.
@@ -48,13 +54,16 @@ pub enum Error {
         mask_h: u32,
         source_aspect: f64,
         mask_aspect: f64,
+        /// The mask is the dataset's `default_mask`, not the item's own.
+        default_mask: bool,
     },
 
     #[error("duplicate mask basename '{stem}': {first} and {second}; keep one of them")]
     DuplicateMask { stem: String, first: PathBuf, second: PathBuf },
 
     #[error(
-        "{path}: require_mask=true but no mask found (no alpha channel + no matching file in mask_directory)"
+        "{path}: require_mask=true but no mask found (no alpha channel, no mask_path, no matching file in \
+         mask_directory, no default_mask)"
     )]
     MissingMask { path: PathBuf },
 

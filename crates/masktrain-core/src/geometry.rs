@@ -93,6 +93,7 @@ pub fn check_aspect(source: &Source, mask: &Path, mask_size: (u32, u32)) -> Resu
         mask_h: mask_size.1,
         source_aspect: source_w as f64 / source_h as f64,
         mask_aspect: mask_size.0 as f64 / mask_size.1 as f64,
+        default_mask: false,
     })
 }
 

@@ -71,6 +71,16 @@ impl MaskTransform {
         }
         m.clamp(0.0, 1.0)
     }
+
+    /// [`apply`](Self::apply) to every pixel of a unit plane, in place.
+    pub fn apply_to(&self, unit: &mut Plane<f32>) {
+        if self.is_identity() {
+            return;
+        }
+        for value in unit.data.iter_mut() {
+            *value = self.apply(*value);
+        }
+    }
 }
 
 impl Default for MaskTransform {
@@ -89,11 +99,7 @@ pub fn latent_mask(mask: &Mask, factor: u32) -> Plane<f32> {
 pub fn latent_mask_with(mask: &Mask, factor: u32, transform: MaskTransform) -> Plane<f32> {
     let (w, h) = mask.size();
     let mut unit = mask.to_unit_f32();
-    if !transform.is_identity() {
-        for value in unit.data.iter_mut() {
-            *value = transform.apply(*value);
-        }
-    }
+    transform.apply_to(&mut unit);
     area_downsample(&unit, ((w / factor).max(1), (h / factor).max(1)))
 }
 

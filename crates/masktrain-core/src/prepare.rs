@@ -1,7 +1,8 @@
-//! Batch preparation: for each image, decode, pick its mask (alpha -> mask file -> full weight),
-//! resize both onto the chosen bucket and pool the mask onto the latent grid -- in parallel,
-//! with one bad file failing only its own item. The mask half is public on its own
-//! ([`prepare_mask`]) for sources this module does not decode, such as videos.
+//! Batch preparation: for each image, decode, pick its mask (alpha -> its own mask file -> the
+//! mask index -> the dataset's default mask -> full weight), resize both onto the chosen bucket
+//! and pool the mask onto the latent grid -- in parallel, with one bad file failing only its own
+//! item. The mask half is public on its own ([`prepare_mask`], [`prepare_loaded_mask_with`],
+//! [`prepare_loaded_mask_frames`]) for sources this module does not decode, such as videos.
 
 use std::path::{Path, PathBuf};
 
@@ -16,6 +17,7 @@ use crate::luma::load_mask;
 use crate::plane::{Mask, Plane};
 use crate::pool::pool;
 use crate::resize::{resize_image_to_bucket, resize_mask_to_bucket};
+use crate::temporal::{pool_mask_frames, Pooling};
 
 #[derive(Clone, Debug)]
 pub struct PrepareOptions<'a> {
@@ -28,9 +30,13 @@ pub struct PrepareOptions<'a> {
     /// Fail an item that ends up with no mask instead of giving it full weight.
     pub require_mask: bool,
     pub mask_index: Option<&'a MaskIndex>,
+    /// The dataset's `default_mask`, loaded once: the mask of items that have none of their own.
+    pub default_mask: Option<LoadedMask<'a>>,
     pub pixel_limit: u64,
     /// The cache-time transform of every mask, at pixel resolution before pooling.
     pub mask_transform: MaskTransform,
+    /// How each latent cell pools its mask pixels; `Area` is the original code path, bit for bit.
+    pub mask_pooling: Pooling,
 }
 
 impl Default for PrepareOptions<'_> {
@@ -41,23 +47,49 @@ impl Default for PrepareOptions<'_> {
             alpha_mask: false,
             require_mask: false,
             mask_index: None,
+            default_mask: None,
             pixel_limit: DEFAULT_PIXEL_LIMIT,
             mask_transform: MaskTransform::IDENTITY,
+            mask_pooling: Pooling::Area,
         }
     }
 }
 
 impl PrepareOptions<'_> {
     /// Masking is on when any mask source is configured; off, items carry no mask at all.
+    /// (Items' own mask files turn it on for their whole batch: see [`prepare_batch`].)
     pub fn masking_enabled(&self) -> bool {
-        self.alpha_mask || self.mask_index.is_some()
+        self.alpha_mask || self.mask_index.is_some() || self.default_mask.is_some()
+    }
+}
+
+/// A mask already in memory and the file it came from, which errors name.
+#[derive(Clone, Copy, Debug)]
+pub struct LoadedMask<'a> {
+    pub path: &'a Path,
+    pub mask: &'a Mask,
+}
+
+/// One image of a batch and the mask file it names itself (a JSONL `mask_path`), if any.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BatchImage {
+    pub path: PathBuf,
+    pub mask_path: Option<PathBuf>,
+}
+
+impl From<PathBuf> for BatchImage {
+    fn from(path: PathBuf) -> Self {
+        BatchImage { path, mask_path: None }
     }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum MaskSource {
     Alpha,
+    /// A mask file: the item's own, or its match in the mask index.
     File,
+    /// The dataset's `default_mask`.
+    Default,
     None,
 }
 
@@ -66,6 +98,7 @@ impl MaskSource {
         match self {
             MaskSource::Alpha => "alpha",
             MaskSource::File => "file",
+            MaskSource::Default => "default",
             MaskSource::None => "none",
         }
     }
@@ -81,37 +114,54 @@ pub struct PreparedItem {
     /// The mask pooled onto the latent grid, weights in [0, 1]; `None` when masking is off.
     pub latent_mask: Option<Plane<f32>>,
     pub mask_source: MaskSource,
+    /// The mask file for `File` and `Default`, else `None`.
     pub mask_path: Option<PathBuf>,
     pub bucket: (u32, u32),
     pub original_size: (u32, u32),
 }
 
-pub fn prepare_item(path: &Path, options: &PrepareOptions) -> Result<PreparedItem> {
+/// Prepare one image; masking is on when `options` configure a mask source or the image names
+/// its own mask file.
+pub fn prepare_item(image: &BatchImage, options: &PrepareOptions) -> Result<PreparedItem> {
+    prepare_one(image, options, options.masking_enabled() || image.mask_path.is_some())
+}
+
+fn prepare_one(image: &BatchImage, options: &PrepareOptions, masking: bool) -> Result<PreparedItem> {
     if options.latent_factor == 0 {
         return Err(Error::InvalidArgument("latent_factor must be positive".into()));
     }
+    let path = image.path.as_path();
     let decoded = decode_image(path, options.pixel_limit)?;
     let original_size = decoded.rgb.size();
     let bucket = choose_bucket(original_size.0, original_size.1, &options.buckets)
         .ok_or_else(|| Error::InvalidArgument("the bucket list is empty".into()))?;
-    let factor = options.latent_factor;
-    let transform = options.mask_transform;
+    let (factor, transform, pooling) = (options.latent_factor, options.mask_transform, options.mask_pooling);
+    let fit = |mask: &Mask| fit_mask(mask, bucket, factor, transform, pooling);
+    // A mask file: the aspect check against this image, then the bucket and the latent grid.
+    let lay = |mask: &Mask, name: &Path| {
+        check_aspect(&Source::image(path, original_size), name, mask.size())?;
+        fit(mask)
+    };
 
     let (mask, mask_source, mask_path) = match (options.alpha_mask, decoded.alpha) {
-        (true, Some(alpha)) => (Some(fit_mask(&alpha, bucket, factor, transform)), MaskSource::Alpha, None),
-        _ => match mask_file(path, options)? {
-            Some(mask_path) => {
-                let source = Source::image(path, original_size);
-                let mask =
-                    prepare_mask_with(&mask_path, &source, bucket, factor, transform, options.pixel_limit)?;
-                (Some(mask), MaskSource::File, Some(mask_path))
+        (true, Some(alpha)) => (Some(fit(&alpha)?), MaskSource::Alpha, None),
+        _ => match (mask_file(image, options)?, options.default_mask) {
+            (Some(mask_path), _) => {
+                let mask = load_mask(&mask_path, options.pixel_limit)?;
+                (Some(lay(&mask, &mask_path)?), MaskSource::File, Some(mask_path))
             }
-            None if options.require_mask => return Err(Error::MissingMask { path: path.to_path_buf() }),
-            None if options.masking_enabled() => {
+            (None, Some(default)) => {
+                let mask = lay(default.mask, default.path).map_err(as_default_mask)?;
+                (Some(mask), MaskSource::Default, Some(default.path.to_path_buf()))
+            }
+            (None, None) if options.require_mask => {
+                return Err(Error::MissingMask { path: path.to_path_buf() })
+            }
+            (None, None) if masking => {
                 let full = Mask::Eight(Plane::filled(bucket.0, bucket.1, 1, 255));
-                (Some(fit_mask(&full, bucket, factor, transform)), MaskSource::None, None)
+                (Some(fit(&full)?), MaskSource::None, None)
             }
-            None => (None, MaskSource::None, None),
+            (None, None) => (None, MaskSource::None, None),
         },
     };
 
@@ -126,6 +176,14 @@ pub fn prepare_item(path: &Path, options: &PrepareOptions) -> Result<PreparedIte
         bucket,
         original_size,
     })
+}
+
+/// An aspect mismatch of the default mask says so: the fix is not to resize the file.
+fn as_default_mask(mut error: Error) -> Error {
+    if let Error::AspectMismatch { default_mask, .. } = &mut error {
+        *default_mask = true;
+    }
+    error
 }
 
 /// A mask laid onto a bucket: what training weighs its loss with.
@@ -147,22 +205,26 @@ pub fn prepare_mask(
     latent_factor: u32,
     pixel_limit: u64,
 ) -> Result<PreparedMask> {
-    prepare_mask_with(mask_path, source, bucket, latent_factor, MaskTransform::IDENTITY, pixel_limit)
+    let identity = MaskTransform::IDENTITY;
+    prepare_mask_with(mask_path, source, bucket, latent_factor, identity, Pooling::Area, pixel_limit)
 }
 
-/// [`prepare_mask`] with a cache-time `transform` on the latent weights (before pooling).
+/// [`prepare_mask`] with a cache-time `transform` (per pixel, before pooling) and a `pooling`.
 pub fn prepare_mask_with(
     mask_path: &Path,
     source: &Source,
     bucket: (u32, u32),
     latent_factor: u32,
     transform: MaskTransform,
+    pooling: Pooling,
     pixel_limit: u64,
 ) -> Result<PreparedMask> {
     // Before any I/O, so a bad call fails the same way whether or not the file exists.
-    check_mask_arguments(source, bucket, latent_factor)?;
+    check_mask_arguments(source, bucket)?;
+    check_latent_factor(latent_factor)?;
     let mask = load_mask(mask_path, pixel_limit)?;
-    conform_mask(&mask, mask_path, source, bucket, latent_factor, transform)
+    check_aspect(source, mask_path, mask.size())?;
+    fit_mask(&mask, bucket, latent_factor, transform, pooling)
 }
 
 /// [`prepare_mask`] for a mask already in memory; `mask_name` is what errors call it.
@@ -173,11 +235,43 @@ pub fn prepare_loaded_mask(
     bucket: (u32, u32),
     latent_factor: u32,
 ) -> Result<PreparedMask> {
-    check_mask_arguments(source, bucket, latent_factor)?;
-    conform_mask(mask, mask_name, source, bucket, latent_factor, MaskTransform::IDENTITY)
+    let identity = MaskTransform::IDENTITY;
+    prepare_loaded_mask_with(mask, mask_name, source, bucket, latent_factor, identity, Pooling::Area)
 }
 
-fn check_mask_arguments(source: &Source, bucket: (u32, u32), latent_factor: u32) -> Result<()> {
+/// [`prepare_loaded_mask`] with a cache-time `transform` and a `pooling`, as [`prepare_mask_with`].
+pub fn prepare_loaded_mask_with(
+    mask: &Mask,
+    mask_name: &Path,
+    source: &Source,
+    bucket: (u32, u32),
+    latent_factor: u32,
+    transform: MaskTransform,
+    pooling: Pooling,
+) -> Result<PreparedMask> {
+    check_mask_arguments(source, bucket)?;
+    check_latent_factor(latent_factor)?;
+    check_aspect(source, mask_name, mask.size())?;
+    fit_mask(mask, bucket, latent_factor, transform, pooling)
+}
+
+/// The frames of a mask clip (a mask video or a folder of mask frames) laid onto `bucket`: each
+/// checked against `source`'s aspect ratio and cover-resized by the mask rule (area down,
+/// nearest up, bit depth kept), in parallel. [`pool_mask_frames`] then pools them per clip.
+pub fn prepare_loaded_mask_frames(
+    frames: &[Mask],
+    mask_name: &Path,
+    source: &Source,
+    bucket: (u32, u32),
+) -> Result<Vec<Mask>> {
+    check_mask_arguments(source, bucket)?;
+    for frame in frames {
+        check_aspect(source, mask_name, frame.size())?;
+    }
+    Ok(pool().install(|| frames.par_iter().map(|frame| resize_mask_to_bucket(frame, bucket)).collect()))
+}
+
+fn check_mask_arguments(source: &Source, bucket: (u32, u32)) -> Result<()> {
     let positive = |(w, h): (u32, u32)| w > 0 && h > 0;
     if !positive(source.size) {
         return Err(Error::InvalidArgument(format!("source size must be positive, got {:?}", source.size)));
@@ -185,39 +279,53 @@ fn check_mask_arguments(source: &Source, bucket: (u32, u32), latent_factor: u32)
     if !positive(bucket) {
         return Err(Error::InvalidArgument(format!("bucket must be positive, got {bucket:?}")));
     }
+    Ok(())
+}
+
+fn check_latent_factor(latent_factor: u32) -> Result<()> {
     if latent_factor == 0 {
         return Err(Error::InvalidArgument("latent_factor must be positive".into()));
     }
     Ok(())
 }
 
-fn conform_mask(
+/// Resize and pool, shared by mask files, alpha channels, the default and full weight. `Area`
+/// takes the original path (bit for bit, so existing caches stay valid); `Max` and `Nearest`
+/// pool the one frame through the grid of [`pool_mask_frames`].
+fn fit_mask(
     mask: &Mask,
-    mask_name: &Path,
-    source: &Source,
     bucket: (u32, u32),
     latent_factor: u32,
     transform: MaskTransform,
+    pooling: Pooling,
 ) -> Result<PreparedMask> {
-    check_aspect(source, mask_name, mask.size())?;
-    Ok(fit_mask(mask, bucket, latent_factor, transform))
-}
-
-/// Resize and pool, shared by mask files, alpha channels and the full-weight default.
-fn fit_mask(mask: &Mask, bucket: (u32, u32), latent_factor: u32, transform: MaskTransform) -> PreparedMask {
     let mask = resize_mask_to_bucket(mask, bucket);
-    let latent_mask = latent_mask_with(&mask, latent_factor, transform);
-    PreparedMask { mask, latent_mask }
+    let latent_mask = match pooling {
+        Pooling::Area => latent_mask_with(&mask, latent_factor, transform),
+        Pooling::Max | Pooling::Nearest => {
+            let mut pooled =
+                pool_mask_frames(std::slice::from_ref(&mask), latent_factor, 1, pooling, transform)?;
+            pooled.remove(0)
+        }
+    };
+    Ok(PreparedMask { mask, latent_mask })
 }
 
-fn mask_file(image: &Path, options: &PrepareOptions) -> Result<Option<PathBuf>> {
+/// The item's own mask file, else its match in the mask index.
+fn mask_file(image: &BatchImage, options: &PrepareOptions) -> Result<Option<PathBuf>> {
+    if let Some(own) = &image.mask_path {
+        return Ok(Some(own.clone()));
+    }
     match options.mask_index {
-        Some(index) => Ok(index.get(&stem_of(image))?.map(Path::to_path_buf)),
+        Some(index) => Ok(index.get(&stem_of(&image.path))?.map(Path::to_path_buf)),
         None => Ok(None),
     }
 }
 
-/// Prepare many images in parallel on the fork-safe pool; results keep the input order.
-pub fn prepare_batch(paths: &[PathBuf], options: &PrepareOptions) -> Vec<Result<PreparedItem>> {
-    pool().install(|| paths.par_iter().map(|p| prepare_item(p, options)).collect())
+/// Prepare many images in parallel on the fork-safe pool; results keep the input order. When
+/// any image names its own mask file, masking is on for all of them (the others get the mask
+/// index, the default or full weight), so one batch never mixes masked and unmasked items.
+pub fn prepare_batch(images: &[BatchImage], options: &PrepareOptions) -> Vec<Result<PreparedItem>> {
+    let masking = options.masking_enabled() || images.iter().any(|image| image.mask_path.is_some());
+    pool().install(|| images.par_iter().map(|image| prepare_one(image, options, masking)).collect())
 }

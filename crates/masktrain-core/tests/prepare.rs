@@ -10,9 +10,13 @@ use masktrain_core::index::MaskIndex;
 use masktrain_core::luma::load_mask;
 use masktrain_core::media::Media;
 use masktrain_core::prepare::{
-    prepare_batch, prepare_loaded_mask, prepare_mask, MaskSource, PrepareOptions, PreparedMask,
+    prepare_batch, prepare_loaded_mask, prepare_mask, BatchImage, MaskSource, PrepareOptions, PreparedMask,
 };
 use masktrain_core::{Error, Mask};
+
+fn batch(paths: &[PathBuf]) -> Vec<BatchImage> {
+    paths.iter().cloned().map(BatchImage::from).collect()
+}
 
 fn write_rgb(path: &Path, w: u32, h: u32) {
     RgbImage::from_fn(w, h, |x, y| Rgb([(x * 3) as u8, (y * 5) as u8, 77])).save(path).unwrap();
@@ -61,7 +65,7 @@ fn fallback_chain_and_per_item_errors() {
         mask_index: Some(&index),
         ..PrepareOptions::default()
     };
-    let results = prepare_batch(&paths, &options);
+    let results = prepare_batch(&batch(&paths), &options);
 
     let alpha = results[0].as_ref().unwrap();
     assert_eq!(alpha.mask_source, MaskSource::Alpha);
@@ -93,9 +97,9 @@ fn require_mask_and_masking_off() {
         require_mask: true,
         ..Default::default()
     };
-    assert!(matches!(prepare_batch(&paths, &options)[0], Err(Error::MissingMask { .. })));
+    assert!(matches!(prepare_batch(&batch(&paths), &options)[0], Err(Error::MissingMask { .. })));
     let off = PrepareOptions { buckets: vec![(32, 16)], ..Default::default() };
-    let item = prepare_batch(&paths, &off).remove(0).unwrap();
+    let item = prepare_batch(&batch(&paths), &off).remove(0).unwrap();
     assert!(item.mask.is_none() && item.latent_mask.is_none());
 }
 
@@ -150,7 +154,7 @@ fn prepare_mask_is_the_mask_half_of_prepare_item() {
                 mask_index: Some(&index),
                 ..PrepareOptions::default()
             };
-            let item = prepare_batch(std::slice::from_ref(&image), &options).remove(0).unwrap();
+            let item = prepare_batch(&batch(std::slice::from_ref(&image)), &options).remove(0).unwrap();
             let mask_path = item.mask_path.clone().unwrap();
             let source = Source::image(&image, item.original_size);
             let alone = prepare_mask(&mask_path, &source, bucket, factor, DEFAULT_PIXEL_LIMIT).unwrap();

@@ -63,11 +63,52 @@ pub fn f32_plane_from_py(array: PyReadonlyArray2<'_, f32>) -> Plane<f32> {
     plane2(array)
 }
 
-/// An (N, H, W) float32 array as N one-channel planes.
-pub fn f32_frames_from_py(array: PyReadonlyArray3<'_, f32>) -> Vec<Plane<f32>> {
+/// An (N, H, W) array as N one-channel planes.
+fn planes3<T: Element + Copy>(array: PyReadonlyArray3<'_, T>) -> Vec<Plane<T>> {
     let array = array.as_array();
     let (h, w) = (array.shape()[1] as u32, array.shape()[2] as u32);
     array.axis_iter(Axis(0)).map(|frame| Plane::new(w, h, 1, frame.iter().copied().collect())).collect()
+}
+
+/// Mask frames to pool: float32 weights as they are, or 8/16-bit masks that the core turns into
+/// weights one group of frames at a time.
+pub enum PoolFrames {
+    Unit(Vec<Plane<f32>>),
+    Masks(Vec<Mask>),
+}
+
+/// An (N, H, W) float32, uint8 or uint16 array of mask frames.
+pub fn pool_frames_from_py(array: &Bound<'_, PyAny>) -> PyResult<PoolFrames> {
+    if let Ok(a) = array.extract::<PyReadonlyArray3<'_, f32>>() {
+        return Ok(PoolFrames::Unit(planes3(a)));
+    }
+    match mask_frames_from_py(array) {
+        Ok((masks, _)) => Ok(PoolFrames::Masks(masks)),
+        Err(_) => Err(PyValueError::new_err("expected (N, H, W) float32, uint8 or uint16 mask frames")),
+    }
+}
+
+/// An (N, H, W) uint8 or uint16 array of mask frames, and whether it is uint16.
+pub fn mask_frames_from_py(array: &Bound<'_, PyAny>) -> PyResult<(Vec<Mask>, bool)> {
+    if let Ok(a) = array.extract::<PyReadonlyArray3<'_, u8>>() {
+        return Ok((planes3(a).into_iter().map(Mask::Eight).collect(), false));
+    }
+    if let Ok(a) = array.extract::<PyReadonlyArray3<'_, u16>>() {
+        return Ok((planes3(a).into_iter().map(Mask::Sixteen).collect(), true));
+    }
+    Err(PyValueError::new_err("expected (N, H, W) uint8 or uint16 mask frames"))
+}
+
+/// Mask frames of one size `(width, height)` as an (N, H, W) uint16 array when `sixteen`, else uint8.
+pub fn mask_frames_to_py(py: Python<'_>, frames: Vec<Mask>, size: (u32, u32), sixteen: bool) -> Py<PyAny> {
+    let shape = (frames.len(), size.1 as usize, size.0 as usize);
+    if sixteen {
+        let data = frames.iter().flat_map(|m| m.to_u16().data).collect();
+        Array3::<u16>::from_shape_vec(shape, data).expect("frames shape").into_pyarray(py).into_any().unbind()
+    } else {
+        let data = frames.iter().flat_map(|m| m.to_u8().data).collect();
+        Array3::<u8>::from_shape_vec(shape, data).expect("frames shape").into_pyarray(py).into_any().unbind()
+    }
 }
 
 /// One-channel planes of one size as an (N, H, W) array.

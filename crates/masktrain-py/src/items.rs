@@ -7,7 +7,8 @@ use std::sync::Arc;
 use masktrain_core::convert::{self, ConvertJob};
 use masktrain_core::decode::DEFAULT_PIXEL_LIMIT;
 use masktrain_core::index::MaskIndex as CoreMaskIndex;
-use masktrain_core::prepare::{self, PrepareOptions};
+use masktrain_core::luma::load_mask;
+use masktrain_core::prepare::{self, BatchImage, LoadedMask, PrepareOptions};
 use pyo3::prelude::*;
 
 use crate::arrays::{check_size, plane_to_py};
@@ -66,10 +67,11 @@ pub struct PreparedItem {
     /// (h, w) float32 weights in [0, 1] on the latent grid, or None when masking is off.
     #[pyo3(get)]
     latent_mask: Option<Py<PyAny>>,
-    /// "alpha", "file" or "none".
+    /// "alpha", "file" (the item's own mask file or its mask-index match), "default" (the
+    /// dataset's default_mask) or "none".
     #[pyo3(get)]
     mask_source: &'static str,
-    /// The mask file when `mask_source` is "file", else None.
+    /// The mask file when `mask_source` is "file" or "default", else None.
     #[pyo3(get)]
     mask_path: Option<PathBuf>,
     /// (width, height).
@@ -107,10 +109,14 @@ fn to_item(py: Python<'_>, item: prepare::PreparedItem) -> PreparedItem {
 
 /// Prepare images in parallel. Returns one entry per path, in order: a PreparedItem, or the
 /// exception (a `masktrain.errors.MaskTrainError` subclass or OSError) that item failed with.
+/// Each item's mask: its alpha (with `alpha_mask`), else `mask_paths[i]` (its own file), else its
+/// `mask_index` match, else `default_mask` (loaded once; a failure to load it is raised), else the
+/// `require_mask` error or full weight. `mask_pooling` is "area", "max" or "nearest".
 #[pyfunction]
 #[pyo3(signature = (paths, buckets, *, mask_index = None, alpha_mask = false, require_mask = false,
                     latent_factor = 8, pixel_limit = DEFAULT_PIXEL_LIMIT, cache_mask_gamma = 1.0,
-                    cache_mask_min_weight = 0.0))]
+                    cache_mask_min_weight = 0.0, mask_paths = None, default_mask = None,
+                    mask_pooling = "area"))]
 #[allow(clippy::too_many_arguments)]
 fn prepare_batch(
     py: Python<'_>,
@@ -123,8 +129,22 @@ fn prepare_batch(
     pixel_limit: u64,
     cache_mask_gamma: f32,
     cache_mask_min_weight: f32,
+    mask_paths: Option<Vec<Option<PathBuf>>>,
+    default_mask: Option<PathBuf>,
+    mask_pooling: &str,
 ) -> PyResult<Vec<Py<PyAny>>> {
     let mask_transform = crate::mask_transform(cache_mask_gamma, cache_mask_min_weight)?;
+    let mask_pooling = crate::pooling(mask_pooling)?;
+    let mask_paths = mask_paths.unwrap_or_else(|| vec![None; paths.len()]);
+    if mask_paths.len() != paths.len() {
+        return Err(pyo3::exceptions::PyValueError::new_err(format!(
+            "mask_paths has {} entries for {} paths; give one per path (None for no mask file)",
+            mask_paths.len(),
+            paths.len()
+        )));
+    }
+    let images: Vec<BatchImage> =
+        paths.into_iter().zip(mask_paths).map(|(path, mask_path)| BatchImage { path, mask_path }).collect();
     if buckets.is_empty() {
         return Err(pyo3::exceptions::PyValueError::new_err("buckets must not be empty"));
     }
@@ -135,18 +155,25 @@ fn prepare_batch(
         return Err(pyo3::exceptions::PyValueError::new_err("latent_factor must be positive"));
     }
     let index = mask_index.map(|i| Arc::clone(&i.get().inner));
-    let results = py.detach(move || {
-        let options = PrepareOptions {
-            buckets,
-            latent_factor,
-            alpha_mask,
-            require_mask,
-            mask_index: index.as_deref(),
-            pixel_limit,
-            mask_transform,
-        };
-        prepare::prepare_batch(&paths, &options)
-    });
+    let results = py
+        .detach(move || {
+            let default = default_mask
+                .map(|path| load_mask(&path, pixel_limit).map(|mask| (path, mask)))
+                .transpose()?;
+            let options = PrepareOptions {
+                buckets,
+                latent_factor,
+                alpha_mask,
+                require_mask,
+                mask_index: index.as_deref(),
+                default_mask: default.as_ref().map(|(path, mask)| LoadedMask { path, mask }),
+                pixel_limit,
+                mask_transform,
+                mask_pooling,
+            };
+            Ok(prepare::prepare_batch(&images, &options))
+        })
+        .map_err(to_py_err)?;
     results
         .into_iter()
         .map(|r| match r {

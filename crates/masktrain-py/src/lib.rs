@@ -16,8 +16,8 @@ use numpy::PyReadonlyArray3;
 use pyo3::prelude::*;
 
 use arrays::{
-    check_size, f32_frames_from_py, f32_plane_from_py, frames_to_py, mask_from_py, mask_to_py, plane_to_py,
-    rgb_from_py,
+    check_size, f32_plane_from_py, frames_to_py, mask_frames_from_py, mask_frames_to_py, mask_from_py,
+    mask_to_py, plane_to_py, pool_frames_from_py, rgb_from_py, PoolFrames,
 };
 use errors::to_py_err;
 
@@ -34,6 +34,11 @@ fn mask_transform(gamma: f32, min_weight: f32) -> PyResult<latent::MaskTransform
         )));
     }
     Ok(latent::MaskTransform { gamma, min_weight })
+}
+
+/// `mask_pooling` / `mode`: "area", "max" or "nearest" (a ValueError naming the three otherwise).
+fn pooling(name: &str) -> PyResult<Pooling> {
+    name.parse().map_err(to_py_err)
 }
 
 /// Decode an image: `(rgb, alpha)`, rgb (H, W, 3) uint8 exact (never composited), alpha (H, W)
@@ -58,10 +63,11 @@ fn load_mask(py: Python<'_>, path: PathBuf, pixel_limit: u64) -> PyResult<Py<PyA
 /// `(mask, latent_mask)`, the (H, W) uint8/uint16 mask at the bucket size and its (h, w) float32
 /// weights on the latent grid, exactly as `prepare_batch` prepares a mask file. An aspect
 /// mismatch names the mask and `media` ("image" or "video"), then `source` when given.
+/// `mask_pooling` is how each latent cell pools its pixels ("area", "max" or "nearest").
 #[pyfunction]
 #[pyo3(signature = (mask_path, image_size, bucket, latent_factor = 8, *, source = None, media = "image",
                     pixel_limit = decode::DEFAULT_PIXEL_LIMIT, cache_mask_gamma = 1.0,
-                    cache_mask_min_weight = 0.0))]
+                    cache_mask_min_weight = 0.0, mask_pooling = "area"))]
 #[allow(clippy::too_many_arguments)]
 fn prepare_mask(
     py: Python<'_>,
@@ -74,16 +80,88 @@ fn prepare_mask(
     pixel_limit: u64,
     cache_mask_gamma: f32,
     cache_mask_min_weight: f32,
+    mask_pooling: &str,
 ) -> PyResult<(Py<PyAny>, Py<PyAny>)> {
     let media: Media = media.parse().map_err(|e| to_py_err(Error::from(e)))?;
     let transform = mask_transform(cache_mask_gamma, cache_mask_min_weight)?;
+    let pooling = pooling(mask_pooling)?;
     let prepared = py
         .detach(move || {
             let source = Source { media, path: source.as_deref(), size: image_size };
-            prepare::prepare_mask_with(&mask_path, &source, bucket, latent_factor, transform, pixel_limit)
+            let limit = pixel_limit;
+            prepare::prepare_mask_with(&mask_path, &source, bucket, latent_factor, transform, pooling, limit)
         })
         .map_err(to_py_err)?;
     Ok((mask_to_py(py, prepared.mask), plane_to_py(py, prepared.latent_mask)))
+}
+
+/// `prepare_mask` for an (H, W) uint8/uint16 mask already in memory (a video's still mask,
+/// decoded by Python): `(mask at the bucket size in the input's dtype, (h, w) float32 weights)`.
+/// `mask_name` is what an aspect mismatch calls the mask, against `source_size` = (width, height)
+/// of `media` ("video" or "image") and `source` when given.
+#[pyfunction]
+#[pyo3(signature = (mask, mask_name, source_size, bucket, latent_factor = 8, *, source = None,
+                    media = "video", cache_mask_gamma = 1.0, cache_mask_min_weight = 0.0,
+                    mask_pooling = "area"))]
+#[allow(clippy::too_many_arguments)]
+fn prepare_loaded_mask(
+    py: Python<'_>,
+    mask: &Bound<'_, PyAny>,
+    mask_name: PathBuf,
+    source_size: (u32, u32),
+    bucket: (u32, u32),
+    latent_factor: u32,
+    source: Option<PathBuf>,
+    media: &str,
+    cache_mask_gamma: f32,
+    cache_mask_min_weight: f32,
+    mask_pooling: &str,
+) -> PyResult<(Py<PyAny>, Py<PyAny>)> {
+    let mask = mask_from_py(mask)?;
+    let media: Media = media.parse().map_err(|e| to_py_err(Error::from(e)))?;
+    let transform = mask_transform(cache_mask_gamma, cache_mask_min_weight)?;
+    let pooling = pooling(mask_pooling)?;
+    let prepared = py
+        .detach(move || {
+            let source = Source { media, path: source.as_deref(), size: source_size };
+            prepare::prepare_loaded_mask_with(
+                &mask,
+                &mask_name,
+                &source,
+                bucket,
+                latent_factor,
+                transform,
+                pooling,
+            )
+        })
+        .map_err(to_py_err)?;
+    Ok((mask_to_py(py, prepared.mask), plane_to_py(py, prepared.latent_mask)))
+}
+
+/// (N, H, W) uint8/uint16 mask frames (a mask video or a folder of mask frames) laid onto
+/// `bucket` = (width, height): (N, Hb, Wb) in the input's dtype, each frame aspect-checked
+/// against `source_size` and cover-resized by the mask rule (area down, nearest up), in
+/// parallel. `pool_mask_frames` then pools each clip's frames onto the latent grid.
+#[pyfunction]
+#[pyo3(signature = (frames, mask_name, source_size, bucket, *, source = None, media = "video"))]
+fn prepare_loaded_mask_frames(
+    py: Python<'_>,
+    frames: &Bound<'_, PyAny>,
+    mask_name: PathBuf,
+    source_size: (u32, u32),
+    bucket: (u32, u32),
+    source: Option<PathBuf>,
+    media: &str,
+) -> PyResult<Py<PyAny>> {
+    let (frames, sixteen) = mask_frames_from_py(frames)?;
+    let media: Media = media.parse().map_err(|e| to_py_err(Error::from(e)))?;
+    let out = py
+        .detach(move || {
+            let source = Source { media, path: source.as_deref(), size: source_size };
+            prepare::prepare_loaded_mask_frames(&frames, &mask_name, &source, bucket)
+        })
+        .map_err(to_py_err)?;
+    Ok(mask_frames_to_py(py, out, bucket, sixteen))
 }
 
 /// Cover-scale and centre-crop an (H, W, 3) uint8 image onto `bucket` = (width, height).
@@ -131,23 +209,37 @@ fn area_downsample(
     Ok(plane_to_py(py, out))
 }
 
-/// Pool (N, H, W) float32 mask frames at the bucket size onto the latent grid as the causal video
-/// VAE groups frames: (F, H / spatial_factor, W / spatial_factor) float32 with
+/// Pool (N, H, W) mask frames at the bucket size onto the latent grid as the causal video VAE
+/// groups frames: (F, H / spatial_factor, W / spatial_factor) float32 with
 /// F = 1 + (N - 1) / temporal_factor; latent frame 0 <- frame 0, latent frame k <- frames
-/// t(k-1)+1 ..= tk. `mode` is "area" (the exact mean), "max" or "nearest" within each cell.
-/// N must be 1 + temporal_factor * m (a DataError names the counts otherwise).
+/// t(k-1)+1 ..= tk. Frames are float32 weights, or uint8 / uint16 masks (v / 255, v / 65535).
+/// Each pixel first goes through the cache-time transform (`cache_mask_gamma`,
+/// `cache_mask_min_weight`), then `mode` pools each cell: "area" (the exact mean), "max" or
+/// "nearest". N must be 1 + temporal_factor * m (a DataError names the counts otherwise).
 #[pyfunction]
+#[pyo3(signature = (frames, spatial_factor, temporal_factor, mode, *, cache_mask_gamma = 1.0,
+                    cache_mask_min_weight = 0.0))]
 fn pool_mask_frames(
     py: Python<'_>,
-    frames: PyReadonlyArray3<'_, f32>,
+    frames: &Bound<'_, PyAny>,
     spatial_factor: u32,
     temporal_factor: u32,
     mode: &str,
+    cache_mask_gamma: f32,
+    cache_mask_min_weight: f32,
 ) -> PyResult<Py<PyAny>> {
-    let mode: Pooling = mode.parse().map_err(to_py_err)?;
-    let frames = f32_frames_from_py(frames);
+    let mode = pooling(mode)?;
+    let transform = mask_transform(cache_mask_gamma, cache_mask_min_weight)?;
+    let frames = pool_frames_from_py(frames)?;
     let out = py
-        .detach(move || temporal::pool_mask_frames(&frames, spatial_factor, temporal_factor, mode))
+        .detach(move || match &frames {
+            PoolFrames::Unit(f) => {
+                temporal::pool_mask_frames(f, spatial_factor, temporal_factor, mode, transform)
+            }
+            PoolFrames::Masks(f) => {
+                temporal::pool_mask_frames(f, spatial_factor, temporal_factor, mode, transform)
+            }
+        })
         .map_err(to_py_err)?;
     Ok(frames_to_py(py, out))
 }
@@ -187,6 +279,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(decode_image, m)?)?;
     m.add_function(wrap_pyfunction!(load_mask, m)?)?;
     m.add_function(wrap_pyfunction!(prepare_mask, m)?)?;
+    m.add_function(wrap_pyfunction!(prepare_loaded_mask, m)?)?;
+    m.add_function(wrap_pyfunction!(prepare_loaded_mask_frames, m)?)?;
     m.add_function(wrap_pyfunction!(resize_image_to_bucket, m)?)?;
     m.add_function(wrap_pyfunction!(resize_mask_to_bucket, m)?)?;
     m.add_function(wrap_pyfunction!(resize_mask_to_size, m)?)?;
