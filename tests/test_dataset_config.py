@@ -165,7 +165,7 @@ def test_bucket_no_upscale_needs_enable_bucket(tmp_path: Path, caplog: pytest.Lo
 
 @pytest.mark.parametrize(
     ("key", "why"),
-    [("alpha_mask", "videos have no alpha channel"), ("require_mask", "it applies to image datasets only")],
+    [("alpha_mask", "videos have no alpha channel")],
 )
 def test_image_only_keys_in_a_video_dataset_say_why(tmp_path: Path, key: str, why: str) -> None:
     with pytest.raises(

@@ -1,5 +1,6 @@
 """The dataset TOML: ``[general]`` plus ``[[datasets]]`` tables with musubi-tuner's keys, the mask
-keys of the weighted-mask guide (``mask_directory``, ``alpha_mask``, ``require_mask``) and the
+keys of the weighted-mask guide (``mask_directory``, ``alpha_mask``, ``require_mask``, plus
+``default_mask`` and the JSONL ``mask_path``: ``data.mask_sources``) and the
 sd-scripts bucket keys the guide's examples use (``min_bucket_reso``, ``max_bucket_reso``,
 ``bucket_reso_steps``).
 
@@ -84,7 +85,12 @@ class _Common:
     """How many times each item appears per epoch."""
     buckets: BucketConfig
     mask_directory: Path | None
-    """Mask files matched to media by basename."""
+    """Mask files matched to media by basename (for a video also a mask video, or a folder of mask
+    frames ``NAME/00000.png, ...``)."""
+    default_mask: Path | None
+    """One still mask for every item with no mask of its own (its aspect must match the item's)."""
+    require_mask: bool
+    """Fail caching for an item with no mask instead of giving it full weight."""
     control_directory: Path | None
     """Control images matched to media by basename, musubi-tuner's naming (``NAME.png``, or
     ``NAME_0.png``, ``NAME_1.png``, ... for several): the conditioned modes' given images."""
@@ -98,8 +104,6 @@ class ImageDatasetConfig(_Common):
     """JSON lines with `image_path` and `caption` (exclusive with `image_directory`)."""
     alpha_mask: bool
     """Take the mask from the image's alpha channel when it has one."""
-    require_mask: bool
-    """Fail caching for an item with no mask instead of giving it full weight."""
     fp_1f_clean_indices: tuple[int, ...] = ()
     """WAN one-frame: the frame position of each control image, in control order."""
     fp_1f_target_index: int | None = None
@@ -155,12 +159,18 @@ _ASCENDABLE = {
     "max_bucket_reso",
     "bucket_reso_steps",
 }
-_COMMON = {"cache_directory", "caption_directory", "mask_directory", "control_directory"}
+_COMMON = {
+    "cache_directory",
+    "caption_directory",
+    "mask_directory",
+    "default_mask",
+    "require_mask",
+    "control_directory",
+}
 _IMAGE = {
     "image_directory",
     "image_jsonl_file",
     "alpha_mask",
-    "require_mask",
     "fp_1f_clean_indices",
     "fp_1f_target_index",
     "fp_1f_no_post",
@@ -181,9 +191,18 @@ _VIDEO = {
 # Keys that do nothing once captions are encoded into the cache: accepted with a warning.
 _IGNORED = {"shuffle_caption", "keep_tokens"}
 _WHY_IMAGE_ONLY = {
-    "alpha_mask": "videos have no alpha channel; give videos masks with mask_directory (one static "
-    "mask per video, matched by basename)",
-    "require_mask": "it applies to image datasets only; videos without a mask file train at full weight",
+    "alpha_mask": "videos have no alpha channel; give videos masks with mask_directory (a still mask, "
+    "a mask video or a folder of mask frames, matched by basename)",
+}
+# Other trainers' mask keys (AkaneTendo25's musubi-tuner fork): an error naming masktrain's, rather
+# than a key that silently does nothing.
+OTHER_TRAINERS_KEYS = {
+    "loss_mask_directory": "mask_directory",
+    "default_loss_mask_path": "default_mask",
+    "loss_mask_path": "mask_path (per item, in the image_jsonl_file / video_jsonl_file records)",
+    "image_loss_mask_path": "mask_path (per item, in the image_jsonl_file records)",
+    "video_loss_mask_path": "mask_path (per item, in the video_jsonl_file records)",
+    "loss_mask_invert": "nothing: invert the masks themselves (white = full loss)",
 }
 
 
@@ -198,6 +217,8 @@ class _Table:
 
     def check_keys(self, valid: set[str]) -> None:
         for key in self.values:
+            if key in OTHER_TRAINERS_KEYS:
+                raise self.error(key, f"is another trainer's key; masktrain's is {OTHER_TRAINERS_KEYS[key]}")
             if key in _IGNORED:
                 log.warning("%s: '%s' is ignored: captions are encoded once into the cache", self.where, key)
             elif key not in valid:
@@ -323,8 +344,35 @@ def _common(table: _Table, media: Path | None, jsonl_key: str) -> dict[str, Any]
         "num_repeats": table.integer("num_repeats", 1, 1, MAX_REPEATS),
         "buckets": _buckets(table),
         "mask_directory": table.path("mask_directory"),
+        "default_mask": table.path("default_mask"),
+        "require_mask": table.boolean("require_mask", False),
         "control_directory": table.path("control_directory"),
     }
+
+
+def _check_mask_keys(
+    table: _Table, config: ImageDatasetConfig | VideoDatasetConfig, media: Path | None
+) -> None:
+    """A mask directory that is the media directory, and ``require_mask`` without any mask source."""
+    kind = "image" if isinstance(config, ImageDatasetConfig) else "video"
+    if media is not None and config.mask_directory is not None and _same(media, config.mask_directory):
+        raise table.error(
+            "mask_directory",
+            f"is the {kind}_directory: every {kind} would be its own mask; point it at the folder of masks",
+        )
+    if config.default_mask is not None and config.default_mask.is_dir():
+        raise table.error("default_mask", f"{config.default_mask} is a folder; give one still mask image")
+    jsonl = config.image_jsonl_file if isinstance(config, ImageDatasetConfig) else config.video_jsonl_file
+    alpha = isinstance(config, ImageDatasetConfig) and config.alpha_mask
+    if config.require_mask and not alpha and config.mask_directory is None and jsonl is None:
+        raise ConfigError(
+            f"{table.where}: require_mask=true but no mask source configured. "
+            + (
+                "Set alpha_mask=true and/or mask_directory in your dataset config."
+                if kind == "image"
+                else "Set mask_directory in your dataset config."
+            )
+        )
 
 
 def _image_dataset(table: _Table) -> ImageDatasetConfig:
@@ -335,7 +383,6 @@ def _image_dataset(table: _Table) -> ImageDatasetConfig:
         image_directory=directory,
         image_jsonl_file=jsonl,
         alpha_mask=table.boolean("alpha_mask", False),
-        require_mask=table.boolean("require_mask", False),
         **_one_frame(table),
         **_control_size(table),
         multiple_target=table.boolean("multiple_target", False),
@@ -346,20 +393,7 @@ def _image_dataset(table: _Table) -> ImageDatasetConfig:
             "reads the layers beside each image of image_directory (NAME_0.png, NAME_1.png, ...); "
             "image_jsonl_file is not supported with it: use image_directory",
         )
-    if (
-        directory is not None
-        and config.mask_directory is not None
-        and _same(directory, config.mask_directory)
-    ):
-        raise table.error(
-            "mask_directory",
-            "is the image_directory: every image would be its own mask; point it at the folder of masks",
-        )
-    if config.require_mask and not config.alpha_mask and config.mask_directory is None:
-        raise ConfigError(
-            f"{table.where}: require_mask=true but no mask source configured. "
-            "Set alpha_mask=true and/or mask_directory in your dataset config."
-        )
+    _check_mask_keys(table, config, directory)
     return config
 
 
@@ -453,7 +487,7 @@ def _video_dataset(table: _Table) -> VideoDatasetConfig:
             table.where,
         )
         extraction = "head"
-    return VideoDatasetConfig(
+    config = VideoDatasetConfig(
         **_common(table, directory, "video_jsonl_file"),
         video_directory=directory,
         video_jsonl_file=jsonl,
@@ -464,6 +498,8 @@ def _video_dataset(table: _Table) -> VideoDatasetConfig:
         max_frames=table.integer("max_frames", 129, 1, MAX_FRAMES) or 129,
         source_fps=float(fps) if fps is not None else None,
     )
+    _check_mask_keys(table, config, directory)
+    return config
 
 
 def _same(a: Path, b: Path) -> bool:

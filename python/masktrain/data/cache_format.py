@@ -13,7 +13,8 @@ Tensors keep musubi's ``<name>_<FxHxW>_<dtype>`` keys (e.g. ``latents_1x8x8_bflo
 
 - ``arch``: short architecture name (``wan``, ``qi``, ...); a cache directory holds one arch.
 - ``source``: the source image or video path.
-- ``mask_source``: ``alpha``, ``file`` or ``none`` (full weight, and text-embedding files).
+- ``mask_source``: ``alpha``, ``file``, ``default`` (the dataset's ``default_mask``) or ``none``
+  (full weight, and text-embedding files).
 - ``bucket``: ``WxH`` of the bucket the item was resized to, ``none`` for text embeddings.
 - ``fingerprint``: :func:`fingerprint` of everything that shaped the tensors.
 - ``format_version``: :data:`FORMAT_VERSION`; bumping it makes every older file stale.
@@ -72,8 +73,8 @@ KEY_FINGERPRINT = "fingerprint"
 KEY_FORMAT_VERSION = "format_version"
 REQUIRED_KEYS = (KEY_ARCH, KEY_SOURCE, KEY_MASK_SOURCE, KEY_BUCKET, KEY_FINGERPRINT, KEY_FORMAT_VERSION)
 
-MaskSource = Literal["alpha", "file", "none"]
-MASK_SOURCES: tuple[MaskSource, ...] = ("alpha", "file", "none")
+MaskSource = Literal["alpha", "file", "default", "none"]
+MASK_SOURCES: tuple[MaskSource, ...] = ("alpha", "file", "default", "none")
 CacheStatus = Literal["missing", "fresh", "stale"]
 
 _StrPath = str | os.PathLike[str]
@@ -100,6 +101,9 @@ _CONTROL_KEY = re.compile(r"^latents_control_(?P<index>\d+)_\d+x\d+x\d+_\w+$")
 KEY_CONDITION = "condition"
 """Metadata key of the mode a latent file was made for (``catalog.condition_name``: the
 ``--task`` of a conditioned mode, ``none`` for none); ``train`` refuses a file of another mode."""
+KEY_MASK_POOLING = "mask_pooling"
+"""How the cache pooled mask pixels onto each latent cell (``cache --mask_pooling``): ``area``,
+``max`` or ``nearest``; a file without it was pooled by ``area``."""
 
 
 def tensor_key(name: str, dtype: torch.dtype, grid: tuple[int, int, int] | None = None) -> str:

@@ -36,6 +36,7 @@ from masktrain.config.dataset import (
 from masktrain.data import cache_format as fmt
 from masktrain.data import freshness
 from masktrain.data.discovery import MediaItem, discover
+from masktrain.data.mask_sources import MaskSources
 from masktrain.errors import (
     CacheArchMismatch,
     CachedDataError,
@@ -159,9 +160,9 @@ def item_states(
     discovery = discover(dataset)
     video = isinstance(dataset, VideoDatasetConfig)
     existing = fmt.existing_item_files(dataset.cache_directory, spec.name, clips=video)
-    masks = freshness.mask_index(dataset)
+    masks = MaskSources(dataset, discovery.items)
     controls = freshness.control_index(dataset, discovery.items)
-    settings = freshness.settings_digest(dataset, spec)
+    settings = freshness.settings_digest(dataset, spec, masks)
     states = []
     for item in discovery.items:
         try:

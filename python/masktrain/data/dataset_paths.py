@@ -29,14 +29,19 @@ def check_readable(config: DatasetConfig) -> None:
                 "video_directory": dataset.video_directory,
                 "video_jsonl_file": dataset.video_jsonl_file,
             }
-        sources |= {"mask_directory": dataset.mask_directory, "caption_directory": dataset.caption_directory}
+        sources |= {
+            "mask_directory": dataset.mask_directory,
+            "default_mask_file": dataset.default_mask,
+            "caption_directory": dataset.caption_directory,
+        }
         for key, path in sources.items():
             if path is not None:
                 problem = _unreadable(path, folder=not key.endswith("_file"))
                 if problem is None and key == "image_directory":
                     problem = _without_images(path)
                 if problem:
-                    raise ConfigError(f"{where}: '{key}' {path}: {problem}")
+                    name = key.removesuffix("_file") if key == "default_mask_file" else key
+                    raise ConfigError(f"{where}: '{name}' {path}: {problem}")
 
 
 def check_writable(folder: Path, what: str, error: type[SettingError] = ConfigError) -> None:

@@ -4,7 +4,9 @@ bucket each item takes.
 Captions are ``{stem}{caption_extension}`` in ``caption_directory`` (default: beside the image or
 video), stripped; an item without one trains with an empty caption and is counted in a warning.
 JSONL sources hold ``{"image_path": ..., "caption": ...}`` (``"video_path"`` for videos) per
-line, relative paths resolved against the JSONL file's directory. Two items with one stem would
+line, and optionally the item's own ``"mask_path"`` (``data.mask_sources``), relative paths resolved
+against the JSONL file's directory; another trainer's mask key (``loss_mask_path``) is an error
+naming ``mask_path``. Two items with one stem would
 write one cache file, so both fail. An item whose path is not valid UTF-8 (Linux allows any bytes
 in a name: an archive unpacked from Windows holds Latin-1 names) fails too: masks, cache files
 and their metadata are keyed by the name as text. With ``multiple_target`` (Qwen-Image-Layered)
@@ -46,6 +48,8 @@ class MediaItem:
     caption: str
     layers: tuple[Path, ...] = ()
     """Qwen-Image-Layered (``multiple_target``): its layer images, in layer order (``data.layers``)."""
+    mask_path: Path | None = None
+    """Its own mask from a JSONL record's ``mask_path`` (a still, a mask video or a frame folder)."""
 
     @property
     def stem(self) -> str:
@@ -122,8 +126,26 @@ def _with_captions(
     return [(path, _read_caption(caption_dir / f"{path.stem}{dataset.caption_extension}")) for path in paths]
 
 
-def _from_jsonl(path: Path, key: str) -> list[tuple[Path, str | None]]:
-    entries = []
+#: Other trainers' per-item mask keys in a JSONL record: an error naming ``mask_path``.
+OTHER_MASK_KEYS = ("loss_mask_path", "image_loss_mask_path", "video_loss_mask_path")
+MASK_KEY = "mask_path"
+
+
+def _record_path(path: Path, number: int, key: str, value: str) -> Path:
+    """A record's path `value` under `key`, resolved against the JSONL file's folder."""
+    try:
+        resolved = Path(value).expanduser()
+    except RuntimeError:  # ~user of a user this machine does not have, or no home folder
+        raise ConfigError(
+            f"{path}:{number}: '{key}' {value}: {value.split('/')[0]} names no home folder on this "
+            "machine; write the full path"
+        ) from None
+    return resolved if resolved.is_absolute() else path.parent / resolved
+
+
+def _from_jsonl(path: Path, key: str) -> tuple[list[tuple[Path, str | None]], dict[Path, Path]]:
+    """The (media, caption) entries of a JSONL file, and each item's own ``mask_path``."""
+    entries, masks = [], {}
     for number, line in enumerate(read_utf8(path, "save it as UTF-8").splitlines(), start=1):
         if not line.strip():
             continue
@@ -134,16 +156,19 @@ def _from_jsonl(path: Path, key: str) -> list[tuple[Path, str | None]]:
                 raise ValueError(f"no '{key}'")
         except (ValueError, AttributeError) as error:
             raise ConfigError(f"{path}:{number}: not a record with '{key}' ({error})") from error
-        try:
-            media_path = Path(media).expanduser()
-        except RuntimeError:  # ~user of a user this machine does not have, or no home folder
-            raise ConfigError(
-                f"{path}:{number}: '{key}' {media}: {media.split('/')[0]} names no home folder on this "
-                "machine; write the full path"
-            ) from None
-        caption = record.get("caption")
-        entries.append((media_path if media_path.is_absolute() else path.parent / media_path, caption))
-    return entries
+        for other in OTHER_MASK_KEYS:
+            if other in record:
+                raise ConfigError(
+                    f"{path}:{number}: '{other}' is another trainer's key; masktrain's is '{MASK_KEY}'"
+                )
+        media_path = _record_path(path, number, key, media)
+        mask = record.get(MASK_KEY)
+        if mask is not None:
+            if not isinstance(mask, str) or not mask:
+                raise ConfigError(f"{path}:{number}: '{MASK_KEY}' must be a path string, not {mask!r}")
+            masks[media_path] = _record_path(path, number, MASK_KEY, mask)
+        entries.append((media_path, record.get("caption")))
+    return entries, masks
 
 
 def _not_utf8(path: Path) -> str | None:
@@ -159,17 +184,28 @@ def _not_utf8(path: Path) -> str | None:
     return None
 
 
-def _discovery(entries: list[tuple[Path, str | None]], kind: str, caption_extension: str) -> Discovery:
+def _discovery(
+    entries: list[tuple[Path, str | None]],
+    kind: str,
+    caption_extension: str,
+    masks: dict[Path, Path] | None = None,
+) -> Discovery:
     stems = Counter(path.stem for path, _ in entries)
+    masks = masks or {}
     items, failed = [], []
     for path, caption in entries:
+        mask = masks.get(path)
         if (problem := _not_utf8(path)) is not None:
             failed.append((path, problem))
         elif stems[path.stem] > 1:
             reason = f"another {kind} has the same basename '{path.stem}'; their cache files would collide"
             failed.append((path, f"{reason}, rename one"))
+        elif mask is not None and not mask.exists():
+            failed.append(
+                (path, f"its mask_path {mask} does not exist; fix the JSONL record or remove the key")
+            )
         else:
-            items.append(MediaItem(path, caption or ""))
+            items.append(MediaItem(path, caption or "", mask_path=mask))
     missing = sum(1 for _, caption in entries if caption is None)
     if missing:
         log.warning(
@@ -185,25 +221,27 @@ def discover_images(dataset: ImageDatasetConfig) -> Discovery:
     if dataset.image_directory is not None:
         paths = _native.list_images(dataset.image_directory)
         entries = _with_captions(paths, dataset.image_directory, dataset)
+        masks: dict[Path, Path] = {}
     else:
         assert dataset.image_jsonl_file is not None
-        entries = _from_jsonl(dataset.image_jsonl_file, "image_path")
+        entries, masks = _from_jsonl(dataset.image_jsonl_file, "image_path")
     if dataset.multiple_target:  # Qwen-Image-Layered: the captioned images, each with its layers
         split = layers.split_layers(entries)
         found = _discovery(split.bases, "image", dataset.caption_extension)
         items = [replace(item, layers=split.layers[item.path]) for item in found.items]
         return Discovery(items, [*found.failed, *split.failed], found.missing_captions)
-    return _discovery(entries, "image", dataset.caption_extension)
+    return _discovery(entries, "image", dataset.caption_extension, masks)
 
 
 def discover_videos(dataset: VideoDatasetConfig) -> Discovery:
     if dataset.video_directory is not None:
         paths = list_videos(dataset.video_directory)
         entries = _with_captions(paths, dataset.video_directory, dataset)
+        masks: dict[Path, Path] = {}
     else:
         assert dataset.video_jsonl_file is not None
-        entries = _from_jsonl(dataset.video_jsonl_file, "video_path")
-    return _discovery(entries, "video", dataset.caption_extension)
+        entries, masks = _from_jsonl(dataset.video_jsonl_file, "video_path")
+    return _discovery(entries, "video", dataset.caption_extension, masks)
 
 
 def discover(dataset: ImageDatasetConfig | VideoDatasetConfig) -> Discovery:

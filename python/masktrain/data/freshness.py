@@ -20,13 +20,13 @@ import hashlib
 import json
 from collections.abc import Iterable, Mapping
 
-from masktrain import _native
 from masktrain.catalog import ArchSpec
 from masktrain.config.dataset import ImageDatasetConfig, VideoDatasetConfig
 from masktrain.data import cache_format as fmt
 from masktrain.data import layers
 from masktrain.data.controls import ControlIndex
 from masktrain.data.discovery import MediaItem, bucket_list
+from masktrain.data.mask_sources import MaskSources
 from masktrain.data.video import ClipSettings
 
 SETTINGS_KEY = "settings"
@@ -36,7 +36,9 @@ CONTROLS_KEY = "controls"
 """A Qwen-Image-Edit text file's control images (:func:`control_inputs`): its prompt read them."""
 
 
-def dataset_settings(dataset: ImageDatasetConfig | VideoDatasetConfig, spec: ArchSpec) -> dict[str, object]:
+def dataset_settings(
+    dataset: ImageDatasetConfig | VideoDatasetConfig, spec: ArchSpec, masks: MaskSources
+) -> dict[str, object]:
     """The settings of `dataset` that shape every item's tensors."""
     buckets = dataset.buckets
     settings: dict[str, object] = {
@@ -48,7 +50,7 @@ def dataset_settings(dataset: ImageDatasetConfig | VideoDatasetConfig, spec: Arc
     }
     if isinstance(dataset, ImageDatasetConfig):
         settings |= {
-            "masking": dataset.alpha_mask or dataset.mask_directory is not None,
+            "masking": masks.masking,
             "alpha_mask": dataset.alpha_mask,
             "require_mask": dataset.require_mask,
         }
@@ -59,16 +61,16 @@ def dataset_settings(dataset: ImageDatasetConfig | VideoDatasetConfig, spec: Arc
             settings["multiple_target"] = True
     else:
         clips = ClipSettings.of(dataset, spec.video_fps or 0.0, spec.temporal_factor)
-        settings |= {"masking": dataset.mask_directory is not None, "clips": clips.fingerprint_part()}
+        settings |= {"masking": masks.masking, "clips": clips.fingerprint_part()}
+        if dataset.require_mask:  # only then: older video caches stay fresh
+            settings["require_mask"] = True
     return settings
 
 
-def settings_digest(dataset: ImageDatasetConfig | VideoDatasetConfig, spec: ArchSpec) -> str:
-    return fmt.fingerprint(dataset_settings(dataset, spec))
-
-
-def mask_index(dataset: ImageDatasetConfig | VideoDatasetConfig) -> _native.MaskIndex | None:
-    return _native.MaskIndex(dataset.mask_directory) if dataset.mask_directory is not None else None
+def settings_digest(
+    dataset: ImageDatasetConfig | VideoDatasetConfig, spec: ArchSpec, masks: MaskSources
+) -> str:
+    return fmt.fingerprint(dataset_settings(dataset, spec, masks))
 
 
 def control_index(
@@ -81,18 +83,16 @@ def control_index(
     )
 
 
-def item_inputs(
-    item: MediaItem, masks: _native.MaskIndex | None, controls: ControlIndex | None = None
-) -> str:
-    """The item's input files as they are now: path, size and mtime of its source, its mask file
-    (a ``DuplicateMaskError`` when two masks share its basename) and, with a ``control_directory``,
-    its control images."""
-    mask = masks.get(item.stem) if masks is not None else None
+def item_inputs(item: MediaItem, masks: MaskSources, controls: ControlIndex | None = None) -> str:
+    """The item's input files as they are now: path, size and mtime of its source, its mask
+    (``data.mask_sources``: every frame of a mask-frame folder; a ``DuplicateMaskError`` when two
+    masks share its basename) and, with a ``control_directory``, its control images."""
+    mask, _ = masks.resolve(item)
     inputs: dict[str, object] = {"source": fmt.source_stat(item.path), "mask": fmt.source_stat(mask)}
     if controls is not None:  # only then, so caches made without controls stay fresh
         inputs["controls"] = [fmt.source_stat(path) for path in controls.get(item.stem)]
     if item.layers:  # Qwen-Image-Layered: its layer images and per-image mask frames
-        folder = None if masks is None else masks.directory
+        folder = masks.directory
         inputs["layers"] = layers.layer_inputs(item.layers, folder, item.stem)
     return json.dumps(inputs, sort_keys=True, separators=(",", ":"), default=str)
 

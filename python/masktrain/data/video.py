@@ -1,5 +1,5 @@
-"""Video datasets: decoding a video onto its bucket with PyAV, cutting it into clips the way
-musubi-tuner does, and its one static mask.
+"""Video datasets: decoding a video onto its bucket with PyAV and cutting it into clips the way
+musubi-tuner does.
 
 Decoding runs from the first frame in order, without seeking, so frame indices are exact
 whatever the codec's keyframe spacing; ``head`` and ``full`` stop once they have the frames
@@ -25,10 +25,9 @@ Clips from the N kept frames, for each target length T of ``target_frames`` (4k+
 
 A video that yields no clip at all (shorter than every T) fails, naming the file and its length.
 
-The mask is one image per video, matched by basename in ``mask_directory``, prepared by the
-native core exactly as an image's mask file (``_native.prepare_mask``: luma, 16-bit kept, aspect
-within 1% of the first frame, cover-resize onto the bucket, pooled onto the latent grid); the
-cacher repeats it over each clip's latent frames.
+Each decoded video keeps the timeline of its source (every decoded frame's time, and the total
+frame count when it was decoded to the end), so a mask video or a folder of mask frames can be laid
+onto the same kept frames (``cache.video_masks``).
 """
 
 from __future__ import annotations
@@ -139,13 +138,18 @@ class DecodedVideo:
     original_size: tuple[int, int]
     """(width, height) of the first frame."""
     bucket: Bucket
+    source_times: list[float] | None = None
+    """Seconds from the first frame of every decoded frame, kept or not (None for a folder of frame
+    images, or a stream without timestamps)."""
+    source_frame_count: int | None = None
+    """Frames in the source, when it was decoded to its end (None when decoding stopped early)."""
 
 
 @contextmanager
-def _frames(path: Path) -> Iterator[Iterator[np.ndarray]]:
-    """The RGB frames of a video file, or of a directory of frame images."""
+def _frames(path: Path) -> Iterator[Iterator[tuple[np.ndarray, float | None]]]:
+    """The RGB frames of a video file, or of a directory of frame images, each with its time."""
     if path.is_dir():
-        yield (_native.decode_image(frame)[0] for frame in _native.list_images(path))
+        yield ((_native.decode_image(frame)[0], None) for frame in _native.list_images(path))
         return
     if path.stat().st_size == 0:
         raise VideoDecodeError(f"{path}: file is empty (0 bytes)")
@@ -154,7 +158,7 @@ def _frames(path: Path) -> Iterator[Iterator[np.ndarray]]:
             raise VideoDecodeError(f"{path}: the file has no video stream")
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
-        yield (frame.to_ndarray(format="rgb24") for frame in container.decode(stream))
+        yield ((frame.to_ndarray(format="rgb24"), frame.time) for frame in container.decode(stream))
 
 
 def decode_video(
@@ -171,11 +175,14 @@ def decode_video(
     keep = kept_frames(source_fps, target_fps)
     frames: list[np.ndarray] = []
     indices: list[int] = []
+    times: list[float | None] = []
     original: tuple[int, int] | None = None
     bucket: Bucket | None = None
+    stopped = False
     try:
         with _frames(path) as source:
-            for index, rgb in enumerate(source):
+            for index, (rgb, time) in enumerate(source):
+                times.append(time)
                 if not next(keep):
                     continue
                 if bucket is None:
@@ -184,9 +191,13 @@ def decode_video(
                 frames.append(_native.resize_image_to_bucket(rgb, bucket))
                 indices.append(index)
                 if limit is not None and len(frames) >= limit:
+                    stopped = True
                     break
     except av.FFmpegError as error:
         raise VideoDecodeError(f"{path}: cannot decode video ({error})") from error
     if bucket is None or original is None:
         raise VideoDecodeError(f"{path}: no video frames could be decoded")
-    return DecodedVideo(np.stack(frames), indices, original, bucket)
+    known = [float(t) for t in times if t is not None]
+    timeline = [t - known[0] for t in known] if len(known) == len(times) else None
+    count = None if stopped else len(times)
+    return DecodedVideo(np.stack(frames), indices, original, bucket, timeline, count)
