@@ -1,13 +1,14 @@
 """``masktrain cache`` for one image dataset.
 
-Per image the native core decodes it, picks its mask (alpha -> mask file -> full weight, or an
-error under ``require_mask``), resizes both onto the bucket and pools the mask onto the latent
-grid; the VAE encodes the pixels; the file holds ``latents_1xHxW_<dtype>`` and, when masking is
-on, ``mask_weights_1xHxW_float32``: weights in [0, 1], raw unless ``--cache_mask_gamma`` /
-``--cache_mask_min_weight`` are given, in which case the core bakes
-``clamp(m ** G * (1 - W) + W)`` into them at pixel resolution, before pooling (the file's metadata
-records both values). ``train``'s ``--mask_gamma`` / ``--mask_min_weight`` apply on top at
-training time (it warns when a value is applied twice).
+Per image the native core decodes it, picks its mask (``data.mask_sources``: alpha -> its JSONL
+``mask_path`` -> its file in ``mask_directory`` -> the dataset's ``default_mask`` -> full weight, or
+an error under ``require_mask``), resizes both onto the bucket and pools the mask onto the latent
+grid (``--mask_pooling``: area, max or nearest per cell); the VAE encodes the pixels; the file
+holds ``latents_1xHxW_<dtype>`` and, when masking is on, ``mask_weights_1xHxW_float32``: weights
+in [0, 1], raw unless ``--cache_mask_gamma`` / ``--cache_mask_min_weight`` are given, in which
+case the core bakes ``clamp(m ** G * (1 - W) + W)`` into them at pixel resolution, before
+pooling (the file's metadata records both values). ``train``'s ``--mask_gamma`` /
+``--mask_min_weight`` apply on top at training time (it warns when a value is applied twice).
 
 With ``bucket_no_upscale`` an image whose area is at most the resolution's keeps its own size
 rounded down to the bucket step: the native core prepares it a second time with that one bucket
@@ -21,7 +22,6 @@ image by image, with their mask frames (``cache.layered``).
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -67,7 +67,7 @@ class ImageCacher:
     @property
     def missing_files_warning(self) -> bool:
         """The guide's "N images have no matching mask file" applies (mask files, no alpha)."""
-        return self.setup.masks is not None and not self.dataset.alpha_mask
+        return self.dataset.mask_directory is not None and not self.dataset.alpha_mask
 
     def fingerprint(self, item: MediaItem) -> str:
         return self.setup.fingerprint(item)
@@ -78,11 +78,15 @@ class ImageCacher:
             return "fresh"
         return "stale" if paths else "missing"
 
-    def _prepare(self, paths: list[Path], buckets: list[Bucket]) -> list[Prepared]:
+    def _prepare(self, items: list[MediaItem], buckets: list[Bucket]) -> list[Prepared]:
+        masks = self.setup.masks
         return _native.prepare_batch(
-            paths,
+            [item.path for item in items],
             buckets,
-            mask_index=self.setup.masks,
+            mask_index=masks.index,
+            mask_paths=[item.mask_path for item in items] if masks.any_own_path else None,
+            default_mask=masks.default,
+            mask_pooling=self.setup.config.mask_pooling,
             alpha_mask=self.dataset.alpha_mask,
             # layered: a mask folder (mask_directory/NAME/) the core does not see counts too
             require_mask=self.dataset.require_mask and self.layered is None,
@@ -96,7 +100,7 @@ class ImageCacher:
         return results if self.layered is None else self.layered.load(chunk, results)
 
     def _prepare_images(self, chunk: list[MediaItem]) -> list[Prepared]:
-        results = self._prepare([item.path for item in chunk], self.setup.buckets)
+        results = self._prepare(chunk, self.setup.buckets)
         if not self.dataset.buckets.bucket_no_upscale:
             return results
         # Images no larger than the resolution keep their own size: prepared again, with that
@@ -108,7 +112,7 @@ class ImageCacher:
                 if own is not None and own != result.bucket:
                     again.setdefault(own, []).append(index)
         for bucket, indices in again.items():
-            redone = self._prepare([chunk[i].path for i in indices], [bucket])
+            redone = self._prepare([chunk[i] for i in indices], [bucket])
             for index, result in zip(indices, redone, strict=True):
                 results[index] = result
         return results

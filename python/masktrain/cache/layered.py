@@ -146,6 +146,7 @@ class LayeredItems:
                 source=item.path,
                 cache_mask_gamma=config.cache_mask_gamma,
                 cache_mask_min_weight=config.cache_mask_min_weight,
+                mask_pooling=config.mask_pooling,
             )[1]
             for frame in frames
         ]

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import torch
 
-from masktrain import _native
 from masktrain.cache.conditioning import ClipConditioning
 from masktrain.cache.identity import weights_identity
 from masktrain.config.cache import CacheConfig
@@ -21,6 +20,7 @@ from masktrain.data.buckets import Bucket
 from masktrain.data.controls import ControlIndex
 from masktrain.data.discovery import Discovery, MediaItem, bucket_list
 from masktrain.data.freshness import BAKED_GAMMA, BAKED_MIN_WEIGHT
+from masktrain.data.mask_sources import MaskSources
 from masktrain.errors import CacheFileError, DataError
 from masktrain.models.base import ModelFamily
 
@@ -40,8 +40,8 @@ class CacheSetup:
     factor: int = field(init=False)
     """Pixels per latent cell of the VAE (8, or 16 for the WAN 2.2 TI2V-5B VAE)."""
     vae_identity: str = field(init=False)
-    masks: _native.MaskIndex | None = field(init=False)
-    """Mask files by basename; None without ``mask_directory``."""
+    masks: MaskSources = field(init=False)
+    """Where each item's mask comes from (``data.mask_sources``)."""
     controls: ControlIndex | None = field(init=False)
     """Control images by item; None without ``control_directory``."""
     settings: str = field(init=False)
@@ -52,17 +52,19 @@ class CacheSetup:
         self.buckets = bucket_list(self.dataset.buckets)
         self.factor = self.family.spatial_factor(self.vae)
         self.vae_identity = weights_identity(self.config.vae, self.vae)
-        self.masks = freshness.mask_index(self.dataset)
+        self.masks = MaskSources(self.dataset, self.discovery.items)
         self.controls = freshness.control_index(self.dataset, self.discovery.items)
-        self.settings = freshness.settings_digest(self.dataset, self.family.spec)
+        self.settings = freshness.settings_digest(self.dataset, self.family.spec, self.masks)
 
     @property
     def arch(self) -> str:
         return self.family.name
 
-    def mask_path(self, item: MediaItem) -> Path | None:
-        """The item's mask file (a ``DuplicateMaskError`` when two share its basename)."""
-        return self.masks.get(item.stem) if self.masks is not None else None
+    def mask(self, item: MediaItem) -> tuple[Path | None, fmt.MaskSource]:
+        """The item's mask file or folder and its source (a ``DuplicateMaskError`` when two share
+        its basename)."""
+        path, source = self.masks.resolve(item)
+        return path, source  # type: ignore[return-value]  # file, default or none
 
     def inputs(self, item: MediaItem) -> str:
         """The item's input files as they were stat'ed for its fingerprint: the metadata records
@@ -82,6 +84,8 @@ class CacheSetup:
         }
         if self.config.baked:  # only then, so caches made before the flags stay fresh
             parts["cache_mask"] = self.baked_metadata()
+        if self.config.mask_pooling != "area":  # likewise
+            parts[fmt.KEY_MASK_POOLING] = self.config.mask_pooling
         if self.conditioning is not None:  # likewise
             parts["conditioning"] = self.conditioning.fingerprint_part()
         elif self.config.mode is not None:  # a mode that loads nothing more (Qwen-Image-Edit)
@@ -129,6 +133,7 @@ class CacheSetup:
                 freshness.SETTINGS_KEY: self.settings,
                 freshness.INPUTS_KEY: self.inputs(item),
                 **self.baked_metadata(),
+                fmt.KEY_MASK_POOLING: self.config.mask_pooling,
                 fmt.KEY_CONDITION: self.config.condition,
                 **extra,
             },
@@ -136,7 +141,8 @@ class CacheSetup:
 
     def latent_tensors(self, latents: torch.Tensor, weights: torch.Tensor | None) -> dict[str, torch.Tensor]:
         """One item's tensors under the cache's keys: latents (C, F, h, w) and, when masking is
-        on, the (h, w) raw weights repeated over the F latent frames as (1, F, h, w) float32."""
+        on, the raw weights as (1, F, h, w) float32: (F, h, w) per latent frame, or (h, w)
+        repeated over the F frames."""
         _, frames, height, width = latents.shape
         grid = (frames, height, width)
         tensors = {fmt.tensor_key(fmt.LATENTS, latents.dtype, grid): latents}

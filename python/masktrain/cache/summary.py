@@ -65,9 +65,11 @@ class DatasetSummary:
         mean = self.weight_sum / self.weight_count if self.weight_count else float("nan")
         unit = "items" if self.clips is None else "videos"
         clips = "" if self.clips is None else f", {self.clips} clips"
+        # the dataset's default_mask is a source of its own, named only when it was used
+        default = f" default={self.sources['default']}" if self.sources["default"] else ""
         return (
             f"{self.name}: {self.items} {unit}, mask sources alpha={self.sources['alpha']} "
-            f"file={self.sources['file']} none={self.sources['none']}, {self.written} written "
+            f"file={self.sources['file']}{default} none={self.sources['none']}, {self.written} written "
             f"({self.rebuilt} rebuilt{clips}), {self.skipped} skipped, {len(self.failed)} failed, "
             f"mean raw mask weight {mean:.4f}"
         )

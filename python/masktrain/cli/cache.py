@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from masktrain import catalog
 from masktrain.cli.options import existing_file, option, text_encoder_options
 from masktrain.cli.outcome import run_job
+
+if TYPE_CHECKING:
+    from masktrain.config.cache import MaskPoolingMode
 
 
 @click.command("cache")
@@ -39,6 +43,14 @@ from masktrain.cli.outcome import run_job
     default=0.0,
     show_default=True,
     help="Bake the floor m*(1-w)+w into the cached weights, after the gamma.",
+)
+@option(
+    "mask_pooling",
+    type=click.Choice(["area", "max", "nearest"]),
+    default="area",
+    show_default=True,
+    help="How mask pixels (and a mask video's frames) become one latent weight: area = the exact "
+    "mean, max = the brightest pixel (small subjects survive), nearest = the middle pixel and frame.",
 )
 @option(
     "task",
@@ -83,6 +95,7 @@ def cache(
     num_workers: int | None,
     cache_mask_gamma: float,
     cache_mask_min_weight: float,
+    mask_pooling: MaskPoolingMode,
     skip_existing: bool,
     task: str | None,
     model_version: str | None,
@@ -110,6 +123,7 @@ def cache(
             num_workers=num_workers,
             cache_mask_gamma=cache_mask_gamma,
             cache_mask_min_weight=cache_mask_min_weight,
+            mask_pooling=mask_pooling,
             task=_task(arch, task, model_version, i2v, clip is not None),
             clip=clip,
             one_frame=one_frame,

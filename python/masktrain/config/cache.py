@@ -5,11 +5,16 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from masktrain import catalog
 from masktrain.config.device import check_device
 from masktrain.config.text_encoder import choose
 from masktrain.errors import CacheConfigError, SettingError
+
+MaskPoolingMode = Literal["area", "max", "nearest"]
+MASK_POOLINGS: tuple[MaskPoolingMode, ...] = ("area", "max", "nearest")
+"""``--mask_pooling``'s modes (the native core's ``Pooling``)."""
 
 
 @dataclass(frozen=True)
@@ -41,6 +46,10 @@ class CacheConfig:
     (the reference's cache-time transform); recorded in each file's metadata."""
     cache_mask_min_weight: float = 0.0
     """Bake the floor ``m * (1 - w) + w`` into the cached mask weights, after the gamma."""
+    mask_pooling: MaskPoolingMode = "area"
+    """How mask pixels become one latent weight per spatio-temporal cell: ``area`` (the exact
+    mean), ``max`` (the brightest pixel: small subjects survive) or ``nearest`` (the middle pixel
+    and frame). Recorded in each file's metadata; ``area`` leaves the fingerprint as it was."""
     task: str | None = None
     """musubi-tuner's ``--task`` (WAN) / ``--model_version`` (Qwen-Image): a conditioned mode
     (``i2v-14B``, ``flf2v-14B``, ``i2v-A14B``) caches its conditioning beside each item."""
@@ -81,6 +90,10 @@ class CacheConfig:
         if not 0 <= self.cache_mask_min_weight < 1:
             raise CacheConfigError(
                 f"--cache_mask_min_weight must be in [0, 1), got {self.cache_mask_min_weight}"
+            )
+        if self.mask_pooling not in MASK_POOLINGS:
+            raise CacheConfigError(
+                f"--mask_pooling must be one of {', '.join(MASK_POOLINGS)}, got {self.mask_pooling!r}"
             )
         self._check_mode()
 
@@ -124,6 +137,7 @@ class CacheConfig:
         tokenizers: Mapping[str, str | None] | None = None,
         cache_mask_gamma: float = 1.0,
         cache_mask_min_weight: float = 0.0,
+        mask_pooling: MaskPoolingMode = "area",
         task: str | None = None,
         clip: str | None = None,
         one_frame: bool = False,
@@ -152,6 +166,7 @@ class CacheConfig:
             text_tokenizer=chosen.tokenizer,
             cache_mask_gamma=cache_mask_gamma,
             cache_mask_min_weight=cache_mask_min_weight,
+            mask_pooling=mask_pooling,
             task=task,
             clip=clip,
             one_frame=one_frame,
