@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from masktrain import catalog
 from masktrain.cli.options import existing_file, option
 from masktrain.cli.outcome import run_job
+
+if TYPE_CHECKING:
+    from masktrain.config.cache import MaskPoolingMode
 
 
 @click.command("inspect")
@@ -34,6 +38,13 @@ from masktrain.cli.outcome import run_job
 @option("mask_min_weight", type=float, default=0.0, show_default=True, help="As train's.")
 @option("mask_blur_kernel_size", type=click.IntRange(min=0), default=0, show_default=True, help="As train's.")
 @option("prior_mask_threshold", type=float, default=None, help="As train's: report the prior region.")
+@option(
+    "mask_pooling",
+    type=click.Choice(["area", "max", "nearest"]),
+    default="area",
+    show_default=True,
+    help="As cache's: how uncached items' masks are pooled.",
+)
 def inspect(
     dataset_config: Path,
     arch: str,
@@ -43,6 +54,7 @@ def inspect(
     mask_min_weight: float,
     mask_blur_kernel_size: int,
     prior_mask_threshold: float | None,
+    mask_pooling: MaskPoolingMode,
 ) -> None:
     """Per item: mask source, coverage per region, the mask on the latent grid over the image."""
     from masktrain.config.inspect import InspectConfig
@@ -57,6 +69,7 @@ def inspect(
             mask_min_weight,
             mask_blur_kernel_size,
             prior_mask_threshold,
+            mask_pooling,
         )
         from masktrain.inspect.page import run, table  # numpy, the native core: once the flags are good
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from masktrain import catalog
+from masktrain.config.cache import MASK_POOLINGS, MaskPoolingMode
 from masktrain.errors import FlagError
 
 
@@ -22,6 +23,9 @@ class InspectConfig:
     mask_min_weight: float = 0.0
     mask_blur_kernel_size: int = 0
     prior_mask_threshold: float | None = None
+    mask_pooling: MaskPoolingMode = "area"
+    """As ``cache --mask_pooling``: how uncached items' masks are pooled onto the latent grid
+    (cached items show what their cache holds)."""
 
     def __post_init__(self) -> None:
         catalog.arch(self.arch)
@@ -34,3 +38,6 @@ class InspectConfig:
             raise FlagError(f"--mask_blur_kernel_size must be odd (or 0 to disable), got {blur}")
         if self.prior_mask_threshold is not None and not 0 < self.prior_mask_threshold <= 1:
             raise FlagError(f"--prior_mask_threshold must be in (0, 1], got {self.prior_mask_threshold}")
+        if self.mask_pooling not in MASK_POOLINGS:
+            modes = ", ".join(MASK_POOLINGS)
+            raise FlagError(f"--mask_pooling must be one of {modes}, got {self.mask_pooling!r}")

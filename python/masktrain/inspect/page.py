@@ -1,6 +1,7 @@
 """``masktrain inspect``'s outputs: one overlay per item (the bucketed image, dimmed where the loss
 weight is 0 and tinted red by the weight, each latent cell a block: the mask on the latent grid,
-as the loss sees it; with ``--prior_mask_threshold`` the prior region tinted blue),
+as the loss sees it; with ``--prior_mask_threshold`` the prior region tinted blue; a video's a
+strip of its first clip's latent frames, each with its own weights, so a moving mask is seen moving),
 ``index.html`` (a static contact sheet of the overlays with their numbers, no server, no
 scripts), ``summary.json`` and the printed table. Every file is written atomically."""
 
@@ -21,13 +22,61 @@ from masktrain.inspect.report import DatasetReport, Pictures, inspect_datasets, 
 THUMBNAIL = 256
 """Longest side of an overlay, in pixels."""
 
+STRIP_TILE = 128
+"""Longest side of one latent frame in a video's strip, in pixels."""
+
+STRIP_GAP = 4
+"""Pixels between two latent frames of a strip."""
+
+LABEL_HEIGHT = 14
+"""The band under a strip's frames that names each one (``k: frame i``: latent frame k shows pixel
+frame i)."""
+
 
 def overlay(image: np.ndarray, raw: np.ndarray | None, config: InspectConfig) -> bytes:
     """The overlay PNG of one item."""
+    return _png(_overlaid(image, raw, config, THUMBNAIL))
+
+
+def latent_frame_pixels(latent_frames: int, temporal_factor: int) -> list[int]:
+    """The pixel frame a strip shows for each latent frame of a clip: frame 0 for latent frame 0
+    (the causal VAE encodes it alone), and for latent frame k the last frame of its group 4k-3 ...
+    4k, frame 4k (with the VAE's `temporal_factor` 4), so each picture is a frame the latent holds."""
+    return [k * temporal_factor for k in range(latent_frames)]
+
+
+def strip(frames: np.ndarray, raw: np.ndarray, temporal_factor: int, config: InspectConfig) -> bytes:
+    """The strip PNG of a video's clip: its (N, H, W, 3) uint8 `frames` and the (F, h, w) raw latent
+    weights `raw`, side by side, one overlay per latent frame (:func:`latent_frame_pixels`'s pixel
+    frame with that latent frame's weights), each named below it, so the mask is seen following
+    the subject."""
+    from PIL import Image, ImageDraw
+
+    shown = latent_frame_pixels(len(raw), temporal_factor)
+    if shown[-1] >= len(frames):
+        raise ValueError(
+            f"a clip of {len(frames)} frames has no frame {shown[-1]} for its latent frame {len(raw) - 1} "
+            f"({len(raw)} latent frames at a temporal factor of {temporal_factor})"
+        )
+    tiles = [_overlaid(frames[index], raw[k], config, STRIP_TILE) for k, index in enumerate(shown)]
+    height, width = tiles[0].shape[:2]
+    canvas = np.full((height + LABEL_HEIGHT, len(tiles) * (width + STRIP_GAP) - STRIP_GAP, 3), 255, np.uint8)
+    for k, (tile, index) in enumerate(zip(tiles, shown, strict=True)):
+        left = k * (width + STRIP_GAP)
+        canvas[:height, left : left + width] = tile
+        band = Image.new("RGB", (width, LABEL_HEIGHT), (255, 255, 255))  # its own: a long label is cut
+        ImageDraw.Draw(band).text((2, 1), f"{k}: frame {index}", fill=(0, 0, 0))
+        canvas[height:, left : left + width] = np.asarray(band)
+    return _png(canvas)
+
+
+def _overlaid(image: np.ndarray, raw: np.ndarray | None, config: InspectConfig, size: int) -> np.ndarray:
+    """`image` shrunk to `size` (longest side), dimmed where the loss weight of the raw (h, w)
+    latent mask is 0 and tinted red by it, each latent cell a block; the prior region blue."""
     from PIL import Image
 
     picture = Image.fromarray(image)
-    picture.thumbnail((THUMBNAIL, THUMBNAIL), Image.Resampling.LANCZOS)
+    picture.thumbnail((size, size), Image.Resampling.LANCZOS)
     pixels = np.asarray(picture).astype(np.float32)
     if raw is not None:
 
@@ -46,8 +95,14 @@ def overlay(image: np.ndarray, raw: np.ndarray | None, config: InspectConfig) ->
         if config.prior_mask_threshold is not None:  # the prior region, kept near the base model: blue
             prior = on_picture((raw < config.prior_mask_threshold).astype(np.float32)) > 0.5
             pixels = np.where(prior, pixels * 0.6 + np.array([40.0, 80.0, 255.0]) * 0.4, pixels)
+    return pixels.clip(0, 255).astype(np.uint8)
+
+
+def _png(pixels: np.ndarray) -> bytes:
+    from PIL import Image
+
     buffer = io.BytesIO()
-    Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(buffer, format="PNG")
+    Image.fromarray(pixels).save(buffer, format="PNG")
     return buffer.getvalue()
 
 
@@ -68,6 +123,10 @@ def table(reports: list[DatasetReport]) -> str:
     return "\n".join(lines)
 
 
+_STRIP_CLASS = ' class="strip"'
+"""A video's card: as wide as its strip."""
+
+
 def _card(item: object) -> str:
     from masktrain.inspect.report import ItemReport
 
@@ -84,11 +143,14 @@ def _card(item: object) -> str:
         prior += f"<br>baked in the cache: {html.escape(item.baked)}"
     # The path as a URL ('#', '?', '%' or a backslash in a name would cut or change it), then as HTML.
     url = html.escape(urllib.parse.quote(item.overlay))
+    shape = f"{item.grid[0]}x{item.grid[1]} cells" + (
+        f" x {item.latent_frames} latent frames" if item.latent_frames > 1 else ""
+    )
     return (
-        f'<figure><a href="{url}"><img src="{url}" '
+        f'<figure{_STRIP_CLASS if item.latent_frames > 1 else ""}><a href="{url}"><img src="{url}" '
         f'alt="{html.escape(item.name)}"></a><figcaption><b>{html.escape(item.name)}</b><br>'
         f"mask: {item.source} (from {item.read_from}); {item.bucket[0]}x{item.bucket[1]}, "
-        f"{item.grid[0]}x{item.grid[1]} cells<br>face {_percent(item.face)}, body {_percent(item.body)}, "
+        f"{shape}<br>face {_percent(item.face)}, body {_percent(item.body)}, "
         f"background {_percent(item.background)}<br>mean weight {item.mean_weight:.3f}{prior}"
         + (f'<br><span class="flag">{html.escape("; ".join(flags))}</span>' if flags else "")
         + "</figcaption></figure>"
@@ -155,8 +217,14 @@ def write(reports: list[DatasetReport], pictures: Pictures, config: InspectConfi
         for item in report.items:
             name = f"{report.index}/{Path(item.name).stem}"
             item.overlay = f"overlays/{report.index}_{Path(item.name).stem}.png"
-            image, raw = pictures[name]
-            atomic.write_bytes(out / item.overlay, overlay(image, raw, config))
+            picture = pictures[name]
+            if picture.raw is not None and picture.raw.ndim == 3:  # a video clip: its latent frames
+                png = strip(picture.image, picture.raw, picture.temporal_factor, config)
+            else:  # an image, or a video without a mask: its first frame
+                png = overlay(
+                    picture.image if picture.image.ndim == 3 else picture.image[0], picture.raw, config
+                )
+            atomic.write_bytes(out / item.overlay, png)
     atomic.write_text(out / "summary.json", json.dumps(summary_json(reports), indent=2))
     atomic.write_text(out / "index.html", page(reports, config))
 
@@ -168,12 +236,16 @@ body {{ font-family: sans-serif; margin: 1em; }}
 .grid {{ display: flex; flex-wrap: wrap; gap: 12px; }}
 figure {{ margin: 0; width: 256px; font-size: 12px; }}
 img {{ max-width: 256px; max-height: 256px; display: block; }}
+figure.strip {{ width: auto; max-width: 100%; overflow-x: auto; }}
+figure.strip img {{ max-width: none; }}
 .flag {{ color: #b00; }}
 </style></head>
 <body><h1>{title}</h1>
 <p>Each picture is the bucketed image with the loss weight of every latent cell ({settings}): red where
 the weight is high, dimmed where it is 0; blue where the prior term keeps the base model
-(with --prior_mask_threshold).</p>
+(with --prior_mask_threshold). A video shows its first clip as a strip of its latent frames, each
+with the last pixel frame of its group (frame 0, then frame 4k for latent frame k) and its own
+weights; its numbers count every latent frame.</p>
 {sections}
 </body></html>
 """

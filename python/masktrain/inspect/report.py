@@ -6,8 +6,10 @@ items without masks or with a tiny subject, and how fresh the cache is.
 
 Where an item's cache is fresh its mask is the cached one (exactly what training reads); otherwise
 it is computed from the image and mask files by the same code ``cache`` runs (``prepare_batch``;
-for a video its first kept frame and ``prepare_mask``), at the latent factor of ``--vae``. A
-video's numbers are its first clip's (the mask is one per video).
+for a video ``cache.videos.decode_with_mask``), at the latent factor of ``--vae``. A video's
+numbers are its first clip's (the clip of its first cache file: the first start, the shortest
+length), counted over every latent frame of the clip, since a mask may move from one to the next;
+its picture is that clip's strip of latent frames (``page.strip``).
 """
 
 from __future__ import annotations
@@ -16,18 +18,21 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
 from masktrain import _native, catalog
+from masktrain.config.cache import MaskPoolingMode
 from masktrain.config.dataset import ImageDatasetConfig, VideoDatasetConfig, load_dataset_config
 from masktrain.config.inspect import InspectConfig
 from masktrain.data import cache_format as fmt
-from masktrain.data import freshness
+from masktrain.data import freshness, video
 from masktrain.data.cached_items import ItemState, item_states
 from masktrain.data.dataset_paths import check_readable
 from masktrain.data.discovery import bucket_list
-from masktrain.errors import DataError, FlagError, MaskTrainError
+from masktrain.data.mask_sources import MaskSources
+from masktrain.errors import DataError, FlagError, MaskTrainError, VideoDecodeError
 from masktrain.tiers import regions
 
 SMALL_SUBJECT = 0.01
@@ -47,6 +52,8 @@ class ItemReport:
     bucket: tuple[int, int]
     grid: tuple[int, int]
     """Latent cells (width, height)."""
+    latent_frames: int = 1
+    """Latent frames the numbers count: a video's first clip's (1 for an image)."""
     face: float = 0.0
     body: float = 0.0
     background: float = 1.0
@@ -99,13 +106,14 @@ class DatasetReport:
 
 
 def coverage(raw: np.ndarray) -> dict[str, float]:
-    """Fractions of cells per region (``tiers.regions``) of a raw (h, w) mask."""
+    """Fractions of cells per region (``tiers.regions``) of a raw (h, w) or (F, h, w) mask (every
+    latent frame's cells)."""
     return {name: float(cells.sum() / raw.size) for name, cells in regions(raw).items()}
 
 
 def loss_weights(raw: np.ndarray, gamma: float, min_weight: float, blur: int = 0) -> np.ndarray:
-    """The weights the loss applies to a raw (h, w) mask: ``loss.blur_mask`` (``--mask_blur_kernel_size``),
-    then ``loss.transform_weights`` (gamma, floor)."""
+    """The weights the loss applies to a raw (h, w) or (F, h, w) mask: ``loss.blur_mask``
+    (``--mask_blur_kernel_size``, each frame alone), then ``loss.transform_weights`` (gamma, floor)."""
     import torch
 
     from masktrain.loss import blur_mask, transform_weights
@@ -149,8 +157,9 @@ def _baked(state: ItemState) -> str:
     return "none" if baked == (1.0, 0.0) else f"gamma {baked[0]:g}, floor {baked[1]:g}"
 
 
-def _cached_raw(state: ItemState) -> np.ndarray | None:
-    """The first latent frame's raw mask weights of a fresh cache file (None without a mask); a
+def _cached_raw(state: ItemState, video: bool) -> np.ndarray | None:
+    """The raw mask weights of a fresh cache file (None without a mask): an image's (h, w) (a
+    layered item's first frame), a video's first clip's (F, h, w), every latent frame; a
     :class:`DataError` naming the file, as train's loader words it, when its tensors hold NaN or
     infinity (its header still reads fresh) or cannot be read."""
     from masktrain.data.loader import check_finite
@@ -160,18 +169,29 @@ def _cached_raw(state: ItemState) -> np.ndarray | None:
     key = fmt.item_tensor_keys(tensors, path).mask_weights
     if key is None:
         return None
-    frame: np.ndarray = tensors[key][0, 0].float().numpy()
-    return frame
+    weights: np.ndarray = tensors[key][0].float().numpy()
+    return weights if video else weights[0]
 
 
-Pictures = dict[str, tuple[np.ndarray, np.ndarray | None]]
-"""Per item (``{dataset}/{stem}``): the bucketed image and its raw latent mask."""
+class Picture(NamedTuple):
+    """What an item's picture shows (``page.write``)."""
+
+    image: np.ndarray
+    """The bucketed image (H, W, 3), or a video's first clip (N, H, W, 3)."""
+    raw: np.ndarray | None
+    """The raw latent mask: an image's (h, w), a clip's (F, h, w); None without one."""
+    temporal_factor: int = 1
+    """Pixel frames per latent frame after the first (a video's strip)."""
+
+
+Pictures = dict[str, Picture]
+"""Per item (``{dataset}/{stem}``)."""
 
 
 @dataclass(frozen=True)
 class _FromSources:
-    """An item as ``cache`` prepares it: the bucketed image (a video's first kept frame), the raw
-    latent mask (None without one) and where that mask comes from."""
+    """An item as ``cache`` prepares it: the bucketed image (a video's first clip, (N, H, W, 3)),
+    the raw latent mask (a clip's (F, h, w); None without one) and where that mask comes from."""
 
     image: np.ndarray
     raw: np.ndarray | None
@@ -180,12 +200,16 @@ class _FromSources:
 
 
 def _image_sources(
-    dataset: ImageDatasetConfig, states: list[ItemState], factor: int
+    dataset: ImageDatasetConfig, states: list[ItemState], factor: int, pooling: MaskPoolingMode
 ) -> list[_FromSources | Exception]:
+    masks = MaskSources(dataset, [state.item for state in states])
     prepared = _native.prepare_batch(
         [state.item.path for state in states],
         bucket_list(dataset.buckets),
-        mask_index=freshness.mask_index(dataset),
+        mask_index=masks.index,
+        mask_paths=[state.item.mask_path for state in states] if masks.any_own_path else None,
+        default_mask=masks.default,
+        mask_pooling=pooling,
         alpha_mask=dataset.alpha_mask,
         require_mask=False,
         latent_factor=factor,
@@ -199,20 +223,48 @@ def _image_sources(
 
 
 def _video_sources(
-    dataset: VideoDatasetConfig, states: list[ItemState], factor: int
+    dataset: VideoDatasetConfig,
+    states: list[ItemState],
+    factor: int,
+    spec: catalog.ArchSpec,
+    mode: MaskPoolingMode,
 ) -> list[_FromSources | Exception]:
-    """Each video's first kept frame and its mask, as ``cache.videos`` prepares them."""
+    """Each video's first clip and its mask, as ``cache.videos`` prepares them."""
+    from masktrain.cache.video_masks import MaskPooling
     from masktrain.cache.videos import decode_with_mask
 
-    buckets, masks = bucket_list(dataset.buckets), freshness.mask_index(dataset)
+    if spec.video_fps is None:  # as cache refuses it
+        refused = DataError(f"--arch {spec.name} is an image model and cannot take a video dataset")
+        return [refused for _ in states]
+    settings = video.ClipSettings.of(dataset, spec.video_fps, spec.temporal_factor)
+    buckets, masks = bucket_list(dataset.buckets), MaskSources(dataset, [state.item for state in states])
+    pooling = MaskPooling(factor, spec.temporal_factor, mode)
+    # The first clip starts at frame 0 (every extraction's first start) and is at most this long.
+    limit = settings.max_frames if settings.extraction == "full" else max(settings.target_frames)
     results: list[_FromSources | Exception] = []
     for state in states:
         try:
-            mask_path = masks.get(state.item.stem) if masks is not None else None
-            decoded, raw = decode_with_mask(state.item.path, dataset, buckets, factor, mask_path, limit=1)
-            results.append(
-                _FromSources(decoded.frames[0], raw, "file" if raw is not None else "none", decoded.bucket)
+            mask_path, source = masks.resolve(state.item)
+            decoded, clip_masks = decode_with_mask(
+                state.item.path,
+                dataset,
+                buckets,
+                pooling,
+                mask_path,
+                masking=mask_path is not None,
+                limit=limit,
+                source_fps=settings.source_fps,
+                target_fps=settings.target_fps,
             )
+            spans = settings.spans(len(decoded.frames))
+            if not spans:
+                raise VideoDecodeError(
+                    f"{state.item.path}: {len(decoded.frames)} frames is shorter than every clip length "
+                    f"of target_frames {list(settings.target_frames)}"
+                )
+            start, count = min(spans)  # the clip of the first cache file (names sort by start, length)
+            raw = None if clip_masks is None else clip_masks.weights(start, count)
+            results.append(_FromSources(decoded.frames[start : start + count], raw, source, decoded.bucket))
         except (MaskTrainError, OSError) as error:
             results.append(error)
     return results
@@ -232,9 +284,9 @@ def inspect_datasets(config: InspectConfig) -> tuple[list[DatasetReport], Pictur
         reports.append(report)
         states, report.failed = item_states(dataset, spec)
         if isinstance(dataset, ImageDatasetConfig):
-            sources = _image_sources(dataset, states, factor)
+            sources = _image_sources(dataset, states, factor, config.mask_pooling)
         else:
-            sources = _video_sources(dataset, states, factor)
+            sources = _video_sources(dataset, states, factor, spec, config.mask_pooling)
         for state, result in zip(states, sources, strict=True):
             if isinstance(result, Exception):
                 report.failed.append(f"{state.item.path} ({result})")
@@ -243,7 +295,7 @@ def inspect_datasets(config: InspectConfig) -> tuple[list[DatasetReport], Pictur
             cache = "fresh" if fresh else "stale" if state.cached else "not cached"
             if fresh:
                 try:
-                    raw = _cached_raw(state)
+                    raw = _cached_raw(state, isinstance(dataset, VideoDatasetConfig))
                 except DataError as error:  # read from the sources, as for a stale item
                     fresh, cache = False, "damaged"
                     report.damaged.append(f"{state.item.path.name} ({error})")
@@ -252,7 +304,7 @@ def inspect_datasets(config: InspectConfig) -> tuple[list[DatasetReport], Pictur
                     f"{state.item.path.name}" + (f" ({state.problem})" if state.cached else "")
                 )
             grid = (
-                (raw.shape[1], raw.shape[0])
+                (raw.shape[-1], raw.shape[-2])
                 if raw is not None
                 else (result.bucket[0] // factor, result.bucket[1] // factor)
             )
@@ -263,14 +315,20 @@ def inspect_datasets(config: InspectConfig) -> tuple[list[DatasetReport], Pictur
                 cache=cache,
                 bucket=result.bucket,
                 grid=grid,
+                latent_frames=_latent_frames(result.image, spec.temporal_factor),
             )
             if fresh:
                 item.baked = _baked(state)
             if raw is not None:
                 _measure(item, raw, config)
             report.items.append(item)
-            pictures[f"{index}/{state.item.stem}"] = (result.image, raw)
+            pictures[f"{index}/{state.item.stem}"] = Picture(result.image, raw, spec.temporal_factor)
     return reports, pictures
+
+
+def _latent_frames(image: np.ndarray, temporal_factor: int) -> int:
+    """The latent frames of a video's first clip (N, H, W, 3): 1 + (N - 1) / 4; 1 for an image."""
+    return 1 if image.ndim == 3 else (len(image) - 1) // temporal_factor + 1
 
 
 def _measure(item: ItemReport, raw: np.ndarray, config: InspectConfig) -> None:

@@ -14,7 +14,9 @@ need the file system or the process group. Torch-free (cache headers only).
 - every process gets at least one batch per epoch;
 - the warm-up fits in the run, now that the number of steps is known (``--max_train_epochs``);
 - ``--validation_dataset_config`` is cached for this ``--arch``, with masks;
-- a cache that holds masks while ``--use_mask_loss`` is off gets a warning (the masks are unused).
+- a cache that holds masks while ``--use_mask_loss`` is off gets a warning (the masks are unused);
+- the cache's mask pooling (``cache --mask_pooling``) is logged when it is not ``area``, and files
+  of one dataset that mix pooling modes get a warning.
 """
 
 from __future__ import annotations
@@ -100,7 +102,9 @@ def preflight(config: TrainConfig, world: int) -> TrainPlan:
     items = find_cached_items(datasets, config.arch, skip_stale=config.skip_stale, condition=config.condition)
     if config.mask.use_mask_loss:
         _check_masks(config, datasets, items)
-        _check_baked(config, items)
+        sampled = _sampled_metadata(items)
+        _check_baked(config, sampled)
+        _check_pooling(config, datasets, sampled)
     else:
         masked = sum(item.has_mask for item in items)
         if masked:
@@ -140,23 +144,31 @@ def _check_masks(config: TrainConfig, datasets: DatasetConfig, items: list[Cache
 
 
 _BAKED_SAMPLE = 16
-"""Cache files per dataset whose baked mask transform is read (the reference samples 16)."""
+"""Cache files per dataset whose recorded mask transform and pooling are read (the reference
+samples 16)."""
 
 
-def _check_baked(config: TrainConfig, items: list[CachedItem]) -> None:
-    """The cache-time mask transform (``cache --cache_mask_gamma / --cache_mask_min_weight``) the
-    files record, against the training flags: gamma or floor applied twice, values that differ
-    across files (warnings), and a baked floor at or above --prior_mask_threshold, which empties
-    the threshold-mode prior region (an error)."""
+def _sampled_metadata(items: list[CachedItem]) -> list[tuple[int, fmt.CacheMetadata | None]]:
+    """(dataset index, metadata) of up to :data:`_BAKED_SAMPLE` latent files per dataset, read
+    once for :func:`_check_baked` and :func:`_check_pooling`."""
     sampled: dict[int, int] = {}
-    pairs: set[tuple[float, float]] = set()
-    checked = recorded = 0
+    found = []
     for item in items:
         if sampled.get(item.dataset, 0) >= _BAKED_SAMPLE:
             continue
         sampled[item.dataset] = sampled.get(item.dataset, 0) + 1
-        checked += 1
-        metadata = fmt.read_metadata(item.latent_path)
+        found.append((item.dataset, fmt.read_metadata(item.latent_path)))
+    return found
+
+
+def _check_baked(config: TrainConfig, sampled: list[tuple[int, fmt.CacheMetadata | None]]) -> None:
+    """The cache-time mask transform (``cache --cache_mask_gamma / --cache_mask_min_weight``) the
+    sampled files record, against the training flags: gamma or floor applied twice, values that
+    differ across files (warnings), and a baked floor at or above --prior_mask_threshold, which
+    empties the threshold-mode prior region (an error)."""
+    pairs: set[tuple[float, float]] = set()
+    checked, recorded = len(sampled), 0
+    for _, metadata in sampled:
         baked = None if metadata is None else baked_transform(metadata.extra)
         if baked is not None:
             recorded += 1
@@ -199,4 +211,31 @@ def _check_baked(config: TrainConfig, items: list[CachedItem]) -> None:
                 "floor twice",
                 floor,
                 settings.mask_min_weight,
+            )
+
+
+def _check_pooling(
+    config: TrainConfig, datasets: DatasetConfig, sampled: list[tuple[int, fmt.CacheMetadata | None]]
+) -> None:
+    """How the sampled files pooled mask pixels onto the latent grid (``cache --mask_pooling``; a
+    file that does not say was pooled by ``area``): one info line when some file is not ``area``,
+    and a warning per dataset whose files mix modes (its cells would be weighted by two rules)."""
+    by_dataset: dict[int, set[str]] = {}
+    for number, metadata in sampled:
+        mode = "area" if metadata is None else metadata.extra.get(fmt.KEY_MASK_POOLING, "area")
+        by_dataset.setdefault(number, set()).add(mode)
+    modes = set().union(*by_dataset.values())
+    if modes != {"area"}:
+        log.info("cache pooled masks with %s (cache --mask_pooling)", " and ".join(sorted(modes)))
+    for number, mixed in sorted(by_dataset.items()):
+        if len(mixed) > 1:
+            log.warning(
+                "%s: [[datasets]] #%d (%s): the sampled cache files mix mask pooling modes (%s); re-cache "
+                "with one: masktrain cache --dataset_config %s --arch %s --mask_pooling MODE",
+                config.dataset_config,
+                number + 1,
+                datasets.datasets[number].cache_directory,
+                ", ".join(sorted(mixed)),
+                config.dataset_config,
+                config.arch,
             )
