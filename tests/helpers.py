@@ -326,3 +326,34 @@ def check_lora_round_trip(
         with_lora.load_lora_weights(str(path))
         assert (output(with_lora.transformer) - expected).abs().max() <= 1e-6
     return names
+
+
+class TickCounter:
+    """A pure-Python thread that keeps counting while it runs (``with TickCounter() as ticks``;
+    ``ticks.count``): it stalls while another thread holds the GIL, so a native call that releases
+    the GIL lets it count on."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.count = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run)
+
+    def _run(self) -> None:
+        import time
+
+        while not self._stop.is_set():
+            self.count += 1
+            time.sleep(0)
+
+    def __enter__(self) -> TickCounter:
+        import time
+
+        self._thread.start()
+        time.sleep(0.02)
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()

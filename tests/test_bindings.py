@@ -7,13 +7,13 @@ import os
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from helpers import TickCounter
 from masktrain import _native
 
 
@@ -33,28 +33,13 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
 def test_gil_is_released_during_native_work(images: list[Path]) -> None:
     """A pure-Python thread keeps counting while the main thread is inside native code. With
     the GIL held for the whole call it would be frozen (no ticks) until the call returned."""
-    ticks = 0
-    stop = threading.Event()
-
-    def count() -> None:
-        nonlocal ticks
-        while not stop.is_set():
-            ticks += 1
-            time.sleep(0)
-
-    counter = threading.Thread(target=count)
-    counter.start()
-    try:
-        time.sleep(0.05)
+    with TickCounter() as ticks:
         during = []
         for _ in range(3):
-            before = ticks
+            before = ticks.count
             results = _native.prepare_batch(images * 4, [(256, 256)], alpha_mask=True)
-            during.append(ticks - before)
+            during.append(ticks.count - before)
         assert all(isinstance(r, _native.PreparedItem) for r in results)
-    finally:
-        stop.set()
-        counter.join()
     assert min(during) > 100, during
 
 

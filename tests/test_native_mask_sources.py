@@ -3,8 +3,6 @@ the ``mask_index`` match -> the dataset's ``default_mask`` -> full weight), ``ma
 masks against numpy, and the in-memory mask entry points the video cacher uses
 (``prepare_loaded_mask``, ``prepare_loaded_mask_frames``) against their file-based twins."""
 
-import threading
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -14,6 +12,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
+from helpers import TickCounter
 from masktrain import _native
 from masktrain.errors import AspectMismatchError, MissingMaskError
 
@@ -206,24 +205,9 @@ def test_prepare_loaded_mask_frames_resizes_each_frame_as_resize_mask_to_bucket(
 def test_mask_frames_are_resized_with_the_gil_released() -> None:
     """A pure-Python thread keeps counting while a clip's mask frames are resized in Rust."""
     frames = np.random.default_rng(9).integers(0, 256, (65, 360, 640), dtype=np.uint8)
-    ticks = 0
-    stop = threading.Event()
-
-    def count() -> None:
-        nonlocal ticks
-        while not stop.is_set():
-            ticks += 1
-            time.sleep(0)
-
-    counter = threading.Thread(target=count)
-    counter.start()
-    try:
-        time.sleep(0.02)
-        before = ticks
+    with TickCounter() as ticks:
+        before = ticks.count
         out = _native.prepare_loaded_mask_frames(frames, "clip_masks", (640, 360), (416, 240))
-        during = ticks - before
-    finally:
-        stop.set()
-        counter.join()
+        during = ticks.count - before
     assert out.shape == (65, 240, 416)
     assert during > 20, during  # held throughout, the counter would stall (0-2 ticks)
