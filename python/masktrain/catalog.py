@@ -64,6 +64,10 @@ class Task:
     """Why masktrain does not train it (None: it does)."""
     mode: Mode | None = None
     """The conditioned mode it trains (None: text-to-video / text-to-image)."""
+    distilled_base: str | None = None
+    """A step-distilled model (Z-Image Turbo, FLUX.2 klein): training it works but warns, pointing
+    to this base version, and the masked prior's teacher is the distilled model as loaded. Its
+    weights cannot tell it from the base, so the version says it."""
 
 
 def _image_to_video(
@@ -175,6 +179,12 @@ class ArchSpec:
     released: Mapping[str, Released] = field(default_factory=dict)
     """Its released transformers, by the name ``masktrain plan --dit`` takes (configs from the
     models' ``config.json``)."""
+    bucket_step: int = 16
+    """Pixels every bucket side and sample size is a multiple of: the VAE's factor times the
+    transformer's patch (16 for WAN, Qwen-Image, Z-Image and FLUX.2; 32 for Qwen-Image 2.1)."""
+    default_task: str | None = None
+    """The ``--task`` / ``--model_version`` when none is given (the base model, which ``--dit tiny``
+    builds); None: the family trains without one."""
 
     @property
     def takes_video(self) -> bool:

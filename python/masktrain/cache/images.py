@@ -106,9 +106,10 @@ class ImageCacher:
         # Images no larger than the resolution keep their own size: prepared again, with that
         # one bucket (grouped, so each distinct size is one parallel native call).
         again: dict[Bucket, list[int]] = {}
+        step = self.setup.family.spec.bucket_step
         for index, result in enumerate(results):
             if isinstance(result, _native.PreparedItem):
-                own = own_size_bucket(result.original_size, self.dataset.buckets)
+                own = own_size_bucket(result.original_size, self.dataset.buckets, step)
                 if own is not None and own != result.bucket:
                     again.setdefault(own, []).append(index)
         for bucket, indices in again.items():

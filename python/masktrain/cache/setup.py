@@ -49,7 +49,7 @@ class CacheSetup:
     _inputs: dict[Path, str] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.buckets = bucket_list(self.dataset.buckets)
+        self.buckets = bucket_list(self.dataset.buckets, self.family.spec.bucket_step)
         self.factor = self.family.spatial_factor(self.vae)
         self.vae_identity = weights_identity(self.config.vae, self.vae)
         self.masks = MaskSources(self.dataset, self.discovery.items)

@@ -67,13 +67,32 @@ class Discovery:
     missing_captions: int
 
 
-def bucket_list(config: BucketConfig) -> list[Bucket]:
+def bucket_step(config: BucketConfig, family_step: int = BUCKET_STEP) -> int:
+    """The bucket side step: ``bucket_reso_steps``, else the family's (``ArchSpec.bucket_step``:
+    16, or 32 for Qwen-Image 2.1); a step or a fixed resolution that is not a multiple of the
+    family's is a :class:`ConfigError`."""
+    step = config.bucket_reso_steps or family_step
+    if step % family_step:
+        raise ConfigError(
+            f"bucket_reso_steps = {step}: this model needs bucket sides that are multiples of "
+            f"{family_step}; set bucket_reso_steps to a multiple of {family_step}"
+        )
+    if not config.enable_bucket and any(side % family_step for side in config.resolution):
+        width, height = config.resolution
+        raise ConfigError(
+            f"resolution {width}x{height}: this model needs sides that are multiples of {family_step}"
+        )
+    return step
+
+
+def bucket_list(config: BucketConfig, family_step: int = BUCKET_STEP) -> list[Bucket]:
     """The buckets a dataset's images choose from: `resolution` alone when bucketing is off;
     musubi's generator when no sd-scripts key is set; sd-scripts' otherwise, a missing
-    `min_bucket_reso` meaning half the square side and a missing `max_bucket_reso` twice it."""
+    `min_bucket_reso` meaning half the square side and a missing `max_bucket_reso` twice it. Sides
+    are multiples of :func:`bucket_step`."""
+    step = bucket_step(config, family_step)
     if not config.enable_bucket:
         return [config.resolution]
-    step = config.bucket_reso_steps or BUCKET_STEP
     if config.min_bucket_reso is None and config.max_bucket_reso is None and config.bucket_reso_steps is None:
         return musubi_buckets(config.resolution, step)
     side = int(max(config.resolution))
@@ -82,19 +101,21 @@ def bucket_list(config: BucketConfig) -> list[Bucket]:
     return sd_scripts_buckets(config.resolution, low, high, step)
 
 
-def own_size_bucket(size: Bucket, config: BucketConfig) -> Bucket | None:
+def own_size_bucket(size: Bucket, config: BucketConfig, family_step: int = BUCKET_STEP) -> Bucket | None:
     """``bucket_no_upscale``: an item whose area is at most the resolution's keeps its own size
     rounded down to the bucket step (musubi's ``BucketSelector``); None means the item takes the
     normal choice from the bucket list."""
     area = config.resolution[0] * config.resolution[1]
     if not config.bucket_no_upscale or size[0] * size[1] > area:
         return None
-    return no_upscale_bucket(size, config.resolution, config.bucket_reso_steps or BUCKET_STEP)
+    return no_upscale_bucket(size, config.resolution, bucket_step(config, family_step))
 
 
-def choose_bucket(size: Bucket, config: BucketConfig, buckets: list[Bucket]) -> Bucket:
+def choose_bucket(
+    size: Bucket, config: BucketConfig, buckets: list[Bucket], family_step: int = BUCKET_STEP
+) -> Bucket:
     """The bucket an item of (width, height) `size` is resized to."""
-    return own_size_bucket(size, config) or _native.choose_bucket(size[0], size[1], buckets)
+    return own_size_bucket(size, config, family_step) or _native.choose_bucket(size[0], size[1], buckets)
 
 
 def _read_caption(path: Path) -> str | None:

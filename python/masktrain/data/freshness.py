@@ -42,7 +42,7 @@ def dataset_settings(
     """The settings of `dataset` that shape every item's tensors."""
     buckets = dataset.buckets
     settings: dict[str, object] = {
-        "buckets": bucket_list(buckets),
+        "buckets": bucket_list(buckets, spec.bucket_step),
         "resolution": list(buckets.resolution),
         "bucket_no_upscale": buckets.bucket_no_upscale,
         "rules": fmt.RESIZE_RULES,

@@ -200,12 +200,16 @@ class _FromSources:
 
 
 def _image_sources(
-    dataset: ImageDatasetConfig, states: list[ItemState], factor: int, pooling: MaskPoolingMode
+    dataset: ImageDatasetConfig,
+    states: list[ItemState],
+    factor: int,
+    pooling: MaskPoolingMode,
+    spec: catalog.ArchSpec,
 ) -> list[_FromSources | Exception]:
     masks = MaskSources(dataset, [state.item for state in states])
     prepared = _native.prepare_batch(
         [state.item.path for state in states],
-        bucket_list(dataset.buckets),
+        bucket_list(dataset.buckets, spec.bucket_step),
         mask_index=masks.index,
         mask_paths=[state.item.mask_path for state in states] if masks.any_own_path else None,
         default_mask=masks.default,
@@ -284,7 +288,7 @@ def inspect_datasets(config: InspectConfig) -> tuple[list[DatasetReport], Pictur
         reports.append(report)
         states, report.failed = item_states(dataset, spec)
         if isinstance(dataset, ImageDatasetConfig):
-            sources = _image_sources(dataset, states, factor, config.mask_pooling)
+            sources = _image_sources(dataset, states, factor, config.mask_pooling, spec)
         else:
             sources = _video_sources(dataset, states, factor, spec, config.mask_pooling)
         for state, result in zip(states, sources, strict=True):

@@ -19,7 +19,7 @@ so a ``no_grad`` teacher pass never checkpoints); ``models.checkpointing`` suppl
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
@@ -280,6 +280,33 @@ class ModelFamily(Protocol):
     default_negative_prompt: str
     """Sampling's negative prompt when the prompt file sets none (musubi's)."""
 
+    def sample_size_multiple(self, vae: torch.nn.Module) -> int:
+        """Pixels a sample's width and height are multiples of (:class:`StandardSampling`)."""
+        ...
+
+    def load_prompt_encoder(
+        self,
+        spec: str,
+        device: torch.device,
+        dtype: torch.dtype,
+        *,
+        fp8: bool = False,
+        tokenizer: str | None = None,
+        task: str | None = None,
+    ) -> TextEncoder:
+        """The text encoder sampling reads prompts with (:class:`StandardSampling`)."""
+        ...
+
+    def encode_prompt(
+        self, encoder: TextEncoder, text: str, images: Sequence[Any], task: str | None
+    ) -> torch.Tensor:
+        """One prompt's embedding as sampling reads it (:class:`StandardSampling`)."""
+        ...
+
+    def check_sampling_vae(self, vae: torch.nn.Module, spec: str, task: str | None) -> None:
+        """Refuse a VAE the mode cannot sample with (:class:`StandardSampling`)."""
+        ...
+
     def generate(
         self,
         transformer: torch.nn.Module,
@@ -293,6 +320,42 @@ class ModelFamily(Protocol):
         uint8 frames on the CPU (Qwen-Image-Layered: (L, H, W, 4) RGBA images, the base and its
         layers). The VAE must be on the transformer's device."""
         ...
+
+
+class StandardSampling:
+    """What sampling asks of a family beyond :class:`ModelFamily`'s loading and encoding, in the
+    form most families need: a family inherits it and overrides what differs (Qwen-Image: the
+    edit modes read their prompts with the vision tower; FLUX.2: its latent grid is already 16 px)."""
+
+    def sample_size_multiple(self: ModelFamily, vae: torch.nn.Module) -> int:
+        """Pixels a sample's width and height are multiples of: the VAE's factor times the
+        transformer's 2x2 patches."""
+        return self.spatial_factor(vae) * 2
+
+    def load_prompt_encoder(
+        self: ModelFamily,
+        spec: str,
+        device: torch.device,
+        dtype: torch.dtype,
+        *,
+        fp8: bool = False,
+        tokenizer: str | None = None,
+        task: str | None = None,
+    ) -> TextEncoder:
+        """The text encoder sampling reads its prompts with (a conditioned mode `task` may need
+        more of it than the cache's captions do)."""
+        return self.load_text_encoder(spec, device, dtype, fp8=fp8, tokenizer=tokenizer)
+
+    def encode_prompt(
+        self: ModelFamily, encoder: TextEncoder, text: str, images: Sequence[Any], task: str | None
+    ) -> torch.Tensor:
+        """One prompt's (tokens, dim) embedding as sampling reads it; `images` are the prompt's
+        control images (a mode whose prompt reads them: Qwen-Image-Edit)."""
+        return self.encode_text(encoder, [text])[0]
+
+    def check_sampling_vae(self, vae: torch.nn.Module, spec: str, task: str | None) -> None:
+        """Refuse a VAE the mode `task` cannot sample with (Qwen-Image-Layered: the RGBA one);
+        one line naming `spec`."""
 
 
 class AdapterHost(Protocol):

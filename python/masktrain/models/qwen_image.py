@@ -36,6 +36,7 @@ from masktrain.models.base import (
     DenoiserInputs,
     LoraTargets,
     SampleRequest,
+    StandardSampling,
     TextBatch,
     TextEncoder,
 )
@@ -173,7 +174,7 @@ def unpack_latents(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
     return x.reshape(b, c, 1, h, w)
 
 
-class QwenImageFamily:
+class QwenImageFamily(StandardSampling):
     spec = catalog.QWEN_IMAGE
     name = spec.name
     fp8_targets = FP8_TARGETS
@@ -398,12 +399,46 @@ class QwenImageFamily:
         pipeline.set_progress_bar_config(disable=True)
         return to_uint8(pipeline(**settings).images)
 
+    def load_prompt_encoder(
+        self,
+        spec: str,
+        device: torch.device,
+        dtype: torch.dtype,
+        *,
+        fp8: bool = False,
+        tokenizer: str | None = None,
+        task: str | None = None,
+    ) -> TextEncoder:
+        """Qwen-Image-Edit's prompts are read with their control images: Qwen2.5-VL with its vision
+        tower (``qwen_vl.load``); otherwise the text model."""
+        edit = _is_edit(task)
+        return self.load_text_encoder(spec, device, dtype, fp8=fp8, tokenizer=tokenizer, vision=edit)
+
+    def encode_prompt(
+        self, encoder: TextEncoder, text: str, images: Sequence[Any], task: str | None
+    ) -> torch.Tensor:
+        """An edit prompt read with its control `images` as the edit pipelines read it."""
+        if _is_edit(task):
+            return qwen_vl.encode_edit_text(encoder, [text], [list(images)], str(task))[0]
+        return self.encode_text(encoder, [text])[0]
+
+    def check_sampling_vae(self, vae: torch.nn.Module, spec: str, task: str | None) -> None:
+        """Qwen-Image-Layered samples with its RGBA VAE, and only it does."""
+        mode = catalog.mode_of(self.spec, task)
+        qwen_layered.check_vae(vae, spec, mode is not None and mode.kind == "layered")
+
     def lora_targets(self) -> LoraTargets:
         return LORA_TARGETS
 
     def comfy_key(self, module_name: str) -> str:
         # ComfyUI's comfy/ldm/qwen_image/model.py uses the diffusers module names.
         return module_name
+
+
+def _is_edit(task: str | None) -> bool:
+    """Whether `task` (``--model_version``) is a Qwen-Image-Edit version."""
+    mode = catalog.mode_of(catalog.QWEN_IMAGE, task)
+    return mode is not None and mode.kind == "edit"
 
 
 def _control_latents(condition: Conditioning | None) -> tuple[torch.Tensor, ...]:

@@ -28,6 +28,7 @@ from masktrain.models.base import (
     DenoiserInputs,
     LoraTargets,
     SampleRequest,
+    StandardSampling,
     TextBatch,
     TextEncoder,
     model_timesteps,
@@ -219,7 +220,7 @@ def _tiny_variant(name: str) -> torch.nn.Module:
     return model
 
 
-class WanFamily:
+class WanFamily(StandardSampling):
     spec = catalog.WAN
     name = spec.name
     fp8_targets = FP8_TARGETS

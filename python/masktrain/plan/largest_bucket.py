@@ -104,14 +104,14 @@ def from_sources(datasets: DatasetConfig, arch: str) -> Bucket:
                     f"{' or '.join(catalog.video_arches())}"
                 )
             clips = ClipSettings.of(dataset, spec.video_fps, spec.temporal_factor)
-        buckets = bucket_list(dataset.buckets)
+        buckets = bucket_list(dataset.buckets, spec.bucket_step)
         for item in discover(dataset).items:
             try:
                 size, frames = _image(item.path) if clips is None else _video(item.path, clips)
             except (OSError, ValueError, IndexError, av.FFmpegError):  # cache reports it
                 continue
             if frames is not None:  # None: shorter than every target_frames, which cache fails
-                found.append((*choose_bucket(size, dataset.buckets, buckets), frames))
+                found.append((*choose_bucket(size, dataset.buckets, buckets, spec.bucket_step), frames))
     if not found:
         raise DataError(
             f"{datasets.source}: no image or video whose header can be read, so no bucket to plan for; "

@@ -9,11 +9,12 @@ the transformer(s) being trained, adapters on, in eval mode (``Experts.sampling`
 
 Noise: a prompt without ``--d`` uses ``--seed`` plus its index, so every sampling of a run starts
 from the same noise and the contact sheet compares steps, not seeds. Sizes are rounded down to
-what the pipeline takes (multiples of 2x the VAE's factor; WAN frames to 4k+1), with a log line.
+what the pipeline takes (``ModelFamily.sample_size_multiple``; WAN frames to 4k+1), with a log
+line. Prompts are read by the family's ``encode_prompt``.
 
 Qwen-Image-Edit: a prompt and its negative prompt are each read with the prompt's ``--ci`` control
-images by Qwen2.5-VL's vision tower (``qwen_vl.encode_edit_text``, as the edit pipelines read them),
-and the pipeline gets the images; a prompt without ``--ci`` samples text-to-image.
+images by Qwen2.5-VL's vision tower (``QwenImageFamily.encode_prompt``, as the edit pipelines read
+them), and the pipeline gets the images; a prompt without ``--ci`` samples text-to-image.
 
 Qwen-Image-Layered: each prompt decomposes its ``--ci`` image (RGBA) into ``--f`` layers and the
 base (``models.qwen_layered.generate``); the prompt is read as text only, as musubi reads it.
@@ -21,11 +22,9 @@ base (``models.qwen_layered.generate``); the prompt is read as text only, as mus
 
 from __future__ import annotations
 
-import functools
 import gc
 import logging
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -35,9 +34,8 @@ from masktrain.config.sample import SampleSettings
 from masktrain.config.sample_prompts import SamplePrompt, load_prompts
 from masktrain.denoiser.experts import Experts
 from masktrain.device import autocast
-from masktrain.models import fit, qwen_layered, qwen_vl
-from masktrain.models.base import ModelFamily, SampleRequest, TextBatch, TextEncoder
-from masktrain.models.qwen_image import QwenImageFamily
+from masktrain.models import fit
+from masktrain.models.base import ModelFamily, SampleRequest, TextBatch
 from masktrain.sample.outputs import sample_path, write_contact_sheet, write_layers, write_sample
 from masktrain.sample.prompt_images import PromptImages
 
@@ -75,9 +73,9 @@ class Sampler:
         self._images = PromptImages.of(self.prompts, self.mode, settings.clip, device, dtype, one_frame)
         self._embeddings = self._encode(settings)
         self.vae = family.load_vae(settings.vae, torch.device("cpu"), dtype)
-        self.layered = self.mode is not None and self.mode.kind == "layered"
-        qwen_layered.check_vae(self.vae, settings.vae, self.layered)  # Layered's VAE reads RGBA
-        self._spatial = family.spatial_factor(self.vae) * 2  # the VAE's factor times the 2x2 patches
+        self.layered = self.mode is not None and self.mode.kind == "layered"  # writes RGBA layers
+        family.check_sampling_vae(self.vae, settings.vae, task)
+        self._spatial = family.sample_size_multiple(self.vae)
         self._temporal = family.temporal_factor(self.vae)
         self.feed = fit.sampling_feed(
             family,
@@ -115,16 +113,13 @@ class Sampler:
         """Each prompt's and negative prompt's embedding, by text and the control images it read
         (Qwen-Image-Edit reads the prompt's ``--ci`` images with both, as its pipeline does)."""
         assert settings.text_encoder is not None
-        load: Callable[..., TextEncoder] = self.family.load_text_encoder
-        if self._images.edit:  # Qwen2.5-VL with its vision tower
-            assert isinstance(self.family, QwenImageFamily)
-            load = functools.partial(self.family.load_text_encoder, vision=True)
-        encoder = load(
+        encoder = self.family.load_prompt_encoder(
             settings.text_encoder,
             self.device,
             self.dtype,
             fp8=settings.fp8_text_encoder,
             tokenizer=settings.text_tokenizer,
+            task=self.task,
         )
         images = {
             self._controls(prompt): self._images.images.get(prompt.index, ()) for prompt in self.prompts
@@ -137,11 +132,7 @@ class Sampler:
         }
         embeddings = {}
         for text, controls in sorted(texts):
-            if self._images.edit:
-                read = qwen_vl.encode_edit_text(encoder, [text], [images[controls]], str(self.task))
-            else:
-                read = self.family.encode_text(encoder, [text])
-            embeddings[text, controls] = read[0]
+            embeddings[text, controls] = self.family.encode_prompt(encoder, text, images[controls], self.task)
         del encoder
         gc.collect()
         if self.device.type == "cuda":

@@ -26,7 +26,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from masktrain import atomic
+from masktrain import atomic, catalog
 from masktrain.config import mask_loss
 from masktrain.config.dataset import DatasetConfig, load_dataset_config
 from masktrain.config.train import TrainConfig, check_schedule
@@ -97,6 +97,7 @@ def preflight(config: TrainConfig, world: int) -> TrainPlan:
                 "--output_dir"
             )
     check_writable(config.output_dir, "--output_dir", TrainConfigError)
+    _warn_distilled(config)
     datasets = load_dataset_config(config.dataset_config)
     check_readable(datasets)
     items = find_cached_items(datasets, config.arch, skip_stale=config.skip_stale, condition=config.condition)
@@ -141,6 +142,24 @@ def _check_masks(config: TrainConfig, datasets: DatasetConfig, items: list[Cache
             f"{config.dataset_config}: [[datasets]] #{number + 1} ({folder}): "
             + mask_loss.missing_mask_message()
         )
+
+
+def _warn_distilled(config: TrainConfig) -> None:
+    """A step-distilled version (Z-Image Turbo, FLUX.2 klein) trains, but its base trains better
+    (musubi-tuner's advice), and the masked prior keeps the distilled model's behaviour."""
+    spec = catalog.arch(config.arch)
+    version = config.task or config.model_version
+    task = catalog.task_of(spec, version)
+    if task is None or task.distilled_base is None:
+        return
+    log.warning(
+        "%s %s is a step-distilled model: training it works, but a LoRA trains better on the base "
+        "(%s %s) and then runs on either; the masked prior's teacher is the distilled model as loaded",
+        spec.task_flag,
+        version,
+        spec.task_flag,
+        task.distilled_base,
+    )
 
 
 _BAKED_SAMPLE = 16
