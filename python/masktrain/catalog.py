@@ -185,6 +185,9 @@ class ArchSpec:
     default_task: str | None = None
     """The ``--task`` / ``--model_version`` when none is given (the base model, which ``--dit tiny``
     builds); None: the family trains without one."""
+    alpha_is_content: bool = False
+    """Its VAE reads RGBA (Qwen-Image 2.1), so an image's alpha is content, never the mask:
+    ``alpha_mask = true`` is an error (as ``Mode.alpha_is_content`` for one mode)."""
 
     @property
     def takes_video(self) -> bool:

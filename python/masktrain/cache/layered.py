@@ -11,7 +11,7 @@ the model decomposes, which the loader hands the denoiser as it hands Qwen-Image
 Masks: the item's ``mask_directory/NAME.png`` weights every image alike (the native core prepares
 it with the base); a folder ``mask_directory/NAME/`` gives each image its own, frame i for image i,
 as many frames as images. Both are ``mask_weights_{L}x{h}x{w}_float32``. Alpha is content, so it is
-never the mask (``catalog.Mode.alpha_is_content``: :func:`check_dataset`).
+never the mask (``catalog.Mode.alpha_is_content``: ``cache.runner`` refuses ``alpha_mask``).
 """
 
 from __future__ import annotations
@@ -42,16 +42,8 @@ def is_layered(config: CacheConfig) -> bool:
 
 
 def check_dataset(config: CacheConfig, dataset: ImageDatasetConfig | VideoDatasetConfig, number: int) -> None:
-    """Before any model loads: a layered run takes image datasets of layers, and a mode whose alpha
-    is content takes its masks from ``mask_directory`` only."""
+    """Before any model loads: a layered run takes image datasets of layers."""
     where = f"{config.dataset_config}: [[datasets]] #{number}"
-    mode = config.mode
-    if mode is not None and mode.alpha_is_content and getattr(dataset, "alpha_mask", False):
-        raise ConfigError(
-            f"{where}: 'alpha_mask = true' cannot be used with --model_version {config.task}: the images' "
-            "alpha is content (RGBA layers), not a mask; give masks with mask_directory (NAME.png for every "
-            "image of an item, or NAME/00000.png, ... one per image)"
-        )
     multiple = isinstance(dataset, ImageDatasetConfig) and dataset.multiple_target
     if is_layered(config) and not multiple:
         raise ConfigError(

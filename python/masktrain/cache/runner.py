@@ -68,7 +68,8 @@ def preflight(config: CacheConfig) -> list[tuple[Dataset, Discovery]]:
                 "video clips conditioned on their first frame; an image dataset needs --one_frame (control "
                 "images) or a video dataset"
             )
-        check_layered(config, dataset, number)  # Qwen-Image-Layered: multiple_target, no alpha_mask
+        _check_alpha_content(config, dataset, number)
+        check_layered(config, dataset, number)  # Qwen-Image-Layered: multiple_target
         where = f"{config.dataset_config}: [[datasets]] #{number}: 'cache_directory'"
         check_writable(dataset.cache_directory, where)
     return [(dataset, discover(dataset)) for dataset in dataset_config.datasets]
@@ -130,6 +131,26 @@ def _run(
                 summary.report(cacher.missing_files_warning)
             summaries.append(summary)
     return summaries
+
+
+def _check_alpha_content(config: CacheConfig, dataset: Dataset, number: int) -> None:
+    """A family or mode whose alpha is content (its VAE reads RGBA: Qwen-Image 2.1, Qwen-Image-
+    Layered) takes its masks from ``mask_directory`` only: ``alpha_mask = true`` is an error."""
+    if not getattr(dataset, "alpha_mask", False):
+        return
+    where = f"{config.dataset_config}: [[datasets]] #{number}"
+    spec, mode = catalog.arch(config.arch), config.mode
+    if mode is not None and mode.alpha_is_content:
+        raise ConfigError(
+            f"{where}: 'alpha_mask = true' cannot be used with --model_version {config.task}: the "
+            "images' alpha is content (RGBA layers), not a mask; give masks with mask_directory "
+            "(NAME.png for every image of an item, or NAME/00000.png, ... one per image)"
+        )
+    if spec.alpha_is_content:
+        raise ConfigError(
+            f"{where}: 'alpha_mask = true' cannot be used with --arch {spec.name}: {spec.title}'s VAE "
+            "reads RGBA, so the images' alpha is content, not a mask; give masks with mask_directory"
+        )
 
 
 def _check_one_frame(config: CacheConfig, dataset: Dataset, number: int) -> None:

@@ -25,6 +25,15 @@ skipped, different means it is rebuilt in place, so users never need a fresh ``c
 Files are written through :mod:`masktrain.atomic` (a hidden temporary, flushed, renamed), so a run
 killed at any moment leaves complete files or none, plus temporaries the next run deletes.
 
+Text embeddings, one convention for every family: ``text_embeds_<dtype>`` is (tokens, dim), exactly
+the sequence the denoiser reads for that caption (``ModelFamily.encode_text``). A family whose
+pipeline drops the padding (WAN, Qwen-Image, Z-Image) stores the caption's tokens only, so lengths
+vary and ``ModelFamily.collate_text`` pads a batch and masks the padding as its pipeline does; a
+family whose pipeline feeds the padded sequence without a mask (FLUX.2: 512 tokens, padding
+positions hold real encoder outputs) stores all of it, and its batches need no mask. Several hidden
+layers of one encoder (FLUX.2 stacks three) are one sequence, wider. Files written before this
+convention are already in it: WAN and Qwen-Image text caches stay valid.
+
 Reading a header (metadata and tensor shapes) imports no torch; loading tensors does.
 """
 
