@@ -185,6 +185,12 @@ class ArchSpec:
     default_task: str | None = None
     """The ``--task`` / ``--model_version`` when none is given (the base model, which ``--dit tiny``
     builds); None: the family trains without one."""
+    text_tokens: int = 512
+    """Text tokens a batch holds when the cache does not say (``masktrain plan``): the padded
+    length of a family that pads every caption, else a long caption's."""
+    text_padded: bool = False
+    """Every caption is padded to :attr:`text_tokens` (WAN's T5, FLUX.2's encoders), so the
+    cache's caption lengths do not change a batch's."""
     alpha_is_content: bool = False
     """Its VAE reads RGBA (Qwen-Image 2.1), so an image's alpha is content, never the mask:
     ``alpha_mask = true`` is an error (as ``Mode.alpha_is_content`` for one mode)."""
@@ -256,6 +262,7 @@ WAN = ArchSpec(
     video_fps=16.0,
     two_experts=True,
     tiny_vaes=MappingProxyType({"tiny": 8, "tiny-ti2v": 16}),
+    text_padded=True,  # T5: every caption padded to 512 tokens
     task_flag="--task",
     tasks=WAN_TASKS,
     lora_layer_hints=("self_attn", "cross_attn"),
@@ -298,6 +305,125 @@ QWEN_IMAGE = ArchSpec(
     released=MappingProxyType(
         {"qwen-image-20b": Released("Qwen-Image 20B", _QWEN_IMAGE_20B, task="original")}
     ),
+)
+
+# FLUX.2 (diffusers' scripts/convert_flux2_to_diffusers.py get_flux2_transformer_config): dev is
+# guidance-distilled (a guidance embedding); klein 4B / 9B and their base versions share one config
+# per size, without it.
+_FLUX2_DEV: Mapping[str, Any] = MappingProxyType(
+    {
+        "patch_size": 1,
+        "in_channels": 128,
+        "num_layers": 8,
+        "num_single_layers": 48,
+        "attention_head_dim": 128,
+        "num_attention_heads": 48,
+        "joint_attention_dim": 15360,
+        "timestep_guidance_channels": 256,
+        "mlp_ratio": 3.0,
+        "axes_dims_rope": (32, 32, 32, 32),
+        "rope_theta": 2000,
+        "eps": 1e-6,
+        "guidance_embeds": True,
+    }
+)
+_FLUX2_KLEIN_4B = MappingProxyType(
+    dict(_FLUX2_DEV)
+    | {
+        "num_layers": 5,
+        "num_single_layers": 20,
+        "num_attention_heads": 24,
+        "joint_attention_dim": 7680,
+        "guidance_embeds": False,
+    }
+)
+_FLUX2_KLEIN_9B = MappingProxyType(
+    dict(_FLUX2_DEV)
+    | {
+        "num_layers": 8,
+        "num_single_layers": 24,
+        "num_attention_heads": 32,
+        "joint_attention_dim": 12288,
+        "guidance_embeds": False,
+    }
+)
+
+FLUX2_MODEL_VERSIONS: Mapping[str, Task] = MappingProxyType(
+    {
+        "dev": Task(6144, 8 + 48),
+        "klein-4b": Task(3072, 5 + 20, distilled_base="klein-base-4b"),
+        "klein-9b": Task(4096, 8 + 24, distilled_base="klein-base-9b"),
+        "klein-base-4b": Task(3072, 5 + 20),
+        "klein-base-9b": Task(4096, 8 + 24),
+    }
+)
+"""musubi-tuner's ``--model_version`` values for FLUX.2 (``flux_2/flux2_utils.py``); blocks are the
+double plus the single ones. klein 4B / 9B are step-distilled (4 steps): musubi recommends training
+the base versions."""
+
+FLUX2 = ArchSpec(
+    name="flux2",
+    title="FLUX.2",
+    family="masktrain.models.flux2:Flux2Family",
+    text_flag="--text_encoder",
+    text_encoder="Qwen3 (klein) / Mistral-Small-3.1 (dev)",
+    fp8_text_flag="--fp8_text_encoder",
+    tokenizer_flag="--text_encoder_tokenizer",
+    tokenizer_hub_id="Qwen/Qwen3-4B",
+    spatial_factor=16,  # the 8x VAE's latents in 2x2 patches: one token per 16 px
+    temporal_factor=1,
+    video_fps=None,
+    two_experts=False,
+    tiny_vaes=MappingProxyType({"tiny": 2}),  # diffusers' test VAE is 1x, 2x once patchified
+    task_flag="--model_version",
+    tasks=FLUX2_MODEL_VERSIONS,
+    lora_layer_hints=("single_transformer_blocks", "to_qkv_mlp_proj", "double_blocks", "single_blocks"),
+    musubi_network_module="networks.lora_flux_2",
+    released=MappingProxyType(
+        {
+            "flux2-dev": Released("FLUX.2 dev 32B", _FLUX2_DEV, task="dev"),
+            "flux2-klein-4b": Released("FLUX.2 klein 4B", _FLUX2_KLEIN_4B, task="klein-base-4b"),
+            "flux2-klein-9b": Released("FLUX.2 klein 9B", _FLUX2_KLEIN_9B, task="klein-base-9b"),
+        }
+    ),
+    default_task="klein-base-4b",
+)
+
+# Qwen-Image 2.1 (diffusers' QwenImage21Transformer2DModel defaults, which its docstring gives as the
+# released model's: 32 single-stream blocks of 4096, Qwen3-VL-8B's 4096-wide features, 64 latent
+# channels taken unpatched).
+_QWEN_IMAGE_2_1_7B: Mapping[str, Any] = MappingProxyType(
+    {
+        "patch_size": 1,
+        "in_channels": 64,
+        "out_channels": 64,
+        "num_layers": 32,
+        "attention_head_dim": 128,
+        "num_attention_heads": 32,
+        "context_in_dim": 4096,
+        "mlp_ratio": 3,
+        "axes_dims_rope": (16, 56, 56),
+    }
+)
+
+QWEN_IMAGE_2_1 = ArchSpec(
+    name="qwen_image_2_1",
+    title="Qwen-Image 2.1",
+    family="masktrain.models.qwen_image_2_1:QwenImage21Family",
+    text_flag="--text_encoder",
+    text_encoder="Qwen3-VL",
+    fp8_text_flag="--fp8_text_encoder",
+    tokenizer_flag="--text_encoder_tokenizer",
+    tokenizer_hub_id="Qwen/Qwen-Image-2.1",  # its processor/ folder
+    spatial_factor=16,  # the 16x RGBA VAE; the transformer takes the latents unpatched
+    temporal_factor=1,
+    video_fps=None,
+    two_experts=False,
+    tiny_vaes=MappingProxyType({"tiny": 16}),
+    lora_layer_hints=("img_mlp.out", "gate_layer"),
+    released=MappingProxyType({"qwen-image-2.1-7b": Released("Qwen-Image 2.1 7B", _QWEN_IMAGE_2_1_7B)}),
+    bucket_step=32,  # one text-sequence image slot per 2x2 latents: sides are multiples of 2 x 16 px
+    alpha_is_content=True,  # its VAE reads RGBA
 )
 
 ARCHES: Mapping[str, ArchSpec] = MappingProxyType({spec.name: spec for spec in (WAN, QWEN_IMAGE)})

@@ -22,9 +22,6 @@ from masktrain.plan.activations import StepShape
 from masktrain.plan.estimate import GIB, Planner, PlanSettings
 from masktrain.plan.report import fit_line, settings_line, table
 
-TEXT_TOKENS = {"wan": 512, "qwen_image": 512}
-"""Text tokens a batch holds when the cache does not say: WAN pads every caption to 512; for
-Qwen-Image 512 covers a long caption (the encoder takes up to 1024)."""
 TI2V_CHANNELS = 48
 """The WAN 2.2 TI2V-5B transformer's latent channels: its VAE is 16x, not 8x."""
 CLIP_TOKENS = 257
@@ -170,10 +167,12 @@ def _conditioning_words(shape: StepShape) -> str:
 
 
 def _text_tokens(family: ModelFamily, bucket: largest_bucket.Bucket) -> int:
-    """WAN pads every caption to 512 tokens; Qwen-Image batches are as long as their longest
-    caption, which the cache tells (512 when it does not)."""
-    if family.name == "wan" or bucket.text_tokens is None:
-        return TEXT_TOKENS[family.name]
+    """A family that pads every caption (``ArchSpec.text_padded``: WAN's 512) holds that many
+    tokens; another's batches are as long as their longest caption, which the cache tells
+    (``ArchSpec.text_tokens`` when it does not: 512 covers a long Qwen-Image caption)."""
+    spec = family.spec
+    if spec.text_padded or bucket.text_tokens is None:
+        return spec.text_tokens
     return bucket.text_tokens
 
 
