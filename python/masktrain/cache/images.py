@@ -21,6 +21,7 @@ image by image, with their mask frames (``cache.layered``).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 
 import numpy as np
@@ -30,6 +31,7 @@ from masktrain import _native
 from masktrain.cache.edit import EditItems
 from masktrain.cache.layered import LayeredItems
 from masktrain.cache.one_frame import OneFrameItems
+from masktrain.cache.rgba import is_transparent, rgba_at_bucket
 from masktrain.cache.setup import CacheSetup
 from masktrain.cache.stages import ProgressBar, chunk_size, prepared_chunks, stale_items
 from masktrain.cache.summary import DatasetSummary
@@ -40,6 +42,8 @@ from masktrain.data.discovery import MediaItem, own_size_bucket
 from masktrain.distributed import Shard
 from masktrain.errors import MaskTrainError
 from masktrain.models.loading import device_of
+
+log = logging.getLogger(__name__)
 
 #: What the native core gives per image: the prepared item or the error it failed with.
 Prepared = _native.PreparedItem | MaskTrainError | OSError
@@ -63,6 +67,8 @@ class ImageCacher:
         self.edit = EditItems.of(setup)
         # Qwen-Image-Layered: each item's RGBA images (the base and its layers) and mask frames
         self.layered = LayeredItems.of(setup)
+        self.transparent = 0
+        """Images with transparent pixels a family that reads RGBA encoded while masks are set."""
 
     @property
     def missing_files_warning(self) -> bool:
@@ -121,9 +127,21 @@ class ImageCacher:
     def encode(self, batch: list[tuple[MediaItem, _native.PreparedItem, str]]) -> torch.Tensor:
         if self.layered is not None:  # every image of each item alone, RGBA
             return self.layered.encode(batch)
-        pixels = np.stack([prepared.image for _, prepared, _ in batch])  # (B, H, W, 3) uint8
+        if self.setup.family.spec.alpha_is_content:  # the VAE reads RGBA: alpha is content
+            pixels = np.stack([self._rgba(item, prepared) for item, prepared, _ in batch])
+        else:
+            pixels = np.stack([prepared.image for _, prepared, _ in batch])  # (B, H, W, 3) uint8
         tensor = torch.from_numpy(pixels).permute(0, 3, 1, 2).float().div(127.5).sub(1.0).unsqueeze(2)
         return self.setup.family.encode_pixels(self.setup.vae, tensor).cpu()
+
+    def _rgba(self, item: MediaItem, prepared: _native.PreparedItem) -> np.ndarray:
+        """(H, W, 4): the image with its alpha at the bucket, for a VAE that reads RGBA; a
+        transparent one is counted while masks are set (its alpha may be a mask ``convert-alpha``
+        wrote, which this family reads as content)."""
+        rgb, alpha = _native.decode_image(item.path)
+        if self.setup.masks.masking and is_transparent(alpha):
+            self.transparent += 1
+        return rgba_at_bucket(rgb, alpha, prepared.bucket)
 
     def write(
         self, item: MediaItem, prepared: _native.PreparedItem, latents: torch.Tensor, fingerprint: str
@@ -181,6 +199,16 @@ class ImageCacher:
                             continue
                         summary.add_written(mask_source, None if weights is None else weights.numpy())
                     progress.update(len(batch))
+        if self.transparent:
+            spec = self.setup.family.spec
+            log.warning(
+                "%d images carry transparent pixels, and --arch %s reads alpha as content (its VAE takes "
+                "RGBA), not as the mask; the mask comes from mask_directory / mask_path / default_mask. "
+                "Images made by convert-alpha carry their mask in the alpha: give %s the original images",
+                self.transparent,
+                spec.name,
+                spec.title,
+            )
         self.setup.remove_failed(summary.failed, self.existing)
         failed = {path for path, _ in summary.failed}
         return [item for item in items if item.path not in failed]

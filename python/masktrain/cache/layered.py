@@ -22,12 +22,12 @@ import numpy as np
 import torch
 
 from masktrain import _native
+from masktrain.cache.rgba import rgba_at_bucket
 from masktrain.cache.setup import CacheSetup
 from masktrain.config.cache import CacheConfig
 from masktrain.config.dataset import ImageDatasetConfig, VideoDatasetConfig
 from masktrain.data import cache_format as fmt
 from masktrain.data import layers
-from masktrain.data.buckets import Bucket
 from masktrain.data.discovery import MediaItem
 from masktrain.errors import ConfigError, DataError, MaskTrainError
 from masktrain.models import qwen_layered
@@ -92,7 +92,7 @@ class LayeredItems:
 
     def _images(self, item: MediaItem, prepared: _native.PreparedItem) -> np.ndarray:
         """(L, H, W, 4) uint8: the base and its layers as RGBA at the base's bucket."""
-        images = [_rgba(*_native.decode_image(item.path), prepared.bucket)]
+        images = [rgba_at_bucket(*_native.decode_image(item.path), prepared.bucket)]
         for layer in item.layers:
             rgb, alpha = _native.decode_image(layer)
             if not _native.same_aspect(prepared.original_size, (rgb.shape[1], rgb.shape[0])):
@@ -101,7 +101,7 @@ class LayeredItems:
                     f"{layer}: {rgb.shape[1]}x{rgb.shape[0]}, but its base {item.path.name} is "
                     f"{width}x{height}: a layer has its base's aspect ratio"
                 )
-            images.append(_rgba(rgb, alpha, prepared.bucket))
+            images.append(rgba_at_bucket(rgb, alpha, prepared.bucket))
         return np.stack(images)
 
     def _mask_frames(self, item: MediaItem, prepared: _native.PreparedItem) -> np.ndarray | None:
@@ -169,17 +169,3 @@ class LayeredItems:
         base = latents[:, :1].contiguous()
         _, frames, height, width = base.shape
         return {fmt.control_key(0, base.dtype, (frames, height, width)): base}
-
-
-def _rgba(rgb: np.ndarray, alpha: np.ndarray | None, bucket: Bucket) -> np.ndarray:
-    """(H, W, 4) uint8: a decoded image at `bucket`, its alpha resized as a mask is (opaque without
-    one; 16-bit alpha brought to 8 bits)."""
-    resized = _native.resize_image_to_bucket(rgb, bucket)
-    opacity: np.ndarray
-    if alpha is None:
-        opacity = np.full(resized.shape[:2], 255, dtype=np.uint8)
-    else:
-        opacity = _native.resize_mask_to_bucket(alpha, bucket)
-        if opacity.dtype == np.uint16:
-            opacity = ((opacity.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
-    return np.concatenate([resized, opacity[..., None]], axis=-1)

@@ -115,12 +115,18 @@ def existing_file() -> click.Path:
 def text_encoder_options(command: F) -> F:
     """One option per text-encoder flag of the catalog (``--t5``, ``--text_encoder``, ...), and one
     switch per fp8 text-encoder flag (``--fp8_t5``, ``--fp8_vl``)."""
-    for spec in reversed(list(catalog.ARCHES.values())):
+    by_tokenizer: dict[str, list[catalog.ArchSpec]] = {}
+    for spec in catalog.ARCHES.values():
+        by_tokenizer.setdefault(spec.tokenizer_flag, []).append(spec)
+    for tokenizer_flag, specs in reversed(by_tokenizer.items()):
+        encoders = " / ".join(dict.fromkeys(spec.text_encoder for spec in specs))
+        hub = " / ".join(dict.fromkeys(spec.tokenizer_hub_id for spec in specs))
+        text_flag = specs[0].text_flag
         help = (
-            f"Tokenizer folder for a single-file {spec.text_encoder} ({spec.text_flag} FILE.safetensors): "
-            f"the tokenizer of {spec.tokenizer_hub_id}."
+            f"Tokenizer folder for a single-file {encoders} ({text_flag} FILE.safetensors): "
+            f"the tokenizer of {hub}."
         )
-        command = option(spec.tokenizer_flag.removeprefix("--"), default=None, help=help)(command)
+        command = option(tokenizer_flag.removeprefix("--"), default=None, help=help)(command)
     fp8_flags: dict[str, list[str]] = {}
     for spec in catalog.ARCHES.values():
         fp8_flags.setdefault(spec.fp8_text_flag, []).append(spec.name)
