@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import Any
 
 from host_memory import GIB, HostPeak
+from masktrain import catalog
 from memory_plan import MODELS, SHAPES, ModelSpec, Row, Shape, cpu_plan, gpu_plan, tiny_models
 
 HERE = Path(__file__).resolve()
@@ -91,22 +92,20 @@ def build(spec: ModelSpec, row: Row, device: Any, dtype: Any, rank: int) -> tupl
     """(model, family, block swap or None), placed and ready to train (see the module docstring)."""
     import torch
     from accelerate import init_empty_weights
-    from diffusers import QwenImageTransformer2DModel, WanTransformer3DModel
 
     from masktrain.denoiser import lora
-    from masktrain.models import checkpointing, get_family, qwen_image, wan
+    from masktrain.models import checkpointing, get_family
     from masktrain.models.block_swap import BlockSwap
     from masktrain.models.fp8 import Fp8Linear, replace_module, target_linears
     from masktrain.models.placement import move_module
 
     family = get_family(spec.arch)
-    model_class = WanTransformer3DModel if spec.arch == "wan" else QwenImageTransformer2DModel
+    model_class = type(family.empty_transformer(spec.config))  # the family's diffusers class
     # Real buffers (RoPE tables, a few MB) are built as the constructor builds them.
     with init_empty_weights(include_buffers=False):
         model = model_class(**spec.config)
     if row.fp8:
-        targets = wan.FP8_TARGETS if spec.arch == "wan" else qwen_image.FP8_TARGETS
-        for name in target_linears(model, targets):
+        for name in target_linears(model, family.fp8_targets):
             replace_module(model, name, Fp8Linear.like(model.get_submodule(name), None, dtype))
     # On a GPU even swapped blocks are made there (fast); BlockSwap then moves them to the host.
     materialise(model, device, dtype)
@@ -168,6 +167,12 @@ def train_step(
     return float(loss.detach())
 
 
+def text_tokens(spec: ModelSpec, shape: Shape) -> int:
+    """The batch's text tokens: the family's padded length (WAN's T5: 512) or the shape's."""
+    arch = catalog.arch(spec.arch)
+    return arch.text_tokens if arch.text_padded else shape.text_tokens
+
+
 def make_batch(spec: ModelSpec, shape: Shape, device: Any, dtype: Any) -> dict[str, Any]:
     import torch
 
@@ -175,17 +180,19 @@ def make_batch(spec: ModelSpec, shape: Shape, device: Any, dtype: Any) -> dict[s
     from masktrain.train.flow_matching import noised
 
     generator = torch.Generator().manual_seed(1)
-    latents = torch.randn(1, spec.latent_channels, *shape.latent, generator=generator)
+    latent = shape.latent(spec.arch)
+    latents = torch.randn(1, spec.latent_channels, *latent, generator=generator)
     noise = torch.randn(latents.shape, generator=generator)
     sigmas = torch.rand(1, generator=generator) * 0.8 + 0.1
     noisy, target = noised(latents, noise, sigmas)
-    hidden = torch.randn(1, shape.text_tokens, spec.text_dim, generator=generator)
+    tokens = text_tokens(spec, shape)
+    hidden = torch.randn(1, tokens, spec.text_dim, generator=generator)
     return {
         "noisy": noisy.to(device, dtype),
         "target": target.to(device),
         "sigmas": sigmas.to(device),
         "text": TextBatch(hidden, None).to(device, dtype),
-        "mask": tiered_mask(*shape.latent).to(device),
+        "mask": tiered_mask(*latent).to(device),
     }
 
 
@@ -368,8 +375,8 @@ def planned_gib(row: Row, spec: ModelSpec, rank: int) -> float:
 
     family = get_family(spec.arch)
     shape = SHAPES[row.shape]
-    frames, height, width = shape.latent
-    tokens = 512 if spec.arch == "wan" else shape.text_tokens  # WAN pads every caption to 512
+    frames, height, width = shape.latent(spec.arch)
+    tokens = text_tokens(spec, shape)
     settings = PlanSettings(
         fp8="scaled" if row.fp8 else None,
         blocks_to_swap=row.swap,
@@ -378,9 +385,7 @@ def planned_gib(row: Row, spec: ModelSpec, rank: int) -> float:
         prior=row.prior,
         rank=rank,
     )
-    step = StepShape(
-        spec.latent_channels if spec.arch == "wan" else 16, frames, height, width, tokens, spec.text_dim
-    )
+    step = StepShape(spec.latent_channels, frames, height, width, tokens, spec.text_dim)
     return Planner(family, spec.config, step, settings).plan().tensors / GIB
 
 

@@ -17,52 +17,84 @@ class ModelSpec:
 
     @property
     def layers(self) -> int:
-        return int(self.config["num_layers"])
+        """Its transformer blocks (block swap counts them), read off the model on the meta device."""
+        from masktrain.models import get_family
+
+        family = get_family(self.arch)
+        return len(family.blocks(family.empty_transformer(self.config)))
 
     @property
-    def latent_channels(self) -> int:  # Qwen-Image packs 2x2 latent cells: in_channels = 4 x 16
-        return int(self.config["in_channels" if self.arch == "wan" else "out_channels"])
+    def latent_channels(self) -> int:
+        """The channels of the latents it denoises (Qwen-Image's 16, packed 2x2 inside the model)."""
+        return self._inputs.latent_channels
 
     @property
     def text_dim(self) -> int:
-        return int(self.config["text_dim" if self.arch == "wan" else "joint_attention_dim"])
+        return self._inputs.text_dim
+
+    @property
+    def _inputs(self) -> Any:
+        from masktrain.models import get_family
+
+        return get_family(self.arch).denoiser_inputs(self.config)
 
 
 def _released(name: str) -> dict[str, Any]:
     return dict(catalog.released(name)[1].config)
 
 
-MODELS = {  # the released configs, from the catalog (what masktrain plan --dit NAME plans)
-    "wan1.3b": ModelSpec("WAN 2.1 1.3B", "wan", _released("wan2.1-1.3b")),
-    "wan14b": ModelSpec("WAN 14B / 2.2 expert", "wan", _released("wan2.1-14b")),
-    "qwen20b": ModelSpec("Qwen-Image 20B", "qwen_image", _released("qwen-image-20b")),
+# The released configs, from the catalog (what masktrain plan --dit NAME plans); a family's rows
+# appear once its record is in the catalog.
+_RELEASED = {
+    "wan1.3b": ("WAN 2.1 1.3B", "wan", "wan2.1-1.3b"),
+    "wan14b": ("WAN 14B / 2.2 expert", "wan", "wan2.1-14b"),
+    "qwen20b": ("Qwen-Image 20B", "qwen_image", "qwen-image-20b"),
+    "zimage6b": ("Z-Image 6B", "z_image", "z-image-6b"),
+    "klein4b": ("FLUX.2 klein 4B", "flux2", "flux2-klein-4b"),
+    "klein9b": ("FLUX.2 klein 9B", "flux2", "flux2-klein-9b"),
+    "flux2dev": ("FLUX.2 dev 32B", "flux2", "flux2-dev"),
+    "qwen21": ("Qwen-Image 2.1", "qwen_image_2_1", "qwen-image-2.1"),
+}
+MODELS = {
+    key: ModelSpec(label, arch, _released(name))
+    for key, (label, arch, name) in _RELEASED.items()
+    if name in catalog.released_names()
 }
 
 
 def tiny_models() -> dict[str, ModelSpec]:
-    """--tiny: the built-in 2-layer test configs under the same keys (a smoke run in seconds)."""
-    from masktrain.models import qwen_image, wan
+    """--tiny: each family's built-in tiny config under the same keys (a smoke run in seconds)."""
+    from masktrain.models import get_family
+
+    def tiny(arch: str) -> dict[str, Any]:
+        config = get_family(arch).transformer_config("tiny", "--dit")
+        assert config is not None
+        return dict(config)
 
     return {
-        key: ModelSpec(f"{spec.label} (tiny)", spec.arch, dict(wan.TINY_TRANSFORMER))
-        if spec.arch == "wan"
-        else ModelSpec(f"{spec.label} (tiny)", spec.arch, dict(qwen_image.TINY_TRANSFORMER))
-        for key, spec in MODELS.items()
+        key: ModelSpec(f"{spec.label} (tiny)", spec.arch, tiny(spec.arch)) for key, spec in MODELS.items()
     }
 
 
 @dataclass(frozen=True)
 class Shape:
     label: str
-    latent: tuple[int, int, int]  # (F, h, w): the VAE's 8x spatial, 4x temporal compression
+    pixels: tuple[int, int, int]  # (frames, height, width)
     text_tokens: int
+
+    def latent(self, arch: str) -> tuple[int, int, int]:
+        """(F, h, w) on the family's latent grid (its released VAE's factors)."""
+        spec = catalog.arch(arch)
+        frames, height, width = self.pixels
+        factor = spec.spatial_factor
+        return (frames - 1) // spec.temporal_factor + 1, height // factor, width // factor
 
 
 SHAPES = {
-    "1024sq": Shape("1024x1024 image", (1, 128, 128), 256),
-    "720p": Shape("1280x720 image", (1, 90, 160), 512),
-    "clip81": Shape("81x832x480 clip", (21, 60, 104), 512),
-    "256sq": Shape("256x256 image", (1, 32, 32), 512),
+    "1024sq": Shape("1024x1024 image", (1, 1024, 1024), 256),
+    "720p": Shape("1280x720 image", (1, 720, 1280), 512),
+    "clip81": Shape("81x832x480 clip", (81, 480, 832), 512),
+    "256sq": Shape("256x256 image", (1, 256, 256), 512),
 }
 
 
@@ -117,6 +149,24 @@ def gpu_plan(models: dict[str, ModelSpec]) -> list[Row]:
         qwen.twin(swap=q45, offload=True),
         wan.twin(shape="clip81"),
         wan.twin(shape="clip81", offload=True),
+        *_image_family_rows(models),
+    ]
+
+
+def _image_family_rows(models: dict[str, ModelSpec]) -> list[Row]:
+    """The newer image families at 1024x1024 on the cards their users have (12-24 GB), fp8, with
+    the swap musubi-tuner's docs give for the big ones; only those whose record is in the catalog."""
+    wanted = [
+        ("zimage6b", 0, 16),
+        ("klein4b", 0, 12),
+        ("klein9b", 0, 24),
+        ("qwen21", 0, 24),
+        ("flux2dev", 29, 24),  # 32B: only a GPU can hold it, and only with block swap
+    ]
+    return [
+        Row(key, "1024sq", fp8=True, swap=min(swap, models[key].layers - 1), target_gib=target)
+        for key, swap, target in wanted
+        if key in models
     ]
 
 
