@@ -5,7 +5,9 @@ A ``.safetensors`` file in one of three layouts, from peft-named tensors
 (``blocks.0.attn1.to_q.lora_A.weight``):
 
 - ``comfyui``: ``diffusion_model.<original module path>.lora_A.weight`` / ``.lora_B.weight`` and
-  ``.alpha`` (a float32 scalar; ComfyUI scales by alpha / rank and assumes 1.0 without it);
+  ``.alpha`` (a float32 scalar; ComfyUI scales by alpha / rank and assumes 1.0 without it); where
+  the original checkpoint fuses layers diffusers keeps apart (FLUX.2's ``img_attn.qkv``: the
+  family's ``comfy_parts``), their LoRAs are one, A stacked and B block-diagonal, read back apart;
 - ``diffusers``: what ``WanPipeline.save_lora_weights`` / ``QwenImagePipeline.save_lora_weights``
   write (``transformer.<name>.lora_A.weight`` plus the peft config under
   ``lora_adapter_metadata``), so ``pipe.load_lora_weights(path)`` rebuilds the same adapter;
@@ -37,7 +39,7 @@ import torch
 
 from masktrain import catalog
 from masktrain.config.train import LORA_FORMATS, LoraLayout
-from masktrain.errors import LoraFileError
+from masktrain.errors import LoraFileError, LoraTargetError
 from masktrain.models.base import ModelFamily
 
 LAYOUTS = LORA_FORMATS
@@ -81,13 +83,20 @@ def expert_twin(path: Path) -> tuple[str, Path] | None:
 
 
 def read_lora_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """(tensors, metadata) of a LoRA file, or a :class:`LoraFileError` naming it."""
+    """(tensors, metadata) of a LoRA file, or a :class:`LoraFileError` naming it. A layer the
+    original checkpoint fuses (FLUX.2's ``img_attn.qkv``) comes back as its diffusers layers
+    (:func:`unfused`), so everything after reading sees one rank and one alpha."""
     try:
         tensors = safetensors.torch.load_file(path)
         with safetensors.safe_open(path, "pt") as handle:
             metadata = handle.metadata() or {}
     except (safetensors.SafetensorError, OSError) as error:
         raise LoraFileError(f"{path}: not a readable safetensors file ({error})") from error
+    arch = file_arch(tensors, metadata)
+    if arch is not None and arch in catalog.ARCHES:
+        from masktrain.models import get_family
+
+        tensors = unfused(tensors, get_family(arch))
     return tensors, dict(metadata)
 
 
@@ -150,10 +159,13 @@ def file_arch(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) 
     for spec in catalog.ARCHES.values():
         if module is not None and module == spec.musubi_network_module:
             return spec.name
+    # musubi's names spell the module path with "_" where ComfyUI's and diffusers' have ".": compare
+    # the hints with both as one
+    keys = {key.replace("_", ".") for key in tensors}
     named = [
         spec.name
         for spec in catalog.ARCHES.values()
-        if any(hint in key for key in tensors for hint in spec.lora_layer_hints)
+        if any(hint.replace("_", ".") in key for key in keys for hint in spec.lora_layer_hints)
     ]
     return named[0] if len(named) == 1 else None
 
@@ -294,6 +306,9 @@ def peft_state(
     for key, value in tensors.items():
         if key.endswith(".alpha"):
             continue
+        if key.startswith(DIFFUSERS_PREFIX):  # a fused layer's part (unfused)
+            state[key.removeprefix(DIFFUSERS_PREFIX)] = value
+            continue
         if key.startswith(COMFY_PREFIX):
             base, _, suffix = key.removeprefix(COMFY_PREFIX).rpartition(".lora_")  # "A.weight"
         elif key.startswith(MUSUBI_PREFIX):
@@ -318,17 +333,121 @@ def _per_layer(
     (``diffusion_model.<original path>.lora_A.weight``) or musubi's
     (``lora_unet_<original path, dots as _>.lora_down.weight``)."""
     tensors: dict[str, torch.Tensor] = {}
+    for original, (matrices, parts) in _by_original(state, family).items():
+        musubi = layout == "musubi"
+        base = MUSUBI_PREFIX + original.replace(".", "_") if musubi else COMFY_PREFIX + original
+        for matrix, value in matrices.items():  # "A", "B"
+            tensors[f"{base}.{MUSUBI_MATRICES[matrix] if musubi else 'lora_' + matrix}.weight"] = value
+        # a fused layer's rank is the parts' ranks together: alpha grows with it (alpha / rank kept)
+        tensors[f"{base}.alpha"] = torch.tensor(alpha * parts, dtype=torch.float32)
+    return tensors
+
+
+def _by_original(
+    state: Mapping[str, torch.Tensor], family: ModelFamily
+) -> dict[str, tuple[dict[str, torch.Tensor], int]]:
+    """peft-named tensors by the original (ComfyUI) layer name: its A and B matrices and the
+    count of diffusers layers they stand for. The layers an original layer fuses (q, k, v) become
+    one LoRA: the A matrices stacked (rank = the sum of theirs), B block-diagonal, so each part's
+    output rows see only its own A rows: the same update, exactly."""
+    modules: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in state.items():
         module, _, suffix = key.rpartition(".lora_")  # "blocks.0.attn1.to_q", "A.weight"
+        modules.setdefault(module, {})[suffix.partition(".")[0]] = value
+    grouped: dict[str, tuple[dict[str, torch.Tensor], int]] = {}
+    for module, matrices in modules.items():
         original = family.comfy_key(module)
-        if layout == "musubi":
-            matrix, _, rest = suffix.partition(".")
-            base, name = MUSUBI_PREFIX + original.replace(".", "_"), f"{MUSUBI_MATRICES[matrix]}.{rest}"
-        else:
-            base, name = COMFY_PREFIX + original, f"lora_{suffix}"
-        tensors[f"{base}.{name}"] = value
-        tensors[f"{base}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
-    return tensors
+        parts = _fused_parts(family, original)
+        if not parts:
+            grouped[original] = (matrices, 1)
+            continue
+        if original in grouped:
+            continue
+        missing = [part for part in parts if part not in modules]
+        if missing:
+            raise LoraTargetError(
+                f"{original} fuses {', '.join(parts)} in the original checkpoint, but the LoRA has no "
+                f"{', '.join(missing)}: train all of them, or save with --lora_format diffusers"
+            )
+        a = torch.cat([modules[part]["A"] for part in parts])
+        b = torch.block_diag(*(modules[part]["B"] for part in parts))  # type: ignore[no-untyped-call]  # torch leaves it unannotated
+        grouped[original] = ({"A": a, "B": b}, len(parts))
+    return grouped
+
+
+def _fused_parts(family: ModelFamily, original: str) -> tuple[str, ...]:
+    """The diffusers layers the original checkpoint's layer `original` (a ComfyUI path or a musubi
+    name) fuses, in its output order; () for a layer kept one to one."""
+    return tuple(family.comfy_parts(original))
+
+
+def unfused(tensors: Mapping[str, torch.Tensor], family: ModelFamily) -> dict[str, torch.Tensor]:
+    """`tensors` with each fused layer's LoRA (``diffusion_model.double_blocks.0.img_attn.qkv``,
+    ``lora_unet_double_blocks_0_img_attn_qkv``) split into its diffusers layers
+    (``transformer.transformer_blocks.0.attn.to_q``...): each part keeps its rows of B with all of
+    A, the same update exactly; where B is block-diagonal (what masktrain and musubi's converters
+    write) each part keeps only its own A rows and B columns, and alpha shrinks with the rank."""
+    pairs = {  # the fused layers with both matrices: their A keys by layer
+        base: key
+        for key in tensors
+        for base, matrix in [_layer_and_matrix(key)]
+        if base is not None and matrix == "A" and _up_key(key) in tensors and _fused_parts(family, base)
+    }
+    split: dict[str, torch.Tensor] = {}
+    for key, value in tensors.items():
+        base, _ = _layer_and_matrix(key)
+        if base not in pairs:  # kept one to one (an unpaired fused matrix is named by later checks)
+            split[key] = value
+        elif key == pairs[base]:
+            split.update(_split_pair(tensors, key, _fused_parts(family, base)))
+    return split
+
+
+def _split_pair(
+    tensors: Mapping[str, torch.Tensor], down: str, parts: tuple[str, ...]
+) -> dict[str, torch.Tensor]:
+    """The fused LoRA whose A is `down` as one LoRA per part, diffusers-named (:func:`unfused`)."""
+    a, b = tensors[down], tensors[_up_key(down)]
+    alpha = tensors.get(f"{down.split('.lora_')[0]}.alpha")
+    outs, rank = b.shape[0] // len(parts), a.shape[0] // len(parts)
+    split: dict[str, torch.Tensor] = {}
+    for index, part in enumerate(parts):
+        rows = b[index * outs : (index + 1) * outs]
+        own = slice(index * rank, (index + 1) * rank)
+        mine = rank * len(parts) == a.shape[0] and not rows[:, _others(own, a.shape[0])].any()
+        part_a, part_b = (a[own], rows[:, own]) if mine else (a, rows)
+        split[f"{DIFFUSERS_PREFIX}{part}.lora_A.weight"] = part_a.contiguous()
+        split[f"{DIFFUSERS_PREFIX}{part}.lora_B.weight"] = part_b.contiguous()
+        if alpha is not None:
+            split[f"{DIFFUSERS_PREFIX}{part}.alpha"] = alpha / len(parts) if mine else alpha
+    return split
+
+
+def _layer_and_matrix(key: str) -> tuple[str | None, str | None]:
+    """(original layer name, "A" / "B") of a ComfyUI or musubi LoRA key; (None, None) otherwise."""
+    if key.startswith(COMFY_PREFIX) and ".lora_" in key:
+        base, _, suffix = key.removeprefix(COMFY_PREFIX).rpartition(".lora_")
+        return base, suffix.partition(".")[0]
+    if key.startswith(MUSUBI_PREFIX) and not key.endswith(".alpha"):
+        base, _, rest = key.removeprefix(MUSUBI_PREFIX).partition(".")
+        return base, {"lora_down": "A", "lora_up": "B"}.get(rest.partition(".")[0])
+    if key.endswith(".alpha"):
+        return key.removeprefix(COMFY_PREFIX).removeprefix(MUSUBI_PREFIX).removesuffix(".alpha"), "alpha"
+    return None, None
+
+
+def _up_key(key: str) -> str:
+    """The B key of an A key (either layout)."""
+    if key.startswith(MUSUBI_PREFIX):
+        return key.replace(".lora_down.", ".lora_up.")
+    return key.replace(".lora_A.", ".lora_B.")
+
+
+def _others(own: slice, total: int) -> torch.Tensor:
+    """The column indices outside `own`."""
+    keep = torch.ones(total, dtype=torch.bool)
+    keep[own] = False
+    return keep
 
 
 def _diffusers_adapter_metadata(config: dict[str, object]) -> str:

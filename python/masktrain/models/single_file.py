@@ -118,9 +118,12 @@ def build(
     to_file: dict[str, str],
     dtype: torch.dtype | None,
     fp8: Fp8Load | None = None,
+    rows: Mapping[str, slice] | None = None,
 ) -> torch.nn.Module:
     """`model_class(**config)` on the meta device, then the file's tensors assigned to it; every
-    key and shape is checked against the model before any tensor is read.
+    key and shape is checked against the model before any tensor is read. `rows` gives the
+    tensors that are a block of rows of their file tensor (a fused q/k/v Linear the model keeps
+    as three, as FLUX.2's BFL files do): diffusers name -> its rows.
 
     Tensors are read one at a time and converted as they come: to `dtype`; with `fp8`, the
     Linear weights it targets are quantised (or kept, when the file stores them in fp8 already),
@@ -144,10 +147,13 @@ def build(
         if unexpected:
             parts.append(f"unexpected tensors {abbreviated([to_file[k] for k in unexpected])}")
         raise file.error(f"does not match {model_class.__name__}: {'; '.join(parts)}")
+    rows = rows or {}
     for name, expected_shape in expected.items():
-        if file.shapes[to_file[name]] != expected_shape:
+        stored = _rows_shape(file.shapes[to_file[name]], rows.get(name))
+        if stored != expected_shape:
+            part = "" if name not in rows else f" (rows {rows[name].start}:{rows[name].stop})"
             raise file.error(
-                f"tensor {to_file[name]!r} has shape {list(file.shapes[to_file[name]])}, "
+                f"tensor {to_file[name]!r}{part} has shape {list(stored)}, "
                 f"{model_class.__name__} expects {list(expected_shape)}"
             )
     floats = {name for name, tensor in model.state_dict().items() if tensor.is_floating_point()}
@@ -155,7 +161,7 @@ def build(
     for key in to_file.values():
         if key in file.scales:
             file.scale_shape(key)
-    quantized = _swap_in_fp8_linears(model, file, to_file, fp8, dtype) if fp8 is not None else set()
+    quantized = _swap_in_fp8_linears(model, file, to_file, fp8, dtype, rows) if fp8 is not None else set()
     kept = sum(1 for name in quantized if file.is_fp8(to_file[f"{name}.weight"]))
     if quantized:
         how = "as stored" if kept == len(quantized) else f"{fp8.mode if fp8 else ''} quantised while reading"
@@ -174,15 +180,15 @@ def build(
         with safe_open(path, framework="pt") as f:
             for name, key in pairs:
                 module_name = name.removesuffix(".weight")
-                if key in read:  # tied weights (T5's shared / embed_tokens): one tensor
+                if key in read and name not in rows:  # tied weights (T5's shared / embed_tokens)
                     state[name] = read[key]
                 elif module_name in quantized and name.endswith(".weight"):
-                    state[name], scale = _fp8_weight(f, file, key, fp8)
+                    state[name], scale = _fp8_weight(f, file, key, fp8, rows.get(name))
                     if scale is not None:
                         state[f"{module_name}.scale"] = scale
                     read_since_trim += math.prod(file.shapes[key]) * 4
                 else:
-                    state[name] = _plain_tensor(f, file, key, dtype)
+                    state[name] = _plain_tensor(f, file, key, dtype, rows.get(name))
                 read[key] = state[name]
                 if read_since_trim > _TRIM_EVERY:
                     release_freed_memory()
@@ -208,9 +214,11 @@ def _swap_in_fp8_linears(
     to_file: dict[str, str],
     fp8: Fp8Load,
     dtype: torch.dtype | None,
+    rows: Mapping[str, slice],
 ) -> set[str]:
     """Replace the targeted (meta) Linear layers with :class:`Fp8Linear` shells whose scale
-    shape is the file's (pre-quantised) or the mode's; returns their names."""
+    shape is the file's (pre-quantised; a block of rows keeps its rows' scales) or the mode's;
+    returns their names."""
     names = set(target_linears(model, fp8.targets))
     for name in names:
         linear = model.get_submodule(name)
@@ -218,6 +226,8 @@ def _swap_in_fp8_linears(
         key = to_file[f"{name}.weight"]
         if file.is_fp8(key):
             scale_shape = None if key not in file.scales else _file_scale_shape(file, key, linear)
+            if scale_shape:  # one per row: the rows the layer takes
+                scale_shape = (linear.out_features, *scale_shape[1:])
         else:
             scale_shape = _mode_scale_shape(linear, fp8.mode)
         replace_module(model, name, Fp8Linear.like(linear, scale_shape, dtype or fp8.compute_dtype))
@@ -265,24 +275,27 @@ def _read_scale(f: Any, file: CheckpointFile, weight_key: str) -> torch.Tensor:
 
 
 def _fp8_weight(
-    f: Any, file: CheckpointFile, key: str, fp8: Fp8Load | None
+    f: Any, file: CheckpointFile, key: str, fp8: Fp8Load | None, rows: slice | None = None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     assert fp8 is not None
-    tensor = _read(f, file, key)
+    tensor = _take(_read(f, file, key), rows)
     if not file.is_fp8(key):
         return quantize(tensor, fp8.mode)
     if tensor.dtype != FP8:  # e5m2: its 2 mantissa bits fit e4m3's 3; out-of-range values clamp or flush
         tensor = tensor.float().clamp(-FP8_MAX, FP8_MAX).to(FP8)
     if key not in file.scales:
         return _aligned(tensor), None
-    return _aligned(tensor), _read_scale(f, file, key)
+    return _aligned(tensor), _rows_of_scale(_read_scale(f, file, key), rows)
 
 
-def _plain_tensor(f: Any, file: CheckpointFile, key: str, dtype: torch.dtype | None) -> torch.Tensor:
-    tensor = _read(f, file, key)
+def _plain_tensor(
+    f: Any, file: CheckpointFile, key: str, dtype: torch.dtype | None, rows: slice | None = None
+) -> torch.Tensor:
+    tensor = _take(_read(f, file, key), rows)
     if tensor.is_floating_point():
         if file.is_fp8(key):
             scale = _read_scale(f, file, key) if key in file.scales else None
+            scale = None if scale is None else _rows_of_scale(scale, rows)
             # fp8 cannot run as is; bf16 holds an unscaled fp8 value exactly
             tensor = dequantize(tensor, scale, dtype or torch.bfloat16)
         elif dtype is not None:
@@ -312,6 +325,23 @@ def release_freed_memory() -> None:
 
 
 _LIBC: Any = None
+
+
+def _take(tensor: torch.Tensor, rows: slice | None) -> torch.Tensor:
+    """`tensor`'s rows `rows`, in memory of their own (the whole tensor is freed); all when None."""
+    return tensor if rows is None else tensor[rows].clone()
+
+
+def _rows_shape(shape: tuple[int, ...], rows: slice | None) -> tuple[int, ...]:
+    """The shape of the block `rows` of a tensor of `shape` (all of it when None)."""
+    if rows is None or not shape:
+        return shape
+    return (len(range(*rows.indices(shape[0]))), *shape[1:])
+
+
+def _rows_of_scale(scale: torch.Tensor, rows: slice | None) -> torch.Tensor:
+    """A per-row fp8 scale's rows `rows`; a per-tensor scale as it is."""
+    return scale if rows is None or scale.dim() == 0 else scale[rows]
 
 
 def _aligned(tensor: torch.Tensor) -> torch.Tensor:
