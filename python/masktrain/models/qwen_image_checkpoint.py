@@ -42,9 +42,6 @@ QWEN_AXES_DIMS_ROPE = (16, 56, 56)
 # Qwen-Image-Edit-2511's marker for "timestep zero for the reference image" (diffusers zero_cond_t).
 QWEN_ZERO_COND_MARKER = "__index_timestep_zero__"
 
-QWEN21_DIT = CheckpointKind(
-    "a Qwen-Image 2.1 transformer (not supported)", None, lambda n: "txt_in.text_norm.weight" in n
-)
 QWEN_DIT = CheckpointKind(
     "a Qwen-Image transformer",
     "dit",
@@ -59,7 +56,7 @@ QWEN_TEXT = CheckpointKind(
 QWEN_TEXT_PREFIXES = ("model.language_model.", "language_model.model.", "model.", "")
 QWEN_TEXT_HEAD_DIM = 128
 QWEN_MROPE_SECTION = (16, 24, 24)
-register_kinds(QWEN21_DIT, QWEN_DIT)
+register_kinds(QWEN_DIT)
 register_kinds(QWEN_TEXT, fallback=True)
 
 
