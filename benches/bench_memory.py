@@ -374,6 +374,8 @@ def planned_gib(row: Row, spec: ModelSpec, rank: int) -> float:
     from masktrain.plan.estimate import Planner, PlanSettings
 
     family = get_family(spec.arch)
+    if family.spec.unplanned is not None:  # the planner cannot trace this family
+        return math.nan
     shape = SHAPES[row.shape]
     frames, height, width = shape.latent(spec.arch)
     tokens = text_tokens(spec, shape)

@@ -53,7 +53,7 @@ _RELEASED = {
     "klein4b": ("FLUX.2 klein 4B", "flux2", "flux2-klein-4b"),
     "klein9b": ("FLUX.2 klein 9B", "flux2", "flux2-klein-9b"),
     "flux2dev": ("FLUX.2 dev 32B", "flux2", "flux2-dev"),
-    "qwen21": ("Qwen-Image 2.1", "qwen_image_2_1", "qwen-image-2.1"),
+    "qwen21": ("Qwen-Image 2.1 7B", "qwen_image_2_1", "qwen-image-2.1-7b"),
 }
 MODELS = {
     key: ModelSpec(label, arch, _released(name))

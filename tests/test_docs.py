@@ -176,6 +176,7 @@ def test_models_has_a_row_per_arch_and_variant() -> None:
     table = (ROOT / "docs" / "models.md").read_text(encoding="utf-8").split("\n## ", 1)[0]
     rows = [line for line in table.splitlines() if line.startswith("| `")]
     for spec in catalog.ARCHES.values():
+        assert any(r.startswith(f"| `{spec.name}` |") for r in rows), spec.name
         for name, task in spec.tasks.items():
             (row,) = [
                 r for r in rows if r.startswith(f"| `{spec.name}` |") and f"`{name}`" in r.split("|")[2]

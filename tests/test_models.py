@@ -19,7 +19,11 @@ def pixels(frames: int, height: int, width: int, seed: int = 0) -> torch.Tensor:
 
 
 def test_registry() -> None:
-    assert ARCHES == ("wan", "qwen_image")
+    from masktrain import catalog
+
+    assert ARCHES == catalog.ARCH_NAMES and ARCHES[:2] == ("wan", "qwen_image")
+    for arch in ARCHES:
+        assert get_family(arch).spec is catalog.arch(arch)
     with pytest.raises(ValueError, match=r"--arch 'flux' is not supported; choose one of wan, qwen_image"):
         get_family("flux")
 
@@ -159,6 +163,26 @@ def test_weights_identity_follows_the_config_and_the_files_on_disk(tmp_path: Pat
     assert weights_identity(str(tmp_path / "vae"), vae) != before
 
 
+#: Each family's released VAE: its diffusers class and the config its repository gives where the
+#: class's defaults are another model's (Z-Image's is FLUX.1's 4-level AutoencoderKL, families.md §2.1).
+RELEASED_VAES = {
+    "wan": ("AutoencoderKLWan", {}),
+    "qwen_image": ("AutoencoderKLQwenImage", {}),
+    "qwen_image_2_1": ("AutoencoderKLQwenImage21", {}),
+    "flux2": ("AutoencoderKLFlux2", {}),
+    "z_image": (
+        "AutoencoderKL",
+        {
+            "down_block_types": ["DownEncoderBlock2D"] * 4,
+            "up_block_types": ["UpDecoderBlock2D"] * 4,
+            "block_out_channels": [128, 256, 512, 512],
+            "layers_per_block": 2,
+            "latent_channels": 16,
+        },
+    ),
+}
+
+
 @pytest.mark.parametrize("arch", ARCHES)
 def test_the_catalog_states_each_familys_latent_factors(arch: str) -> None:
     """The catalog's torch-free facts agree with the models: the tiny VAEs it lists, and the
@@ -173,10 +197,10 @@ def test_the_catalog_states_each_familys_latent_factors(arch: str) -> None:
         vae = family.load_vae(name, CPU, F32)
         assert family.spatial_factor(vae) == factor
         assert family.temporal_factor(vae) == spec.temporal_factor
-    released_class = {"wan": "AutoencoderKLWan", "qwen_image": "AutoencoderKLQwenImage"}[arch]
+    released_class, config = RELEASED_VAES[arch]
     import diffusers
 
     with init_empty_weights():
-        released = getattr(diffusers, released_class)()
+        released = getattr(diffusers, released_class)(**config)
     assert family.spatial_factor(released) == spec.spatial_factor
     assert family.temporal_factor(released) == spec.temporal_factor

@@ -25,6 +25,10 @@ MEMORY = "--fp8_base --fp8_scaled --gradient_checkpointing --use_mask_loss --pri
 def test_plan_answers_for_every_released_model(arch: str, name: str) -> None:
     line = f"plan --arch {arch} --dit {name} --resolution 512 512 --vram 24 {MEMORY}"
     result = CliRunner().invoke(main, words(line))
+    unplanned = catalog.arch(arch).unplanned
+    if unplanned is not None:  # a family the meta-device trace cannot run: one line says so
+        assert result.exit_code == 2 and f"does not cover --arch {arch} yet: {unplanned}" in result.output
+        return
     assert result.exit_code == 0, result.output
     assert "largest bucket: 512x512 from --resolution" in result.output
     assert "device peak" in result.output and "24 GiB: fits with --blocks_to_swap" in result.output

@@ -23,6 +23,11 @@ SIZES = {
     "wan2.1-flf2v-14b": (16_395_536_704, 16.4e9, "the I2V 14B plus two images' position table"),
     "wan2.2-i2v-a14b": (14_288_901_184, 14e9, "the name Wan2.2-I2V-A14B: 14B active"),
     "qwen-image-20b": (20_430_401_088, 20e9, "Qwen-Image's card: a 20B MMDiT"),
+    "qwen-image-2.1-7b": (7_115_124_736, 7e9, "issue 25: Qwen-Image 2.1, 7B"),
+    "flux2-dev": (32_223_281_152, 32e9, "FLUX.2 [dev]'s card: a 32B flow transformer"),
+    "flux2-klein-4b": (3_875_544_576, 3.876e9, "families.md 3.1, counted: klein 4B"),
+    "flux2-klein-9b": (9_078_581_248, 9.079e9, "families.md 3.1, counted: klein 9B"),
+    "z-image-6b": (6_154_908_736, 6.155e9, "families.md 2.8, counted: Z-Image 6B"),
 }
 TOLERANCE = 0.03
 
@@ -38,6 +43,11 @@ def test_the_released_names_are_the_ones_plan_takes() -> None:
         "wan2.1-flf2v-14b": "wan",
         "wan2.2-i2v-a14b": "wan",
         "qwen-image-20b": "qwen_image",
+        "qwen-image-2.1-7b": "qwen_image_2_1",
+        "flux2-dev": "flux2",
+        "flux2-klein-4b": "flux2",
+        "flux2-klein-9b": "flux2",
+        "z-image-6b": "z_image",
     }
 
 
@@ -78,8 +88,8 @@ def test_the_image_to_video_configs_hold_the_image_path_counted_by_hand() -> Non
 def test_a_released_config_is_the_transformer_of_its_musubi_task(name: str) -> None:
     """The catalog's musubi tasks check a file's width and depth: a released config must pass."""
     spec, released = catalog.released(name)
-    if released.task is None:  # TI2V-5B: not among the musubi tasks the catalog lists
-        assert name == "wan2.2-ti2v-5b"
+    if released.task is None:  # TI2V-5B: not among the musubi tasks; Qwen-Image 2.1: no versions
+        assert name in ("wan2.2-ti2v-5b", "qwen-image-2.1-7b")
         return
     task = spec.tasks[released.task]
     assert task.refused is None
@@ -100,6 +110,7 @@ def test_an_unknown_name_is_one_line_naming_every_released_model() -> None:
         catalog.released("wan-1.3b")
     assert str(error.value) == (
         "'wan-1.3b' is not a released model; choose one of wan2.1-1.3b, wan2.1-14b, wan2.2-a14b, "
-        "wan2.2-ti2v-5b, wan2.1-i2v-14b, wan2.1-flf2v-14b, wan2.2-i2v-a14b, qwen-image-20b (did you mean "
-        "'wan2.1-1.3b'?)"
+        "wan2.2-ti2v-5b, wan2.1-i2v-14b, wan2.1-flf2v-14b, wan2.2-i2v-a14b, qwen-image-20b, "
+        "qwen-image-2.1-7b, flux2-dev, flux2-klein-4b, flux2-klein-9b, z-image-6b "
+        "(did you mean 'wan2.1-1.3b'?)"
     )

@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from masktrain import MaskTrainError
+from masktrain import MaskTrainError, catalog
 from masktrain.config.timesteps import TIMESTEP_SAMPLINGS, TimestepSettings, validate
 from masktrain.errors import TimestepOptionError
 from masktrain.models.base import model_timesteps
@@ -48,6 +48,17 @@ def test_qwen_shift_by_hand() -> None:
     assert math.isclose(qwen_shift((256, 128)), math.exp(0.9))  # 128 * 64 = 8192 tokens
     assert math.isclose(qwen_shift((129, 129)), math.exp(0.5 + 0.4 * 3840 / 7936))  # 64 * 64 = 4096
     assert math.isclose(qwen_shift((128, 128)), qwen_shift((129, 129)))  # floor division
+
+
+def test_the_resolution_shift_follows_each_familys_pipeline_line() -> None:
+    """diffusers' calculate_shift (256 -> 0.5, 4096 -> 1.15) on the family's token count: the cached
+    grid itself for Qwen-Image 2.1 (h * w), its 2x2 patches for Qwen-Image's own line."""
+    line = catalog.QWEN_IMAGE_2_1.resolution_shift
+    assert math.isclose(qwen_shift((64, 64), line), math.exp(1.15))  # 4096 tokens: 1024 px at 16x
+    assert math.isclose(qwen_shift((16, 16), line), math.exp(0.5))  # 256 tokens
+    mu = 0.5 + (1.15 - 0.5) * (48 * 48 - 256) / (4096 - 256)
+    assert math.isclose(qwen_shift((48, 48), line), math.exp(mu))
+    assert catalog.QWEN_IMAGE.resolution_shift == catalog.QWEN_IMAGE_SHIFT
 
 
 @pytest.mark.parametrize("shift", [1.0, 2.2, 3.0])
@@ -208,8 +219,8 @@ def test_cosmap_weighting_by_hand() -> None:
     [
         (
             {"timestep_sampling": "flux_shift"},
-            "--timestep_sampling must be one of sigma, uniform, sigmoid, shift, qwen_shift, logsnr; "
-            "got 'flux_shift' (did you mean 'shift'?)",
+            "--timestep_sampling must be one of sigma, uniform, sigmoid, shift, qwen_shift, flux2_shift, "
+            "logsnr; got 'flux_shift' (did you mean 'flux2_shift'?)",
         ),
         (
             {"weighting_scheme": "logit_norm"},

@@ -135,6 +135,37 @@ class Released:
 
 
 @dataclass(frozen=True)
+class ResolutionShift:
+    """The resolution-dependent shift of ``--timestep_sampling qwen_shift`` / ``flux2_shift``:
+    ``s = exp(mu)``, ``mu`` linear in the image's token count, through (low_tokens, low_mu) and
+    (high_tokens, high_mu), as the family's pipeline computes ``mu``."""
+
+    cells_per_token: int = 2
+    """Latent cells per token along each side: 2 where the transformer packs 2x2 cells of the cached
+    grid (Qwen-Image, Z-Image), 1 where the cached grid is the token grid (FLUX.2, Qwen-Image 2.1)."""
+    low_tokens: int = 256
+    low_mu: float = 0.5
+    high_tokens: int = 8192
+    high_mu: float = 0.9
+
+    def mu(self, latent_hw: tuple[int, int]) -> float:
+        height, width = latent_hw
+        tokens = (height // self.cells_per_token) * (width // self.cells_per_token)
+        slope = (self.high_mu - self.low_mu) / (self.high_tokens - self.low_tokens)
+        return self.low_mu + slope * (tokens - self.low_tokens)
+
+
+#: Qwen-Image's line (musubi-tuner's ``qwen_shift``): 2x2-patch tokens, 256 -> 0.5, 8192 -> 0.9.
+QWEN_IMAGE_SHIFT = ResolutionShift()
+
+
+def diffusers_shift(cells_per_token: int) -> ResolutionShift:
+    """diffusers' ``calculate_shift`` defaults (256 -> 0.5, 4096 -> 1.15), as the FLUX.2 klein, Z-Image
+    and Qwen-Image 2.1 pipelines call it (musubi's ``flux2_shift`` for FLUX.2)."""
+    return ResolutionShift(cells_per_token, low_tokens=256, low_mu=0.5, high_tokens=4096, high_mu=1.15)
+
+
+@dataclass(frozen=True)
 class ArchSpec:
     """What the rest of masktrain needs to know about one family without loading it."""
 
@@ -185,12 +216,18 @@ class ArchSpec:
     default_task: str | None = None
     """The ``--task`` / ``--model_version`` when none is given (the base model, which ``--dit tiny``
     builds); None: the family trains without one."""
+    resolution_shift: ResolutionShift = QWEN_IMAGE_SHIFT
+    """``--timestep_sampling qwen_shift`` / ``flux2_shift``'s line (Qwen-Image's: 256 -> 0.5, 8192 ->
+    0.9 over 2x2-patch tokens)."""
     text_tokens: int = 512
     """Text tokens a batch holds when the cache does not say (``masktrain plan``): the padded
     length of a family that pads every caption, else a long caption's."""
     text_padded: bool = False
     """Every caption is padded to :attr:`text_tokens` (WAN's T5, FLUX.2's encoders), so the
     cache's caption lengths do not change a batch's."""
+    unplanned: str | None = None
+    """Why ``masktrain plan`` cannot trace its transformer on the meta device (None: it can); the
+    plan is then a one-line error and ``train`` goes on without a fit check."""
     alpha_is_content: bool = False
     """Its VAE reads RGBA (Qwen-Image 2.1), so an image's alpha is content, never the mask:
     ``alpha_mask = true`` is an error (as ``Mode.alpha_is_content`` for one mode)."""
@@ -265,7 +302,7 @@ WAN = ArchSpec(
     text_padded=True,  # T5: every caption padded to 512 tokens
     task_flag="--task",
     tasks=WAN_TASKS,
-    lora_layer_hints=("self_attn", "cross_attn"),
+    lora_layer_hints=("self_attn", "cross_attn", "attn1", "attn2"),  # original and diffusers names
     musubi_network_module="networks.lora_wan",
     released=MappingProxyType(
         {
@@ -300,7 +337,7 @@ QWEN_IMAGE = ArchSpec(
     tiny_vaes=MappingProxyType({"tiny": 4, "tiny-layered": 4}),  # tiny-layered: Layered's RGBA VAE
     task_flag="--model_version",
     tasks=QWEN_MODEL_VERSIONS,
-    lora_layer_hints=("transformer_blocks",),
+    lora_layer_hints=("img_mlp.net", "txt_mlp.net"),  # FLUX.2 and Qwen-Image 2.1 have transformer_blocks too
     musubi_network_module="networks.lora_qwen_image",
     released=MappingProxyType(
         {"qwen-image-20b": Released("Qwen-Image 20B", _QWEN_IMAGE_20B, task="original")}
@@ -350,16 +387,17 @@ _FLUX2_KLEIN_9B = MappingProxyType(
 
 FLUX2_MODEL_VERSIONS: Mapping[str, Task] = MappingProxyType(
     {
-        "dev": Task(6144, 8 + 48),
-        "klein-4b": Task(3072, 5 + 20, distilled_base="klein-base-4b"),
-        "klein-9b": Task(4096, 8 + 24, distilled_base="klein-base-9b"),
-        "klein-base-4b": Task(3072, 5 + 20),
-        "klein-base-9b": Task(4096, 8 + 24),
+        "dev": Task(6144, 8),
+        "klein-4b": Task(3072, 5, distilled_base="klein-base-4b"),
+        "klein-9b": Task(4096, 8, distilled_base="klein-base-9b"),
+        "klein-base-4b": Task(3072, 5),
+        "klein-base-9b": Task(4096, 8),
     }
 )
 """musubi-tuner's ``--model_version`` values for FLUX.2 (``flux_2/flux2_utils.py``); blocks are the
-double plus the single ones. klein 4B / 9B are step-distilled (4 steps): musubi recommends training
-the base versions."""
+double-stream ones (``num_layers``, what ``train`` checks a file against; 20 / 24 / 48 single-stream
+blocks follow them). klein 4B / 9B are step-distilled (4 steps) and have their base version's
+architecture: musubi recommends training the base versions."""
 
 FLUX2 = ArchSpec(
     name="flux2",
@@ -387,6 +425,8 @@ FLUX2 = ArchSpec(
         }
     ),
     default_task="klein-base-4b",
+    # musubi's flux2_shift: diffusers' line over the h * w tokens of the cached (already patched) grid
+    resolution_shift=diffusers_shift(cells_per_token=1),
 )
 
 # Qwen-Image 2.1 (diffusers' QwenImage21Transformer2DModel defaults, which its docstring gives as the
@@ -424,9 +464,70 @@ QWEN_IMAGE_2_1 = ArchSpec(
     released=MappingProxyType({"qwen-image-2.1-7b": Released("Qwen-Image 2.1 7B", _QWEN_IMAGE_2_1_7B)}),
     bucket_step=32,  # one text-sequence image slot per 2x2 latents: sides are multiples of 2 x 16 px
     alpha_is_content=True,  # its VAE reads RGBA
+    resolution_shift=diffusers_shift(cells_per_token=1),  # h * w tokens
+    unplanned="its transformer's forward reads the values of its image mask (repeat_interleave, "
+    "nonzero), which a meta-device trace cannot; set --blocks_to_swap by hand",
 )
 
-ARCHES: Mapping[str, ArchSpec] = MappingProxyType({spec.name: spec for spec in (WAN, QWEN_IMAGE)})
+# Z-Image (diffusers' ZImageTransformer2DModel defaults, the released 6B model's: families.md §2.1;
+# Turbo and base share it).
+_Z_IMAGE_6B: Mapping[str, Any] = MappingProxyType(
+    {
+        "all_patch_size": (2,),
+        "all_f_patch_size": (1,),
+        "in_channels": 16,
+        "dim": 3840,
+        "n_layers": 30,
+        "n_refiner_layers": 2,
+        "n_heads": 30,
+        "n_kv_heads": 30,
+        "norm_eps": 1e-5,
+        "qk_norm": True,
+        "cap_feat_dim": 2560,
+        "rope_theta": 256.0,
+        "t_scale": 1000.0,
+        "axes_dims": (32, 48, 48),
+        "axes_lens": (1024, 512, 512),
+    }
+)
+
+Z_IMAGE_MODEL_VERSIONS: Mapping[str, Task] = MappingProxyType(
+    {
+        "turbo": Task(distilled_base="base"),
+        "base": Task(),
+    }
+)
+"""Z-Image's versions (musubi-tuner's ``docs/zimage.md``): Turbo is step-distilled (8 steps, no
+guidance) from base, with the same architecture (so no width or depth tells them apart, and none
+is checked); musubi recommends training base."""
+
+Z_IMAGE = ArchSpec(
+    name="z_image",
+    title="Z-Image",
+    family="masktrain.models.z_image:ZImageFamily",
+    text_flag="--text_encoder",
+    text_encoder="Qwen3-4B",
+    fp8_text_flag="--fp8_text_encoder",
+    tokenizer_flag="--text_encoder_tokenizer",
+    tokenizer_hub_id="Qwen/Qwen3-4B",
+    spatial_factor=8,
+    temporal_factor=1,
+    video_fps=None,
+    two_experts=False,
+    tiny_vaes=MappingProxyType({"tiny": 2}),  # diffusers' pipeline-test VAE: 2 blocks, 2x
+    task_flag="--model_version",
+    tasks=Z_IMAGE_MODEL_VERSIONS,
+    lora_layer_hints=("feed_forward", "noise_refiner", "context_refiner"),
+    musubi_network_module="networks.lora_zimage",
+    released=MappingProxyType({"z-image-6b": Released("Z-Image 6B", _Z_IMAGE_6B, task="base")}),
+    default_task="base",
+    # ZImagePipeline's calculate_shift over the 2x2-patch tokens of the 8x latent grid
+    resolution_shift=diffusers_shift(cells_per_token=2),
+)
+
+ARCHES: Mapping[str, ArchSpec] = MappingProxyType(
+    {spec.name: spec for spec in (WAN, QWEN_IMAGE, QWEN_IMAGE_2_1, FLUX2, Z_IMAGE)}
+)
 """Every family, by ``--arch`` value."""
 
 ARCH_NAMES: tuple[str, ...] = tuple(ARCHES)

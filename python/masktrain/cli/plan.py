@@ -65,7 +65,8 @@ def plan(resolution: tuple[int, int] | None, frames: int, **flags: Any) -> None:
     \b
     wan2.1-1.3b, wan2.1-14b, wan2.2-a14b, wan2.2-ti2v-5b,
     wan2.1-i2v-14b, wan2.1-flf2v-14b, wan2.2-i2v-a14b,
-    qwen-image-20b."""
+    qwen-image-20b, qwen-image-2.1-7b (not traced yet),
+    flux2-dev, flux2-klein-4b, flux2-klein-9b, z-image-6b."""
 
     def job() -> None:
         if flags["dit"] is None:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from masktrain.errors import TimestepOptionError
 
-TIMESTEP_SAMPLINGS = ("sigma", "uniform", "sigmoid", "shift", "qwen_shift", "logsnr")
+TIMESTEP_SAMPLINGS = ("sigma", "uniform", "sigmoid", "shift", "qwen_shift", "flux2_shift", "logsnr")
 EXPERT_BALANCES = ("sampled", "alternate")
 WEIGHTING_SCHEMES = ("none", "logit_normal", "mode", "cosmap", "sigma_sqrt")
 NUM_TRAIN_TIMESTEPS = 1000
@@ -23,12 +23,13 @@ class TimestepSettings:
     """The timestep flags (musubi-tuner's names and defaults)."""
 
     timestep_sampling: str = "sigma"
-    """How the timestep is drawn: sigma, uniform, sigmoid, shift, qwen_shift or logsnr."""
+    """How the timestep is drawn: sigma, uniform, sigmoid, shift, qwen_shift, flux2_shift (the same
+    resolution-dependent shift, on the family's line) or logsnr."""
     discrete_flow_shift: float = 1.0
     """The shift of --timestep_sampling shift and of the sigma table (musubi's WAN examples use
     3.0, its Qwen-Image ones 2.2)."""
     sigmoid_scale: float = 1.0
-    """Scale of the normal sample before the sigmoid (sigmoid, shift, qwen_shift)."""
+    """Scale of the normal sample before the sigmoid (sigmoid, shift, qwen_shift, flux2_shift)."""
     weighting_scheme: str = "none"
     """none; logit_normal or mode (how the sigma sampler draws); cosmap or sigma_sqrt (loss
     weights by sigma)."""

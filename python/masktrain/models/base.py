@@ -169,6 +169,17 @@ class LoraTargets:
     """Regexes for Linear layers inside those blocks that stay untouched."""
 
 
+def padded_to_longest(embeds: list[torch.Tensor]) -> TextBatch:
+    """Trimmed (tokens, dim) embeddings zero-padded on the right to the longest, with a 0/1 long
+    mask, and no mask at all when every token is real: how the Qwen-Image, Qwen-Image 2.1 and
+    Z-Image pipelines batch prompts of different lengths (the text-cache convention's trimmed case)."""
+    longest = max(e.shape[0] for e in embeds)
+    hidden = torch.stack([torch.cat([e, e.new_zeros(longest - e.shape[0], e.shape[1])]) for e in embeds])
+    lengths = torch.tensor([e.shape[0] for e in embeds], device=hidden.device)
+    mask = (torch.arange(longest, device=hidden.device)[None, :] < lengths[:, None]).long()
+    return TextBatch(hidden=hidden, mask=None if bool(mask.all()) else mask)
+
+
 def model_timesteps(sigmas: torch.Tensor) -> torch.Tensor:
     """The timestep the transformer is conditioned on: ``t * 1000``, the convention of diffusers'
     ``FlowMatchEulerDiscreteScheduler`` and of the pipelines that will load the LoRA. musubi
@@ -273,6 +284,12 @@ class ModelFamily(Protocol):
 
     def comfy_key(self, module_name: str) -> str:
         """A diffusers module name -> the module path ComfyUI (the original checkpoint) uses."""
+        ...
+
+    def comfy_parts(self, original: str) -> tuple[str, ...]:
+        """The diffusers layers the original checkpoint's layer `original` (a ComfyUI path or a
+        musubi name) fuses, in output order (FLUX.2's ``img_attn.qkv``: to_q, to_k, to_v); () for a
+        layer kept one to one. The comfyui and musubi LoRA layouts write such layers fused."""
         ...
 
     default_cfg_scale: float

@@ -39,6 +39,7 @@ from masktrain.models.base import (
     StandardSampling,
     TextBatch,
     TextEncoder,
+    padded_to_longest,
 )
 from masktrain.models.fp8 import Fp8Targets, quantize_model
 from masktrain.models.loading import TINY, diffusers_config, encode_posterior_mean, seeded, to_uint8
@@ -313,13 +314,8 @@ class QwenImageFamily(StandardSampling):
         return blocks
 
     def collate_text(self, embeds: list[torch.Tensor]) -> TextBatch:
-        # QwenImagePipeline._get_qwen_prompt_embeds / encode_prompt: zero-pad to the longest, a 0/1
-        # long mask, and no mask at all when every token is real.
-        longest = max(e.shape[0] for e in embeds)
-        hidden = torch.stack([torch.cat([e, e.new_zeros(longest - e.shape[0], e.shape[1])]) for e in embeds])
-        lengths = torch.tensor([e.shape[0] for e in embeds], device=hidden.device)
-        mask = (torch.arange(longest, device=hidden.device)[None, :] < lengths[:, None]).long()
-        return TextBatch(hidden=hidden, mask=None if bool(mask.all()) else mask)
+        # QwenImagePipeline._get_qwen_prompt_embeds / encode_prompt
+        return padded_to_longest(embeds)
 
     def predict(
         self,
@@ -433,6 +429,9 @@ class QwenImageFamily(StandardSampling):
     def comfy_key(self, module_name: str) -> str:
         # ComfyUI's comfy/ldm/qwen_image/model.py uses the diffusers module names.
         return module_name
+
+    def comfy_parts(self, original: str) -> tuple[str, ...]:
+        return ()  # every layer is one Linear of the original checkpoint
 
 
 def _is_edit(task: str | None) -> bool:

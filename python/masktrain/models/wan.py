@@ -449,6 +449,9 @@ class WanFamily(StandardSampling):
             return _OUTSIDE_BLOCKS[module_name]
         raise ValueError(f"no ComfyUI (original WAN) name is known for the module {module_name!r}")
 
+    def comfy_parts(self, original: str) -> tuple[str, ...]:
+        return ()  # every layer is one Linear of the original checkpoint
+
 
 def _image_to_video_pipeline() -> type:
     """diffusers' ``WanImageToVideoPipeline`` taking a precomputed CLIP embedding with its image:

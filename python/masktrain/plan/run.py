@@ -13,7 +13,7 @@ import torch
 
 from masktrain import catalog
 from masktrain.config.train import OPTIMIZER_ALIASES, TrainConfig
-from masktrain.errors import ModelLoadError
+from masktrain.errors import FlagError, ModelLoadError
 from masktrain.models import get_family
 from masktrain.models.base import ModelFamily
 from masktrain.models.block_swap import check_blocks_to_swap
@@ -41,6 +41,8 @@ class Denoiser:
 def planner_for(config: TrainConfig, bucket: largest_bucket.Bucket) -> tuple[Planner, Denoiser]:
     """The planner of a ``train`` run's `config` for its largest `bucket`."""
     family = get_family(config.arch)
+    if family.spec.unplanned is not None:
+        raise FlagError(f"masktrain plan does not cover --arch {family.name} yet: {family.spec.unplanned}")
     denoiser = _denoiser(family, *config.denoisers)
     mode = catalog.mode_of(family.spec, config.task or config.model_version)
     # Qwen-Image-Edit: planned with one control image, as the cache encodes it (items with more

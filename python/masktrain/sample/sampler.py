@@ -103,7 +103,14 @@ class Sampler:
         return self.family.default_negative_prompt
 
     def _cfg(self, prompt: SamplePrompt) -> float:
-        return prompt.cfg_scale if prompt.cfg_scale is not None else self.family.default_cfg_scale
+        """The prompt's ``--l``, else 1 (no guidance) for a step-distilled version (Z-Image Turbo,
+        FLUX.2 klein: they sample in a few steps without CFG), else the family's default."""
+        if prompt.cfg_scale is not None:
+            return prompt.cfg_scale
+        task = catalog.task_of(self.family.spec, self.task)
+        if task is not None and task.distilled_base is not None:
+            return 1.0
+        return self.family.default_cfg_scale
 
     def _controls(self, prompt: SamplePrompt) -> tuple[Path, ...]:
         """The control images an edit prompt's text embeddings read (none in another mode)."""

@@ -94,7 +94,10 @@ def compute_loss(
     noise = torch.randn(latents.shape, generator=generator).to(device)
     boundary = None if experts.high is None else experts.boundary
     turn = timesteps.expert_turn(config.timesteps, boundary, progress[0])  # --expert_balance alternate
-    sigmas = timesteps.sample_sigmas(config.timesteps, batch_size, (height, width), generator, "cpu", turn)
+    line = catalog.arch(config.arch).resolution_shift  # qwen_shift / flux2_shift's
+    sigmas = timesteps.sample_sigmas(
+        config.timesteps, batch_size, (height, width), generator, "cpu", turn, line
+    )
     sigmas = sigmas.to(device)
     noisy, target = noised(latents, noise, sigmas)
     layout, drop_base = loss_layout(config)

@@ -8,8 +8,11 @@ Samplers (``--timestep_sampling``):
 - ``uniform``: ``t ~ U(0, 1)``.
 - ``sigmoid``: ``t = sigmoid(sigmoid_scale * N(0, 1))``.
 - ``shift``: the sigmoid sample, then ``t = s t / (1 + (s - 1) t)`` with ``s = --discrete_flow_shift``.
-- ``qwen_shift``: the same shift with ``s = exp(mu)``, ``mu`` linear in the token count
-  ``(h // 2) * (w // 2)`` of the latent grid, from 0.5 at 256 tokens to 0.9 at 8192.
+- ``qwen_shift`` (and ``flux2_shift``, musubi's FLUX.2 spelling of the same): the same shift with
+  ``s = exp(mu)``, ``mu`` linear in the image's token count, on the family's line
+  (``catalog.ResolutionShift``): Qwen-Image's ``(h // 2) * (w // 2)`` tokens of the latent grid,
+  0.5 at 256 tokens to 0.9 at 8192; FLUX.2 / Qwen-Image 2.1 ``h * w`` tokens and Z-Image's
+  ``(h // 2) * (w // 2)``, 0.5 at 256 to 1.15 at 4096, as their pipelines compute ``mu``.
 - ``logsnr``: ``logsnr ~ N(logit_mean, logit_std)``, ``t = sigmoid(-logsnr / 2)``. musubi has no
   separate logsnr flags; it reads ``--logit_mean`` / ``--logit_std`` (defaults 0 and 1), and so
   does masktrain.
@@ -51,6 +54,7 @@ from dataclasses import dataclass
 
 import torch
 
+from masktrain.catalog import QWEN_IMAGE_SHIFT, ResolutionShift
 from masktrain.config.timesteps import NUM_TRAIN_TIMESTEPS, TimestepSettings, validate
 from masktrain.config.train import TrainConfig
 from masktrain.data.cached_items import CachedItem
@@ -67,13 +71,10 @@ def shift_sigmas(t: torch.Tensor, shift: float) -> torch.Tensor:
     return t * shift / (1.0 + (shift - 1.0) * t)
 
 
-def qwen_shift(latent_hw: tuple[int, int]) -> float:
-    """``exp(mu)``, ``mu`` linear in the 2x2-patch token count: 0.5 at 256 tokens, 0.9 at 8192."""
-    height, width = latent_hw
-    tokens = (height // 2) * (width // 2)
-    slope = (0.9 - 0.5) / (8192 - 256)
-    mu = 0.5 + slope * (tokens - 256)
-    return math.exp(mu)
+def qwen_shift(latent_hw: tuple[int, int], line: ResolutionShift = QWEN_IMAGE_SHIFT) -> float:
+    """``exp(mu)``, ``mu`` on the family's `line` (Qwen-Image's by default: linear in the 2x2-patch
+    token count, 0.5 at 256 tokens, 0.9 at 8192)."""
+    return math.exp(line.mu(latent_hw))
 
 
 def sigma_table(shift: float) -> torch.Tensor:
@@ -126,18 +127,20 @@ def sample_sigmas(
     generator: torch.Generator,
     device: torch.device | str,
     within: ExpertRange | None = None,
+    line: ResolutionShift = QWEN_IMAGE_SHIFT,
 ) -> torch.Tensor:
     """Draw ``batch_size`` noise levels ``t`` in [min_timestep / 1000, max_timestep / 1000] as a
     float32 ``(B,)`` tensor on ``device``. The draw happens on the generator's device.
 
-    ``latent_hw`` is the latent grid's (height, width), used by ``qwen_shift``. `within`: only
+    ``latent_hw`` is the latent grid's (height, width), used by ``qwen_shift`` on the family's
+    `line` (``ArchSpec.resolution_shift``). `within`: only
     noise levels in that expert's range (by rejection; see the module docstring).
     """
     if within is None:
-        return _draw(settings, batch_size, latent_hw, generator).to(device)
+        return _draw(settings, batch_size, latent_hw, generator, line).to(device)
     kept: list[torch.Tensor] = []
     for _ in range(ROUNDS):
-        t = _draw(settings, ROUND, latent_hw, generator)
+        t = _draw(settings, ROUND, latent_hw, generator, line)
         kept.append(t[within.holds(t)])
         if sum(part.numel() for part in kept) >= batch_size:
             return torch.cat(kept)[:batch_size].to(device)
@@ -149,7 +152,11 @@ def sample_sigmas(
 
 
 def _draw(
-    settings: TimestepSettings, batch_size: int, latent_hw: tuple[int, int], generator: torch.Generator
+    settings: TimestepSettings,
+    batch_size: int,
+    latent_hw: tuple[int, int],
+    generator: torch.Generator,
+    line: ResolutionShift,
 ) -> torch.Tensor:
     """`batch_size` noise levels from the sampler, on the generator's device."""
     kind = settings.timestep_sampling
@@ -165,8 +172,8 @@ def _draw(
         t = uniform()
     elif kind == "sigmoid":
         t = torch.sigmoid(settings.sigmoid_scale * normal())
-    elif kind in ("shift", "qwen_shift"):
-        shift = settings.discrete_flow_shift if kind == "shift" else qwen_shift(latent_hw)
+    elif kind in ("shift", "qwen_shift", "flux2_shift"):
+        shift = settings.discrete_flow_shift if kind == "shift" else qwen_shift(latent_hw, line)
         t = shift_sigmas(torch.sigmoid(settings.sigmoid_scale * normal()), shift)
     elif kind == "logsnr":
         logsnr = settings.logit_mean + settings.logit_std * normal()
