@@ -71,10 +71,6 @@ class ClipMasks:
             cache_mask_min_weight=pooling.min_weight,
         )
 
-    @property
-    def per_frame(self) -> bool:
-        return self.static is None
-
 
 def full_weight(decoded: DecodedVideo, pooling: MaskPooling) -> ClipMasks:
     """Weight 1 everywhere: a video without a mask while masking is on."""
