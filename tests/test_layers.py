@@ -31,6 +31,7 @@ FLOORS: dict[str, int] = {
     "_native": 1,
     "atomic": 1,
     "tiers": 1,
+    "released_configs": 1,
     "catalog": 2,
     "device": 2,
     "distributed": 2,

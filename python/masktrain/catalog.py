@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Literal
 
+from masktrain import released_configs as configs
 from masktrain.errors import SettingError
 
 ModeKind = Literal["image_to_video", "edit", "layered"]
@@ -237,54 +238,6 @@ class ArchSpec:
         return self.video_fps is not None
 
 
-# The released transformers' configs (``transformer/config.json`` of the ``-Diffusers`` repositories,
-# as diffusers' scripts/convert_wan_to_diffusers.py writes them; keys at the class default may be
-# left out). tests/test_released_configs.py counts their parameters against the published sizes.
-_WAN_1_3B: Mapping[str, Any] = MappingProxyType(
-    {
-        "patch_size": (1, 2, 2),
-        "num_attention_heads": 12,
-        "attention_head_dim": 128,
-        "in_channels": 16,
-        "out_channels": 16,
-        "text_dim": 4096,
-        "freq_dim": 256,
-        "ffn_dim": 8960,
-        "num_layers": 30,
-        "cross_attn_norm": True,
-        "qk_norm": "rms_norm_across_heads",
-        "eps": 1e-6,
-        "rope_max_seq_len": 1024,
-    }
-)
-_WAN_14B = MappingProxyType(dict(_WAN_1_3B) | {"num_attention_heads": 40, "ffn_dim": 13824, "num_layers": 40})
-_WAN_TI2V_5B = MappingProxyType(
-    dict(_WAN_1_3B)
-    | {"num_attention_heads": 24, "ffn_dim": 14336, "num_layers": 30, "in_channels": 48, "out_channels": 48}
-)
-# WAN 2.1 I2V (480p and 720p share it): 36 input channels (16 latent + 4 mask + 16 condition), the
-# CLIP ViT-H/14 embedding (1280 wide) projected and attended through each block's image key/value
-# projections; FLF2V adds the position table of its two images' 2 x 257 tokens; WAN 2.2 I2V A14B
-# takes the 36 channels without CLIP (convert_wan_to_diffusers.py's configs).
-_WAN_I2V_14B = MappingProxyType(
-    dict(_WAN_14B) | {"in_channels": 36, "image_dim": 1280, "added_kv_proj_dim": 5120}
-)
-_WAN_FLF2V_14B = MappingProxyType(dict(_WAN_I2V_14B) | {"pos_embed_seq_len": 2 * 257})
-_WAN_22_I2V_14B = MappingProxyType(dict(_WAN_14B) | {"in_channels": 36})
-_QWEN_IMAGE_20B: Mapping[str, Any] = MappingProxyType(
-    {
-        "patch_size": 2,
-        "in_channels": 64,
-        "out_channels": 16,
-        "num_layers": 60,
-        "attention_head_dim": 128,
-        "num_attention_heads": 24,
-        "joint_attention_dim": 3584,
-        "guidance_embeds": False,
-        "axes_dims_rope": (16, 56, 56),
-    }
-)
-
 WAN = ArchSpec(
     name="wan",
     title="WAN 2.1 / 2.2",
@@ -306,16 +259,16 @@ WAN = ArchSpec(
     musubi_network_module="networks.lora_wan",
     released=MappingProxyType(
         {
-            "wan2.1-1.3b": Released("WAN 2.1 T2V 1.3B", _WAN_1_3B, task="t2v-1.3B"),
-            "wan2.1-14b": Released("WAN 2.1 T2V 14B", _WAN_14B, task="t2v-14B"),
+            "wan2.1-1.3b": Released("WAN 2.1 T2V 1.3B", configs.WAN_1_3B, task="t2v-1.3B"),
+            "wan2.1-14b": Released("WAN 2.1 T2V 14B", configs.WAN_14B, task="t2v-14B"),
             "wan2.2-a14b": Released(
-                "WAN 2.2 T2V A14B (two 14B experts)", _WAN_14B, experts=2, task="t2v-A14B"
+                "WAN 2.2 T2V A14B (two 14B experts)", configs.WAN_14B, experts=2, task="t2v-A14B"
             ),
-            "wan2.2-ti2v-5b": Released("WAN 2.2 TI2V 5B", _WAN_TI2V_5B),
-            "wan2.1-i2v-14b": Released("WAN 2.1 I2V 14B", _WAN_I2V_14B, task="i2v-14B"),
-            "wan2.1-flf2v-14b": Released("WAN 2.1 FLF2V 14B", _WAN_FLF2V_14B, task="flf2v-14B"),
+            "wan2.2-ti2v-5b": Released("WAN 2.2 TI2V 5B", configs.WAN_TI2V_5B),
+            "wan2.1-i2v-14b": Released("WAN 2.1 I2V 14B", configs.WAN_I2V_14B, task="i2v-14B"),
+            "wan2.1-flf2v-14b": Released("WAN 2.1 FLF2V 14B", configs.WAN_FLF2V_14B, task="flf2v-14B"),
             "wan2.2-i2v-a14b": Released(
-                "WAN 2.2 I2V A14B (two 14B experts)", _WAN_22_I2V_14B, experts=2, task="i2v-A14B"
+                "WAN 2.2 I2V A14B (two 14B experts)", configs.WAN_22_I2V_14B, experts=2, task="i2v-A14B"
             ),
         }
     ),
@@ -340,50 +293,10 @@ QWEN_IMAGE = ArchSpec(
     lora_layer_hints=("img_mlp.net", "txt_mlp.net"),  # FLUX.2 and Qwen-Image 2.1 have transformer_blocks too
     musubi_network_module="networks.lora_qwen_image",
     released=MappingProxyType(
-        {"qwen-image-20b": Released("Qwen-Image 20B", _QWEN_IMAGE_20B, task="original")}
+        {"qwen-image-20b": Released("Qwen-Image 20B", configs.QWEN_IMAGE_20B, task="original")}
     ),
 )
 
-# FLUX.2 (diffusers' scripts/convert_flux2_to_diffusers.py get_flux2_transformer_config): dev is
-# guidance-distilled (a guidance embedding); klein 4B / 9B and their base versions share one config
-# per size, without it.
-_FLUX2_DEV: Mapping[str, Any] = MappingProxyType(
-    {
-        "patch_size": 1,
-        "in_channels": 128,
-        "num_layers": 8,
-        "num_single_layers": 48,
-        "attention_head_dim": 128,
-        "num_attention_heads": 48,
-        "joint_attention_dim": 15360,
-        "timestep_guidance_channels": 256,
-        "mlp_ratio": 3.0,
-        "axes_dims_rope": (32, 32, 32, 32),
-        "rope_theta": 2000,
-        "eps": 1e-6,
-        "guidance_embeds": True,
-    }
-)
-_FLUX2_KLEIN_4B = MappingProxyType(
-    dict(_FLUX2_DEV)
-    | {
-        "num_layers": 5,
-        "num_single_layers": 20,
-        "num_attention_heads": 24,
-        "joint_attention_dim": 7680,
-        "guidance_embeds": False,
-    }
-)
-_FLUX2_KLEIN_9B = MappingProxyType(
-    dict(_FLUX2_DEV)
-    | {
-        "num_layers": 8,
-        "num_single_layers": 24,
-        "num_attention_heads": 32,
-        "joint_attention_dim": 12288,
-        "guidance_embeds": False,
-    }
-)
 
 FLUX2_MODEL_VERSIONS: Mapping[str, Task] = MappingProxyType(
     {
@@ -419,9 +332,9 @@ FLUX2 = ArchSpec(
     musubi_network_module="networks.lora_flux_2",
     released=MappingProxyType(
         {
-            "flux2-dev": Released("FLUX.2 dev 32B", _FLUX2_DEV, task="dev"),
-            "flux2-klein-4b": Released("FLUX.2 klein 4B", _FLUX2_KLEIN_4B, task="klein-base-4b"),
-            "flux2-klein-9b": Released("FLUX.2 klein 9B", _FLUX2_KLEIN_9B, task="klein-base-9b"),
+            "flux2-dev": Released("FLUX.2 dev 32B", configs.FLUX2_DEV, task="dev"),
+            "flux2-klein-4b": Released("FLUX.2 klein 4B", configs.FLUX2_KLEIN_4B, task="klein-base-4b"),
+            "flux2-klein-9b": Released("FLUX.2 klein 9B", configs.FLUX2_KLEIN_9B, task="klein-base-9b"),
         }
     ),
     default_task="klein-base-4b",
@@ -429,22 +342,6 @@ FLUX2 = ArchSpec(
     resolution_shift=diffusers_shift(cells_per_token=1),
 )
 
-# Qwen-Image 2.1 (diffusers' QwenImage21Transformer2DModel defaults, which its docstring gives as the
-# released model's: 32 single-stream blocks of 4096, Qwen3-VL-8B's 4096-wide features, 64 latent
-# channels taken unpatched).
-_QWEN_IMAGE_2_1_7B: Mapping[str, Any] = MappingProxyType(
-    {
-        "patch_size": 1,
-        "in_channels": 64,
-        "out_channels": 64,
-        "num_layers": 32,
-        "attention_head_dim": 128,
-        "num_attention_heads": 32,
-        "context_in_dim": 4096,
-        "mlp_ratio": 3,
-        "axes_dims_rope": (16, 56, 56),
-    }
-)
 
 QWEN_IMAGE_2_1 = ArchSpec(
     name="qwen_image_2_1",
@@ -461,7 +358,9 @@ QWEN_IMAGE_2_1 = ArchSpec(
     two_experts=False,
     tiny_vaes=MappingProxyType({"tiny": 16}),
     lora_layer_hints=("img_mlp.out", "gate_layer"),
-    released=MappingProxyType({"qwen-image-2.1-7b": Released("Qwen-Image 2.1 7B", _QWEN_IMAGE_2_1_7B)}),
+    released=MappingProxyType(
+        {"qwen-image-2.1-7b": Released("Qwen-Image 2.1 7B", configs.QWEN_IMAGE_2_1_7B)}
+    ),
     bucket_step=32,  # one text-sequence image slot per 2x2 latents: sides are multiples of 2 x 16 px
     alpha_is_content=True,  # its VAE reads RGBA
     resolution_shift=diffusers_shift(cells_per_token=1),  # h * w tokens
@@ -469,27 +368,6 @@ QWEN_IMAGE_2_1 = ArchSpec(
     "nonzero), which a meta-device trace cannot; set --blocks_to_swap by hand",
 )
 
-# Z-Image (diffusers' ZImageTransformer2DModel defaults, the released 6B model's: families.md §2.1;
-# Turbo and base share it).
-_Z_IMAGE_6B: Mapping[str, Any] = MappingProxyType(
-    {
-        "all_patch_size": (2,),
-        "all_f_patch_size": (1,),
-        "in_channels": 16,
-        "dim": 3840,
-        "n_layers": 30,
-        "n_refiner_layers": 2,
-        "n_heads": 30,
-        "n_kv_heads": 30,
-        "norm_eps": 1e-5,
-        "qk_norm": True,
-        "cap_feat_dim": 2560,
-        "rope_theta": 256.0,
-        "t_scale": 1000.0,
-        "axes_dims": (32, 48, 48),
-        "axes_lens": (1024, 512, 512),
-    }
-)
 
 Z_IMAGE_MODEL_VERSIONS: Mapping[str, Task] = MappingProxyType(
     {
@@ -519,7 +397,7 @@ Z_IMAGE = ArchSpec(
     tasks=Z_IMAGE_MODEL_VERSIONS,
     lora_layer_hints=("feed_forward", "noise_refiner", "context_refiner"),
     musubi_network_module="networks.lora_zimage",
-    released=MappingProxyType({"z-image-6b": Released("Z-Image 6B", _Z_IMAGE_6B, task="base")}),
+    released=MappingProxyType({"z-image-6b": Released("Z-Image 6B", configs.Z_IMAGE_6B, task="base")}),
     default_task="base",
     # ZImagePipeline's calculate_shift over the 2x2-patch tokens of the 8x latent grid
     resolution_shift=diffusers_shift(cells_per_token=2),
