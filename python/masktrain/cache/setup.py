@@ -63,8 +63,7 @@ class CacheSetup:
     def mask(self, item: MediaItem) -> tuple[Path | None, fmt.MaskSource]:
         """The item's mask file or folder and its source (a ``DuplicateMaskError`` when two share
         its basename)."""
-        path, source = self.masks.resolve(item)
-        return path, source  # type: ignore[return-value]  # file, default or none
+        return self.masks.resolve(item)
 
     def inputs(self, item: MediaItem) -> str:
         """The item's input files as they were stat'ed for its fingerprint: the metadata records

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from masktrain import _native
 from masktrain.config.dataset import ImageDatasetConfig, VideoDatasetConfig
+from masktrain.data.cache_format import MaskSource
 from masktrain.data.discovery import VIDEO_EXTENSIONS, MediaItem
 from masktrain.errors import DuplicateMaskError
 
@@ -89,14 +90,11 @@ class MaskSources:
             return self.video_index.get(item.stem)
         return None
 
-    def own(self, item: MediaItem) -> Path | None:
-        """The item's own mask (its ``mask_path``, else its directory match), without the default."""
-        return item.mask_path or self.directory_match(item)
-
-    def resolve(self, item: MediaItem) -> tuple[Path | None, str]:
-        """The item's mask file or folder and its mask source (``file``, ``default`` or ``none``);
-        alpha, which only the pixels tell, is the native core's to decide for images."""
-        own = self.own(item)
+    def resolve(self, item: MediaItem) -> tuple[Path | None, MaskSource]:
+        """The item's mask file or folder and its mask source (``file``, ``default`` or ``none``):
+        its ``mask_path``, else its directory match, else the default. Alpha, which only the pixels
+        tell, is the native core's to decide for images."""
+        own = item.mask_path or self.directory_match(item)
         if own is not None:
             return own, "file"
         if self.default is not None:
