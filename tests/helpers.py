@@ -357,3 +357,34 @@ class TickCounter:
     def __exit__(self, *_: object) -> None:
         self._stop.set()
         self._thread.join()
+
+
+def tiny_sampler(family: Any, width: int, height: int) -> Any:
+    """``sample(cfg, transformer=None)``: one 2-step image of "a cat" from `family`'s tiny models
+    (its tiny transformer unless another is given) through its ``generate``, seeded, with the
+    family's negative prompt when ``cfg > 1``."""
+    import torch
+
+    from masktrain.models.base import SampleRequest
+
+    cpu, f32 = torch.device("cpu"), torch.float32
+    encoder = family.load_text_encoder("tiny", cpu, f32)
+    tiny, vae = family.load_transformer("tiny", "--dit", cpu, f32), family.load_vae("tiny", cpu, f32)
+    text = family.collate_text(family.encode_text(encoder, ["a cat"]))
+    negative = family.collate_text(family.encode_text(encoder, [family.default_negative_prompt]))
+
+    def sample(cfg: float, transformer: Any = None) -> Any:
+        request = SampleRequest(
+            width=width,
+            height=height,
+            frames=1,
+            steps=2,
+            cfg_scale=cfg,
+            flow_shift=None,
+            text=text,
+            negative=negative if cfg > 1 else None,
+            generator=torch.Generator().manual_seed(0),
+        )
+        return family.generate(transformer or tiny, None, 0.0, vae, request)
+
+    return sample

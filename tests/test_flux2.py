@@ -246,28 +246,9 @@ def test_cache_train_and_lora_on_the_tiny_models(tmp_path: Path) -> None:
 
 
 def test_generate_runs_the_klein_pipeline_with_real_cfg() -> None:
-    from masktrain.models.base import SampleRequest
+    from helpers import tiny_sampler
 
-    family = Flux2Family()
-    encoder = family.load_text_encoder("tiny", CPU, F32)
-    transformer, vae = family.load_transformer("tiny", "--dit", CPU, F32), family.load_vae("tiny", CPU, F32)
-    text = family.collate_text(family.encode_text(encoder, ["a cat"]))
-    negative = family.collate_text(family.encode_text(encoder, [family.default_negative_prompt]))
-
-    def sample(cfg: float) -> torch.Tensor:
-        request = SampleRequest(
-            width=32,
-            height=48,
-            frames=1,
-            steps=2,
-            cfg_scale=cfg,
-            flow_shift=None,
-            text=text,
-            negative=negative if cfg > 1 else None,
-            generator=torch.Generator().manual_seed(0),
-        )
-        return family.generate(transformer, None, 0.0, vae, request)
-
+    sample = tiny_sampler(Flux2Family(), 32, 48)
     plain, guided = sample(1.0), sample(4.0)
     assert plain.shape == (1, 48, 32, 3) and plain.dtype == torch.uint8
     assert torch.equal(plain, sample(1.0))
@@ -275,8 +256,8 @@ def test_generate_runs_the_klein_pipeline_with_real_cfg() -> None:
     # dev (a guidance embedding): Flux2Pipeline, the scale is the model's guidance input
     from diffusers import Flux2Transformer2DModel
 
-    transformer = seeded(lambda: Flux2Transformer2DModel(**{**TINY_TRANSFORMER, "guidance_embeds": True}))
-    assert not torch.equal(sample(1.0), sample(4.0))
+    dev = seeded(lambda: Flux2Transformer2DModel(**{**TINY_TRANSFORMER, "guidance_embeds": True}))
+    assert not torch.equal(sample(1.0, dev), sample(4.0, dev))
 
 
 def bfl_state(transformer: torch.nn.Module) -> dict[str, torch.Tensor]:

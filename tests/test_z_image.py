@@ -13,7 +13,6 @@ import pytest
 import torch
 
 from masktrain import _native, catalog
-from masktrain.models.base import SampleRequest
 from masktrain.models.fp8 import Fp8Linear
 from masktrain.models.single_file import Fp8Load
 from masktrain.models.z_image import FP8_TARGETS, TINY_VAE, ZImageFamily
@@ -159,26 +158,9 @@ def test_catalog_record() -> None:
 
 
 def test_generate_runs_the_pipeline_with_real_cfg() -> None:
-    family = ZImageFamily()
-    encoder = family.load_text_encoder("tiny", CPU, F32)
-    transformer, vae = family.load_transformer("tiny", "--dit", CPU, F32), family.load_vae("tiny", CPU, F32)
-    text = family.collate_text(family.encode_text(encoder, ["a cat"]))
-    negative = family.collate_text(family.encode_text(encoder, [family.default_negative_prompt]))
+    from helpers import tiny_sampler
 
-    def sample(cfg: float) -> torch.Tensor:
-        request = SampleRequest(
-            width=16,
-            height=24,
-            frames=1,
-            steps=2,
-            cfg_scale=cfg,
-            flow_shift=None,
-            text=text,
-            negative=negative if cfg > 1 else None,
-            generator=torch.Generator().manual_seed(0),
-        )
-        return family.generate(transformer, None, 0.0, vae, request)
-
+    sample = tiny_sampler(ZImageFamily(), 16, 24)
     plain, guided = sample(1.0), sample(4.0)
     assert plain.shape == (1, 24, 16, 3) and plain.dtype == torch.uint8
     assert torch.equal(plain, sample(1.0))
